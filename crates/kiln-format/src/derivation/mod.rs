@@ -1,0 +1,270 @@
+//! Derivations: the ATerm `.drv` format, `hashDerivationModulo`, output path computation and
+//! the JSON shape of `nix show-derivation`.
+//!
+//! Parsing keeps everything needed to print the file again; printing a parsed canonical file
+//! yields the identical bytes, so `kiln drv check` can compare the two.
+
+mod aterm;
+mod hash_modulo;
+mod json;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+pub use aterm::MAX_DRV_SIZE;
+pub use hash_modulo::{DerivationHasher, DerivationReader};
+
+use crate::hash::{Hash, HashAlgo};
+use crate::store_path::{FileIngestionMethod, StoreDir, StorePath};
+use crate::Error;
+
+/// The hash a fixed-output derivation's single output must have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FixedOutputHash {
+    pub method: FileIngestionMethod,
+    pub hash: Hash,
+}
+
+impl FixedOutputHash {
+    /// `r:sha256` or `sha256`, as printed in the `.drv` and by `show-derivation`.
+    pub fn method_algo(&self) -> String {
+        format!("{}{}", self.method.prefix(), self.hash.algo())
+    }
+}
+
+/// One output of a derivation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DerivationOutput {
+    /// Its path; `None` only while a derivation is being constructed (printed as `""`).
+    pub path: Option<StorePath>,
+    /// For fixed-output derivations, the expected hash.
+    pub fixed: Option<FixedOutputHash>,
+}
+
+/// A parsed `.drv` file.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Derivation {
+    /// The derivation's name (the `.drv` file name without hash and extension).
+    pub name: String,
+    pub outputs: BTreeMap<String, DerivationOutput>,
+    pub input_drvs: BTreeMap<StorePath, BTreeSet<String>>,
+    pub input_srcs: BTreeSet<StorePath>,
+    pub platform: String,
+    pub builder: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+}
+
+impl Derivation {
+    /// Parses ATerm text; `name` is the derivation name (from its `.drv` path).
+    pub fn parse(store_dir: &StoreDir, name: &str, text: &[u8]) -> Result<Self, Error> {
+        aterm::parse(store_dir, name, text)
+    }
+
+    /// Prints the ATerm text exactly as Nix writes the file.
+    pub fn to_aterm(&self, store_dir: &StoreDir) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1024);
+        aterm::write(self, store_dir, &mut out, false, None);
+        out
+    }
+
+    /// The fixed-output hash if this is a fixed-output derivation: exactly one output, named
+    /// `out`, with a hash.
+    pub fn fixed_output(&self) -> Option<&FixedOutputHash> {
+        if self.outputs.len() != 1 {
+            return None;
+        }
+        self.outputs.get("out").and_then(|o| o.fixed.as_ref())
+    }
+
+    /// Whether this is a fixed-output derivation.
+    pub fn is_fixed_output(&self) -> bool {
+        self.fixed_output().is_some()
+    }
+
+    /// Checks the structural rules Nix enforces on outputs: a hash only on a single `out`.
+    pub fn check_outputs_shape(&self) -> Result<(), Error> {
+        let fixed = self.outputs.values().filter(|o| o.fixed.is_some()).count();
+        if fixed > 0 && self.outputs.len() > 1 {
+            return Err(Error::Derivation(format!(
+                "derivation '{}' has a fixed output and other outputs; only one fixed output named 'out' is allowed",
+                self.name
+            )));
+        }
+        if fixed == 1 && !self.outputs.contains_key("out") {
+            return Err(Error::Derivation(format!(
+                "derivation '{}': a single fixed output must be named 'out'",
+                self.name
+            )));
+        }
+        if self.outputs.is_empty() {
+            return Err(Error::Derivation(format!(
+                "derivation '{}' has no outputs",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// The path of an output, or an error naming the derivation.
+    pub fn output_path(&self, output: &str) -> Result<&StorePath, Error> {
+        self.outputs
+            .get(output)
+            .and_then(|o| o.path.as_ref())
+            .ok_or_else(|| {
+                Error::Derivation(format!(
+                    "derivation '{}' has no output '{output}'",
+                    self.name
+                ))
+            })
+    }
+
+    /// Every output path, by output name.
+    pub fn output_paths(&self) -> impl Iterator<Item = (&str, &StorePath)> {
+        self.outputs
+            .iter()
+            .filter_map(|(n, o)| o.path.as_ref().map(|p| (n.as_str(), p)))
+    }
+
+    /// The path of a fixed output computed from its hash (`DerivationOutputCAFixed::path`).
+    pub fn fixed_output_path(
+        &self,
+        store_dir: &StoreDir,
+        fixed: &FixedOutputHash,
+    ) -> Result<StorePath, Error> {
+        store_dir.make_fixed_output_path(
+            fixed.method,
+            &fixed.hash,
+            &self.name,
+            &BTreeSet::new(),
+            false,
+        )
+    }
+
+    /// Store paths this derivation refers to when added to the store: its input sources and
+    /// input derivations (`.drv` references, as `writeDerivation` computes them).
+    pub fn references(&self) -> BTreeSet<StorePath> {
+        let mut refs = self.input_srcs.clone();
+        refs.extend(self.input_drvs.keys().cloned());
+        refs
+    }
+
+    /// The store path the `.drv` file itself has (`writeDerivation`: a text path).
+    pub fn drv_path(&self, store_dir: &StoreDir) -> Result<StorePath, Error> {
+        let text = self.to_aterm(store_dir);
+        store_dir.text_path_for(&format!("{}.drv", self.name), &text, &self.references())
+    }
+
+    /// Whether this derivation's `system` can run on a host of type `host`
+    /// (plus `i686-linux` on `x86_64-linux`, and the builtin pseudo-platform).
+    pub fn platform_matches(&self, host: &str, extra: &[String]) -> bool {
+        self.platform == host
+            || self.platform == "builtin"
+            || extra.iter().any(|e| e == &self.platform)
+            || (host == "x86_64-linux" && self.platform == "i686-linux")
+    }
+
+    /// The environment value as a boolean the way Nix reads derivation attributes (`"1"`).
+    pub fn env_bool(&self, key: &str, default: bool) -> bool {
+        match self.env.get(key).map(String::as_str) {
+            Some("1") => true,
+            Some(_) => false,
+            None => default,
+        }
+    }
+
+    /// Whitespace-separated tokens of an environment value.
+    pub fn env_tokens(&self, key: &str) -> Option<Vec<&str>> {
+        self.env
+            .get(key)
+            .map(|v| v.split_ascii_whitespace().collect())
+    }
+
+    /// Builds a new input-addressed or fixed-output derivation: computes every output path
+    /// from `hashDerivationModulo` and sets the output environment variables, as
+    /// `derivationStrict` (Nix) and `derivation` (Guix) do.
+    pub fn finalize<R: DerivationReader>(
+        mut self,
+        store_dir: &StoreDir,
+        hasher: &mut DerivationHasher<R>,
+    ) -> Result<Self, Error> {
+        self.check_outputs_shape()?;
+        if let Some(fixed) = self.fixed_output().copied() {
+            let p = self.fixed_output_path(store_dir, &fixed)?;
+            self.env.insert("out".into(), store_dir.display(&p));
+            if let Some(o) = self.outputs.get_mut("out") {
+                o.path = Some(p);
+            }
+            return Ok(self);
+        }
+        for (name, o) in self.outputs.iter_mut() {
+            o.path = None;
+            self.env.insert(name.clone(), String::new());
+        }
+        let h = hasher.hash_modulo(store_dir, &self, true)?;
+        let names: Vec<String> = self.outputs.keys().cloned().collect();
+        for name in names {
+            let p = store_dir.make_output_path(&name, &h, &self.name)?;
+            self.env.insert(name.clone(), store_dir.display(&p));
+            if let Some(o) = self.outputs.get_mut(&name) {
+                o.path = Some(p);
+            }
+        }
+        Ok(self)
+    }
+
+    /// Checks that every declared output path is the one Nix computes (and, for fixed-output
+    /// derivations, the one the hash gives). Errors name the output and both paths.
+    pub fn check_output_paths<R: DerivationReader>(
+        &self,
+        store_dir: &StoreDir,
+        hasher: &mut DerivationHasher<R>,
+    ) -> Result<(), Error> {
+        self.check_outputs_shape()?;
+        let mismatch = |out: &str, declared: &StorePath, want: &StorePath| {
+            Error::Derivation(format!(
+                "derivation '{}' has incorrect output '{out}' path '{}', should be '{}'",
+                self.name,
+                store_dir.display(declared),
+                store_dir.display(want)
+            ))
+        };
+        if let Some(fixed) = self.fixed_output() {
+            let want = self.fixed_output_path(store_dir, fixed)?;
+            let declared = self.output_path("out")?;
+            if declared != &want {
+                return Err(mismatch("out", declared, &want));
+            }
+            return Ok(());
+        }
+        let h = hasher.hash_modulo(store_dir, self, true)?;
+        for (name, o) in &self.outputs {
+            let declared = o.path.as_ref().ok_or_else(|| {
+                Error::Derivation(format!(
+                    "derivation '{}' output '{name}' has no path",
+                    self.name
+                ))
+            })?;
+            let want = store_dir.make_output_path(name, &h, &self.name)?;
+            if declared != &want {
+                return Err(mismatch(name, declared, &want));
+            }
+        }
+        Ok(())
+    }
+
+    /// The `nix show-derivation` JSON value for this derivation (without the outer key).
+    pub fn to_json(&self, store_dir: &StoreDir) -> serde_json::Value {
+        json::to_json(self, store_dir)
+    }
+}
+
+/// Parses the hash fields of an output (`r:sha256`, `<hex>`).
+fn parse_fixed(algo: &str, hash: &str) -> Result<FixedOutputHash, Error> {
+    let (method, algo) = match algo.strip_prefix("r:") {
+        Some(a) => (FileIngestionMethod::Recursive, a),
+        None => (FileIngestionMethod::Flat, algo),
+    };
+    let algo: HashAlgo = algo.parse()?;
+    let hash = Hash::parse_digest(algo, hash)?;
+    Ok(FixedOutputHash { method, hash })
+}

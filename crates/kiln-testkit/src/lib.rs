@@ -1,0 +1,145 @@
+//! Helpers shared by kiln's tests: where fixtures live, golden-file comparison, and access
+//! to the real Nix 2.8 (Debian's `nix-bin`) as an oracle when it is installed.
+//!
+//! Golden files are compared byte for byte; run a test with `KILN_ACCEPT=1` to rewrite them
+//! (the diff is then reviewed like code).
+
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root exists")
+}
+
+/// `tests/fixtures/<rel>` in the workspace.
+pub fn fixture(rel: &str) -> PathBuf {
+    workspace_root().join("tests/fixtures").join(rel)
+}
+
+/// Reads a fixture file, panicking with its path if it is missing.
+pub fn read_fixture(rel: &str) -> Vec<u8> {
+    let p = fixture(rel);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", p.display()))
+}
+
+/// Compares `actual` with the golden file `tests/fixtures/<rel>`; with `KILN_ACCEPT=1`
+/// writes it instead.
+pub fn assert_golden(rel: &str, actual: &[u8]) {
+    let p = fixture(rel);
+    if std::env::var_os("KILN_ACCEPT").is_some() {
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir).expect("create fixture dir");
+        }
+        std::fs::write(&p, actual).expect("write golden file");
+        return;
+    }
+    let expected = std::fs::read(&p).unwrap_or_else(|e| {
+        panic!(
+            "missing golden file {} ({e}); run with KILN_ACCEPT=1",
+            p.display()
+        )
+    });
+    if expected != actual {
+        panic!(
+            "golden mismatch for {}:\n--- expected\n{}\n--- actual\n{}",
+            p.display(),
+            String::from_utf8_lossy(&expected),
+            String::from_utf8_lossy(actual)
+        );
+    }
+}
+
+/// Whether Nix 2.8's command-line tools are on PATH.
+pub fn have_nix() -> bool {
+    Command::new("nix-store")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Whether tests that need Nix must fail (rather than skip) when it is absent: set in CI.
+pub fn nix_required() -> bool {
+    std::env::var_os("KILN_REQUIRE_NIX").is_some()
+}
+
+/// Returns true if a Nix-dependent test should run; prints why it skips otherwise, and
+/// panics when Nix is required but missing.
+pub fn nix_or_skip(test: &str) -> bool {
+    if have_nix() {
+        return true;
+    }
+    if nix_required() {
+        panic!("{test}: KILN_REQUIRE_NIX is set but nix-store is not installed");
+    }
+    eprintln!("{test}: skipped, Nix 2.8 (nix-bin) is not installed");
+    false
+}
+
+/// A throw-away Nix store rooted in a temporary directory: `NIX_STORE_DIR`, `NIX_STATE_DIR`,
+/// `NIX_LOG_DIR` and `NIX_CONF_DIR` under it, no substituters, sandbox off.
+#[derive(Debug)]
+pub struct NixEnv {
+    pub dir: tempfile::TempDir,
+}
+
+impl NixEnv {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-nix-")
+            .tempdir()
+            .expect("tempdir");
+        let conf = dir.path().join("conf");
+        std::fs::create_dir_all(&conf).expect("mkdir conf");
+        std::fs::write(
+            conf.join("nix.conf"),
+            "substituters =\nsandbox = false\nbuild-users-group =\nexperimental-features = nix-command\n",
+        )
+        .expect("write nix.conf");
+        NixEnv { dir }
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+    pub fn log_dir(&self) -> PathBuf {
+        self.dir.path().join("log")
+    }
+
+    /// A command with the environment pointing at this store.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        c.env("NIX_STORE_DIR", self.store_dir())
+            .env("NIX_STATE_DIR", self.state_dir())
+            .env("NIX_LOG_DIR", self.log_dir())
+            .env("NIX_CONF_DIR", self.dir.path().join("conf"))
+            .env("NIX_REMOTE", "local")
+            .env_remove("NIX_PATH");
+        c
+    }
+
+    /// Runs a command and returns its stdout, panicking with stderr on failure.
+    pub fn run(&self, program: &str, args: &[&str]) -> String {
+        let out = self.cmd(program).args(args).output().expect("spawn nix");
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+}
+
+impl Default for NixEnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}

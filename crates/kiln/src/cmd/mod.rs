@@ -1,0 +1,40 @@
+//! The subcommands.
+
+mod drv;
+mod hash;
+mod nar;
+mod store_path;
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Work with NAR archives.
+    #[command(subcommand)]
+    Nar(nar::NarCmd),
+    /// Compute hashes of files and paths as `nix-hash` and `nix hash` do.
+    #[command(subcommand)]
+    Hash(hash::HashCmd),
+    /// Inspect and check `.drv` files.
+    #[command(subcommand)]
+    Drv(drv::DrvCmd),
+    /// Compute the store path an item would get, without adding it.
+    #[command(subcommand, name = "store-path")]
+    StorePath(store_path::StorePathCmd),
+}
+
+pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Nar(c) => nar::run(c),
+        Command::Hash(c) => hash::run(c),
+        Command::Drv(c) => drv::run(c),
+        Command::StorePath(c) => store_path::run(c),
+    }
+}
+
+/// The process exit status for an error (1 unless a command says otherwise).
+pub fn exit_code_of(_e: &anyhow::Error) -> u8 {
+    1
+}
