@@ -16,6 +16,8 @@
 
 pub mod base32;
 pub mod derivation;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hash;
 pub mod nar;
 pub mod narinfo;

@@ -120,7 +120,7 @@ impl NarInfo {
                 "Deriver" if value != "unknown-deriver" && !value.is_empty() => {
                     deriver = Some(base(value)?)
                 }
-                "System" => system = Some(value.to_string()),
+                "System" => system = (!value.is_empty()).then(|| value.to_string()),
                 "Sig" => {
                     sigs.insert(value.to_string());
                 }

@@ -155,6 +155,14 @@ pub(super) fn parse(store_dir: &StoreDir, name: &str, text: &[u8]) -> Result<Der
         p.expect(",")?;
         let hash = p.string()?;
         p.expect(")")?;
+        // Output names become part of store path names (`<name>-<output>`) and Nix prints
+        // them unescaped, so only store-name characters can ever be valid.
+        crate::store_path::check_name(&id, &id).map_err(|_| {
+            Error::Derivation(format!(
+                "invalid derivation '{name}': output name '{}' at byte {at} is not a valid store path name",
+                id.escape_default()
+            ))
+        })?;
         let fixed = match (algo.is_empty(), hash.is_empty()) {
             (true, true) => None,
             (false, false) => Some(parse_fixed(&algo, &hash).map_err(|e| {
@@ -197,6 +205,13 @@ pub(super) fn parse(store_dir: &StoreDir, name: &str, text: &[u8]) -> Result<Der
         p.expect(",")?;
         let outs: BTreeSet<String> = p.strings()?.into_iter().collect();
         p.expect(")")?;
+        if let Some(bad) = outs.iter().find(|o| crate::store_path::check_name(o, o).is_err()) {
+            return Err(Error::Derivation(format!(
+                "invalid derivation '{}': input '{path}' at byte {at} names output '{}', which is not a valid store path name",
+                p.name,
+                bad.escape_default()
+            )));
+        }
         Ok((at, path, outs))
     })?;
     for (at, path, outs) in ins {
