@@ -92,7 +92,11 @@ fn main() {
         data[pos..end].copy_from_slice(&w[..end - pos]);
         pos = end;
         if pos < data.len() {
-            data[pos] = if rng.next() % 12 == 0 { b'\n' } else { b' ' };
+            data[pos] = if rng.next().is_multiple_of(12) {
+                b'\n'
+            } else {
+                b' '
+            };
             pos += 1;
         }
     }
@@ -104,7 +108,7 @@ fn main() {
     let mut n = 0u64;
     while pos + 64 < data.len() {
         n += 1;
-        let h = if n % 150_000 == 0 {
+        let h = if n.is_multiple_of(150_000) {
             candidates[(n / 150_000) as usize % 1000].clone()
         } else {
             rng.hash_part()

@@ -21,14 +21,17 @@ pub mod fuzzing;
 pub mod hash;
 pub mod nar;
 pub mod narinfo;
+pub mod path_info;
 pub mod refscan;
 pub mod signature;
 pub mod store_path;
+pub mod wire;
 
 use std::path::PathBuf;
 
 pub use derivation::Derivation;
 pub use hash::{Hash, HashAlgo};
+pub use path_info::ValidPathInfo;
 pub use store_path::{ContentAddress, FileIngestionMethod, StoreDir, StorePath};
 
 /// Errors of the format library. Every message names the object and, for parsers, the
@@ -49,6 +52,8 @@ pub enum Error {
     NarInfo(String),
     #[error("{0}")]
     Signature(String),
+    #[error("{0}")]
+    Wire(String),
     #[error("cannot {action} '{}': {source}", path.display())]
     Io {
         path: PathBuf,

@@ -274,3 +274,39 @@ fn tampered_derivations_fail_the_check() {
     f.outputs.get_mut("out").unwrap().path = Some(sp);
     assert!(f.check_output_paths(&sd, &mut hasher).is_err());
 }
+
+#[test]
+fn canonical_restore_sets_store_metadata_in_one_pass() {
+    use std::os::unix::fs::MetadataExt;
+    let bytes = read_fixture("nar/dir.nar");
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("t");
+    let opts = nar::RestoreOptions {
+        canonical: true,
+        ..Default::default()
+    };
+    nar::restore_into(&t, bytes.as_slice(), opts).unwrap();
+    let mut seen = 0;
+    let mut stack = vec![t.clone()];
+    while let Some(p) = stack.pop() {
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        seen += 1;
+        assert_eq!(m.mtime(), 1, "{}", p.display());
+        let ft = m.file_type();
+        if ft.is_dir() {
+            assert_eq!(m.mode() & 0o7777, 0o555, "{}", p.display());
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        } else if ft.is_file() {
+            let mode = m.mode() & 0o7777;
+            assert!(mode == 0o444 || mode == 0o555, "{}: {mode:o}", p.display());
+        }
+    }
+    assert!(seen > 10);
+    assert_eq!(nar::dump_to_vec(&t).unwrap(), bytes);
+    // Clean up a read-only tree.
+    let _ = std::process::Command::new("chmod")
+        .arg("-R")
+        .arg("u+w")
+        .arg(&t)
+        .status();
+}

@@ -143,3 +143,30 @@ impl Default for NixEnv {
         Self::new()
     }
 }
+
+impl NixEnv {
+    /// Builds `attr` of a Nix file with `nix-build` (no `result` link) and returns the
+    /// output paths it printed.
+    pub fn build(&self, file: &Path, attr: &str) -> Vec<String> {
+        self.run(
+            "nix-build",
+            &[
+                "--no-out-link",
+                file.to_str().expect("utf-8 path"),
+                "-A",
+                attr,
+            ],
+        )
+        .lines()
+        .map(str::to_string)
+        .collect()
+    }
+
+    /// Lines of a command's output.
+    pub fn lines(&self, program: &str, args: &[&str]) -> Vec<String> {
+        self.run(program, args)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}

@@ -15,6 +15,8 @@ struct Cli {
     /// Log verbosity for diagnostics on stderr (overridden by KILN_LOG, e.g. `KILN_LOG=debug`).
     #[arg(long, short, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    #[command(flatten)]
+    store: cmd::StoreArgs,
     #[command(subcommand)]
     command: cmd::Command,
 }
@@ -38,7 +40,7 @@ fn init_tracing(verbose: u8) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose);
-    match cmd::run(cli.command) {
+    match cmd::run(&cli.store, cli.command) {
         Ok(code) => code,
         Err(e) => {
             // Broken pipes (e.g. `kiln nar dump x | head`) end quietly, like other tools.

@@ -47,6 +47,24 @@ impl<R: DerivationReader> DerivationHasher<R> {
         &self.reader
     }
 
+    /// Remembers the modulo hash of a derivation known by other means.
+    pub fn remember(&mut self, path: StorePath, hash: Hash) {
+        self.cache.insert(path, hash);
+    }
+
+    /// Bounds the cache: beyond `max` entries it is cleared (valid derivations never change,
+    /// so forgetting only costs re-reading them).
+    pub fn trim_cache(&mut self, max: usize) {
+        if self.cache.len() > max {
+            self.cache.clear();
+        }
+    }
+
+    /// The modulo hash of a derivation in the store (unmasked), as its dependents use it.
+    pub fn hash_of_path(&mut self, store_dir: &StoreDir, path: &StorePath) -> Result<Hash, Error> {
+        self.input_hash(store_dir, path)
+    }
+
     /// `hashDerivationModulo(drv, mask_outputs)`.
     pub fn hash_modulo(
         &mut self,

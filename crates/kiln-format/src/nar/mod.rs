@@ -24,7 +24,7 @@ mod write;
 
 pub use dump::{dump, dump_to_vec};
 pub use parse::{expect_eof, parse, Limits, NarSink, NarStats};
-pub use restore::{restore, restore_into};
+pub use restore::{restore, restore_into, RestoreOptions};
 pub use write::{write_padding, write_str, NarWriter};
 
 /// The magic string every NAR starts with.

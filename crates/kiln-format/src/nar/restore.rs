@@ -14,14 +14,40 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{mkdirat, openat, symlinkat, Mode, OFlags, CWD};
+use rustix::fs::{
+    fchmod, futimens, mkdirat, openat, symlinkat, utimensat, AtFlags, Mode, OFlags, Timespec,
+    Timestamps, CWD,
+};
 
 use super::parse::{parse, Limits, NarSink, NarStats};
 use crate::Error;
 
 const BUF_SIZE: usize = 256 * 1024;
 
+/// How to restore.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RestoreOptions {
+    /// Give every node the store's canonical metadata while restoring: files 0444 (0555 when
+    /// executable), directories 0555, modification time 1 (symlinks too). This saves a second
+    /// walk over the tree before registration.
+    pub canonical: bool,
+    pub limits: Limits,
+}
+
+/// Modification time of store objects (1 second after the epoch, as Nix and Guix use).
+const STORE_MTIME: Timestamps = Timestamps {
+    last_access: Timespec {
+        tv_sec: 1,
+        tv_nsec: 0,
+    },
+    last_modification: Timespec {
+        tv_sec: 1,
+        tv_nsec: 0,
+    },
+};
+
 struct RestoreSink {
+    canonical: bool,
     parent: OwnedFd,
     root_name: Vec<u8>,
     /// Open directories, innermost last.
@@ -61,7 +87,12 @@ impl NarSink for RestoreSink {
         contents: &mut dyn Read,
     ) -> Result<(), Error> {
         let (dir, n, path) = self.place(name);
-        let mode = if executable { 0o755 } else { 0o644 };
+        let mode = match (executable, self.canonical) {
+            (true, true) => 0o555,
+            (false, true) => 0o444,
+            (true, false) => 0o755,
+            (false, false) => 0o644,
+        };
         let fd = openat(
             dir,
             n,
@@ -86,12 +117,21 @@ impl NarSink for RestoreSink {
                     .map_err(|e| io_err(&path, "write", e))?;
             }
         }
+        if self.canonical {
+            futimens(&f, &STORE_MTIME)
+                .map_err(|e| io_err(&path, "set the modification time of", e))?;
+        }
         Ok(())
     }
 
     fn symlink(&mut self, name: Option<&[u8]>, target: &[u8]) -> Result<(), Error> {
         let (dir, n, path) = self.place(name);
-        symlinkat(target, dir, n).map_err(|e| io_err(&path, "create symlink", e))
+        symlinkat(target, dir, n).map_err(|e| io_err(&path, "create symlink", e))?;
+        if self.canonical {
+            utimensat(dir, n, &STORE_MTIME, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| io_err(&path, "set the modification time of", e))?;
+        }
+        Ok(())
     }
 
     fn enter_directory(&mut self, name: Option<&[u8]>) -> Result<(), Error> {
@@ -111,7 +151,14 @@ impl NarSink for RestoreSink {
     }
 
     fn leave_directory(&mut self) -> Result<(), Error> {
-        self.dirs.pop();
+        let fd = self.dirs.pop();
+        if let (true, Some(fd)) = (self.canonical, fd) {
+            // Only now: creating the entries needed write permission and changed the mtime.
+            fchmod(&fd, Mode::from_raw_mode(0o555))
+                .map_err(|e| io_err(&self.cur, "set the mode of", e))?;
+            futimens(&fd, &STORE_MTIME)
+                .map_err(|e| io_err(&self.cur, "set the modification time of", e))?;
+        }
         if !self.dirs.is_empty() {
             self.cur.pop();
         }
@@ -122,11 +169,11 @@ impl NarSink for RestoreSink {
 /// Restores the NAR read from `r` to `target`, which must not exist (its parent must).
 /// Reads exactly one archive. Returns what was restored, including the NAR size.
 pub fn restore<R: Read>(target: &Path, r: R) -> Result<NarStats, Error> {
-    restore_into(target, r, Limits::default())
+    restore_into(target, r, RestoreOptions::default())
 }
 
-/// [`restore`] with explicit bounds.
-pub fn restore_into<R: Read>(target: &Path, r: R, limits: Limits) -> Result<NarStats, Error> {
+/// [`restore`] with options.
+pub fn restore_into<R: Read>(target: &Path, r: R, opts: RestoreOptions) -> Result<NarStats, Error> {
     let name = target.file_name().ok_or_else(|| {
         io_err(
             target,
@@ -146,11 +193,12 @@ pub fn restore_into<R: Read>(target: &Path, r: R, limits: Limits) -> Result<NarS
     )
     .map_err(|e| io_err(parent, "open directory", e))?;
     let mut sink = RestoreSink {
+        canonical: opts.canonical,
         parent: pfd,
         root_name: name.as_bytes().to_vec(),
         dirs: Vec::new(),
         cur: target.to_path_buf(),
         buf: Vec::new(),
     };
-    parse(r, &mut sink, limits)
+    parse(r, &mut sink, opts.limits)
 }

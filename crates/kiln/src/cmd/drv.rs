@@ -9,11 +9,8 @@ use kiln_format::{Derivation, StoreDir, StorePath};
 #[derive(Debug, Subcommand)]
 pub enum DrvCmd {
     /// Print derivations as Nix 2.8's `nix show-derivation` JSON.
+    /// The store directory is `--store-dir`, or else the directory holding the first file.
     Show {
-        /// The store directory the derivations belong to (default: the directory holding
-        /// the first file).
-        #[arg(long)]
-        store_dir: Option<String>,
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -21,8 +18,6 @@ pub enum DrvCmd {
     /// ones Nix computes. Input derivations are read from the store directory on disk, or
     /// from the directory holding the file.
     Check {
-        #[arg(long)]
-        store_dir: Option<String>,
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -111,9 +106,9 @@ impl DerivationReader for DiskReader {
     }
 }
 
-pub fn run(cmd: DrvCmd) -> anyhow::Result<ExitCode> {
+pub fn run(store_dir: Option<String>, cmd: DrvCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        DrvCmd::Show { store_dir, files } => {
+        DrvCmd::Show { files } => {
             let sd = store_dir_for(store_dir, &files[0])?;
             let mut top = serde_json::Map::new();
             let mut all: Vec<(StorePath, Derivation)> = Vec::new();
@@ -131,7 +126,7 @@ pub fn run(cmd: DrvCmd) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        DrvCmd::Check { store_dir, files } => {
+        DrvCmd::Check { files } => {
             let sd = store_dir_for(store_dir, &files[0])?;
             let mut failed = 0;
             for f in &files {

@@ -1,9 +1,13 @@
 //! The subcommands.
 
+mod common;
 mod drv;
 mod hash;
 mod nar;
+mod store;
 mod store_path;
+
+pub use common::StoreArgs;
 
 use std::process::ExitCode;
 
@@ -23,14 +27,18 @@ pub enum Command {
     /// Compute the store path an item would get, without adding it.
     #[command(subcommand, name = "store-path")]
     StorePath(store_path::StorePathCmd),
+    /// Work with the local store (add, query, export/import, gc, optimise, verify).
+    #[command(subcommand)]
+    Store(store::StoreCmd),
 }
 
-pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
+pub fn run(args: &StoreArgs, cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
+        Command::Store(c) => store::run(args, c),
         Command::Nar(c) => nar::run(c),
         Command::Hash(c) => hash::run(c),
-        Command::Drv(c) => drv::run(c),
-        Command::StorePath(c) => store_path::run(c),
+        Command::Drv(c) => drv::run(args.store_dir.clone(), c),
+        Command::StorePath(c) => store_path::run(args.resolve()?.0.store_dir, c),
     }
 }
 

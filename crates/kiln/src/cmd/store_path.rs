@@ -9,9 +9,6 @@ use kiln_format::{nar, FileIngestionMethod, Hash, HashAlgo, StoreDir};
 
 #[derive(Debug, Args)]
 pub struct Common {
-    /// The store directory (`/gnu/store`, `/nix/store`, …).
-    #[arg(long, default_value = "/gnu/store")]
-    store_dir: String,
     /// The name of the item (default: the file name).
     #[arg(long)]
     name: Option<String>,
@@ -68,7 +65,8 @@ fn nar_hash(path: &std::path::Path, algo: HashAlgo) -> anyhow::Result<Hash> {
     Ok(sink.finish().0)
 }
 
-pub fn run(cmd: StorePathCmd) -> anyhow::Result<ExitCode> {
+/// The store directory comes from the layout options (`--store-dir`, `--layout`, …).
+pub fn run(sd: StoreDir, cmd: StorePathCmd) -> anyhow::Result<ExitCode> {
     let path = match cmd {
         StorePathCmd::Fixed {
             common,
@@ -77,7 +75,6 @@ pub fn run(cmd: StorePathCmd) -> anyhow::Result<ExitCode> {
             hash,
             path,
         } => {
-            let sd = StoreDir::new(common.store_dir.clone())?;
             let name = name_of(&common, path.as_ref())?;
             let method = if recursive {
                 FileIngestionMethod::Recursive
@@ -96,7 +93,6 @@ pub fn run(cmd: StorePathCmd) -> anyhow::Result<ExitCode> {
             sd.display(&sd.make_fixed_output_path(method, &h, &name, &BTreeSet::new(), false)?)
         }
         StorePathCmd::Source { common, path } => {
-            let sd = StoreDir::new(common.store_dir.clone())?;
             let name = name_of(&common, Some(&path))?;
             let h = nar_hash(&path, HashAlgo::Sha256)?;
             sd.display(&sd.make_fixed_output_path(
@@ -108,7 +104,6 @@ pub fn run(cmd: StorePathCmd) -> anyhow::Result<ExitCode> {
             )?)
         }
         StorePathCmd::Text { common, refs, file } => {
-            let sd = StoreDir::new(common.store_dir.clone())?;
             let name = name_of(&common, Some(&file))?;
             let refs = refs
                 .iter()

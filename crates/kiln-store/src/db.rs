@@ -1,0 +1,709 @@
+//! The SQLite metadata database, schema-compatible with Nix 2.x (version 10) and Guix
+//! (version 7).
+//!
+//! * A new store gets Nix's schema 10, or Guix's schema 7 for the Guix layout, so the other
+//!   daemon can open it. An existing database is kept at its version; Nix's 8 and 9 are
+//!   upgraded to 10 exactly as Nix would.
+//! * Columns Guix lacks (`ultimate`, `sigs`, `ca`) are detected and left alone.
+//! * Failed builds are cached in a `FailedPaths` table: Guix's own table in a Guix database,
+//!   the same table added to a Nix database (Nix ignores tables it does not know).
+//! * One writer connection (write transactions are `BEGIN IMMEDIATE`, so two writers never
+//!   both hold a read snapshot and then deadlock upgrading it) and a pool of reader
+//!   connections; WAL lets readers run during a write. `SQLITE_BUSY` from other processes is
+//!   waited out by the busy timeout and then retried.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kiln_format::{ContentAddress, Hash, StoreDir, StorePath, ValidPathInfo};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+
+use crate::error::{Error, Result};
+
+/// Nix 2.8's `schema.sql`, verbatim.
+pub const NIX_SCHEMA: &str = r#"create table if not exists ValidPaths (
+    id               integer primary key autoincrement not null,
+    path             text unique not null,
+    hash             text not null,
+    registrationTime integer not null,
+    deriver          text,
+    narSize          integer,
+    ultimate         integer, -- null implies "false"
+    sigs             text, -- space-separated
+    ca               text -- if not null, an assertion that the path is content-addressed; see ValidPathInfo
+);
+
+create table if not exists Refs (
+    referrer  integer not null,
+    reference integer not null,
+    primary key (referrer, reference),
+    foreign key (referrer) references ValidPaths(id) on delete cascade,
+    foreign key (reference) references ValidPaths(id) on delete restrict
+);
+
+create index if not exists IndexReferrer on Refs(referrer);
+create index if not exists IndexReference on Refs(reference);
+
+-- Paths can refer to themselves, causing a tuple (N, N) in the Refs
+-- table.  This causes a deletion of the corresponding row in
+-- ValidPaths to cause a foreign key constraint violation (due to `on
+-- delete restrict' on the `reference' column).  Therefore, explicitly
+-- get rid of self-references.
+create trigger if not exists DeleteSelfRefs before delete on ValidPaths
+  begin
+    delete from Refs where referrer = old.id and reference = old.id;
+  end;
+
+create table if not exists DerivationOutputs (
+    drv  integer not null,
+    id   text not null, -- symbolic output id, usually "out"
+    path text not null,
+    primary key (drv, id),
+    foreign key (drv) references ValidPaths(id) on delete cascade
+);
+
+create index if not exists IndexDerivationOutputs on DerivationOutputs(path);
+"#;
+
+/// Guix's schema (version 7): `ValidPaths` without `ultimate`, `sigs`, `ca`, and `FailedPaths`.
+pub const GUIX_SCHEMA: &str = r#"create table if not exists ValidPaths (
+    id               integer primary key autoincrement not null,
+    path             text unique not null,
+    hash             text not null,
+    registrationTime integer not null,
+    deriver          text,
+    narSize          integer
+);
+
+create table if not exists Refs (
+    referrer  integer not null,
+    reference integer not null,
+    primary key (referrer, reference),
+    foreign key (referrer) references ValidPaths(id) on delete cascade,
+    foreign key (reference) references ValidPaths(id) on delete restrict
+);
+
+create index if not exists IndexReferrer on Refs(referrer);
+create index if not exists IndexReference on Refs(reference);
+
+create trigger if not exists DeleteSelfRefs before delete on ValidPaths
+  begin
+    delete from Refs where referrer = old.id and reference = old.id;
+  end;
+
+create table if not exists DerivationOutputs (
+    drv  integer not null,
+    id   text not null, -- symbolic output id, usually "out"
+    path text not null,
+    primary key (drv, id),
+    foreign key (drv) references ValidPaths(id) on delete cascade
+);
+
+create index if not exists IndexDerivationOutputs on DerivationOutputs(path);
+
+create table if not exists FailedPaths (
+    path text primary key not null,
+    time integer not null
+);
+"#;
+
+const FAILED_PATHS: &str = "create table if not exists FailedPaths (path text primary key not null, time integer not null);";
+
+/// Which daemon's schema the database has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// Nix schema 10 (ultimate, sigs, ca).
+    Nix,
+    /// Guix schema 7.
+    Guix,
+}
+
+/// The schema a new database should get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewSchema {
+    Nix,
+    Guix,
+}
+
+/// Which optional columns `ValidPaths` has.
+#[derive(Debug, Clone, Copy)]
+pub struct Columns {
+    pub ultimate: bool,
+    pub sigs: bool,
+    pub ca: bool,
+}
+
+/// The open database.
+#[derive(Debug)]
+pub struct Db {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+    pub flavor: Flavor,
+    pub cols: Columns,
+    pub schema_version: u32,
+    read_only: bool,
+}
+
+fn configure(conn: &Connection, path: &Path, writer: bool) -> Result<()> {
+    let ctx = |what: &str| {
+        Error::db(format!(
+            "configuring database '{}' ({what})",
+            path.display()
+        ))
+    };
+    conn.busy_timeout(Duration::from_secs(60))
+        .map_err(ctx("busy timeout"))?;
+    conn.pragma_update(None, "foreign_keys", 1)
+        .map_err(ctx("foreign keys"))?;
+    conn.pragma_update(None, "synchronous", "normal")
+        .map_err(ctx("synchronous"))?;
+    if writer {
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .map_err(ctx("journal mode"))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            let _: String = conn
+                .pragma_update_and_check(None, "journal_mode", "wal", |r| r.get(0))
+                .map_err(ctx("WAL"))?;
+        }
+        conn.pragma_update(None, "wal_autocheckpoint", 40000)
+            .map_err(ctx("autocheckpoint"))?;
+    }
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(())
+}
+
+fn read_schema_file(p: &Path) -> Result<Option<u32>> {
+    match std::fs::read_to_string(p) {
+        Ok(s) => s.trim().parse().map(Some).map_err(|_| {
+            Error::Schema(format!(
+                "'{}' is corrupt: '{}' is not a schema version",
+                p.display(),
+                s.trim()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(p, "read", e)),
+    }
+}
+
+/// Writes `contents` to `path` atomically (temporary file + rename).
+pub(crate) fn write_file_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, contents).map_err(|e| Error::io(&tmp, "write", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, "replace", e))
+}
+
+impl Db {
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path, new_schema: NewSchema, read_only: bool) -> Result<Db> {
+        let db_path = dir.join("db.sqlite");
+        let schema_path = dir.join("schema");
+        let mut version = read_schema_file(&schema_path)?;
+        if read_only && version.is_none() {
+            return Err(Error::Schema(format!(
+                "no store database in '{}' (read-only mode cannot create one)",
+                dir.display()
+            )));
+        }
+        if !read_only {
+            crate::fsutil::ensure_dir(dir, 0o755)?;
+        }
+        let flags = if read_only {
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        };
+        let conn = Connection::open_with_flags(&db_path, flags)
+            .map_err(Error::db(format!("opening '{}'", db_path.display())))?;
+        configure(&conn, &db_path, !read_only)?;
+        match version {
+            None => {
+                let (sql, v) = match new_schema {
+                    NewSchema::Nix => (NIX_SCHEMA, 10),
+                    NewSchema::Guix => (GUIX_SCHEMA, 7),
+                };
+                conn.execute_batch(sql).map_err(Error::db("creating the schema"))?;
+                write_file_atomic(&schema_path, v.to_string().as_bytes())?;
+                version = Some(v);
+            }
+            Some(v) if v < 7 => {
+                return Err(Error::Schema(format!(
+                    "the store database in '{}' has schema version {v}, from before Nix 1.0; it cannot be used",
+                    dir.display()
+                )))
+            }
+            Some(v) if v > 10 => {
+                return Err(Error::Schema(format!(
+                    "current store schema is version {v}, but kiln only supports versions 7 (Guix) to 10 (Nix 2.x)"
+                )))
+            }
+            Some(v @ (8 | 9)) if !read_only => {
+                // Nix's upgrades: 8 added ultimate and sigs, 9 dropped FailedPaths, 10 added ca.
+                let tx = conn.unchecked_transaction().map_err(Error::db("upgrading the schema"))?;
+                if v < 9 {
+                    tx.execute_batch("drop table if exists FailedPaths;").map_err(Error::db("upgrading to schema 9"))?;
+                }
+                tx.execute_batch("alter table ValidPaths add column ca text;").map_err(Error::db("upgrading to schema 10"))?;
+                tx.commit().map_err(Error::db("upgrading the schema"))?;
+                write_file_atomic(&schema_path, b"10")?;
+                version = Some(10);
+            }
+            Some(_) => {}
+        }
+        let cols = {
+            let mut st = conn
+                .prepare("pragma table_info(ValidPaths)")
+                .map_err(Error::db("reading the schema"))?;
+            let names: Vec<String> = st
+                .query_map([], |r| r.get::<_, String>(1))
+                .map_err(Error::db("reading the schema"))?
+                .collect::<std::result::Result<_, _>>()
+                .map_err(Error::db("reading the schema"))?;
+            if names.is_empty() {
+                return Err(Error::Schema(format!(
+                    "'{}' has no ValidPaths table",
+                    db_path.display()
+                )));
+            }
+            Columns {
+                ultimate: names.iter().any(|n| n == "ultimate"),
+                sigs: names.iter().any(|n| n == "sigs"),
+                ca: names.iter().any(|n| n == "ca"),
+            }
+        };
+        if !read_only {
+            conn.execute_batch(FAILED_PATHS)
+                .map_err(Error::db("creating FailedPaths"))?;
+        }
+        let version = version.unwrap_or(10);
+        let flavor = if cols.ca { Flavor::Nix } else { Flavor::Guix };
+        Ok(Db {
+            path: db_path,
+            writer: Mutex::new(conn),
+            readers: Mutex::new(Vec::new()),
+            flavor,
+            cols,
+            schema_version: version,
+            read_only,
+        })
+    }
+
+    fn reader(&self) -> Result<Connection> {
+        if let Some(c) = self.readers.lock().ok().and_then(|mut v| v.pop()) {
+            return Ok(c);
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let c = Connection::open_with_flags(&self.path, flags)
+            .map_err(Error::db(format!("opening '{}'", self.path.display())))?;
+        configure(&c, &self.path, false)?;
+        Ok(c)
+    }
+
+    /// Runs `f` on a reader connection (its own consistent snapshot).
+    pub fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.reader()?;
+        let r = {
+            let tx = conn
+                .unchecked_transaction()
+                .map_err(Error::db("starting a read"))?;
+            let r = f(&tx);
+            let _ = tx.finish();
+            r
+        };
+        if let Ok(mut pool) = self.readers.lock() {
+            if pool.len() < 32 {
+                pool.push(conn);
+            }
+        }
+        r
+    }
+
+    /// Runs `f` in one immediate write transaction, committing on success. Retried when
+    /// another process keeps the database busy past the busy timeout.
+    pub fn write<T>(&self, what: &str, mut f: impl FnMut(&Connection) -> Result<T>) -> Result<T> {
+        if self.read_only {
+            return Err(Error::ReadOnly(what.to_string()));
+        }
+        let mut conn = self
+            .writer
+            .lock()
+            .map_err(|_| Error::Corrupt("database writer lock poisoned".into()))?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+                Ok(tx) => tx,
+                Err(e) if is_busy(&e) && attempt < 100 => {
+                    std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 100));
+                    continue;
+                }
+                Err(e) => {
+                    return Err(Error::Db {
+                        context: what.to_string(),
+                        source: e,
+                    })
+                }
+            };
+            match f(&tx) {
+                Ok(v) => match tx.commit() {
+                    Ok(()) => return Ok(v),
+                    Err(e) if is_busy(&e) && attempt < 100 => continue,
+                    Err(e) => {
+                        return Err(Error::Db {
+                            context: what.to_string(),
+                            source: e,
+                        })
+                    }
+                },
+                Err(Error::Db { source, .. }) if is_busy(&source) && attempt < 100 => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    // ---- queries (usable inside reads and writes) -------------------------------------
+
+    pub fn path_id(conn: &Connection, path: &str) -> Result<Option<i64>> {
+        conn.prepare_cached("select id from ValidPaths where path = ?")
+            .and_then(|mut s| s.query_row([path], |r| r.get(0)).optional())
+            .map_err(Error::db(format!("looking up '{path}'")))
+    }
+
+    pub fn is_valid(conn: &Connection, path: &str) -> Result<bool> {
+        Ok(Self::path_id(conn, path)?.is_some())
+    }
+
+    /// Path info, or `None` if the path is not valid.
+    pub fn query_path_info(
+        &self,
+        conn: &Connection,
+        sd: &StoreDir,
+        path: &StorePath,
+    ) -> Result<Option<ValidPathInfo>> {
+        let abs = sd.display(path);
+        let c = self.cols;
+        let sql = format!(
+            "select id, hash, registrationTime, deriver, narSize, {}, {}, {} from ValidPaths where path = ?",
+            if c.ultimate { "ultimate" } else { "null" },
+            if c.sigs { "sigs" } else { "null" },
+            if c.ca { "ca" } else { "null" }
+        );
+        type Row = (
+            i64,
+            String,
+            i64,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+        );
+        let row: Option<Row> = conn
+            .prepare_cached(&sql)
+            .and_then(|mut s| {
+                s.query_row([&abs], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                    ))
+                })
+                .optional()
+            })
+            .map_err(Error::db(format!("querying path info of '{abs}'")))?;
+        let Some((id, hash, time, deriver, size, ultimate, sigs, ca)) = row else {
+            return Ok(None);
+        };
+        let nar_hash =
+            Hash::parse_any(&hash, Some(kiln_format::HashAlgo::Sha256)).map_err(|e| {
+                Error::Corrupt(format!(
+                    "database entry of '{abs}' has a bad hash '{hash}': {e}"
+                ))
+            })?;
+        let mut info = ValidPathInfo::new(path.clone(), nar_hash, size.unwrap_or(0).max(0) as u64);
+        info.registration_time = time;
+        info.deriver = deriver
+            .filter(|d| !d.is_empty())
+            .and_then(|d| sd.parse_path(&d).ok());
+        info.ultimate = ultimate.unwrap_or(0) != 0;
+        if let Some(s) = sigs {
+            info.sigs = s.split_whitespace().map(str::to_string).collect();
+        }
+        info.ca = ca
+            .filter(|c| !c.is_empty())
+            .and_then(|c| ContentAddress::parse(&c).ok());
+        for r in Self::references_of_id(conn, id)? {
+            if let Ok(p) = sd.parse_path(&r) {
+                info.references.insert(p);
+            }
+        }
+        Ok(Some(info))
+    }
+
+    pub fn references_of_id(conn: &Connection, id: i64) -> Result<Vec<String>> {
+        let mut st = conn
+            .prepare_cached(
+                "select path from Refs join ValidPaths on reference = id where referrer = ?",
+            )
+            .map_err(Error::db("querying references"))?;
+        let rows = st
+            .query_map([id], |r| r.get(0))
+            .map_err(Error::db("querying references"))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(Error::db("querying references"))
+    }
+
+    pub fn query_referrers(conn: &Connection, path: &str) -> Result<Vec<String>> {
+        let mut st = conn
+            .prepare_cached(
+                "select path from Refs join ValidPaths on referrer = id where reference = (select id from ValidPaths where path = ?)",
+            )
+            .map_err(Error::db("querying referrers"))?;
+        let rows = st
+            .query_map([path], |r| r.get(0))
+            .map_err(Error::db("querying referrers"))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(Error::db("querying referrers"))
+    }
+
+    pub fn query_valid_derivers(conn: &Connection, path: &str) -> Result<Vec<String>> {
+        let mut st = conn
+            .prepare_cached("select v.path from DerivationOutputs d join ValidPaths v on d.drv = v.id where d.path = ?")
+            .map_err(Error::db("querying derivers"))?;
+        let rows = st
+            .query_map([path], |r| r.get(0))
+            .map_err(Error::db("querying derivers"))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(Error::db("querying derivers"))
+    }
+
+    /// Output name → path, from the `DerivationOutputs` table.
+    pub fn query_derivation_outputs(conn: &Connection, drv: &str) -> Result<Vec<(String, String)>> {
+        let mut st = conn
+            .prepare_cached("select id, path from DerivationOutputs where drv = (select id from ValidPaths where path = ?)")
+            .map_err(Error::db("querying derivation outputs"))?;
+        let rows = st
+            .query_map([drv], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(Error::db("querying derivation outputs"))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(Error::db("querying derivation outputs"))
+    }
+
+    pub fn query_path_from_hash_part(
+        conn: &Connection,
+        sd: &StoreDir,
+        hash_part: &str,
+    ) -> Result<Option<String>> {
+        let prefix = format!("{}/{hash_part}", sd.as_str());
+        let p: Option<String> = conn
+            .prepare_cached("select path from ValidPaths where path >= ? limit 1")
+            .and_then(|mut s| s.query_row([&prefix], |r| r.get(0)).optional())
+            .map_err(Error::db("querying by hash part"))?;
+        Ok(p.filter(|p| p.starts_with(&prefix) && p.as_bytes().get(prefix.len()) == Some(&b'-')))
+    }
+
+    pub fn all_valid_paths(conn: &Connection) -> Result<Vec<String>> {
+        let mut st = conn
+            .prepare_cached("select path from ValidPaths")
+            .map_err(Error::db("listing valid paths"))?;
+        let rows = st
+            .query_map([], |r| r.get(0))
+            .map_err(Error::db("listing valid paths"))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(Error::db("listing valid paths"))
+    }
+
+    /// The closure of `paths` (forward: everything they refer to; reverse: everything that
+    /// refers to them), computed by SQLite in one recursive query.
+    pub fn closure(conn: &Connection, paths: &[String], reverse: bool) -> Result<Vec<String>> {
+        let json = serde_json::to_string(paths).map_err(|e| Error::Invalid(e.to_string()))?;
+        let (from, to) = if reverse {
+            ("reference", "referrer")
+        } else {
+            ("referrer", "reference")
+        };
+        let sql = format!(
+            "with recursive c(id) as (
+               select id from ValidPaths where path in (select value from json_each(?1))
+               union
+               select r.{to} from Refs r join c on r.{from} = c.id
+             ) select v.path from c join ValidPaths v on v.id = c.id"
+        );
+        let mut st = conn
+            .prepare_cached(&sql)
+            .map_err(Error::db("computing a closure"))?;
+        let rows = st
+            .query_map([json], |r| r.get(0))
+            .map_err(Error::db("computing a closure"))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(Error::db("computing a closure"))
+    }
+
+    /// Inserts a new valid path; returns its id.
+    pub fn insert_path(
+        &self,
+        conn: &Connection,
+        sd: &StoreDir,
+        info: &ValidPathInfo,
+        now: i64,
+    ) -> Result<i64> {
+        let abs = sd.display(&info.path);
+        let time = if info.registration_time == 0 {
+            now
+        } else {
+            info.registration_time
+        };
+        let deriver = info.deriver.as_ref().map(|d| sd.display(d));
+        let size = (info.nar_size != 0).then_some(info.nar_size as i64);
+        let hash = format!("sha256:{}", info.nar_hash.to_base16());
+        let c = self.cols;
+        let res = if c.ultimate && c.sigs && c.ca {
+            let sigs = (!info.sigs.is_empty())
+                .then(|| info.sigs.iter().cloned().collect::<Vec<_>>().join(" "));
+            conn.prepare_cached(
+                "insert into ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) values (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    abs,
+                    hash,
+                    time,
+                    deriver,
+                    size,
+                    info.ultimate.then_some(1),
+                    sigs,
+                    info.ca.map(|c| c.to_string())
+                ])
+            })
+        } else {
+            conn.prepare_cached("insert into ValidPaths (path, hash, registrationTime, deriver, narSize) values (?, ?, ?, ?, ?)")
+                .and_then(|mut s| s.execute(params![abs, hash, time, deriver, size]))
+        };
+        res.map_err(Error::db(format!("registering '{abs}'")))?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// Updates the metadata of an already valid path.
+    pub fn update_path(
+        &self,
+        conn: &Connection,
+        sd: &StoreDir,
+        info: &ValidPathInfo,
+    ) -> Result<()> {
+        let abs = sd.display(&info.path);
+        let size = (info.nar_size != 0).then_some(info.nar_size as i64);
+        let hash = format!("sha256:{}", info.nar_hash.to_base16());
+        let c = self.cols;
+        let res = if c.ultimate && c.sigs && c.ca {
+            let sigs = (!info.sigs.is_empty())
+                .then(|| info.sigs.iter().cloned().collect::<Vec<_>>().join(" "));
+            conn.prepare_cached("update ValidPaths set narSize = ?, hash = ?, ultimate = ?, sigs = ?, ca = ? where path = ?")
+                .and_then(|mut s| {
+                    s.execute(params![size, hash, info.ultimate.then_some(1), sigs, info.ca.map(|c| c.to_string()), abs])
+                })
+        } else {
+            conn.prepare_cached("update ValidPaths set narSize = ?, hash = ? where path = ?")
+                .and_then(|mut s| s.execute(params![size, hash, abs]))
+        };
+        res.map(|_| ())
+            .map_err(Error::db(format!("updating '{abs}'")))
+    }
+
+    pub fn add_reference(conn: &Connection, referrer: i64, reference: i64) -> Result<()> {
+        conn.prepare_cached("insert or replace into Refs (referrer, reference) values (?, ?)")
+            .and_then(|mut s| s.execute([referrer, reference]))
+            .map(|_| ())
+            .map_err(Error::db("adding a reference"))
+    }
+
+    pub fn add_derivation_output(
+        conn: &Connection,
+        drv: i64,
+        output: &str,
+        path: &str,
+    ) -> Result<()> {
+        conn.prepare_cached(
+            "insert or replace into DerivationOutputs (drv, id, path) values (?, ?, ?)",
+        )
+        .and_then(|mut s| s.execute(params![drv, output, path]))
+        .map(|_| ())
+        .map_err(Error::db("recording a derivation output"))
+    }
+
+    /// Removes a path from the database (its outgoing references go with it; the caller
+    /// ensures nothing valid refers to it).
+    pub fn invalidate(conn: &Connection, path: &str) -> Result<()> {
+        conn.prepare_cached("delete from ValidPaths where path = ?")
+            .and_then(|mut s| s.execute([path]))
+            .map(|_| ())
+            .map_err(|e| match &e {
+                rusqlite::Error::SqliteFailure(f, _)
+                    if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+                {
+                    Error::StillAlive(format!(
+                        "cannot invalidate '{path}': other valid paths refer to it"
+                    ))
+                }
+                _ => Error::Db {
+                    context: format!("invalidating '{path}'"),
+                    source: e,
+                },
+            })
+    }
+
+    // ---- failed paths -----------------------------------------------------------------
+
+    pub fn register_failed(conn: &Connection, path: &str, now: i64) -> Result<()> {
+        conn.prepare_cached("insert or ignore into FailedPaths (path, time) values (?, ?)")
+            .and_then(|mut s| s.execute(params![path, now]))
+            .map(|_| ())
+            .map_err(Error::db("caching a failure"))
+    }
+
+    pub fn has_failed(conn: &Connection, path: &str) -> Result<bool> {
+        conn.prepare_cached("select 1 from FailedPaths where path = ?")
+            .and_then(|mut s| s.query_row([path], |_| Ok(())).optional())
+            .map(|o| o.is_some())
+            .map_err(Error::db("querying failures"))
+    }
+
+    pub fn query_failed(conn: &Connection) -> Result<Vec<String>> {
+        let mut st = conn
+            .prepare_cached("select path from FailedPaths")
+            .map_err(Error::db("listing failures"))?;
+        let rows = st
+            .query_map([], |r| r.get(0))
+            .map_err(Error::db("listing failures"))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(Error::db("listing failures"))
+    }
+
+    /// Clears cached failures of `path` (and of the outputs of a derivation), or all with `*`.
+    pub fn clear_failed(conn: &Connection, path: &str) -> Result<()> {
+        conn.prepare_cached(
+            "delete from FailedPaths where ?1 = '*' or path = ?1 or path in (select d.path from DerivationOutputs d join ValidPaths v on d.drv = v.id where v.path = ?1)",
+        )
+        .and_then(|mut s| s.execute([path]))
+        .map(|_| ())
+        .map_err(Error::db("clearing failures"))
+    }
+}
+
+pub(crate) fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.code == rusqlite::ErrorCode::DatabaseBusy || f.code == rusqlite::ErrorCode::DatabaseLocked)
+}

@@ -1,0 +1,535 @@
+//! The garbage collector.
+//!
+//! The reference graph is loaded from the database in one read (three queries), and
+//! liveness is a breadth-first search in memory: no per-path SQL. Dead paths are deleted in
+//! topological order (referrers before references) in batches of invalidations, so the
+//! database's `on delete restrict` never fires and a crash mid-way leaves a consistent store.
+//!
+//! Roots: `gcroots/` and `profiles/`, the temporary roots of every live process, this
+//! process's own roots, and (optionally) paths open in running processes. While it runs, the
+//! collector holds `gc.lock` exclusively and serves `gc-socket/socket`, where other
+//! processes hand it roots they add meanwhile ("late roots"); a late root, and everything it
+//! refers to, is spared even if it was found dead.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_format::StorePath;
+
+use crate::db::Db;
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::lock::{open_lock_file, FdLock, LockKind};
+use crate::roots;
+use crate::store::LocalStore;
+
+#[derive(Debug, Default)]
+struct GcInner {
+    running: bool,
+    late_roots: HashSet<StorePath>,
+}
+
+/// State shared between a running collector and roots added meanwhile.
+#[derive(Debug, Default, Clone)]
+pub struct GcShared(Arc<Mutex<GcInner>>);
+
+impl GcShared {
+    /// Records a root added while this process's collector runs; returns whether it runs.
+    pub(crate) fn note_root(&self, p: &StorePath) -> bool {
+        let Ok(mut g) = self.0.lock() else {
+            return false;
+        };
+        if g.running {
+            g.late_roots.insert(p.clone());
+        }
+        g.running
+    }
+
+    fn is_late_root(&self, p: &StorePath) -> bool {
+        self.0.lock().is_ok_and(|g| g.late_roots.contains(p))
+    }
+}
+
+/// What the collector does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GcAction {
+    /// List live paths.
+    ReturnLive,
+    /// List dead paths (a dry run).
+    ReturnDead,
+    /// Delete every dead path.
+    DeleteDead,
+    /// Delete these paths, each only if it is dead.
+    DeleteSpecific(Vec<StorePath>),
+}
+
+#[derive(Debug, Clone)]
+pub struct GcOptions {
+    pub action: GcAction,
+    /// Stop after freeing this many bytes (`u64::MAX`: no limit).
+    pub max_freed: u64,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            action: GcAction::DeleteDead,
+            max_freed: u64::MAX,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct GcResults {
+    /// Live, dead or deleted paths (by action), absolute, sorted.
+    pub paths: Vec<String>,
+    pub bytes_freed: u64,
+}
+
+/// The store's graph in memory.
+struct Graph {
+    paths: Vec<StorePath>,
+    index: HashMap<StorePath, usize>,
+    refs: Vec<Vec<usize>>,
+    referrers: Vec<Vec<usize>>,
+    deriver: Vec<Option<usize>>,
+    outputs: Vec<Vec<usize>>,
+}
+
+fn load_graph(store: &LocalStore) -> Result<Graph> {
+    let sd = store.store_dir().clone();
+    store.db.read(|c| {
+        let mut ids: HashMap<i64, usize> = HashMap::new();
+        let mut paths = Vec::new();
+        let mut derivers_raw = Vec::new();
+        {
+            let mut st = c
+                .prepare("select id, path, deriver from ValidPaths")
+                .map_err(Error::db("loading the graph"))?;
+            let mut rows = st.query([]).map_err(Error::db("loading the graph"))?;
+            while let Some(r) = rows.next().map_err(Error::db("loading the graph"))? {
+                let id: i64 = r.get(0).map_err(Error::db("loading the graph"))?;
+                let p: String = r.get(1).map_err(Error::db("loading the graph"))?;
+                let d: Option<String> = r.get(2).map_err(Error::db("loading the graph"))?;
+                let Ok(sp) = sd.parse_path(&p) else { continue };
+                ids.insert(id, paths.len());
+                paths.push(sp);
+                derivers_raw.push(d);
+            }
+        }
+        let n = paths.len();
+        let index: HashMap<StorePath, usize> = paths
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, p)| (p, i))
+            .collect();
+        let mut refs = vec![Vec::new(); n];
+        let mut referrers = vec![Vec::new(); n];
+        {
+            let mut st = c
+                .prepare("select referrer, reference from Refs")
+                .map_err(Error::db("loading the graph"))?;
+            let mut rows = st.query([]).map_err(Error::db("loading the graph"))?;
+            while let Some(r) = rows.next().map_err(Error::db("loading the graph"))? {
+                let a: i64 = r.get(0).map_err(Error::db("loading the graph"))?;
+                let b: i64 = r.get(1).map_err(Error::db("loading the graph"))?;
+                if let (Some(&a), Some(&b)) = (ids.get(&a), ids.get(&b)) {
+                    if a != b {
+                        refs[a].push(b);
+                        referrers[b].push(a);
+                    }
+                }
+            }
+        }
+        let deriver = derivers_raw
+            .iter()
+            .map(|d| {
+                d.as_ref()
+                    .and_then(|d| sd.parse_path(d).ok())
+                    .and_then(|p| index.get(&p).copied())
+            })
+            .collect();
+        let mut outputs = vec![Vec::new(); n];
+        {
+            let mut st = c
+                .prepare("select drv, path from DerivationOutputs")
+                .map_err(Error::db("loading the graph"))?;
+            let mut rows = st.query([]).map_err(Error::db("loading the graph"))?;
+            while let Some(r) = rows.next().map_err(Error::db("loading the graph"))? {
+                let d: i64 = r.get(0).map_err(Error::db("loading the graph"))?;
+                let p: String = r.get(1).map_err(Error::db("loading the graph"))?;
+                if let (Some(&d), Some(&o)) = (
+                    ids.get(&d),
+                    sd.parse_path(&p).ok().and_then(|p| index.get(&p)),
+                ) {
+                    outputs[d].push(o);
+                }
+            }
+        }
+        Ok(Graph {
+            paths,
+            index,
+            refs,
+            referrers,
+            deriver,
+            outputs,
+        })
+    })
+}
+
+/// Serves `gc-socket/socket` until dropped.
+struct RootServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl RootServer {
+    fn start(store: &LocalStore) -> Result<RootServer> {
+        let path = store.layout().gc_socket_path();
+        if let Some(dir) = path.parent() {
+            fsutil::ensure_dir(dir, 0o755)?;
+        }
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).map_err(|e| Error::io(&path, "listen on", e))?;
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666));
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::io(&path, "configure", e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop2, shared, sd) = (stop.clone(), store.gc.clone(), store.store_dir().clone());
+        let thread = std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                        let mut r = BufReader::new(&s);
+                        let mut line = String::new();
+                        if r.read_line(&mut line).is_ok() {
+                            if let Ok(p) = sd.parse_path(line.trim_end()) {
+                                shared.note_root(&p);
+                                tracing::debug!("received late root '{}'", line.trim_end());
+                            }
+                            let _ = (&s).write_all(b"1");
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Ok(RootServer {
+            stop,
+            thread: Some(thread),
+            path,
+        })
+    }
+}
+
+impl Drop for RootServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Marks the collector as running in this process until dropped.
+struct Running(GcShared);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(mut g) = (self.0).0.lock() {
+            g.running = false;
+            g.late_roots.clear();
+        }
+    }
+}
+
+/// All roots: `link → path` (several links may name one path).
+pub fn find_roots(store: &LocalStore, runtime: bool) -> Result<BTreeSet<(String, StorePath)>> {
+    let layout = store.layout();
+    let mut out: BTreeSet<(String, StorePath)> =
+        roots::find_gc_roots(layout)?.into_iter().collect();
+    out.extend(roots::other_temp_roots(layout, store.store_dir())?);
+    for p in store.temp_roots.snapshot() {
+        out.insert((format!("{{temp:{}}}", std::process::id()), p));
+    }
+    if runtime {
+        out.extend(roots::find_runtime_roots(store.store_dir()));
+    }
+    Ok(out)
+}
+
+/// Runs the collector.
+pub fn collect_garbage(store: &LocalStore, opts: &GcOptions) -> Result<GcResults> {
+    if store.db.is_read_only()
+        && !matches!(opts.action, GcAction::ReturnLive | GcAction::ReturnDead)
+    {
+        return Err(Error::ReadOnly("collect garbage".into()));
+    }
+    let lock_path = store.layout().gc_lock_path();
+    let fd = open_lock_file(&lock_path)?;
+    let _lock = match FdLock::acquire(fd, LockKind::Exclusive, false, &lock_path)? {
+        Ok(l) => l,
+        Err(fd) => {
+            tracing::warn!("waiting for the big garbage collector lock...");
+            FdLock::acquire(fd, LockKind::Exclusive, true, &lock_path)?
+                .map_err(|_| Error::Corrupt("blocking lock returned nothing".into()))?
+        }
+    };
+    if let Ok(mut g) = store.gc.0.lock() {
+        g.running = true;
+        g.late_roots.clear();
+    }
+    let _running = Running(store.gc.clone());
+    let _server = if store.db.is_read_only() {
+        None
+    } else {
+        Some(RootServer::start(store)?)
+    };
+
+    let graph = load_graph(store)?;
+    let n = graph.paths.len();
+    let roots = find_roots(store, store.options().runtime_roots)?;
+    let mut live = vec![false; n];
+    let mut queue: VecDeque<usize> = roots
+        .iter()
+        .filter_map(|(_, p)| graph.index.get(p).copied())
+        .collect();
+    let (keep_outputs, keep_derivations) = (
+        store.options().keep_outputs,
+        store.options().keep_derivations,
+    );
+    while let Some(i) = queue.pop_front() {
+        if live[i] {
+            continue;
+        }
+        live[i] = true;
+        queue.extend(graph.refs[i].iter().copied().filter(|&j| !live[j]));
+        if keep_derivations {
+            if let Some(d) = graph.deriver[i] {
+                if !live[d] {
+                    queue.push_back(d);
+                }
+            }
+        }
+        if keep_outputs {
+            queue.extend(graph.outputs[i].iter().copied().filter(|&j| !live[j]));
+        }
+    }
+    let sd = store.store_dir();
+    let mut results = GcResults::default();
+    match &opts.action {
+        GcAction::ReturnLive => {
+            results.paths = (0..n)
+                .filter(|&i| live[i])
+                .map(|i| sd.display(&graph.paths[i]))
+                .collect();
+            results.paths.sort();
+            return Ok(results);
+        }
+        GcAction::ReturnDead => {
+            results.paths = (0..n)
+                .filter(|&i| !live[i])
+                .map(|i| sd.display(&graph.paths[i]))
+                .collect();
+            results.paths.sort();
+            return Ok(results);
+        }
+        _ => {}
+    }
+    // The candidates, in deletion order.
+    let mut candidates: Vec<usize> = match &opts.action {
+        GcAction::DeleteSpecific(ps) => {
+            let mut v = Vec::new();
+            for p in ps {
+                match graph.index.get(p) {
+                    Some(&i) if live[i] => {
+                        return Err(Error::StillAlive(format!(
+                            "cannot delete path '{}' since it is still alive. To find out why, use: kiln store query --roots {}",
+                            sd.display(p),
+                            sd.display(p)
+                        )))
+                    }
+                    Some(&i) => v.push(i),
+                    None => {
+                        // Not valid: remove an invalid leftover if there is one.
+                        results.bytes_freed += delete_invalid(store, p)?;
+                    }
+                }
+            }
+            let wanted: HashSet<usize> = v.iter().copied().collect();
+            for &i in &v {
+                if let Some(&r) = graph.referrers[i].iter().find(|r| !wanted.contains(r)) {
+                    return Err(Error::StillAlive(format!(
+                        "cannot delete path '{}' because it is in use by '{}'",
+                        sd.display(&graph.paths[i]),
+                        sd.display(&graph.paths[r])
+                    )));
+                }
+            }
+            v
+        }
+        _ => (0..n).filter(|&i| !live[i]).collect(),
+    };
+    candidates = topo_referrers_first(&graph, candidates);
+
+    let mut keep = vec![false; n];
+    let mut batch: Vec<usize> = Vec::new();
+    let mut deleted: Vec<String> = Vec::new();
+    let mut stopped = false;
+    for i in candidates {
+        let p = &graph.paths[i];
+        if keep[i] || store.gc.is_late_root(p) || store.temp_roots.contains(p) {
+            // Spared: so is everything it refers to (they come later in the order).
+            let mut stack = vec![i];
+            while let Some(k) = stack.pop() {
+                for &r in &graph.refs[k] {
+                    if !keep[r] {
+                        keep[r] = true;
+                        stack.push(r);
+                    }
+                }
+            }
+            continue;
+        }
+        batch.push(i);
+        if batch.len() >= 512 {
+            results.bytes_freed += delete_batch(store, &graph, &batch, &mut deleted)?;
+            batch.clear();
+            if results.bytes_freed >= opts.max_freed {
+                stopped = true;
+                break;
+            }
+        }
+    }
+    if !stopped && !batch.is_empty() {
+        results.bytes_freed += delete_batch(store, &graph, &batch, &mut deleted)?;
+    }
+    if opts.action == GcAction::DeleteDead && results.bytes_freed < opts.max_freed {
+        let valid: HashSet<&StorePath> = graph.paths.iter().collect();
+        results.bytes_freed += sweep_invalid(store, &valid)?;
+        results.bytes_freed += crate::optimise::remove_unused_links(store)?;
+    }
+    deleted.sort();
+    results.paths = deleted;
+    Ok(results)
+}
+
+/// Orders `set` so every path comes before the paths it refers to.
+fn topo_referrers_first(graph: &Graph, set: Vec<usize>) -> Vec<usize> {
+    let member: HashSet<usize> = set.iter().copied().collect();
+    let mut pending: HashMap<usize, usize> = set
+        .iter()
+        .map(|&i| {
+            (
+                i,
+                graph.referrers[i]
+                    .iter()
+                    .filter(|r| member.contains(r))
+                    .count(),
+            )
+        })
+        .collect();
+    let mut ready: VecDeque<usize> = set.iter().copied().filter(|i| pending[i] == 0).collect();
+    let mut out = Vec::with_capacity(set.len());
+    while let Some(i) = ready.pop_front() {
+        out.push(i);
+        for &r in &graph.refs[i] {
+            if let Some(c) = pending.get_mut(&r) {
+                *c -= 1;
+                if *c == 0 {
+                    ready.push_back(r);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn delete_batch(
+    store: &LocalStore,
+    graph: &Graph,
+    batch: &[usize],
+    deleted: &mut Vec<String>,
+) -> Result<u64> {
+    let sd = store.store_dir();
+    let abs: Vec<String> = batch.iter().map(|&i| sd.display(&graph.paths[i])).collect();
+    // Invalidate first: a crash between the two steps leaves invalid paths on disk (swept
+    // later), never valid paths without contents.
+    store.db.write("deleting dead paths", |c| {
+        for a in &abs {
+            Db::invalidate(c, a)?;
+        }
+        Ok(())
+    })?;
+    let mut freed = 0;
+    for &i in batch {
+        let p = &graph.paths[i];
+        tracing::debug!("deleting '{}'", sd.display(p));
+        freed += fsutil::remove_tree(&store.real_path(p))?;
+    }
+    deleted.extend(abs);
+    Ok(freed)
+}
+
+/// Deletes an invalid leftover if nobody is working on it (its lock is free).
+fn delete_invalid(store: &LocalStore, p: &StorePath) -> Result<u64> {
+    let real = store.real_path(p);
+    if std::fs::symlink_metadata(&real).is_err()
+        || store.temp_roots.contains(p)
+        || store.gc.is_late_root(p)
+    {
+        return Ok(0);
+    }
+    let Some(mut lock) = store.lock_path(p, false)? else {
+        return Ok(0);
+    };
+    if store.is_valid(p)? {
+        return Ok(0);
+    }
+    tracing::info!("deleting invalid path '{}'", store.print(p));
+    let freed = fsutil::remove_tree(&real)?;
+    lock.set_delete(true);
+    Ok(freed)
+}
+
+/// Removes entries of the store directory that are not valid paths (leftovers of crashed
+/// or failed operations), skipping any whose lock is held or that someone roots.
+fn sweep_invalid(store: &LocalStore, valid: &HashSet<&StorePath>) -> Result<u64> {
+    let dir = &store.layout().real_store_dir;
+    let others: BTreeMap<StorePath, ()> =
+        roots::other_temp_roots(store.layout(), store.store_dir())?
+            .into_iter()
+            .map(|(_, p)| (p, ()))
+            .collect();
+    let mut freed = 0;
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "read", e))?;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || name.ends_with(".lock") {
+            continue;
+        }
+        let Ok(p) = StorePath::from_base_name(&name) else {
+            continue;
+        };
+        if valid.contains(&p) || others.contains_key(&p) {
+            continue;
+        }
+        freed += delete_invalid(store, &p)?;
+    }
+    Ok(freed)
+}

@@ -1,0 +1,424 @@
+//! Garbage-collector roots: temporary roots of running processes, permanent roots
+//! (symlinks under `gcroots/`), indirect roots (`gcroots/auto/`) and runtime roots (paths
+//! open in running processes).
+//!
+//! Temporary roots use the files Nix and Guix use: `<state>/temproots/<pid>`, full store
+//! paths each followed by a NUL byte, the file write-locked by its owner for as long as it
+//! lives. A root is appended while holding `gc.lock` shared; when a collector holds it
+//! exclusively, the root is handed to the collector over `<state>/gc-socket/socket` (path,
+//! newline; the collector answers `1`) as Nix 2.8 does, and still appended to the file.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kiln_format::{StoreDir, StorePath};
+
+use crate::config::Layout;
+use crate::error::{Error, Result};
+use crate::lock::{lock_fd, open_lock_file, unlock_fd, LockKind};
+use crate::store::LocalStore;
+
+#[derive(Debug, Default)]
+struct TempRootsInner {
+    file: Option<File>,
+    counts: HashMap<StorePath, usize>,
+}
+
+/// This process's temporary roots.
+#[derive(Debug)]
+pub struct TempRoots {
+    dir: PathBuf,
+    gc_lock: PathBuf,
+    gc_socket: PathBuf,
+    inner: Mutex<TempRootsInner>,
+}
+
+impl TempRoots {
+    pub(crate) fn new(layout: &Layout) -> Self {
+        TempRoots {
+            dir: layout.temproots_dir(),
+            gc_lock: layout.gc_lock_path(),
+            gc_socket: layout.gc_socket_path(),
+            inner: Mutex::new(TempRootsInner::default()),
+        }
+    }
+
+    fn file_path(&self) -> PathBuf {
+        self.dir.join(std::process::id().to_string())
+    }
+
+    fn open_file(&self) -> Result<File> {
+        let p = self.file_path();
+        loop {
+            // A file with our pid is a leftover of a dead process that had our pid.
+            let _ = std::fs::remove_file(&p);
+            let fd = open_lock_file(&p)?;
+            lock_fd(&fd, LockKind::Exclusive, true).map_err(|e| Error::io(&p, "lock", e))?;
+            // A collector that found the old file unlocked may have marked ours stale.
+            let st = rustix::fs::fstat(&fd).map_err(|e| Error::io(&p, "stat", e))?;
+            if st.st_size == 0 {
+                return Ok(File::from(fd));
+            }
+            unlock_fd(&fd);
+        }
+    }
+
+    /// Adds a root (counted: each add needs a matching remove).
+    pub(crate) fn add(&self, store: &LocalStore, p: &StorePath) -> Result<()> {
+        let mut inner = self
+            .inner
+            .lock()
+            .map_err(|_| Error::Corrupt("temp roots lock poisoned".into()))?;
+        if let Some(n) = inner.counts.get_mut(p) {
+            *n += 1;
+            return Ok(());
+        }
+        if store.db.is_read_only() {
+            inner.counts.insert(p.clone(), 1);
+            return Ok(());
+        }
+        // Our own collector sees `counts` directly (it checks them before deleting anything).
+        let in_process_gc = store.gc.note_root(p);
+        if inner.file.is_none() {
+            inner.file = Some(self.open_file()?);
+        }
+        let abs = store.print(p);
+        if !in_process_gc {
+            self.coordinate_with_collector(&abs)?;
+        }
+        let mut line = abs.into_bytes();
+        line.push(0);
+        if let Some(f) = inner.file.as_mut() {
+            f.write_all(&line)
+                .map_err(|e| Error::io(self.file_path(), "write", e))?;
+        }
+        inner.counts.insert(p.clone(), 1);
+        Ok(())
+    }
+
+    /// Waits until no other process's collector can miss a new root: either no collector
+    /// runs (we get `gc.lock` shared) or the running one acknowledged it over its socket.
+    fn coordinate_with_collector(&self, abs: &str) -> Result<()> {
+        let fd = open_lock_file(&self.gc_lock)?;
+        let mut delay = Duration::from_millis(1);
+        loop {
+            if lock_fd(&fd, LockKind::Shared, false)
+                .map_err(|e| Error::io(&self.gc_lock, "lock", e))?
+            {
+                unlock_fd(&fd);
+                return Ok(());
+            }
+            if let Ok(mut s) = UnixStream::connect(&self.gc_socket) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+                let mut ack = [0u8; 1];
+                if s.write_all(format!("{abs}\n").as_bytes()).is_ok()
+                    && s.read_exact(&mut ack).is_ok()
+                    && ack[0] == b'1'
+                {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    pub(crate) fn remove(&self, p: &StorePath) {
+        if let Ok(mut inner) = self.inner.lock() {
+            if let Some(n) = inner.counts.get_mut(p) {
+                *n -= 1;
+                if *n == 0 {
+                    inner.counts.remove(p);
+                }
+            }
+        }
+    }
+
+    /// Whether this process holds a temp root on `p`.
+    pub fn contains(&self, p: &StorePath) -> bool {
+        self.inner.lock().is_ok_and(|i| i.counts.contains_key(p))
+    }
+
+    /// This process's roots.
+    pub fn snapshot(&self) -> Vec<StorePath> {
+        self.inner
+            .lock()
+            .map(|i| i.counts.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for TempRoots {
+    fn drop(&mut self) {
+        if let Ok(inner) = self.inner.get_mut() {
+            if inner.file.take().is_some() {
+                let _ = std::fs::remove_file(self.file_path());
+            }
+        }
+    }
+}
+
+/// Roots of other processes (and stale files, removed on the way): `(label, path)`.
+pub(crate) fn other_temp_roots(layout: &Layout, sd: &StoreDir) -> Result<Vec<(String, StorePath)>> {
+    let dir = layout.temproots_dir();
+    let mut out = Vec::new();
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::io(&dir, "read", e)),
+    };
+    let me = std::process::id().to_string();
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || name == me {
+            continue;
+        }
+        let p = e.path();
+        let Ok(fd) = rustix::fs::open(
+            &p,
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ) else {
+            continue;
+        };
+        // If we can lock it, its owner is gone: the file is stale.
+        if lock_fd(&fd, LockKind::Exclusive, false).map_err(|e| Error::io(&p, "lock", e))? {
+            tracing::info!("removing stale temporary roots file '{}'", p.display());
+            let _ = std::fs::remove_file(&p);
+            let mut f = File::from(fd);
+            let _ = f.write_all(b"d");
+            continue;
+        }
+        let mut text = Vec::new();
+        File::from(fd)
+            .read_to_end(&mut text)
+            .map_err(|e| Error::io(&p, "read", e))?;
+        for item in text.split(|&b| b == 0).filter(|s| !s.is_empty()) {
+            if let Ok(sp) = sd.parse_path(&String::from_utf8_lossy(item)) {
+                out.push((format!("{{temp:{name}}}"), sp));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Permanent roots: links under `gcroots/` and `profiles/` (`link → store path`). Dangling
+/// indirect roots under `gcroots/auto` are removed, as Nix does.
+pub fn find_gc_roots(layout: &Layout) -> Result<BTreeMap<String, StorePath>> {
+    let sd = &layout.store_dir;
+    let mut roots = BTreeMap::new();
+    let mut seen_dirs = BTreeSet::new();
+    let mut stack = vec![layout.gcroots_dir(), layout.profiles_dir()];
+    while let Some(dir) = stack.pop() {
+        let canon = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
+        if !seen_dirs.insert(canon) {
+            continue;
+        }
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(meta) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if meta.file_type().is_symlink() {
+                let Ok(target) = std::fs::read_link(&p) else {
+                    continue;
+                };
+                let target = if target.is_absolute() {
+                    target
+                } else {
+                    dir.join(target)
+                };
+                let ts = target.to_string_lossy();
+                if let Ok((sp, _)) = sd.to_store_path(&ts) {
+                    roots.insert(p.to_string_lossy().into_owned(), sp);
+                } else if p.starts_with(layout.gcroots_dir().join("auto"))
+                    || !ts.starts_with(sd.as_str())
+                {
+                    // An indirect root: a link to a link (e.g. `result`) that points into the store.
+                    match std::fs::read_link(&target) {
+                        Ok(t2) => {
+                            let t2 = if t2.is_absolute() {
+                                t2
+                            } else {
+                                target.parent().unwrap_or(Path::new("/")).join(t2)
+                            };
+                            if let Ok((sp, _)) = sd.to_store_path(&t2.to_string_lossy()) {
+                                roots.insert(target.to_string_lossy().into_owned(), sp);
+                            }
+                        }
+                        Err(_)
+                            if std::fs::symlink_metadata(&target).is_err()
+                                && p.starts_with(layout.gcroots_dir().join("auto")) =>
+                        {
+                            tracing::info!(
+                                "removing stale link from '{}' to '{}'",
+                                p.display(),
+                                target.display()
+                            );
+                            let _ = std::fs::remove_file(&p);
+                        }
+                        Err(_) => {
+                            if std::fs::metadata(&target).is_ok_and(|m| m.is_dir())
+                                && !target.starts_with(sd.as_str())
+                            {
+                                stack.push(target.clone());
+                            }
+                        }
+                    }
+                }
+            } else if meta.is_dir() {
+                stack.push(p);
+            } else if meta.is_file() {
+                // A regular file named like a store path is a root too.
+                let name = e.file_name();
+                if let Ok(sp) = StorePath::from_base_name(&name.to_string_lossy()) {
+                    roots.insert(p.to_string_lossy().into_owned(), sp);
+                }
+            }
+        }
+    }
+    Ok(roots)
+}
+
+/// Paths used by running processes: `/proc/*/{exe,cwd,fd/*,maps,environ}`.
+pub fn find_runtime_roots(sd: &StoreDir) -> Vec<(String, StorePath)> {
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    let prefix = format!("{}/", sd.as_str());
+    for e in procs.flatten() {
+        let name = e.file_name();
+        if !name.as_bytes().iter().all(u8::is_ascii_digit) {
+            continue;
+        }
+        let base = e.path();
+        let mut push_text = |label: String, text: &[u8]| {
+            for sp in scan_store_paths(text, &prefix) {
+                out.push((label.clone(), sp));
+            }
+        };
+        for l in ["exe", "cwd"] {
+            if let Ok(t) = std::fs::read_link(base.join(l)) {
+                push_text(
+                    base.join(l).to_string_lossy().into_owned(),
+                    t.as_os_str().as_bytes(),
+                );
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir(base.join("fd")) {
+            for fd in fds.flatten() {
+                if let Ok(t) = std::fs::read_link(fd.path()) {
+                    push_text(
+                        fd.path().to_string_lossy().into_owned(),
+                        t.as_os_str().as_bytes(),
+                    );
+                }
+            }
+        }
+        for f in ["maps", "environ"] {
+            if let Ok(t) = std::fs::read(base.join(f)) {
+                push_text(base.join(f).to_string_lossy().into_owned(), &t);
+            }
+        }
+    }
+    out
+}
+
+/// Store paths mentioned in `text` (`<store>/<hash>-<name>` followed by a non-name byte).
+fn scan_store_paths(text: &[u8], prefix: &str) -> Vec<StorePath> {
+    let mut out = Vec::new();
+    let p = prefix.as_bytes();
+    let mut i = 0;
+    while let Some(off) = memfind(&text[i..], p) {
+        let start = i + off + p.len();
+        let mut end = start;
+        while end < text.len()
+            && (text[end].is_ascii_alphanumeric() || b"+-._?=".contains(&text[end]))
+        {
+            end += 1;
+        }
+        if let Ok(sp) = StorePath::from_base_name(&String::from_utf8_lossy(&text[start..end])) {
+            out.push(sp);
+        }
+        i = end.max(start);
+    }
+    out
+}
+
+fn memfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Makes `link` a permanent root pointing to `path` (`nix-store --add-root` / `AddPermRoot`).
+pub fn add_perm_root(layout: &Layout, path: &StorePath, link: &Path) -> Result<PathBuf> {
+    let sd = &layout.store_dir;
+    let link = std::path::absolute(link).map_err(|e| Error::io(link, "resolve", e))?;
+    if link.starts_with(sd.as_str()) || link.starts_with(&layout.real_store_dir) {
+        return Err(Error::Invalid(format!(
+            "creating a garbage collector root ({}) in the store is forbidden",
+            link.display()
+        )));
+    }
+    let target = sd.display(path);
+    if let Ok(meta) = std::fs::symlink_metadata(&link) {
+        let points_into_store = meta.file_type().is_symlink()
+            && std::fs::read_link(&link).is_ok_and(|t| t.starts_with(sd.as_str()));
+        if !points_into_store {
+            return Err(Error::Invalid(format!(
+                "cannot create symlink '{}'; already exists",
+                link.display()
+            )));
+        }
+    }
+    replace_symlink(Path::new(&target), &link)?;
+    if !link.starts_with(layout.gcroots_dir()) {
+        add_indirect_root(layout, &link)?;
+    }
+    Ok(link)
+}
+
+/// Registers `link` as an indirect root: `gcroots/auto/<base32(sha1(link))> → link`.
+pub fn add_indirect_root(layout: &Layout, link: &Path) -> Result<()> {
+    let h = kiln_format::Hash::of(kiln_format::HashAlgo::Sha1, link.as_os_str().as_bytes());
+    let auto = layout.gcroots_dir().join("auto");
+    crate::fsutil::ensure_dir(&auto, 0o755)?;
+    replace_symlink(link, &auto.join(h.to_base32()))
+}
+
+/// Points `link` at `target` atomically (temporary link + rename).
+pub fn replace_symlink(target: &Path, link: &Path) -> Result<()> {
+    let tmp = PathBuf::from(format!(
+        "{}.tmp-{}-{}",
+        link.display(),
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::os::unix::fs::symlink(target, &tmp).map_err(|e| Error::io(&tmp, "create symlink", e))?;
+    std::fs::rename(&tmp, link).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(link, "create symlink", e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scans_store_paths_in_text() {
+        let t = b"PATH=/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-bash-5/bin:/usr/bin\0X=/nix/store/short\0";
+        let v = scan_store_paths(t, "/nix/store/");
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].name(), "bash-5");
+    }
+}

@@ -1,0 +1,959 @@
+//! The local store.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use kiln_format::derivation::{DerivationHasher, DerivationReader, MAX_DRV_SIZE};
+use kiln_format::hash::{HashSink, Hasher};
+use kiln_format::nar::{self, HashingReader, RestoreOptions};
+use kiln_format::store_path::FileIngestionMethod;
+use kiln_format::{ContentAddress, Derivation, Hash, HashAlgo, StoreDir, StorePath, ValidPathInfo};
+use rustix::fs::{openat, Mode, OFlags, CWD};
+
+use crate::config::{Layout, Settings};
+use crate::db::{Db, NewSchema};
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::gc::GcShared;
+use crate::lock::{open_lock_file, FdLock, LockKind, LockRegistry, PathLock};
+use crate::roots::TempRoots;
+
+/// How the store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub read_only: bool,
+    /// Schema of a database created from scratch.
+    pub new_schema: NewSchema,
+    /// Sync contents to disk before a path becomes valid.
+    pub fsync: bool,
+    pub auto_optimise: bool,
+    pub keep_outputs: bool,
+    pub keep_derivations: bool,
+    /// The garbage collector also treats paths used by running processes as roots.
+    pub runtime_roots: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            read_only: false,
+            new_schema: NewSchema::Nix,
+            fsync: true,
+            auto_optimise: false,
+            keep_outputs: false,
+            keep_derivations: true,
+            runtime_roots: true,
+        }
+    }
+}
+
+impl StoreOptions {
+    pub fn from_settings(s: &Settings, layout: &Layout) -> Self {
+        StoreOptions {
+            read_only: s.get_bool("read-only"),
+            new_schema: if layout.store_dir.as_str() == "/gnu/store" {
+                NewSchema::Guix
+            } else {
+                NewSchema::Nix
+            },
+            fsync: s.get_bool("fsync-store-paths"),
+            auto_optimise: s.get_bool("auto-optimise-store"),
+            keep_outputs: s.get_bool("keep-outputs"),
+            keep_derivations: s.get_bool("keep-derivations"),
+            runtime_roots: s.get_bool("gc-runtime-roots"),
+        }
+    }
+}
+
+/// Options of one add.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AddOptions {
+    /// Replace the path even if it is valid (after checking the new contents).
+    pub repair: bool,
+}
+
+/// Reads `.drv` files from the physical store directory.
+#[derive(Debug, Clone)]
+pub struct DrvFiles {
+    real_store_dir: PathBuf,
+}
+
+impl DerivationReader for DrvFiles {
+    fn read_derivation(
+        &self,
+        sd: &StoreDir,
+        p: &StorePath,
+    ) -> std::result::Result<Derivation, kiln_format::Error> {
+        read_drv_file(&self.real_store_dir.join(p.base_name()), sd, p)
+    }
+}
+
+fn read_drv_file(
+    file: &Path,
+    sd: &StoreDir,
+    p: &StorePath,
+) -> std::result::Result<Derivation, kiln_format::Error> {
+    let io = |e: std::io::Error| kiln_format::Error::Io {
+        path: file.to_path_buf(),
+        action: "read derivation".into(),
+        source: e,
+    };
+    let f = std::fs::File::open(file).map_err(io)?;
+    let mut text = Vec::new();
+    f.take(MAX_DRV_SIZE as u64 + 1)
+        .read_to_end(&mut text)
+        .map_err(io)?;
+    let name = p
+        .derivation_name()
+        .ok_or_else(|| kiln_format::Error::Derivation(format!("'{p}' is not a derivation")))?;
+    Derivation::parse(sd, name, &text)
+}
+
+/// A temporary store path being filled; removed on drop unless disarmed.
+struct TempPath<'a> {
+    store: &'a LocalStore,
+    path: StorePath,
+    real: PathBuf,
+    armed: bool,
+}
+
+impl Drop for TempPath<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = fsutil::remove_tree(&self.real) {
+                tracing::warn!(
+                    "cannot remove temporary path '{}': {e}",
+                    self.real.display()
+                );
+            }
+        }
+        self.store.remove_temp_root(&self.path);
+    }
+}
+
+/// The local store.
+#[derive(Debug)]
+pub struct LocalStore {
+    layout: Layout,
+    pub(crate) db: Db,
+    opts: StoreOptions,
+    locks: LockRegistry,
+    pub(crate) temp_roots: TempRoots,
+    pub(crate) gc: GcShared,
+    hasher: Mutex<DerivationHasher<DrvFiles>>,
+    counter: AtomicU64,
+    store_fd: OwnedFd,
+    _big_lock: Option<FdLock>,
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl LocalStore {
+    /// Opens the store, creating its directories and database if needed.
+    pub fn open(layout: Layout, opts: StoreOptions) -> Result<LocalStore> {
+        if !opts.read_only {
+            fsutil::ensure_dir(&layout.real_store_dir, 0o755)?;
+            for d in [
+                layout.state_dir.clone(),
+                layout.gcroots_dir(),
+                layout.gcroots_dir().join("auto"),
+                layout.temproots_dir(),
+                layout.profiles_dir(),
+                layout.log_dir.join("drvs"),
+            ] {
+                fsutil::ensure_dir(&d, 0o755)?;
+            }
+            let link = layout.gcroots_dir().join("profiles");
+            if std::fs::symlink_metadata(&link).is_err() {
+                let _ = std::os::unix::fs::symlink(layout.profiles_dir(), &link);
+            }
+        }
+        let store_fd = openat(
+            CWD,
+            &layout.real_store_dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| Error::io(&layout.real_store_dir, "open store directory", e))?;
+        let db = Db::open(&layout.db_dir(), opts.new_schema, opts.read_only)?;
+        // Nix holds `big-lock` shared while it uses the store and exclusive while it upgrades
+        // the schema; holding it shared keeps a Nix upgrade from running under us.
+        let big_lock = if opts.read_only {
+            None
+        } else {
+            let p = layout.db_dir().join("big-lock");
+            let fd = open_lock_file(&p)?;
+            FdLock::acquire(fd, LockKind::Shared, true, &p)?.ok()
+        };
+        let hasher = Mutex::new(DerivationHasher::new(DrvFiles {
+            real_store_dir: layout.real_store_dir.clone(),
+        }));
+        let store = LocalStore {
+            temp_roots: TempRoots::new(&layout),
+            gc: GcShared::default(),
+            layout,
+            db,
+            opts,
+            locks: LockRegistry::default(),
+            hasher,
+            counter: AtomicU64::new(0),
+            store_fd,
+            _big_lock: big_lock,
+        };
+        Ok(store)
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+    pub fn store_dir(&self) -> &StoreDir {
+        &self.layout.store_dir
+    }
+    pub fn options(&self) -> &StoreOptions {
+        &self.opts
+    }
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+    pub fn real_path(&self, p: &StorePath) -> PathBuf {
+        self.layout.real_path(p)
+    }
+    pub fn print(&self, p: &StorePath) -> String {
+        self.layout.store_dir.display(p)
+    }
+    /// Parses an absolute store path of this store.
+    pub fn parse_path(&self, s: &str) -> Result<StorePath> {
+        Ok(self.layout.store_dir.parse_path(s)?)
+    }
+    pub fn lock_registry(&self) -> &LockRegistry {
+        &self.locks
+    }
+
+    // ---- queries ------------------------------------------------------------------------
+
+    pub fn is_valid(&self, p: &StorePath) -> Result<bool> {
+        let abs = self.print(p);
+        self.db.read(|c| Db::is_valid(c, &abs))
+    }
+
+    /// Which of `paths` are valid.
+    pub fn query_valid_paths<'a>(
+        &self,
+        paths: impl IntoIterator<Item = &'a StorePath>,
+    ) -> Result<BTreeSet<StorePath>> {
+        let paths: Vec<&StorePath> = paths.into_iter().collect();
+        self.db.read(|c| {
+            let mut out = BTreeSet::new();
+            for p in paths {
+                if Db::is_valid(c, &self.print(p))? {
+                    out.insert(p.clone());
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn query_path_info(&self, p: &StorePath) -> Result<Option<ValidPathInfo>> {
+        self.db
+            .read(|c| self.db.query_path_info(c, self.store_dir(), p))
+    }
+
+    /// Path info of a path that must be valid.
+    pub fn path_info(&self, p: &StorePath) -> Result<ValidPathInfo> {
+        self.query_path_info(p)?
+            .ok_or_else(|| Error::NotValid(self.print(p)))
+    }
+
+    pub fn query_references(&self, p: &StorePath) -> Result<BTreeSet<StorePath>> {
+        Ok(self.path_info(p)?.references)
+    }
+
+    pub fn query_referrers(&self, p: &StorePath) -> Result<BTreeSet<StorePath>> {
+        let abs = self.print(p);
+        let v = self.db.read(|c| Db::query_referrers(c, &abs))?;
+        Ok(v.iter()
+            .filter_map(|s| self.store_dir().parse_path(s).ok())
+            .collect())
+    }
+
+    pub fn query_valid_derivers(&self, p: &StorePath) -> Result<BTreeSet<StorePath>> {
+        let abs = self.print(p);
+        let v = self.db.read(|c| Db::query_valid_derivers(c, &abs))?;
+        Ok(v.iter()
+            .filter_map(|s| self.store_dir().parse_path(s).ok())
+            .collect())
+    }
+
+    /// Output name → path of a valid derivation, from the database.
+    pub fn query_derivation_outputs(&self, drv: &StorePath) -> Result<BTreeMap<String, StorePath>> {
+        let abs = self.print(drv);
+        let v = self.db.read(|c| {
+            if !Db::is_valid(c, &abs)? {
+                return Err(Error::NotValid(abs.clone()));
+            }
+            Db::query_derivation_outputs(c, &abs)
+        })?;
+        Ok(v.into_iter()
+            .filter_map(|(n, p)| self.store_dir().parse_path(&p).ok().map(|p| (n, p)))
+            .collect())
+    }
+
+    /// Output name → path, read from the `.drv` file itself (works for any derivation in the
+    /// store, as `QueryDerivationOutputMap` needs).
+    pub fn derivation_output_map(&self, drv: &StorePath) -> Result<BTreeMap<String, StorePath>> {
+        let d = self.read_derivation(drv)?;
+        Ok(d.output_paths()
+            .map(|(n, p)| (n.to_string(), p.clone()))
+            .collect())
+    }
+
+    pub fn query_path_from_hash_part(&self, hash_part: &str) -> Result<Option<StorePath>> {
+        let p = self
+            .db
+            .read(|c| Db::query_path_from_hash_part(c, self.store_dir(), hash_part))?;
+        Ok(p.and_then(|s| self.store_dir().parse_path(&s).ok()))
+    }
+
+    pub fn query_all_valid_paths(&self) -> Result<BTreeSet<StorePath>> {
+        let v = self.db.read(Db::all_valid_paths)?;
+        Ok(v.iter()
+            .filter_map(|s| self.store_dir().parse_path(s).ok())
+            .collect())
+    }
+
+    /// Forward (`reverse = false`) or reverse closure of valid paths.
+    pub fn closure<'a>(
+        &self,
+        paths: impl IntoIterator<Item = &'a StorePath>,
+        reverse: bool,
+    ) -> Result<BTreeSet<StorePath>> {
+        let abs: Vec<String> = paths.into_iter().map(|p| self.print(p)).collect();
+        for a in &abs {
+            if !self.db.read(|c| Db::is_valid(c, a))? {
+                return Err(Error::NotValid(a.clone()));
+            }
+        }
+        let v = self.db.read(|c| Db::closure(c, &abs, reverse))?;
+        Ok(v.iter()
+            .filter_map(|s| self.store_dir().parse_path(s).ok())
+            .collect())
+    }
+
+    /// Reads a derivation from the store.
+    pub fn read_derivation(&self, drv: &StorePath) -> Result<Derivation> {
+        Ok(read_drv_file(&self.real_path(drv), self.store_dir(), drv)?)
+    }
+
+    /// `hashDerivationModulo` of a valid derivation (cached across calls).
+    pub fn derivation_hash(&self, drv: &StorePath) -> Result<Hash> {
+        let mut h = self
+            .hasher
+            .lock()
+            .map_err(|_| Error::Corrupt("hasher lock poisoned".into()))?;
+        h.trim_cache(200_000);
+        Ok(h.hash_of_path(self.store_dir(), drv)?)
+    }
+
+    /// Checks a derivation's output paths (reading its inputs from the store).
+    pub fn check_derivation_outputs(&self, drv: &Derivation) -> Result<()> {
+        let mut h = self
+            .hasher
+            .lock()
+            .map_err(|_| Error::Corrupt("hasher lock poisoned".into()))?;
+        h.trim_cache(200_000);
+        Ok(drv.check_output_paths(self.store_dir(), &mut h)?)
+    }
+
+    /// Computes output paths for a new derivation (see [`Derivation::finalize`]).
+    pub fn finalize_derivation(&self, drv: Derivation) -> Result<Derivation> {
+        let mut h = self
+            .hasher
+            .lock()
+            .map_err(|_| Error::Corrupt("hasher lock poisoned".into()))?;
+        Ok(drv.finalize(self.store_dir(), &mut h)?)
+    }
+
+    // ---- locks and temp roots -------------------------------------------------------------
+
+    /// Locks a store path (its `.lock` file).
+    pub fn lock_path(&self, p: &StorePath, wait: bool) -> Result<Option<PathLock>> {
+        PathLock::acquire(&self.real_path(p), wait, &self.locks)
+    }
+
+    /// Whether this process holds the lock of `p`.
+    pub fn is_locked_by_me(&self, p: &StorePath) -> bool {
+        let mut l = self.real_path(p).into_os_string();
+        l.push(".lock");
+        self.locks.is_locked_by_me(Path::new(&l))
+    }
+
+    /// Protects `p` from garbage collection for the life of this process (or until
+    /// [`LocalStore::remove_temp_root`] is called as often as this was).
+    pub fn add_temp_root(&self, p: &StorePath) -> Result<()> {
+        self.temp_roots.add(self, p)
+    }
+
+    pub fn remove_temp_root(&self, p: &StorePath) {
+        self.temp_roots.remove(p)
+    }
+
+    // ---- registration ---------------------------------------------------------------------
+
+    /// Makes the contents of everything written so far durable.
+    pub fn sync(&self) -> Result<()> {
+        if self.opts.fsync {
+            rustix::fs::syncfs(&self.store_fd)
+                .map_err(|e| Error::io(&self.layout.real_store_dir, "sync", e))?;
+        }
+        Ok(())
+    }
+
+    /// Registers paths whose contents are in place, in one transaction: references must be
+    /// valid or in the batch, derivations must have correct output paths, and the batch may
+    /// not contain reference cycles (other than self-references).
+    pub fn register_valid_paths(&self, infos: &[ValidPathInfo]) -> Result<()> {
+        if infos.is_empty() {
+            return Ok(());
+        }
+        let sd = self.store_dir().clone();
+        // Derivations: parse now (outside the transaction) and check their outputs.
+        let mut drvs: HashMap<StorePath, Derivation> = HashMap::new();
+        for i in infos.iter().filter(|i| i.path.is_derivation()) {
+            let d = self.read_derivation(&i.path)?;
+            drvs.insert(i.path.clone(), d);
+        }
+        let batch: BTreeSet<&StorePath> = infos.iter().map(|i| &i.path).collect();
+        check_no_cycles(&sd, infos, &batch)?;
+        for d in drvs.values() {
+            // Inputs of a derivation in the batch may be in the batch too: check after.
+            if d.input_drvs.keys().all(|p| !batch.contains(p)) {
+                self.check_derivation_outputs(d)?;
+            }
+        }
+        self.sync()?;
+        let t = now();
+        self.db.write("registering valid paths", |c| {
+            let mut ids: HashMap<&StorePath, i64> = HashMap::new();
+            for info in infos {
+                let abs = sd.display(&info.path);
+                let id = match Db::path_id(c, &abs)? {
+                    Some(id) => {
+                        self.db.update_path(c, &sd, info)?;
+                        id
+                    }
+                    None => self.db.insert_path(c, &sd, info, t)?,
+                };
+                ids.insert(&info.path, id);
+                if let Some(d) = drvs.get(&info.path) {
+                    for (name, p) in d.output_paths() {
+                        Db::add_derivation_output(c, id, name, &sd.display(p))?;
+                    }
+                }
+            }
+            for info in infos {
+                let from = ids[&info.path];
+                for r in &info.references {
+                    let to = match ids.get(r) {
+                        Some(id) => *id,
+                        None => Db::path_id(c, &sd.display(r))?.ok_or_else(|| {
+                            Error::NotValid(format!(
+                                "{} (referenced by '{}')",
+                                sd.display(r),
+                                sd.display(&info.path)
+                            ))
+                        })?,
+                    };
+                    Db::add_reference(c, from, to)?;
+                }
+            }
+            Ok(())
+        })?;
+        for d in drvs.values() {
+            if d.input_drvs.keys().any(|p| batch.contains(p)) {
+                if let Err(e) = self.check_derivation_outputs(d) {
+                    // Undo: a derivation with wrong outputs must not stay valid.
+                    let abs: Vec<String> = infos.iter().map(|i| sd.display(&i.path)).collect();
+                    let _ = self.db.write("undoing a bad registration", |c| {
+                        for a in abs.iter().rev() {
+                            let _ = Db::invalidate(c, a);
+                        }
+                        Ok(())
+                    });
+                    return Err(e);
+                }
+            }
+        }
+        if self.opts.auto_optimise {
+            for i in infos {
+                if let Err(e) = crate::optimise::optimise_path(self, &i.path) {
+                    tracing::warn!("cannot optimise '{}': {e}", self.print(&i.path));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that building `path` failed (failure caching).
+    pub fn register_failed(&self, p: &StorePath) -> Result<()> {
+        let abs = self.print(p);
+        self.db
+            .write("caching a failure", |c| Db::register_failed(c, &abs, now()))
+    }
+    pub fn has_failed(&self, p: &StorePath) -> Result<bool> {
+        let abs = self.print(p);
+        self.db.read(|c| Db::has_failed(c, &abs))
+    }
+    pub fn query_failed_paths(&self) -> Result<Vec<String>> {
+        self.db.read(Db::query_failed)
+    }
+    /// Clears cached failures; `None` clears all.
+    pub fn clear_failed_paths(&self, paths: Option<&[StorePath]>) -> Result<()> {
+        let items: Vec<String> = match paths {
+            None => vec!["*".into()],
+            Some(ps) => ps.iter().map(|p| self.print(p)).collect(),
+        };
+        self.db.write("clearing failures", |c| {
+            for i in &items {
+                Db::clear_failed(c, i)?;
+            }
+            Ok(())
+        })
+    }
+
+    // ---- adding ---------------------------------------------------------------------------
+
+    /// A fresh temporary store path (a temp root until dropped) named after `name`.
+    fn temp_path(&self, name: &str) -> Result<TempPath<'_>> {
+        let mut digest = [0u8; 20];
+        rand::Rng::fill(&mut rand::thread_rng(), &mut digest);
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let base: String = name.chars().take(150).collect();
+        let p = StorePath::from_parts(&digest, &format!("{base}-kiln-tmp{n}"))?;
+        self.add_temp_root(&p)?;
+        let real = self.real_path(&p);
+        Ok(TempPath {
+            store: self,
+            path: p,
+            real,
+            armed: true,
+        })
+    }
+
+    /// Moves a filled temporary path to `final_path` and registers it, unless someone made
+    /// it valid meanwhile. With `repair`, a valid path is replaced atomically.
+    ///
+    /// Every `add_*` method leaves exactly one temp root on the path it returns, owned by the
+    /// caller (a daemon session releases it with `remove_temp_root` when the client leaves;
+    /// a command-line process keeps it until it exits).
+    fn install(
+        &self,
+        mut tmp: TempPath<'_>,
+        info: ValidPathInfo,
+        opts: AddOptions,
+    ) -> Result<ValidPathInfo> {
+        let final_real = self.real_path(&info.path);
+        self.add_temp_root(&info.path)?;
+        let mut lock = self
+            .lock_path(&info.path, true)?
+            .ok_or_else(|| Error::Corrupt("blocking lock returned nothing".into()))?;
+        let valid = self.is_valid(&info.path)?;
+        if valid && !opts.repair {
+            lock.set_delete(true);
+            return self.path_info(&info.path);
+        }
+        if valid {
+            // Repair: the new contents are verified; swap them in atomically, then drop the old.
+            rustix::fs::renameat_with(
+                &self.store_fd,
+                tmp.path.base_name(),
+                &self.store_fd,
+                info.path.base_name(),
+                rustix::fs::RenameFlags::EXCHANGE,
+            )
+            .map_err(|e| Error::io(&final_real, "replace", e))?;
+        } else {
+            // Leftover of a crashed or failed attempt: it was never valid, remove it.
+            if std::fs::symlink_metadata(&final_real).is_ok() {
+                tracing::info!("removing invalid path '{}'", self.print(&info.path));
+                fsutil::remove_tree(&final_real)?;
+            }
+            std::fs::rename(&tmp.real, &final_real)
+                .map_err(|e| Error::io(&final_real, "move into place", e))?;
+            tmp.armed = false;
+        }
+        self.register_valid_paths(std::slice::from_ref(&info))?;
+        lock.set_delete(true);
+        drop(lock);
+        drop(tmp);
+        Ok(info)
+    }
+
+    /// Adds a path whose NAR arrives on `nar`, checking its hash and size against `info`
+    /// (and its content address, if any) before it becomes valid. The whole archive is read
+    /// even when the path is already valid (protocol streams carry it).
+    pub fn add_nar(
+        &self,
+        info: &ValidPathInfo,
+        nar: &mut dyn Read,
+        opts: AddOptions,
+    ) -> Result<ValidPathInfo> {
+        let sd = self.store_dir();
+        if info.nar_hash.algo() != HashAlgo::Sha256 {
+            return Err(Error::Invalid(format!(
+                "NAR hash of '{}' must be sha256",
+                sd.display(&info.path)
+            )));
+        }
+        info.check_content_address(sd)?;
+        if !opts.repair {
+            self.add_temp_root(&info.path)?;
+            if self.is_valid(&info.path)? {
+                nar::parse(nar, &mut (), nar::Limits::default())?;
+                return self.path_info(&info.path);
+            }
+            self.remove_temp_root(&info.path);
+        }
+        let tmp = self.temp_path(info.path.name())?;
+        let mut r = HashingReader::new(nar, HashAlgo::Sha256);
+        nar::restore_into(
+            &tmp.real,
+            &mut r,
+            RestoreOptions {
+                canonical: true,
+                ..Default::default()
+            },
+        )?;
+        let (hash, size) = r.finish();
+        if hash != info.nar_hash {
+            return Err(Error::HashMismatch {
+                path: sd.display(&info.path),
+                expected: info.nar_hash.to_string(),
+                actual: hash.to_string(),
+            });
+        }
+        if size != info.nar_size && info.nar_size != 0 {
+            return Err(Error::Invalid(format!(
+                "size mismatch for '{}': expected {} bytes of NAR, got {size}",
+                sd.display(&info.path),
+                info.nar_size
+            )));
+        }
+        let mut info = info.clone();
+        info.nar_size = size;
+        self.install(tmp, info, opts)
+    }
+
+    /// Adds content-addressed data (`addToStoreFromDump`): `data` is a NAR for recursive
+    /// ingestion or the file's bytes for flat ingestion; the path follows from its hash.
+    pub fn add_from_dump(
+        &self,
+        name: &str,
+        method: FileIngestionMethod,
+        algo: HashAlgo,
+        data: &mut dyn Read,
+        references: &BTreeSet<StorePath>,
+        opts: AddOptions,
+    ) -> Result<ValidPathInfo> {
+        kiln_format::store_path::check_name(name, name)?;
+        let tmp = self.temp_path(name)?;
+        let (ca_hash, nar_hash, nar_size) = match method {
+            FileIngestionMethod::Recursive => {
+                // One pass: restore, NAR-hash (sha256) and CA-hash (the requested algorithm).
+                let mut tee = TeeHash {
+                    inner: data,
+                    extra: (algo != HashAlgo::Sha256).then(|| Hasher::new(algo)),
+                };
+                let mut r = HashingReader::new(&mut tee, HashAlgo::Sha256);
+                nar::restore_into(
+                    &tmp.real,
+                    &mut r,
+                    RestoreOptions {
+                        canonical: true,
+                        ..Default::default()
+                    },
+                )?;
+                let (nar_hash, nar_size) = r.finish();
+                let ca = match tee.extra.take() {
+                    Some(h) => h.finish(),
+                    None => nar_hash,
+                };
+                (ca, nar_hash, nar_size)
+            }
+            FileIngestionMethod::Flat => {
+                let f = openat(
+                    CWD,
+                    &tmp.real,
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o444),
+                )
+                .map_err(|e| Error::io(&tmp.real, "create", e))?;
+                let mut f = std::fs::File::from(f);
+                let mut h = Hasher::new(algo);
+                let mut size = 0u64;
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    let n = match data.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(Error::io(&tmp.real, "read data for", e)),
+                    };
+                    h.update(&buf[..n]);
+                    f.write_all(&buf[..n])
+                        .map_err(|e| Error::io(&tmp.real, "write", e))?;
+                    size += n as u64;
+                }
+                rustix::fs::futimens(&f, &fsutil::STORE_MTIME)
+                    .map_err(|e| Error::io(&tmp.real, "set time of", e))?;
+                drop(f);
+                let (nar_hash, nar_size) = flat_nar_hash(&tmp.real, size)?;
+                (h.finish(), nar_hash, nar_size)
+            }
+        };
+        let ca = ContentAddress::Fixed(method, ca_hash);
+        let path = self.store_dir().ca_path(name, &ca, references, false)?;
+        let mut info = ValidPathInfo::new(path, nar_hash, nar_size);
+        info.references = references.clone();
+        info.ca = Some(ca);
+        self.install(tmp, info, opts)
+    }
+
+    /// Adds a text file (`addTextToStore`), e.g. a `.drv`.
+    pub fn add_text(
+        &self,
+        name: &str,
+        text: &[u8],
+        references: &BTreeSet<StorePath>,
+        opts: AddOptions,
+    ) -> Result<ValidPathInfo> {
+        let sd = self.store_dir();
+        let path = sd.text_path_for(name, text, references)?;
+        if !opts.repair {
+            self.add_temp_root(&path)?;
+            if self.is_valid(&path)? {
+                return self.path_info(&path);
+            }
+            self.remove_temp_root(&path);
+        }
+        let tmp = self.temp_path(name)?;
+        let f = openat(
+            CWD,
+            &tmp.real,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o444),
+        )
+        .map_err(|e| Error::io(&tmp.real, "create", e))?;
+        let mut f = std::fs::File::from(f);
+        f.write_all(text)
+            .map_err(|e| Error::io(&tmp.real, "write", e))?;
+        rustix::fs::futimens(&f, &fsutil::STORE_MTIME)
+            .map_err(|e| Error::io(&tmp.real, "set time of", e))?;
+        drop(f);
+        let mut nar = HashSink::new(HashAlgo::Sha256);
+        let mut w = nar::NarWriter::new(&mut nar).map_err(|e| Error::io(&tmp.real, "hash", e))?;
+        w.file(false, text)
+            .map_err(|e| Error::io(&tmp.real, "hash", e))?;
+        let (nar_hash, nar_size) = nar.finish();
+        let mut info = ValidPathInfo::new(path, nar_hash, nar_size);
+        info.references = references.clone();
+        info.ca = Some(ContentAddress::Text(Hash::sha256(text)));
+        self.install(tmp, info, opts)
+    }
+
+    /// Adds a file or tree from the file system (`nix-store --add`, `--add-fixed`).
+    pub fn add_path(
+        &self,
+        src: &Path,
+        name: &str,
+        method: FileIngestionMethod,
+        algo: HashAlgo,
+    ) -> Result<ValidPathInfo> {
+        match method {
+            FileIngestionMethod::Flat => {
+                let meta = std::fs::symlink_metadata(src).map_err(|e| Error::io(src, "stat", e))?;
+                if !meta.is_file() {
+                    return Err(Error::Invalid(format!(
+                        "'{}' is not a regular file; flat hashing needs one",
+                        src.display()
+                    )));
+                }
+                let mut f = std::fs::File::open(src).map_err(|e| Error::io(src, "open", e))?;
+                self.add_from_dump(
+                    name,
+                    method,
+                    algo,
+                    &mut f,
+                    &BTreeSet::new(),
+                    AddOptions::default(),
+                )
+            }
+            FileIngestionMethod::Recursive => {
+                let (mut reader, writer) =
+                    std::io::pipe().map_err(|e| Error::io(src, "create a pipe for", e))?;
+                std::thread::scope(|s| {
+                    let dumper = s.spawn(move || {
+                        let mut w = std::io::BufWriter::with_capacity(256 * 1024, writer);
+                        nar::dump(src, &mut w)?;
+                        w.flush().map_err(|e| kiln_format::Error::Io {
+                            path: src.to_path_buf(),
+                            action: "dump".into(),
+                            source: e,
+                        })
+                    });
+                    let added = self.add_from_dump(
+                        name,
+                        method,
+                        algo,
+                        &mut reader,
+                        &BTreeSet::new(),
+                        AddOptions::default(),
+                    );
+                    drop(reader);
+                    let dumped = dumper
+                        .join()
+                        .map_err(|_| Error::Corrupt("dump thread panicked".into()))?;
+                    // A dump error explains a truncated archive better than the parser's error.
+                    dumped?;
+                    added
+                })
+            }
+        }
+    }
+
+    /// Adds a NAR whose path is not known until it has been read (import): restores it to a
+    /// temporary path and returns it with the NAR's hash and size, for [`Self::install_temp`].
+    pub(crate) fn restore_temp(&self, nar: &mut dyn Read) -> Result<(TempNar<'_>, Hash, u64)> {
+        let tmp = self.temp_path("kiln-import")?;
+        let mut r = HashingReader::new(nar, HashAlgo::Sha256);
+        nar::restore_into(
+            &tmp.real,
+            &mut r,
+            RestoreOptions {
+                canonical: true,
+                ..Default::default()
+            },
+        )?;
+        let (h, n) = r.finish();
+        Ok((TempNar(tmp), h, n))
+    }
+
+    pub(crate) fn install_temp(
+        &self,
+        tmp: TempNar<'_>,
+        info: ValidPathInfo,
+    ) -> Result<ValidPathInfo> {
+        self.install(tmp.0, info, AddOptions::default())
+    }
+
+    /// Removes paths from the database and the disk. Each must be unreferenced by valid paths
+    /// outside the set (checked by the database).
+    pub fn delete_paths(&self, paths: &[StorePath]) -> Result<u64> {
+        let abs: Vec<String> = paths.iter().map(|p| self.print(p)).collect();
+        self.db.write("invalidating paths", |c| {
+            for a in &abs {
+                Db::invalidate(c, a)?;
+            }
+            Ok(())
+        })?;
+        let mut freed = 0;
+        for p in paths {
+            freed += fsutil::remove_tree(&self.real_path(p))?;
+        }
+        Ok(freed)
+    }
+}
+
+/// A restored archive waiting for its final path.
+pub(crate) struct TempNar<'a>(TempPath<'a>);
+
+/// NAR hash and size of a regular non-executable file already written at `path`.
+fn flat_nar_hash(path: &Path, size: u64) -> Result<(Hash, u64)> {
+    let mut sink = HashSink::new(HashAlgo::Sha256);
+    let mut w = nar::NarWriter::new(&mut sink).map_err(|e| Error::io(path, "hash", e))?;
+    w.file_start(false, size)
+        .map_err(|e| Error::io(path, "hash", e))?;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, "open", e))?;
+    std::io::copy(&mut (&mut f).take(size), w.get_mut()).map_err(|e| Error::io(path, "read", e))?;
+    w.file_end(size).map_err(|e| Error::io(path, "hash", e))?;
+    Ok(sink.finish())
+}
+
+/// Feeds what passes through to an extra hasher.
+struct TeeHash<'a> {
+    inner: &'a mut dyn Read,
+    extra: Option<Hasher>,
+}
+
+impl Read for TeeHash<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(h) = &mut self.extra {
+            h.update(&buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
+/// Refuses reference cycles inside a registration batch (self-references are fine).
+fn check_no_cycles(
+    sd: &StoreDir,
+    infos: &[ValidPathInfo],
+    batch: &BTreeSet<&StorePath>,
+) -> Result<()> {
+    let by_path: HashMap<&StorePath, &ValidPathInfo> = infos.iter().map(|i| (&i.path, i)).collect();
+    // 0 = unvisited, 1 = on the stack, 2 = done.
+    let mut state: HashMap<&StorePath, u8> = HashMap::new();
+    for start in batch {
+        if state.get(start).copied().unwrap_or(0) != 0 {
+            continue;
+        }
+        let mut stack: Vec<(&StorePath, Vec<&StorePath>)> = Vec::new();
+        let refs = |p: &StorePath| -> Vec<&StorePath> {
+            by_path[p]
+                .references
+                .iter()
+                .filter(|r| *r != p && batch.contains(r))
+                .map(|r| *batch.get(r).expect("in batch"))
+                .collect()
+        };
+        state.insert(start, 1);
+        stack.push((start, refs(start)));
+        while let Some((p, pending)) = stack.last_mut() {
+            match pending.pop() {
+                Some(r) => match state.get(r).copied().unwrap_or(0) {
+                    0 => {
+                        state.insert(r, 1);
+                        let rr = refs(r);
+                        stack.push((r, rr));
+                    }
+                    1 => {
+                        return Err(Error::Invalid(format!(
+                            "cycle detected in the references of '{}' from '{}'",
+                            sd.display(r),
+                            sd.display(p)
+                        )))
+                    }
+                    _ => {}
+                },
+                None => {
+                    state.insert(p, 2);
+                    stack.pop();
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,255 @@
+//! The garbage collector: roots of every kind, deletion order, specific deletion, limits,
+//! leftovers, and roots that arrive while it runs.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+
+use kiln_format::StorePath;
+use kiln_store::gc::{collect_garbage, GcAction, GcOptions};
+use kiln_store::{roots, AddOptions, Layout, LocalStore, StoreOptions};
+
+fn new_store(dir: &std::path::Path) -> LocalStore {
+    let opts = StoreOptions {
+        runtime_roots: false,
+        ..Default::default()
+    };
+    LocalStore::open(Layout::under(dir).unwrap(), opts).unwrap()
+}
+
+fn text(store: &LocalStore, name: &str, body: &str, refs: &[&StorePath]) -> StorePath {
+    let refs: BTreeSet<StorePath> = refs.iter().map(|r| (*r).clone()).collect();
+    let p = store
+        .add_text(name, body.as_bytes(), &refs, AddOptions::default())
+        .unwrap()
+        .path;
+    // Drop the caller's temp root: these tests decide liveness by other roots.
+    store.remove_temp_root(&p);
+    p
+}
+
+fn gc(store: &LocalStore, action: GcAction) -> Vec<String> {
+    collect_garbage(
+        store,
+        &GcOptions {
+            action,
+            max_freed: u64::MAX,
+        },
+    )
+    .unwrap()
+    .paths
+}
+
+#[test]
+fn permanent_and_indirect_roots_keep_closures() {
+    let d = tempfile::tempdir().unwrap();
+    let s = new_store(d.path());
+    let a = text(&s, "a", "a", &[]);
+    let b = text(&s, "b", &format!("b -> {}", s.print(&a)), &[&a]);
+    let c = text(&s, "c", "c", &[]);
+    let e = text(&s, "e", "e", &[]);
+    roots::add_perm_root(s.layout(), &b, &s.layout().gcroots_dir().join("my-root")).unwrap();
+    // An indirect root: a `result`-style link outside the state directory.
+    let result = d.path().join("result");
+    roots::add_perm_root(s.layout(), &e, &result).unwrap();
+    let dead = gc(&s, GcAction::ReturnDead);
+    assert_eq!(dead, vec![s.print(&c)]);
+    let live = gc(&s, GcAction::ReturnLive);
+    assert_eq!(live.len(), 3);
+    let deleted = gc(&s, GcAction::DeleteDead);
+    assert_eq!(deleted, vec![s.print(&c)]);
+    assert!(!s.real_path(&c).exists());
+    for p in [&a, &b, &e] {
+        assert!(s.is_valid(p).unwrap() && s.real_path(p).exists());
+    }
+    // Removing the indirect root's link makes `e` collectable and the stale auto link goes.
+    std::fs::remove_file(&result).unwrap();
+    assert_eq!(gc(&s, GcAction::DeleteDead), vec![s.print(&e)]);
+    assert_eq!(
+        std::fs::read_dir(s.layout().gcroots_dir().join("auto"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn own_temp_roots_and_other_processes_temp_roots_are_respected() {
+    let d = tempfile::tempdir().unwrap();
+    let s = new_store(d.path());
+    let mine = text(&s, "mine", "1", &[]);
+    s.add_temp_root(&mine).unwrap();
+    let theirs = text(&s, "theirs", "2", &[]);
+    // Another process holds a temp-roots file, locked as Nix and Guix do.
+    let f = s.layout().temproots_dir().join("999999");
+    std::fs::write(&f, format!("{}\0", s.print(&theirs))).unwrap();
+    let mut child = std::process::Command::new("python3")
+        .arg("-c")
+        .arg("import fcntl,sys,time; f=open(sys.argv[1],'r+'); fcntl.flock(f, fcntl.LOCK_EX); print('ok', flush=True); time.sleep(60)")
+        .arg(&f)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(gc(&s, GcAction::DeleteDead).is_empty());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The owner is gone: its file is stale and removed, its roots no longer count.
+    assert_eq!(gc(&s, GcAction::DeleteDead), vec![s.print(&theirs)]);
+    assert!(!f.exists());
+    s.remove_temp_root(&mine);
+    assert_eq!(gc(&s, GcAction::DeleteDead), vec![s.print(&mine)]);
+}
+
+#[test]
+fn delete_specific_refuses_live_and_referenced_paths() {
+    let d = tempfile::tempdir().unwrap();
+    let s = new_store(d.path());
+    let a = text(&s, "a", "a", &[]);
+    let b = text(&s, "b", &s.print(&a), &[&a]);
+    let r = text(&s, "rooted", "r", &[]);
+    roots::add_perm_root(s.layout(), &r, &s.layout().gcroots_dir().join("r")).unwrap();
+    let e = collect_garbage(
+        &s,
+        &GcOptions {
+            action: GcAction::DeleteSpecific(vec![r.clone()]),
+            max_freed: u64::MAX,
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("since it is still alive"), "{e}");
+    let e = collect_garbage(
+        &s,
+        &GcOptions {
+            action: GcAction::DeleteSpecific(vec![a.clone()]),
+            max_freed: u64::MAX,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(&format!("in use by '{}'", s.print(&b))),
+        "{e}"
+    );
+    let done = gc(&s, GcAction::DeleteSpecific(vec![a.clone(), b.clone()]));
+    assert_eq!(done.len(), 2);
+    assert!(s.is_valid(&r).unwrap());
+}
+
+#[test]
+fn max_freed_stops_early_and_invalid_leftovers_are_swept() {
+    let d = tempfile::tempdir().unwrap();
+    let s = new_store(d.path());
+    let big = "x".repeat(300_000);
+    let mut paths = Vec::new();
+    for i in 0..1200 {
+        paths.push(text(&s, &format!("t{i}"), &format!("{i}{big}"), &[]));
+    }
+    let r = collect_garbage(
+        &s,
+        &GcOptions {
+            action: GcAction::DeleteDead,
+            max_freed: 1,
+        },
+    )
+    .unwrap();
+    // Deletion happens in batches of 512: the first batch exceeds the limit.
+    assert_eq!(r.paths.len(), 512);
+    assert!(r.bytes_freed >= 512 * 300_000);
+    // A leftover that was never registered (a crashed add) is removed; a locked one is not.
+    let junk = StorePath::from_parts(&[7u8; 20], "leftover").unwrap();
+    std::fs::create_dir(s.real_path(&junk)).unwrap();
+    std::fs::write(s.real_path(&junk).join("f"), "partial").unwrap();
+    let busy = StorePath::from_parts(&[8u8; 20], "being-built").unwrap();
+    std::fs::write(s.real_path(&busy), "in progress").unwrap();
+    let lock = s.lock_path(&busy, true).unwrap().unwrap();
+    gc(&s, GcAction::DeleteDead);
+    assert!(!s.real_path(&junk).exists());
+    assert!(s.real_path(&busy).exists());
+    drop(lock);
+    gc(&s, GcAction::DeleteDead);
+    assert!(!s.real_path(&busy).exists());
+    assert!(s.query_all_valid_paths().unwrap().is_empty());
+}
+
+#[test]
+fn keep_derivations_and_keep_outputs() {
+    use kiln_format::ValidPathInfo;
+    let d = tempfile::tempdir().unwrap();
+    let s = new_store(d.path());
+    let drv = text(&s, "x.drv-like", "not parsed", &[]);
+    // An "output" whose deriver is `drv` (registered directly).
+    let out = StorePath::from_parts(&[3u8; 20], "out").unwrap();
+    std::fs::write(s.real_path(&out), "o").unwrap();
+    let mut nar = Vec::new();
+    kiln_format::nar::dump(&s.real_path(&out), &mut nar).unwrap();
+    let mut info = ValidPathInfo::new(
+        out.clone(),
+        kiln_format::Hash::sha256(&nar),
+        nar.len() as u64,
+    );
+    info.deriver = Some(drv.clone());
+    s.register_valid_paths(&[info]).unwrap();
+    roots::add_perm_root(s.layout(), &out, &s.layout().gcroots_dir().join("o")).unwrap();
+    // keep-derivations (the default): the deriver of a live output is live.
+    assert!(gc(&s, GcAction::ReturnDead).is_empty());
+    drop(s);
+    let s = LocalStore::open(
+        Layout::under(d.path()).unwrap(),
+        StoreOptions {
+            keep_derivations: false,
+            runtime_roots: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(gc(&s, GcAction::ReturnDead), vec![s.print(&drv)]);
+}
+
+#[test]
+fn roots_added_while_collecting_go_through_the_socket() {
+    // A collector elsewhere holds gc.lock: adding a root must hand it over the socket.
+    let d = tempfile::tempdir().unwrap();
+    let s = new_store(d.path());
+    let p = text(&s, "p", "p", &[]);
+    let lock_path = s.layout().gc_lock_path();
+    let mut child = std::process::Command::new("python3")
+        .arg("-c")
+        .arg("import fcntl,sys,time; f=open(sys.argv[1],'a+'); fcntl.flock(f, fcntl.LOCK_EX); print('ok', flush=True); time.sleep(60)")
+        .arg(&lock_path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let sock = s.layout().gc_socket_path();
+    std::fs::create_dir_all(sock.parent().unwrap()).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let expect = s.print(&p);
+    let server = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let mut r = BufReader::new(&conn);
+        let mut got = String::new();
+        r.read_line(&mut got).unwrap();
+        (&conn).write_all(b"1").unwrap();
+        got
+    });
+    s.add_temp_root(&p).unwrap();
+    assert_eq!(server.join().unwrap(), format!("{expect}\n"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // And the root is in our temp-roots file for collectors that start later.
+    let file = std::fs::read(
+        s.layout()
+            .temproots_dir()
+            .join(std::process::id().to_string()),
+    )
+    .unwrap();
+    assert!(file.windows(expect.len()).any(|w| w == expect.as_bytes()));
+}

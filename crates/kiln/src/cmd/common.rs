@@ -1,0 +1,111 @@
+//! Options every store-touching command takes, and how they resolve.
+//!
+//! Sources, lowest to highest: defaults, `kiln.toml` (`--config`, `$KILN_CONFIG`, or
+//! `$XDG_CONFIG_HOME/kiln/kiln.toml` if present), a `nix.conf` given with `--nix-conf`,
+//! the environment (`KILN_LAYOUT`, `KILN_ROOT`, `KILN_STORE_DIR`, `KILN_STATE_DIR`,
+//! `KILN_LOG_DIR`, and `KILN_<SETTING>` such as `KILN_MAX_JOBS`), then flags.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use kiln_store::config::{ConfigFile, SETTINGS};
+use kiln_store::{Layout, LayoutSpec, LocalStore, Preset, Settings, StoreOptions};
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct StoreArgs {
+    /// The store directory (logical: what paths print as), e.g. /gnu/store.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub store_dir: Option<String>,
+    /// The state directory (database, roots, locks).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The log directory.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub log_dir: Option<PathBuf>,
+    /// Keep the store, state and log directories under ROOT (a "chroot store").
+    #[arg(long, global = true, value_name = "ROOT")]
+    pub root: Option<PathBuf>,
+    /// Directory preset: guix (/gnu/store, /var/guix), nix (/nix/store, /nix/var/nix) or
+    /// user (~/.local/share/kiln; the default).
+    #[arg(long, global = true, value_name = "guix|nix|user")]
+    pub layout: Option<String>,
+    /// Set a setting, as Nix's `--option NAME VALUE`.
+    #[arg(long = "option", global = true, num_args = 2, value_names = ["NAME", "VALUE"], action = clap::ArgAction::Append)]
+    pub options: Vec<String>,
+    /// A kiln.toml to read.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// A nix.conf to read (its settings carry over).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub nix_conf: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// Resolves the layout and settings.
+    pub fn resolve(&self) -> anyhow::Result<(Layout, Settings)> {
+        let mut spec = LayoutSpec::default();
+        let mut settings = Settings::default();
+        let config = self
+            .config
+            .clone()
+            .or_else(|| std::env::var_os("KILN_CONFIG").map(PathBuf::from))
+            .or_else(|| {
+                let base = std::env::var_os("XDG_CONFIG_HOME")
+                    .map(PathBuf::from)
+                    .or_else(|| {
+                        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config"))
+                    })?;
+                let p = base.join("kiln/kiln.toml");
+                p.exists().then_some(p)
+            });
+        if let Some(c) = &config {
+            let cf = ConfigFile::load(c)?;
+            spec = spec.merge(cf.layout);
+            for (k, v) in cf.settings {
+                settings
+                    .set(&k, &v)
+                    .with_context(|| format!("in '{}'", c.display()))?;
+            }
+        }
+        if let Some(nc) = &self.nix_conf {
+            settings.load_nix_conf(nc)?;
+        }
+        spec = spec.merge(LayoutSpec::from_env()?);
+        for d in SETTINGS {
+            let var = format!("KILN_{}", d.name.to_uppercase().replace('-', "_"));
+            if let Some(v) = std::env::var_os(&var) {
+                settings
+                    .set(d.name, &v.to_string_lossy())
+                    .with_context(|| format!("in ${var}"))?;
+            }
+        }
+        spec = spec.merge(LayoutSpec {
+            preset: self
+                .layout
+                .as_deref()
+                .map(str::parse::<Preset>)
+                .transpose()?,
+            root: self.root.clone(),
+            store_dir: self.store_dir.clone(),
+            state_dir: self.state_dir.clone(),
+            log_dir: self.log_dir.clone(),
+        });
+        for pair in self.options.chunks(2) {
+            if let [k, v] = pair {
+                settings.set(k, v)?;
+            }
+        }
+        Ok((spec.resolve()?, settings))
+    }
+
+    /// Opens the store.
+    pub fn open(&self) -> anyhow::Result<(LocalStore, Settings)> {
+        let (layout, settings) = self.resolve()?;
+        let opts = StoreOptions::from_settings(&settings, &layout);
+        let store = LocalStore::open(layout.clone(), opts).with_context(|| {
+            format!("opening the store at '{}'", layout.real_store_dir.display())
+        })?;
+        Ok((store, settings))
+    }
+}

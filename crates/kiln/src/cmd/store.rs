@@ -1,0 +1,665 @@
+//! `kiln store …`: the local store from the command line (the `nix-store` operations).
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use kiln_format::{FileIngestionMethod, Hash, HashAlgo, StorePath, ValidPathInfo};
+use kiln_store::gc::{GcAction, GcOptions};
+use kiln_store::verify::{VerifyOptions, VerifyReport};
+use kiln_store::{export, gc, optimise, roots, verify, LocalStore};
+
+use super::common::StoreArgs;
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCmd {
+    /// Add files or trees to the store (content-addressed, like `nix-store --add`); prints
+    /// their store paths.
+    Add {
+        /// Name of the item (default: the file name).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Add files as fixed-output paths (`nix-store --add-fixed [--recursive] ALGO PATH...`).
+    AddFixed {
+        #[arg(long, short)]
+        recursive: bool,
+        algo: HashAlgo,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Show what the store knows about paths.
+    PathInfo {
+        /// Print JSON (the shape of `nix path-info --json`).
+        #[arg(long)]
+        json: bool,
+        /// Also show the closure size (`-S`).
+        #[arg(long, short = 'S')]
+        closure_size: bool,
+        /// Show the whole closure of the paths.
+        #[arg(long, short)]
+        recursive: bool,
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Query references, referrers, closures, derivers, hashes (`nix-store -q`).
+    Query {
+        #[command(flatten)]
+        what: QueryWhat,
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Write paths in `nix-store --export` format to standard output.
+    Export {
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Read a `nix-store --export` stream from standard input; prints the imported paths.
+    Import,
+    /// Collect garbage.
+    Gc {
+        /// Stop after freeing this many bytes.
+        #[arg(long, value_name = "BYTES")]
+        max_freed: Option<u64>,
+        /// Only print what would be deleted.
+        #[arg(long, alias = "print-dead")]
+        dry_run: bool,
+        /// Print the live paths instead.
+        #[arg(long)]
+        print_live: bool,
+        /// Print the roots (`link -> path`).
+        #[arg(long)]
+        print_roots: bool,
+    },
+    /// Delete specific paths if nothing keeps them alive (`nix-store --delete`).
+    Delete {
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+    /// Deduplicate identical files with hard links.
+    Optimise,
+    /// Check the store: missing paths, and with --check-contents, modified ones.
+    Verify {
+        #[arg(long)]
+        check_contents: bool,
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Make LINK a garbage-collector root for PATH.
+    AddRoot {
+        #[arg(long)]
+        link: PathBuf,
+        path: String,
+    },
+    /// Print the database in `nix-store --dump-db` format.
+    DumpDb { paths: Vec<String> },
+    /// Register paths from a `nix-store --dump-db` stream on standard input (`--load-db`).
+    LoadDb,
+    /// Register paths already on disk, from `nix-store --register-validity` input.
+    RegisterValidity {
+        /// The input gives each path's hash and size (else they are computed).
+        #[arg(long)]
+        hash_given: bool,
+        /// Re-register paths that are already valid.
+        #[arg(long)]
+        reregister: bool,
+    },
+    /// List or clear cached build failures.
+    Failed {
+        /// Clear these (or, with none given, all) cached failures.
+        #[arg(long)]
+        clear: bool,
+        paths: Vec<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct QueryWhat {
+    #[arg(long)]
+    references: bool,
+    #[arg(long)]
+    referrers: bool,
+    /// The closure (`-R`).
+    #[arg(long, short = 'R')]
+    requisites: bool,
+    #[arg(long)]
+    referrers_closure: bool,
+    /// The deriver recorded for each path.
+    #[arg(long, short = 'd')]
+    deriver: bool,
+    #[arg(long)]
+    valid_derivers: bool,
+    /// The outputs of derivations.
+    #[arg(long)]
+    outputs: bool,
+    /// The NAR hash.
+    #[arg(long)]
+    hash: bool,
+    /// The NAR size.
+    #[arg(long)]
+    size: bool,
+    /// The roots that keep each path alive.
+    #[arg(long)]
+    roots: bool,
+}
+
+fn parse(store: &LocalStore, s: &str) -> anyhow::Result<StorePath> {
+    // Accept paths below a store path (and the physical form of a --root store), like Nix.
+    let logical =
+        if let Ok(rest) = std::path::Path::new(s).strip_prefix(&store.layout().real_store_dir) {
+            format!("{}/{}", store.store_dir(), rest.display())
+        } else {
+            s.to_string()
+        };
+    if let Ok(p) = store.parse_path(&logical) {
+        return Ok(p);
+    }
+    let abs = std::path::absolute(&logical)?;
+    let (p, _) = store
+        .store_dir()
+        .to_store_path(&abs.to_string_lossy())
+        .with_context(|| format!("'{s}' is not in the store"))?;
+    Ok(p)
+}
+
+fn parse_valid(store: &LocalStore, s: &str) -> anyhow::Result<StorePath> {
+    let p = parse(store, s)?;
+    if !store.is_valid(&p)? {
+        bail!("path '{}' is not valid", store.print(&p));
+    }
+    Ok(p)
+}
+
+fn name_for(p: &std::path::Path, name: &Option<String>) -> anyhow::Result<String> {
+    if let Some(n) = name {
+        return Ok(n.clone());
+    }
+    let abs = std::path::absolute(p)?;
+    Ok(abs
+        .file_name()
+        .context("path has no file name")?
+        .to_string_lossy()
+        .into_owned())
+}
+
+/// `nix path-info --json` for one path.
+fn info_json(
+    store: &LocalStore,
+    info: &ValidPathInfo,
+    closure_size: bool,
+) -> anyhow::Result<serde_json::Value> {
+    use serde_json::{json, Map, Value};
+    let mut m = Map::new();
+    m.insert("path".into(), json!(store.print(&info.path)));
+    m.insert("narHash".into(), json!(info.nar_hash.to_sri()));
+    m.insert("narSize".into(), json!(info.nar_size));
+    m.insert(
+        "references".into(),
+        Value::Array(
+            info.references
+                .iter()
+                .map(|r| json!(store.print(r)))
+                .collect(),
+        ),
+    );
+    if let Some(ca) = &info.ca {
+        m.insert("ca".into(), json!(ca.to_string()));
+    }
+    if closure_size {
+        let mut total = 0u64;
+        for p in store.closure([&info.path], false)? {
+            total += store.path_info(&p)?.nar_size;
+        }
+        m.insert("closureSize".into(), json!(total));
+    }
+    if let Some(d) = &info.deriver {
+        m.insert("deriver".into(), json!(store.print(d)));
+    }
+    if info.registration_time != 0 {
+        m.insert("registrationTime".into(), json!(info.registration_time));
+    }
+    if info.ultimate {
+        m.insert("ultimate".into(), json!(true));
+    }
+    if !info.sigs.is_empty() {
+        m.insert(
+            "signatures".into(),
+            Value::Array(info.sigs.iter().map(|s| json!(s)).collect()),
+        );
+    }
+    Ok(Value::Object(m))
+}
+
+fn print_report(r: &VerifyReport) {
+    for p in &r.problems {
+        eprintln!("{p}");
+    }
+    for p in &r.repaired {
+        eprintln!("repaired '{p}'");
+    }
+}
+
+pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
+    let (store, _settings) = args.open()?;
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    match cmd {
+        StoreCmd::Add { name, paths } => {
+            for p in &paths {
+                let info = store.add_path(
+                    p,
+                    &name_for(p, &name)?,
+                    FileIngestionMethod::Recursive,
+                    HashAlgo::Sha256,
+                )?;
+                writeln!(out, "{}", store.print(&info.path))?;
+            }
+        }
+        StoreCmd::AddFixed {
+            recursive,
+            algo,
+            paths,
+        } => {
+            let method = if recursive {
+                FileIngestionMethod::Recursive
+            } else {
+                FileIngestionMethod::Flat
+            };
+            for p in &paths {
+                let info = store.add_path(p, &name_for(p, &None)?, method, algo)?;
+                writeln!(out, "{}", store.print(&info.path))?;
+            }
+        }
+        StoreCmd::PathInfo {
+            json,
+            closure_size,
+            recursive,
+            paths,
+        } => {
+            let mut set = BTreeSet::new();
+            let mut invalid = Vec::new();
+            for s in &paths {
+                let p = parse(&store, s)?;
+                if store.is_valid(&p)? {
+                    set.insert(p);
+                } else {
+                    invalid.push(p);
+                }
+            }
+            if recursive {
+                set = store.closure(&set, false)?;
+            }
+            if json {
+                let mut arr = Vec::new();
+                for p in &set {
+                    arr.push(info_json(&store, &store.path_info(p)?, closure_size)?);
+                }
+                for p in &invalid {
+                    arr.push(serde_json::json!({"path": store.print(p), "valid": false}));
+                }
+                writeln!(out, "{}", serde_json::Value::Array(arr))?;
+            } else {
+                for p in &set {
+                    let info = store.path_info(p)?;
+                    if closure_size {
+                        let total: u64 = store
+                            .closure([p], false)?
+                            .iter()
+                            .map(|q| store.path_info(q).map(|i| i.nar_size))
+                            .sum::<Result<u64, _>>()?;
+                        writeln!(out, "{}\t{}\t{}", store.print(p), info.nar_size, total)?;
+                    } else {
+                        writeln!(out, "{}\t{}", store.print(p), info.nar_size)?;
+                    }
+                }
+            }
+            if !invalid.is_empty() {
+                out.flush()?;
+                for p in &invalid {
+                    eprintln!("error: path '{}' is not valid", store.print(p));
+                }
+                return Ok(ExitCode::from(1));
+            }
+        }
+        StoreCmd::Query { what, paths } => {
+            let mut lines: Vec<String> = Vec::new();
+            let targets: Vec<StorePath> = paths
+                .iter()
+                .map(|s| parse(&store, s))
+                .collect::<anyhow::Result<_>>()?;
+            let valid = |p: &StorePath| -> anyhow::Result<()> {
+                if !store.is_valid(p)? {
+                    bail!("path '{}' is not valid", store.print(p));
+                }
+                Ok(())
+            };
+            if what.requisites || what.referrers_closure {
+                for p in &targets {
+                    valid(p)?;
+                }
+                let set = store.closure(&targets, what.referrers_closure)?;
+                // Dependencies first, as `nix-store -qR` prints them.
+                for p in export::topo_sort(&store, &set)? {
+                    lines.push(store.print(&p));
+                }
+            } else {
+                let mut seen = BTreeSet::new();
+                for p in &targets {
+                    let items: Vec<String> = if what.references {
+                        store
+                            .query_references(p)?
+                            .iter()
+                            .map(|r| store.print(r))
+                            .collect()
+                    } else if what.referrers {
+                        valid(p)?;
+                        store
+                            .query_referrers(p)?
+                            .iter()
+                            .map(|r| store.print(r))
+                            .collect()
+                    } else if what.deriver {
+                        let i = store.path_info(p)?;
+                        vec![i
+                            .deriver
+                            .map(|d| store.print(&d))
+                            .unwrap_or_else(|| "unknown-deriver".into())]
+                    } else if what.valid_derivers {
+                        store
+                            .query_valid_derivers(p)?
+                            .iter()
+                            .map(|r| store.print(r))
+                            .collect()
+                    } else if what.outputs {
+                        if p.is_derivation() {
+                            store
+                                .derivation_output_map(p)?
+                                .values()
+                                .map(|r| store.print(r))
+                                .collect()
+                        } else {
+                            vec![store.print(p)]
+                        }
+                    } else if what.hash {
+                        vec![store.path_info(p)?.nar_hash.to_string()]
+                    } else if what.size {
+                        vec![store.path_info(p)?.nar_size.to_string()]
+                    } else {
+                        // --roots: roots whose closure contains p.
+                        valid(p)?;
+                        let referrers = store.closure([p], true)?;
+                        gc::find_roots(&store, true)?
+                            .into_iter()
+                            .filter(|(_, t)| referrers.contains(t))
+                            .map(|(l, t)| format!("{l} -> {}", store.print(&t)))
+                            .collect()
+                    };
+                    for i in items {
+                        if what.hash || what.size || what.deriver || seen.insert(i.clone()) {
+                            lines.push(i);
+                        }
+                    }
+                }
+            }
+            for l in lines {
+                writeln!(out, "{l}")?;
+            }
+        }
+        StoreCmd::Export { paths } => {
+            let set: BTreeSet<StorePath> = paths
+                .iter()
+                .map(|s| parse_valid(&store, s))
+                .collect::<anyhow::Result<_>>()?;
+            export::export_paths(&store, &set, &mut out)?;
+        }
+        StoreCmd::Import => {
+            let mut input = BufReader::with_capacity(256 * 1024, std::io::stdin().lock());
+            for p in export::import_paths(&store, &mut input)? {
+                writeln!(out, "{}", store.print(&p))?;
+            }
+        }
+        StoreCmd::Gc {
+            max_freed,
+            dry_run,
+            print_live,
+            print_roots,
+        } => {
+            if print_roots {
+                for (l, t) in gc::find_roots(&store, true)? {
+                    writeln!(out, "{l} -> {}", store.print(&t))?;
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let action = if print_live {
+                GcAction::ReturnLive
+            } else if dry_run {
+                GcAction::ReturnDead
+            } else {
+                GcAction::DeleteDead
+            };
+            let deleting = action == GcAction::DeleteDead;
+            let r = gc::collect_garbage(
+                &store,
+                &GcOptions {
+                    action,
+                    max_freed: max_freed.unwrap_or(u64::MAX),
+                },
+            )?;
+            if deleting {
+                for p in &r.paths {
+                    eprintln!("deleting '{p}'");
+                }
+                writeln!(
+                    out,
+                    "{} store paths deleted, {:.2} MiB freed",
+                    r.paths.len(),
+                    r.bytes_freed as f64 / (1 << 20) as f64
+                )?;
+            } else {
+                for p in &r.paths {
+                    writeln!(out, "{p}")?;
+                }
+            }
+        }
+        StoreCmd::Delete { paths } => {
+            let ps: Vec<StorePath> = paths
+                .iter()
+                .map(|s| parse(&store, s))
+                .collect::<anyhow::Result<_>>()?;
+            let r = gc::collect_garbage(
+                &store,
+                &GcOptions {
+                    action: GcAction::DeleteSpecific(ps),
+                    max_freed: u64::MAX,
+                },
+            )?;
+            for p in &r.paths {
+                eprintln!("deleting '{p}'");
+            }
+            writeln!(
+                out,
+                "{} store paths deleted, {:.2} MiB freed",
+                r.paths.len(),
+                r.bytes_freed as f64 / (1 << 20) as f64
+            )?;
+        }
+        StoreCmd::Optimise => {
+            let s = optimise::optimise_store(&store)?;
+            writeln!(
+                out,
+                "{:.2} MiB freed by hard-linking {} files",
+                s.bytes_freed as f64 / (1 << 20) as f64,
+                s.files_linked
+            )?;
+        }
+        StoreCmd::Verify {
+            check_contents,
+            repair,
+        } => {
+            let r = verify::verify_store(
+                &store,
+                VerifyOptions {
+                    check_contents,
+                    repair,
+                },
+                None,
+            )?;
+            print_report(&r);
+            if !r.is_clean() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        StoreCmd::AddRoot { link, path } => {
+            let p = parse_valid(&store, &path)?;
+            let l = roots::add_perm_root(store.layout(), &p, &link)?;
+            writeln!(out, "{}", l.display())?;
+        }
+        StoreCmd::DumpDb { paths } => {
+            let set: BTreeSet<StorePath> = if paths.is_empty() {
+                store.query_all_valid_paths()?
+            } else {
+                paths
+                    .iter()
+                    .map(|s| parse_valid(&store, s))
+                    .collect::<anyhow::Result<_>>()?
+            };
+            for p in set {
+                let i = store.path_info(&p)?;
+                writeln!(
+                    out,
+                    "{}\n{}\n{}",
+                    store.print(&p),
+                    i.nar_hash.to_base16(),
+                    i.nar_size
+                )?;
+                writeln!(
+                    out,
+                    "{}",
+                    i.deriver.map(|d| store.print(&d)).unwrap_or_default()
+                )?;
+                writeln!(out, "{}", i.references.len())?;
+                for r in &i.references {
+                    writeln!(out, "{}", store.print(r))?;
+                }
+            }
+        }
+        StoreCmd::LoadDb => register_validity(&store, true, true, false)?,
+        StoreCmd::RegisterValidity {
+            hash_given,
+            reregister,
+        } => register_validity(&store, hash_given, reregister, true)?,
+        StoreCmd::Failed { clear, paths } => {
+            if clear {
+                if paths.is_empty() {
+                    store.clear_failed_paths(None)?;
+                } else {
+                    let ps: Vec<StorePath> = paths
+                        .iter()
+                        .map(|s| parse(&store, s))
+                        .collect::<anyhow::Result<_>>()?;
+                    store.clear_failed_paths(Some(&ps))?;
+                }
+            } else {
+                for p in store.query_failed_paths()? {
+                    writeln!(out, "{p}")?;
+                }
+            }
+        }
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--load-db` / `--register-validity`: path, [hash, size,] deriver, count, references.
+fn register_validity(
+    store: &LocalStore,
+    hash_given: bool,
+    reregister: bool,
+    canonicalise: bool,
+) -> anyhow::Result<()> {
+    let stdin = std::io::stdin().lock();
+    let mut lines = stdin.lines();
+    let mut next = |what: &str| -> anyhow::Result<String> {
+        lines
+            .next()
+            .transpose()?
+            .with_context(|| format!("missing input: expected {what}"))
+    };
+    let mut infos = Vec::new();
+    loop {
+        let path_line = match lines_next_or_end(&mut next)? {
+            Some(l) => l,
+            None => break,
+        };
+        let p = store.parse_path(&path_line)?;
+        let (hash, size) = if hash_given {
+            let h = Hash::parse_any(&next("a hash")?, Some(HashAlgo::Sha256))?;
+            let n: u64 = next("a size")?.trim().parse().context("bad size")?;
+            (Some(h), n)
+        } else {
+            (None, 0)
+        };
+        let deriver = next("a deriver")?;
+        let count: usize = next("a reference count")?
+            .trim()
+            .parse()
+            .context("bad reference count")?;
+        let mut refs = BTreeSet::new();
+        for _ in 0..count {
+            refs.insert(store.parse_path(&next("a reference")?)?);
+        }
+        if !reregister && store.is_valid(&p)? {
+            continue;
+        }
+        let real = store.real_path(&p);
+        if canonicalise {
+            let me = (nix_uid(), nix_gid());
+            kiln_store::fsutil::canonicalise(
+                &real,
+                kiln_store::fsutil::Ownership {
+                    expected_uid: None,
+                    target: me,
+                },
+            )?;
+        }
+        let (hash, size) = match hash {
+            Some(h) => (h, size),
+            None => verify::hash_path(store, &p)?,
+        };
+        let mut info = ValidPathInfo::new(p, hash, size);
+        info.references = refs;
+        if !deriver.is_empty() {
+            info.deriver = Some(store.parse_path(&deriver)?);
+        }
+        infos.push(info);
+    }
+    store.register_valid_paths(&infos)?;
+    Ok(())
+}
+
+fn lines_next_or_end(
+    next: &mut impl FnMut(&str) -> anyhow::Result<String>,
+) -> anyhow::Result<Option<String>> {
+    match next("a path") {
+        Ok(l) if l.is_empty() => Ok(None),
+        Ok(l) => Ok(Some(l)),
+        Err(e) if e.to_string().contains("missing input") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn nix_uid() -> u32 {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap_or(0)
+}
+fn nix_gid() -> u32 {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
+        .unwrap_or(0)
+}
