@@ -113,9 +113,146 @@ def bench_formats(args):
     os.remove(nar)
 
 
+def nix_env(root):
+    """Environment for a private Nix 2.8 store rooted at `root` (no daemon, no substituters)."""
+    conf = os.path.join(root, "conf")
+    os.makedirs(conf, exist_ok=True)
+    with open(os.path.join(conf, "nix.conf"), "w") as f:
+        f.write("substituters =\nsandbox = false\nbuild-users-group =\nexperimental-features = nix-command\n")
+    env = dict(os.environ)
+    env.update(NIX_STORE_DIR=os.path.join(root, "store"), NIX_STATE_DIR=os.path.join(root, "var"),
+               NIX_LOG_DIR=os.path.join(root, "log"), NIX_CONF_DIR=conf, NIX_REMOTE="local")
+    env.pop("NIX_PATH", None)
+    return env
+
+
+def kiln_store_args(root):
+    return ["--store-dir", os.path.join(root, "store"), "--state-dir", os.path.join(root, "var"),
+            "--log-dir", os.path.join(root, "log")]
+
+
+def b32(n):
+    alphabet = "0123456789abcdfghijklmnpqrsvwxyz"
+    out = []
+    for _ in range(32):
+        out.append(alphabet[n % 32])
+        n //= 32
+    return "".join(out)
+
+
+def make_paths(store_dir, n, refs_per_path, seed):
+    """n store paths (tiny files) and a validity registration with references to earlier paths."""
+    rng = random.Random(seed)
+    os.makedirs(store_dir, exist_ok=True)
+    paths = []
+    lines = []
+    nar_hash = None
+    for i in range(n):
+        p = f"{store_dir}/{b32(rng.getrandbits(160))}-p{i}"
+        with open(p, "w") as f:
+            f.write("x")
+        paths.append(p)
+    # NAR of a one-byte file "x": same for every path.
+    import hashlib, struct
+    def s(b):
+        return struct.pack("<Q", len(b)) + b + b"\0" * ((8 - len(b) % 8) % 8)
+    nar = s(b"nix-archive-1") + s(b"(") + s(b"type") + s(b"regular") + s(b"contents") + s(b"x") + s(b")")
+    nar_hash = hashlib.sha256(nar).hexdigest()
+    for i, p in enumerate(paths):
+        refs = set()
+        if i > 0:
+            refs.add(paths[i - 1])  # a chain: the last path's closure is everything
+            for _ in range(refs_per_path - 1):
+                refs.add(paths[rng.randrange(max(0, i - 50), i)])
+        lines.append(f"{p}\n{nar_hash}\n{len(nar)}\n\n{len(refs)}\n" + "".join(r + "\n" for r in sorted(refs)))
+    return paths, "".join(lines)
+
+
+def bench_store(args):
+    work = os.path.join(args.dir, "store-bench")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    print("## store: registration, closure, garbage collection\n", flush=True)
+    print("| what | kiln wall | kiln CPU | Nix 2.8 wall | Nix 2.8 CPU | kiln faster (wall / CPU) |")
+    print("|---|---|---|---|---|---|")
+
+    def compare(name, kiln_cmd, nix_cmd, kiln_setup, nix_setup, runs=3, check=None):
+        def run_one(cmd, env, setup, stdin_data):
+            best = None
+            for _ in range(runs):
+                setup()
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                t = time.perf_counter()
+                r = subprocess.run(cmd, input=stdin_data, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                wall = time.perf_counter() - t
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                if r.returncode != 0:
+                    raise SystemExit(f"{cmd[0]} failed: {r.stderr.decode()[-2000:]}")
+                if check:
+                    check()
+                cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+                if best is None or wall < best[0]:
+                    best = (wall, cpu)
+            return best
+        kw, kc = run_one(kiln_cmd[0], kiln_cmd[1], kiln_setup, kiln_cmd[2] if len(kiln_cmd) > 2 else None)
+        nw, nc = run_one(nix_cmd[0], nix_cmd[1], nix_setup, nix_cmd[2] if len(nix_cmd) > 2 else None)
+        print(f"| {name} | {kw:.3f} s | {kc:.3f} s | {nw:.3f} s | {nc:.3f} s | {nw / kw:.1f}x / {nc / kc:.1f}x |", flush=True)
+
+    # 1. Register 10,000 paths with 5 references each (hashes given; both canonicalise).
+    kroot, nroot = os.path.join(work, "k1"), os.path.join(work, "n1")
+    _, reg = make_paths(os.path.join(work, "files1"), 10_000, 5, 1)
+    reg_k = reg.replace(os.path.join(work, "files1"), os.path.join(kroot, "store")).encode()
+    reg_n = reg.replace(os.path.join(work, "files1"), os.path.join(nroot, "store")).encode()
+    nenv = nix_env(nroot)
+    def fresh(root, text):
+        def setup():
+            shutil.rmtree(root, ignore_errors=True)
+            shutil.copytree(os.path.join(work, "files1"), os.path.join(root, "store"))
+            if root == nroot:
+                nix_env(nroot)
+        return setup
+    compare("register 10,000 paths × 5 refs (`register-validity --hash-given`)",
+            ([kiln_bin(), *kiln_store_args(kroot), "store", "register-validity", "--hash-given"], None, reg_k),
+            (["nix-store", "--register-validity", "--hash-given"], nenv, reg_n),
+            fresh(kroot, reg_k), fresh(nroot, reg_n))
+
+    # 2. Closure of a 100,000-path graph (the DB is written once by kiln; Nix reads the same file).
+    root2 = os.path.join(work, "g")
+    paths, reg2 = make_paths(os.path.join(root2, "store"), 100_000, 5, 2)
+    r = subprocess.run([kiln_bin(), *kiln_store_args(root2), "store", "register-validity", "--hash-given"],
+                       input=reg2.encode(), capture_output=True)
+    assert r.returncode == 0, r.stderr
+    env2 = nix_env(root2)
+    top = paths[-1]
+    compare("closure of 100,000 paths (`query -R` / `nix-store -qR`)",
+            ([kiln_bin(), *kiln_store_args(root2), "store", "query", "-R", top], None),
+            (["nix-store", "-qR", top], env2), lambda: None, lambda: None)
+
+    # 3. GC of 10,000 dead paths: registered once (by kiln) at the directory the collectors
+    # run in, saved, and restored to the same directory before every run (a store copied
+    # elsewhere would name the wrong store directory).
+    groot = os.path.join(work, "gc")
+    saved = os.path.join(work, "gc-saved")
+    _, reg3 = make_paths(os.path.join(groot, "store"), 10_000, 5, 3)
+    r = subprocess.run([kiln_bin(), *kiln_store_args(groot), "store", "register-validity", "--hash-given"],
+                       input=reg3.encode(), capture_output=True)
+    assert r.returncode == 0, r.stderr
+    shutil.copytree(groot, saved, symlinks=True)
+    def gc_setup():
+        shutil.rmtree(groot, ignore_errors=True)
+        shutil.copytree(saved, groot, symlinks=True)
+    def check_collected():
+        left = [n for n in os.listdir(os.path.join(groot, "store")) if not n.startswith(".")]
+        assert not left, f"{len(left)} paths survived the collection"
+    compare("GC of 10,000 dead paths (`store gc` / `nix-store --gc`)",
+            ([kiln_bin(), *kiln_store_args(groot), "store", "gc"], None),
+            (["nix-store", "--gc"], nix_env(groot)), gc_setup, gc_setup, check=check_collected)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="+", choices=["formats", "all"])
+    p.add_argument("what", nargs="+", choices=["formats", "store", "all"])
     p.add_argument("--dir", default="/tmp/kiln-bench", help="work directory (a tmpfs is mounted there if possible)")
     p.add_argument("--no-build", action="store_true")
     args = p.parse_args()
@@ -129,6 +266,8 @@ def main():
     whats = set(args.what)
     if "all" in whats or "formats" in whats:
         bench_formats(args)
+    if "all" in whats or "store" in whats:
+        bench_store(args)
 
 
 if __name__ == "__main__":

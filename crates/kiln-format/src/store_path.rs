@@ -282,7 +282,7 @@ fn is_name_char(c: char) -> bool {
 }
 
 /// A store path without its directory: a 20-byte digest and a name.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct StorePath {
     digest: [u8; HASH_BYTES],
     /// The base name, `<hash32>-<name>`, kept for cheap printing and ordering.
@@ -353,6 +353,14 @@ impl StorePath {
     /// For a `.drv` path, the derivation name without the extension.
     pub fn derivation_name(&self) -> Option<&str> {
         self.name().strip_suffix(".drv")
+    }
+}
+
+/// Hashes only the digest: it determines the path up to its name and is already uniformly
+/// distributed, so hashing the 40-odd bytes of the base name as well buys nothing.
+impl std::hash::Hash for StorePath {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write(&self.digest);
     }
 }
 

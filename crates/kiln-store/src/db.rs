@@ -159,6 +159,12 @@ fn configure(conn: &Connection, path: &Path, writer: bool) -> Result<()> {
         .map_err(ctx("foreign keys"))?;
     conn.pragma_update(None, "synchronous", "normal")
         .map_err(ctx("synchronous"))?;
+    // Statement journals (cascading deletes, triggers) in memory, not in temporary files.
+    conn.pragma_update(None, "temp_store", "memory")
+        .map_err(ctx("temp store"))?;
+    // 64 MiB of page cache: closures and the GC graph of big stores stay in memory.
+    conn.pragma_update(None, "cache_size", -65536)
+        .map_err(ctx("cache size"))?;
     if writer {
         let mode: String = conn
             .pragma_query_value(None, "journal_mode", |r| r.get(0))
@@ -553,6 +559,56 @@ impl Db {
             .map_err(Error::db("computing a closure"))
     }
 
+    /// The closure with its internal edges: `(paths, edges)` where edges are index pairs
+    /// `(referrer, reference)` into `paths`. One query; nothing is parsed.
+    #[allow(clippy::type_complexity)]
+    pub fn closure_graph(
+        conn: &Connection,
+        paths: &[String],
+        reverse: bool,
+    ) -> Result<(Vec<String>, Vec<(usize, usize)>)> {
+        let json = serde_json::to_string(paths).map_err(|e| Error::Invalid(e.to_string()))?;
+        let (from, to) = if reverse {
+            ("reference", "referrer")
+        } else {
+            ("referrer", "reference")
+        };
+        let sql = format!(
+            "with recursive c(id) as (
+               select id from ValidPaths where path in (select value from json_each(?1))
+               union
+               select r.{to} from Refs r join c on r.{from} = c.id
+             ) select c.id, v.path, x.reference from c join ValidPaths v on v.id = c.id
+               left join Refs x on x.referrer = c.id"
+        );
+        let ctx = || Error::db("computing a closure");
+        let mut st = conn.prepare_cached(&sql).map_err(ctx())?;
+        let mut rows = st.query([json]).map_err(ctx())?;
+        let mut index: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
+        let mut names = Vec::new();
+        let mut raw_edges: Vec<(usize, i64)> = Vec::new();
+        while let Some(r) = rows.next().map_err(ctx())? {
+            let id: i64 = r.get(0).map_err(ctx())?;
+            let i = match index.get(&id) {
+                Some(&i) => i,
+                None => {
+                    names.push(r.get::<_, String>(1).map_err(ctx())?);
+                    index.insert(id, names.len() - 1);
+                    names.len() - 1
+                }
+            };
+            if let Some(to) = r.get::<_, Option<i64>>(2).map_err(ctx())? {
+                raw_edges.push((i, to));
+            }
+        }
+        let edges = raw_edges
+            .into_iter()
+            .filter_map(|(a, b)| index.get(&b).map(|&b| (a, b)))
+            .filter(|(a, b)| a != b)
+            .collect();
+        Ok((names, edges))
+    }
+
     /// Inserts a new valid path; returns its id.
     pub fn insert_path(
         &self,
@@ -624,7 +680,9 @@ impl Db {
     }
 
     pub fn add_reference(conn: &Connection, referrer: i64, reference: i64) -> Result<()> {
-        conn.prepare_cached("insert or replace into Refs (referrer, reference) values (?, ?)")
+        // `or ignore` has the effect of Nix's `or replace` on this primary-key pair without
+        // the statement journal a REPLACE (which may delete rows) needs.
+        conn.prepare_cached("insert or ignore into Refs (referrer, reference) values (?, ?)")
             .and_then(|mut s| s.execute([referrer, reference]))
             .map(|_| ())
             .map_err(Error::db("adding a reference"))

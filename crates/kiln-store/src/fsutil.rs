@@ -181,6 +181,11 @@ pub struct Ownership {
 /// tree are tolerated: an inode already fixed is not checked again.
 pub fn canonicalise(path: &Path, own: Ownership) -> Result<()> {
     let (pfd, name) = split(path)?;
+    canonicalise_at(&pfd, &name, path, own)
+}
+
+/// [`canonicalise`] of `name` in the directory `pfd` (`path` names it in messages).
+pub fn canonicalise_at(pfd: &OwnedFd, name: &CStr, path: &Path, own: Ownership) -> Result<()> {
     let mut seen: HashSet<(u64, u64)> = HashSet::new();
     // Open directories: fd, path, entries still to visit.
     type Frame = (OwnedFd, PathBuf, Vec<(CString, FileType)>);
@@ -260,7 +265,7 @@ pub fn canonicalise(path: &Path, own: Ownership) -> Result<()> {
         }
     };
 
-    if let Some(fd) = node(&pfd, &name, path)? {
+    if let Some(fd) = node(pfd, name, path)? {
         let ents = entries(&fd, path)?;
         stack.push((fd, path.to_path_buf(), ents));
     }

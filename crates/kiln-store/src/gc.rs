@@ -116,7 +116,14 @@ fn load_graph(store: &LocalStore) -> Result<Graph> {
                 let id: i64 = r.get(0).map_err(Error::db("loading the graph"))?;
                 let p: String = r.get(1).map_err(Error::db("loading the graph"))?;
                 let d: Option<String> = r.get(2).map_err(Error::db("loading the graph"))?;
-                let Ok(sp) = sd.parse_path(&p) else { continue };
+                // A row naming another store directory means the store was moved or the wrong
+                // --store-dir was given: everything would look dead. Refuse rather than delete.
+                let sp = sd.parse_path(&p).map_err(|_| {
+                    Error::Corrupt(format!(
+                        "the database lists '{p}', which is not a path of the store '{sd}'; was the store moved, \
+                         or is --store-dir wrong? Refusing to collect garbage"
+                    ))
+                })?;
                 ids.insert(id, paths.len());
                 paths.push(sp);
                 derivers_raw.push(d);
@@ -387,38 +394,83 @@ pub fn collect_garbage(store: &LocalStore, opts: &GcOptions) -> Result<GcResults
     };
     candidates = topo_referrers_first(&graph, candidates);
 
+    // Decide what goes, in order, sparing late roots and everything they refer to.
     let mut keep = vec![false; n];
-    let mut batch: Vec<usize> = Vec::new();
+    let limited = opts.max_freed != u64::MAX;
+    // With a byte limit, small batches let the collector stop close to it; without one,
+    // big batches mean fewer commits rewriting the same database pages.
+    let batch_size = if limited { 64 } else { 4096 };
     let mut deleted: Vec<String> = Vec::new();
-    let mut stopped = false;
-    for i in candidates {
-        let p = &graph.paths[i];
-        if keep[i] || store.gc.is_late_root(p) || store.temp_roots.contains(p) {
-            // Spared: so is everything it refers to (they come later in the order).
-            let mut stack = vec![i];
-            while let Some(k) = stack.pop() {
-                for &r in &graph.refs[k] {
-                    if !keep[r] {
-                        keep[r] = true;
-                        stack.push(r);
+    let mut pending: Vec<usize> = Vec::new();
+    std::thread::scope(|scope| -> Result<()> {
+        // Files are removed on a second thread while the next batch is invalidated: a crash
+        // between the two steps leaves invalid paths on disk (swept later), never valid paths
+        // without contents, because a batch reaches this thread only after its commit.
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<StorePath>>();
+        let remover = (!limited).then(|| {
+            scope.spawn(move || -> Result<u64> {
+                let mut freed = 0;
+                for batch in rx {
+                    for p in batch {
+                        freed += store.remove_path_files(&p)?;
+                    }
+                }
+                Ok(freed)
+            })
+        });
+        {
+            let mut flush = |batch: &mut Vec<usize>, results: &mut GcResults| -> Result<()> {
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                let paths: Vec<StorePath> = batch.iter().map(|&i| graph.paths[i].clone()).collect();
+                let abs = invalidate_batch(store, &paths)?;
+                if limited {
+                    for p in &paths {
+                        results.bytes_freed += store.remove_path_files(p)?;
+                    }
+                } else {
+                    let _ = tx.send(paths);
+                }
+                deleted.extend(abs);
+                batch.clear();
+                Ok(())
+            };
+            for i in candidates {
+                let p = &graph.paths[i];
+                if keep[i] || store.gc.is_late_root(p) || store.temp_roots.contains(p) {
+                    // Spared: so is everything it refers to (they come later in the order).
+                    let mut stack = vec![i];
+                    while let Some(k) = stack.pop() {
+                        for &r in &graph.refs[k] {
+                            if !keep[r] {
+                                keep[r] = true;
+                                stack.push(r);
+                            }
+                        }
+                    }
+                    continue;
+                }
+                pending.push(i);
+                if pending.len() >= batch_size {
+                    flush(&mut pending, &mut results)?;
+                    if results.bytes_freed >= opts.max_freed {
+                        break;
                     }
                 }
             }
-            continue;
-        }
-        batch.push(i);
-        if batch.len() >= 512 {
-            results.bytes_freed += delete_batch(store, &graph, &batch, &mut deleted)?;
-            batch.clear();
-            if results.bytes_freed >= opts.max_freed {
-                stopped = true;
-                break;
+            if results.bytes_freed < opts.max_freed {
+                flush(&mut pending, &mut results)?;
             }
         }
-    }
-    if !stopped && !batch.is_empty() {
-        results.bytes_freed += delete_batch(store, &graph, &batch, &mut deleted)?;
-    }
+        drop(tx);
+        if let Some(r) = remover {
+            results.bytes_freed += r
+                .join()
+                .map_err(|_| Error::Corrupt("file removal thread panicked".into()))??;
+        }
+        Ok(())
+    })?;
     if opts.action == GcAction::DeleteDead && results.bytes_freed < opts.max_freed {
         let valid: HashSet<&StorePath> = graph.paths.iter().collect();
         results.bytes_freed += sweep_invalid(store, &valid)?;
@@ -460,30 +512,19 @@ fn topo_referrers_first(graph: &Graph, set: Vec<usize>) -> Vec<usize> {
     out
 }
 
-fn delete_batch(
-    store: &LocalStore,
-    graph: &Graph,
-    batch: &[usize],
-    deleted: &mut Vec<String>,
-) -> Result<u64> {
-    let sd = store.store_dir();
-    let abs: Vec<String> = batch.iter().map(|&i| sd.display(&graph.paths[i])).collect();
-    // Invalidate first: a crash between the two steps leaves invalid paths on disk (swept
-    // later), never valid paths without contents.
+/// Removes a batch of dead paths from the database in one transaction; returns their names.
+fn invalidate_batch(store: &LocalStore, paths: &[StorePath]) -> Result<Vec<String>> {
+    let abs: Vec<String> = paths.iter().map(|p| store.print(p)).collect();
     store.db.write("deleting dead paths", |c| {
         for a in &abs {
             Db::invalidate(c, a)?;
         }
         Ok(())
     })?;
-    let mut freed = 0;
-    for &i in batch {
-        let p = &graph.paths[i];
-        tracing::debug!("deleting '{}'", sd.display(p));
-        freed += fsutil::remove_tree(&store.real_path(p))?;
+    for a in &abs {
+        tracing::debug!("deleting '{a}'");
     }
-    deleted.extend(abs);
-    Ok(freed)
+    Ok(abs)
 }
 
 /// Deletes an invalid leftover if nobody is working on it (its lock is free).

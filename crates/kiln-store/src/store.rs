@@ -1,6 +1,6 @@
 //! The local store.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -238,6 +238,14 @@ impl LocalStore {
         &self.locks
     }
 
+    /// Removes a store path's files (after it was invalidated), relative to the store
+    /// directory's descriptor. Returns bytes freed.
+    pub fn remove_path_files(&self, p: &StorePath) -> Result<u64> {
+        let name = std::ffi::CString::new(p.base_name())
+            .map_err(|_| Error::Invalid("NUL in path".into()))?;
+        fsutil::remove_tree_at(&self.store_fd, &name, &self.real_path(p))
+    }
+
     // ---- queries ------------------------------------------------------------------------
 
     pub fn is_valid(&self, p: &StorePath) -> Result<bool> {
@@ -348,6 +356,26 @@ impl LocalStore {
             .collect())
     }
 
+    /// The closure of valid paths as absolute paths, dependencies first, in exactly the order
+    /// `nix-store -qR` prints (one query for the whole graph).
+    pub fn closure_in_order<'a>(
+        &self,
+        paths: impl IntoIterator<Item = &'a StorePath>,
+        reverse: bool,
+    ) -> Result<Vec<String>> {
+        let abs: Vec<String> = paths.into_iter().map(|p| self.print(p)).collect();
+        let (names, edges) = self.db.read(|c| {
+            for a in &abs {
+                if !Db::is_valid(c, a)? {
+                    return Err(Error::NotValid(a.clone()));
+                }
+            }
+            Db::closure_graph(c, &abs, reverse)
+        })?;
+        let order = crate::export::topo_order(&names, &edges);
+        Ok(order.into_iter().map(|i| names[i].clone()).collect())
+    }
+
     /// Reads a derivation from the store.
     pub fn read_derivation(&self, drv: &StorePath) -> Result<Derivation> {
         Ok(read_drv_file(&self.real_path(drv), self.store_dir(), drv)?)
@@ -431,8 +459,8 @@ impl LocalStore {
             let d = self.read_derivation(&i.path)?;
             drvs.insert(i.path.clone(), d);
         }
-        let batch: BTreeSet<&StorePath> = infos.iter().map(|i| &i.path).collect();
-        check_no_cycles(&sd, infos, &batch)?;
+        let batch: HashSet<&StorePath> = infos.iter().map(|i| &i.path).collect();
+        check_no_cycles(&sd, infos)?;
         for d in drvs.values() {
             // Inputs of a derivation in the batch may be in the batch too: check after.
             if d.input_drvs.keys().all(|p| !batch.contains(p)) {
@@ -870,7 +898,7 @@ impl LocalStore {
         })?;
         let mut freed = 0;
         for p in paths {
-            freed += fsutil::remove_tree(&self.real_path(p))?;
+            freed += self.remove_path_files(p)?;
         }
         Ok(freed)
     }
@@ -908,50 +936,52 @@ impl Read for TeeHash<'_> {
 }
 
 /// Refuses reference cycles inside a registration batch (self-references are fine).
-fn check_no_cycles(
-    sd: &StoreDir,
-    infos: &[ValidPathInfo],
-    batch: &BTreeSet<&StorePath>,
-) -> Result<()> {
-    let by_path: HashMap<&StorePath, &ValidPathInfo> = infos.iter().map(|i| (&i.path, i)).collect();
+fn check_no_cycles(sd: &StoreDir, infos: &[ValidPathInfo]) -> Result<()> {
+    let index: HashMap<&StorePath, usize> = infos
+        .iter()
+        .enumerate()
+        .map(|(i, info)| (&info.path, i))
+        .collect();
+    let edges: Vec<Vec<usize>> = infos
+        .iter()
+        .enumerate()
+        .map(|(i, info)| {
+            info.references
+                .iter()
+                .filter_map(|r| index.get(r).copied())
+                .filter(|&j| j != i)
+                .collect()
+        })
+        .collect();
     // 0 = unvisited, 1 = on the stack, 2 = done.
-    let mut state: HashMap<&StorePath, u8> = HashMap::new();
-    for start in batch {
-        if state.get(start).copied().unwrap_or(0) != 0 {
+    let mut state = vec![0u8; infos.len()];
+    for start in 0..infos.len() {
+        if state[start] != 0 {
             continue;
         }
-        let mut stack: Vec<(&StorePath, Vec<&StorePath>)> = Vec::new();
-        let refs = |p: &StorePath| -> Vec<&StorePath> {
-            by_path[p]
-                .references
-                .iter()
-                .filter(|r| *r != p && batch.contains(r))
-                .map(|r| *batch.get(r).expect("in batch"))
-                .collect()
-        };
-        state.insert(start, 1);
-        stack.push((start, refs(start)));
-        while let Some((p, pending)) = stack.last_mut() {
-            match pending.pop() {
-                Some(r) => match state.get(r).copied().unwrap_or(0) {
+        state[start] = 1;
+        let mut stack: Vec<(usize, usize)> = vec![(start, 0)];
+        while let Some((node, next)) = stack.last_mut() {
+            let n = *node;
+            if let Some(&r) = edges[n].get(*next) {
+                *next += 1;
+                match state[r] {
                     0 => {
-                        state.insert(r, 1);
-                        let rr = refs(r);
-                        stack.push((r, rr));
+                        state[r] = 1;
+                        stack.push((r, 0));
                     }
                     1 => {
                         return Err(Error::Invalid(format!(
                             "cycle detected in the references of '{}' from '{}'",
-                            sd.display(r),
-                            sd.display(p)
+                            sd.display(&infos[r].path),
+                            sd.display(&infos[n].path)
                         )))
                     }
                     _ => {}
-                },
-                None => {
-                    state.insert(p, 2);
-                    stack.pop();
                 }
+            } else {
+                state[n] = 2;
+                stack.pop();
             }
         }
     }

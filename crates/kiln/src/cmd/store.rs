@@ -339,14 +339,8 @@ pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                 Ok(())
             };
             if what.requisites || what.referrers_closure {
-                for p in &targets {
-                    valid(p)?;
-                }
-                let set = store.closure(&targets, what.referrers_closure)?;
                 // Dependencies first, as `nix-store -qR` prints them.
-                for p in export::topo_sort(&store, &set)? {
-                    lines.push(store.print(&p));
-                }
+                lines = store.closure_in_order(&targets, what.referrers_closure)?;
             } else {
                 let mut seen = BTreeSet::new();
                 for p in &targets {
@@ -451,9 +445,11 @@ pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                 },
             )?;
             if deleting {
+                let mut err = BufWriter::new(std::io::stderr().lock());
                 for p in &r.paths {
-                    eprintln!("deleting '{p}'");
+                    writeln!(err, "deleting '{p}'")?;
                 }
+                err.flush()?;
                 writeln!(
                     out,
                     "{} store paths deleted, {:.2} MiB freed",
@@ -591,6 +587,16 @@ fn register_validity(
             .with_context(|| format!("missing input: expected {what}"))
     };
     let mut infos = Vec::new();
+    let me = (
+        rustix::process::geteuid().as_raw(),
+        rustix::process::getegid().as_raw(),
+    );
+    let store_fd = rustix::fs::open(
+        &store.layout().real_store_dir,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .with_context(|| format!("opening '{}'", store.layout().real_store_dir.display()))?;
     loop {
         let path_line = match lines_next_or_end(&mut next)? {
             Some(l) => l,
@@ -613,19 +619,14 @@ fn register_validity(
         for _ in 0..count {
             refs.insert(store.parse_path(&next("a reference")?)?);
         }
-        if !reregister && store.is_valid(&p)? {
-            continue;
-        }
         let real = store.real_path(&p);
         if canonicalise {
-            let me = (nix_uid(), nix_gid());
-            kiln_store::fsutil::canonicalise(
-                &real,
-                kiln_store::fsutil::Ownership {
-                    expected_uid: None,
-                    target: me,
-                },
-            )?;
+            let name = std::ffi::CString::new(p.base_name())?;
+            let own = kiln_store::fsutil::Ownership {
+                expected_uid: None,
+                target: me,
+            };
+            kiln_store::fsutil::canonicalise_at(&store_fd, &name, &real, own)?;
         }
         let (hash, size) = match hash {
             Some(h) => (h, size),
@@ -637,6 +638,10 @@ fn register_validity(
             info.deriver = Some(store.parse_path(&deriver)?);
         }
         infos.push(info);
+    }
+    if !reregister {
+        let valid = store.query_valid_paths(infos.iter().map(|i| &i.path))?;
+        infos.retain(|i| !valid.contains(&i.path));
     }
     store.register_valid_paths(&infos)?;
     Ok(())
@@ -651,15 +656,4 @@ fn lines_next_or_end(
         Err(e) if e.to_string().contains("missing input") => Ok(None),
         Err(e) => Err(e),
     }
-}
-
-fn nix_uid() -> u32 {
-    std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
-        .unwrap_or(0)
-}
-fn nix_gid() -> u32 {
-    std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
-        .unwrap_or(0)
 }
