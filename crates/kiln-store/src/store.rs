@@ -449,6 +449,7 @@ impl LocalStore {
     /// valid or in the batch, derivations must have correct output paths, and the batch may
     /// not contain reference cycles (other than self-references).
     pub fn register_valid_paths(&self, infos: &[ValidPathInfo]) -> Result<()> {
+        self.require_writable("register paths")?;
         if infos.is_empty() {
             return Ok(());
         }
@@ -559,8 +560,17 @@ impl LocalStore {
 
     // ---- adding ---------------------------------------------------------------------------
 
+    fn require_writable(&self, what: &str) -> Result<()> {
+        if self.db.is_read_only() {
+            return Err(Error::ReadOnly(what.to_string()));
+        }
+        Ok(())
+    }
+
     /// A fresh temporary store path (a temp root until dropped) named after `name`.
     fn temp_path(&self, name: &str) -> Result<TempPath<'_>> {
+        // Refuse before anything is written into the store directory.
+        self.require_writable(&format!("add '{name}'"))?;
         let mut digest = [0u8; 20];
         rand::Rng::fill(&mut rand::thread_rng(), &mut digest);
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
@@ -853,9 +863,19 @@ impl LocalStore {
                     let dumped = dumper
                         .join()
                         .map_err(|_| Error::Corrupt("dump thread panicked".into()))?;
-                    // A dump error explains a truncated archive better than the parser's error.
-                    dumped?;
-                    added
+                    match (added, dumped) {
+                        (Ok(info), Ok(())) => Ok(info),
+                        // The adder stopped reading (it refused the add): its reason counts,
+                        // not the dumper's broken pipe.
+                        (Err(e), Err(kiln_format::Error::Io { source, .. }))
+                            if source.kind() == std::io::ErrorKind::BrokenPipe =>
+                        {
+                            Err(e)
+                        }
+                        // A dump error explains a truncated archive better than the parser's.
+                        (_, Err(d)) => Err(d.into()),
+                        (Err(e), Ok(())) => Err(e),
+                    }
                 })
             }
         }
