@@ -327,6 +327,47 @@ fn remove_xattrs(fd: &OwnedFd, p: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Makes a tree safe to leave where other users may see it, without canonicalising it:
+/// strips setuid, setgid and world-write bits everywhere (CVE-2024-52867, CVE-2025-52992:
+/// the outputs of a failed build must not hand anyone a setuid-to-build-user binary or a
+/// writable store file). Refuses unsupported file types. Walks by descriptor, never following
+/// symlinks.
+pub fn make_safe(path: &Path) -> Result<()> {
+    let (pfd, name) = split(path)?;
+    let mut stack: Vec<(OwnedFd, CString, PathBuf)> = vec![(pfd, name, path.to_path_buf())];
+    while let Some((dir, n, p)) = stack.pop() {
+        let st = match statat(&dir, &n, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(rustix::io::Errno::NOENT) => continue,
+            Err(e) => return Err(Error::io(&p, "stat", e)),
+        };
+        let ty = FileType::from_raw_mode(st.st_mode);
+        match ty {
+            FileType::Symlink => continue,
+            FileType::RegularFile | FileType::Directory => {}
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "file '{}' has an unsupported type",
+                    p.display()
+                )))
+            }
+        }
+        let safe = st.st_mode & 0o7777 & !(0o4000 | 0o2000 | 0o002);
+        rustix::fs::chmodat(&dir, &n, Mode::from_raw_mode(safe), AtFlags::empty())
+            .map_err(|e| Error::io(&p, "make safe", e))?;
+        if ty == FileType::Directory {
+            let fd = open_dir_at(&dir, &n, &p)?;
+            for (c, _) in entries(&fd, &p)? {
+                let child = p.join(OsStr::from_bytes(c.to_bytes()));
+                let dup = rustix::io::fcntl_dupfd_cloexec(&fd, 0)
+                    .map_err(|e| Error::io(&p, "duplicate", e))?;
+                stack.push((dup, c, child));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Creates a directory (and parents) with `mode` if missing.
 pub fn ensure_dir(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;

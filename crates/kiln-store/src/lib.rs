@@ -31,4 +31,4 @@ pub mod verify;
 
 pub use config::{Layout, LayoutSpec, Preset, Settings};
 pub use error::{Error, Result};
-pub use store::{AddOptions, LocalStore, StoreOptions};
+pub use store::{AddOptions, LocalStore, ScratchPath, StoreOptions};

@@ -113,15 +113,33 @@ fn read_drv_file(
     Derivation::parse(sd, name, &text)
 }
 
-/// A temporary store path being filled; removed on drop unless disarmed.
-struct TempPath<'a> {
+/// A temporary store path being filled; removed on drop unless kept. It is a temp root
+/// while it lives, so no collector (of this or another process) removes it.
+pub struct ScratchPath<'a> {
     store: &'a LocalStore,
     path: StorePath,
     real: PathBuf,
     armed: bool,
 }
 
-impl Drop for TempPath<'_> {
+impl ScratchPath<'_> {
+    /// Where it is on disk.
+    pub fn real(&self) -> &Path {
+        &self.real
+    }
+    /// Keeps the contents (they were moved elsewhere or are wanted).
+    pub fn keep(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl std::fmt::Debug for ScratchPath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ScratchPath({})", self.real.display())
+    }
+}
+
+impl Drop for ScratchPath<'_> {
     fn drop(&mut self) {
         if self.armed {
             if let Err(e) = fsutil::remove_tree(&self.real) {
@@ -184,15 +202,34 @@ impl LocalStore {
             Mode::empty(),
         )
         .map_err(|e| Error::io(&layout.real_store_dir, "open store directory", e))?;
-        let db = Db::open(&layout.db_dir(), opts.new_schema, opts.read_only)?;
-        // Nix holds `big-lock` shared while it uses the store and exclusive while it upgrades
-        // the schema; holding it shared keeps a Nix upgrade from running under us.
+        // Nix holds `big-lock` exclusively while it creates or upgrades the schema and shared
+        // while it uses the store. kiln does the same: two processes opening a new store at
+        // once cannot race on creating the database, and a Nix upgrade cannot run under us.
         let big_lock = if opts.read_only {
             None
         } else {
+            fsutil::ensure_dir(&layout.db_dir(), 0o755)?;
             let p = layout.db_dir().join("big-lock");
-            let fd = open_lock_file(&p)?;
-            FdLock::acquire(fd, LockKind::Shared, true, &p)?.ok()
+            // Exclusive only to create or upgrade the schema: an existing, current database
+            // is opened under the shared lock (another kiln or Nix may hold it shared).
+            let current = std::fs::read_to_string(layout.db_dir().join("schema"))
+                .is_ok_and(|v| matches!(v.trim(), "7" | "10"));
+            let init = if current {
+                None
+            } else {
+                FdLock::acquire(open_lock_file(&p)?, LockKind::Exclusive, true, &p)?.ok()
+            };
+            let db = Db::open(&layout.db_dir(), opts.new_schema, opts.read_only);
+            drop(init);
+            let shared = FdLock::acquire(open_lock_file(&p)?, LockKind::Shared, true, &p)?.ok();
+            Some((db?, shared))
+        };
+        let (db, big_lock) = match big_lock {
+            Some((db, l)) => (db, l),
+            None => (
+                Db::open(&layout.db_dir(), opts.new_schema, opts.read_only)?,
+                None,
+            ),
         };
         let hasher = Mutex::new(DerivationHasher::new(DrvFiles {
             real_store_dir: layout.real_store_dir.clone(),
@@ -434,6 +471,11 @@ impl LocalStore {
         self.temp_roots.remove(p)
     }
 
+    /// A fresh scratch location in the store (for build outputs being rewritten or copied).
+    pub fn scratch_path(&self, name: &str) -> Result<ScratchPath<'_>> {
+        self.temp_path(name)
+    }
+
     // ---- registration ---------------------------------------------------------------------
 
     /// Makes the contents of everything written so far durable.
@@ -568,7 +610,7 @@ impl LocalStore {
     }
 
     /// A fresh temporary store path (a temp root until dropped) named after `name`.
-    fn temp_path(&self, name: &str) -> Result<TempPath<'_>> {
+    fn temp_path(&self, name: &str) -> Result<ScratchPath<'_>> {
         // Refuse before anything is written into the store directory.
         self.require_writable(&format!("add '{name}'"))?;
         let mut digest = [0u8; 20];
@@ -578,7 +620,7 @@ impl LocalStore {
         let p = StorePath::from_parts(&digest, &format!("{base}-kiln-tmp{n}"))?;
         self.add_temp_root(&p)?;
         let real = self.real_path(&p);
-        Ok(TempPath {
+        Ok(ScratchPath {
             store: self,
             path: p,
             real,
@@ -594,7 +636,7 @@ impl LocalStore {
     /// a command-line process keeps it until it exits).
     fn install(
         &self,
-        mut tmp: TempPath<'_>,
+        mut tmp: ScratchPath<'_>,
         info: ValidPathInfo,
         opts: AddOptions,
     ) -> Result<ValidPathInfo> {
@@ -925,7 +967,7 @@ impl LocalStore {
 }
 
 /// A restored archive waiting for its final path.
-pub(crate) struct TempNar<'a>(TempPath<'a>);
+pub(crate) struct TempNar<'a>(ScratchPath<'a>);
 
 /// NAR hash and size of a regular non-executable file already written at `path`.
 fn flat_nar_hash(path: &Path, size: u64) -> Result<(Hash, u64)> {

@@ -1,5 +1,7 @@
 //! The subcommands.
 
+mod build;
+mod builtin;
 mod common;
 mod drv;
 mod hash;
@@ -30,11 +32,21 @@ pub enum Command {
     /// Work with the local store (add, query, export/import, gc, optimise, verify).
     #[command(subcommand)]
     Store(store::StoreCmd),
+    /// Build derivations, store paths or recipes; prints the output paths.
+    Build(build::BuildArgs),
+    /// Print the build log of a derivation (or of the derivation that built a path).
+    Log(build::LogArgs),
+    /// Run a built-in builder (used as the builder process of `builtin:*` derivations).
+    #[command(name = "__builtin", hide = true)]
+    Builtin { name: String },
 }
 
 pub fn run(args: &StoreArgs, cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::Store(c) => store::run(args, c),
+        Command::Build(b) => build::build(args, b),
+        Command::Log(l) => build::log(args, l),
+        Command::Builtin { name } => builtin::run(&name),
         Command::Nar(c) => nar::run(c),
         Command::Hash(c) => hash::run(c),
         Command::Drv(c) => drv::run(args.store_dir.clone(), c),

@@ -1,0 +1,1027 @@
+//! One build, on its own thread: from an empty build directory to registered outputs.
+//!
+//! The scheduler holds the output locks and a build slot; the job creates the build
+//! directory, computes the environment, starts the builder, relays its output with the
+//! limits applied (silence, wall clock, log size), then checks and registers what it
+//! produced. Nothing here blocks the scheduler.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_format::hash::{HashSink, Hasher};
+use kiln_format::refscan::RefScanner;
+use kiln_format::{
+    nar, ContentAddress, Derivation, FileIngestionMethod, HashAlgo, StorePath, ValidPathInfo,
+};
+use kiln_store::{fsutil, LocalStore};
+
+use crate::env::{prepare_env, EnvInputs};
+use crate::log::LogWriter;
+use crate::result::{BuildResult, BuildStatus, FailureKinds};
+use crate::rewrite;
+use crate::settings::BuildSettings;
+
+/// How a derivation is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BuildMode {
+    Normal,
+    /// Rebuild (or re-substitute) corrupt paths and replace them.
+    Repair,
+    /// Rebuild valid outputs and compare.
+    Check,
+}
+
+/// What a job reports while it runs.
+#[derive(Debug, Clone)]
+pub enum JobEvent {
+    Started {
+        pid: i32,
+        log_file: String,
+        round: u32,
+        rounds: u32,
+    },
+    Log(Arc<[u8]>),
+}
+
+/// Shared between the scheduler and a running job.
+#[derive(Debug, Default)]
+pub struct JobControl {
+    pid: AtomicI32,
+    cancelled: AtomicBool,
+}
+
+impl JobControl {
+    /// Stops the build: kills the builder's process group; the job then ends.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        kiln_sandbox::spawn::kill_group(self.pid.load(Ordering::SeqCst), SIGKILL);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+}
+
+const SIGKILL: i32 = 9;
+
+/// Everything a job needs.
+pub struct JobSpec {
+    pub store: Arc<LocalStore>,
+    pub drv_path: StorePath,
+    pub drv: Arc<Derivation>,
+    pub settings: Arc<BuildSettings>,
+    pub mode: BuildMode,
+    /// Outputs (by name) that were valid when the locks were taken.
+    pub valid_outputs: BTreeSet<String>,
+    /// The closure of the inputs.
+    pub input_paths: BTreeSet<StorePath>,
+    pub events: Box<dyn Fn(JobEvent) + Send>,
+}
+
+impl std::fmt::Debug for JobSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "JobSpec({})", self.drv_path)
+    }
+}
+
+/// A failed step.
+struct Failure {
+    status: BuildStatus,
+    msg: String,
+    kinds: FailureKinds,
+}
+
+impl Failure {
+    fn new(status: BuildStatus, msg: impl Into<String>) -> Self {
+        let kinds = FailureKinds {
+            permanent: status == BuildStatus::PermanentFailure,
+            timed_out: status == BuildStatus::TimedOut,
+            ..Default::default()
+        };
+        Failure {
+            status,
+            msg: msg.into(),
+            kinds,
+        }
+    }
+    fn misc(e: impl std::fmt::Display) -> Self {
+        Failure::new(BuildStatus::MiscFailure, e.to_string())
+    }
+}
+
+/// Per-output plan for this build.
+#[derive(Debug, Clone)]
+struct OutputPlan {
+    name: String,
+    path: StorePath,
+    /// Where the builder writes it: the real path, or a redirected path (hash rewriting).
+    build_path: StorePath,
+    redirected: bool,
+}
+
+static BUILD_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Runs the build; never panics on bad input, always returns a result.
+pub fn run(spec: JobSpec, ctl: &JobControl) -> (BuildResult, Vec<ValidPathInfo>) {
+    let start = now();
+    let out = run_inner(&spec, ctl);
+    let mut res = match out {
+        Ok((infos, times)) => {
+            let mut r = BuildResult::new(BuildStatus::Built);
+            r.times_built = times;
+            for (name, p) in spec.drv.output_paths() {
+                r.outputs.insert(name.to_string(), p.clone());
+            }
+            r.start_time = start;
+            r.stop_time = now();
+            return (r, infos);
+        }
+        Err(f) => {
+            let mut r = BuildResult::new(f.status);
+            r.error = f.msg;
+            r.failure = f.kinds;
+            r.non_deterministic = f.status == BuildStatus::NotDeterministic;
+            r
+        }
+    };
+    res.start_time = start;
+    res.stop_time = now();
+    (res, Vec::new())
+}
+
+/// The path the builder writes instead of a valid output: same length, another hash
+/// (the reference's `addHashRewrite`).
+fn redirect(spec: &JobSpec, path: &StorePath) -> Result<StorePath, Failure> {
+    let sd = spec.store.store_dir();
+    let h = kiln_format::Hash::sha256(
+        format!(
+            "rewrite:{}:{}",
+            sd.display(&spec.drv_path),
+            sd.display(path)
+        )
+        .as_bytes(),
+    );
+    let h32 = &h.to_base32()[..32];
+    StorePath::from_base_name(&format!("{h32}-{}", path.name())).map_err(Failure::misc)
+}
+
+fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<(Vec<ValidPathInfo>, u32), Failure> {
+    let store = &spec.store;
+    let sd = store.store_dir();
+    let layout = store.layout();
+    if layout.real_store_dir != Path::new(sd.as_str()) {
+        return Err(Failure::misc(format!(
+            "cannot build '{}' without the sandbox: the store's files are at '{}', not at its logical location '{}'",
+            sd.display(&spec.drv_path),
+            layout.real_store_dir.display(),
+            sd
+        )));
+    }
+    let drv = &spec.drv;
+    let fixed = drv.fixed_output().copied();
+    let rounds = if fixed.is_some() || spec.mode == BuildMode::Check {
+        1
+    } else {
+        spec.settings.build_repeat + 1
+    };
+    // Plan outputs: valid ones (and every one when checking or repairing) are redirected.
+    let mut plans = Vec::new();
+    let mut to_tmp: BTreeMap<String, String> = BTreeMap::new();
+    let mut from_tmp: BTreeMap<String, String> = BTreeMap::new();
+    for (name, path) in drv.output_paths() {
+        let redirected = spec.mode != BuildMode::Normal || spec.valid_outputs.contains(name);
+        let build_path = if redirected {
+            let r = redirect(spec, path)?;
+            to_tmp.insert(path.hash_part().to_string(), r.hash_part().to_string());
+            from_tmp.insert(r.hash_part().to_string(), path.hash_part().to_string());
+            r
+        } else {
+            path.clone()
+        };
+        plans.push(OutputPlan {
+            name: name.to_string(),
+            path: path.clone(),
+            build_path,
+            redirected,
+        });
+    }
+    let mut prev: Option<Vec<ValidPathInfo>> = None;
+    let mut last = Vec::new();
+    for round in 1..=rounds {
+        let infos = build_round(
+            spec,
+            ctl,
+            &plans,
+            &to_tmp,
+            &from_tmp,
+            fixed.is_some(),
+            round,
+            rounds,
+        )?;
+        if let Some(p) = &prev {
+            for (a, b) in p.iter().zip(&infos) {
+                if a.nar_hash != b.nar_hash || a.references != b.references {
+                    let mut f = Failure::new(
+                        BuildStatus::NotDeterministic,
+                        format!(
+                            "output '{}' of '{}' differs from previous round",
+                            sd.display(&a.path),
+                            sd.display(&spec.drv_path)
+                        ),
+                    );
+                    f.kinds.check_mismatch = true;
+                    discard_outputs(spec, &plans);
+                    return Err(f);
+                }
+            }
+        }
+        if round < rounds {
+            // The next round writes the same paths: move this round's outputs away.
+            discard_outputs(spec, &plans);
+        }
+        prev = Some(infos.clone());
+        last = infos;
+    }
+    // Register what was built (all at once, so cycles between outputs are refused).
+    let mut to_register = Vec::new();
+    for (plan, info) in plans.iter().zip(last) {
+        match spec.mode {
+            BuildMode::Check => {
+                let valid = store.path_info(&plan.path).map_err(Failure::misc)?;
+                let built_at = store.real_path(&plan.build_path);
+                if valid.nar_hash != info.nar_hash {
+                    let check =
+                        PathBuf::from(format!("{}-check", store.real_path(&plan.path).display()));
+                    let msg = if spec.settings.keep_failed {
+                        let _ = fsutil::remove_tree(&check);
+                        std::fs::rename(&built_at, &check).map_err(|e| {
+                            Failure::misc(format!("keeping '{}': {e}", check.display()))
+                        })?;
+                        format!(
+                            "derivation '{}' may not be deterministic: output '{}' differs from '{}'",
+                            sd.display(&spec.drv_path),
+                            sd.display(&plan.path),
+                            check.display()
+                        )
+                    } else {
+                        let _ = fsutil::remove_tree(&built_at);
+                        format!(
+                            "derivation '{}' may not be deterministic: output '{}' differs",
+                            sd.display(&spec.drv_path),
+                            sd.display(&plan.path)
+                        )
+                    };
+                    let mut f = Failure::new(BuildStatus::NotDeterministic, msg);
+                    f.kinds.check_mismatch = true;
+                    discard_outputs(spec, &plans);
+                    return Err(f);
+                }
+                let _ = fsutil::remove_tree(&built_at);
+            }
+            BuildMode::Repair => {
+                // Swap the rebuilt, verified contents in for the damaged ones.
+                let real = store.real_path(&plan.path);
+                let built_at = store.real_path(&plan.build_path);
+                if std::fs::symlink_metadata(&real).is_ok() {
+                    rustix::fs::renameat_with(
+                        rustix::fs::CWD,
+                        &built_at,
+                        rustix::fs::CWD,
+                        &real,
+                        rustix::fs::RenameFlags::EXCHANGE,
+                    )
+                    .map_err(|e| Failure::misc(format!("replacing '{}': {e}", real.display())))?;
+                    let _ = fsutil::remove_tree(&built_at);
+                } else {
+                    std::fs::rename(&built_at, &real).map_err(|e| {
+                        Failure::misc(format!("moving into '{}': {e}", real.display()))
+                    })?;
+                }
+                to_register.push(info);
+            }
+            BuildMode::Normal if plan.redirected => {
+                // Was already valid: the rebuilt copy is not needed.
+                let _ = fsutil::remove_tree(&store.real_path(&plan.build_path));
+            }
+            BuildMode::Normal => to_register.push(info),
+        }
+    }
+    store.register_valid_paths(&to_register).map_err(|e| {
+        let mut f = Failure::new(BuildStatus::OutputRejected, e.to_string());
+        f.kinds = FailureKinds::default();
+        f
+    })?;
+    Ok((to_register, rounds))
+}
+
+/// Removes outputs of a round that is not kept.
+fn discard_outputs(spec: &JobSpec, plans: &[OutputPlan]) {
+    for p in plans {
+        if p.redirected || !spec.store.is_valid(&p.path).unwrap_or(true) {
+            let _ = fsutil::remove_tree(&spec.store.real_path(&p.build_path));
+        }
+    }
+}
+
+/// Creates the build directory: `<builds>/kiln-build-<drv name>-<n>`, inside a directory
+/// only the daemon's user can enter (CVE-2025-52991: no predictable names in a shared
+/// `/tmp`, so nobody can squat or symlink them).
+fn make_build_dir(spec: &JobSpec) -> Result<PathBuf, Failure> {
+    let parent = spec
+        .settings
+        .build_dir
+        .clone()
+        .unwrap_or_else(|| spec.store.layout().builds_dir());
+    fsutil::ensure_dir(&parent, 0o700).map_err(Failure::misc)?;
+    let meta = std::fs::metadata(&parent)
+        .map_err(|e| Failure::misc(format!("'{}': {e}", parent.display())))?;
+    use std::os::unix::fs::MetadataExt;
+    if meta.mode() & 0o002 != 0 {
+        return Err(Failure::misc(format!(
+            "the build directory '{}' is world-writable; refusing to build in it",
+            parent.display()
+        )));
+    }
+    let name = spec
+        .drv_path
+        .derivation_name()
+        .unwrap_or(spec.drv_path.name());
+    loop {
+        let n = BUILD_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let d = parent.join(format!("kiln-build-{name}.drv-{}-{n}", std::process::id()));
+        match std::fs::create_dir(&d) {
+            Ok(()) => {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))
+                    .map_err(Failure::misc)?;
+                return Ok(d);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(Failure::misc(format!(
+                    "creating build directory '{}': {e}",
+                    d.display()
+                )))
+            }
+        }
+    }
+}
+
+/// Writes a file into the build directory exclusively, without following symlinks.
+fn write_build_file(dir: &Path, name: &str, contents: &[u8]) -> Result<(), Failure> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(Failure::new(
+            BuildStatus::InputRejected,
+            format!("invalid build file name '{name}'"),
+        ));
+    }
+    let dfd = rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| Failure::misc(format!("opening '{}': {e}", dir.display())))?;
+    let fd = rustix::fs::openat(
+        &dfd,
+        name,
+        rustix::fs::OFlags::WRONLY
+            | rustix::fs::OFlags::CREATE
+            | rustix::fs::OFlags::EXCL
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::from_raw_mode(0o644),
+    )
+    .map_err(|e| Failure::misc(format!("creating '{}/{name}': {e}", dir.display())))?;
+    std::fs::File::from(fd)
+        .write_all(contents)
+        .map_err(|e| Failure::misc(format!("writing '{}/{name}': {e}", dir.display())))
+}
+
+/// Closure for `exportReferencesGraph`: the closure of `p`, plus the output closures of
+/// derivations in it.
+fn export_graph(
+    store: &LocalStore,
+    p: &StorePath,
+) -> crate::Result<Vec<(StorePath, BTreeSet<StorePath>)>> {
+    if !store.is_valid(p)? {
+        return Err(crate::Error::Invalid(format!(
+            "'exportReferencesGraph' contains an invalid path '{}'",
+            store.print(p)
+        )));
+    }
+    let mut set = store.closure([p], false)?;
+    let drvs: Vec<StorePath> = set.iter().filter(|q| q.is_derivation()).cloned().collect();
+    for d in drvs {
+        let outs: Vec<StorePath> = store
+            .read_derivation(&d)?
+            .output_paths()
+            .map(|(_, o)| o.clone())
+            .collect();
+        let valid: Vec<StorePath> = outs
+            .into_iter()
+            .filter(|o| store.is_valid(o).unwrap_or(false))
+            .collect();
+        set.extend(store.closure(&valid, false)?);
+    }
+    let mut out = Vec::new();
+    for q in set {
+        let refs = store.path_info(&q)?.references;
+        out.push((q, refs));
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_round(
+    spec: &JobSpec,
+    ctl: &JobControl,
+    plans: &[OutputPlan],
+    to_tmp: &BTreeMap<String, String>,
+    from_tmp: &BTreeMap<String, String>,
+    fixed: bool,
+    round: u32,
+    rounds: u32,
+) -> Result<Vec<ValidPathInfo>, Failure> {
+    let store = &spec.store;
+    let sd = store.store_dir();
+    let drv = &spec.drv;
+    let drv_abs = sd.display(&spec.drv_path);
+    // Leftovers of earlier attempts (never valid) go first.
+    for p in plans {
+        let real = store.real_path(&p.build_path);
+        if std::fs::symlink_metadata(&real).is_ok()
+            && (p.redirected || !store.is_valid(&p.build_path).unwrap_or(true))
+        {
+            tracing::info!("removing invalid path '{}'", real.display());
+            fsutil::remove_tree(&real).map_err(Failure::misc)?;
+        }
+    }
+    let build_dir = make_build_dir(spec)?;
+    let mut keep_dir = false;
+    let result = (|| {
+        let top = build_dir.to_string_lossy().into_owned();
+        let outputs: BTreeMap<String, String> = plans
+            .iter()
+            .map(|p| (p.name.clone(), sd.display(&p.build_path)))
+            .collect();
+        let impure = |v: &str| std::env::var(v).ok();
+        let graph = |p: &StorePath| export_graph(store, p);
+        let prepared = prepare_env(&EnvInputs {
+            drv,
+            store_dir: sd,
+            build_top: &top,
+            cores: spec.settings.cores,
+            outputs: &outputs,
+            impure: &impure,
+            graph: &graph,
+        })
+        .map_err(|e| {
+            let mut f = Failure::new(BuildStatus::InputRejected, e.to_string());
+            f.kinds.permanent = true;
+            f
+        })?;
+        for f in &prepared.files {
+            let contents =
+                rewrite::rewrite_str(&String::from_utf8_lossy(&f.contents), to_tmp).into_bytes();
+            write_build_file(
+                &build_dir,
+                &f.name,
+                if to_tmp.is_empty() {
+                    &f.contents
+                } else {
+                    &contents
+                },
+            )?;
+        }
+        let env: Vec<CString> = prepared
+            .env
+            .iter()
+            .map(|(k, v)| CString::new(rewrite::rewrite_str(&format!("{k}={v}"), to_tmp)))
+            .collect::<Result<_, _>>()
+            .map_err(|_| {
+                Failure::new(
+                    BuildStatus::InputRejected,
+                    "an environment variable contains a NUL byte",
+                )
+            })?;
+        let (program, mut args) = builder_command(drv)?;
+        args = args
+            .into_iter()
+            .map(|a| rewrite::rewrite_str(&a, to_tmp))
+            .collect();
+        let args: Vec<CString> = args
+            .into_iter()
+            .map(CString::new)
+            .collect::<Result<_, _>>()
+            .map_err(|_| {
+                Failure::new(
+                    BuildStatus::InputRejected,
+                    "a builder argument contains a NUL byte",
+                )
+            })?;
+        let personality = (drv.platform == "i686-linux" && spec.settings.system == "x86_64-linux"
+            || drv.platform == "armhf-linux" && spec.settings.system == "aarch64-linux")
+            .then_some(0x0008u64);
+        let log = if spec.settings.keep_build_log {
+            Some(
+                LogWriter::create(
+                    &store.layout().log_dir,
+                    &spec.drv_path,
+                    spec.settings.log_compression,
+                )
+                .map_err(Failure::misc)?,
+            )
+        } else {
+            None
+        };
+        let (read_end, write_end) = kiln_sandbox::spawn::pipe_cloexec().map_err(Failure::misc)?;
+        let child = kiln_sandbox::spawn(kiln_sandbox::ChildSpec {
+            program: CString::new(program).map_err(|_| {
+                Failure::new(
+                    BuildStatus::InputRejected,
+                    "the builder contains a NUL byte",
+                )
+            })?,
+            args,
+            env,
+            cwd: CString::new(build_dir.as_os_str().as_bytes()).map_err(Failure::misc)?,
+            output: write_end,
+            personality,
+            uname26: spec.settings.impersonate_linux_26
+                && matches!(drv.platform.as_str(), "i686-linux" | "x86_64-linux"),
+            user: None,
+            oom_score_adj: true,
+        })
+        .map_err(Failure::misc)?;
+        ctl.pid.store(child.pid, Ordering::SeqCst);
+        let log_file = log
+            .as_ref()
+            .map(|(_, p)| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        (spec.events)(JobEvent::Started {
+            pid: child.pid,
+            log_file,
+            round,
+            rounds,
+        });
+        let outcome = monitor(spec, ctl, child.pid, read_end, log.map(|(w, _)| w));
+        ctl.pid.store(0, Ordering::SeqCst);
+        let status = match outcome {
+            Monitor::Exited(st) => st,
+            Monitor::Stopped(f) => return Err(f),
+        };
+        if kiln_sandbox::spawn::exit_code(status) != Some(0) {
+            let disk_full =
+                disk_nearly_full(&store.layout().real_store_dir) || disk_nearly_full(&build_dir);
+            if disk_full {
+                (spec.events)(JobEvent::Log(Arc::from(
+                    &b"note: build failure may have been caused by lack of free disk space\n"[..],
+                )));
+            }
+            let status_text = kiln_sandbox::spawn::describe_status(status);
+            let kind = if fixed || disk_full {
+                BuildStatus::TransientFailure
+            } else {
+                BuildStatus::PermanentFailure
+            };
+            keep_dir = spec.settings.keep_failed;
+            return Err(Failure::new(
+                kind,
+                format!("builder for '{drv_abs}' {status_text}"),
+            ));
+        }
+        // Collect the outputs.
+        let mut all_paths: Vec<StorePath> = spec.input_paths.iter().cloned().collect();
+        all_paths.extend(plans.iter().map(|p| p.path.clone()));
+        let mut infos = Vec::new();
+        for p in plans {
+            infos.push(
+                register_output(spec, p, from_tmp, &all_paths).inspect_err(|_| {
+                    keep_dir = spec.settings.keep_failed;
+                })?,
+            );
+        }
+        check_references(spec, &infos)?;
+        Ok(infos)
+    })();
+    match &result {
+        Err(f) if f.status != BuildStatus::NotDeterministic || keep_dir => {
+            if keep_dir {
+                keep_build_dir(spec, &build_dir);
+            } else {
+                let _ = fsutil::remove_tree(&build_dir);
+            }
+            // Outputs of a failed build are not kept in the store unless asked for, and even
+            // then never setuid or world-writable (CVE-2024-52867, CVE-2025-52992).
+            for p in plans {
+                let real = store.real_path(&p.build_path);
+                if std::fs::symlink_metadata(&real).is_ok()
+                    && !store.is_valid(&p.build_path).unwrap_or(true)
+                {
+                    if spec.settings.keep_failed {
+                        let _ = fsutil::make_safe(&real);
+                    } else {
+                        let _ = fsutil::remove_tree(&real);
+                    }
+                }
+            }
+        }
+        _ => {
+            let _ = fsutil::remove_tree(&build_dir);
+        }
+    }
+    result
+}
+
+/// `keep-failed`: the build directory stays, owned by whoever asked (never handed to root
+/// by a chown, and made safe first so the kept tree carries no setuid files).
+fn keep_build_dir(spec: &JobSpec, dir: &Path) {
+    let _ = fsutil::make_safe(dir);
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    if let Some((uid, gid)) = spec.settings.client.filter(|(u, _)| *u != 0) {
+        let _ = chown_tree(dir, uid, gid);
+    }
+    (spec.events)(JobEvent::Log(Arc::from(
+        format!("note: keeping build directory '{}'\n", dir.display()).into_bytes(),
+    )));
+}
+
+fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        std::os::unix::fs::lchown(&p, Some(uid), Some(gid))?;
+        let m = std::fs::symlink_metadata(&p)?;
+        if m.is_dir() {
+            for e in std::fs::read_dir(&p)? {
+                stack.push(e?.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The builder program and its argv. `builtin:…` builders run as `kiln __builtin NAME`.
+fn builder_command(drv: &Derivation) -> Result<(String, Vec<String>), Failure> {
+    if let Some(name) = drv.builder.strip_prefix("builtin:") {
+        let exe = std::env::current_exe()
+            .map_err(|e| Failure::misc(format!("cannot find kiln's own executable: {e}")))?;
+        let exe = exe.to_string_lossy().into_owned();
+        return Ok((exe.clone(), vec![exe, "__builtin".into(), name.into()]));
+    }
+    let base = Path::new(&drv.builder)
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut args = vec![base];
+    args.extend(drv.args.iter().cloned());
+    Ok((drv.builder.clone(), args))
+}
+
+fn disk_nearly_full(p: &Path) -> bool {
+    rustix::fs::statvfs(p).is_ok_and(|s| s.f_bavail.saturating_mul(s.f_frsize) < 8 << 20)
+}
+
+enum Monitor {
+    Exited(i32),
+    Stopped(Failure),
+}
+
+/// Relays the builder's output until it is done, enforcing the limits.
+fn monitor(
+    spec: &JobSpec,
+    ctl: &JobControl,
+    pid: i32,
+    pipe: OwnedFd,
+    mut log: Option<LogWriter>,
+) -> Monitor {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let drv_abs = spec.store.print(&spec.drv_path);
+    let s = &spec.settings;
+    let start = Instant::now();
+    let mut last_output = Instant::now();
+    let mut log_size = 0u64;
+    let mut pipe = std::fs::File::from(pipe);
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(pid).expect("positive pid"),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .ok();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut stop: Option<Failure> = None;
+    let mut exited_at: Option<Instant> = None;
+    loop {
+        let mut wait_ms: i64 = 1000;
+        if s.max_silent_time > 0 {
+            let left = Duration::from_secs(s.max_silent_time).saturating_sub(last_output.elapsed());
+            wait_ms = wait_ms.min(left.as_millis() as i64);
+        }
+        if s.timeout > 0 {
+            let left = Duration::from_secs(s.timeout).saturating_sub(start.elapsed());
+            wait_ms = wait_ms.min(left.as_millis() as i64);
+        }
+        if let Some(t) = exited_at {
+            // The builder is gone; stragglers were killed. Drain briefly, then give up on a
+            // descendant that escaped the process group while holding the pipe.
+            let left = Duration::from_secs(1).saturating_sub(t.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            wait_ms = wait_ms.min(left.as_millis() as i64);
+        }
+        let ts = Timespec {
+            tv_sec: wait_ms / 1000,
+            tv_nsec: (wait_ms % 1000) * 1_000_000,
+        };
+        let mut fds = vec![PollFd::new(&pipe, PollFlags::IN)];
+        if let (Some(p), None) = (&pidfd, exited_at) {
+            fds.push(PollFd::new(p, PollFlags::IN));
+        }
+        let _ = poll(&mut fds, Some(&ts));
+        let pipe_ready = !fds[0].revents().is_empty();
+        let child_done = fds.get(1).is_some_and(|f| !f.revents().is_empty());
+        drop(fds);
+        if pipe_ready {
+            match pipe.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    last_output = Instant::now();
+                    log_size += n as u64;
+                    if s.max_log_size > 0 && log_size > s.max_log_size {
+                        stop = Some(Failure::new(
+                            BuildStatus::LogLimitExceeded,
+                            format!("building '{drv_abs}' killed after writing more than {} bytes of log output", s.max_log_size),
+                        ));
+                        kiln_sandbox::spawn::kill_group(pid, SIGKILL);
+                        break;
+                    }
+                    if let Some(l) = log.as_mut() {
+                        let _ = l.write(&buf[..n]);
+                    }
+                    (spec.events)(JobEvent::Log(Arc::from(&buf[..n])));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        if child_done && exited_at.is_none() {
+            // Kill whatever the builder left running in its process group (it is still a
+            // zombie, so its pid cannot have been reused).
+            kiln_sandbox::spawn::kill_group(pid, SIGKILL);
+            exited_at = Some(Instant::now());
+        }
+        if ctl.is_cancelled() {
+            kiln_sandbox::spawn::kill_group(pid, SIGKILL);
+            stop = Some(Failure::misc(format!("build of '{drv_abs}' was cancelled")));
+            break;
+        }
+        if exited_at.is_none()
+            && s.max_silent_time > 0
+            && last_output.elapsed() >= Duration::from_secs(s.max_silent_time)
+        {
+            stop = Some(Failure::new(
+                BuildStatus::TimedOut,
+                format!(
+                    "building '{drv_abs}' timed out after {} seconds of silence",
+                    s.max_silent_time
+                ),
+            ));
+            kiln_sandbox::spawn::kill_group(pid, SIGKILL);
+            break;
+        }
+        if exited_at.is_none() && s.timeout > 0 && start.elapsed() >= Duration::from_secs(s.timeout)
+        {
+            stop = Some(Failure::new(
+                BuildStatus::TimedOut,
+                format!("building '{drv_abs}' timed out after {} seconds", s.timeout),
+            ));
+            kiln_sandbox::spawn::kill_group(pid, SIGKILL);
+            break;
+        }
+    }
+    kiln_sandbox::spawn::kill_group(pid, SIGKILL);
+    let status = kiln_sandbox::spawn::wait(pid).unwrap_or(-1);
+    if let Some(l) = log {
+        let _ = l.finish();
+    }
+    match stop {
+        Some(f) => Monitor::Stopped(f),
+        None => Monitor::Exited(status),
+    }
+}
+
+fn rejected(msg: String) -> Failure {
+    Failure {
+        status: BuildStatus::OutputRejected,
+        msg,
+        kinds: FailureKinds::default(),
+    }
+}
+
+/// Checks, rewrites back, canonicalises, hashes and scans one output.
+fn register_output(
+    spec: &JobSpec,
+    plan: &OutputPlan,
+    from_tmp: &BTreeMap<String, String>,
+    all_paths: &[StorePath],
+) -> Result<ValidPathInfo, Failure> {
+    let store = &spec.store;
+    let sd = store.store_dir();
+    let drv_abs = sd.display(&spec.drv_path);
+    let mut actual = store.real_path(&plan.build_path);
+    let meta = match std::fs::symlink_metadata(&actual) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(rejected(format!(
+                "builder for '{drv_abs}' failed to produce output path '{}'",
+                sd.display(&plan.path)
+            )))
+        }
+        Err(e) => {
+            return Err(Failure::misc(format!(
+                "getting attributes of '{}': {e}",
+                actual.display()
+            )))
+        }
+    };
+    use std::os::unix::fs::MetadataExt;
+    // A group- or world-writable output could have been changed by someone else meanwhile.
+    if !meta.file_type().is_symlink() && meta.mode() & 0o022 != 0 {
+        return Err(rejected(format!(
+            "suspicious ownership or permission on '{}'; rejecting this build output",
+            sd.display(&plan.path)
+        )));
+    }
+    let fixed = spec.drv.fixed_output().copied();
+    // Redirected outputs are rewritten back; fixed outputs are copied to fresh inodes so that
+    // no descriptor the builder passed on can reach the registered path (CVE-2024-27297).
+    if plan.redirected || fixed.is_some() {
+        let mut scratch = store
+            .scratch_path(plan.path.name())
+            .map_err(Failure::misc)?;
+        let rewrites = if plan.redirected {
+            from_tmp.clone()
+        } else {
+            BTreeMap::new()
+        };
+        rewrite::copy_tree(&actual, scratch.real(), &rewrites).map_err(Failure::misc)?;
+        fsutil::remove_tree(&actual).map_err(Failure::misc)?;
+        std::fs::rename(scratch.real(), &actual)
+            .map_err(|e| Failure::misc(format!("moving '{}': {e}", actual.display())))?;
+        scratch.keep();
+        actual = store.real_path(&plan.build_path);
+    }
+    if let Some(f) = fixed {
+        let got = match f.method {
+            FileIngestionMethod::Flat => {
+                let m = std::fs::symlink_metadata(&actual).map_err(Failure::misc)?;
+                if !m.is_file() || m.mode() & 0o100 != 0 {
+                    return Err(rejected(format!(
+                        "output path '{}' should be a non-executable regular file",
+                        sd.display(&plan.path)
+                    )));
+                }
+                let mut h = Hasher::new(f.hash.algo());
+                let mut file = std::fs::File::open(&actual).map_err(Failure::misc)?;
+                std::io::copy(&mut file, &mut h).map_err(Failure::misc)?;
+                h.finish()
+            }
+            FileIngestionMethod::Recursive => {
+                let mut h = HashSink::new(f.hash.algo());
+                nar::dump(&actual, &mut h).map_err(Failure::misc)?;
+                h.finish().0
+            }
+        };
+        if got != f.hash {
+            let mut fl = rejected(format!(
+                "hash mismatch in fixed-output derivation '{drv_abs}':\n  specified: {}\n     got:    {}",
+                f.hash.to_sri(),
+                got.to_sri()
+            ));
+            fl.kinds.hash_mismatch = true;
+            return Err(fl);
+        }
+    }
+    let me = (
+        rustix::process::geteuid().as_raw(),
+        rustix::process::getegid().as_raw(),
+    );
+    fsutil::canonicalise(
+        &actual,
+        fsutil::Ownership {
+            expected_uid: None,
+            target: me,
+        },
+    )
+    .map_err(|e| rejected(e.to_string()))?;
+    // NAR hash and references in one pass over the NAR.
+    let mut scanner = RefScanner::new(all_paths.iter().map(|p| p.hash_part()));
+    let mut sink = HashSink::new(HashAlgo::Sha256);
+    {
+        let mut tee = Tee(&mut sink, &mut scanner);
+        nar::dump(&actual, &mut tee).map_err(Failure::misc)?;
+    }
+    let (nar_hash, nar_size) = sink.finish();
+    let references: BTreeSet<StorePath> = scanner.found().map(|i| all_paths[i].clone()).collect();
+    let mut info = ValidPathInfo::new(plan.path.clone(), nar_hash, nar_size);
+    info.references = references;
+    info.deriver = Some(spec.drv_path.clone());
+    info.ultimate = true;
+    if let Some(f) = fixed {
+        info.ca = Some(ContentAddress::Fixed(f.method, f.hash));
+    }
+    Ok(info)
+}
+
+struct Tee<'a>(&'a mut HashSink, &'a mut RefScanner);
+
+impl Write for Tee<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.update(b);
+        self.1.feed(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `allowedReferences`, `allowedRequisites`, `disallowedReferences`, `disallowedRequisites`:
+/// each a list of store paths or output names.
+fn check_references(spec: &JobSpec, infos: &[ValidPathInfo]) -> Result<(), Failure> {
+    let store = &spec.store;
+    let sd = store.store_dir();
+    let drv = &spec.drv;
+    let by_path: BTreeMap<&StorePath, &ValidPathInfo> =
+        infos.iter().map(|i| (&i.path, i)).collect();
+    let spec_set = |attr: &str| -> Result<Option<BTreeSet<StorePath>>, Failure> {
+        let Some(v) = drv.env.get(attr) else {
+            return Ok(None);
+        };
+        let mut set = BTreeSet::new();
+        for tok in v.split_whitespace() {
+            if let Ok(p) = sd.parse_path(tok) {
+                set.insert(p);
+            } else if let Some(o) = drv.outputs.get(tok).and_then(|o| o.path.clone()) {
+                set.insert(o);
+            } else {
+                return Err(rejected(format!(
+                    "derivation contains an invalid reference specifier '{tok}'"
+                )));
+            }
+        }
+        Ok(Some(set))
+    };
+    for info in infos {
+        for (attr, allowed, recursive) in [
+            ("allowedReferences", true, false),
+            ("allowedRequisites", true, true),
+            ("disallowedReferences", false, false),
+            ("disallowedRequisites", false, true),
+        ] {
+            let Some(set) = spec_set(attr)? else { continue };
+            let used: BTreeSet<StorePath> = if recursive {
+                // Requisites: the closure of the references; sibling outputs are expanded
+                // through their scanned references since they are not valid yet.
+                let mut used = BTreeSet::new();
+                let mut todo: Vec<StorePath> = info.references.iter().cloned().collect();
+                while let Some(p) = todo.pop() {
+                    if !used.insert(p.clone()) {
+                        continue;
+                    }
+                    if let Some(sib) = by_path.get(&p) {
+                        todo.extend(sib.references.iter().cloned());
+                    } else if let Ok(c) = store.closure([&p], false) {
+                        used.extend(c);
+                    }
+                }
+                used
+            } else {
+                info.references.clone()
+            };
+            for u in &used {
+                if set.contains(u) != allowed {
+                    return Err(rejected(format!(
+                        "output '{}' is not allowed to refer to path '{}'",
+                        sd.display(&info.path),
+                        sd.display(u)
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,32 @@
+//! kiln's build engine: realise derivations by substituting or building them.
+//!
+//! * [`scheduler`]: one thread owning the goal graph (derivation and substitution goals,
+//!   the reference's states), shared by all requests.
+//! * [`job`]: one build on its own thread: environment, builder, limits, registration.
+//! * [`env`]: the builder's environment (and `passAsFile`, structured attributes,
+//!   `exportReferencesGraph`).
+//! * [`log`]: build logs where Nix and Guix look for them.
+//! * [`rewrite`]: hash rewriting for builds that must not overwrite valid outputs.
+//! * [`substituter`]: the interface substitution goals use.
+
+#![forbid(unsafe_code)]
+
+pub mod env;
+mod error;
+pub mod event;
+pub mod hook;
+pub mod job;
+pub mod log;
+pub mod recipe;
+pub mod result;
+pub mod rewrite;
+pub mod scheduler;
+pub mod settings;
+pub mod substituter;
+
+pub use error::{Error, Result};
+pub use event::{Event, EventSink, NoEvents};
+pub use job::BuildMode;
+pub use result::{BuildResult, BuildStatus, FailureKinds};
+pub use scheduler::{Request, RequestResult, Scheduler, SchedulerConfig, Target, Ticket};
+pub use settings::{BuildSettings, LogCompression, SandboxMode};

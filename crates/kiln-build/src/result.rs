@@ -1,0 +1,168 @@
+//! Build results, with Nix's status numbering and exit statuses.
+
+use std::collections::BTreeMap;
+
+use kiln_format::StorePath;
+
+/// The outcome of one goal, numbered as the worker protocol numbers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BuildStatus {
+    Built = 0,
+    Substituted = 1,
+    AlreadyValid = 2,
+    PermanentFailure = 3,
+    InputRejected = 4,
+    OutputRejected = 5,
+    TransientFailure = 6,
+    CachedFailure = 7,
+    TimedOut = 8,
+    MiscFailure = 9,
+    DependencyFailed = 10,
+    LogLimitExceeded = 11,
+    NotDeterministic = 12,
+    ResolvesToAlreadyValid = 13,
+    NoSubstituters = 14,
+}
+
+impl BuildStatus {
+    pub fn is_success(self) -> bool {
+        matches!(
+            self,
+            BuildStatus::Built
+                | BuildStatus::Substituted
+                | BuildStatus::AlreadyValid
+                | BuildStatus::ResolvesToAlreadyValid
+        )
+    }
+
+    /// The name used in JSON output and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            BuildStatus::Built => "Built",
+            BuildStatus::Substituted => "Substituted",
+            BuildStatus::AlreadyValid => "AlreadyValid",
+            BuildStatus::PermanentFailure => "PermanentFailure",
+            BuildStatus::InputRejected => "InputRejected",
+            BuildStatus::OutputRejected => "OutputRejected",
+            BuildStatus::TransientFailure => "TransientFailure",
+            BuildStatus::CachedFailure => "CachedFailure",
+            BuildStatus::TimedOut => "TimedOut",
+            BuildStatus::MiscFailure => "MiscFailure",
+            BuildStatus::DependencyFailed => "DependencyFailed",
+            BuildStatus::LogLimitExceeded => "LogLimitExceeded",
+            BuildStatus::NotDeterministic => "NotDeterministic",
+            BuildStatus::ResolvesToAlreadyValid => "ResolvesToAlreadyValid",
+            BuildStatus::NoSubstituters => "NoSubstituters",
+        }
+    }
+}
+
+/// What went wrong beyond the status, for the exit code (Nix's `Worker::exitStatus` flags).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FailureKinds {
+    pub permanent: bool,
+    pub timed_out: bool,
+    pub hash_mismatch: bool,
+    pub check_mismatch: bool,
+}
+
+impl FailureKinds {
+    pub fn merge(&mut self, o: FailureKinds) {
+        self.permanent |= o.permanent;
+        self.timed_out |= o.timed_out;
+        self.hash_mismatch |= o.hash_mismatch;
+        self.check_mismatch |= o.check_mismatch;
+    }
+
+    /// Nix 2.8's exit status: 100 build failure, 101 timeout, 102 hash mismatch, 104
+    /// not deterministic (bits combine), 1 for anything else.
+    pub fn exit_code(self) -> u8 {
+        let mut mask = 0u8;
+        if self.permanent || self.timed_out || self.hash_mismatch {
+            mask |= 0x04;
+        }
+        if self.timed_out {
+            mask |= 0x01;
+        }
+        if self.hash_mismatch {
+            mask |= 0x02;
+        }
+        if self.check_mismatch {
+            mask |= 0x08;
+        }
+        if mask != 0 {
+            mask | 0x60
+        } else {
+            1
+        }
+    }
+}
+
+/// The result of building (or substituting) one derivation or path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildResult {
+    pub status: BuildStatus,
+    pub error: String,
+    pub times_built: u32,
+    pub non_deterministic: bool,
+    /// Seconds since the epoch; 0 when not built.
+    pub start_time: u64,
+    pub stop_time: u64,
+    /// Output name → path, for derivations.
+    pub outputs: BTreeMap<String, StorePath>,
+    pub failure: FailureKinds,
+}
+
+impl BuildResult {
+    pub fn new(status: BuildStatus) -> Self {
+        BuildResult {
+            status,
+            error: String::new(),
+            times_built: 0,
+            non_deterministic: false,
+            start_time: 0,
+            stop_time: 0,
+            outputs: BTreeMap::new(),
+            failure: FailureKinds::default(),
+        }
+    }
+
+    pub fn failed(status: BuildStatus, error: impl Into<String>) -> Self {
+        let mut r = BuildResult::new(status);
+        r.error = error.into();
+        r.failure.permanent = matches!(
+            status,
+            BuildStatus::PermanentFailure | BuildStatus::CachedFailure
+        );
+        r.failure.timed_out = status == BuildStatus::TimedOut;
+        r
+    }
+
+    pub fn success(&self) -> bool {
+        self.status.is_success()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_match_nix() {
+        let k = |p, t, h, c| {
+            FailureKinds {
+                permanent: p,
+                timed_out: t,
+                hash_mismatch: h,
+                check_mismatch: c,
+            }
+            .exit_code()
+        };
+        assert_eq!(k(false, false, false, false), 1);
+        assert_eq!(k(true, false, false, false), 100);
+        assert_eq!(k(false, true, false, false), 101);
+        assert_eq!(k(false, false, true, false), 102);
+        assert_eq!(k(false, false, false, true), 104);
+        assert_eq!(k(false, true, true, false), 103);
+    }
+}

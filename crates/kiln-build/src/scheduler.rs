@@ -1,0 +1,1781 @@
+//! The scheduler: one thread that owns the goal graph.
+//!
+//! It keeps the reference's goals and states (derivation goals: have derivation → try
+//! substitutes → realise inputs → try to build → build done; substitution goals: query →
+//! references → fetch), but:
+//!
+//! * goals are keyed by path and shared by every requester, across requests from different
+//!   clients; a goal nobody waits for any more is cancelled and its builder killed;
+//! * the goals to run next are an ordered set keyed as the reference orders them
+//!   (substitutions before builds, then by name), so each wake-up is O(log n) and the
+//!   order is deterministic; free build slots are handed to one waiter at a time instead of
+//!   waking every waiter whenever any build ends;
+//! * builds, lock waits, queries and downloads run on their own threads and report back
+//!   with messages; nothing slow happens on the scheduler thread.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+
+use kiln_format::{Derivation, StorePath, ValidPathInfo};
+use kiln_store::lock::PathLock;
+use kiln_store::LocalStore;
+
+use crate::event::{Event, EventSink};
+use crate::job::{self, BuildMode, JobControl, JobEvent, JobSpec};
+use crate::result::{BuildResult, BuildStatus, FailureKinds};
+use crate::settings::BuildSettings;
+use crate::substituter::{SubstitutableInfo, Substituter};
+use crate::{Error, Result};
+
+type GoalId = u64;
+/// Identifies a request (a `build` call, a daemon client's operation).
+pub type RequestId = u64;
+
+/// What to realise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Outputs of a derivation (empty: all).
+    Derivation {
+        drv: StorePath,
+        outputs: BTreeSet<String>,
+    },
+    /// A path to make valid (by substitution).
+    Path(StorePath),
+}
+
+/// A set of targets realised together, with the requester's settings.
+pub struct Request {
+    pub targets: Vec<Target>,
+    pub mode: BuildMode,
+    pub settings: Arc<BuildSettings>,
+    pub sink: Arc<dyn EventSink>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Request({:?})", self.targets)
+    }
+}
+
+/// The outcome of a request.
+#[derive(Debug, Clone)]
+pub struct RequestResult {
+    pub results: Vec<(Target, BuildResult)>,
+    pub failure: FailureKinds,
+}
+
+impl RequestResult {
+    pub fn success(&self) -> bool {
+        self.results.iter().all(|(_, r)| r.success())
+    }
+    /// Nix's exit status for the request (0 on success).
+    pub fn exit_code(&self) -> u8 {
+        if self.success() {
+            0
+        } else {
+            self.failure.exit_code()
+        }
+    }
+}
+
+/// A submitted request.
+#[derive(Debug)]
+pub struct Ticket {
+    pub id: RequestId,
+    rx: Receiver<RequestResult>,
+}
+
+impl Ticket {
+    /// Waits for the request to finish.
+    pub fn wait(self) -> Result<RequestResult> {
+        self.rx.recv().map_err(|_| Error::SchedulerGone)
+    }
+}
+
+/// How the scheduler is set up.
+#[derive(Clone)]
+pub struct SchedulerConfig {
+    pub store: Arc<LocalStore>,
+    /// Build slots shared by all requests.
+    pub max_jobs: usize,
+    pub max_substitution_jobs: usize,
+    pub substituter: Option<Arc<dyn Substituter>>,
+}
+
+impl std::fmt::Debug for SchedulerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SchedulerConfig(max_jobs = {})", self.max_jobs)
+    }
+}
+
+enum Msg {
+    Submit(RequestId, Request, Sender<RequestResult>),
+    Cancel(RequestId),
+    JobEvent(GoalId, JobEvent),
+    JobDone(GoalId, BuildResult, Vec<ValidPathInfo>),
+    Locks(GoalId, std::result::Result<Vec<PathLock>, String>),
+    Queried(
+        GoalId,
+        std::result::Result<Option<SubstitutableInfo>, String>,
+    ),
+    Fetched(GoalId, std::result::Result<(), String>),
+    Hook(GoalId, HookMsg),
+    Wake(GoalId),
+    Shutdown,
+}
+
+enum HookMsg {
+    Declined,
+    Postponed,
+    Done(BuildResult),
+    Failed(String),
+}
+
+/// Handle to the scheduler thread.
+#[derive(Debug)]
+pub struct Scheduler {
+    tx: Sender<Msg>,
+    next: std::sync::atomic::AtomicU64,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Scheduler {
+    /// Starts the scheduler thread.
+    pub fn start(cfg: SchedulerConfig) -> Scheduler {
+        let (tx, rx) = channel();
+        let tx2 = tx.clone();
+        let thread = std::thread::Builder::new()
+            .name("kiln-scheduler".into())
+            .spawn(move || Worker::new(cfg, tx2).run(rx))
+            .expect("spawning the scheduler thread");
+        Scheduler {
+            tx,
+            next: std::sync::atomic::AtomicU64::new(1),
+            thread: Some(thread),
+        }
+    }
+
+    /// Submits a request; its result arrives on the ticket.
+    pub fn submit(&self, req: Request) -> Result<Ticket> {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = channel();
+        self.tx
+            .send(Msg::Submit(id, req, tx))
+            .map_err(|_| Error::SchedulerGone)?;
+        Ok(Ticket { id, rx })
+    }
+
+    /// Submits and waits.
+    pub fn build(&self, req: Request) -> Result<RequestResult> {
+        self.submit(req)?.wait()
+    }
+
+    /// Abandons a request (its client went away): goals nobody else wants are cancelled.
+    pub fn cancel(&self, id: RequestId) {
+        let _ = self.tx.send(Msg::Cancel(id));
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Msg::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    Success,
+    Failed,
+    NoSubstituters,
+    IncompleteClosure,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DrvState {
+    Init,
+    HaveDerivation,
+    OutputsSubstituted,
+    InputsRealised,
+    TryToBuild,
+    WaitingForLocks,
+    WaitingForHook,
+    Building,
+}
+
+struct DrvGoal {
+    drv_path: StorePath,
+    wanted: BTreeSet<String>,
+    need_restart: bool,
+    retry_substitution: bool,
+    mode: BuildMode,
+    drv: Option<Arc<Derivation>>,
+    state: DrvState,
+    locks: Vec<PathLock>,
+    input_paths: BTreeSet<StorePath>,
+    job: Option<Arc<JobControl>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SubstState {
+    Init,
+    Querying,
+    ReferencesValid,
+    TryToRun,
+    Fetching,
+}
+
+struct SubstGoal {
+    path: StorePath,
+    repair: bool,
+    state: SubstState,
+    info: Option<SubstitutableInfo>,
+}
+
+enum Kind {
+    Drv(Box<DrvGoal>),
+    Subst(Box<SubstGoal>),
+}
+
+struct Goal {
+    key: String,
+    kind: Kind,
+    waitees: HashSet<GoalId>,
+    waiters: HashSet<GoalId>,
+    requests: HashSet<RequestId>,
+    /// Requests that want this goal, directly or through waiters (for events).
+    interested: BTreeSet<RequestId>,
+    nr_failed: u32,
+    nr_no_substituters: u32,
+    nr_incomplete_closure: u32,
+    settings: Arc<BuildSettings>,
+    result: Option<BuildResult>,
+    /// Temp roots this goal holds (released when it ends).
+    roots: Vec<StorePath>,
+}
+
+struct Req {
+    targets: Vec<(Target, GoalId)>,
+    results: Vec<Option<BuildResult>>,
+    pending: usize,
+    reply: Sender<RequestResult>,
+    sink: Arc<dyn EventSink>,
+    keep_going: bool,
+    failure: FailureKinds,
+}
+
+struct Worker {
+    cfg: SchedulerConfig,
+    tx: Sender<Msg>,
+    next_goal: GoalId,
+    goals: HashMap<GoalId, Goal>,
+    drv_goals: HashMap<StorePath, GoalId>,
+    subst_goals: HashMap<StorePath, GoalId>,
+    requests: HashMap<RequestId, Req>,
+    awake: BTreeSet<(String, GoalId)>,
+    wanting_to_build: BTreeSet<(String, GoalId)>,
+    /// Goals with `preferLocalBuild`, which may build even at max-jobs 0 when no other
+    /// build runs.
+    wanting_local: BTreeSet<(String, GoalId)>,
+    wanting_to_substitute: BTreeSet<(String, GoalId)>,
+    waiting_for_any_goal: Vec<GoalId>,
+    /// Jobs in build slots, by goal (kept until the job thread reports, even if cancelled).
+    building: HashSet<GoalId>,
+    substituting: HashSet<GoalId>,
+    /// Asynchronous operations in flight (lock waits, queries), for deadlock detection.
+    in_flight: usize,
+    hook_agents: crate::hook::AgentSlot,
+    /// Goals whose offer the hook declined (they build locally from then on).
+    hook_declined: HashSet<GoalId>,
+}
+
+fn drv_key(p: &StorePath, abs: &str) -> String {
+    format!("b${}${abs}", p.derivation_name().unwrap_or(p.name()))
+}
+
+fn subst_key(p: &StorePath, abs: &str) -> String {
+    format!("a${}${abs}", p.name())
+}
+
+impl Worker {
+    fn new(cfg: SchedulerConfig, tx: Sender<Msg>) -> Self {
+        Worker {
+            cfg,
+            tx,
+            next_goal: 1,
+            goals: HashMap::new(),
+            drv_goals: HashMap::new(),
+            subst_goals: HashMap::new(),
+            requests: HashMap::new(),
+            awake: BTreeSet::new(),
+            wanting_to_build: BTreeSet::new(),
+            wanting_local: BTreeSet::new(),
+            wanting_to_substitute: BTreeSet::new(),
+            waiting_for_any_goal: Vec::new(),
+            building: HashSet::new(),
+            substituting: HashSet::new(),
+            in_flight: 0,
+            hook_agents: Default::default(),
+            hook_declined: HashSet::new(),
+        }
+    }
+
+    fn store(&self) -> &Arc<LocalStore> {
+        &self.cfg.store
+    }
+
+    fn run(mut self, rx: Receiver<Msg>) {
+        loop {
+            while let Ok(m) = rx.try_recv() {
+                if !self.handle(m) {
+                    return self.shutdown();
+                }
+            }
+            if let Some((_, id)) = self.awake.pop_first() {
+                self.work(id);
+                continue;
+            }
+            if self.dispatch_slots() {
+                continue;
+            }
+            self.detect_stall();
+            if !self.awake.is_empty() {
+                continue;
+            }
+            match rx.recv() {
+                Ok(m) => {
+                    if !self.handle(m) {
+                        return self.shutdown();
+                    }
+                }
+                Err(_) => return self.shutdown(),
+            }
+        }
+    }
+
+    fn shutdown(&mut self) {
+        let ids: Vec<GoalId> = self.goals.keys().copied().collect();
+        for id in ids {
+            if let Some(g) = self.goals.get(&id) {
+                if let Kind::Drv(d) = &g.kind {
+                    if let Some(j) = &d.job {
+                        j.cancel();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Returns false to stop.
+    fn handle(&mut self, m: Msg) -> bool {
+        match m {
+            Msg::Submit(id, req, reply) => self.submit(id, req, reply),
+            Msg::Cancel(id) => self.cancel_request(id, None),
+            Msg::JobEvent(g, e) => self.job_event(g, e),
+            Msg::JobDone(g, r, infos) => {
+                self.building.remove(&g);
+                self.build_done(g, r, infos);
+            }
+            Msg::Locks(g, r) => {
+                self.in_flight -= 1;
+                self.locks_acquired(g, r);
+            }
+            Msg::Queried(g, r) => {
+                self.in_flight -= 1;
+                self.queried(g, r);
+            }
+            Msg::Fetched(g, r) => {
+                self.substituting.remove(&g);
+                self.fetched(g, r);
+            }
+            Msg::Hook(g, m) => {
+                self.in_flight -= 1;
+                self.hook_reply(g, m);
+            }
+            Msg::Wake(g) => {
+                self.in_flight -= 1;
+                self.wake(g);
+            }
+            Msg::Shutdown => return false,
+        }
+        true
+    }
+
+    // ---- requests --------------------------------------------------------------------
+
+    fn submit(&mut self, id: RequestId, req: Request, reply: Sender<RequestResult>) {
+        let mut targets = Vec::new();
+        for t in &req.targets {
+            let gid = match t {
+                Target::Derivation { drv, outputs } => {
+                    self.make_drv_goal(drv, outputs, req.mode, &req.settings)
+                }
+                Target::Path(p) => {
+                    self.make_subst_goal(p, req.mode == BuildMode::Repair, &req.settings)
+                }
+            };
+            targets.push((t.clone(), gid));
+        }
+        let n = targets.len();
+        self.requests.insert(
+            id,
+            Req {
+                targets: targets.clone(),
+                results: vec![None; n],
+                pending: n,
+                reply,
+                sink: req.sink.clone(),
+                keep_going: req.settings.keep_going,
+                failure: FailureKinds::default(),
+            },
+        );
+        for (_, gid) in &targets {
+            if let Some(g) = self.goals.get_mut(gid) {
+                g.requests.insert(id);
+            }
+            self.add_interest(*gid, id);
+        }
+        if n == 0 {
+            self.finish_request(id);
+        }
+    }
+
+    fn add_interest(&mut self, root: GoalId, req: RequestId) {
+        let mut stack = vec![root];
+        while let Some(id) = stack.pop() {
+            if let Some(g) = self.goals.get_mut(&id) {
+                if g.interested.insert(req) {
+                    stack.extend(g.waitees.iter().copied());
+                }
+            }
+        }
+    }
+
+    fn target_done(&mut self, req: RequestId, goal: GoalId, result: BuildResult) {
+        let Some(r) = self.requests.get_mut(&req) else {
+            return;
+        };
+        let mut failed = false;
+        for (i, (_, g)) in r.targets.iter().enumerate() {
+            if *g == goal && r.results[i].is_none() {
+                failed |= !result.success();
+                r.failure.merge(result.failure);
+                r.results[i] = Some(result.clone());
+                r.pending -= 1;
+            }
+        }
+        if failed && !r.keep_going {
+            // First failure: give up on the rest of this request.
+            self.cancel_request(req, Some("build was cancelled after another build failed"));
+            return;
+        }
+        if r.pending == 0 {
+            self.finish_request(req);
+        }
+    }
+
+    fn finish_request(&mut self, id: RequestId) {
+        let Some(r) = self.requests.remove(&id) else {
+            return;
+        };
+        let results = r
+            .targets
+            .into_iter()
+            .zip(r.results)
+            .map(|((t, _), res)| {
+                (
+                    t,
+                    res.unwrap_or_else(|| {
+                        BuildResult::failed(BuildStatus::MiscFailure, "build was cancelled")
+                    }),
+                )
+            })
+            .collect();
+        let _ = r.reply.send(RequestResult {
+            results,
+            failure: r.failure,
+        });
+    }
+
+    /// Drops a request's claim on its goals (cancelling those nobody else wants) and
+    /// answers it with what finished so far.
+    fn cancel_request(&mut self, id: RequestId, reason: Option<&str>) {
+        let Some(r) = self.requests.get(&id) else {
+            return;
+        };
+        let goals: Vec<GoalId> = r.targets.iter().map(|(_, g)| *g).collect();
+        for g in goals {
+            if let Some(goal) = self.goals.get_mut(&g) {
+                goal.requests.remove(&id);
+            }
+            self.remove_interest(g, id);
+            self.maybe_cancel(g);
+        }
+        if let Some(r) = self.requests.get_mut(&id) {
+            for res in r.results.iter_mut().filter(|x| x.is_none()) {
+                *res = Some(BuildResult::failed(
+                    BuildStatus::MiscFailure,
+                    reason.unwrap_or("build was cancelled"),
+                ));
+            }
+        }
+        self.finish_request(id);
+    }
+
+    fn remove_interest(&mut self, root: GoalId, req: RequestId) {
+        let mut stack = vec![root];
+        while let Some(id) = stack.pop() {
+            let Some(g) = self.goals.get(&id) else {
+                continue;
+            };
+            let still = g.requests.contains(&req)
+                || g.waiters.iter().any(|w| {
+                    self.goals
+                        .get(w)
+                        .is_some_and(|w| w.interested.contains(&req))
+                });
+            if !still {
+                if let Some(g) = self.goals.get_mut(&id) {
+                    if g.interested.remove(&req) {
+                        stack.extend(g.waitees.iter().copied());
+                    }
+                }
+            }
+        }
+    }
+
+    fn emit(&self, goal: GoalId, e: Event) {
+        let Some(g) = self.goals.get(&goal) else {
+            return;
+        };
+        for r in &g.interested {
+            if let Some(req) = self.requests.get(r) {
+                req.sink.event(&e);
+            }
+        }
+    }
+
+    // ---- goal bookkeeping ------------------------------------------------------------
+
+    fn new_goal(&mut self, key: String, kind: Kind, settings: &Arc<BuildSettings>) -> GoalId {
+        let id = self.next_goal;
+        self.next_goal += 1;
+        self.goals.insert(
+            id,
+            Goal {
+                key,
+                kind,
+                waitees: HashSet::new(),
+                waiters: HashSet::new(),
+                requests: HashSet::new(),
+                interested: BTreeSet::new(),
+                nr_failed: 0,
+                nr_no_substituters: 0,
+                nr_incomplete_closure: 0,
+                settings: settings.clone(),
+                result: None,
+                roots: Vec::new(),
+            },
+        );
+        self.wake(id);
+        id
+    }
+
+    fn make_drv_goal(
+        &mut self,
+        drv: &StorePath,
+        outputs: &BTreeSet<String>,
+        mode: BuildMode,
+        settings: &Arc<BuildSettings>,
+    ) -> GoalId {
+        if let Some(&id) = self.drv_goals.get(drv) {
+            if let Some(Goal {
+                kind: Kind::Drv(d), ..
+            }) = self.goals.get_mut(&id)
+            {
+                // More wanted outputs for a running goal: it restarts (reference's
+                // `addWantedOutputs`).
+                if !d.wanted.is_empty() {
+                    if outputs.is_empty() {
+                        d.wanted.clear();
+                        d.need_restart = true;
+                    } else {
+                        for o in outputs {
+                            if d.wanted.insert(o.clone()) {
+                                d.need_restart = true;
+                            }
+                        }
+                    }
+                }
+            }
+            return id;
+        }
+        let abs = self.store().print(drv);
+        let key = drv_key(drv, &abs);
+        let goal = DrvGoal {
+            drv_path: drv.clone(),
+            wanted: outputs.clone(),
+            need_restart: false,
+            retry_substitution: false,
+            mode,
+            drv: None,
+            state: DrvState::Init,
+            locks: Vec::new(),
+            input_paths: BTreeSet::new(),
+            job: None,
+        };
+        let id = self.new_goal(key, Kind::Drv(Box::new(goal)), settings);
+        self.drv_goals.insert(drv.clone(), id);
+        id
+    }
+
+    fn make_subst_goal(
+        &mut self,
+        p: &StorePath,
+        repair: bool,
+        settings: &Arc<BuildSettings>,
+    ) -> GoalId {
+        if let Some(&id) = self.subst_goals.get(p) {
+            return id;
+        }
+        let abs = self.store().print(p);
+        let goal = SubstGoal {
+            path: p.clone(),
+            repair,
+            state: SubstState::Init,
+            info: None,
+        };
+        let id = self.new_goal(subst_key(p, &abs), Kind::Subst(Box::new(goal)), settings);
+        self.subst_goals.insert(p.clone(), id);
+        id
+    }
+
+    fn add_waitee(&mut self, waiter: GoalId, waitee: GoalId) {
+        let interested = match self.goals.get_mut(&waiter) {
+            Some(g) => {
+                g.waitees.insert(waitee);
+                g.interested.clone()
+            }
+            None => return,
+        };
+        if let Some(g) = self.goals.get_mut(&waitee) {
+            g.waiters.insert(waiter);
+        }
+        for r in interested {
+            self.add_interest(waitee, r);
+        }
+    }
+
+    fn wake(&mut self, id: GoalId) {
+        if let Some(g) = self.goals.get(&id) {
+            self.awake.insert((g.key.clone(), id));
+        }
+    }
+
+    /// A goal nobody waits for and no request wants is cancelled.
+    fn maybe_cancel(&mut self, id: GoalId) {
+        let Some(g) = self.goals.get(&id) else { return };
+        if !g.waiters.is_empty() || !g.requests.is_empty() || g.result.is_some() {
+            return;
+        }
+        let g = self.goals.remove(&id).expect("present");
+        self.awake.remove(&(g.key.clone(), id));
+        self.wanting_to_build.remove(&(g.key.clone(), id));
+        self.wanting_local.remove(&(g.key.clone(), id));
+        self.wanting_to_substitute.remove(&(g.key.clone(), id));
+        match &g.kind {
+            Kind::Drv(d) => {
+                if self.drv_goals.get(&d.drv_path) == Some(&id) {
+                    self.drv_goals.remove(&d.drv_path);
+                }
+                if let Some(j) = &d.job {
+                    j.cancel();
+                }
+            }
+            Kind::Subst(s) => {
+                if self.subst_goals.get(&s.path) == Some(&id) {
+                    self.subst_goals.remove(&s.path);
+                }
+            }
+        }
+        for r in &g.roots {
+            self.cfg.store.remove_temp_root(r);
+        }
+        for w in g.waitees {
+            if let Some(wg) = self.goals.get_mut(&w) {
+                wg.waiters.remove(&id);
+            }
+            self.maybe_cancel(w);
+        }
+    }
+
+    fn done(&mut self, id: GoalId, exit: Exit, result: BuildResult) {
+        let event = match self.goals.get(&id) {
+            None => return,
+            Some(g) if g.result.is_some() => return,
+            Some(g) => match &g.kind {
+                Kind::Drv(d) => Some(Event::BuildFinished {
+                    drv: self.store().print(&d.drv_path),
+                    result: result.clone(),
+                }),
+                Kind::Subst(s)
+                    if exit != Exit::Success || result.status == BuildStatus::Substituted =>
+                {
+                    Some(Event::SubstitutionFinished {
+                        path: self.store().print(&s.path),
+                        ok: exit == Exit::Success,
+                        error: result.error.clone(),
+                    })
+                }
+                Kind::Subst(_) => None,
+            },
+        };
+        if let Some(e) = event {
+            self.emit(id, e);
+        }
+        let Some(g) = self.goals.get_mut(&id) else {
+            return;
+        };
+        g.result = Some(result.clone());
+        self.hook_declined.remove(&id);
+        let Some(g) = self.goals.get_mut(&id) else {
+            return;
+        };
+        let waiters: Vec<GoalId> = g.waiters.drain().collect();
+        let requests: Vec<RequestId> = g.requests.iter().copied().collect();
+        let key = g.key.clone();
+        for w in waiters {
+            self.waitee_done(w, id, exit);
+        }
+        for r in requests {
+            self.target_done(r, id, result.clone());
+        }
+        // Remove the goal; later requests for the same path start a fresh one.
+        if let Some(g) = self.goals.remove(&id) {
+            self.awake.remove(&(key.clone(), id));
+            self.wanting_to_build.remove(&(key.clone(), id));
+            self.wanting_local.remove(&(key.clone(), id));
+            self.wanting_to_substitute.remove(&(key, id));
+            match &g.kind {
+                Kind::Drv(d) => {
+                    if self.drv_goals.get(&d.drv_path) == Some(&id) {
+                        self.drv_goals.remove(&d.drv_path);
+                    }
+                }
+                Kind::Subst(s) => {
+                    if self.subst_goals.get(&s.path) == Some(&id) {
+                        self.subst_goals.remove(&s.path);
+                    }
+                }
+            }
+            for r in &g.roots {
+                self.cfg.store.remove_temp_root(r);
+            }
+            for w in g.waitees {
+                if let Some(wg) = self.goals.get_mut(&w) {
+                    wg.waiters.remove(&id);
+                }
+                self.maybe_cancel(w);
+            }
+        }
+        // The reference wakes every goal that waits for "any goal" when one finishes.
+        for w in std::mem::take(&mut self.waiting_for_any_goal) {
+            self.wake(w);
+        }
+    }
+
+    fn waitee_done(&mut self, waiter: GoalId, waitee: GoalId, exit: Exit) {
+        let Some(g) = self.goals.get_mut(&waiter) else {
+            return;
+        };
+        if g.result.is_some() || !g.waitees.remove(&waitee) {
+            return;
+        }
+        if matches!(
+            exit,
+            Exit::Failed | Exit::NoSubstituters | Exit::IncompleteClosure
+        ) {
+            g.nr_failed += 1;
+        }
+        if exit == Exit::NoSubstituters {
+            g.nr_no_substituters += 1;
+        }
+        if exit == Exit::IncompleteClosure {
+            g.nr_incomplete_closure += 1;
+        }
+        if g.waitees.is_empty() || (exit == Exit::Failed && !g.settings.keep_going) {
+            let rest: Vec<GoalId> = g.waitees.drain().collect();
+            for w in rest {
+                if let Some(wg) = self.goals.get_mut(&w) {
+                    wg.waiters.remove(&waiter);
+                }
+                self.maybe_cancel(w);
+            }
+            self.wake(waiter);
+        }
+    }
+
+    /// Wakes a goal waiting for a free slot, if any. Returns whether one was woken.
+    fn dispatch_slots(&mut self) -> bool {
+        let max = self.cfg.max_jobs;
+        if self.building.len() < max {
+            // The next goal in key order, whichever queue it is in.
+            let next = match (self.wanting_to_build.first(), self.wanting_local.first()) {
+                (Some(a), Some(b)) if b < a => self.wanting_local.pop_first(),
+                (Some(_), _) => self.wanting_to_build.pop_first(),
+                (None, Some(_)) => self.wanting_local.pop_first(),
+                (None, None) => None,
+            };
+            if let Some((_, id)) = next {
+                self.wake(id);
+                return true;
+            }
+        } else if self.building.is_empty() {
+            if let Some((_, id)) = self.wanting_local.pop_first() {
+                self.wake(id);
+                return true;
+            }
+        }
+        if !self.wanting_to_substitute.is_empty()
+            && self.substituting.len() < self.cfg.max_substitution_jobs.max(1)
+        {
+            if let Some((_, id)) = self.wanting_to_substitute.pop_first() {
+                self.wake(id);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Nothing runs and nothing can start: fail the goals that wait for a build slot
+    /// (the reference's "unable to start any build").
+    fn detect_stall(&mut self) {
+        if !self.awake.is_empty()
+            || !self.building.is_empty()
+            || !self.substituting.is_empty()
+            || self.in_flight > 0
+        {
+            return;
+        }
+        let stuck: Vec<GoalId> = self.wanting_to_build.iter().map(|(_, id)| *id).collect();
+        for id in stuck {
+            self.wanting_to_build.retain(|(_, g)| *g != id);
+            self.fail_drv(id, BuildStatus::MiscFailure, "unable to start any build; either increase '--max-jobs' or enable distributed builds".into());
+        }
+        let waiting: Vec<GoalId> = std::mem::take(&mut self.waiting_for_any_goal);
+        for id in waiting {
+            self.wake(id);
+        }
+    }
+
+    // ---- derivation goals --------------------------------------------------------------
+
+    fn work(&mut self, id: GoalId) {
+        let state = match self.goals.get(&id).map(|g| &g.kind) {
+            Some(Kind::Drv(d)) => Ok(d.state),
+            Some(Kind::Subst(s)) => Err(s.state),
+            None => return,
+        };
+        match state {
+            Ok(DrvState::Init) => self.drv_init(id),
+            Ok(DrvState::HaveDerivation) => self.have_derivation(id),
+            Ok(DrvState::OutputsSubstituted) => self.outputs_substituted(id),
+            Ok(DrvState::InputsRealised) => self.inputs_realised(id),
+            Ok(DrvState::TryToBuild) => self.try_to_build(id),
+            Ok(DrvState::WaitingForLocks)
+            | Ok(DrvState::WaitingForHook)
+            | Ok(DrvState::Building) => {}
+            Err(SubstState::Init) => self.subst_init(id),
+            Err(SubstState::ReferencesValid) => self.references_valid(id),
+            Err(SubstState::TryToRun) => self.try_to_run(id),
+            Err(SubstState::Querying) | Err(SubstState::Fetching) => {}
+        }
+    }
+
+    fn drv_mut(&mut self, id: GoalId) -> Option<&mut DrvGoal> {
+        match self.goals.get_mut(&id).map(|g| &mut g.kind) {
+            Some(Kind::Drv(d)) => Some(d),
+            _ => None,
+        }
+    }
+
+    fn set_state(&mut self, id: GoalId, s: DrvState) {
+        if let Some(d) = self.drv_mut(id) {
+            d.state = s;
+        }
+    }
+
+    fn fail_drv(&mut self, id: GoalId, status: BuildStatus, msg: String) {
+        if let Some(d) = self.drv_mut(id) {
+            d.locks.clear();
+            let drv = d.drv_path.clone();
+            let abs = self.store().print(&drv);
+            self.emit(
+                id,
+                Event::Message {
+                    level: 0,
+                    text: msg.clone(),
+                },
+            );
+            tracing::debug!("{abs}: {msg}");
+        }
+        let r = BuildResult::failed(status, msg);
+        self.done(id, Exit::Failed, r);
+    }
+
+    fn output_result(&self, id: GoalId, status: BuildStatus) -> BuildResult {
+        let mut r = BuildResult::new(status);
+        if let Some(Goal {
+            kind: Kind::Drv(d), ..
+        }) = self.goals.get(&id)
+        {
+            if let Some(drv) = &d.drv {
+                for (n, p) in drv.output_paths() {
+                    r.outputs.insert(n.to_string(), p.clone());
+                }
+            }
+        }
+        r
+    }
+
+    fn drv_init(&mut self, id: GoalId) {
+        let store = self.store().clone();
+        let Some(d) = self.drv_mut(id) else { return };
+        let (drv_path, mode) = (d.drv_path.clone(), d.mode);
+        if store.db().is_read_only() {
+            let msg = format!(
+                "cannot build derivation '{}' - no write access to the store",
+                store.print(&drv_path)
+            );
+            return self.fail_drv(id, BuildStatus::MiscFailure, msg);
+        }
+        if mode == BuildMode::Normal && store.is_valid(&drv_path).unwrap_or(false) {
+            return self.have_derivation(id);
+        }
+        let settings = self.goals[&id].settings.clone();
+        let sub = self.make_subst_goal(&drv_path, false, &settings);
+        self.add_waitee(id, sub);
+        self.set_state(id, DrvState::HaveDerivation);
+    }
+
+    /// Invalid wanted outputs.
+    fn invalid_outputs(&self, d: &DrvGoal, drv: &Derivation) -> Vec<StorePath> {
+        let store = self.store();
+        drv.output_paths()
+            .filter(|(n, _)| d.wanted.is_empty() || d.wanted.contains(*n))
+            .filter(|(_, p)| {
+                let valid = store.is_valid(p).unwrap_or(false);
+                let good = valid && (d.mode != BuildMode::Repair || contents_good(store, p));
+                !good
+            })
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    fn have_derivation(&mut self, id: GoalId) {
+        let store = self.store().clone();
+        let nr_failed = self.goals.get(&id).map(|g| g.nr_failed).unwrap_or(0);
+        let Some(d) = self.drv_mut(id) else { return };
+        let drv_path = d.drv_path.clone();
+        let abs = store.print(&drv_path);
+        if nr_failed != 0 {
+            return self.fail_drv(
+                id,
+                BuildStatus::MiscFailure,
+                format!("cannot build missing derivation '{abs}'"),
+            );
+        }
+        if d.drv.is_none() {
+            match store.read_derivation(&drv_path) {
+                Ok(drv) => {
+                    // The derivation and its outputs must survive a concurrent collection.
+                    let mut roots = vec![drv_path.clone()];
+                    roots.extend(drv.output_paths().map(|(_, p)| p.clone()));
+                    for r in &roots {
+                        let _ = store.add_temp_root(r);
+                    }
+                    self.goals
+                        .get_mut(&id)
+                        .expect("goal exists")
+                        .roots
+                        .extend(roots);
+                    let d = self.drv_mut(id).expect("goal exists");
+                    d.drv = Some(Arc::new(drv));
+                }
+                Err(e) => {
+                    return self.fail_drv(
+                        id,
+                        BuildStatus::MiscFailure,
+                        format!("cannot read derivation '{abs}': {e}"),
+                    )
+                }
+            }
+        }
+        let d = match self.goals.get(&id).map(|g| &g.kind) {
+            Some(Kind::Drv(d)) => d,
+            _ => return,
+        };
+        let drv = d.drv.clone().expect("loaded");
+        let invalid = self.invalid_outputs(d, &drv);
+        let mode = d.mode;
+        if invalid.is_empty() && mode == BuildMode::Normal {
+            let r = self.output_result(id, BuildStatus::AlreadyValid);
+            return self.done(id, Exit::Success, r);
+        }
+        let settings = self.goals[&id].settings.clone();
+        for p in &invalid {
+            if self.path_failed(id, p) {
+                return;
+            }
+        }
+        let allow = drv
+            .env
+            .get("allowSubstitutes")
+            .map(|v| v == "1")
+            .unwrap_or(true);
+        if settings.use_substitutes
+            && allow
+            && self.cfg.substituter.is_some()
+            && mode != BuildMode::Check
+        {
+            for p in invalid {
+                let sub = self.make_subst_goal(&p, mode == BuildMode::Repair, &settings);
+                self.add_waitee(id, sub);
+            }
+        }
+        if self.goals[&id].waitees.is_empty() {
+            self.outputs_substituted(id);
+        } else {
+            self.set_state(id, DrvState::OutputsSubstituted);
+        }
+    }
+
+    /// Failure caching: an output that failed before fails again, without building.
+    fn path_failed(&mut self, id: GoalId, p: &StorePath) -> bool {
+        let g = &self.goals[&id];
+        if !g.settings.cache_failures || !self.store().has_failed(p).unwrap_or(false) {
+            return false;
+        }
+        let msg = format!(
+            "builder for '{}' failed previously (cached)",
+            self.store().print(p)
+        );
+        let mut r = BuildResult::failed(BuildStatus::CachedFailure, msg.clone());
+        r.failure.permanent = true;
+        self.emit(
+            id,
+            Event::Message {
+                level: 0,
+                text: msg,
+            },
+        );
+        self.done(id, Exit::Failed, r);
+        true
+    }
+
+    fn outputs_substituted(&mut self, id: GoalId) {
+        let store = self.store().clone();
+        let g = &self.goals[&id];
+        let (nr_failed, nr_ns, nr_ic, settings) = (
+            g.nr_failed,
+            g.nr_no_substituters,
+            g.nr_incomplete_closure,
+            g.settings.clone(),
+        );
+        let Some(d) = self.drv_mut(id) else { return };
+        let abs = store.print(&d.drv_path);
+        if nr_failed > 0 && nr_failed > nr_ns + nr_ic && !settings.fallback {
+            return self.fail_drv(
+                id,
+                BuildStatus::MiscFailure,
+                format!("some substitutes for the outputs of derivation '{abs}' failed (usually happens due to networking issues); try '--fallback' to build derivation from source "),
+            );
+        }
+        if nr_ic > 0 && !d.retry_substitution {
+            d.retry_substitution = true;
+        }
+        if let Some(g) = self.goals.get_mut(&id) {
+            g.nr_failed = 0;
+            g.nr_no_substituters = 0;
+            g.nr_incomplete_closure = 0;
+        }
+        let d = self.drv_mut(id).expect("goal exists");
+        if d.need_restart {
+            d.need_restart = false;
+            return self.have_derivation(id);
+        }
+        let drv = d.drv.clone().expect("loaded");
+        let mode = d.mode;
+        let d_ref = match self.goals.get(&id).map(|g| &g.kind) {
+            Some(Kind::Drv(d)) => d,
+            _ => return,
+        };
+        let nr_invalid = self.invalid_outputs(d_ref, &drv).len();
+        if mode == BuildMode::Normal && nr_invalid == 0 {
+            let r = self.output_result(id, BuildStatus::Substituted);
+            return self.done(id, Exit::Success, r);
+        }
+        if mode == BuildMode::Repair && nr_invalid == 0 {
+            let r = self.output_result(id, BuildStatus::AlreadyValid);
+            return self.done(id, Exit::Success, r);
+        }
+        if mode == BuildMode::Check && nr_invalid > 0 {
+            return self.fail_drv(
+                id,
+                BuildStatus::MiscFailure,
+                format!("'{abs}' is missing outputs; build it normally before using '--check'"),
+            );
+        }
+        // Build: all outputs from now on, after the inputs.
+        self.drv_mut(id).expect("goal exists").wanted.clear();
+        let input_mode = if mode == BuildMode::Repair {
+            BuildMode::Repair
+        } else {
+            BuildMode::Normal
+        };
+        for (p, outs) in &drv.input_drvs {
+            let sub = self.make_drv_goal(p, outs, input_mode, &settings);
+            self.add_waitee(id, sub);
+        }
+        for p in &drv.input_srcs {
+            let sub = self.make_subst_goal(p, false, &settings);
+            self.add_waitee(id, sub);
+        }
+        if self.goals[&id].waitees.is_empty() {
+            self.inputs_realised(id);
+        } else {
+            self.set_state(id, DrvState::InputsRealised);
+        }
+    }
+
+    fn inputs_realised(&mut self, id: GoalId) {
+        let store = self.store().clone();
+        let nr_failed = self.goals[&id].nr_failed;
+        let Some(d) = self.drv_mut(id) else { return };
+        let abs = store.print(&d.drv_path);
+        if nr_failed != 0 {
+            let msg = format!(
+                "cannot build derivation '{abs}': {nr_failed} dependencies couldn't be built"
+            );
+            self.emit(
+                id,
+                Event::Message {
+                    level: 0,
+                    text: msg.clone(),
+                },
+            );
+            return self.done(
+                id,
+                Exit::Failed,
+                BuildResult::failed(BuildStatus::DependencyFailed, msg),
+            );
+        }
+        if d.retry_substitution {
+            d.retry_substitution = false;
+            return self.have_derivation(id);
+        }
+        let drv = d.drv.clone().expect("loaded");
+        // The input closure: outputs the derivation asks for from each input, and sources.
+        let mut roots = Vec::new();
+        for (p, outs) in &drv.input_drvs {
+            let input = match store.read_derivation(p) {
+                Ok(x) => x,
+                Err(e) => return self.fail_drv(id, BuildStatus::MiscFailure, e.to_string()),
+            };
+            for o in outs {
+                match input.outputs.get(o).and_then(|x| x.path.clone()) {
+                    Some(op) => roots.push(op),
+                    None => {
+                        return self.fail_drv(
+                            id,
+                            BuildStatus::MiscFailure,
+                            format!("derivation '{abs}' requires non-existent output '{o}' from input derivation '{}'", store.print(p)),
+                        )
+                    }
+                }
+            }
+        }
+        roots.extend(drv.input_srcs.iter().cloned());
+        let closure = match store.closure(&roots, false) {
+            Ok(c) => c,
+            Err(e) => return self.fail_drv(id, BuildStatus::MiscFailure, e.to_string()),
+        };
+        let d = self.drv_mut(id).expect("goal exists");
+        d.input_paths = closure;
+        d.state = DrvState::TryToBuild;
+        self.wake(id);
+    }
+
+    fn try_to_build(&mut self, id: GoalId) {
+        let store = self.store().clone();
+        let Some(d) = self.drv_mut(id) else { return };
+        let drv = d.drv.clone().expect("loaded");
+        // Another goal of ours holds an output lock: sleep until some goal finishes.
+        if drv.output_paths().any(|(_, p)| store.is_locked_by_me(p)) {
+            self.waiting_for_any_goal.push(id);
+            return;
+        }
+        if d.locks.is_empty() {
+            let mut paths: Vec<StorePath> = drv.output_paths().map(|(_, p)| p.clone()).collect();
+            paths.sort();
+            let mut locks = Vec::new();
+            for p in &paths {
+                match store.lock_path(p, false) {
+                    Ok(Some(l)) => locks.push(l),
+                    Ok(None) => {
+                        // Held by another process: wait for it in the kernel, on a thread
+                        // (no polling), then come back here with the locks.
+                        drop(locks);
+                        d.state = DrvState::WaitingForLocks;
+                        self.in_flight += 1;
+                        let tx = self.tx.clone();
+                        let st = store.clone();
+                        std::thread::spawn(move || {
+                            let mut got = Vec::new();
+                            for p in &paths {
+                                match st.lock_path(p, true) {
+                                    Ok(Some(l)) => got.push(l),
+                                    Ok(None) => {}
+                                    Err(e) => {
+                                        let _ = tx.send(Msg::Locks(id, Err(e.to_string())));
+                                        return;
+                                    }
+                                }
+                            }
+                            let _ = tx.send(Msg::Locks(id, Ok(got)));
+                        });
+                        return;
+                    }
+                    Err(e) => return self.fail_drv(id, BuildStatus::MiscFailure, e.to_string()),
+                }
+            }
+            self.drv_mut(id).expect("goal exists").locks = locks;
+        }
+        self.try_to_build_locked(id);
+    }
+
+    fn locks_acquired(&mut self, id: GoalId, r: std::result::Result<Vec<PathLock>, String>) {
+        let Some(d) = self.drv_mut(id) else { return };
+        match r {
+            Ok(locks) => {
+                d.locks = locks;
+                d.state = DrvState::TryToBuild;
+                self.try_to_build_locked(id);
+            }
+            Err(e) => self.fail_drv(id, BuildStatus::MiscFailure, e),
+        }
+    }
+
+    fn try_to_build_locked(&mut self, id: GoalId) {
+        let store = self.store().clone();
+        let settings = self.goals[&id].settings.clone();
+        let Some(d) = self.drv_mut(id) else { return };
+        let drv = d.drv.clone().expect("loaded");
+        let mode = d.mode;
+        let abs = store.print(&d.drv_path);
+        let valid: BTreeSet<String> = drv
+            .output_paths()
+            .filter(|(_, p)| {
+                store.is_valid(p).unwrap_or(false)
+                    && (mode != BuildMode::Repair || contents_good(&store, p))
+            })
+            .map(|(n, _)| n.to_string())
+            .collect();
+        // Someone else (another process) built it while we waited for the locks.
+        if mode != BuildMode::Check && valid.len() == drv.outputs.len() {
+            for l in d.locks.iter_mut() {
+                l.set_delete(true);
+            }
+            d.locks.clear();
+            let r = self.output_result(id, BuildStatus::AlreadyValid);
+            return self.done(id, Exit::Success, r);
+        }
+        let outputs: Vec<StorePath> = drv.output_paths().map(|(_, p)| p.clone()).collect();
+        for p in &outputs {
+            if self.path_failed(id, p) {
+                return;
+            }
+        }
+        if !settings.can_build(&drv.platform) {
+            let msg = format!(
+                "a '{}' is required to build '{abs}', but I am a '{}'",
+                drv.platform, settings.system
+            );
+            return self.fail_drv(id, BuildStatus::MiscFailure, msg);
+        }
+        // Build slots: a derivation that prefers local building may take one even at
+        // max-jobs 0 when nothing else runs.
+        let prefer_local = drv.env.get("preferLocalBuild").is_some_and(|v| v == "1");
+        // Offer the build to the hook first, unless it must be local (check and repair
+        // modes, `preferLocalBuild`) or the hook already declined it.
+        if let Some(program) = settings.build_hook.clone() {
+            if mode == BuildMode::Normal && !prefer_local && !self.hook_declined.contains(&id) {
+                return self.offer_to_hook(id, program);
+            }
+        }
+        let busy = self.building.len();
+        if busy >= self.cfg.max_jobs && !(prefer_local && busy == 0) {
+            let d = self.drv_mut(id).expect("goal exists");
+            d.locks.clear();
+            let key = self.goals[&id].key.clone();
+            if prefer_local {
+                self.wanting_local.insert((key, id));
+            } else {
+                self.wanting_to_build.insert((key, id));
+            }
+            return;
+        }
+        self.start_job(id, valid);
+    }
+
+    fn offer_to_hook(&mut self, id: GoalId, program: String) {
+        let store = self.store().clone();
+        let settings = self.goals[&id].settings.clone();
+        let can_local = self.building.len() < self.cfg.max_jobs;
+        let tx = self.tx.clone();
+        let slot = self.hook_agents.clone();
+        let d = self.drv_mut(id).expect("goal exists");
+        d.state = DrvState::WaitingForHook;
+        let drv = d.drv.clone().expect("loaded");
+        let drv_path = d.drv_path.clone();
+        let inputs = d.input_paths.clone();
+        self.in_flight += 1;
+        std::thread::spawn(move || {
+            let abs = store.print(&drv_path);
+            let features: Vec<String> = drv
+                .env_tokens("requiredSystemFeatures")
+                .unwrap_or_default()
+                .into_iter()
+                .map(str::to_string)
+                .collect();
+            let tx_log = tx.clone();
+            let log = move |l: &str| {
+                let _ = tx_log.send(Msg::JobEvent(
+                    id,
+                    JobEvent::Log(Arc::from(format!("{l}\n").into_bytes())),
+                ));
+            };
+            let trace = (
+                settings.max_silent_time,
+                settings.print_build_trace,
+                settings.timeout,
+            );
+            let reply = crate::hook::offer(
+                &slot,
+                &program,
+                &settings.system,
+                trace,
+                can_local,
+                &drv.platform,
+                &abs,
+                &features,
+                &log,
+            );
+            let msg = match reply {
+                Ok(crate::hook::Reply::Decline) => HookMsg::Declined,
+                Ok(crate::hook::Reply::Postpone) => HookMsg::Postponed,
+                Err(e) => HookMsg::Failed(e.to_string()),
+                Ok(crate::hook::Reply::Accept(agent)) => {
+                    let start = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    let _ = tx.send(Msg::JobEvent(
+                        id,
+                        JobEvent::Started {
+                            pid: 0,
+                            log_file: String::new(),
+                            round: 1,
+                            rounds: 1,
+                        },
+                    ));
+                    let outputs: Vec<String> =
+                        drv.output_paths().map(|(_, p)| store.print(p)).collect();
+                    let tx_log = tx.clone();
+                    let log = move |b: &[u8]| {
+                        let _ = tx_log.send(Msg::JobEvent(id, JobEvent::Log(Arc::from(b))));
+                    };
+                    let inputs =
+                        crate::hook::input_list(&store, &drv_path, &inputs).unwrap_or_default();
+                    let mut r = match agent.run(&inputs, &outputs, &log) {
+                        Ok(0) => {
+                            let missing: Vec<&StorePath> = drv
+                                .output_paths()
+                                .map(|(_, p)| p)
+                                .filter(|p| !store.is_valid(p).unwrap_or(false))
+                                .collect();
+                            if missing.is_empty() {
+                                let mut r = BuildResult::new(BuildStatus::Built);
+                                r.times_built = 1;
+                                for (n, p) in drv.output_paths() {
+                                    r.outputs.insert(n.to_string(), p.clone());
+                                }
+                                r
+                            } else {
+                                BuildResult::failed(
+                                    BuildStatus::MiscFailure,
+                                    format!(
+                                        "the build hook did not produce output path '{}'",
+                                        store.print(missing[0])
+                                    ),
+                                )
+                            }
+                        }
+                        Ok(100) => BuildResult::failed(
+                            BuildStatus::PermanentFailure,
+                            format!("builder for '{abs}' failed with exit code 100"),
+                        ),
+                        Ok(101) => BuildResult::failed(
+                            BuildStatus::TimedOut,
+                            format!("building '{abs}' timed out"),
+                        ),
+                        Ok(c) => BuildResult::failed(
+                            BuildStatus::MiscFailure,
+                            format!("the build hook for '{abs}' failed with exit code {c}"),
+                        ),
+                        Err(e) => BuildResult::failed(BuildStatus::MiscFailure, e.to_string()),
+                    };
+                    r.start_time = start;
+                    r.stop_time = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    HookMsg::Done(r)
+                }
+            };
+            let _ = tx.send(Msg::Hook(id, msg));
+        });
+    }
+
+    fn hook_reply(&mut self, id: GoalId, m: HookMsg) {
+        if !self.goals.contains_key(&id) {
+            return;
+        }
+        match m {
+            HookMsg::Declined => {
+                self.hook_declined.insert(id);
+                self.set_state(id, DrvState::TryToBuild);
+                self.try_to_build_locked(id);
+            }
+            HookMsg::Postponed => {
+                // Not now: release the locks and ask again in a moment (or when a goal ends).
+                if let Some(d) = self.drv_mut(id) {
+                    d.locks.clear();
+                    d.state = DrvState::TryToBuild;
+                }
+                self.in_flight += 1;
+                let tx = self.tx.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                    let _ = tx.send(Msg::Wake(id));
+                });
+            }
+            HookMsg::Failed(e) => self.fail_drv(id, BuildStatus::MiscFailure, e),
+            HookMsg::Done(r) => {
+                self.hook_declined.remove(&id);
+                self.build_done(id, r, Vec::new());
+            }
+        }
+    }
+
+    fn start_job(&mut self, id: GoalId, valid: BTreeSet<String>) {
+        let store = self.store().clone();
+        let settings = self.goals[&id].settings.clone();
+        let tx = self.tx.clone();
+        let tx2 = tx.clone();
+        let d = self.drv_mut(id).expect("goal exists");
+        d.state = DrvState::Building;
+        let ctl = Arc::new(JobControl::default());
+        d.job = Some(ctl.clone());
+        let spec = JobSpec {
+            store,
+            drv_path: d.drv_path.clone(),
+            drv: d.drv.clone().expect("loaded"),
+            settings,
+            mode: d.mode,
+            valid_outputs: valid,
+            input_paths: d.input_paths.clone(),
+            events: Box::new(move |e| {
+                let _ = tx2.send(Msg::JobEvent(id, e));
+            }),
+        };
+        self.building.insert(id);
+        std::thread::Builder::new()
+            .name("kiln-build".into())
+            .spawn(move || {
+                let (r, infos) = job::run(spec, &ctl);
+                let _ = tx.send(Msg::JobDone(id, r, infos));
+            })
+            .expect("spawning a build thread");
+    }
+
+    fn job_event(&mut self, id: GoalId, e: JobEvent) {
+        let Some(Goal {
+            kind: Kind::Drv(d), ..
+        }) = self.goals.get(&id)
+        else {
+            return;
+        };
+        let drv = self.store().print(&d.drv_path);
+        let system = d
+            .drv
+            .as_ref()
+            .map(|x| x.platform.clone())
+            .unwrap_or_default();
+        let ev = match e {
+            JobEvent::Started {
+                pid,
+                log_file,
+                round,
+                rounds,
+            } => Event::BuildStarted {
+                drv,
+                system,
+                log_file,
+                pid,
+                round,
+                rounds,
+            },
+            JobEvent::Log(data) => {
+                let pid = 0;
+                Event::BuildLog { drv, pid, data }
+            }
+        };
+        self.emit(id, ev);
+    }
+
+    fn build_done(&mut self, id: GoalId, r: BuildResult, _infos: Vec<ValidPathInfo>) {
+        let store = self.store().clone();
+        let settings = match self.goals.get(&id) {
+            Some(g) => g.settings.clone(),
+            None => return,
+        };
+        let Some(d) = self.drv_mut(id) else { return };
+        d.job = None;
+        let drv = d.drv.clone().expect("loaded");
+        let success = r.success();
+        for l in d.locks.iter_mut() {
+            // Once the outputs are valid, later lockers see that and never need these files.
+            l.set_delete(success);
+        }
+        d.locks.clear();
+        if !success {
+            if r.status == BuildStatus::PermanentFailure
+                && settings.cache_failures
+                && !drv.is_fixed_output()
+            {
+                for (_, p) in drv.output_paths() {
+                    let _ = store.register_failed(p);
+                }
+            }
+            self.emit(
+                id,
+                Event::Message {
+                    level: 0,
+                    text: r.error.clone(),
+                },
+            );
+            return self.done(id, Exit::Failed, r);
+        }
+        self.done(id, Exit::Success, r);
+    }
+
+    // ---- substitution goals ------------------------------------------------------------
+
+    fn subst_mut(&mut self, id: GoalId) -> Option<&mut SubstGoal> {
+        match self.goals.get_mut(&id).map(|g| &mut g.kind) {
+            Some(Kind::Subst(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn subst_fail(&mut self, id: GoalId, exit: Exit, msg: String) {
+        let status = if exit == Exit::NoSubstituters {
+            BuildStatus::NoSubstituters
+        } else {
+            BuildStatus::MiscFailure
+        };
+        let r = BuildResult::failed(status, msg);
+        self.done(id, exit, r);
+    }
+
+    fn subst_init(&mut self, id: GoalId) {
+        let store = self.store().clone();
+        let settings = self.goals[&id].settings.clone();
+        let sub = self
+            .cfg
+            .substituter
+            .clone()
+            .filter(|_| settings.use_substitutes);
+        let Some(s) = self.subst_mut(id) else { return };
+        let (path, repair) = (s.path.clone(), s.repair);
+        if store.add_temp_root(&path).is_ok() {
+            self.goals
+                .get_mut(&id)
+                .expect("goal exists")
+                .roots
+                .push(path.clone());
+        }
+        if !repair && store.is_valid(&path).unwrap_or(false) {
+            return self.done(
+                id,
+                Exit::Success,
+                BuildResult::new(BuildStatus::AlreadyValid),
+            );
+        }
+        let Some(sub) = sub else {
+            let msg = format!(
+                "path '{}' is required, but there is no substituter that can build it",
+                store.print(&path)
+            );
+            return self.subst_fail(id, Exit::NoSubstituters, msg);
+        };
+        if let Some(s) = self.subst_mut(id) {
+            s.state = SubstState::Querying;
+        }
+        self.in_flight += 1;
+        let tx = self.tx.clone();
+        std::thread::spawn(move || {
+            let r = sub
+                .query(std::slice::from_ref(&path))
+                .map(|mut m| m.remove(&path))
+                .map_err(|e| e.to_string());
+            let _ = tx.send(Msg::Queried(id, r));
+        });
+    }
+
+    fn queried(&mut self, id: GoalId, r: std::result::Result<Option<SubstitutableInfo>, String>) {
+        let store = self.store().clone();
+        let settings = match self.goals.get(&id) {
+            Some(g) => g.settings.clone(),
+            None => return,
+        };
+        let Some(s) = self.subst_mut(id) else { return };
+        let path = s.path.clone();
+        let info = match r {
+            Ok(Some(i)) => i,
+            Ok(None) => {
+                let msg = format!(
+                    "path '{}' is required, but there is no substituter that can build it",
+                    store.print(&path)
+                );
+                return self.subst_fail(id, Exit::NoSubstituters, msg);
+            }
+            Err(e) => return self.subst_fail(id, Exit::Failed, e),
+        };
+        s.info = Some(info.clone());
+        s.state = SubstState::ReferencesValid;
+        for r in info.references.iter().filter(|r| **r != path) {
+            let sub = self.make_subst_goal(r, false, &settings);
+            self.add_waitee(id, sub);
+        }
+        if self.goals[&id].waitees.is_empty() {
+            self.references_valid(id);
+        }
+    }
+
+    fn references_valid(&mut self, id: GoalId) {
+        let g = &self.goals[&id];
+        if g.nr_failed > 0 {
+            let exit = if g.nr_no_substituters > 0 || g.nr_incomplete_closure > 0 {
+                Exit::IncompleteClosure
+            } else {
+                Exit::Failed
+            };
+            let path = match &g.kind {
+                Kind::Subst(s) => self.store().print(&s.path),
+                _ => return,
+            };
+            return self.subst_fail(
+                id,
+                exit,
+                format!("some references of path '{path}' could not be realised"),
+            );
+        }
+        if let Some(s) = self.subst_mut(id) {
+            s.state = SubstState::TryToRun;
+        }
+        self.wake(id);
+    }
+
+    fn try_to_run(&mut self, id: GoalId) {
+        let store = self.store().clone();
+        if self.substituting.len() >= self.cfg.max_substitution_jobs.max(1) {
+            let key = self.goals[&id].key.clone();
+            self.wanting_to_substitute.insert((key, id));
+            return;
+        }
+        let Some(s) = self.subst_mut(id) else { return };
+        let (path, repair) = (s.path.clone(), s.repair);
+        if store.is_locked_by_me(&path) {
+            self.waiting_for_any_goal.push(id);
+            return;
+        }
+        if !repair && store.is_valid(&path).unwrap_or(false) {
+            return self.done(
+                id,
+                Exit::Success,
+                BuildResult::new(BuildStatus::AlreadyValid),
+            );
+        }
+        s.state = SubstState::Fetching;
+        let Some(sub) = self.cfg.substituter.clone() else {
+            return;
+        };
+        self.substituting.insert(id);
+        self.emit(
+            id,
+            Event::SubstitutionStarted {
+                path: store.print(&path),
+            },
+        );
+        let tx = self.tx.clone();
+        let tx_log = self.tx.clone();
+        std::thread::spawn(move || {
+            let log = move |line: &str| {
+                let _ = tx_log.send(Msg::JobEvent(
+                    id,
+                    JobEvent::Log(Arc::from(format!("{line}\n").into_bytes())),
+                ));
+            };
+            let r = sub
+                .fetch(&store, &path, repair, &log)
+                .map_err(|e| e.to_string());
+            let _ = tx.send(Msg::Fetched(id, r));
+        });
+    }
+
+    fn fetched(&mut self, id: GoalId, r: std::result::Result<(), String>) {
+        match r {
+            Ok(()) => self.done(
+                id,
+                Exit::Success,
+                BuildResult::new(BuildStatus::Substituted),
+            ),
+            Err(e) => self.subst_fail(id, Exit::Failed, e),
+        }
+    }
+}
+
+/// Whether a valid path's contents still match its recorded hash (for repair).
+fn contents_good(store: &LocalStore, p: &StorePath) -> bool {
+    let Ok(info) = store.path_info(p) else {
+        return false;
+    };
+    kiln_store::verify::hash_path(store, p)
+        .is_ok_and(|(h, n)| h == info.nar_hash && (info.nar_size == 0 || n == info.nar_size))
+}
+
+/// Results by target, for convenience.
+pub fn outputs_of(results: &RequestResult) -> BTreeMap<String, StorePath> {
+    let mut m = BTreeMap::new();
+    for (_, r) in &results.results {
+        for (n, p) in &r.outputs {
+            m.insert(n.clone(), p.clone());
+        }
+    }
+    m
+}

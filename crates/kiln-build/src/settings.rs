@@ -1,0 +1,141 @@
+//! The settings the build engine uses, typed, taken from [`kiln_store::Settings`].
+
+use std::path::PathBuf;
+
+use kiln_store::Settings;
+
+/// How build logs are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogCompression {
+    None,
+    Gzip,
+    Bzip2,
+    Zstd,
+}
+
+impl LogCompression {
+    pub fn suffix(self) -> &'static str {
+        match self {
+            LogCompression::None => "",
+            LogCompression::Gzip => ".gz",
+            LogCompression::Bzip2 => ".bz2",
+            LogCompression::Zstd => ".zst",
+        }
+    }
+}
+
+/// Sandboxing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxMode {
+    On,
+    Off,
+    /// Sandbox, but derivations may opt out (`__noChroot`).
+    Relaxed,
+}
+
+/// Build settings of one request (the command line's, or a daemon client's).
+#[derive(Debug, Clone)]
+pub struct BuildSettings {
+    pub max_jobs: usize,
+    pub cores: u64,
+    pub keep_going: bool,
+    pub keep_failed: bool,
+    pub max_silent_time: u64,
+    pub timeout: u64,
+    pub max_log_size: u64,
+    pub build_repeat: u32,
+    pub cache_failures: bool,
+    pub log_compression: LogCompression,
+    pub keep_build_log: bool,
+    pub use_substitutes: bool,
+    pub fallback: bool,
+    pub max_substitution_jobs: usize,
+    pub sandbox: SandboxMode,
+    pub sandbox_fallback: bool,
+    pub sandbox_paths: Vec<String>,
+    pub build_users_group: String,
+    pub system: String,
+    pub extra_platforms: Vec<String>,
+    pub impersonate_linux_26: bool,
+    pub print_build_trace: bool,
+    pub multiplexed_build_output: bool,
+    pub build_hook: Option<String>,
+    pub post_build_hook: Option<String>,
+    pub build_dir: Option<PathBuf>,
+    /// Who asked (for `keep-failed` ownership): never root.
+    pub client: Option<(u32, u32)>,
+}
+
+/// This machine's platform name (`x86_64-linux`, …).
+pub fn native_system() -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86" => "i686",
+        "arm" => "armv7l",
+        a => a,
+    };
+    format!("{arch}-{}", std::env::consts::OS)
+}
+
+impl BuildSettings {
+    pub fn from_settings(s: &Settings) -> Self {
+        let opt = |n: &str| Some(s.get(n).to_string()).filter(|v| !v.is_empty());
+        let log_compression = if !s.get_bool("compress-build-log") {
+            LogCompression::None
+        } else {
+            match s.get("log-compression") {
+                "none" => LogCompression::None,
+                "gzip" => LogCompression::Gzip,
+                "zstd" => LogCompression::Zstd,
+                _ => LogCompression::Bzip2,
+            }
+        };
+        BuildSettings {
+            max_jobs: s.get_u64("max-jobs") as usize,
+            cores: s.get_u64("cores"),
+            keep_going: s.get_bool("keep-going"),
+            keep_failed: s.get_bool("keep-failed"),
+            max_silent_time: s.get_u64("max-silent-time"),
+            timeout: s.get_u64("timeout"),
+            max_log_size: s.get_u64("max-log-size"),
+            build_repeat: s.get_u64("build-repeat") as u32,
+            cache_failures: s.get_bool("cache-failures"),
+            log_compression,
+            keep_build_log: s.get_bool("keep-build-log"),
+            use_substitutes: s.get_bool("substitute"),
+            fallback: s.get_bool("fallback"),
+            max_substitution_jobs: (s.get_u64("max-substitution-jobs") as usize).max(1),
+            sandbox: match s.get("sandbox") {
+                "false" => SandboxMode::Off,
+                "relaxed" => SandboxMode::Relaxed,
+                _ => SandboxMode::On,
+            },
+            sandbox_fallback: s.get_bool("sandbox-fallback"),
+            sandbox_paths: s.get_list("sandbox-paths"),
+            build_users_group: s.get("build-users-group").to_string(),
+            system: opt("system").unwrap_or_else(native_system),
+            extra_platforms: s.get_list("extra-platforms"),
+            impersonate_linux_26: s.get_bool("impersonate-linux-26"),
+            print_build_trace: s.get_bool("print-build-trace"),
+            multiplexed_build_output: s.get_bool("multiplexed-build-output"),
+            build_hook: opt("build-hook"),
+            post_build_hook: opt("post-build-hook"),
+            build_dir: opt("build-dir").map(PathBuf::from),
+            client: None,
+        }
+    }
+
+    /// Whether `platform` builds here (the reference's `canBuildLocally`).
+    pub fn can_build(&self, platform: &str) -> bool {
+        platform == self.system
+            || platform == "builtin"
+            || self.extra_platforms.iter().any(|p| p == platform)
+            || (platform == "i686-linux" && self.system == "x86_64-linux")
+            || (platform == "armhf-linux" && self.system == "aarch64-linux")
+    }
+}
+
+impl Default for BuildSettings {
+    fn default() -> Self {
+        BuildSettings::from_settings(&Settings::default())
+    }
+}

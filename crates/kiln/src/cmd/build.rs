@@ -1,0 +1,379 @@
+//! `kiln build` and `kiln log`.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use kiln_build::recipe::Recipe;
+use kiln_build::{BuildMode, BuildSettings, Event, Request, Scheduler, SchedulerConfig, Target};
+use kiln_format::StorePath;
+use kiln_store::LocalStore;
+
+use super::common::StoreArgs;
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// `.drv` paths (optionally `DRV!out1,out2`), store paths, or recipe files (`.toml`).
+    #[arg(required = true)]
+    targets: Vec<String>,
+    /// Only these derivations of recipe files (repeatable).
+    #[arg(short = 'A', long = "attr")]
+    attrs: Vec<String>,
+    /// Builds run at once.
+    #[arg(long, short = 'j')]
+    max_jobs: Option<String>,
+    /// NIX_BUILD_CORES given to each build (0: all).
+    #[arg(long)]
+    cores: Option<u64>,
+    /// Keep building after a failure.
+    #[arg(long, short = 'k')]
+    keep_going: bool,
+    /// Rebuild valid outputs and compare them (non-determinism check).
+    #[arg(long, conflicts_with = "repair")]
+    check: bool,
+    /// Rebuild corrupt outputs and replace them.
+    #[arg(long)]
+    repair: bool,
+    /// Build each derivation N times and compare the results.
+    #[arg(long, value_name = "N")]
+    rounds: Option<u32>,
+    /// Keep the build directory of failed builds.
+    #[arg(long, short = 'K')]
+    keep_failed: bool,
+    /// Kill builds silent for this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    max_silent_time: Option<u64>,
+    /// Kill builds running for this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<u64>,
+    /// Do not show build logs.
+    #[arg(long, short = 'Q')]
+    no_build_output: bool,
+    /// Print one JSON object per line on standard output instead of paths.
+    #[arg(long)]
+    json: bool,
+    /// Print Guix's `@ build-started …` trace lines on standard error.
+    #[arg(long)]
+    print_build_trace: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// A derivation, or an output whose deriver is known.
+    path: String,
+}
+
+fn parse_store_path(store: &LocalStore, s: &str) -> anyhow::Result<StorePath> {
+    if let Ok(p) = store.parse_path(s) {
+        return Ok(p);
+    }
+    let abs = std::path::absolute(s)?;
+    let (p, _) = store
+        .store_dir()
+        .to_store_path(&abs.to_string_lossy())
+        .with_context(|| format!("'{s}' is not a store path"))?;
+    Ok(p)
+}
+
+/// Renders events for a terminal (or as JSON lines).
+struct Reporter {
+    json: bool,
+    quiet: bool,
+    trace: bool,
+    out: Mutex<()>,
+}
+
+fn json_line(v: serde_json::Value) {
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{v}");
+}
+
+impl kiln_build::EventSink for Reporter {
+    fn event(&self, e: &Event) {
+        let _g = self.out.lock();
+        let mut err = std::io::stderr().lock();
+        if self.json {
+            let v = match e {
+                Event::BuildStarted {
+                    drv,
+                    system,
+                    log_file,
+                    pid,
+                    round,
+                    rounds,
+                } => serde_json::json!({
+                    "event": "build-started", "drv": drv, "system": system, "log": log_file, "pid": pid, "round": round, "rounds": rounds
+                }),
+                Event::BuildLog { drv, data, .. } => serde_json::json!({
+                    "event": "log", "drv": drv, "bytes": data.len(), "text": String::from_utf8_lossy(data)
+                }),
+                Event::BuildFinished { drv, result } => serde_json::json!({
+                    "event": "build-finished", "drv": drv, "status": result.status.name(), "error": result.error,
+                    "timesBuilt": result.times_built, "outputs": result.outputs.iter().map(|(k, v)| (k.clone(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>()
+                }),
+                Event::SubstitutionStarted { path } => {
+                    serde_json::json!({"event": "substitution-started", "path": path})
+                }
+                Event::SubstitutionFinished { path, ok, error } => {
+                    serde_json::json!({"event": "substitution-finished", "path": path, "ok": ok, "error": error})
+                }
+                Event::Message { level, text } => {
+                    serde_json::json!({"event": "message", "level": level, "text": text})
+                }
+                Event::HashMismatch {
+                    path,
+                    algo,
+                    expected,
+                    actual,
+                } => serde_json::json!({
+                    "event": "hash-mismatch", "path": path, "algo": algo, "expected": expected, "actual": actual
+                }),
+            };
+            json_line(v);
+            return;
+        }
+        match e {
+            Event::BuildStarted {
+                drv,
+                system,
+                log_file,
+                pid,
+                round,
+                rounds,
+            } => {
+                if self.trace {
+                    let _ = writeln!(err, "@ build-started {drv} - {system} {log_file} {pid}");
+                }
+                if *rounds > 1 {
+                    let _ = writeln!(err, "building '{drv}' (round {round}/{rounds})...");
+                } else {
+                    let _ = writeln!(err, "building '{drv}'...");
+                }
+            }
+            Event::BuildLog { data, .. } => {
+                if !self.quiet {
+                    let _ = err.write_all(data);
+                }
+            }
+            Event::BuildFinished { drv, result } => {
+                if self.trace {
+                    if result.success() {
+                        let _ = writeln!(err, "@ build-succeeded {drv} -");
+                    } else {
+                        let _ = writeln!(
+                            err,
+                            "@ build-failed {drv} - {} {}",
+                            result.status as u8, result.error
+                        );
+                    }
+                }
+            }
+            Event::SubstitutionStarted { path } => {
+                if self.trace {
+                    let _ = writeln!(err, "@ substituter-started {path} substitute");
+                }
+                let _ = writeln!(err, "copying path '{path}' from a substituter...");
+            }
+            Event::SubstitutionFinished { path, ok, error } => {
+                if self.trace {
+                    if *ok {
+                        let _ = writeln!(err, "@ substituter-succeeded {path}");
+                    } else {
+                        let _ = writeln!(err, "@ substituter-failed {path} - {error}");
+                    }
+                }
+            }
+            Event::Message { level, text } => {
+                if *level == 0 {
+                    let _ = writeln!(err, "error: {text}");
+                } else {
+                    let _ = writeln!(err, "{text}");
+                }
+            }
+            Event::HashMismatch {
+                path,
+                algo,
+                expected,
+                actual,
+            } => {
+                if self.trace {
+                    let _ = writeln!(err, "@ hash-mismatch {path} {algo} {expected} {actual}");
+                }
+            }
+        }
+    }
+}
+
+pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
+    let (store, mut settings) = args.open()?;
+    if let Some(j) = &b.max_jobs {
+        settings.set("max-jobs", j)?;
+    }
+    if let Some(c) = b.cores {
+        settings.set("cores", &c.to_string())?;
+    }
+    if b.keep_going {
+        settings.set("keep-going", "true")?;
+    }
+    if b.keep_failed {
+        settings.set("keep-failed", "true")?;
+    }
+    if let Some(r) = b.rounds {
+        if r == 0 {
+            bail!("--rounds must be at least 1");
+        }
+        settings.set("build-repeat", &(r - 1).to_string())?;
+    }
+    if let Some(t) = b.max_silent_time {
+        settings.set("max-silent-time", &t.to_string())?;
+    }
+    if let Some(t) = b.timeout {
+        settings.set("timeout", &t.to_string())?;
+    }
+    if b.print_build_trace {
+        settings.set("print-build-trace", "true")?;
+    }
+    let mut bs = BuildSettings::from_settings(&settings);
+    // The person running the command owns a kept build directory.
+    bs.client = Some((
+        rustix::process::getuid().as_raw(),
+        rustix::process::getgid().as_raw(),
+    ));
+    let store = Arc::new(store);
+    let mut targets = Vec::new();
+    for t in &b.targets {
+        if t.ends_with(".toml") {
+            let recipe = Recipe::load(&PathBuf::from(t))?;
+            let drvs = recipe.instantiate(&store, &bs.system)?;
+            let names = if b.attrs.is_empty() {
+                recipe.names()
+            } else {
+                b.attrs.clone()
+            };
+            for n in names {
+                let drv = drvs
+                    .get(&n)
+                    .with_context(|| format!("recipe '{t}' has no derivation '{n}'"))?;
+                targets.push(Target::Derivation {
+                    drv: drv.clone(),
+                    outputs: BTreeSet::new(),
+                });
+            }
+            continue;
+        }
+        let (path, outs) = match t.split_once('!') {
+            Some((p, o)) => (
+                p,
+                o.split(',')
+                    .filter(|x| !x.is_empty() && *x != "*")
+                    .map(str::to_string)
+                    .collect(),
+            ),
+            None => (t.as_str(), BTreeSet::new()),
+        };
+        let p = parse_store_path(&store, path)?;
+        if p.is_derivation() {
+            targets.push(Target::Derivation {
+                drv: p,
+                outputs: outs,
+            });
+        } else {
+            targets.push(Target::Path(p));
+        }
+    }
+    let mode = if b.check {
+        BuildMode::Check
+    } else if b.repair {
+        BuildMode::Repair
+    } else {
+        BuildMode::Normal
+    };
+    let reporter = Arc::new(Reporter {
+        json: b.json,
+        quiet: b.no_build_output,
+        trace: bs.print_build_trace,
+        out: Mutex::new(()),
+    });
+    let sched = Scheduler::start(SchedulerConfig {
+        store: store.clone(),
+        max_jobs: bs.max_jobs,
+        max_substitution_jobs: bs.max_substitution_jobs,
+        substituter: None,
+    });
+    let result = sched.build(Request {
+        targets: targets.clone(),
+        mode,
+        settings: Arc::new(bs),
+        sink: reporter,
+    })?;
+    drop(sched);
+    let code = result.exit_code();
+    let mut paths = Vec::new();
+    for (t, r) in &result.results {
+        match t {
+            Target::Derivation { outputs, .. } => {
+                for (n, p) in &r.outputs {
+                    if (outputs.is_empty() || outputs.contains(n)) && r.success() {
+                        paths.push(store.print(p));
+                    }
+                }
+            }
+            Target::Path(p) if r.success() => paths.push(store.print(p)),
+            Target::Path(_) => {}
+        }
+    }
+    if b.json {
+        json_line(serde_json::json!({"event": "result", "exit": code, "outputs": paths}));
+    } else {
+        let mut o = std::io::stdout().lock();
+        for p in &paths {
+            writeln!(o, "{p}")?;
+        }
+    }
+    if code != 0 {
+        let failed: Vec<String> = result
+            .results
+            .iter()
+            .filter(|(_, r)| !r.success())
+            .map(|(t, _)| match t {
+                Target::Derivation { drv, .. } => store.print(drv),
+                Target::Path(p) => store.print(p),
+            })
+            .collect();
+        if !b.json {
+            eprintln!(
+                "error: build of {} failed",
+                failed
+                    .iter()
+                    .map(|f| format!("'{f}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        return Ok(ExitCode::from(code));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn log(args: &StoreArgs, l: LogArgs) -> anyhow::Result<ExitCode> {
+    let (store, _) = args.open()?;
+    let p = parse_store_path(&store, &l.path)?;
+    let drv = if p.is_derivation() {
+        p
+    } else {
+        let info = store.path_info(&p)?;
+        info.deriver
+            .with_context(|| format!("path '{}' has no known deriver", store.print(&p)))?
+    };
+    match kiln_build::log::read_log(&store.layout().log_dir, &drv)? {
+        Some(data) => {
+            std::io::stdout().lock().write_all(&data)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        None => bail!("build log of '{}' is not available", store.print(&drv)),
+    }
+}

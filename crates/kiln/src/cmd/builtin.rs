@@ -1,0 +1,91 @@
+//! `kiln __builtin NAME`: the built-in builders, run as the builder process of derivations
+//! whose builder is `builtin:NAME`, so they are isolated like any other builder
+//! (CVE-2024-51481 was a builtin running outside the sandbox).
+//!
+//! * `fetchurl` (Nix) and `download` (Guix): fetch `url` (or each of `urls`/a Guix URL list,
+//!   first that works) over `http://`, `https://` (certificates verified: CVE-2024-47174) or
+//!   `file://` into `$out`; `executable=1` makes it executable; `unpack=1` restores a NAR.
+//!   The daemon checks the fixed-output hash afterwards.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+
+/// URLs from `url`/`urls`: a plain URL, whitespace-separated URLs, or a Guix list such as
+/// `("https://a" "https://b")`.
+fn urls() -> anyhow::Result<Vec<String>> {
+    let raw = std::env::var("urls")
+        .or_else(|_| std::env::var("url"))
+        .context("the derivation has no 'url'")?;
+    let quoted: Vec<String> = raw
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect();
+    let list = if quoted.is_empty() {
+        raw.trim_matches(|c| c == '(' || c == ')')
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    } else {
+        quoted
+    };
+    if list.is_empty() {
+        bail!("the derivation's 'url' is empty");
+    }
+    Ok(list)
+}
+
+fn fetch(url: &str) -> anyhow::Result<Box<dyn Read>> {
+    if let Some(path) = url.strip_prefix("file://") {
+        return Ok(Box::new(
+            std::fs::File::open(path).with_context(|| format!("opening '{path}'"))?,
+        ));
+    }
+    if url.starts_with("http://") || url.starts_with("https://") {
+        let resp = ureq::get(url)
+            .call()
+            .with_context(|| format!("downloading '{url}'"))?;
+        return Ok(Box::new(resp.into_body().into_reader()));
+    }
+    bail!("unsupported URL scheme in '{url}'")
+}
+
+pub fn run(name: &str) -> anyhow::Result<ExitCode> {
+    match name {
+        "fetchurl" | "download" => {}
+        other => bail!("unsupported builtin function '{other}'"),
+    }
+    let out = std::env::var("out").context("the derivation has no 'out'")?;
+    let mut last = None;
+    for url in urls()? {
+        eprintln!("downloading '{url}'...");
+        let mut r = match fetch(&url) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("{e:#}");
+                last = Some(e);
+                continue;
+            }
+        };
+        if std::env::var("unpack").is_ok_and(|v| v == "1") {
+            kiln_format::nar::restore(std::path::Path::new(&out), &mut r)?;
+        } else {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&out)
+                .with_context(|| format!("creating '{out}'"))?;
+            std::io::copy(&mut r, &mut f).with_context(|| format!("writing '{out}'"))?;
+            f.flush()?;
+            if std::env::var("executable").is_ok_and(|v| v == "1") {
+                std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o755))?;
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("nothing to download")))
+}

@@ -1,0 +1,590 @@
+//! The build engine through `kiln build`: real child processes, real store.
+
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct T {
+    dir: tempfile::TempDir,
+}
+
+impl T {
+    fn new() -> Self {
+        T {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn p(&self) -> &Path {
+        self.dir.path()
+    }
+    fn kiln(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        c.arg("--store-dir")
+            .arg(self.p().join("store"))
+            .arg("--state-dir")
+            .arg(self.p().join("var"));
+        c.arg("--log-dir").arg(self.p().join("log")).args([
+            "--option",
+            "gc-runtime-roots",
+            "false",
+        ]);
+        c.args(["--option", "sandbox", "false"])
+            .env_remove("KILN_CONFIG");
+        c
+    }
+    fn recipe(&self, name: &str, text: &str) -> PathBuf {
+        let f = self.p().join(name);
+        std::fs::write(&f, text).unwrap();
+        f
+    }
+    fn build(&self, recipe: &Path, extra: &[&str]) -> Output {
+        let mut c = self.kiln();
+        c.arg("build").arg(recipe).args(extra);
+        c.output().unwrap()
+    }
+    fn store_path(&self, out: &Output, name: &str) -> PathBuf {
+        let s = String::from_utf8_lossy(&out.stdout);
+        let line = s
+            .lines()
+            .find(|l| l.ends_with(&format!("-{name}")))
+            .unwrap_or_else(|| panic!("no output for {name} in {s}"));
+        PathBuf::from(line)
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+const SH: &str = "builder = \"/bin/sh\"\nenv = { PATH = \"/bin:/usr/bin\" }\n";
+
+#[test]
+fn dependency_failure_with_and_without_keep_going() {
+    let t = T::new();
+    let r = t.recipe(
+        "r.toml",
+        &format!(
+            "[derivations.bad]\n{SH}args = [\"-c\", \"echo failing; exit 1\"]\n\
+             [derivations.needs-bad]\n{SH}args = [\"-c\", \"echo ${{bad}} > $out\"]\n\
+             [derivations.slow]\n{SH}args = [\"-c\", \"sleep 2; echo ok > $out\"]\n"
+        ),
+    );
+    let o = t.build(&r, &["-j", "2"]);
+    assert_eq!(o.status.code(), Some(100), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("builder for") && stderr(&o).contains("failed with exit code 1"),
+        "{}",
+        stderr(&o)
+    );
+    // Without keep-going the slow build was cancelled: its output is not there.
+    assert!(String::from_utf8_lossy(&o.stdout).is_empty());
+    let o = t.build(&r, &["-j", "2", "--keep-going"]);
+    assert_eq!(o.status.code(), Some(100));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.lines().any(|l| l.ends_with("-slow")),
+        "keep-going builds the independent one: {out}"
+    );
+    assert!(
+        stderr(&o).contains("dependencies couldn't be built"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn two_processes_racing_build_once() {
+    let t = T::new();
+    let counter = t.p().join("count");
+    let r = t.recipe(
+        "r.toml",
+        &format!("[derivations.once]\n{SH}args = [\"-c\", \"echo x >> {}; sleep 1; echo done > $out\"]\n", counter.display()),
+    );
+    // Both processes start on a new store: they race on creating it, on writing the .drv
+    // and on building it.
+    let a = {
+        let mut c = t.kiln();
+        c.arg("build").arg(&r);
+        c.spawn().unwrap()
+    };
+    let b = {
+        let mut c = t.kiln();
+        c.arg("build").arg(&r);
+        c.spawn().unwrap()
+    };
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success() && b.status.success());
+    assert_eq!(
+        std::fs::read_to_string(&counter).unwrap(),
+        "x\n",
+        "built more than once"
+    );
+}
+
+#[test]
+fn fixed_output_hash_check() {
+    let t = T::new();
+    // sha256 of "hello\n".
+    let good = "sha256-WJG1tSLV3whtD/CxEPvZ0hu0/HFjrzTQgoai6Eb2vgM=";
+    let bad = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let r = t.recipe("r.toml", &format!("[derivations.f]\n{SH}args = [\"-c\", \"echo hello > $out\"]\noutput-hash = \"{bad}\"\n"));
+    let o = t.build(&r, &[]);
+    assert_eq!(o.status.code(), Some(102), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("hash mismatch in fixed-output derivation")
+            && e.contains(bad)
+            && e.contains(good),
+        "{e}"
+    );
+    let r = t.recipe("r2.toml", &format!("[derivations.f]\n{SH}args = [\"-c\", \"echo hello > $out\"]\noutput-hash = \"{good}\"\n"));
+    let o = t.build(&r, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let p = t.store_path(&o, "f");
+    let mut c = t.kiln();
+    c.args(["store", "path-info", "--json"]).arg(&p);
+    let info = String::from_utf8(c.output().unwrap().stdout).unwrap();
+    assert!(info.contains("\"ca\":\"fixed:sha256:"), "{info}");
+    // A flat fixed output must be a regular, non-executable file.
+    let r = t.recipe(
+        "r3.toml",
+        &format!(
+            "[derivations.f-dir]\n{SH}args = [\"-c\", \"mkdir $out\"]\noutput-hash = \"{good}\"\n"
+        ),
+    );
+    let o = t.build(&r, &[]);
+    assert!(
+        stderr(&o).contains("should be a non-executable regular file"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+fn no_process_left(marker: &str) {
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let o = Command::new("pgrep").args(["-f", marker]).output().unwrap();
+    assert!(
+        o.stdout.is_empty(),
+        "processes left behind: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}
+
+#[test]
+fn silence_timeout_and_log_limits_kill_everything() {
+    let t = T::new();
+    let m1 = format!("kiln-test-silent-{}", std::process::id());
+    let r = t.recipe("a.toml", &format!("[derivations.silent]\n{SH}args = [\"-c\", \"sleep 1000 {m1} & echo started; sleep 1000\"]\n"));
+    let o = t.build(&r, &["--max-silent-time", "1"]);
+    assert_eq!(o.status.code(), Some(101), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("timed out after 1 seconds of silence"),
+        "{}",
+        stderr(&o)
+    );
+    no_process_left(&m1);
+
+    let m2 = format!("kiln-test-timeout-{}", std::process::id());
+    let r = t.recipe("b.toml", &format!("[derivations.chatty]\n{SH}args = [\"-c\", \"sleep 1000 {m2} & while true; do echo tick; sleep 0.2; done\"]\n"));
+    let o = t.build(&r, &["--timeout", "1"]);
+    assert_eq!(o.status.code(), Some(101), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("timed out after 1 seconds"),
+        "{}",
+        stderr(&o)
+    );
+    no_process_left(&m2);
+
+    let m3 = format!("kiln-test-log-{}", std::process::id());
+    let r = t.recipe("c.toml", &format!("[derivations.loud]\n{SH}args = [\"-c\", \"sleep 1000 {m3} & while true; do echo 0123456789; done\"]\n"));
+    let o = t.build(&r, &["--option", "max-log-size", "1000"]);
+    // Nix 2.8 reports LogLimitExceeded with exit status 1.
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("killed after writing more than 1000 bytes of log output"),
+        "{}",
+        stderr(&o)
+    );
+    no_process_left(&m3);
+}
+
+#[test]
+fn nondeterminism_is_caught_by_rounds_and_check() {
+    let t = T::new();
+    let r = t.recipe("r.toml", &format!("[derivations.random]\n{SH}args = [\"-c\", \"head -c 16 /dev/urandom | od -x > $out\"]\n"));
+    let o = t.build(&r, &["--rounds", "2"]);
+    assert_eq!(o.status.code(), Some(104), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("differs from previous round"),
+        "{}",
+        stderr(&o)
+    );
+    let o = t.build(&r, &[]);
+    assert!(o.status.success());
+    let p = t.store_path(&o, "random");
+    let o = t.build(&r, &["--check"]);
+    assert_eq!(o.status.code(), Some(104), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("may not be deterministic"),
+        "{}",
+        stderr(&o)
+    );
+    let o = t.build(&r, &["--check", "--keep-failed"]);
+    assert_eq!(o.status.code(), Some(104));
+    let check = PathBuf::from(format!("{}-check", p.display()));
+    assert!(check.exists(), "{} kept: {}", check.display(), stderr(&o));
+    assert!(stderr(&o).contains(&check.display().to_string()));
+    // The valid output is untouched by --check.
+    let mut c = t.kiln();
+    c.args(["store", "verify", "--check-contents"]);
+    assert!(c.output().unwrap().status.success());
+    // A deterministic build passes --check and --rounds.
+    let r = t.recipe(
+        "d.toml",
+        &format!("[derivations.det]\n{SH}args = [\"-c\", \"echo same > $out\"]\n"),
+    );
+    assert!(t.build(&r, &["--rounds", "3"]).status.success());
+    assert!(t.build(&r, &["--check"]).status.success());
+}
+
+#[test]
+fn reference_restrictions() {
+    let t = T::new();
+    let base = format!(
+        "[derivations.dep]\n{SH}args = [\"-c\", \"echo dep > $out\"]\n\
+         [derivations.mid]\n{SH}args = [\"-c\", \"echo ${{dep}} > $out\"]\n"
+    );
+    let case = |attrs: &str| {
+        let r = t.recipe("r.toml", &format!("{base}[derivations.top]\nbuilder = \"/bin/sh\"\nargs = [\"-c\", \"echo ${{mid}} > $out\"]\nenv = {{ PATH = \"/bin:/usr/bin\", {attrs} }}\n"));
+        t.build(&r, &["-A", "top"])
+    };
+    assert!(case("allowedReferences = \"${mid}\"").status.success());
+    let o = case("allowedReferences = \"\"");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("is not allowed to refer to path"),
+        "{}",
+        stderr(&o)
+    );
+    let o = case("disallowedReferences = \"${mid}\"");
+    assert!(
+        stderr(&o).contains("is not allowed to refer to path"),
+        "{}",
+        stderr(&o)
+    );
+    // Requisites are transitive: `dep` is reached through `mid`.
+    let o = case("disallowedRequisites = \"${dep}\"");
+    assert!(
+        stderr(&o).contains("is not allowed to refer to path"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(case("allowedRequisites = \"${mid} ${dep}\"")
+        .status
+        .success());
+    let o = case("allowedRequisites = \"${mid}\"");
+    assert!(!o.status.success());
+    // An output name as specifier.
+    assert!(case("allowedReferences = \"out ${mid}\"").status.success());
+}
+
+#[test]
+fn export_references_graph_contents() {
+    let t = T::new();
+    let r = t.recipe(
+        "r.toml",
+        &format!(
+            "[derivations.dep]\n{SH}args = [\"-c\", \"echo dep > $out\"]\n\
+             [derivations.mid]\n{SH}args = [\"-c\", \"echo ${{dep}} > $out\"]\n\
+             [derivations.top]\nbuilder = \"/bin/sh\"\nargs = [\"-c\", \"cp graph $out\"]\nenv = {{ PATH = \"/bin:/usr/bin\", exportReferencesGraph = \"graph ${{mid}}\" }}\n"
+        ),
+    );
+    let o = t.build(&r, &["-A", "mid", "-A", "dep", "-A", "top"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (dep, mid, top) = (
+        t.store_path(&o, "dep"),
+        t.store_path(&o, "mid"),
+        t.store_path(&o, "top"),
+    );
+    let got = std::fs::read_to_string(top).unwrap();
+    // One entry per path of the closure, in store-path order, as Nix writes it.
+    let dep_entry = format!("{}\n\n0\n", dep.display());
+    let mid_entry = format!("{}\n\n1\n{}\n", mid.display(), dep.display());
+    let base = |p: &PathBuf| p.file_name().unwrap().to_owned();
+    let want = if base(&dep) < base(&mid) {
+        format!("{dep_entry}{mid_entry}")
+    } else {
+        format!("{mid_entry}{dep_entry}")
+    };
+    assert_eq!(got, want);
+}
+
+#[test]
+fn keep_failed_keeps_a_safe_build_directory() {
+    let t = T::new();
+    let r = t.recipe("r.toml", &format!("[derivations.fail]\n{SH}args = [\"-c\", \"echo evidence > here; chmod 4755 here; exit 3\"]\n"));
+    let o = t.build(&r, &["--keep-failed"]);
+    assert_eq!(o.status.code(), Some(100));
+    let e = stderr(&o);
+    let kept = e
+        .lines()
+        .find_map(|l| l.strip_prefix("note: keeping build directory '"))
+        .unwrap_or_else(|| panic!("{e}"));
+    let kept = PathBuf::from(kept.trim_end_matches('\''));
+    let f = kept.join("here");
+    assert_eq!(std::fs::read_to_string(&f).unwrap(), "evidence\n");
+    let m = std::fs::metadata(&f).unwrap();
+    assert_eq!(
+        m.mode() & 0o6000,
+        0,
+        "setuid bit survived in the kept directory"
+    );
+    assert_eq!(m.uid(), rustix::process::getuid().as_raw());
+    // Without --keep-failed the build directory goes away.
+    let o = t.build(&r, &[]);
+    assert!(!stderr(&o).contains("keeping build directory"));
+    let builds = t.p().join("var/builds");
+    let left: Vec<_> = std::fs::read_dir(&builds)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p != &kept)
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn wrong_system_is_refused() {
+    let t = T::new();
+    let r = t.recipe(
+        "r.toml",
+        &format!("system = \"riscv128-plan9\"\n[derivations.x]\n{SH}args = [\"-c\", \"exit 0\"]\n"),
+    );
+    let o = t.build(&r, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("a 'riscv128-plan9' is required to build"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn builder_environment_is_the_references() {
+    let t = T::new();
+    let r = t.recipe(
+        "r.toml",
+        "[derivations.env]\nbuilder = \"/bin/sh\"\nargs = [\"-c\", \"/usr/bin/env > $out; echo cwd=$(/bin/pwd) >> $out; /bin/cat $bigPath >> $out\"]\nenv = { FOO = \"bar\", passAsFile = \"big\", big = \"from a file\" }\n",
+    );
+    let o = t.build(&r, &["--cores", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(t.store_path(&o, "env")).unwrap();
+    let vars: std::collections::BTreeMap<&str, &str> =
+        text.lines().filter_map(|l| l.split_once('=')).collect();
+    assert_eq!(vars["PATH"], "/path-not-set");
+    assert_eq!(vars["HOME"], "/homeless-shelter");
+    assert_eq!(vars["NIX_STORE"], t.p().join("store").to_str().unwrap());
+    assert_eq!(vars["NIX_BUILD_CORES"], "3");
+    assert_eq!(vars["FOO"], "bar");
+    let top = vars["NIX_BUILD_TOP"];
+    for k in ["TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD", "cwd"] {
+        assert_eq!(vars[k], top, "{k}");
+    }
+    assert!(
+        top.starts_with(t.p().join("var/builds").to_str().unwrap()),
+        "build dir in the state directory: {top}"
+    );
+    assert!(!vars.contains_key("big"));
+    assert!(text.ends_with("from a file"), "{text}");
+}
+
+#[test]
+fn builtin_fetchurl_fetches_file_and_http() {
+    let t = T::new();
+    let src = t.p().join("payload");
+    std::fs::write(&src, "hello\n").unwrap();
+    let good = "sha256-WJG1tSLV3whtD/CxEPvZ0hu0/HFjrzTQgoai6Eb2vgM=";
+    let r = t.recipe("r.toml", &format!("[derivations.fetched]\nbuilder = \"builtin:fetchurl\"\nenv = {{ url = \"file://{}\" }}\noutput-hash = \"{good}\"\n", src.display()));
+    let o = t.build(&r, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(t.store_path(&o, "fetched")).unwrap(),
+        "hello\n"
+    );
+    // Over HTTP from a server on loopback.
+    let mut server = Command::new("python3")
+        .args(["-m", "http.server", "--bind", "127.0.0.1", "0"])
+        .current_dir(t.p())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let port: u16 = line
+        .split("port ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let r = t.recipe("h.toml", &format!("[derivations.fetched-http]\nbuilder = \"builtin:download\"\nenv = {{ url = \"(\\\"http://127.0.0.1:{port}/payload\\\")\" }}\noutput-hash = \"{good}\"\n"));
+    let o = t.build(&r, &[]);
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn max_jobs_zero_and_prefer_local_build() {
+    let t = T::new();
+    let r = t.recipe(
+        "r.toml",
+        &format!("[derivations.x]\n{SH}args = [\"-c\", \"echo x > $out\"]\n"),
+    );
+    let o = t.build(&r, &["-j", "0"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("unable to start any build"),
+        "{}",
+        stderr(&o)
+    );
+    let r = t.recipe("l.toml", "[derivations.local]\nbuilder = \"/bin/sh\"\nargs = [\"-c\", \"echo x > $out\"]\nenv = { preferLocalBuild = \"1\" }\n");
+    assert!(t.build(&r, &["-j", "0"]).status.success());
+}
+
+#[test]
+fn failure_caching() {
+    let t = T::new();
+    let r = t.recipe(
+        "r.toml",
+        &format!("[derivations.f]\n{SH}args = [\"-c\", \"exit 1\"]\n"),
+    );
+    let o = t.build(&r, &["--option", "cache-failures", "true"]);
+    assert_eq!(o.status.code(), Some(100));
+    let o = t.build(&r, &["--option", "cache-failures", "true"]);
+    assert_eq!(o.status.code(), Some(100));
+    assert!(
+        stderr(&o).contains("failed previously (cached)"),
+        "{}",
+        stderr(&o)
+    );
+    let mut c = t.kiln();
+    c.args(["store", "failed", "--clear"]);
+    assert!(c.output().unwrap().status.success());
+    let o = t.build(&r, &["--option", "cache-failures", "true"]);
+    assert!(!stderr(&o).contains("(cached)"));
+}
+
+#[test]
+fn build_log_is_written_and_readable() {
+    let t = T::new();
+    let r = t.recipe("r.toml", &format!("[derivations.logged]\n{SH}args = [\"-c\", \"echo to-stdout; echo to-stderr >&2; echo x > $out\"]\n"));
+    let o = t.build(&r, &["-Q"]);
+    assert!(o.status.success());
+    assert!(!stderr(&o).contains("to-stdout"), "-Q hides the log");
+    let p = t.store_path(&o, "logged");
+    let mut c = t.kiln();
+    c.arg("log").arg(&p);
+    let log = c.output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&log.stdout),
+        "to-stdout\nto-stderr\n"
+    );
+    // The file is where Nix looks: drvs/XX/REST.bz2.
+    let found: Vec<_> = walk(&t.p().join("log/drvs"))
+        .into_iter()
+        .filter(|f| f.to_string_lossy().ends_with("-logged.drv.bz2"))
+        .collect();
+    assert_eq!(found.len(), 1);
+}
+
+fn walk(d: &Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            v.extend(walk(&p));
+        } else {
+            v.push(p);
+        }
+    }
+    v
+}
+
+#[test]
+fn json_event_stream() {
+    let t = T::new();
+    let r = t.recipe(
+        "r.toml",
+        &format!("[derivations.j]\n{SH}args = [\"-c\", \"echo hi; echo x > $out\"]\n"),
+    );
+    let o = t.build(&r, &["--json"]);
+    assert!(o.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|v| v["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"build-started"));
+    assert!(kinds.contains(&"log"));
+    let fin = lines
+        .iter()
+        .find(|v| v["event"] == "build-finished")
+        .unwrap();
+    assert_eq!(fin["status"], "Built");
+    let res = lines.last().unwrap();
+    assert_eq!(res["event"], "result");
+    assert_eq!(res["exit"], 0);
+}
+
+#[test]
+fn hook_accept_decline_postpone() {
+    let t = T::new();
+    let state = t.p().join("hook-state");
+    let kiln = env!("CARGO_BIN_EXE_kiln");
+    // A test agent: the first offer is postponed, drvs named *-remote* are accepted (and
+    // "built" by registering the output into the same store), others declined.
+    let agent = t.p().join("agent.sh");
+    std::fs::write(
+        &agent,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = offload ] || exit 9\nwhile read local system drv features; do\n\
+             if [ ! -e {state} ]; then touch {state}; echo '# postpone'; continue; fi\n\
+             case \"$drv\" in *-remote*) echo '# accept'; read inputs; read outputs;\n\
+               for o in $outputs; do echo built remotely > $o; printf '%s\\n\\n0\\n' $o | {kiln} --store-dir {s} --state-dir {v} --log-dir {l} store register-validity; done;\n\
+               echo remote log >&2; exit 0;;\n\
+             *) echo '# decline';; esac\ndone\n",
+            state = state.display(),
+            s = t.p().join("store").display(),
+            v = t.p().join("var").display(),
+            l = t.p().join("log").display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let r = t.recipe(
+        "r.toml",
+        &format!("[derivations.remote]\n{SH}args = [\"-c\", \"echo local > $out\"]\n[derivations.here]\n{SH}args = [\"-c\", \"echo local > $out\"]\n"),
+    );
+    let o = t.build(&r, &["--option", "build-hook", agent.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(t.store_path(&o, "remote")).unwrap(),
+        "built remotely\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(t.store_path(&o, "here")).unwrap(),
+        "local\n"
+    );
+    assert!(stderr(&o).contains("remote log"), "{}", stderr(&o));
+    assert!(state.exists(), "the postpone happened");
+}
