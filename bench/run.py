@@ -37,7 +37,9 @@ def measure(cmd, runs=3, stdout=subprocess.DEVNULL, env=None, shell=False, setup
             setup()
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
-        subprocess.run(cmd, stdout=stdout, env=env, shell=shell, check=True)
+        r = subprocess.run(cmd, stdout=stdout, stderr=subprocess.PIPE, env=env, shell=shell)
+        if r.returncode != 0:
+            raise SystemExit(f"{cmd[0] if isinstance(cmd, list) else cmd} failed ({r.returncode}): {r.stderr.decode()[-1500:]}")
         wall = time.perf_counter() - t
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -250,9 +252,105 @@ def bench_store(args):
     shutil.rmtree(work, ignore_errors=True)
 
 
+def dag_nix(n_layers, width, deps):
+    """A Nix expression for a layered DAG of trivial derivations; each refers to `deps`
+    derivations of the previous layer (so outputs carry references)."""
+    lines = ["let sys = builtins.currentSystem;",
+             "mk = name: deps: derivation { inherit name; system = sys; builder = \"/bin/sh\";",
+             "  args = [ \"-c\" (\"echo \" + builtins.concatStringsSep \" \" (map toString deps) + \" > $out\") ]; };"]
+    names = []
+    for l in range(n_layers):
+        for i in range(width):
+            name = f"n{l}x{i}"
+            d = [] if l == 0 else [f"n{l - 1}x{(i * 7 + k * 13) % width}" for k in range(deps)]
+            lines.append(f"{name} = mk \"{name}\" [ {' '.join(d)} ];")
+            names.append(name)
+    body = "\n".join(lines[3:])
+    return "\n".join(lines[:3]) + "\nin rec {\n" + body + "\n}\n", names
+
+
+def chain_nix(n):
+    lines = ["let sys = builtins.currentSystem;",
+             "mk = name: dep: derivation { inherit name; system = sys; builder = \"/bin/sh\"; args = [ \"-c\" \"echo ${dep} > $out\" ]; };",
+             "in rec {", "c0 = derivation { name = \"c0\"; system = sys; builder = \"/bin/sh\"; args = [ \"-c\" \"echo 0 > $out\" ]; };"]
+    for i in range(1, n):
+        lines.append(f"c{i} = mk \"c{i}\" c{i - 1};")
+    lines.append("}")
+    return "\n".join(lines) + "\n", [f"c{n - 1}"]
+
+
+def bench_build(args):
+    print("## build engine: kiln build vs nix-store --realise (sandbox off, same .drv files)\n", flush=True)
+    work = os.path.join(args.dir, "build-bench")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    root = os.path.join(work, "s")
+    saved = os.path.join(work, "saved")
+    jobs = str(args.jobs)
+
+    def prepare(expr, attrs):
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(saved, ignore_errors=True)
+        env = nix_env(root)
+        f = os.path.join(work, "e.nix")
+        open(f, "w").write(expr)
+        drvs = []
+        for chunk in [attrs[i:i + 200] for i in range(0, len(attrs), 200)]:
+            a = []
+            for x in chunk:
+                a += ["-A", x]
+            r = subprocess.run(["nix-instantiate", f, *a], env=env, capture_output=True, text=True, check=True)
+            drvs += r.stdout.split()
+        shutil.copytree(root, saved, symlinks=True)
+        return env, drvs
+
+    def restore():
+        subprocess.run(["chmod", "-R", "u+w", root], check=False)
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.copytree(saved, root, symlinks=True)
+
+    def run_pair(name, env, drvs, per, setup=restore, runs=3):
+        kcmd = [kiln_bin(), *kiln_store_args(root),
+                "--option", "sandbox", "false", "--option", "gc-runtime-roots", "false", "build", "-Q", "-j", jobs, *drvs]
+        # kiln's state dir is Nix's (NIX_STATE_DIR = root/var): both use the same database.
+        ncmd = ["nix-store", "--realise", "--max-jobs", jobs, *drvs]
+        kw, kc = measure(kcmd, runs=runs, setup=setup)
+        nw, nc = measure(ncmd, runs=runs, env=env, setup=setup)
+        print(f"| {name} | {kw:.3f} s ({kw / per * 1000:.1f} ms each) | {kc:.3f} s | {nw:.3f} s ({nw / per * 1000:.1f} ms each) | {nc:.3f} s | {nw / kw:.1f}x / {nc / kc:.1f}x |", flush=True)
+        return kw, nw
+
+    print(f"max-jobs {jobs} on both sides\n")
+    print("| workload | kiln wall | kiln CPU | Nix 2.8 wall | Nix 2.8 CPU | kiln faster (wall / CPU) |")
+    print("|---|---|---|---|---|---|")
+    expr, names = dag_nix(10, 100, 2)
+    env, drvs = prepare(expr, names)
+    run_pair("1,000 trivial derivations (DAG, 10 layers × 100)", env, drvs, 1000)
+    # No-op: everything valid (built once, then realised again).
+    restore()
+    subprocess.run([kiln_bin(), *kiln_store_args(root), "--option", "sandbox", "false",
+                    "build", "-Q", "-j", jobs, *drvs], check=True, capture_output=True)
+    run_pair("no-op rebuild of the 1,000 (all valid)", env, drvs, 1000, setup=lambda: None)
+    expr, names = chain_nix(300)
+    env, drvs = prepare(expr, names)
+    run_pair("300-deep chain", env, drvs, 300)
+    # A ~1 GiB output in ~20,000 files (copied from a tree in the page cache).
+    tree = os.path.join(args.dir, "tree")
+    make_tree(tree)
+    expr = ("derivation { name = \"big\"; system = builtins.currentSystem; builder = \"/bin/sh\"; "
+            f"args = [ \"-c\" \"/bin/cp -r {tree} $out\" ]; }}\n")
+    env, drvs = prepare("{ big = " + expr + "; }", ["big"])
+    cp_w, cp_c = measure(["/bin/cp", "-r", tree, os.path.join(work, "cp-test")], runs=3,
+                         setup=lambda: shutil.rmtree(os.path.join(work, "cp-test"), ignore_errors=True))
+    kw, nw = run_pair("~1 GiB output in ~20k files (builder: cp -r)", env, drvs, 1)
+    print(f"\nbuilder alone (cp -r): {cp_w:.3f} s wall. Added by the engine: kiln {kw - cp_w:.3f} s, Nix 2.8 {nw - cp_w:.3f} s "
+          f"(kiln adds {(kw - cp_w) / (nw - cp_w) * 100:.0f}% of Nix's time)\n", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="+", choices=["formats", "store", "all"])
+    p.add_argument("what", nargs="+", choices=["formats", "store", "build", "all"])
+    p.add_argument("--jobs", type=int, default=2, help="max-jobs for the build benchmarks")
     p.add_argument("--dir", default="/tmp/kiln-bench", help="work directory (a tmpfs is mounted there if possible)")
     p.add_argument("--no-build", action="store_true")
     args = p.parse_args()
@@ -268,6 +366,8 @@ def main():
         bench_formats(args)
     if "all" in whats or "store" in whats:
         bench_store(args)
+    if "all" in whats or "build" in whats:
+        bench_build(args)
 
 
 if __name__ == "__main__":

@@ -994,14 +994,13 @@ impl Worker {
                     // The derivation and its outputs must survive a concurrent collection.
                     let mut roots = vec![drv_path.clone()];
                     roots.extend(drv.output_paths().map(|(_, p)| p.clone()));
-                    for r in &roots {
-                        let _ = store.add_temp_root(r);
+                    if store.add_temp_roots(&roots).is_ok() {
+                        self.goals
+                            .get_mut(&id)
+                            .expect("goal exists")
+                            .roots
+                            .extend(roots);
                     }
-                    self.goals
-                        .get_mut(&id)
-                        .expect("goal exists")
-                        .roots
-                        .extend(roots);
                     let d = self.drv_mut(id).expect("goal exists");
                     d.drv = Some(Arc::new(drv));
                 }

@@ -82,16 +82,132 @@ fn child_fail(err_fd: RawFd, step: usize) -> ! {
     }
 }
 
+/// Signals whose disposition in this process is not the default (handlers and `SIG_IGN`),
+/// found once. Handlers are reset by exec anyway, but `SIG_IGN` survives it, and until exec
+/// the child must not run a handler of ours on its stack; so these are the only signals the
+/// child needs to reset (instead of 64 system calls per build).
+fn non_default_signals() -> &'static [libc::c_int] {
+    static SIGS: std::sync::OnceLock<Vec<libc::c_int>> = std::sync::OnceLock::new();
+    SIGS.get_or_init(|| {
+        let mut v = Vec::new();
+        for sig in 1..65 {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            // SAFETY: querying (not changing) a disposition into a zeroed struct we own.
+            let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+            // SAFETY: as above; a null new action only reads.
+            if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } == 0
+                && old.sa_sigaction != libc::SIG_DFL
+            {
+                v.push(sig);
+            }
+        }
+        v
+    })
+}
+
+/// What the child needs, by pointer (it shares the parent's memory until exec).
+struct ChildData<'a> {
+    spec: &'a ChildSpec,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    devnull: *const libc::c_char,
+    oom: *const libc::c_char,
+    groups: &'a [libc::gid_t],
+    personality: u64,
+    err_fd: RawFd,
+    reset: &'a [libc::c_int],
+}
+
+/// The child side: runs on its own stack in the parent's address space (`CLONE_VM`) while
+/// the parent thread is suspended (`CLONE_VFORK`), until exec or `_exit`. Only raw,
+/// async-signal-safe system calls; nothing is allocated or written except on this stack.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` points to the `ChildData` in the parent's frame, which stays alive and
+    // unmoved because the parent thread is suspended until we exec or exit.
+    let d = unsafe { &*(arg as *const ChildData<'_>) };
+    let ef = d.err_fd;
+    let spec = d.spec;
+    // SAFETY: raw system calls on pointers prepared before the clone (see `spawn`).
+    unsafe {
+        // Default dispositions and the original mask: builders expect SIGPIPE to kill them
+        // (the reference's restoreSIGPIPE) and must not inherit blocked signals. Handlers are
+        // reset before anything is unblocked, so no parent handler can run here.
+        for &sig in d.reset {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) < 0 {
+            child_fail(ef, 9);
+        }
+        if libc::setsid() < 0 {
+            child_fail(ef, 0);
+        }
+        let null = libc::open(d.devnull, libc::O_RDONLY);
+        if null < 0 || libc::dup2(null, 0) < 0 {
+            child_fail(ef, 1);
+        }
+        let out_fd = spec.output.as_raw_fd();
+        if libc::dup2(out_fd, 1) < 0 {
+            child_fail(ef, 2);
+        }
+        if libc::dup2(out_fd, 2) < 0 {
+            child_fail(ef, 3);
+        }
+        if libc::chdir(spec.cwd.as_ptr()) < 0 {
+            child_fail(ef, 4);
+        }
+        if libc::personality(d.personality as libc::c_ulong) < 0 {
+            child_fail(ef, 5);
+        }
+        if spec.oom_score_adj {
+            let fd = libc::open(d.oom, libc::O_WRONLY);
+            if fd >= 0 {
+                libc::write(fd, b"1000".as_ptr().cast(), 4);
+                libc::close(fd);
+            }
+        }
+        if let Some(u) = &spec.user {
+            if libc::setgroups(d.groups.len(), d.groups.as_ptr()) < 0 {
+                child_fail(ef, 6);
+            }
+            if libc::setgid(u.gid) < 0 || libc::getgid() != u.gid || libc::getegid() != u.gid {
+                child_fail(ef, 7);
+            }
+            if libc::setuid(u.uid) < 0 || libc::getuid() != u.uid || libc::geteuid() != u.uid {
+                child_fail(ef, 8);
+            }
+        }
+        // Every descriptor above stderr is closed when the builder starts, the error pipe
+        // included (its closing tells the parent that exec succeeded).
+        if libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) < 0
+        {
+            child_fail(ef, 10);
+        }
+        libc::execve(spec.program.as_ptr(), d.argv, d.envp);
+        child_fail(ef, 11);
+    }
+}
+
 /// Starts the builder described by `spec`. Returns once the child has either executed the
 /// builder (set-up succeeded) or failed set-up (reported as [`Error::Setup`]).
+///
+/// The child is created with `clone(CLONE_VM | CLONE_VFORK)`, as `posix_spawn` does: no page
+/// tables are copied, which matters for a daemon with a large heap and many threads (a plain
+/// `fork` of such a process costs milliseconds and TLB shootdowns on every core).
 pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
     let argv = cvec_ptrs(&spec.args);
     let envp = cvec_ptrs(&spec.env);
     let devnull = CString::new("/dev/null").map_err(|_| Error::Invalid("NUL".into()))?;
     let oom = CString::new("/proc/self/oom_score_adj").map_err(|_| Error::Invalid("NUL".into()))?;
     let (err_r, err_w) = pipe_cloexec()?;
-    let out_fd = spec.output.as_raw_fd();
-    let cwd: &CStr = &spec.cwd;
     let groups: Vec<libc::gid_t> = spec
         .user
         .as_ref()
@@ -100,87 +216,53 @@ pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
     let personality = spec.personality.unwrap_or(0)
         | PER_ADDR_NO_RANDOMIZE
         | if spec.uname26 { PER_UNAME26 } else { 0 };
-
-    // SAFETY: fork(2) is sound to call; in the child we only perform async-signal-safe system
-    // calls on memory prepared above (C strings and pointer arrays stay alive and unmoved in
-    // the parent's frame, which the child's copy of the address space shares), then exec or
-    // `_exit`.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(sys("fork the builder", std::io::Error::last_os_error()));
+    // Computed before signals are blocked and before the clone.
+    let _ = non_default_signals();
+    let mut stack = vec![0u8; 256 * 1024];
+    // Block every signal around the clone so that no handler of ours runs on the child's
+    // stack before it has reset the dispositions.
+    // SAFETY: plain sigset manipulation on stack values.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers to local sigsets.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
-    if pid == 0 {
-        let ef = err_w.as_raw_fd();
-        // SAFETY: every call below is a raw, async-signal-safe system call on valid pointers
-        // prepared before the fork; failures go to `child_fail`, which only writes and exits.
-        unsafe {
-            if libc::setsid() < 0 {
-                child_fail(ef, 0);
-            }
-            let null = libc::open(devnull.as_ptr(), libc::O_RDONLY);
-            if null < 0 || libc::dup2(null, 0) < 0 {
-                child_fail(ef, 1);
-            }
-            if libc::dup2(out_fd, 1) < 0 {
-                child_fail(ef, 2);
-            }
-            if libc::dup2(out_fd, 2) < 0 {
-                child_fail(ef, 3);
-            }
-            if libc::chdir(cwd.as_ptr()) < 0 {
-                child_fail(ef, 4);
-            }
-            if libc::personality(personality as libc::c_ulong) < 0 {
-                child_fail(ef, 5);
-            }
-            if spec.oom_score_adj {
-                let fd = libc::open(oom.as_ptr(), libc::O_WRONLY);
-                if fd >= 0 {
-                    libc::write(fd, b"1000".as_ptr().cast(), 4);
-                    libc::close(fd);
-                }
-            }
-            if let Some(u) = &spec.user {
-                if libc::setgroups(groups.len(), groups.as_ptr()) < 0 {
-                    child_fail(ef, 6);
-                }
-                if libc::setgid(u.gid) < 0 || libc::getgid() != u.gid || libc::getegid() != u.gid {
-                    child_fail(ef, 7);
-                }
-                if libc::setuid(u.uid) < 0 || libc::getuid() != u.uid || libc::geteuid() != u.uid {
-                    child_fail(ef, 8);
-                }
-            }
-            // Default dispositions and an empty mask: builders expect SIGPIPE to kill them
-            // (the reference's restoreSIGPIPE) and must not inherit blocked signals.
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) < 0 {
-                child_fail(ef, 9);
-            }
-            for sig in 1..32 {
-                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                    libc::signal(sig, libc::SIG_DFL);
-                }
-            }
-            // Every descriptor above stderr is closed when the builder starts, the error
-            // pipe included (its closing tells the parent that exec succeeded).
-            if libc::syscall(
-                libc::SYS_close_range,
-                3u32,
-                u32::MAX,
-                libc::CLOSE_RANGE_CLOEXEC,
-            ) < 0
-            {
-                child_fail(ef, 10);
-            }
-            libc::execve(spec.program.as_ptr(), argv.as_ptr(), envp.as_ptr());
-            child_fail(ef, 11);
-        }
+    let data = ChildData {
+        spec: &spec,
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        devnull: devnull.as_ptr(),
+        oom: oom.as_ptr(),
+        groups: &groups,
+        personality,
+        err_fd: err_w.as_raw_fd(),
+        reset: non_default_signals(),
+    };
+    // The stack grows down; its top, 16-byte aligned.
+    let top = (stack.as_mut_ptr() as usize + stack.len()) & !0xf;
+    // SAFETY: `child_main` only reads `data` and makes raw system calls on its own stack
+    // (`stack`, alive until clone returns, which with CLONE_VFORK is after exec or exit).
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &data as *const ChildData<'_> as *mut libc::c_void,
+        )
+    };
+    let clone_err = std::io::Error::last_os_error();
+    // SAFETY: restores this thread's mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    drop(stack);
+    if pid < 0 {
+        return Err(sys("start the builder", clone_err));
     }
     drop(err_w);
     drop(spec.output);
-    // The pipe closes on exec (success) or carries (step, errno) on failure.
+    // The pipe closed on exec (success) or carries (step, errno) on failure.
     let mut buf = [0u8; 5];
     let mut f = std::fs::File::from(err_r);
     let mut got = 0;

@@ -310,8 +310,17 @@ impl Db {
         Ok(c)
     }
 
-    /// Runs `f` on a reader connection (its own consistent snapshot).
+    /// Runs `f` on a reader connection. Each statement sees a consistent snapshot; `f` that
+    /// needs several statements to agree should use [`Db::read_tx`].
     pub fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.reader()?;
+        let r = f(&conn);
+        self.give_back(conn);
+        r
+    }
+
+    /// Like [`Db::read`], inside one read transaction (one snapshot for all statements).
+    pub fn read_tx<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         let conn = self.reader()?;
         let r = {
             let tx = conn
@@ -321,12 +330,16 @@ impl Db {
             let _ = tx.finish();
             r
         };
+        self.give_back(conn);
+        r
+    }
+
+    fn give_back(&self, conn: Connection) {
         if let Ok(mut pool) = self.readers.lock() {
             if pool.len() < 32 {
                 pool.push(conn);
             }
         }
-        r
     }
 
     /// Runs `f` in one immediate write transaction, committing on success. Retried when
@@ -758,6 +771,24 @@ impl Db {
         .and_then(|mut s| s.execute([path]))
         .map(|_| ())
         .map_err(Error::db("clearing failures"))
+    }
+}
+
+impl Drop for Db {
+    /// Folds the write-ahead log back into the database on the way out (when no other
+    /// process is reading it), so the next process does not start by reading through a log
+    /// of everything written since.
+    fn drop(&mut self) {
+        if self.read_only {
+            return;
+        }
+        if let Ok(mut pool) = self.readers.lock() {
+            pool.clear();
+        }
+        if let Ok(conn) = self.writer.lock() {
+            let _ = conn.busy_timeout(Duration::from_millis(0));
+            let _ = conn.query_row("pragma wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        }
     }
 }
 

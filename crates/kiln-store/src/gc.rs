@@ -103,7 +103,7 @@ struct Graph {
 
 fn load_graph(store: &LocalStore) -> Result<Graph> {
     let sd = store.store_dir().clone();
-    store.db.read(|c| {
+    store.db.read_tx(|c| {
         let mut ids: HashMap<i64, usize> = HashMap::new();
         let mut paths = Vec::new();
         let mut derivers_raw = Vec::new();

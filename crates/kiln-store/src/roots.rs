@@ -27,6 +27,8 @@ use crate::store::LocalStore;
 #[derive(Debug, Default)]
 struct TempRootsInner {
     file: Option<File>,
+    /// `gc.lock`, kept open: it is locked shared for every new root.
+    gc_lock: Option<std::os::fd::OwnedFd>,
     counts: HashMap<StorePath, usize>,
 }
 
@@ -71,58 +73,87 @@ impl TempRoots {
 
     /// Adds a root (counted: each add needs a matching remove).
     pub(crate) fn add(&self, store: &LocalStore, p: &StorePath) -> Result<()> {
+        self.add_many(store, std::slice::from_ref(p))
+    }
+
+    /// Adds several roots with one handshake with any running collector and one write.
+    pub(crate) fn add_many(&self, store: &LocalStore, paths: &[StorePath]) -> Result<()> {
         let mut inner = self
             .inner
             .lock()
             .map_err(|_| Error::Corrupt("temp roots lock poisoned".into()))?;
-        if let Some(n) = inner.counts.get_mut(p) {
-            *n += 1;
+        let mut new = Vec::new();
+        for p in paths {
+            match inner.counts.get_mut(p) {
+                Some(n) => *n += 1,
+                None => new.push(p.clone()),
+            }
+        }
+        if new.is_empty() {
             return Ok(());
         }
         if store.db.is_read_only() {
-            inner.counts.insert(p.clone(), 1);
+            for p in new {
+                *inner.counts.entry(p).or_default() += 1;
+            }
             return Ok(());
         }
         // Our own collector sees `counts` directly (it checks them before deleting anything).
-        let in_process_gc = store.gc.note_root(p);
+        let mut in_process_gc = false;
+        for p in &new {
+            in_process_gc |= store.gc.note_root(p);
+        }
         if inner.file.is_none() {
             inner.file = Some(self.open_file()?);
         }
-        let abs = store.print(p);
-        if !in_process_gc {
-            self.coordinate_with_collector(&abs)?;
+        if inner.gc_lock.is_none() {
+            inner.gc_lock = Some(open_lock_file(&self.gc_lock)?);
         }
-        let mut line = abs.into_bytes();
-        line.push(0);
+        let mut text = Vec::new();
+        for p in &new {
+            text.extend_from_slice(store.print(p).as_bytes());
+            text.push(0);
+        }
+        if !in_process_gc {
+            let fd = inner.gc_lock.as_ref().expect("opened above");
+            self.coordinate_with_collector(
+                fd,
+                &new.iter().map(|p| store.print(p)).collect::<Vec<_>>(),
+            )?;
+        }
         if let Some(f) = inner.file.as_mut() {
-            f.write_all(&line)
+            f.write_all(&text)
                 .map_err(|e| Error::io(self.file_path(), "write", e))?;
         }
-        inner.counts.insert(p.clone(), 1);
+        for p in new {
+            *inner.counts.entry(p).or_default() += 1;
+        }
         Ok(())
     }
 
-    /// Waits until no other process's collector can miss a new root: either no collector
-    /// runs (we get `gc.lock` shared) or the running one acknowledged it over its socket.
-    fn coordinate_with_collector(&self, abs: &str) -> Result<()> {
-        let fd = open_lock_file(&self.gc_lock)?;
+    /// Waits until no other process's collector can miss the new roots: either no collector
+    /// runs (we get `gc.lock` shared) or the running one acknowledged them over its socket.
+    fn coordinate_with_collector(&self, fd: &std::os::fd::OwnedFd, abs: &[String]) -> Result<()> {
         let mut delay = Duration::from_millis(1);
         loop {
-            if lock_fd(&fd, LockKind::Shared, false)
+            if lock_fd(fd, LockKind::Shared, false)
                 .map_err(|e| Error::io(&self.gc_lock, "lock", e))?
             {
-                unlock_fd(&fd);
+                unlock_fd(fd);
                 return Ok(());
             }
-            if let Ok(mut s) = UnixStream::connect(&self.gc_socket) {
+            let handed_over = abs.iter().all(|a| {
+                let Ok(mut s) = UnixStream::connect(&self.gc_socket) else {
+                    return false;
+                };
                 let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
                 let mut ack = [0u8; 1];
-                if s.write_all(format!("{abs}\n").as_bytes()).is_ok()
+                s.write_all(format!("{a}\n").as_bytes()).is_ok()
                     && s.read_exact(&mut ack).is_ok()
                     && ack[0] == b'1'
-                {
-                    return Ok(());
-                }
+            });
+            if handed_over {
+                return Ok(());
             }
             std::thread::sleep(delay);
             delay = (delay * 2).min(Duration::from_millis(200));

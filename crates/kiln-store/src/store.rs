@@ -467,6 +467,11 @@ impl LocalStore {
         self.temp_roots.add(self, p)
     }
 
+    /// [`LocalStore::add_temp_root`] for several paths at once.
+    pub fn add_temp_roots(&self, paths: &[StorePath]) -> Result<()> {
+        self.temp_roots.add_many(self, paths)
+    }
+
     pub fn remove_temp_root(&self, p: &StorePath) {
         self.temp_roots.remove(p)
     }

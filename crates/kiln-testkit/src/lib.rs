@@ -94,6 +94,12 @@ impl NixEnv {
             .prefix("kiln-nix-")
             .tempdir()
             .expect("tempdir");
+        Self::in_dir(dir)
+    }
+
+    /// An environment in a given (empty) directory, e.g. to recreate a store at the same
+    /// path after wiping it.
+    pub fn in_dir(dir: tempfile::TempDir) -> Self {
         let conf = dir.path().join("conf");
         std::fs::create_dir_all(&conf).expect("mkdir conf");
         std::fs::write(

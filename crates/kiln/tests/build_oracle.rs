@@ -1,0 +1,143 @@
+//! Same answers as the real thing: derivations instantiated by Nix 2.8 are built by
+//! `nix-store --realise` in one store and by kiln in an identical fresh store (same path);
+//! the outputs, NAR hashes, references and failure statuses agree, and Nix reads kiln's
+//! results (queries, `--verify --check-contents`, `--read-log`).
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use kiln_testkit::{fixture, nix_or_skip, NixEnv};
+
+fn instantiate(env: &NixEnv, attrs: &[&str]) -> BTreeMap<String, String> {
+    attrs
+        .iter()
+        .map(|a| {
+            (
+                a.to_string(),
+                env.run(
+                    "nix-instantiate",
+                    &[fixture("build.nix").to_str().unwrap(), "-A", a],
+                )
+                .trim()
+                .to_string(),
+            )
+        })
+        .collect()
+}
+
+fn facts(env: &NixEnv, paths: &[String]) -> BTreeMap<String, (String, String)> {
+    let mut m = BTreeMap::new();
+    for p in paths {
+        for q in env.lines("nix-store", &["-qR", p]) {
+            let hash = env.run("nix-store", &["-q", "--hash", &q]);
+            let refs = env.run("nix-store", &["-q", "--references", &q]);
+            m.insert(q, (hash, refs));
+        }
+    }
+    m
+}
+
+#[test]
+fn kiln_builds_what_nix_builds() {
+    if !nix_or_skip("kiln_builds_what_nix_builds") {
+        return;
+    }
+    // One directory, used twice: store paths depend on the store directory's name.
+    let path = std::env::temp_dir().join(format!("kiln-oracle-{}", std::process::id()));
+    let attrs = ["top", "fixedRec"];
+    // Nix builds.
+    let nix = NixEnv::in_dir(tempfile_at(&path));
+    let drvs = instantiate(&nix, &attrs);
+    let mut outs = Vec::new();
+    for a in attrs {
+        outs.extend(nix.lines("nix-store", &["--realise", &drvs[a]]));
+    }
+    let want = facts(&nix, &outs);
+    let nix_fail = nix
+        .cmd("nix-store")
+        .args(["--realise", &instantiate(&nix, &["failing"])["failing"]])
+        .output()
+        .unwrap();
+    let nix_bad = nix
+        .cmd("nix-store")
+        .args(["--realise", &instantiate(&nix, &["badHash"])["badHash"]])
+        .output()
+        .unwrap();
+    // Wipe it (store files are read-only) and recreate the same store for kiln.
+    let _ = Command::new("chmod")
+        .arg("-R")
+        .arg("u+w")
+        .arg(&path)
+        .status();
+    drop(nix);
+    let nix = NixEnv::in_dir(tempfile_at(&path));
+    let drvs2 = instantiate(&nix, &attrs);
+    assert_eq!(drvs, drvs2, "the same .drv paths in the recreated store");
+    let kiln = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--store-dir")
+            .arg(nix.store_dir())
+            .arg("--state-dir")
+            .arg(nix.state_dir())
+            .arg("--log-dir")
+            .arg(nix.log_dir())
+            .args(["--option", "sandbox", "false"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let mut kouts = Vec::new();
+    for a in attrs {
+        let o = kiln(&["build", &drvs[a]]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        kouts.extend(
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_string),
+        );
+    }
+    let mut a = outs.clone();
+    let mut b = kouts.clone();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "output paths");
+    // Nix reads kiln's database and finds the same hashes and references.
+    assert_eq!(facts(&nix, &kouts), want);
+    let v = nix
+        .cmd("nix-store")
+        .args(["--verify", "--check-contents"])
+        .output()
+        .unwrap();
+    assert!(
+        v.status.success() && !String::from_utf8_lossy(&v.stderr).contains("modified"),
+        "{}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    let log = nix.run("nix-store", &["--read-log", &drvs["top"]]);
+    assert!(log.contains("building top"), "{log}");
+    // Failures: same exit statuses.
+    let kf = kiln(&["build", &instantiate(&nix, &["failing"])["failing"]]);
+    assert_eq!(kf.status.code(), nix_fail.status.code(), "failing builder");
+    let kb = kiln(&["build", &instantiate(&nix, &["badHash"])["badHash"]]);
+    assert_eq!(
+        kb.status.code(),
+        nix_bad.status.code(),
+        "fixed-output hash mismatch"
+    );
+}
+
+/// A TempDir owning an existing (empty) directory.
+fn tempfile_at(path: &std::path::Path) -> tempfile::TempDir {
+    let parent = path.parent().unwrap();
+    let name = path.file_name().unwrap().to_str().unwrap();
+    let _ = std::fs::remove_dir_all(path);
+    let t = tempfile::Builder::new()
+        .prefix(name)
+        .rand_bytes(0)
+        .tempdir_in(parent)
+        .unwrap();
+    assert_eq!(t.path(), path);
+    t
+}
