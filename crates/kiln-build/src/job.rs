@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_format::hash::{HashSink, Hasher};
+use kiln_format::hash::{HashSink, Hasher, ParallelHashSink};
 use kiln_format::refscan::RefScanner;
 use kiln_format::{
     nar, ContentAddress, Derivation, FileIngestionMethod, HashAlgo, StorePath, ValidPathInfo,
@@ -919,22 +919,56 @@ fn register_output(
         rustix::process::geteuid().as_raw(),
         rustix::process::getegid().as_raw(),
     );
-    fsutil::canonicalise(
-        &actual,
-        fsutil::Ownership {
-            expected_uid: None,
-            target: me,
-        },
-    )
-    .map_err(|e| rejected(e.to_string()))?;
-    // NAR hash and references in one pass over the NAR.
+    let t0 = std::time::Instant::now();
+    let canonicalise = || {
+        let r = fsutil::canonicalise(
+            &actual,
+            fsutil::Ownership {
+                expected_uid: None,
+                target: me,
+            },
+        )
+        .map_err(|e| rejected(e.to_string()));
+        (r, t0.elapsed())
+    };
+    // NAR hash and references in one pass over the NAR: reading and scanning on this thread,
+    // hashing on a helper once the output is large.
     let mut scanner = RefScanner::new(all_paths.iter().map(|p| p.hash_part()));
-    let mut sink = HashSink::new(HashAlgo::Sha256);
-    {
-        let mut tee = Tee(&mut sink, &mut scanner);
-        nar::dump(&actual, &mut tee).map_err(Failure::misc)?;
-    }
-    let (nar_hash, nar_size) = sink.finish();
+    let hash = |scanner: &mut RefScanner| {
+        let mut sink = ParallelHashSink::new(HashAlgo::Sha256);
+        nar::dump(&actual, &mut Tee(&mut sink, scanner)).map_err(Failure::misc)?;
+        sink.finish().map_err(Failure::misc)
+    };
+    // Canonicalisation only changes metadata the archive does not record (the owner's
+    // execute bit decides both the archive's `executable` and the canonical mode), so for a
+    // directory it runs beside the hashing pass; its verdict still gates registration. A
+    // single file is not worth a thread. Without root's permission override the pass must
+    // wait: canonicalisation is what makes a builder's mode-0 files readable.
+    let ((canonical, canonicalised), hashed) = if meta.is_dir() && me.0 == 0 {
+        std::thread::scope(|sc| {
+            let c = sc.spawn(canonicalise);
+            let h = hash(&mut scanner);
+            let c = c.join().unwrap_or_else(|_| {
+                (
+                    Err(Failure::misc("canonicalisation panicked")),
+                    t0.elapsed(),
+                )
+            });
+            (c, h)
+        })
+    } else {
+        let c = canonicalise();
+        (c, hash(&mut scanner))
+    };
+    canonical?;
+    let (nar_hash, nar_size) = hashed?;
+    tracing::debug!(
+        output = %sd.display(&plan.path),
+        nar_size,
+        canonicalise_ms = canonicalised.as_secs_f64() * 1e3,
+        total_ms = t0.elapsed().as_secs_f64() * 1e3,
+        "output canonicalised, hashed and scanned"
+    );
     let references: BTreeSet<StorePath> = scanner.found().map(|i| all_paths[i].clone()).collect();
     let mut info = ValidPathInfo::new(plan.path.clone(), nar_hash, nar_size);
     info.references = references;
@@ -946,12 +980,12 @@ fn register_output(
     Ok(info)
 }
 
-struct Tee<'a>(&'a mut HashSink, &'a mut RefScanner);
+struct Tee<'a>(&'a mut ParallelHashSink, &'a mut RefScanner);
 
 impl Write for Tee<'_> {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.update(b);
         self.1.feed(b);
+        self.0.write_all(b)?;
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {

@@ -17,6 +17,7 @@ pub mod event;
 pub mod hook;
 pub mod job;
 pub mod log;
+mod pool;
 pub mod recipe;
 pub mod result;
 pub mod rewrite;

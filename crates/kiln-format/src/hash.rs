@@ -394,10 +394,155 @@ impl std::io::Write for HashSink {
     }
 }
 
+/// A [`HashSink`] that hands the hashing to a helper thread once the stream grows past a few
+/// MiB, so that producing the stream (reading files, scanning for references) and hashing it
+/// use two cores. Small streams — most build outputs — are hashed inline and never pay for a
+/// thread.
+#[derive(Debug)]
+pub struct ParallelHashSink {
+    state: Parallel,
+}
+
+#[derive(Debug)]
+enum Parallel {
+    Inline(HashSink),
+    Threaded {
+        tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+        spare: std::sync::mpsc::Receiver<Vec<u8>>,
+        buf: Vec<u8>,
+        helper: std::thread::JoinHandle<HashSink>,
+    },
+    Failed,
+}
+
+const PARALLEL_THRESHOLD: u64 = 4 << 20;
+const PARALLEL_CHUNK: usize = 1 << 20;
+/// Chunks in flight between the producer and the helper: bounds the memory used.
+const PARALLEL_DEPTH: usize = 4;
+
+impl ParallelHashSink {
+    pub fn new(algo: HashAlgo) -> Self {
+        ParallelHashSink {
+            state: Parallel::Inline(HashSink::new(algo)),
+        }
+    }
+
+    fn go_parallel(sink: HashSink) -> Parallel {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(PARALLEL_DEPTH);
+        let (spare_tx, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(PARALLEL_DEPTH + 1);
+        let (sink_tx, sink_rx) = std::sync::mpsc::channel::<HashSink>();
+        let helper = std::thread::Builder::new()
+            .name("kiln-hash".into())
+            .spawn(move || {
+                let Ok(mut sink) = sink_rx.recv() else {
+                    return HashSink::new(HashAlgo::Sha256);
+                };
+                for mut chunk in rx {
+                    sink.update(&chunk);
+                    chunk.clear();
+                    let _ = spare_tx.try_send(chunk);
+                }
+                sink
+            });
+        match helper {
+            Ok(helper) => match sink_tx.send(sink) {
+                Ok(()) => Parallel::Threaded {
+                    tx,
+                    spare,
+                    buf: Vec::with_capacity(PARALLEL_CHUNK),
+                    helper,
+                },
+                // The helper is gone already (it cannot be, it waits for this): give up.
+                Err(_) => Parallel::Failed,
+            },
+            // No thread to be had: keep hashing inline.
+            Err(_) => Parallel::Inline(sink),
+        }
+    }
+
+    /// The hash and the number of bytes.
+    pub fn finish(self) -> std::io::Result<(Hash, u64)> {
+        match self.state {
+            Parallel::Inline(s) => Ok(s.finish()),
+            Parallel::Threaded {
+                tx, buf, helper, ..
+            } => {
+                if !buf.is_empty() && tx.send(buf).is_err() {
+                    return Err(std::io::Error::other("the hashing thread stopped early"));
+                }
+                drop(tx);
+                helper
+                    .join()
+                    .map(HashSink::finish)
+                    .map_err(|_| std::io::Error::other("the hashing thread panicked"))
+            }
+            Parallel::Failed => Err(std::io::Error::other("the hashing thread stopped early")),
+        }
+    }
+}
+
+impl std::io::Write for ParallelHashSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        match &mut self.state {
+            Parallel::Inline(s) => {
+                s.update(data);
+                if s.size() >= PARALLEL_THRESHOLD {
+                    if let Parallel::Inline(s) =
+                        std::mem::replace(&mut self.state, Parallel::Failed)
+                    {
+                        self.state = Self::go_parallel(s);
+                    }
+                }
+            }
+            Parallel::Threaded { tx, spare, buf, .. } => {
+                let mut rest = data;
+                while !rest.is_empty() {
+                    let n = rest.len().min(PARALLEL_CHUNK - buf.len());
+                    buf.extend_from_slice(&rest[..n]);
+                    rest = &rest[n..];
+                    if buf.len() == PARALLEL_CHUNK {
+                        let next = spare
+                            .try_recv()
+                            .unwrap_or_else(|_| Vec::with_capacity(PARALLEL_CHUNK));
+                        let full = std::mem::replace(buf, next);
+                        if tx.send(full).is_err() {
+                            self.state = Parallel::Failed;
+                            return Err(std::io::Error::other("the hashing thread stopped early"));
+                        }
+                    }
+                }
+            }
+            Parallel::Failed => {
+                return Err(std::io::Error::other("the hashing thread stopped early"))
+            }
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn parallel_sink_matches_inline_hashing() {
+        use std::io::Write;
+        // Sizes around the threshold and chunk boundaries, written in odd pieces.
+        for total in [0usize, 1, 4 << 20, (4 << 20) + 1, (9 << 20) + 12345] {
+            let data: Vec<u8> = (0..total).map(|i| (i * 31 % 251) as u8).collect();
+            let mut p = ParallelHashSink::new(HashAlgo::Sha256);
+            for piece in data.chunks(777_777) {
+                p.write_all(piece).unwrap();
+            }
+            let mut h = HashSink::new(HashAlgo::Sha256);
+            h.update(&data);
+            assert_eq!(p.finish().unwrap(), h.finish(), "total {total}");
+        }
+    }
 
     #[test]
     fn known_digests() {

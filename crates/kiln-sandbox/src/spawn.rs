@@ -196,6 +196,63 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     }
 }
 
+/// The child's stack between `clone` and `exec`: fresh anonymous pages, touched only as far
+/// as the child actually uses them (zero-filling a buffer instead cost a quarter of a
+/// millisecond per build in page faults), with a guard page below so that an overflow faults
+/// instead of scribbling over the parent's heap, which the child shares.
+struct ChildStack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+const CHILD_STACK: usize = 256 * 1024;
+const GUARD: usize = 4096;
+
+impl ChildStack {
+    fn new() -> Result<ChildStack> {
+        let len = CHILD_STACK + GUARD;
+        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(sys(
+                "map the builder's stack",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let stack = ChildStack { base, len };
+        // SAFETY: the lowest page of the mapping made above.
+        if unsafe { libc::mprotect(base, GUARD, libc::PROT_NONE) } != 0 {
+            return Err(sys(
+                "protect the builder's stack",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(stack)
+    }
+
+    /// The initial stack pointer: the end of the mapping (stacks grow down), 16-byte aligned.
+    fn top(&self) -> usize {
+        (self.base as usize + self.len) & !0xf
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`, once the child no longer runs on
+        // it (CLONE_VFORK: clone returned after its exec or exit).
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
 /// Starts the builder described by `spec`. Returns once the child has either executed the
 /// builder (set-up succeeded) or failed set-up (reported as [`Error::Setup`]).
 ///
@@ -218,7 +275,7 @@ pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
         | if spec.uname26 { PER_UNAME26 } else { 0 };
     // Computed before signals are blocked and before the clone.
     let _ = non_default_signals();
-    let mut stack = vec![0u8; 256 * 1024];
+    let stack = ChildStack::new()?;
     // Block every signal around the clone so that no handler of ours runs on the child's
     // stack before it has reset the dispositions.
     // SAFETY: plain sigset manipulation on stack values.
@@ -241,8 +298,7 @@ pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
         err_fd: err_w.as_raw_fd(),
         reset: non_default_signals(),
     };
-    // The stack grows down; its top, 16-byte aligned.
-    let top = (stack.as_mut_ptr() as usize + stack.len()) & !0xf;
+    let top = stack.top();
     // SAFETY: `child_main` only reads `data` and makes raw system calls on its own stack
     // (`stack`, alive until clone returns, which with CLONE_VFORK is after exec or exit).
     let pid = unsafe {

@@ -66,8 +66,12 @@ impl<W: Write> Dumper<W> {
         self.out(r)?;
         let mut f = File::from(fd);
         let mut left = size;
-        if left > 0 && self.buf.is_empty() {
-            self.buf.resize(BUF_SIZE, 0);
+        // Grown to the largest file seen, up to BUF_SIZE: an output of small files should not
+        // pay for zeroing a large buffer.
+        let want_buf = size.min(BUF_SIZE as u64) as usize;
+        if self.buf.len() < want_buf {
+            self.buf
+                .resize(want_buf.next_power_of_two().min(BUF_SIZE), 0);
         }
         while left > 0 {
             let want = self.buf.len().min(left.min(usize::MAX as u64) as usize);
