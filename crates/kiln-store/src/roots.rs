@@ -30,6 +30,8 @@ struct TempRootsInner {
     /// `gc.lock`, kept open: it is locked shared for every new root.
     gc_lock: Option<std::os::fd::OwnedFd>,
     counts: HashMap<StorePath, usize>,
+    /// Roots removed since the file was last rewritten (still listed in it).
+    stale: usize,
 }
 
 /// This process's temporary roots.
@@ -160,15 +162,74 @@ impl TempRoots {
         }
     }
 
-    pub(crate) fn remove(&self, p: &StorePath) {
-        if let Ok(mut inner) = self.inner.lock() {
-            if let Some(n) = inner.counts.get_mut(p) {
-                *n -= 1;
-                if *n == 0 {
-                    inner.counts.remove(p);
-                }
+    pub(crate) fn remove(&self, store: &LocalStore, p: &StorePath) {
+        let Ok(mut inner) = self.inner.lock() else {
+            return;
+        };
+        if let Some(n) = inner.counts.get_mut(p) {
+            *n -= 1;
+            if *n == 0 {
+                inner.counts.remove(p);
+                inner.stale += 1;
             }
         }
+        // A long-lived process (the daemon) would otherwise keep every root it ever had in
+        // its file, and other processes' collectors would never free those paths.
+        if inner.stale > 1024 && inner.stale > inner.counts.len() {
+            self.compact(store, &mut inner);
+        }
+    }
+
+    /// Replaces the file with one listing the live roots only: written and locked under a
+    /// hidden name (collectors skip dot files), then renamed over the old one, so a
+    /// collector sees either the old file or the complete new one, locked either way.
+    /// Only while no collector runs (`gc.lock` held shared): collectors take `gc.lock`
+    /// before they read any roots file, so none can hold the old file half-read.
+    fn compact(&self, store: &LocalStore, inner: &mut TempRootsInner) {
+        let Some(lock) = inner.gc_lock.take() else {
+            return;
+        };
+        if lock_fd(&lock, LockKind::Shared, false).unwrap_or(false) {
+            self.replace_file(store, inner);
+            unlock_fd(&lock);
+        }
+        inner.gc_lock = Some(lock);
+    }
+
+    fn replace_file(&self, store: &LocalStore, inner: &mut TempRootsInner) {
+        let tmp = self.dir.join(format!(".compact-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let fresh = (|| -> Result<File> {
+            let fd = open_lock_file(&tmp)?;
+            lock_fd(&fd, LockKind::Exclusive, true).map_err(|e| Error::io(&tmp, "lock", e))?;
+            let mut f = File::from(fd);
+            let mut text = Vec::new();
+            for p in inner.counts.keys() {
+                text.extend_from_slice(store.print(p).as_bytes());
+                text.push(0);
+            }
+            f.write_all(&text)
+                .map_err(|e| Error::io(&tmp, "write", e))?;
+            std::fs::rename(&tmp, self.file_path())
+                .map_err(|e| Error::io(self.file_path(), "replace", e))?;
+            Ok(f)
+        })();
+        match fresh {
+            Ok(f) => {
+                // The old file stays locked until the new one has replaced it.
+                let _old = inner.file.replace(f);
+                inner.stale = 0;
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::warn!("could not compact the temporary roots file: {e}");
+            }
+        }
+    }
+
+    /// The number of entries in this process's file that are no longer roots.
+    pub fn stale_entries(&self) -> usize {
+        self.inner.lock().map(|i| i.stale).unwrap_or(0)
     }
 
     /// Whether this process holds a temp root on `p`.

@@ -472,8 +472,13 @@ impl LocalStore {
         self.temp_roots.add_many(self, paths)
     }
 
+    /// Entries of this process's temporary-roots file that are no longer roots.
+    pub fn temp_roots_stale_entries(&self) -> usize {
+        self.temp_roots.stale_entries()
+    }
+
     pub fn remove_temp_root(&self, p: &StorePath) {
-        self.temp_roots.remove(p)
+        self.temp_roots.remove(self, p)
     }
 
     /// A fresh scratch location in the store (for build outputs being rewritten or copied).

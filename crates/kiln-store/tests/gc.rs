@@ -286,3 +286,39 @@ fn a_moved_store_is_not_collected() {
         before
     );
 }
+
+#[test]
+fn a_long_lived_process_compacts_its_temp_roots_file() {
+    let d = tempfile::tempdir().unwrap();
+    let s = new_store(d.path());
+    let paths: Vec<StorePath> = (0..3000)
+        .map(|i| StorePath::from_base_name(&format!("{i:032}-p{i}")).unwrap())
+        .collect();
+    s.add_temp_roots(&paths).unwrap();
+    let file = s
+        .layout()
+        .temproots_dir()
+        .join(std::process::id().to_string());
+    let listed = || -> BTreeSet<String> {
+        std::fs::read(&file)
+            .unwrap()
+            .split(|&b| b == 0)
+            .filter(|x| !x.is_empty())
+            .map(|x| String::from_utf8(x.to_vec()).unwrap())
+            .collect()
+    };
+    assert_eq!(listed().len(), 3000);
+    for p in &paths[10..] {
+        s.remove_temp_root(p);
+    }
+    // Other processes' collectors read this file: once most entries are stale it lists
+    // the live roots only, and still every one of them.
+    let live: BTreeSet<String> = paths[..10].iter().map(|p| s.print(p)).collect();
+    let now = listed();
+    assert!(now.is_superset(&live));
+    assert!(now.len() < 1100, "file still lists {} roots", now.len());
+    assert!(s.temp_roots_stale_entries() <= 1025);
+    // The file is still locked by this process (a collector must not take it for stale).
+    let fd = std::fs::File::open(&file).unwrap();
+    assert!(rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err());
+}
