@@ -43,8 +43,14 @@ pub fn read_bytes<R: Read + ?Sized>(r: &mut R, max: usize, what: &str) -> Result
             "{what} of {len} bytes exceeds the limit of {max}"
         )));
     }
-    let mut v = vec![0u8; len as usize];
-    read_exact(r, &mut v, what)?;
+    // Grown as bytes arrive: a peer that announces `max` bytes and sends none costs nothing.
+    let mut v = Vec::with_capacity((len as usize).min(64 * 1024));
+    let got = Read::take(&mut *r, len)
+        .read_to_end(&mut v)
+        .map_err(|e| Error::Wire(format!("read error reading {what}: {e}")))?;
+    if (got as u64) < len {
+        return Err(eof(what));
+    }
     let pad = ((8 - len % 8) % 8) as usize;
     if pad > 0 {
         let mut p = [0u8; 8];

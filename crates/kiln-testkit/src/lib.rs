@@ -176,3 +176,57 @@ impl NixEnv {
             .collect()
     }
 }
+
+/// One step of a recorded protocol session: what the client sent, what the daemon said.
+#[derive(Debug, Clone)]
+pub struct TranscriptStep {
+    pub label: String,
+    pub client: Vec<u8>,
+    pub daemon: Vec<u8>,
+}
+
+/// A session recorded from the real Nix 2.8 daemon by
+/// `tests/fixtures/protocol/generate.py`.
+#[derive(Debug, Clone)]
+pub struct Transcript {
+    pub client_version: u64,
+    pub store_dir: String,
+    pub steps: Vec<TranscriptStep>,
+}
+
+impl Transcript {
+    /// Loads `tests/fixtures/protocol/<name>.json`.
+    pub fn load(name: &str) -> Transcript {
+        let v: serde_json::Value =
+            serde_json::from_slice(&read_fixture(&format!("protocol/{name}.json")))
+                .expect("transcript is JSON");
+        let hex = |s: &serde_json::Value| -> Vec<u8> {
+            let s = s.as_str().expect("hex string");
+            (0..s.len() / 2)
+                .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("hex"))
+                .collect()
+        };
+        Transcript {
+            client_version: v["client_version"].as_u64().expect("client_version"),
+            store_dir: v["store_dir"].as_str().expect("store_dir").to_string(),
+            steps: v["steps"]
+                .as_array()
+                .expect("steps")
+                .iter()
+                .map(|s| TranscriptStep {
+                    label: s["step"].as_str().expect("step").to_string(),
+                    client: hex(&s["client"]),
+                    daemon: hex(&s["daemon"]),
+                })
+                .collect(),
+        }
+    }
+
+    /// The step with this label.
+    pub fn step(&self, label: &str) -> &TranscriptStep {
+        self.steps
+            .iter()
+            .find(|s| s.label == label)
+            .unwrap_or_else(|| panic!("no step '{label}' in the transcript"))
+    }
+}

@@ -1,0 +1,249 @@
+//! The client half: enough of a Nix (or Guix) client to drive a daemon from tests,
+//! benchmarks and, later, remote builds.
+
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use kiln_format::StoreDir;
+
+use crate::ops::{DataStream, Reply, Request};
+use crate::stderr::{self, Field, RemoteError};
+use crate::version::{Version, NIX_2_8_CLIENT_VERSION, WORKER_MAGIC_1, WORKER_MAGIC_2};
+use crate::wire::{FramedWriter, WireReader, WireWrite, MAX_TEXT};
+use crate::Error;
+
+type Rd = WireReader<BufReader<Box<dyn Read + Send>>>;
+type Wr = io::BufWriter<Box<dyn Write + Send>>;
+
+/// Something the daemon said while an operation ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Next(String),
+    StartActivity {
+        id: u64,
+        level: u64,
+        kind: u64,
+        text: String,
+        fields: Vec<Field>,
+        parent: u64,
+    },
+    StopActivity(u64),
+    Result {
+        id: u64,
+        kind: u64,
+        fields: Vec<Field>,
+    },
+    Write(Vec<u8>),
+}
+
+/// A connection to a daemon.
+pub struct Client {
+    r: Rd,
+    w: Wr,
+    /// The version this client speaks.
+    pub version: Version,
+    /// The daemon's advertised version.
+    pub daemon_version: Version,
+    /// The daemon's version string (Nix ≥ 1.33).
+    pub daemon_version_string: Option<String>,
+    pub store_dir: StoreDir,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Client({} → {})", self.version, self.daemon_version)
+    }
+}
+
+impl Client {
+    /// Connects to a Unix socket as a Nix 2.8 client.
+    pub fn connect(socket: &Path, store_dir: StoreDir) -> Result<Client, Error> {
+        Client::connect_as(socket, store_dir, Version(NIX_2_8_CLIENT_VERSION))
+    }
+
+    /// Connects as a client of version `version` (a Guix version speaks Guix's dialect).
+    pub fn connect_as(
+        socket: &Path,
+        store_dir: StoreDir,
+        version: Version,
+    ) -> Result<Client, Error> {
+        let s = UnixStream::connect(socket)?;
+        let r = s.try_clone()?;
+        Client::handshake(Box::new(r), Box::new(s), store_dir, version)
+    }
+
+    /// Performs the handshake over an established stream.
+    pub fn handshake(
+        reader: Box<dyn Read + Send>,
+        writer: Box<dyn Write + Send>,
+        store_dir: StoreDir,
+        version: Version,
+    ) -> Result<Client, Error> {
+        let mut r: Rd = WireReader::new(BufReader::with_capacity(32 * 1024, reader));
+        let mut w: Wr = io::BufWriter::with_capacity(32 * 1024, writer);
+        w.u64(WORKER_MAGIC_1)?;
+        w.flush()?;
+        if r.u64("daemon magic")? != WORKER_MAGIC_2 {
+            return Err(Error::Protocol("protocol mismatch".into()));
+        }
+        let dv = Version(r.u64("daemon version")?);
+        if dv.major() != 1 {
+            return Err(Error::Protocol(format!("unsupported daemon version {dv}")));
+        }
+        w.u64(version.0)?;
+        if dv.at_least(14) {
+            w.u64(0)?; // no CPU affinity
+        }
+        if dv.at_least(11) {
+            w.u64(0)?; // reserve space
+        }
+        w.flush()?;
+        let mut c = Client {
+            r,
+            w,
+            version,
+            daemon_version: dv,
+            daemon_version_string: None,
+            store_dir,
+        };
+        if !version.is_guix() && dv.at_least(33) {
+            c.daemon_version_string = Some(c.r.string(1024, "daemon version string")?);
+        }
+        c.process_stderr(None, &mut |_| {})?;
+        Ok(c)
+    }
+
+    /// Runs one operation. `data` is its data stream (framed, inline or tunnelled, as the
+    /// request needs); `on_message` sees what the daemon says meanwhile.
+    pub fn request(
+        &mut self,
+        req: &Request,
+        data: Option<&mut dyn Read>,
+        on_message: &mut dyn FnMut(Message),
+    ) -> Result<Reply, Error> {
+        req.write(self.version, &self.store_dir, &mut self.w)?;
+        let kind = req.data_stream(self.version);
+        let mut data = data;
+        match (kind, data.as_mut()) {
+            (DataStream::Framed, Some(d)) => {
+                let mut fw = FramedWriter::new(&mut self.w);
+                io::copy(d, &mut fw)?;
+                fw.finish()?;
+            }
+            (DataStream::Framed, None) => {
+                self.w.u64(0)?;
+            }
+            (DataStream::Inline, Some(d)) => {
+                io::copy(d, &mut self.w)?;
+            }
+            _ => {}
+        }
+        self.w.flush()?;
+        let tunnel = if kind == DataStream::Tunnel {
+            data
+        } else {
+            None
+        };
+        self.process_stderr(tunnel, on_message)?;
+        Reply::read(req.op(), self.version, &self.store_dir, &mut self.r)
+    }
+
+    /// After `NarFromPath`'s reply: the archive follows on the connection.
+    pub fn stream(&mut self) -> &mut impl Read {
+        &mut self.r
+    }
+
+    fn process_stderr(
+        &mut self,
+        mut data: Option<&mut dyn Read>,
+        on_message: &mut dyn FnMut(Message),
+    ) -> Result<(), Error> {
+        loop {
+            match self.r.u64("stderr message")? {
+                stderr::STDERR_LAST => return Ok(()),
+                stderr::STDERR_ERROR => return Err(Error::Remote(self.read_error()?)),
+                stderr::STDERR_NEXT => {
+                    let s = self.r.blob(MAX_TEXT, "log line")?;
+                    on_message(Message::Next(String::from_utf8_lossy(&s).into_owned()));
+                }
+                stderr::STDERR_WRITE => {
+                    on_message(Message::Write(self.r.blob(MAX_TEXT, "data")?));
+                }
+                stderr::STDERR_READ => {
+                    let n = self.r.u64("read size")?.min(1 << 20) as usize;
+                    let mut buf = vec![0u8; n];
+                    let got = match data.as_mut() {
+                        Some(d) => d.read(&mut buf)?,
+                        None => 0,
+                    };
+                    self.w.bytes(&buf[..got])?;
+                    self.w.flush()?;
+                }
+                stderr::STDERR_START_ACTIVITY => {
+                    let id = self.r.u64("activity")?;
+                    let level = self.r.u64("level")?;
+                    let kind = self.r.u64("activity type")?;
+                    let text = self.r.string(MAX_TEXT, "text")?;
+                    let fields = self.read_fields()?;
+                    let parent = self.r.u64("parent")?;
+                    on_message(Message::StartActivity {
+                        id,
+                        level,
+                        kind,
+                        text,
+                        fields,
+                        parent,
+                    });
+                }
+                stderr::STDERR_STOP_ACTIVITY => {
+                    on_message(Message::StopActivity(self.r.u64("activity")?));
+                }
+                stderr::STDERR_RESULT => {
+                    let id = self.r.u64("activity")?;
+                    let kind = self.r.u64("result type")?;
+                    let fields = self.read_fields()?;
+                    on_message(Message::Result { id, kind, fields });
+                }
+                n => return Err(self.r.invalid(format!("unknown stderr message {n:#x}"))),
+            }
+        }
+    }
+
+    fn read_fields(&mut self) -> Result<Vec<Field>, Error> {
+        self.r.list("fields", |r| match r.u64("field type")? {
+            0 => Ok(Field::Int(r.u64("field")?)),
+            1 => Ok(Field::String(r.string(MAX_TEXT, "field")?)),
+            n => Err(r.invalid(format!("unknown field type {n}"))),
+        })
+    }
+
+    fn read_error(&mut self) -> Result<RemoteError, Error> {
+        if self.version.is_guix() {
+            let message = self.r.string(MAX_TEXT, "error")?;
+            // Guix sends a status only when it is not 0; a client cannot tell from the
+            // stream, so (like Guix's) it expects one from daemons ≥ 8.
+            let status = self.r.u64("status")?;
+            return Ok(RemoteError { message, status });
+        }
+        if self.daemon_version.at_least(26) {
+            let _ = self.r.string(MAX_TEXT, "error type")?;
+            let _level = self.r.u64("level")?;
+            let _ = self.r.string(MAX_TEXT, "error name")?;
+            let message = self.r.string(MAX_TEXT, "error")?;
+            if self.r.u64("position")? != 0 {
+                return Err(self.r.invalid("error positions are not supported"));
+            }
+            let traces = self.r.u64("traces")?;
+            for _ in 0..traces.min(1 << 16) {
+                self.r.u64("trace position")?;
+                self.r.string(MAX_TEXT, "trace")?;
+            }
+            Ok(RemoteError { message, status: 1 })
+        } else {
+            let message = self.r.string(MAX_TEXT, "error")?;
+            let status = self.r.u64("status")?;
+            Ok(RemoteError { message, status })
+        }
+    }
+}

@@ -1,0 +1,1478 @@
+//! Operations: their numbers, their requests as each client version sends them, and their
+//! replies as each client version expects them. Both directions are here (the daemon
+//! reads requests and writes replies; kiln's client does the opposite), so every layout is
+//! written once and round-trip tests cover each version.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, BufRead, Write};
+
+use kiln_format::derivation::{DerivationOutput, FixedOutputHash};
+use kiln_format::store_path::ContentAddressMethod;
+use kiln_format::{
+    ContentAddress, Derivation, FileIngestionMethod, Hash, HashAlgo, StoreDir, StorePath,
+    ValidPathInfo,
+};
+
+use crate::version::Version;
+use crate::wire::{WireReader, WireWrite, MAX_NAME, MAX_TEXT};
+use crate::Error;
+
+/// Operation numbers (`WorkerOp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u64)]
+pub enum Op {
+    IsValidPath = 1,
+    HasSubstitutes = 3,
+    QueryPathHash = 4,
+    QueryReferences = 5,
+    QueryReferrers = 6,
+    AddToStore = 7,
+    AddTextToStore = 8,
+    BuildPaths = 9,
+    EnsurePath = 10,
+    AddTempRoot = 11,
+    AddIndirectRoot = 12,
+    SyncWithGc = 13,
+    FindRoots = 14,
+    ExportPath = 16,
+    QueryDeriver = 18,
+    SetOptions = 19,
+    CollectGarbage = 20,
+    QuerySubstitutablePathInfo = 21,
+    QueryDerivationOutputs = 22,
+    QueryAllValidPaths = 23,
+    QueryFailedPaths = 24,
+    ClearFailedPaths = 25,
+    QueryPathInfo = 26,
+    ImportPaths = 27,
+    QueryDerivationOutputNames = 28,
+    QueryPathFromHashPart = 29,
+    QuerySubstitutablePathInfos = 30,
+    QueryValidPaths = 31,
+    QuerySubstitutablePaths = 32,
+    QueryValidDerivers = 33,
+    OptimiseStore = 34,
+    VerifyStore = 35,
+    BuildDerivation = 36,
+    AddSignatures = 37,
+    NarFromPath = 38,
+    AddToStoreNar = 39,
+    QueryMissing = 40,
+    QueryDerivationOutputMap = 41,
+    RegisterDrvOutput = 42,
+    QueryRealisation = 43,
+    AddMultipleToStore = 44,
+    AddBuildLog = 45,
+    BuildPathsWithResults = 46,
+    BuiltinBuilders = 80,
+    SubstituteUrls = 81,
+}
+
+impl Op {
+    /// The operation with this number, if the client's dialect has it. Nix 2.8 answers
+    /// "invalid operation" to Guix's 24, 25, 80, 81; guix-daemon has nothing above 35
+    /// but its own 80 and 81.
+    pub fn from_wire(n: u64, v: Version) -> Option<Op> {
+        use Op::*;
+        let op = match n {
+            1 => IsValidPath,
+            3 => HasSubstitutes,
+            4 => QueryPathHash,
+            5 => QueryReferences,
+            6 => QueryReferrers,
+            7 => AddToStore,
+            8 => AddTextToStore,
+            9 => BuildPaths,
+            10 => EnsurePath,
+            11 => AddTempRoot,
+            12 => AddIndirectRoot,
+            13 => SyncWithGc,
+            14 => FindRoots,
+            16 => ExportPath,
+            18 => QueryDeriver,
+            19 => SetOptions,
+            20 => CollectGarbage,
+            21 => QuerySubstitutablePathInfo,
+            22 => QueryDerivationOutputs,
+            23 => QueryAllValidPaths,
+            24 => QueryFailedPaths,
+            25 => ClearFailedPaths,
+            26 => QueryPathInfo,
+            27 => ImportPaths,
+            28 => QueryDerivationOutputNames,
+            29 => QueryPathFromHashPart,
+            30 => QuerySubstitutablePathInfos,
+            31 => QueryValidPaths,
+            32 => QuerySubstitutablePaths,
+            33 => QueryValidDerivers,
+            34 => OptimiseStore,
+            35 => VerifyStore,
+            36 => BuildDerivation,
+            37 => AddSignatures,
+            38 => NarFromPath,
+            39 => AddToStoreNar,
+            40 => QueryMissing,
+            41 => QueryDerivationOutputMap,
+            42 => RegisterDrvOutput,
+            43 => QueryRealisation,
+            44 => AddMultipleToStore,
+            45 => AddBuildLog,
+            46 => BuildPathsWithResults,
+            80 => BuiltinBuilders,
+            81 => SubstituteUrls,
+            _ => return None,
+        };
+        let guix_only = matches!(
+            op,
+            QueryFailedPaths | ClearFailedPaths | BuiltinBuilders | SubstituteUrls
+        );
+        let nix_only = (op as u64) > 35 && !guix_only;
+        if (v.is_guix() && nix_only) || (!v.is_guix() && guix_only) {
+            return None;
+        }
+        Some(op)
+    }
+
+    pub fn name(self) -> &'static str {
+        use Op::*;
+        match self {
+            IsValidPath => "IsValidPath",
+            HasSubstitutes => "HasSubstitutes",
+            QueryPathHash => "QueryPathHash",
+            QueryReferences => "QueryReferences",
+            QueryReferrers => "QueryReferrers",
+            AddToStore => "AddToStore",
+            AddTextToStore => "AddTextToStore",
+            BuildPaths => "BuildPaths",
+            EnsurePath => "EnsurePath",
+            AddTempRoot => "AddTempRoot",
+            AddIndirectRoot => "AddIndirectRoot",
+            SyncWithGc => "SyncWithGC",
+            FindRoots => "FindRoots",
+            ExportPath => "ExportPath",
+            QueryDeriver => "QueryDeriver",
+            SetOptions => "SetOptions",
+            CollectGarbage => "CollectGarbage",
+            QuerySubstitutablePathInfo => "QuerySubstitutablePathInfo",
+            QueryDerivationOutputs => "QueryDerivationOutputs",
+            QueryAllValidPaths => "QueryAllValidPaths",
+            QueryFailedPaths => "QueryFailedPaths",
+            ClearFailedPaths => "ClearFailedPaths",
+            QueryPathInfo => "QueryPathInfo",
+            ImportPaths => "ImportPaths",
+            QueryDerivationOutputNames => "QueryDerivationOutputNames",
+            QueryPathFromHashPart => "QueryPathFromHashPart",
+            QuerySubstitutablePathInfos => "QuerySubstitutablePathInfos",
+            QueryValidPaths => "QueryValidPaths",
+            QuerySubstitutablePaths => "QuerySubstitutablePaths",
+            QueryValidDerivers => "QueryValidDerivers",
+            OptimiseStore => "OptimiseStore",
+            VerifyStore => "VerifyStore",
+            BuildDerivation => "BuildDerivation",
+            AddSignatures => "AddSignatures",
+            NarFromPath => "NarFromPath",
+            AddToStoreNar => "AddToStoreNar",
+            QueryMissing => "QueryMissing",
+            QueryDerivationOutputMap => "QueryDerivationOutputMap",
+            RegisterDrvOutput => "RegisterDrvOutput",
+            QueryRealisation => "QueryRealisation",
+            AddMultipleToStore => "AddMultipleToStore",
+            AddBuildLog => "AddBuildLog",
+            BuildPathsWithResults => "BuildPathsWithResults",
+            BuiltinBuilders => "BuiltinBuilders",
+            SubstituteUrls => "SubstituteURLs",
+        }
+    }
+}
+
+/// `BuildMode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildMode {
+    Normal,
+    Repair,
+    Check,
+}
+
+impl BuildMode {
+    fn read<R: BufRead>(r: &mut WireReader<R>) -> Result<Self, Error> {
+        match r.u64("build mode")? {
+            0 => Ok(BuildMode::Normal),
+            1 => Ok(BuildMode::Repair),
+            2 => Ok(BuildMode::Check),
+            n => Err(r.invalid(format!("unknown build mode {n}"))),
+        }
+    }
+    fn to_wire(self) -> u64 {
+        match self {
+            BuildMode::Normal => 0,
+            BuildMode::Repair => 1,
+            BuildMode::Check => 2,
+        }
+    }
+}
+
+/// Which outputs of a derivation.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum OutputSpec {
+    All,
+    Names(BTreeSet<String>),
+}
+
+/// What a build request names: a store path to make valid, or outputs of a derivation.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DerivedPath {
+    Opaque(StorePath),
+    Built { drv: StorePath, outputs: OutputSpec },
+}
+
+impl DerivedPath {
+    /// Parses `path`, `drv!*` or `drv!out1,out2` (Nix ≥ 1.30).
+    pub fn parse(sd: &StoreDir, s: &str) -> Result<Self, kiln_format::Error> {
+        match s.split_once('!') {
+            None => Ok(DerivedPath::Opaque(sd.parse_path(s)?)),
+            Some((p, outs)) => Ok(DerivedPath::Built {
+                drv: sd.parse_path(p)?,
+                outputs: if outs == "*" {
+                    OutputSpec::All
+                } else {
+                    OutputSpec::Names(
+                        outs.split(',')
+                            .filter(|o| !o.is_empty())
+                            .map(str::to_string)
+                            .collect(),
+                    )
+                },
+            }),
+        }
+    }
+
+    /// Parses the older `path[!out1,out2]` form (Nix < 1.30, Guix): a `.drv` without
+    /// outputs means all of them.
+    pub fn parse_legacy(sd: &StoreDir, s: &str) -> Result<Self, kiln_format::Error> {
+        let (p, outs) = match s.split_once('!') {
+            None => (s, BTreeSet::new()),
+            Some((p, o)) => (
+                p,
+                o.split(',')
+                    .filter(|o| !o.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            ),
+        };
+        let path = sd.parse_path(p)?;
+        if outs.is_empty() && !path.is_derivation() {
+            return Ok(DerivedPath::Opaque(path));
+        }
+        Ok(DerivedPath::Built {
+            drv: path,
+            outputs: if outs.is_empty() {
+                OutputSpec::All
+            } else {
+                OutputSpec::Names(outs)
+            },
+        })
+    }
+
+    pub fn to_wire(&self, sd: &StoreDir) -> String {
+        match self {
+            DerivedPath::Opaque(p) => sd.display(p),
+            DerivedPath::Built { drv, outputs } => format!(
+                "{}!{}",
+                sd.display(drv),
+                match outputs {
+                    OutputSpec::All => "*".to_string(),
+                    OutputSpec::Names(n) => n.iter().cloned().collect::<Vec<_>>().join(","),
+                }
+            ),
+        }
+    }
+
+    fn to_legacy(&self, sd: &StoreDir) -> String {
+        match self {
+            DerivedPath::Opaque(p) => sd.display(p),
+            DerivedPath::Built {
+                drv,
+                outputs: OutputSpec::All,
+            } => sd.display(drv),
+            DerivedPath::Built {
+                drv,
+                outputs: OutputSpec::Names(n),
+            } => format!(
+                "{}!{}",
+                sd.display(drv),
+                n.iter().cloned().collect::<Vec<_>>().join(",")
+            ),
+        }
+    }
+}
+
+/// `SetOptions`: the client's settings for its requests.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientOptions {
+    pub keep_failed: bool,
+    pub keep_going: bool,
+    pub try_fallback: bool,
+    pub verbosity: u64,
+    /// Not sent by Guix clients talking to a daemon ≥ 0x61 (they use overrides).
+    pub max_build_jobs: Option<u64>,
+    pub max_silent_time: Option<u64>,
+    pub use_build_hook: bool,
+    pub build_verbosity: u64,
+    pub print_build_trace: bool,
+    pub build_cores: Option<u64>,
+    pub use_substitutes: bool,
+    /// Overridden settings, in the order sent.
+    pub overrides: Vec<(String, String)>,
+}
+
+/// The two layouts of `AddToStore`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddToStore {
+    /// Nix ≥ 1.25: a content-address method; the data follows framed (file contents for
+    /// `text:` and flat, a NAR for recursive).
+    Ca {
+        name: String,
+        method: ContentAddressMethod,
+        algo: HashAlgo,
+        refs: BTreeSet<StorePath>,
+        repair: bool,
+    },
+    /// Older Nix and Guix: a NAR follows inline (for flat, a NAR of one regular file).
+    Legacy {
+        name: String,
+        method: FileIngestionMethod,
+        algo: HashAlgo,
+    },
+}
+
+/// `CollectGarbage` actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GcAction {
+    ReturnLive,
+    ReturnDead,
+    DeleteDead,
+    DeleteSpecific,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GcRequest {
+    pub action: GcAction,
+    pub paths: BTreeSet<StorePath>,
+    pub ignore_liveness: bool,
+    pub max_freed: u64,
+}
+
+/// A request, fully read (any data stream that follows it is read by the handler).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    IsValidPath(StorePath),
+    HasSubstitutes(StorePath),
+    QueryPathHash(StorePath),
+    QueryReferences(StorePath),
+    QueryReferrers(StorePath),
+    AddToStore(AddToStore),
+    AddTextToStore {
+        name: String,
+        text: Vec<u8>,
+        refs: BTreeSet<StorePath>,
+    },
+    BuildPaths {
+        paths: Vec<DerivedPath>,
+        mode: BuildMode,
+    },
+    EnsurePath(StorePath),
+    AddTempRoot(StorePath),
+    AddIndirectRoot(String),
+    SyncWithGc,
+    FindRoots,
+    ExportPath {
+        path: StorePath,
+        sign: bool,
+    },
+    QueryDeriver(StorePath),
+    SetOptions(ClientOptions),
+    CollectGarbage(GcRequest),
+    QuerySubstitutablePathInfo(StorePath),
+    QueryDerivationOutputs(StorePath),
+    QueryAllValidPaths,
+    QueryFailedPaths,
+    ClearFailedPaths(BTreeSet<StorePath>),
+    QueryPathInfo(StorePath),
+    ImportPaths,
+    QueryDerivationOutputNames(StorePath),
+    QueryPathFromHashPart(String),
+    QuerySubstitutablePathInfos(BTreeMap<StorePath, Option<ContentAddress>>),
+    QueryValidPaths {
+        paths: BTreeSet<StorePath>,
+        substitute: bool,
+    },
+    QuerySubstitutablePaths(BTreeSet<StorePath>),
+    QueryValidDerivers(StorePath),
+    OptimiseStore,
+    VerifyStore {
+        check_contents: bool,
+        repair: bool,
+    },
+    BuildDerivation {
+        drv_path: StorePath,
+        /// Without input derivations (a `BasicDerivation`).
+        drv: Derivation,
+        mode: BuildMode,
+    },
+    AddSignatures {
+        path: StorePath,
+        sigs: Vec<String>,
+    },
+    NarFromPath(StorePath),
+    AddToStoreNar {
+        info: ValidPathInfo,
+        repair: bool,
+        dont_check_sigs: bool,
+    },
+    QueryMissing(Vec<DerivedPath>),
+    QueryDerivationOutputMap(StorePath),
+    RegisterDrvOutput(String),
+    QueryRealisation(String),
+    AddMultipleToStore {
+        repair: bool,
+        dont_check_sigs: bool,
+    },
+    AddBuildLog(StorePath),
+    BuildPathsWithResults {
+        paths: Vec<DerivedPath>,
+        mode: BuildMode,
+    },
+    BuiltinBuilders,
+    SubstituteUrls,
+}
+
+/// How the data of an operation travels, if it has any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataStream {
+    None,
+    /// Framed (`u64 len` + bytes, …, `u64 0`).
+    Framed,
+    /// Raw bytes that the handler must consume exactly (an inline NAR).
+    Inline,
+    /// Pulled with `STDERR_READ` requests.
+    Tunnel,
+}
+
+impl Request {
+    /// Where this request's data comes from, for a client of version `v`.
+    pub fn data_stream(&self, v: Version) -> DataStream {
+        match self {
+            Request::AddToStore(AddToStore::Ca { .. }) => DataStream::Framed,
+            Request::AddToStore(AddToStore::Legacy { .. }) => DataStream::Inline,
+            Request::AddToStoreNar { .. } if v.at_least(23) => DataStream::Framed,
+            Request::AddToStoreNar { .. } if v.at_least(21) => DataStream::Tunnel,
+            Request::AddToStoreNar { .. } => DataStream::Inline,
+            Request::AddMultipleToStore { .. } | Request::AddBuildLog(_) => DataStream::Framed,
+            Request::ImportPaths => DataStream::Tunnel,
+            _ => DataStream::None,
+        }
+    }
+
+    /// Reads the request of operation `op` as a client of version `v` sends it.
+    pub fn read<R: BufRead>(
+        op: Op,
+        v: Version,
+        sd: &StoreDir,
+        r: &mut WireReader<R>,
+    ) -> Result<Request, Error> {
+        use Request as Q;
+        let guix = v.is_guix();
+        Ok(match op {
+            Op::IsValidPath => Q::IsValidPath(r.path(sd, "path")?),
+            Op::HasSubstitutes => Q::HasSubstitutes(r.path(sd, "path")?),
+            Op::QueryPathHash => Q::QueryPathHash(r.path(sd, "path")?),
+            Op::QueryReferences => Q::QueryReferences(r.path(sd, "path")?),
+            Op::QueryReferrers => Q::QueryReferrers(r.path(sd, "path")?),
+            Op::AddToStore => {
+                if !guix && v.at_least(25) {
+                    let name = r.string(MAX_NAME, "name")?;
+                    let cam = r.string(MAX_NAME, "content-address method")?;
+                    let (method, algo) = ContentAddressMethod::parse_with_algo(&cam)
+                        .map_err(|e| r.invalid(e.to_string()))?;
+                    let refs = r.paths(sd, "references")?;
+                    let repair = r.bool("repair")?;
+                    Q::AddToStore(AddToStore::Ca {
+                        name,
+                        method,
+                        algo,
+                        refs,
+                        repair,
+                    })
+                } else {
+                    let name = r.string(MAX_NAME, "name")?;
+                    let fixed = r.bool("fixed")?;
+                    let recursive = r.u64("recursive")?;
+                    let algo_s = r.string(MAX_NAME, "hash algorithm")?;
+                    let method = match recursive {
+                        0 => FileIngestionMethod::Flat,
+                        1 => FileIngestionMethod::Recursive,
+                        n => {
+                            return Err(r.invalid(format!("unsupported file ingestion method {n}")))
+                        }
+                    };
+                    // Nix's compatibility rule: not fixed means recursive SHA-256.
+                    let (method, algo_s) = if fixed {
+                        (method, algo_s)
+                    } else {
+                        (FileIngestionMethod::Recursive, "sha256".to_string())
+                    };
+                    let algo: HashAlgo = algo_s
+                        .parse()
+                        .map_err(|_| r.invalid(format!("unknown hash algorithm '{algo_s}'")))?;
+                    Q::AddToStore(AddToStore::Legacy { name, method, algo })
+                }
+            }
+            Op::AddTextToStore => Q::AddTextToStore {
+                name: r.string(MAX_NAME, "name")?,
+                text: r.blob(MAX_TEXT, "text")?,
+                refs: r.paths(sd, "references")?,
+            },
+            Op::BuildPaths => {
+                let paths = read_derived_paths(v, sd, r)?;
+                let mode = if v.at_least(15) {
+                    BuildMode::read(r)?
+                } else {
+                    BuildMode::Normal
+                };
+                Q::BuildPaths { paths, mode }
+            }
+            Op::EnsurePath => Q::EnsurePath(r.path(sd, "path")?),
+            Op::AddTempRoot => Q::AddTempRoot(r.path(sd, "path")?),
+            Op::AddIndirectRoot => Q::AddIndirectRoot(r.string(MAX_NAME, "root")?),
+            Op::SyncWithGc => Q::SyncWithGc,
+            Op::FindRoots => Q::FindRoots,
+            Op::ExportPath => Q::ExportPath {
+                path: r.path(sd, "path")?,
+                sign: r.bool("sign")?,
+            },
+            Op::QueryDeriver => Q::QueryDeriver(r.path(sd, "path")?),
+            Op::SetOptions => Q::SetOptions(read_options(v, r)?),
+            Op::CollectGarbage => {
+                let action = match r.u64("garbage collector action")? {
+                    0 => GcAction::ReturnLive,
+                    1 => GcAction::ReturnDead,
+                    2 => GcAction::DeleteDead,
+                    3 => GcAction::DeleteSpecific,
+                    n => return Err(r.invalid(format!("unknown garbage collector action {n}"))),
+                };
+                let paths = r.paths(sd, "paths to delete")?;
+                let ignore_liveness = r.bool("ignore liveness")?;
+                let max_freed = r.u64("max freed")?;
+                for _ in 0..3 {
+                    r.u64("obsolete field")?;
+                }
+                Q::CollectGarbage(GcRequest {
+                    action,
+                    paths,
+                    ignore_liveness,
+                    max_freed,
+                })
+            }
+            Op::QuerySubstitutablePathInfo => Q::QuerySubstitutablePathInfo(r.path(sd, "path")?),
+            Op::QueryDerivationOutputs => Q::QueryDerivationOutputs(r.path(sd, "path")?),
+            Op::QueryAllValidPaths => Q::QueryAllValidPaths,
+            Op::QueryFailedPaths => Q::QueryFailedPaths,
+            Op::ClearFailedPaths => Q::ClearFailedPaths(r.paths(sd, "paths")?),
+            Op::QueryPathInfo => Q::QueryPathInfo(r.path(sd, "path")?),
+            Op::ImportPaths => Q::ImportPaths,
+            Op::QueryDerivationOutputNames => Q::QueryDerivationOutputNames(r.path(sd, "path")?),
+            Op::QueryPathFromHashPart => Q::QueryPathFromHashPart(r.string(MAX_NAME, "hash part")?),
+            Op::QuerySubstitutablePathInfos => {
+                let mut m = BTreeMap::new();
+                if !guix && v.at_least(22) {
+                    for (p, ca) in r.list("paths", |r| {
+                        let p = r.path(sd, "path")?;
+                        let ca = r.string(MAX_NAME, "content address")?;
+                        let ca = if ca.is_empty() {
+                            None
+                        } else {
+                            Some(ContentAddress::parse(&ca).map_err(|e| r.invalid(e.to_string()))?)
+                        };
+                        Ok((p, ca))
+                    })? {
+                        m.insert(p, ca);
+                    }
+                } else {
+                    for p in r.paths(sd, "paths")? {
+                        m.insert(p, None);
+                    }
+                }
+                Q::QuerySubstitutablePathInfos(m)
+            }
+            Op::QueryValidPaths => {
+                let paths = r.paths(sd, "paths")?;
+                let substitute = if !guix && v.at_least(27) {
+                    r.bool("substitute")?
+                } else {
+                    false
+                };
+                Q::QueryValidPaths { paths, substitute }
+            }
+            Op::QuerySubstitutablePaths => Q::QuerySubstitutablePaths(r.paths(sd, "paths")?),
+            Op::QueryValidDerivers => Q::QueryValidDerivers(r.path(sd, "path")?),
+            Op::OptimiseStore => Q::OptimiseStore,
+            Op::VerifyStore => Q::VerifyStore {
+                check_contents: r.bool("check contents")?,
+                repair: r.bool("repair")?,
+            },
+            Op::BuildDerivation => {
+                let drv_path = r.path(sd, "derivation path")?;
+                let name = drv_path
+                    .derivation_name()
+                    .ok_or_else(|| r.invalid("the derivation path does not end in .drv"))?
+                    .to_string();
+                let drv = read_basic_derivation(sd, name, r)?;
+                let mode = BuildMode::read(r)?;
+                Q::BuildDerivation {
+                    drv_path,
+                    drv,
+                    mode,
+                }
+            }
+            Op::AddSignatures => Q::AddSignatures {
+                path: r.path(sd, "path")?,
+                sigs: r.strings("signatures")?,
+            },
+            Op::NarFromPath => Q::NarFromPath(r.path(sd, "path")?),
+            Op::AddToStoreNar => {
+                let path = r.path(sd, "path")?;
+                let info = read_path_info_rest(path, v, sd, r)?;
+                Q::AddToStoreNar {
+                    info,
+                    repair: r.bool("repair")?,
+                    dont_check_sigs: r.bool("don't check signatures")?,
+                }
+            }
+            Op::QueryMissing => Q::QueryMissing(read_derived_paths(v, sd, r)?),
+            Op::QueryDerivationOutputMap => Q::QueryDerivationOutputMap(r.path(sd, "path")?),
+            Op::RegisterDrvOutput => {
+                let a = r.string(MAX_TEXT, "realisation")?;
+                if !v.at_least(31) {
+                    r.string(MAX_NAME, "output path")?;
+                }
+                Q::RegisterDrvOutput(a)
+            }
+            Op::QueryRealisation => Q::QueryRealisation(r.string(MAX_NAME, "output id")?),
+            Op::AddMultipleToStore => Q::AddMultipleToStore {
+                repair: r.bool("repair")?,
+                dont_check_sigs: r.bool("don't check signatures")?,
+            },
+            Op::AddBuildLog => {
+                // Nix sends the derivation's base name here.
+                let s = r.string(MAX_NAME, "derivation")?;
+                let base = s.rsplit('/').next().unwrap_or(&s);
+                Q::AddBuildLog(
+                    StorePath::from_base_name(base).map_err(|e| r.invalid(e.to_string()))?,
+                )
+            }
+            Op::BuildPathsWithResults => Q::BuildPathsWithResults {
+                paths: read_derived_paths(v, sd, r)?,
+                mode: BuildMode::read(r)?,
+            },
+            Op::BuiltinBuilders => Q::BuiltinBuilders,
+            Op::SubstituteUrls => Q::SubstituteUrls,
+        })
+    }
+
+    /// The operation number.
+    pub fn op(&self) -> Op {
+        use Request as Q;
+        match self {
+            Q::IsValidPath(_) => Op::IsValidPath,
+            Q::HasSubstitutes(_) => Op::HasSubstitutes,
+            Q::QueryPathHash(_) => Op::QueryPathHash,
+            Q::QueryReferences(_) => Op::QueryReferences,
+            Q::QueryReferrers(_) => Op::QueryReferrers,
+            Q::AddToStore(_) => Op::AddToStore,
+            Q::AddTextToStore { .. } => Op::AddTextToStore,
+            Q::BuildPaths { .. } => Op::BuildPaths,
+            Q::EnsurePath(_) => Op::EnsurePath,
+            Q::AddTempRoot(_) => Op::AddTempRoot,
+            Q::AddIndirectRoot(_) => Op::AddIndirectRoot,
+            Q::SyncWithGc => Op::SyncWithGc,
+            Q::FindRoots => Op::FindRoots,
+            Q::ExportPath { .. } => Op::ExportPath,
+            Q::QueryDeriver(_) => Op::QueryDeriver,
+            Q::SetOptions(_) => Op::SetOptions,
+            Q::CollectGarbage(_) => Op::CollectGarbage,
+            Q::QuerySubstitutablePathInfo(_) => Op::QuerySubstitutablePathInfo,
+            Q::QueryDerivationOutputs(_) => Op::QueryDerivationOutputs,
+            Q::QueryAllValidPaths => Op::QueryAllValidPaths,
+            Q::QueryFailedPaths => Op::QueryFailedPaths,
+            Q::ClearFailedPaths(_) => Op::ClearFailedPaths,
+            Q::QueryPathInfo(_) => Op::QueryPathInfo,
+            Q::ImportPaths => Op::ImportPaths,
+            Q::QueryDerivationOutputNames(_) => Op::QueryDerivationOutputNames,
+            Q::QueryPathFromHashPart(_) => Op::QueryPathFromHashPart,
+            Q::QuerySubstitutablePathInfos(_) => Op::QuerySubstitutablePathInfos,
+            Q::QueryValidPaths { .. } => Op::QueryValidPaths,
+            Q::QuerySubstitutablePaths(_) => Op::QuerySubstitutablePaths,
+            Q::QueryValidDerivers(_) => Op::QueryValidDerivers,
+            Q::OptimiseStore => Op::OptimiseStore,
+            Q::VerifyStore { .. } => Op::VerifyStore,
+            Q::BuildDerivation { .. } => Op::BuildDerivation,
+            Q::AddSignatures { .. } => Op::AddSignatures,
+            Q::NarFromPath(_) => Op::NarFromPath,
+            Q::AddToStoreNar { .. } => Op::AddToStoreNar,
+            Q::QueryMissing(_) => Op::QueryMissing,
+            Q::QueryDerivationOutputMap(_) => Op::QueryDerivationOutputMap,
+            Q::RegisterDrvOutput(_) => Op::RegisterDrvOutput,
+            Q::QueryRealisation(_) => Op::QueryRealisation,
+            Q::AddMultipleToStore { .. } => Op::AddMultipleToStore,
+            Q::AddBuildLog(_) => Op::AddBuildLog,
+            Q::BuildPathsWithResults { .. } => Op::BuildPathsWithResults,
+            Q::BuiltinBuilders => Op::BuiltinBuilders,
+            Q::SubstituteUrls => Op::SubstituteUrls,
+        }
+    }
+
+    /// Writes the request (with its operation number) as a client of version `v` does.
+    /// Data streams are written separately by the caller.
+    pub fn write(&self, v: Version, sd: &StoreDir, w: &mut impl Write) -> io::Result<()> {
+        use Request as Q;
+        let guix = v.is_guix();
+        w.u64(self.op() as u64)?;
+        match self {
+            Q::IsValidPath(p)
+            | Q::HasSubstitutes(p)
+            | Q::QueryPathHash(p)
+            | Q::QueryReferences(p)
+            | Q::QueryReferrers(p)
+            | Q::EnsurePath(p)
+            | Q::AddTempRoot(p)
+            | Q::QueryDeriver(p)
+            | Q::QuerySubstitutablePathInfo(p)
+            | Q::QueryDerivationOutputs(p)
+            | Q::QueryPathInfo(p)
+            | Q::QueryDerivationOutputNames(p)
+            | Q::QueryValidDerivers(p)
+            | Q::NarFromPath(p)
+            | Q::QueryDerivationOutputMap(p) => w.path(sd, p)?,
+            Q::AddToStore(AddToStore::Ca {
+                name,
+                method,
+                algo,
+                refs,
+                repair,
+            }) => {
+                w.str(name)?;
+                w.str(&match method {
+                    ContentAddressMethod::Text => format!("text:{algo}"),
+                    ContentAddressMethod::Fixed(m) => format!("fixed:{}{algo}", m.prefix()),
+                })?;
+                w.paths(sd, refs)?;
+                w.bool(*repair)?;
+            }
+            Q::AddToStore(AddToStore::Legacy { name, method, algo }) => {
+                w.str(name)?;
+                w.u64(1)?;
+                w.u64(matches!(method, FileIngestionMethod::Recursive) as u64)?;
+                w.str(&algo.to_string())?;
+            }
+            Q::AddTextToStore { name, text, refs } => {
+                w.str(name)?;
+                w.bytes(text)?;
+                w.paths(sd, refs)?;
+            }
+            Q::BuildPaths { paths, mode } => {
+                write_derived_paths(v, sd, paths, w)?;
+                if v.at_least(15) {
+                    w.u64(mode.to_wire())?;
+                }
+            }
+            Q::AddIndirectRoot(s) => w.str(s)?,
+            Q::SyncWithGc
+            | Q::FindRoots
+            | Q::QueryAllValidPaths
+            | Q::QueryFailedPaths
+            | Q::ImportPaths
+            | Q::OptimiseStore
+            | Q::BuiltinBuilders
+            | Q::SubstituteUrls => {}
+            Q::ExportPath { path, sign } => {
+                w.path(sd, path)?;
+                w.bool(*sign)?;
+            }
+            Q::SetOptions(o) => write_options(v, o, w)?,
+            Q::CollectGarbage(g) => {
+                w.u64(match g.action {
+                    GcAction::ReturnLive => 0,
+                    GcAction::ReturnDead => 1,
+                    GcAction::DeleteDead => 2,
+                    GcAction::DeleteSpecific => 3,
+                })?;
+                w.paths(sd, &g.paths)?;
+                w.bool(g.ignore_liveness)?;
+                w.u64(g.max_freed)?;
+                for _ in 0..3 {
+                    w.u64(0)?;
+                }
+            }
+            Q::ClearFailedPaths(ps) | Q::QuerySubstitutablePaths(ps) => w.paths(sd, ps)?,
+            Q::QueryPathFromHashPart(h) => w.str(h)?,
+            Q::QuerySubstitutablePathInfos(m) => {
+                if !guix && v.at_least(22) {
+                    w.u64(m.len() as u64)?;
+                    for (p, ca) in m {
+                        w.path(sd, p)?;
+                        w.str(&ca.map(|c| c.to_string()).unwrap_or_default())?;
+                    }
+                } else {
+                    w.paths(sd, m.keys())?;
+                }
+            }
+            Q::QueryValidPaths { paths, substitute } => {
+                w.paths(sd, paths)?;
+                if !guix && v.at_least(27) {
+                    w.bool(*substitute)?;
+                }
+            }
+            Q::VerifyStore {
+                check_contents,
+                repair,
+            } => {
+                w.bool(*check_contents)?;
+                w.bool(*repair)?;
+            }
+            Q::BuildDerivation {
+                drv_path,
+                drv,
+                mode,
+            } => {
+                w.path(sd, drv_path)?;
+                write_basic_derivation(sd, drv, w)?;
+                w.u64(mode.to_wire())?;
+            }
+            Q::AddSignatures { path, sigs } => {
+                w.path(sd, path)?;
+                w.strs(sigs.iter().map(String::as_str))?;
+            }
+            Q::AddToStoreNar {
+                info,
+                repair,
+                dont_check_sigs,
+            } => {
+                write_path_info(v, sd, info, true, w)?;
+                w.bool(*repair)?;
+                w.bool(*dont_check_sigs)?;
+            }
+            Q::QueryMissing(paths) => write_derived_paths(v, sd, paths, w)?,
+            Q::RegisterDrvOutput(s) => w.str(s)?,
+            Q::QueryRealisation(s) => w.str(s)?,
+            Q::AddMultipleToStore {
+                repair,
+                dont_check_sigs,
+            } => {
+                w.bool(*repair)?;
+                w.bool(*dont_check_sigs)?;
+            }
+            Q::AddBuildLog(p) => w.str(p.base_name())?,
+            Q::BuildPathsWithResults { paths, mode } => {
+                write_derived_paths(v, sd, paths, w)?;
+                w.u64(mode.to_wire())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_derived_paths<R: BufRead>(
+    v: Version,
+    sd: &StoreDir,
+    r: &mut WireReader<R>,
+) -> Result<Vec<DerivedPath>, Error> {
+    let modern = !v.is_guix() && v.at_least(30);
+    r.list("derived paths", |r| {
+        let s = r.string(MAX_NAME, "derived path")?;
+        let p = if modern {
+            DerivedPath::parse(sd, &s)
+        } else {
+            DerivedPath::parse_legacy(sd, &s)
+        };
+        p.map_err(|e| r.invalid(e.to_string()))
+    })
+}
+
+fn write_derived_paths(
+    v: Version,
+    sd: &StoreDir,
+    paths: &[DerivedPath],
+    w: &mut impl Write,
+) -> io::Result<()> {
+    let modern = !v.is_guix() && v.at_least(30);
+    w.u64(paths.len() as u64)?;
+    for p in paths {
+        w.str(&if modern {
+            p.to_wire(sd)
+        } else {
+            p.to_legacy(sd)
+        })?;
+    }
+    Ok(())
+}
+
+fn read_options<R: BufRead>(v: Version, r: &mut WireReader<R>) -> Result<ClientOptions, Error> {
+    let mut o = ClientOptions {
+        keep_failed: r.bool("keep-failed")?,
+        keep_going: r.bool("keep-going")?,
+        try_fallback: r.bool("fallback")?,
+        verbosity: r.u64("verbosity")?,
+        ..Default::default()
+    };
+    // Guix clients stop sending these once the daemon is ≥ 0x61; kiln advertises 0x164.
+    let guix = v.is_guix();
+    if !guix || v.minor() < 0x61 {
+        o.max_build_jobs = Some(r.u64("max-jobs")?);
+        o.max_silent_time = Some(r.u64("max-silent-time")?);
+    }
+    o.use_build_hook = r.bool("use build hook")?;
+    o.build_verbosity = r.u64("build verbosity")?;
+    r.u64("log type")?;
+    o.print_build_trace = r.bool("print build trace")?;
+    if !guix || v.minor() < 0x61 {
+        o.build_cores = Some(r.u64("cores")?);
+    }
+    o.use_substitutes = r.bool("use substitutes")?;
+    if v.at_least(12) {
+        o.overrides = r.list("settings", |r| {
+            Ok((
+                r.string(MAX_NAME, "setting name")?,
+                r.string(MAX_TEXT, "setting value")?,
+            ))
+        })?;
+    }
+    Ok(o)
+}
+
+fn write_options(v: Version, o: &ClientOptions, w: &mut impl Write) -> io::Result<()> {
+    let guix = v.is_guix();
+    w.bool(o.keep_failed)?;
+    w.bool(o.keep_going)?;
+    w.bool(o.try_fallback)?;
+    w.u64(o.verbosity)?;
+    if !guix || v.minor() < 0x61 {
+        w.u64(o.max_build_jobs.unwrap_or(1))?;
+        w.u64(o.max_silent_time.unwrap_or(0))?;
+    }
+    w.bool(o.use_build_hook)?;
+    w.u64(o.build_verbosity)?;
+    w.u64(0)?;
+    w.bool(o.print_build_trace)?;
+    if !guix || v.minor() < 0x61 {
+        w.u64(o.build_cores.unwrap_or(0))?;
+    }
+    w.bool(o.use_substitutes)?;
+    if v.at_least(12) {
+        w.u64(o.overrides.len() as u64)?;
+        for (k, val) in &o.overrides {
+            w.str(k)?;
+            w.str(val)?;
+        }
+    }
+    Ok(())
+}
+
+/// The fields of a `ValidPathInfo` after its path, as `AddToStoreNar` and replies carry
+/// them (ultimate, signatures and content address from 1.16 on).
+fn read_path_info_rest<R: BufRead>(
+    path: StorePath,
+    v: Version,
+    sd: &StoreDir,
+    r: &mut WireReader<R>,
+) -> Result<ValidPathInfo, Error> {
+    let deriver = r.opt_path(sd, "deriver")?;
+    let hash_s = r.string(MAX_NAME, "NAR hash")?;
+    let nar_hash =
+        Hash::parse_any(&hash_s, Some(HashAlgo::Sha256)).map_err(|e| r.invalid(e.to_string()))?;
+    let references = r.paths(sd, "references")?;
+    let registration_time = r.u64("registration time")? as i64;
+    let nar_size = r.u64("NAR size")?;
+    let mut info = ValidPathInfo::new(path, nar_hash, nar_size);
+    info.deriver = deriver;
+    info.references = references;
+    info.registration_time = registration_time;
+    if !v.is_guix() && v.at_least(16) {
+        info.ultimate = r.bool("ultimate")?;
+        info.sigs = r.strings("signatures")?.into_iter().collect();
+        let ca = r.string(MAX_NAME, "content address")?;
+        if !ca.is_empty() {
+            info.ca = Some(ContentAddress::parse(&ca).map_err(|e| r.invalid(e.to_string()))?);
+        }
+    }
+    Ok(info)
+}
+
+/// Writes a `ValidPathInfo` in the layout of client `v` (with or without its path first).
+pub fn write_path_info<W: Write + ?Sized>(
+    v: Version,
+    sd: &StoreDir,
+    info: &ValidPathInfo,
+    with_path: bool,
+    w: &mut W,
+) -> io::Result<()> {
+    if with_path {
+        w.path(sd, &info.path)?;
+    }
+    w.opt_path(sd, info.deriver.as_ref())?;
+    w.str(&info.nar_hash.to_base16())?;
+    w.paths(sd, &info.references)?;
+    w.u64(info.registration_time.max(0) as u64)?;
+    w.u64(info.nar_size)?;
+    if !v.is_guix() && v.at_least(16) {
+        w.bool(info.ultimate)?;
+        w.strs(info.sigs.iter().map(String::as_str))?;
+        w.str(&info.ca.map(|c| c.to_string()).unwrap_or_default())?;
+    }
+    Ok(())
+}
+
+/// Reads a `ValidPathInfo` written by [`write_path_info`].
+pub fn read_path_info<R: BufRead>(
+    v: Version,
+    sd: &StoreDir,
+    path: Option<StorePath>,
+    r: &mut WireReader<R>,
+) -> Result<ValidPathInfo, Error> {
+    let path = match path {
+        Some(p) => p,
+        None => r.path(sd, "path")?,
+    };
+    read_path_info_rest(path, v, sd, r)
+}
+
+/// A `BasicDerivation` as `BuildDerivation` carries it: outputs as (name, path, method and
+/// algorithm, base16 hash), input sources, platform, builder, arguments, environment. No
+/// input derivations.
+fn read_basic_derivation<R: BufRead>(
+    sd: &StoreDir,
+    name: String,
+    r: &mut WireReader<R>,
+) -> Result<Derivation, Error> {
+    let mut drv = Derivation {
+        name,
+        ..Default::default()
+    };
+    for (oname, path, algo, hash) in r.list("outputs", |r| {
+        Ok((
+            r.string(MAX_NAME, "output name")?,
+            r.string(MAX_NAME, "output path")?,
+            r.string(MAX_NAME, "output hash algorithm")?,
+            r.string(MAX_NAME, "output hash")?,
+        ))
+    })? {
+        if path.is_empty() {
+            return Err(r.invalid(format!(
+                "output '{oname}' has no path (content-addressed derivations are not supported)"
+            )));
+        }
+        let path = sd.parse_path(&path).map_err(|e| r.invalid(e.to_string()))?;
+        let fixed = if algo.is_empty() {
+            None
+        } else {
+            let (method, a) = match algo.strip_prefix("r:") {
+                Some(a) => (FileIngestionMethod::Recursive, a),
+                None => (FileIngestionMethod::Flat, algo.as_str()),
+            };
+            let a: HashAlgo = a
+                .parse()
+                .map_err(|_| r.invalid(format!("unknown hash algorithm '{algo}'")))?;
+            let hash = Hash::parse_digest(a, &hash).map_err(|e| r.invalid(e.to_string()))?;
+            Some(FixedOutputHash { method, hash })
+        };
+        drv.outputs.insert(
+            oname,
+            DerivationOutput {
+                path: Some(path),
+                fixed,
+            },
+        );
+    }
+    drv.input_srcs = r.paths(sd, "input sources")?;
+    drv.platform = r.string(MAX_NAME, "platform")?;
+    drv.builder = r.string(MAX_TEXT, "builder")?;
+    drv.args = r.list("arguments", |r| r.string(MAX_TEXT, "argument"))?;
+    for (k, val) in r.list("environment", |r| {
+        Ok((
+            r.string(MAX_NAME, "variable")?,
+            r.string(MAX_TEXT, "value")?,
+        ))
+    })? {
+        drv.env.insert(k, val);
+    }
+    Ok(drv)
+}
+
+fn write_basic_derivation(sd: &StoreDir, drv: &Derivation, w: &mut impl Write) -> io::Result<()> {
+    w.u64(drv.outputs.len() as u64)?;
+    for (name, o) in &drv.outputs {
+        w.str(name)?;
+        w.opt_path(sd, o.path.as_ref())?;
+        match &o.fixed {
+            Some(f) => {
+                w.str(&f.method_algo())?;
+                w.str(&f.hash.to_base16())?;
+            }
+            None => {
+                w.str("")?;
+                w.str("")?;
+            }
+        }
+    }
+    w.paths(sd, &drv.input_srcs)?;
+    w.str(&drv.platform)?;
+    w.str(&drv.builder)?;
+    w.strs(drv.args.iter().map(String::as_str))?;
+    w.u64(drv.env.len() as u64)?;
+    for (k, val) in &drv.env {
+        w.str(k)?;
+        w.str(val)?;
+    }
+    Ok(())
+}
+
+/// What a substituter knows about a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubstitutableInfo {
+    pub deriver: Option<StorePath>,
+    pub references: BTreeSet<StorePath>,
+    pub download_size: u64,
+    pub nar_size: u64,
+}
+
+/// `QueryMissing`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Missing {
+    pub will_build: BTreeSet<StorePath>,
+    pub will_substitute: BTreeSet<StorePath>,
+    pub unknown: BTreeSet<StorePath>,
+    pub download_size: u64,
+    pub nar_size: u64,
+}
+
+/// A build's result on the wire (`BuildResult`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WireBuildResult {
+    pub status: u64,
+    pub error_msg: String,
+    pub times_built: u64,
+    pub is_non_deterministic: bool,
+    pub start_time: u64,
+    pub stop_time: u64,
+    /// `DrvOutput` id (`sha256:<hash modulo>!<output>`) → `Realisation` JSON.
+    pub built_outputs: Vec<(String, String)>,
+}
+
+/// The `Realisation` JSON Nix sends for a built output (keys sorted, the output path as a
+/// base name).
+pub fn realisation_json(id: &str, out: &StorePath) -> String {
+    serde_json::json!({
+        "dependentRealisations": {},
+        "id": id,
+        "outPath": out.base_name(),
+        "signatures": [],
+    })
+    .to_string()
+}
+
+/// Writes raw bytes after `STDERR_LAST` (for [`Reply::Stream`]).
+pub type StreamFn = Box<dyn FnOnce(&mut dyn Write) -> io::Result<()> + Send>;
+
+/// A reply, written after `STDERR_LAST`.
+pub enum Reply {
+    /// No payload.
+    Nothing,
+    Bool(bool),
+    Int(u64),
+    String(String),
+    OptPath(Option<StorePath>),
+    /// A path list, in the order given (handlers sort as Nix does).
+    Paths(Vec<StorePath>),
+    Strings(Vec<String>),
+    /// `QueryPathInfo`: Nix ≥ 1.17 gets a found flag; Guix and older Nix get the info
+    /// (an absent path is an error for them, raised by the handler).
+    PathInfo(Option<ValidPathInfo>),
+    /// `AddToStore` from Nix ≥ 1.25: the info with its path.
+    PathInfoWithPath(ValidPathInfo),
+    Roots(Vec<(String, StorePath)>),
+    Gc {
+        paths: Vec<String>,
+        bytes_freed: u64,
+    },
+    SubstitutablePathInfo(Option<SubstitutableInfo>),
+    SubstitutablePathInfos(Vec<(StorePath, SubstitutableInfo)>),
+    Missing(Missing),
+    /// Output name → path (or none), sorted by name.
+    OutputMap(Vec<(String, Option<StorePath>)>),
+    BuildDerivation(WireBuildResult),
+    BuildResults(Vec<(DerivedPath, WireBuildResult)>),
+    /// Raw bytes streamed after `STDERR_LAST` (`NarFromPath`).
+    Stream(StreamFn),
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reply::Stream(_) => f.write_str("Reply::Stream"),
+            Reply::Nothing => f.write_str("Reply::Nothing"),
+            Reply::Bool(b) => write!(f, "Reply::Bool({b})"),
+            Reply::Int(n) => write!(f, "Reply::Int({n})"),
+            Reply::String(s) => write!(f, "Reply::String({s:?})"),
+            Reply::Paths(p) => write!(f, "Reply::Paths({} paths)", p.len()),
+            _ => f.write_str("Reply::…"),
+        }
+    }
+}
+
+impl Reply {
+    /// Writes the payload for client `v` (everything but [`Reply::Stream`]).
+    pub fn write(self, v: Version, sd: &StoreDir, w: &mut dyn Write) -> io::Result<()> {
+        match self {
+            Reply::Nothing => {}
+            Reply::Bool(b) => w.bool(b)?,
+            Reply::Int(n) => w.u64(n)?,
+            Reply::String(s) => w.str(&s)?,
+            Reply::OptPath(p) => w.opt_path(sd, p.as_ref())?,
+            Reply::Paths(ps) => w.paths(sd, &ps)?,
+            Reply::Strings(ss) => w.strs(ss.iter().map(String::as_str))?,
+            Reply::PathInfo(info) => {
+                let flag = !v.is_guix() && v.at_least(17);
+                match info {
+                    Some(i) => {
+                        if flag {
+                            w.u64(1)?;
+                        }
+                        write_path_info(v, sd, &i, false, w)?;
+                    }
+                    None => w.u64(0)?,
+                }
+            }
+            Reply::PathInfoWithPath(i) => write_path_info(v, sd, &i, true, w)?,
+            Reply::Roots(roots) => {
+                w.u64(roots.len() as u64)?;
+                for (link, p) in &roots {
+                    w.str(link)?;
+                    w.path(sd, p)?;
+                }
+            }
+            Reply::Gc { paths, bytes_freed } => {
+                w.strs(paths.iter().map(String::as_str))?;
+                w.u64(bytes_freed)?;
+                w.u64(0)?;
+            }
+            Reply::SubstitutablePathInfo(None) => w.u64(0)?,
+            Reply::SubstitutablePathInfo(Some(i)) => {
+                w.u64(1)?;
+                w.opt_path(sd, i.deriver.as_ref())?;
+                w.paths(sd, &i.references)?;
+                w.u64(i.download_size)?;
+                w.u64(i.nar_size)?;
+            }
+            Reply::SubstitutablePathInfos(infos) => {
+                w.u64(infos.len() as u64)?;
+                for (p, i) in &infos {
+                    w.path(sd, p)?;
+                    w.opt_path(sd, i.deriver.as_ref())?;
+                    w.paths(sd, &i.references)?;
+                    w.u64(i.download_size)?;
+                    w.u64(i.nar_size)?;
+                }
+            }
+            Reply::Missing(m) => {
+                w.paths(sd, &m.will_build)?;
+                w.paths(sd, &m.will_substitute)?;
+                w.paths(sd, &m.unknown)?;
+                w.u64(m.download_size)?;
+                w.u64(m.nar_size)?;
+            }
+            Reply::OutputMap(m) => {
+                w.u64(m.len() as u64)?;
+                for (name, p) in &m {
+                    w.str(name)?;
+                    w.opt_path(sd, p.as_ref())?;
+                }
+            }
+            Reply::BuildDerivation(r) => {
+                w.u64(r.status)?;
+                w.str(&r.error_msg)?;
+                if v.at_least(29) {
+                    w.u64(r.times_built)?;
+                    w.bool(r.is_non_deterministic)?;
+                    w.u64(r.start_time)?;
+                    w.u64(r.stop_time)?;
+                }
+                if v.at_least(28) {
+                    write_built_outputs(&r.built_outputs, w)?;
+                }
+            }
+            Reply::BuildResults(rs) => {
+                w.u64(rs.len() as u64)?;
+                for (p, r) in &rs {
+                    w.str(&p.to_wire(sd))?;
+                    w.u64(r.status)?;
+                    w.str(&r.error_msg)?;
+                    w.u64(r.times_built)?;
+                    w.bool(r.is_non_deterministic)?;
+                    w.u64(r.start_time)?;
+                    w.u64(r.stop_time)?;
+                    write_built_outputs(&r.built_outputs, w)?;
+                }
+            }
+            Reply::Stream(f) => f(w)?,
+        }
+        Ok(())
+    }
+
+    /// Reads the reply to `op` as client `v` (the client half). `NarFromPath`'s stream is
+    /// not read here.
+    pub fn read<R: BufRead>(
+        op: Op,
+        v: Version,
+        sd: &StoreDir,
+        r: &mut WireReader<R>,
+    ) -> Result<Reply, Error> {
+        use Op::*;
+        Ok(match op {
+            IsValidPath | HasSubstitutes => Reply::Bool(r.bool("answer")?),
+            QueryPathHash | QueryDeriver | QueryPathFromHashPart => {
+                Reply::String(r.string(MAX_NAME, "answer")?)
+            }
+            QueryReferences
+            | QueryReferrers
+            | QueryDerivationOutputs
+            | QueryAllValidPaths
+            | QueryValidPaths
+            | QuerySubstitutablePaths
+            | QueryValidDerivers
+            | QueryFailedPaths
+            | ImportPaths => Reply::Paths(r.paths(sd, "paths")?.into_iter().collect()),
+            QueryDerivationOutputNames | BuiltinBuilders | SubstituteUrls | QueryRealisation => {
+                Reply::Strings(r.strings("strings")?)
+            }
+            AddToStore if !v.is_guix() && v.at_least(25) => {
+                Reply::PathInfoWithPath(read_path_info(v, sd, None, r)?)
+            }
+            AddToStore | AddTextToStore => Reply::OptPath(r.opt_path(sd, "path")?),
+            BuildPaths | EnsurePath | AddTempRoot | AddIndirectRoot | SyncWithGc | ExportPath
+            | OptimiseStore | AddSignatures | AddBuildLog | ClearFailedPaths => {
+                Reply::Int(r.u64("answer")?)
+            }
+            VerifyStore => Reply::Bool(r.bool("errors remain")?),
+            SetOptions | AddToStoreNar | AddMultipleToStore | RegisterDrvOutput | NarFromPath => {
+                Reply::Nothing
+            }
+            FindRoots => Reply::Roots(r.list("roots", |r| {
+                Ok((r.string(MAX_NAME, "link")?, r.path(sd, "root")?))
+            })?),
+            CollectGarbage => {
+                let paths = r.strings("paths")?;
+                let bytes_freed = r.u64("bytes freed")?;
+                r.u64("obsolete")?;
+                Reply::Gc { paths, bytes_freed }
+            }
+            QuerySubstitutablePathInfo => {
+                if r.bool("found")? {
+                    Reply::SubstitutablePathInfo(Some(read_subst_info(sd, r)?))
+                } else {
+                    Reply::SubstitutablePathInfo(None)
+                }
+            }
+            QuerySubstitutablePathInfos => Reply::SubstitutablePathInfos(r.list("infos", |r| {
+                Ok((r.path(sd, "path")?, read_subst_info(sd, r)?))
+            })?),
+            QueryPathInfo => {
+                let found = if !v.is_guix() && v.at_least(17) {
+                    r.bool("found")?
+                } else {
+                    true
+                };
+                Reply::PathInfo(if found {
+                    // The path is the one asked for; the caller fills it in.
+                    let placeholder =
+                        StorePath::from_base_name("00000000000000000000000000000000-unknown")
+                            .map_err(|e| r.invalid(e.to_string()))?;
+                    Some(read_path_info_rest(placeholder, v, sd, r)?)
+                } else {
+                    None
+                })
+            }
+            QueryMissing => Reply::Missing(Missing {
+                will_build: r.paths(sd, "will build")?,
+                will_substitute: r.paths(sd, "will substitute")?,
+                unknown: r.paths(sd, "unknown")?,
+                download_size: r.u64("download size")?,
+                nar_size: r.u64("NAR size")?,
+            }),
+            QueryDerivationOutputMap => Reply::OutputMap(r.list("outputs", |r| {
+                Ok((r.string(MAX_NAME, "output")?, r.opt_path(sd, "path")?))
+            })?),
+            BuildDerivation => {
+                let mut b = WireBuildResult {
+                    status: r.u64("status")?,
+                    error_msg: r.string(MAX_TEXT, "error")?,
+                    ..Default::default()
+                };
+                if v.at_least(29) {
+                    b.times_built = r.u64("times built")?;
+                    b.is_non_deterministic = r.bool("non-deterministic")?;
+                    b.start_time = r.u64("start time")?;
+                    b.stop_time = r.u64("stop time")?;
+                }
+                if v.at_least(28) {
+                    b.built_outputs = read_built_outputs(r)?;
+                }
+                Reply::BuildDerivation(b)
+            }
+            BuildPathsWithResults => Reply::BuildResults(r.list("results", |r| {
+                let s = r.string(MAX_NAME, "derived path")?;
+                let p = DerivedPath::parse(sd, &s).map_err(|e| r.invalid(e.to_string()))?;
+                Ok((
+                    p,
+                    WireBuildResult {
+                        status: r.u64("status")?,
+                        error_msg: r.string(MAX_TEXT, "error")?,
+                        times_built: r.u64("times built")?,
+                        is_non_deterministic: r.bool("non-deterministic")?,
+                        start_time: r.u64("start time")?,
+                        stop_time: r.u64("stop time")?,
+                        built_outputs: read_built_outputs(r)?,
+                    },
+                ))
+            })?),
+        })
+    }
+}
+
+fn read_subst_info<R: BufRead>(
+    sd: &StoreDir,
+    r: &mut WireReader<R>,
+) -> Result<SubstitutableInfo, Error> {
+    Ok(SubstitutableInfo {
+        deriver: r.opt_path(sd, "deriver")?,
+        references: r.paths(sd, "references")?,
+        download_size: r.u64("download size")?,
+        nar_size: r.u64("NAR size")?,
+    })
+}
+
+fn write_built_outputs(outs: &[(String, String)], w: &mut dyn Write) -> io::Result<()> {
+    w.u64(outs.len() as u64)?;
+    for (id, json) in outs {
+        w.str(id)?;
+        w.str(json)?;
+    }
+    Ok(())
+}
+
+fn read_built_outputs<R: BufRead>(r: &mut WireReader<R>) -> Result<Vec<(String, String)>, Error> {
+    r.list("built outputs", |r| {
+        Ok((
+            r.string(MAX_NAME, "output id")?,
+            r.string(MAX_TEXT, "realisation")?,
+        ))
+    })
+}

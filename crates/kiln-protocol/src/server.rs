@@ -1,0 +1,424 @@
+//! The daemon side of a connection: handshake, then one operation after another.
+//!
+//! The server reads each request completely before the handler sees it; a request that
+//! cannot be read (a bad path, a length over its limit, an unknown operation) gets one
+//! `STDERR_ERROR` and the connection is closed, because the stream position is then
+//! unknown (Nix 2.8 sends the same error frame twice before closing; clients read one).
+//! An error from the handler is reported and the connection stays usable: the request was
+//! fully read and any framed data is drained — except after an inline NAR the handler did
+//! not finish, whose end cannot be found.
+
+use std::io::{self, BufReader, Read, Write};
+use std::os::fd::BorrowedFd;
+
+use kiln_format::StoreDir;
+
+use crate::ops::{DataStream, Op, Reply, Request};
+use crate::stderr::{self, write_error, Field, RemoteError};
+use crate::version::{Dialect, Version, DAEMON_VERSION, WORKER_MAGIC_1, WORKER_MAGIC_2};
+use crate::wire::{WireReader, WireWrite};
+use crate::Error;
+
+type Rd = WireReader<BufReader<Box<dyn Read + Send>>>;
+type Wr = io::BufWriter<Box<dyn Write + Send>>;
+
+/// Serves one client's operations.
+pub trait Handler {
+    /// Performs one operation. Log output and data go through `io`; the reply is written
+    /// after `STDERR_LAST`.
+    fn handle(&mut self, req: Request, io: &mut OpIo<'_>) -> Result<Reply, RemoteError>;
+}
+
+/// What the server knows once the client has introduced itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Hello {
+    pub version: Version,
+}
+
+impl Hello {
+    pub fn dialect(&self) -> Dialect {
+        self.version.dialect()
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub ops: u64,
+    pub version: Option<Version>,
+}
+
+/// The daemon's settings for serving connections.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub store_dir: StoreDir,
+    /// Sent to Nix clients ≥ 1.33 (`nix store ping` shows it).
+    pub version_string: String,
+}
+
+/// A handler's view of the connection while an operation runs.
+pub struct OpIo<'a> {
+    r: &'a mut Rd,
+    w: &'a mut Wr,
+    version: Version,
+    verbosity: u64,
+    data: DataStream,
+    frame_left: u64,
+    frame_done: bool,
+    data_error: bool,
+    fd: Option<BorrowedFd<'a>>,
+}
+
+impl std::fmt::Debug for OpIo<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OpIo({}, {:?})", self.version, self.data)
+    }
+}
+
+impl<'a> OpIo<'a> {
+    /// The client's protocol version.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The client's verbosity (from `SetOptions`).
+    pub fn verbosity(&self) -> u64 {
+        self.verbosity
+    }
+
+    /// The connection's descriptor, to watch for the client hanging up during long work.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.fd
+    }
+
+    fn send(&mut self, f: impl FnOnce(&mut Wr) -> io::Result<()>) -> io::Result<()> {
+        f(self.w)?;
+        self.w.flush()
+    }
+
+    /// A log line (`STDERR_NEXT`), if the client's verbosity admits `level`.
+    pub fn log(&mut self, level: u64, text: &str) -> io::Result<()> {
+        if level > self.verbosity {
+            return Ok(());
+        }
+        self.send(|w| {
+            w.u64(stderr::STDERR_NEXT)?;
+            let mut line = Vec::with_capacity(text.len() + 1);
+            line.extend_from_slice(text.as_bytes());
+            line.push(b'\n');
+            w.bytes(&line)
+        })
+    }
+
+    /// Raw text for the client's terminal (`STDERR_NEXT`, unfiltered, as sent).
+    pub fn next_raw(&mut self, data: &[u8]) -> io::Result<()> {
+        self.send(|w| {
+            w.u64(stderr::STDERR_NEXT)?;
+            w.bytes(data)
+        })
+    }
+
+    /// Whether the client understands activities (Nix ≥ 1.20).
+    pub fn has_activities(&self) -> bool {
+        !self.version.is_guix() && self.version.at_least(20)
+    }
+
+    /// Starts an activity; older clients get its text as a log line instead.
+    pub fn start_activity(
+        &mut self,
+        id: u64,
+        level: u64,
+        kind: u64,
+        text: &str,
+        fields: &[Field],
+        parent: u64,
+    ) -> io::Result<()> {
+        if !self.has_activities() {
+            if !text.is_empty() {
+                return self.log(level, &format!("{text}..."));
+            }
+            return Ok(());
+        }
+        self.send(|w| {
+            w.u64(stderr::STDERR_START_ACTIVITY)?;
+            w.u64(id)?;
+            w.u64(level)?;
+            w.u64(kind)?;
+            w.str(text)?;
+            stderr::write_fields(w, fields)?;
+            w.u64(parent)
+        })
+    }
+
+    pub fn stop_activity(&mut self, id: u64) -> io::Result<()> {
+        if !self.has_activities() {
+            return Ok(());
+        }
+        self.send(|w| {
+            w.u64(stderr::STDERR_STOP_ACTIVITY)?;
+            w.u64(id)
+        })
+    }
+
+    pub fn result(&mut self, id: u64, kind: u64, fields: &[Field]) -> io::Result<()> {
+        if !self.has_activities() {
+            return Ok(());
+        }
+        self.send(|w| {
+            w.u64(stderr::STDERR_RESULT)?;
+            w.u64(id)?;
+            w.u64(kind)?;
+            stderr::write_fields(w, fields)
+        })
+    }
+
+    /// Data for the client's sink (`STDERR_WRITE`, as `ExportPath` sends it).
+    pub fn write_data(&mut self, data: &[u8]) -> io::Result<()> {
+        self.send(|w| {
+            w.u64(stderr::STDERR_WRITE)?;
+            w.bytes(data)
+        })
+    }
+
+    /// The operation's incoming data (framed, inline or pulled from the client).
+    pub fn data(&mut self) -> DataReader<'_, 'a> {
+        DataReader { io: self }
+    }
+
+    fn read_framed(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        while self.frame_left == 0 {
+            if self.frame_done {
+                return Ok(0);
+            }
+            let n = self
+                .r
+                .u64("frame length")
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            if n == 0 {
+                self.frame_done = true;
+                return Ok(0);
+            }
+            self.frame_left = n;
+        }
+        let want = buf
+            .len()
+            .min(self.frame_left.min(usize::MAX as u64) as usize);
+        let n = self.r.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed in the middle of a frame",
+            ));
+        }
+        self.frame_left -= n as u64;
+        Ok(n)
+    }
+
+    fn read_tunnel(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let want = buf.len().min(32 * 1024);
+        self.send(|w| {
+            w.u64(stderr::STDERR_READ)?;
+            w.u64(want as u64)
+        })?;
+        let n = self
+            .r
+            .u64("data length")
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "unexpected end-of-file",
+            ));
+        }
+        if n > want as u64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the client sent {n} bytes where at most {want} were asked for"),
+            ));
+        }
+        let n = n as usize;
+        self.r.read_exact(&mut buf[..n])?;
+        let pad = (8 - n % 8) % 8;
+        let mut p = [0u8; 8];
+        self.r.read_exact(&mut p[..pad])?;
+        if p[..pad].iter().any(|&b| b != 0) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "non-zero padding",
+            ));
+        }
+        Ok(n)
+    }
+
+    fn drain(&mut self) -> io::Result<()> {
+        if self.data == DataStream::Framed {
+            let mut buf = [0u8; 16 * 1024];
+            while self.read_framed(&mut buf)? > 0 {}
+        }
+        Ok(())
+    }
+}
+
+/// Reads an operation's data; see [`OpIo::data`].
+pub struct DataReader<'b, 'a> {
+    io: &'b mut OpIo<'a>,
+}
+
+impl std::fmt::Debug for DataReader<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataReader")
+    }
+}
+
+impl Read for DataReader<'_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let r = match self.io.data {
+            DataStream::None => Ok(0),
+            DataStream::Framed => self.io.read_framed(buf),
+            DataStream::Inline => self.io.r.read(buf),
+            DataStream::Tunnel => self.io.read_tunnel(buf),
+        };
+        if r.is_err() {
+            self.io.data_error = true;
+        }
+        r
+    }
+}
+
+/// Serves one connection until the client closes it or it becomes unusable.
+///
+/// `accept` sees the client's version and returns the handler for the connection, or an
+/// error the client is told about before the connection closes.
+pub fn serve<H: Handler>(
+    reader: Box<dyn Read + Send>,
+    writer: Box<dyn Write + Send>,
+    fd: Option<BorrowedFd<'_>>,
+    cfg: &ServerConfig,
+    accept: impl FnOnce(Hello) -> Result<H, RemoteError>,
+) -> Result<Summary, Error> {
+    let mut r: Rd = WireReader::new(BufReader::with_capacity(32 * 1024, reader));
+    let mut w: Wr = io::BufWriter::with_capacity(32 * 1024, writer);
+    let mut summary = Summary::default();
+
+    match r.u64_or_eof("magic")? {
+        Some(WORKER_MAGIC_1) => {}
+        Some(m) => return Err(Error::Protocol(format!("protocol mismatch (magic {m:#x})"))),
+        None => return Ok(summary),
+    }
+    w.u64(WORKER_MAGIC_2)?;
+    w.u64(DAEMON_VERSION)?;
+    w.flush()?;
+    let v = Version(r.u64("client version")?);
+    summary.version = Some(v);
+    v.check_client().map_err(Error::Protocol)?;
+    if v.at_least(14) && r.u64("CPU affinity flag")? != 0 {
+        r.u64("CPU affinity")?;
+    }
+    if v.at_least(11) {
+        r.u64("reserve space")?;
+    }
+    if !v.is_guix() && v.at_least(33) {
+        w.str(&cfg.version_string)?;
+    }
+    let mut handler = match accept(Hello { version: v }) {
+        Ok(h) => h,
+        Err(e) => {
+            write_error(&mut w, v, &e)?;
+            w.flush()?;
+            return Err(Error::Protocol(format!("client refused: {e}")));
+        }
+    };
+    w.u64(stderr::STDERR_LAST)?;
+    w.flush()?;
+
+    let mut verbosity = 0u64;
+    loop {
+        let Some(n) = r.u64_or_eof("operation")? else {
+            return Ok(summary);
+        };
+        summary.ops += 1;
+        let Some(op) = Op::from_wire(n, v) else {
+            let e = RemoteError {
+                message: format!("invalid operation {n}"),
+                status: 1,
+            };
+            write_error(&mut w, v, &e)?;
+            w.flush()?;
+            return Err(Error::Protocol(e.message));
+        };
+        let req = match Request::read(op, v, &cfg.store_dir, &mut r) {
+            Ok(q) => q,
+            Err(e) => {
+                let msg = format!("reading the request of operation {}: {e}", op.name());
+                // Best effort: the client may be gone.
+                let _ = write_error(
+                    &mut w,
+                    v,
+                    &RemoteError {
+                        message: msg.clone(),
+                        status: 1,
+                    },
+                );
+                let _ = w.flush();
+                return Err(Error::Protocol(msg));
+            }
+        };
+        if let Request::SetOptions(o) = &req {
+            verbosity = o.verbosity;
+        }
+        let data = req.data_stream(v);
+        let mut io = OpIo {
+            r: &mut r,
+            w: &mut w,
+            version: v,
+            verbosity,
+            data,
+            frame_left: 0,
+            frame_done: false,
+            data_error: false,
+            fd,
+        };
+        let res = handler.handle(req, &mut io);
+        let data_error = io.data_error;
+        let drained = if data_error { Ok(()) } else { io.drain() };
+        if let Err(e) = drained {
+            let msg = format!("reading the data of operation {}: {e}", op.name());
+            let _ = write_error(
+                &mut w,
+                v,
+                &RemoteError {
+                    message: msg.clone(),
+                    status: 1,
+                },
+            );
+            let _ = w.flush();
+            return Err(Error::Protocol(msg));
+        }
+        // After a broken data stream, or an inline archive the handler gave up on, where
+        // the next operation starts is unknown: report, then close.
+        let close = data_error || (res.is_err() && data == DataStream::Inline);
+        match res {
+            Ok(reply) => {
+                w.u64(stderr::STDERR_LAST)?;
+                reply.write(v, &cfg.store_dir, &mut w)?;
+                w.flush()?;
+            }
+            Err(e) => {
+                write_error(&mut w, v, &e)?;
+                w.flush()?;
+            }
+        }
+        if close {
+            return Err(Error::Protocol(format!(
+                "closing the connection after operation {}: its data could not be read to the end",
+                op.name()
+            )));
+        }
+    }
+}
