@@ -68,3 +68,42 @@ impl<F: Fn(&Event) + Send + Sync> EventSink for F {
         self(e)
     }
 }
+
+impl Event {
+    /// The Guix build-trace line for this event (`@ build-started DRV - SYSTEM LOG PID`,
+    /// …), without the newline, if it has one.
+    pub fn trace_line(&self) -> Option<String> {
+        match self {
+            Event::BuildStarted {
+                drv,
+                system,
+                log_file,
+                pid,
+                ..
+            } => Some(format!("@ build-started {drv} - {system} {log_file} {pid}")),
+            Event::BuildFinished { drv, result } if result.success() => {
+                Some(format!("@ build-succeeded {drv} -"))
+            }
+            Event::BuildFinished { drv, result } => Some(format!(
+                "@ build-failed {drv} - {} {}",
+                result.status as u8, result.error
+            )),
+            Event::SubstitutionStarted { path } => {
+                Some(format!("@ substituter-started {path} substitute"))
+            }
+            Event::SubstitutionFinished { path, ok: true, .. } => {
+                Some(format!("@ substituter-succeeded {path}"))
+            }
+            Event::SubstitutionFinished { path, error, .. } => {
+                Some(format!("@ substituter-failed {path} - {error}"))
+            }
+            Event::HashMismatch {
+                path,
+                algo,
+                expected,
+                actual,
+            } => Some(format!("@ hash-mismatch {path} {algo} {expected} {actual}")),
+            Event::BuildLog { .. } | Event::Message { .. } => None,
+        }
+    }
+}

@@ -579,8 +579,8 @@ fn build_round(
         });
         let outcome = monitor(spec, ctl, child.pid, read_end, log.map(|(w, _)| w));
         ctl.pid.store(0, Ordering::SeqCst);
-        let status = match outcome {
-            Monitor::Exited(st) => st,
+        let (status, tail) = match outcome {
+            Monitor::Exited(st, tail) => (st, tail),
             Monitor::Stopped(f) => return Err(f),
         };
         if kiln_sandbox::spawn::exit_code(status) != Some(0) {
@@ -600,7 +600,7 @@ fn build_round(
             keep_dir = spec.settings.keep_failed;
             return Err(Failure::new(
                 kind,
-                format!("builder for '{drv_abs}' {status_text}"),
+                format!("builder for '{drv_abs}' {status_text}{}", tail.suffix()),
             ));
         }
         // Collect the outputs.
@@ -696,8 +696,77 @@ fn disk_nearly_full(p: &Path) -> bool {
 }
 
 enum Monitor {
-    Exited(i32),
+    Exited(i32, LogTail),
     Stopped(Failure),
+}
+
+/// The last lines of a build's output, for its error message (`log-lines`).
+#[derive(Debug, Default)]
+struct LogTail {
+    max: usize,
+    lines: std::collections::VecDeque<String>,
+    current: Vec<u8>,
+    /// Where the next byte goes in `current` (a carriage return rewinds to 0, as terminals
+    /// and Nix do).
+    pos: usize,
+}
+
+impl LogTail {
+    fn new(max: usize) -> Self {
+        LogTail {
+            max,
+            ..Default::default()
+        }
+    }
+
+    fn feed(&mut self, data: &[u8]) {
+        if self.max == 0 {
+            return;
+        }
+        for &b in data {
+            match b {
+                b'\r' => self.pos = 0,
+                b'\n' => self.flush(),
+                _ => {
+                    // Bounded: one overlong line does not grow without limit.
+                    if self.pos < 4096 {
+                        if self.pos < self.current.len() {
+                            self.current[self.pos] = b;
+                        } else {
+                            self.current.push(b);
+                        }
+                        self.pos += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        let line = String::from_utf8_lossy(&self.current).into_owned();
+        self.current.clear();
+        self.pos = 0;
+        self.lines.push_back(line);
+        if self.lines.len() > self.max {
+            self.lines.pop_front();
+        }
+    }
+
+    /// `;\nlast N log lines:\n> …` as Nix appends it to a builder failure, or nothing.
+    fn suffix(mut self) -> String {
+        if !self.current.is_empty() {
+            self.flush();
+        }
+        if self.lines.is_empty() {
+            return String::new();
+        }
+        let mut s = format!(";\nlast {} log lines:", self.lines.len());
+        for l in &self.lines {
+            s.push_str("\n> ");
+            s.push_str(l);
+        }
+        s
+    }
 }
 
 /// Relays the builder's output until it is done, enforcing the limits.
@@ -721,6 +790,7 @@ fn monitor(
     )
     .ok();
     let mut buf = vec![0u8; 64 * 1024];
+    let mut tail = LogTail::new(s.log_lines);
     let mut stop: Option<Failure> = None;
     let mut exited_at: Option<Instant> = None;
     loop {
@@ -771,6 +841,7 @@ fn monitor(
                     if let Some(l) = log.as_mut() {
                         let _ = l.write(&buf[..n]);
                     }
+                    tail.feed(&buf[..n]);
                     (spec.events)(JobEvent::Log(Arc::from(&buf[..n])));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -819,7 +890,7 @@ fn monitor(
     }
     match stop {
         Some(f) => Monitor::Stopped(f),
-        None => Monitor::Exited(status),
+        None => Monitor::Exited(status, tail),
     }
 }
 

@@ -17,7 +17,7 @@ pub mod event;
 pub mod hook;
 pub mod job;
 pub mod log;
-mod pool;
+pub mod pool;
 pub mod recipe;
 pub mod result;
 pub mod rewrite;
@@ -29,5 +29,7 @@ pub use error::{Error, Result};
 pub use event::{Event, EventSink, NoEvents};
 pub use job::BuildMode;
 pub use result::{BuildResult, BuildStatus, FailureKinds};
-pub use scheduler::{Request, RequestResult, Scheduler, SchedulerConfig, Target, Ticket};
+pub use scheduler::{
+    Completion, Request, RequestId, RequestResult, Scheduler, SchedulerConfig, Target, Ticket,
+};
 pub use settings::{BuildSettings, LogCompression, SandboxMode};

@@ -1,5 +1,6 @@
-//! A pool of threads for build jobs: a job per build would otherwise cost a thread creation
-//! (stack mapping, guard page, signal stack) on the hot path of every trivial build.
+//! A pool of reusable threads, for build jobs and daemon connections: a thread per build
+//! or per connection would otherwise cost a thread creation (stack mapping, guard page,
+//! signal stack) on the hot path of every trivial build and every short connection.
 //! Idle workers wait on a condition variable and leave after a minute without work, so an
 //! idle daemon holds no threads.
 
@@ -25,13 +26,19 @@ struct Shared {
 
 /// Runs tasks on reusable named threads.
 #[derive(Clone)]
-pub(crate) struct Pool {
+pub struct Pool {
     shared: Arc<Shared>,
     name: &'static str,
 }
 
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pool({})", self.name)
+    }
+}
+
 impl Pool {
-    pub(crate) fn new(name: &'static str) -> Pool {
+    pub fn new(name: &'static str) -> Pool {
         Pool {
             shared: Arc::default(),
             name,
@@ -40,7 +47,7 @@ impl Pool {
 
     /// Runs `task` on an idle worker, or on a new one if none is idle. Fails only when no
     /// thread can be created (the task is then dropped unrun).
-    pub(crate) fn execute(&self, task: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    pub fn execute(&self, task: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
         {
             let mut st = self
                 .shared

@@ -42,6 +42,24 @@ pub enum Target {
     },
     /// A path to make valid (by substitution).
     Path(StorePath),
+    /// A derivation given in full rather than read from the store (`BuildDerivation`: a
+    /// remote builder's client sends it without its input derivations, whose outputs must
+    /// already be valid here). Its outputs are all wanted.
+    Basic {
+        drv_path: StorePath,
+        drv: Arc<Derivation>,
+    },
+}
+
+impl Target {
+    /// The derivation or store path the target names.
+    pub fn path(&self) -> &StorePath {
+        match self {
+            Target::Derivation { drv, .. } => drv,
+            Target::Path(p) => p,
+            Target::Basic { drv_path, .. } => drv_path,
+        }
+    }
 }
 
 /// A set of targets realised together, with the requester's settings.
@@ -79,6 +97,9 @@ impl RequestResult {
     }
 }
 
+/// Receives a request's result.
+pub type Completion = Box<dyn FnOnce(RequestResult) + Send>;
+
 /// A submitted request.
 #[derive(Debug)]
 pub struct Ticket {
@@ -110,7 +131,7 @@ impl std::fmt::Debug for SchedulerConfig {
 }
 
 enum Msg {
-    Submit(RequestId, Request, Sender<RequestResult>),
+    Submit(RequestId, Request, Completion),
     Cancel(RequestId),
     JobEvent(GoalId, JobEvent),
     JobDone(GoalId, BuildResult, Vec<ValidPathInfo>),
@@ -137,7 +158,7 @@ enum HookMsg {
 pub struct Scheduler {
     tx: Sender<Msg>,
     next: std::sync::atomic::AtomicU64,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Scheduler {
@@ -152,18 +173,30 @@ impl Scheduler {
         Scheduler {
             tx,
             next: std::sync::atomic::AtomicU64::new(1),
-            thread: Some(thread),
+            thread: std::sync::Mutex::new(Some(thread)),
         }
     }
 
     /// Submits a request; its result arrives on the ticket.
     pub fn submit(&self, req: Request) -> Result<Ticket> {
-        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = channel();
-        self.tx
-            .send(Msg::Submit(id, req, tx))
-            .map_err(|_| Error::SchedulerGone)?;
+        let id = self.submit_with(
+            req,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )?;
         Ok(Ticket { id, rx })
+    }
+
+    /// Submits a request; `done` is called with its result (on the scheduler thread: it
+    /// must not block).
+    pub fn submit_with(&self, req: Request, done: Completion) -> Result<RequestId> {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.tx
+            .send(Msg::Submit(id, req, done))
+            .map_err(|_| Error::SchedulerGone)?;
+        Ok(id)
     }
 
     /// Submits and waits.
@@ -177,12 +210,25 @@ impl Scheduler {
     }
 }
 
-impl Drop for Scheduler {
-    fn drop(&mut self) {
+impl Scheduler {
+    /// Stops the scheduler: running builders are killed, pending requests end as
+    /// cancelled. Returns once the scheduler thread has finished.
+    pub fn stop(&self) {
         let _ = self.tx.send(Msg::Shutdown);
-        if let Some(t) = self.thread.take() {
+        let t = self
+            .thread
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(t) = t {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -261,7 +307,7 @@ struct Req {
     targets: Vec<(Target, GoalId)>,
     results: Vec<Option<BuildResult>>,
     pending: usize,
-    reply: Sender<RequestResult>,
+    reply: Option<Completion>,
     sink: Arc<dyn EventSink>,
     keep_going: bool,
     failure: FailureKinds,
@@ -418,12 +464,22 @@ impl Worker {
 
     // ---- requests --------------------------------------------------------------------
 
-    fn submit(&mut self, id: RequestId, req: Request, reply: Sender<RequestResult>) {
+    fn submit(&mut self, id: RequestId, req: Request, reply: Completion) {
         let mut targets = Vec::new();
         for t in &req.targets {
             let gid = match t {
                 Target::Derivation { drv, outputs } => {
                     self.make_drv_goal(drv, outputs, req.mode, &req.settings)
+                }
+                Target::Basic { drv_path, drv } => {
+                    let id =
+                        self.make_drv_goal(drv_path, &BTreeSet::new(), req.mode, &req.settings);
+                    if let Some(d) = self.drv_mut(id) {
+                        if d.drv.is_none() && d.state == DrvState::Init {
+                            d.drv = Some(drv.clone());
+                        }
+                    }
+                    id
                 }
                 Target::Path(p) => {
                     self.make_subst_goal(p, req.mode == BuildMode::Repair, &req.settings)
@@ -438,7 +494,7 @@ impl Worker {
                 targets: targets.clone(),
                 results: vec![None; n],
                 pending: n,
-                reply,
+                reply: Some(reply),
                 sink: req.sink.clone(),
                 keep_going: req.settings.keep_going,
                 failure: FailureKinds::default(),
@@ -506,10 +562,12 @@ impl Worker {
                 )
             })
             .collect();
-        let _ = r.reply.send(RequestResult {
-            results,
-            failure: r.failure,
-        });
+        if let Some(reply) = r.reply {
+            reply(RequestResult {
+                results,
+                failure: r.failure,
+            });
+        }
     }
 
     /// Drops a request's claim on its goals (cancelling those nobody else wants) and
@@ -964,7 +1022,10 @@ impl Worker {
             );
             return self.fail_drv(id, BuildStatus::MiscFailure, msg);
         }
-        if mode == BuildMode::Normal && store.is_valid(&drv_path).unwrap_or(false) {
+        // Given in full (`Target::Basic`), or already in the store.
+        if d.drv.is_some()
+            || (mode == BuildMode::Normal && store.is_valid(&drv_path).unwrap_or(false))
+        {
             return self.have_derivation(id);
         }
         let settings = self.goals[&id].settings.clone();
@@ -1168,9 +1229,7 @@ impl Worker {
         let Some(d) = self.drv_mut(id) else { return };
         let abs = store.print(&d.drv_path);
         if nr_failed != 0 {
-            let msg = format!(
-                "cannot build derivation '{abs}': {nr_failed} dependencies couldn't be built"
-            );
+            let msg = format!("{nr_failed} dependencies of derivation '{abs}' failed to build");
             self.emit(
                 id,
                 Event::Message {
@@ -1612,8 +1671,11 @@ impl Worker {
         let drv = d.drv.clone().expect("loaded");
         let success = r.success();
         for l in d.locks.iter_mut() {
-            // Once the outputs are valid, later lockers see that and never need these files.
-            l.set_delete(success);
+            // The lock files go either way: once the outputs are valid later lockers never
+            // need them, and after a failure a later locker makes a fresh one (the deletion
+            // protocol marks the old file stale for anyone already waiting on it). Nix 2.8
+            // keeps them after failures, for its collector to find as garbage.
+            l.set_delete(true);
         }
         d.locks.clear();
         if !success {

@@ -43,6 +43,8 @@ pub struct BuildSettings {
     pub max_silent_time: u64,
     pub timeout: u64,
     pub max_log_size: u64,
+    /// Lines of a failed build's log quoted in its error.
+    pub log_lines: usize,
     pub build_repeat: u32,
     pub cache_failures: bool,
     pub log_compression: LogCompression,
@@ -97,6 +99,7 @@ impl BuildSettings {
             max_silent_time: s.get_u64("max-silent-time"),
             timeout: s.get_u64("timeout"),
             max_log_size: s.get_u64("max-log-size"),
+            log_lines: s.get_u64("log-lines") as usize,
             build_repeat: s.get_u64("build-repeat") as u32,
             cache_failures: s.get_bool("cache-failures"),
             log_compression,

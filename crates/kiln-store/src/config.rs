@@ -407,6 +407,13 @@ pub const SETTINGS: &[Def] = &[
         help: "bytes of log before the build is killed (0: no limit)",
     },
     Def {
+        name: "log-lines",
+        aliases: &[],
+        kind: Kind::Int,
+        default: "10",
+        help: "lines of a failed build's log shown in its error",
+    },
+    Def {
         name: "build-repeat",
         aliases: &["repeat"],
         kind: Kind::Int,

@@ -127,35 +127,43 @@ pub fn export_paths(
 ) -> Result<()> {
     let werr = |e: std::io::Error| Error::io("<export stream>", "write", e);
     for p in topo_sort(store, paths)? {
-        let info = store.path_info(&p)?;
         wire::write_u64(out, 1).map_err(werr)?;
-        let mut tee = Tee {
-            out,
-            hash: HashSink::new(HashAlgo::Sha256),
-        };
-        nar::dump(&store.real_path(&p), &mut tee)?;
-        let (h, _) = tee.hash.finish();
-        if h != info.nar_hash {
-            return Err(Error::HashMismatch {
-                path: store.print(&p),
-                expected: info.nar_hash.to_string(),
-                actual: h.to_string(),
-            });
-        }
-        wire::write_u64(out, EXPORT_MAGIC).map_err(werr)?;
-        wire::write_bytes(out, store.print(&p).as_bytes()).map_err(werr)?;
-        let refs: Vec<String> = info.references.iter().map(|r| store.print(r)).collect();
-        wire::write_strings(out, refs.iter().map(String::as_str)).map_err(werr)?;
-        let deriver = info
-            .deriver
-            .as_ref()
-            .map(|d| store.print(d))
-            .unwrap_or_default();
-        wire::write_bytes(out, deriver.as_bytes()).map_err(werr)?;
-        wire::write_u64(out, 0).map_err(werr)?;
+        export_path(store, &p, out)?;
     }
     wire::write_u64(out, 0).map_err(werr)?;
     out.flush().map_err(werr)
+}
+
+/// Writes one path's entry of the export stream, without the `1` before it (what the
+/// worker protocol's `ExportPath` sends): its NAR (checked against the recorded hash),
+/// the export magic, the path, its references, its deriver and `0` (no signature).
+pub fn export_path(store: &LocalStore, p: &StorePath, out: &mut impl Write) -> Result<()> {
+    let werr = |e: std::io::Error| Error::io("<export stream>", "write", e);
+    let info = store.path_info(p)?;
+    let mut tee = Tee {
+        out,
+        hash: HashSink::new(HashAlgo::Sha256),
+    };
+    nar::dump(&store.real_path(p), &mut tee)?;
+    let (h, _) = tee.hash.finish();
+    if h != info.nar_hash {
+        return Err(Error::HashMismatch {
+            path: store.print(p),
+            expected: info.nar_hash.to_string(),
+            actual: h.to_string(),
+        });
+    }
+    wire::write_u64(out, EXPORT_MAGIC).map_err(werr)?;
+    wire::write_bytes(out, store.print(p).as_bytes()).map_err(werr)?;
+    let refs: Vec<String> = info.references.iter().map(|r| store.print(r)).collect();
+    wire::write_strings(out, refs.iter().map(String::as_str)).map_err(werr)?;
+    let deriver = info
+        .deriver
+        .as_ref()
+        .map(|d| store.print(d))
+        .unwrap_or_default();
+    wire::write_bytes(out, deriver.as_bytes()).map_err(werr)?;
+    wire::write_u64(out, 0).map_err(werr)
 }
 
 /// Reads an export stream, adding every path; returns them in stream order.

@@ -561,7 +561,18 @@ fn sweep_invalid(store: &LocalStore, valid: &HashSet<&StorePath>) -> Result<u64>
     let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, "read", e))?;
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || name.ends_with(".lock") {
+        if name.starts_with('.') {
+            continue;
+        }
+        if let Some(locked) = name.strip_suffix(".lock") {
+            // A lock file nobody holds is a leftover (of a crashed builder, or of Nix,
+            // which keeps them after failed builds). Taking it and deleting it through the
+            // lock protocol marks it stale for anyone who opened it meanwhile.
+            if let Ok(p) = StorePath::from_base_name(locked) {
+                if let Ok(Some(mut l)) = store.lock_path(&p, false) {
+                    l.set_delete(true);
+                }
+            }
             continue;
         }
         let Ok(p) = StorePath::from_base_name(&name) else {

@@ -584,6 +584,20 @@ impl LocalStore {
     }
 
     /// Records that building `path` failed (failure caching).
+    /// Adds signatures to a valid path's metadata (`nix store sign`, `AddSignatures`).
+    pub fn add_signatures(&self, p: &StorePath, sigs: &[String]) -> Result<()> {
+        self.require_writable("add signatures")?;
+        let sd = self.store_dir().clone();
+        self.db.write("adding signatures", |c| {
+            let mut info = self
+                .db
+                .query_path_info(c, &sd, p)?
+                .ok_or_else(|| Error::NotValid(sd.display(p)))?;
+            info.sigs.extend(sigs.iter().cloned());
+            self.db.update_path(c, &sd, &info)
+        })
+    }
+
     pub fn register_failed(&self, p: &StorePath) -> Result<()> {
         let abs = self.print(p);
         self.db

@@ -322,3 +322,20 @@ fn a_long_lived_process_compacts_its_temp_roots_file() {
     let fd = std::fs::File::open(&file).unwrap();
     assert!(rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err());
 }
+
+#[test]
+fn free_lock_files_are_swept_and_held_ones_kept() {
+    let d = tempfile::tempdir().unwrap();
+    let s = new_store(d.path());
+    let dir = &s.layout().real_store_dir;
+    let stale = StorePath::from_base_name(&format!("{:032}-stale", 1)).unwrap();
+    let held = StorePath::from_base_name(&format!("{:032}-held", 2)).unwrap();
+    std::fs::write(dir.join(format!("{}.lock", stale.base_name())), b"").unwrap();
+    let lock = s.lock_path(&held, false).unwrap().unwrap();
+    assert!(dir.join(format!("{}.lock", held.base_name())).exists());
+    gc(&s, GcAction::DeleteDead);
+    assert!(!dir.join(format!("{}.lock", stale.base_name())).exists());
+    // A lock someone holds (a running build) is not touched.
+    assert!(dir.join(format!("{}.lock", held.base_name())).exists());
+    drop(lock);
+}

@@ -97,6 +97,31 @@ impl NixEnv {
         Self::in_dir(dir)
     }
 
+    /// A fresh environment at exactly `path` (removed first if it exists), e.g. to build
+    /// the same derivations in two stores at the same path one after the other.
+    pub fn at(path: &Path) -> Self {
+        if path.exists() {
+            let _ = Command::new("chmod")
+                .arg("-R")
+                .arg("u+w")
+                .arg(path)
+                .status();
+            let _ = std::fs::remove_dir_all(path);
+        }
+        let parent = path.parent().expect("a parent directory");
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("a UTF-8 directory name");
+        let t = tempfile::Builder::new()
+            .prefix(name)
+            .rand_bytes(0)
+            .tempdir_in(parent)
+            .expect("create the environment directory");
+        assert_eq!(t.path(), path);
+        Self::in_dir(t)
+    }
+
     /// An environment in a given (empty) directory, e.g. to recreate a store at the same
     /// path after wiping it.
     pub fn in_dir(dir: tempfile::TempDir) -> Self {

@@ -48,7 +48,7 @@ fn kiln_builds_what_nix_builds() {
     let path = std::env::temp_dir().join(format!("kiln-oracle-{}", std::process::id()));
     let attrs = ["top", "fixedRec"];
     // Nix builds.
-    let nix = NixEnv::in_dir(tempfile_at(&path));
+    let nix = NixEnv::at(&path);
     let drvs = instantiate(&nix, &attrs);
     let mut outs = Vec::new();
     for a in attrs {
@@ -72,7 +72,7 @@ fn kiln_builds_what_nix_builds() {
         .arg(&path)
         .status();
     drop(nix);
-    let nix = NixEnv::in_dir(tempfile_at(&path));
+    let nix = NixEnv::at(&path);
     let drvs2 = instantiate(&nix, &attrs);
     assert_eq!(drvs, drvs2, "the same .drv paths in the recreated store");
     let kiln = |args: &[&str]| {
@@ -126,18 +126,4 @@ fn kiln_builds_what_nix_builds() {
         nix_bad.status.code(),
         "fixed-output hash mismatch"
     );
-}
-
-/// A TempDir owning an existing (empty) directory.
-fn tempfile_at(path: &std::path::Path) -> tempfile::TempDir {
-    let parent = path.parent().unwrap();
-    let name = path.file_name().unwrap().to_str().unwrap();
-    let _ = std::fs::remove_dir_all(path);
-    let t = tempfile::Builder::new()
-        .prefix(name)
-        .rand_bytes(0)
-        .tempdir_in(parent)
-        .unwrap();
-    assert_eq!(t.path(), path);
-    t
 }

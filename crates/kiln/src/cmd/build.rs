@@ -136,18 +136,15 @@ impl kiln_build::EventSink for Reporter {
             json_line(v);
             return;
         }
+        if self.trace {
+            if let Some(line) = e.trace_line() {
+                let _ = writeln!(err, "{line}");
+            }
+        }
         match e {
             Event::BuildStarted {
-                drv,
-                system,
-                log_file,
-                pid,
-                round,
-                rounds,
+                drv, round, rounds, ..
             } => {
-                if self.trace {
-                    let _ = writeln!(err, "@ build-started {drv} - {system} {log_file} {pid}");
-                }
                 if *rounds > 1 {
                     let _ = writeln!(err, "building '{drv}' (round {round}/{rounds})...");
                 } else {
@@ -159,33 +156,8 @@ impl kiln_build::EventSink for Reporter {
                     let _ = err.write_all(data);
                 }
             }
-            Event::BuildFinished { drv, result } => {
-                if self.trace {
-                    if result.success() {
-                        let _ = writeln!(err, "@ build-succeeded {drv} -");
-                    } else {
-                        let _ = writeln!(
-                            err,
-                            "@ build-failed {drv} - {} {}",
-                            result.status as u8, result.error
-                        );
-                    }
-                }
-            }
             Event::SubstitutionStarted { path } => {
-                if self.trace {
-                    let _ = writeln!(err, "@ substituter-started {path} substitute");
-                }
                 let _ = writeln!(err, "copying path '{path}' from a substituter...");
-            }
-            Event::SubstitutionFinished { path, ok, error } => {
-                if self.trace {
-                    if *ok {
-                        let _ = writeln!(err, "@ substituter-succeeded {path}");
-                    } else {
-                        let _ = writeln!(err, "@ substituter-failed {path} - {error}");
-                    }
-                }
             }
             Event::Message { level, text } => {
                 if *level == 0 {
@@ -194,16 +166,9 @@ impl kiln_build::EventSink for Reporter {
                     let _ = writeln!(err, "{text}");
                 }
             }
-            Event::HashMismatch {
-                path,
-                algo,
-                expected,
-                actual,
-            } => {
-                if self.trace {
-                    let _ = writeln!(err, "@ hash-mismatch {path} {algo} {expected} {actual}");
-                }
-            }
+            Event::BuildFinished { .. }
+            | Event::SubstitutionFinished { .. }
+            | Event::HashMismatch { .. } => {}
         }
     }
 }
@@ -322,8 +287,10 @@ pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
                     }
                 }
             }
-            Target::Path(p) if r.success() => paths.push(store.print(p)),
-            Target::Path(_) => {}
+            Target::Path(p) | Target::Basic { drv_path: p, .. } if r.success() => {
+                paths.push(store.print(p))
+            }
+            Target::Path(_) | Target::Basic { .. } => {}
         }
     }
     if b.json {
@@ -339,10 +306,7 @@ pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
             .results
             .iter()
             .filter(|(_, r)| !r.success())
-            .map(|(t, _)| match t {
-                Target::Derivation { drv, .. } => store.print(drv),
-                Target::Path(p) => store.print(p),
-            })
+            .map(|(t, _)| store.print(t.path()))
             .collect();
         if !b.json {
             eprintln!(

@@ -3,6 +3,7 @@
 mod build;
 mod builtin;
 mod common;
+mod daemon;
 mod drv;
 mod hash;
 mod nar;
@@ -36,6 +37,8 @@ pub enum Command {
     Build(build::BuildArgs),
     /// Print the build log of a derivation (or of the derivation that built a path).
     Log(build::LogArgs),
+    /// Serve the worker protocol on a Unix socket, for Nix and Guix clients.
+    Daemon(daemon::DaemonArgs),
     /// Run a built-in builder (used as the builder process of `builtin:*` derivations).
     #[command(name = "__builtin", hide = true)]
     Builtin { name: String },
@@ -45,6 +48,7 @@ pub fn run(args: &StoreArgs, cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::Store(c) => store::run(args, c),
         Command::Build(b) => build::build(args, b),
+        Command::Daemon(d) => daemon::run(args, d),
         Command::Log(l) => build::log(args, l),
         Command::Builtin { name } => builtin::run(&name),
         Command::Nar(c) => nar::run(c),

@@ -1,0 +1,194 @@
+//! A client's `SetOptions`, applied to a copy of the daemon's settings for that client's
+//! requests only (Nix 2.8 applies them to its forked per-client process; kiln serves
+//! every client from one process, so nothing global changes).
+
+use kiln_build::BuildSettings;
+use kiln_protocol::ClientOptions;
+use kiln_store::Settings;
+
+use crate::peer::Trust;
+
+/// The outcome of applying options: the client's settings and what to tell the client.
+#[derive(Debug)]
+pub struct Applied {
+    pub settings: Settings,
+    pub build: BuildSettings,
+    /// Warnings for the client (`warning: …`).
+    pub warnings: Vec<String>,
+    /// Notes at debug level (ignored restricted settings).
+    pub notes: Vec<String>,
+}
+
+/// Settings an untrusted Nix client may still set (Nix 2.8's `ClientSettings::apply`).
+const NIX_ANYONE: &[&str] = &["timeout", "repeat", "connect-timeout"];
+/// Settings a Guix daemon takes from any client.
+const GUIX_ANYONE: &[&str] = &[
+    "build-timeout",
+    "build-max-silent-time",
+    "build-max-jobs",
+    "build-cores",
+    "build-repeat",
+    "multiplexed-build-output",
+    "print-extended-build-trace",
+];
+
+/// Applies `o` (from a client with `trust`, speaking Guix's dialect or not) on top of the
+/// daemon's `base` settings.
+pub fn apply(base: &Settings, o: &ClientOptions, trust: Trust, guix: bool) -> Applied {
+    let mut s = base.clone();
+    let mut warnings = Vec::new();
+    let mut notes = Vec::new();
+    let trusted = trust == Trust::Trusted;
+    let set = |s: &mut Settings, name: &str, value: &str, warnings: &mut Vec<String>| {
+        if let Err(e) = s.set(name, value) {
+            warnings.push(e.to_string());
+        }
+    };
+    set(&mut s, "keep-failed", bool_s(o.keep_failed), &mut warnings);
+    set(&mut s, "keep-going", bool_s(o.keep_going), &mut warnings);
+    set(&mut s, "fallback", bool_s(o.try_fallback), &mut warnings);
+    set(
+        &mut s,
+        "substitute",
+        bool_s(o.use_substitutes),
+        &mut warnings,
+    );
+    if let Some(t) = o.max_silent_time {
+        set(&mut s, "max-silent-time", &t.to_string(), &mut warnings);
+    }
+    if let Some(c) = o.build_cores {
+        set(&mut s, "cores", &c.to_string(), &mut warnings);
+    }
+    if guix {
+        set(
+            &mut s,
+            "print-build-trace",
+            bool_s(o.print_build_trace),
+            &mut warnings,
+        );
+    }
+    let trusted_subs: Vec<String> = base
+        .get_list("trusted-substituters")
+        .into_iter()
+        .chain(base.get_list("substituters"))
+        .collect();
+    for (name, value) in &o.overrides {
+        let name = name.as_str();
+        if name == "ssh-auth-sock" || name == "experimental-features" {
+            // Obsolete, and never forwarded (as Nix).
+            continue;
+        }
+        if guix && (name == "user-name" || name == "terminal-columns" || name == "locale") {
+            continue;
+        }
+        let anyone = if guix {
+            GUIX_ANYONE.contains(&name)
+        } else {
+            NIX_ANYONE.contains(&name) || (name == "builders" && value.is_empty())
+        };
+        if trusted || anyone {
+            match s.set(name, value) {
+                Ok(()) => {}
+                Err(e) if e.to_string().starts_with("unknown setting") && guix => {
+                    notes.push(format!("ignoring unknown setting '{name}'"))
+                }
+                Err(e) => warnings.push(e.to_string()),
+            }
+            continue;
+        }
+        if Settings::canonical_name(name) == Some("substituters") {
+            // An untrusted client may choose among the substituters the daemon trusts.
+            let mut chosen = Vec::new();
+            for u in value.split_whitespace() {
+                if trusted_subs.iter().any(|t| t == u) {
+                    chosen.push(u.to_string());
+                } else if !u.ends_with('/') && trusted_subs.iter().any(|t| *t == format!("{u}/")) {
+                    chosen.push(format!("{u}/"));
+                } else {
+                    warnings.push(format!("ignoring untrusted substituter '{u}'"));
+                }
+            }
+            set(&mut s, "substituters", &chosen.join(" "), &mut warnings);
+            continue;
+        }
+        notes.push(format!(
+            "ignoring the client-specified setting '{name}', because it is a restricted setting and you are not a trusted user"
+        ));
+    }
+    let build = BuildSettings::from_settings(&s);
+    Applied {
+        settings: s,
+        build,
+        warnings,
+        notes,
+    }
+}
+
+fn bool_s(b: bool) -> &'static str {
+    if b {
+        "true"
+    } else {
+        "false"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(overrides: &[(&str, &str)]) -> ClientOptions {
+        ClientOptions {
+            keep_going: true,
+            max_silent_time: Some(30),
+            build_cores: Some(3),
+            use_substitutes: true,
+            overrides: overrides
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn untrusted_clients_set_only_what_nix_lets_them() {
+        let mut base = Settings::default();
+        base.set("substituters", "https://cache.example").unwrap();
+        base.set("trusted-substituters", "https://other.example")
+            .unwrap();
+        let o = opts(&[
+            ("timeout", "7"),
+            ("sandbox", "false"),
+            ("substituters", "https://other.example https://evil.example"),
+            ("no-such-setting", "1"),
+        ]);
+        let a = apply(&base, &o, Trust::Untrusted, false);
+        assert_eq!(a.settings.get("timeout"), "7");
+        assert_eq!(a.settings.get("sandbox"), base.get("sandbox"));
+        assert_eq!(a.settings.get("substituters"), "https://other.example");
+        assert!(a.warnings.iter().any(|w| w.contains("evil.example")));
+        assert!(a.notes.iter().any(|n| n.contains("'sandbox'")));
+        assert!(a.build.keep_going);
+        assert_eq!(a.build.max_silent_time, 30);
+        assert_eq!(a.build.cores, 3);
+        // The daemon's own settings are untouched.
+        assert_eq!(base.get("timeout"), "0");
+
+        let t = apply(&base, &o, Trust::Trusted, false);
+        assert_eq!(t.settings.get("sandbox"), "false");
+        assert!(t.warnings.iter().any(|w| w.contains("no-such-setting")));
+    }
+
+    #[test]
+    fn guix_clients_set_build_limits_under_their_names() {
+        let base = Settings::default();
+        let mut o = opts(&[("build-timeout", "9"), ("build-repeat", "1")]);
+        o.max_silent_time = None;
+        o.build_cores = None;
+        o.print_build_trace = true;
+        let a = apply(&base, &o, Trust::Untrusted, true);
+        assert_eq!(a.build.timeout, 9);
+        assert_eq!(a.build.build_repeat, 1);
+        assert!(a.build.print_build_trace);
+    }
+}

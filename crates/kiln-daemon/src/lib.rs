@@ -1,0 +1,292 @@
+//! `kiln daemon`: the worker protocol on a Unix socket, served by one process for every
+//! client.
+//!
+//! * [`Daemon`] holds what all connections share: the store, the one scheduler (two
+//!   clients asking for the same derivation share its build), the daemon's settings and
+//!   its trust lists.
+//! * Each connection runs on a pooled thread: credentials from `SO_PEERCRED` decide
+//!   whether it may connect and whether it is trusted ([`peer`]); its `SetOptions` apply to
+//!   its own requests only ([`client_settings`]); [`session`] performs its operations on
+//!   the store and the scheduler and turns build progress into the client's dialect
+//!   ([`progress`]).
+//!
+//! Why threads and not an async runtime: every operation ends in the store (SQLite, file
+//! system) or the scheduler, which are synchronous; an async server would hand each one to
+//! a blocking pool, paying two cross-thread wake-ups per query where a thread per
+//! connection pays none. A thread blocked reading a stalled client holds no lock, and the
+//! number of connections is bounded (`max-connections`).
+
+#![forbid(unsafe_code)]
+
+pub mod client_settings;
+pub mod peer;
+pub mod progress;
+pub mod session;
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+
+use kiln_build::pool::Pool;
+use kiln_build::{BuildSettings, Scheduler, SchedulerConfig};
+use kiln_protocol::{RemoteError, ServerConfig};
+use kiln_store::{LocalStore, Settings};
+
+pub use peer::{Peer, Trust};
+
+/// Errors of the daemon crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot {action} '{path}': {source}")]
+    Io {
+        path: String,
+        action: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Protocol(#[from] kiln_protocol::Error),
+    #[error(transparent)]
+    Store(#[from] kiln_store::Error),
+}
+
+/// How the daemon serves.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Connections served at once; further clients wait in the socket's backlog.
+    pub max_connections: usize,
+    /// Shown to Nix clients (`nix store ping`).
+    pub version_string: String,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            max_connections: 1024,
+            version_string: format!(
+                "{} (kiln {})",
+                kiln_protocol::version::NIX_COMPAT_VERSION,
+                env!("CARGO_PKG_VERSION")
+            ),
+        }
+    }
+}
+
+/// What every connection shares.
+pub struct Daemon {
+    pub(crate) store: Arc<LocalStore>,
+    pub(crate) scheduler: Scheduler,
+    pub(crate) settings: Settings,
+    pub(crate) base: Arc<BuildSettings>,
+    pub(crate) uid: u32,
+    activity: AtomicU64,
+    pub(crate) protocol: ServerConfig,
+    cfg: DaemonConfig,
+    live: Mutex<usize>,
+    slot_freed: Condvar,
+    pool: Pool,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Daemon({})", self.store.store_dir().as_str())
+    }
+}
+
+impl Daemon {
+    /// A daemon serving `store` with `settings` (the daemon's own: `nix.conf`, `kiln.toml`,
+    /// `--option`).
+    pub fn new(store: Arc<LocalStore>, settings: Settings, cfg: DaemonConfig) -> Arc<Daemon> {
+        let base = BuildSettings::from_settings(&settings);
+        let scheduler = Scheduler::start(SchedulerConfig {
+            store: store.clone(),
+            max_jobs: base.max_jobs,
+            max_substitution_jobs: base.max_substitution_jobs,
+            substituter: None,
+        });
+        let protocol = ServerConfig {
+            store_dir: store.store_dir().clone(),
+            version_string: cfg.version_string.clone(),
+        };
+        Arc::new(Daemon {
+            store,
+            scheduler,
+            settings,
+            base: Arc::new(base),
+            uid: rustix::process::geteuid().as_raw(),
+            activity: AtomicU64::new((std::process::id() as u64) << 32),
+            protocol,
+            cfg,
+            live: Mutex::new(0),
+            slot_freed: Condvar::new(),
+            pool: Pool::new("kiln-conn"),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<LocalStore> {
+        &self.store
+    }
+
+    /// Stops building: running builders are killed, waiting clients get errors.
+    pub fn stop(&self) {
+        self.scheduler.stop();
+    }
+
+    /// A fresh activity id (unique within this daemon, like Nix's pid-prefixed ids).
+    pub(crate) fn next_activity(&self) -> u64 {
+        self.activity.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Accepts connections until the listener fails; each is served on a pooled thread.
+    pub fn run(self: &Arc<Self>, listener: UnixListener) -> Result<(), Error> {
+        loop {
+            self.wait_for_slot();
+            let stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                    self.release_slot();
+                    continue;
+                }
+                Err(e) => {
+                    self.release_slot();
+                    // Out of descriptors or memory: keep serving the connections we have.
+                    tracing::error!("accepting a connection: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    continue;
+                }
+            };
+            let d = self.clone();
+            let spawned = self.pool.execute(move || {
+                if let Err(e) = d.serve_connection(&stream) {
+                    tracing::debug!("connection ended: {e}");
+                }
+                d.release_slot();
+            });
+            if let Err(e) = spawned {
+                self.release_slot();
+                tracing::error!("no thread for a new connection: {e}");
+            }
+        }
+    }
+
+    fn wait_for_slot(&self) {
+        let mut n = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        while *n >= self.cfg.max_connections.max(1) {
+            n = self
+                .slot_freed
+                .wait(n)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        *n += 1;
+    }
+
+    fn release_slot(&self) {
+        let mut n = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        *n = n.saturating_sub(1);
+        self.slot_freed.notify_one();
+    }
+
+    /// Serves one client on a Unix socket: checks who it is, then speaks the protocol.
+    pub fn serve_connection(&self, stream: &UnixStream) -> Result<(), Error> {
+        let peer = Peer::of_socket(stream).map_err(|e| Error::Io {
+            path: "<connection>".into(),
+            action: "get the credentials of",
+            source: e,
+        })?;
+        let b = &self.base;
+        let trust = match peer::authorize(
+            &peer,
+            &self.settings.get_list("trusted-users"),
+            &self.settings.get_list("allowed-users"),
+            &b.build_users_group,
+            self.uid,
+        ) {
+            Ok(t) => t,
+            Err(msg) => {
+                // As Nix: refused before the handshake; the reason goes to the daemon's log.
+                tracing::warn!("{msg}");
+                return Ok(());
+            }
+        };
+        tracing::debug!(
+            "accepted connection from {} (pid {:?}, {:?})",
+            peer.shown(),
+            peer.pid,
+            trust
+        );
+        let r = stream.try_clone().map_err(|e| Error::Io {
+            path: "<connection>".into(),
+            action: "duplicate",
+            source: e,
+        })?;
+        let w = stream.try_clone().map_err(|e| Error::Io {
+            path: "<connection>".into(),
+            action: "duplicate",
+            source: e,
+        })?;
+        use std::os::fd::AsFd;
+        let summary = kiln_protocol::serve(
+            Box::new(r),
+            Box::new(w),
+            Some(stream.as_fd()),
+            &self.protocol,
+            |hello| Ok(session::Session::new(self, peer.clone(), trust, hello)),
+        )?;
+        tracing::debug!("{} operations from {}", summary.ops, peer.shown());
+        Ok(())
+    }
+
+    /// Serves one client on standard input and output (`kiln daemon --stdio`, as
+    /// `nix-daemon --stdio` for `ssh-ng://`): the client is whoever started us, trusted.
+    pub fn serve_stdio(&self) -> Result<(), Error> {
+        let uid = rustix::process::getuid().as_raw();
+        let gid = rustix::process::getgid().as_raw();
+        let peer = Peer::from_ids(Some(std::process::id()), uid, gid);
+        let summary = kiln_protocol::serve(
+            Box::new(std::io::stdin()),
+            Box::new(std::io::stdout()),
+            None,
+            &self.protocol,
+            |hello| {
+                Ok(session::Session::new(
+                    self,
+                    peer.clone(),
+                    Trust::Trusted,
+                    hello,
+                ))
+            },
+        )?;
+        tracing::debug!("{} operations on standard input", summary.ops);
+        Ok(())
+    }
+}
+
+/// Binds the daemon socket at `path` (replacing a stale one), readable and writable by
+/// everyone: who may connect is decided per connection by `allowed-users`.
+pub fn bind_socket(path: &Path) -> Result<UnixListener, Error> {
+    let io = |action, e| Error::Io {
+        path: path.display().to_string(),
+        action,
+        source: e,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io("create the directory of", e))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("remove the old socket", e)),
+    }
+    let l = UnixListener::bind(path).map_err(|e| io("bind", e))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| io("set permissions of", e))?;
+    Ok(l)
+}
+
+pub(crate) fn remote(e: impl std::fmt::Display) -> RemoteError {
+    RemoteError {
+        message: e.to_string(),
+        status: 1,
+    }
+}

@@ -1,0 +1,191 @@
+//! Build progress in the client's dialect.
+//!
+//! Nix clients (≥ 1.20) get what Nix 2.8's daemon sends: a `Build` activity per builder
+//! ("building '…drv'", fields drv, machine, round, rounds) whose output arrives line by
+//! line as `BuildLogLine` results, a `Substitute` activity per download, and the errors of
+//! goals that are not the request's own targets as log lines (a target's error becomes the
+//! operation's error). Guix clients get the builder's output as it comes (prefixed with
+//! `@ build-log PID LEN` when they asked for multiplexed output) and, when they asked for
+//! build traces, the `@ build-started …` lines.
+
+use std::collections::{BTreeSet, HashMap};
+
+use kiln_build::Event;
+use kiln_protocol::stderr::{activity, level, result};
+use kiln_protocol::{Field, OpIo};
+
+use crate::Daemon;
+
+/// One operation's progress state.
+#[derive(Debug)]
+pub struct Progress<'d> {
+    daemon: &'d Daemon,
+    /// The request's own derivations and paths (absolute): their failures are reported
+    /// as the operation's error, not as log lines.
+    targets: BTreeSet<String>,
+    /// Running builds: activity id and the unfinished last line.
+    builds: HashMap<String, (u64, Vec<u8>)>,
+    substitutions: HashMap<String, u64>,
+    pub trace: bool,
+    pub multiplexed: bool,
+    pub build_verbosity: u64,
+}
+
+impl<'d> Progress<'d> {
+    pub fn new(daemon: &'d Daemon, targets: BTreeSet<String>) -> Self {
+        Progress {
+            daemon,
+            targets,
+            builds: HashMap::new(),
+            substitutions: HashMap::new(),
+            trace: false,
+            multiplexed: false,
+            build_verbosity: 0,
+        }
+    }
+
+    /// Relays one event. Errors mean the client is gone.
+    pub fn event(&mut self, io: &mut OpIo<'_>, e: &Event) -> std::io::Result<()> {
+        if io.version().is_guix() {
+            self.guix(io, e)
+        } else {
+            self.nix(io, e)
+        }
+    }
+
+    fn failure_line(&self, io: &mut OpIo<'_>, what: &str, error: &str) -> std::io::Result<()> {
+        if self.targets.contains(what) {
+            return Ok(());
+        }
+        // As Nix prints errors: continuation lines aligned under the message.
+        io.log(
+            level::ERROR,
+            &format!("error: {}", error.replace('\n', "\n       ")),
+        )
+    }
+
+    fn nix(&mut self, io: &mut OpIo<'_>, e: &Event) -> std::io::Result<()> {
+        match e {
+            Event::BuildStarted {
+                drv, round, rounds, ..
+            } => {
+                let id = self.daemon.next_activity();
+                let text = if *rounds > 1 {
+                    format!("building '{drv}' (round {round}/{rounds})")
+                } else {
+                    format!("building '{drv}'")
+                };
+                io.start_activity(
+                    id,
+                    level::INFO,
+                    activity::BUILD,
+                    &text,
+                    &[
+                        Field::from(drv.as_str()),
+                        Field::from(""),
+                        Field::Int(*round as u64),
+                        Field::Int(*rounds as u64),
+                    ],
+                    0,
+                )?;
+                self.builds.insert(drv.clone(), (id, Vec::new()));
+            }
+            Event::BuildLog { drv, data, .. } => {
+                let Some((id, line)) = self.builds.get_mut(drv) else {
+                    return Ok(());
+                };
+                let id = *id;
+                let mut done = Vec::new();
+                for &b in data.iter() {
+                    match b {
+                        b'\n' => done.push(std::mem::take(line)),
+                        // A carriage return starts the line over, as on a terminal.
+                        b'\r' => line.clear(),
+                        _ if line.len() < 1 << 20 => line.push(b),
+                        _ => {}
+                    }
+                }
+                for l in done {
+                    io.result(
+                        id,
+                        result::BUILD_LOG_LINE,
+                        &[Field::String(String::from_utf8_lossy(&l).into_owned())],
+                    )?;
+                }
+            }
+            Event::BuildFinished { drv, result: r } => {
+                if let Some((id, line)) = self.builds.remove(drv) {
+                    if !line.is_empty() {
+                        io.result(
+                            id,
+                            result::BUILD_LOG_LINE,
+                            &[Field::String(String::from_utf8_lossy(&line).into_owned())],
+                        )?;
+                    }
+                    io.stop_activity(id)?;
+                }
+                if !r.success() {
+                    self.failure_line(io, drv, &r.error)?;
+                }
+            }
+            Event::SubstitutionStarted { path } => {
+                let id = self.daemon.next_activity();
+                io.start_activity(
+                    id,
+                    level::INFO,
+                    activity::SUBSTITUTE,
+                    &format!("copying path '{path}' from a substituter"),
+                    &[Field::from(path.as_str()), Field::from("")],
+                    0,
+                )?;
+                self.substitutions.insert(path.clone(), id);
+            }
+            Event::SubstitutionFinished { path, ok, error } => {
+                if let Some(id) = self.substitutions.remove(path) {
+                    io.stop_activity(id)?;
+                }
+                if !ok {
+                    self.failure_line(io, path, error)?;
+                }
+            }
+            // Level-0 messages repeat goal failures, reported above.
+            Event::Message { level: 0, .. } => {}
+            Event::Message { level, text } => io.log(*level as u64, text)?,
+            Event::HashMismatch { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn guix(&mut self, io: &mut OpIo<'_>, e: &Event) -> std::io::Result<()> {
+        if self.trace {
+            if let Some(line) = e.trace_line() {
+                io.next_raw(format!("{line}\n").as_bytes())?;
+            }
+        }
+        match e {
+            Event::BuildStarted { drv, .. } if !self.trace => {
+                io.log(level::INFO, &format!("building {drv}..."))?;
+            }
+            Event::BuildLog { pid, data, .. } if io.verbosity() >= self.build_verbosity => {
+                if self.multiplexed {
+                    let mut b = format!("@ build-log {pid} {}\n", data.len()).into_bytes();
+                    b.extend_from_slice(data);
+                    io.next_raw(&b)?;
+                } else {
+                    io.next_raw(data)?;
+                }
+            }
+            Event::BuildFinished { drv, result: r } if !r.success() => {
+                self.failure_line(io, drv, &r.error)?;
+            }
+            Event::SubstitutionFinished {
+                path,
+                ok: false,
+                error,
+            } => self.failure_line(io, path, error)?,
+            Event::Message { level, text } if *level > 0 => io.log(*level as u64, text)?,
+            _ => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,893 @@
+//! One client's connection: its trust, its settings, the temporary roots it holds, and
+//! every operation it can ask for.
+
+use std::collections::BTreeSet;
+use std::io::{BufReader, Read, Write};
+use std::os::fd::OwnedFd;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+
+use kiln_build::{BuildResult, BuildSettings, Event, RequestResult, Target};
+use kiln_format::nar::{self, NarSink};
+use kiln_format::store_path::ContentAddressMethod;
+use kiln_format::{FileIngestionMethod, HashAlgo, StorePath, ValidPathInfo};
+use kiln_protocol::ops::{AddToStore, GcAction as WireGc, GcRequest};
+use kiln_protocol::stderr::level;
+use kiln_protocol::wire::WireReader;
+use kiln_protocol::{
+    BuildMode, ClientOptions, DerivedPath, Hello, Missing, OpIo, OutputSpec, RemoteError, Reply,
+    Request, WireBuildResult,
+};
+use kiln_store::gc::{self, GcAction, GcOptions};
+use kiln_store::{AddOptions, LocalStore, Settings};
+
+use crate::client_settings;
+use crate::peer::{Peer, Trust};
+use crate::progress::Progress;
+use crate::{remote, Daemon};
+
+/// Largest text (`AddTextToStore`, `text:` `AddToStore`) taken into memory: `.drv` files
+/// and the like; anything bigger is refused rather than buffered.
+const MAX_TEXT: u64 = 64 << 20;
+
+/// A connection's state.
+pub struct Session<'d> {
+    d: &'d Daemon,
+    peer: Peer,
+    trust: Trust,
+    guix: bool,
+    options: ClientOptions,
+    settings: Settings,
+    build: Arc<BuildSettings>,
+    /// Temporary roots held for this client, released when it disconnects (Nix's worker
+    /// process held them until it exited).
+    roots: Vec<StorePath>,
+}
+
+impl std::fmt::Debug for Session<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Session({}, {:?})", self.peer.shown(), self.trust)
+    }
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        for p in self.roots.drain(..) {
+            self.d.store.remove_temp_root(&p);
+        }
+    }
+}
+
+enum ConnMsg {
+    Event(Event),
+    Done(RequestResult),
+    Hangup,
+}
+
+fn not_privileged(what: &str) -> RemoteError {
+    remote(format!("you are not privileged to {what}"))
+}
+
+impl<'d> Session<'d> {
+    pub fn new(d: &'d Daemon, peer: Peer, trust: Trust, hello: Hello) -> Session<'d> {
+        let mut build = (*d.base).clone();
+        build.client = Some((peer.uid, peer.gid));
+        Session {
+            d,
+            peer,
+            trust,
+            guix: hello.version.is_guix(),
+            options: ClientOptions::default(),
+            settings: d.settings.clone(),
+            build: Arc::new(build),
+            roots: Vec::new(),
+        }
+    }
+
+    fn trusted(&self) -> bool {
+        self.trust == Trust::Trusted
+    }
+
+    fn store(&self) -> &LocalStore {
+        &self.d.store
+    }
+
+    /// Records a temporary root an `add_*` left for us.
+    fn keep(&mut self, p: &StorePath) {
+        self.roots.push(p.clone());
+    }
+
+    fn set_options(&mut self, o: ClientOptions, io: &mut OpIo<'_>) -> Result<Reply, RemoteError> {
+        let a = client_settings::apply(&self.d.settings, &o, self.trust, self.guix);
+        for w in &a.warnings {
+            io.log(level::WARN, &format!("warning: {w}"))
+                .map_err(remote)?;
+        }
+        for n in &a.notes {
+            io.log(level::DEBUG, n).map_err(remote)?;
+        }
+        let mut build = a.build;
+        build.client = Some((self.peer.uid, self.peer.gid));
+        self.settings = a.settings;
+        self.build = Arc::new(build);
+        self.options = o;
+        Ok(Reply::Nothing)
+    }
+
+    fn path_info(&self, p: &StorePath) -> Result<ValidPathInfo, RemoteError> {
+        self.store()
+            .query_path_info(p)
+            .map_err(remote)?
+            .ok_or_else(|| remote(format!("path '{}' is not valid", self.store().print(p))))
+    }
+
+    /// Whether `info` may be added without a trusted signature check failing.
+    fn check_signatures(&self, info: &ValidPathInfo, check: bool) -> Result<(), RemoteError> {
+        if !check || !self.settings.get_bool("require-sigs") {
+            return Ok(());
+        }
+        let sd = self.store().store_dir();
+        if info.is_content_addressed(sd) {
+            return Ok(());
+        }
+        let keys: Vec<_> = self
+            .settings
+            .get_list("trusted-public-keys")
+            .iter()
+            .filter_map(|k| kiln_format::signature::PublicKey::parse(k).ok())
+            .collect();
+        if info.is_signed_by(sd, &keys) {
+            return Ok(());
+        }
+        Err(remote(format!(
+            "cannot add path '{}' because it lacks a valid signature",
+            sd.display(&info.path)
+        )))
+    }
+
+    fn to_targets(&self, paths: &[DerivedPath]) -> Vec<Target> {
+        paths
+            .iter()
+            .map(|p| match p {
+                DerivedPath::Opaque(p) => Target::Path(p.clone()),
+                DerivedPath::Built { drv, outputs } => Target::Derivation {
+                    drv: drv.clone(),
+                    outputs: match outputs {
+                        OutputSpec::All => BTreeSet::new(),
+                        OutputSpec::Names(n) => n.clone(),
+                    },
+                },
+            })
+            .collect()
+    }
+
+    /// Runs a build request, relaying its progress until it ends or the client hangs up.
+    fn realise(
+        &mut self,
+        targets: Vec<Target>,
+        mode: BuildMode,
+        io: &mut OpIo<'_>,
+    ) -> Result<RequestResult, RemoteError> {
+        let sd = self.store().store_dir().clone();
+        let shown: BTreeSet<String> = targets.iter().map(|t| sd.display(t.path())).collect();
+        let (tx, rx): (Sender<ConnMsg>, Receiver<ConnMsg>) = channel();
+        let events = tx.clone();
+        let sink = Arc::new(move |e: &Event| {
+            let _ = events.send(ConnMsg::Event(e.clone()));
+        });
+        let done = tx.clone();
+        let id = self
+            .d
+            .scheduler
+            .submit_with(
+                kiln_build::Request {
+                    targets,
+                    mode: match mode {
+                        BuildMode::Normal => kiln_build::BuildMode::Normal,
+                        BuildMode::Repair => kiln_build::BuildMode::Repair,
+                        BuildMode::Check => kiln_build::BuildMode::Check,
+                    },
+                    settings: self.build.clone(),
+                    sink,
+                },
+                Box::new(move |r| {
+                    let _ = done.send(ConnMsg::Done(r));
+                }),
+            )
+            .map_err(remote)?;
+        let watch = io.fd().and_then(|fd| HangupWatch::start(fd, tx).ok());
+        let mut progress = Progress::new(self.d, shown);
+        progress.trace = self.build.print_build_trace;
+        progress.multiplexed = self.build.multiplexed_build_output;
+        progress.build_verbosity = self.options.build_verbosity;
+        let outcome = loop {
+            match rx.recv() {
+                Ok(ConnMsg::Event(e)) => {
+                    if progress.event(io, &e).is_err() {
+                        // The client is gone: nobody reads the answer.
+                        self.d.scheduler.cancel(id);
+                        break Err(remote("the client disconnected"));
+                    }
+                }
+                Ok(ConnMsg::Done(r)) => break Ok(r),
+                Ok(ConnMsg::Hangup) | Err(_) => {
+                    // Its goals are cancelled unless another client still wants them.
+                    self.d.scheduler.cancel(id);
+                    break Err(remote("the client disconnected"));
+                }
+            }
+        };
+        drop(watch);
+        let r = outcome?;
+        // A built output stays alive for this client until it disconnects, as Nix's
+        // worker process kept its temp roots.
+        for (_, res) in &r.results {
+            for p in res.outputs.values() {
+                if self.store().add_temp_root(p).is_ok() {
+                    self.keep(p);
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    /// The error Nix 2.8's `buildPaths` raises for a failed request.
+    fn build_error(&self, r: &RequestResult) -> RemoteError {
+        let sd = self.store().store_dir();
+        let failed: Vec<(&Target, &BuildResult)> = r
+            .results
+            .iter()
+            .filter(|(_, x)| !x.success())
+            .map(|(t, x)| (t, x))
+            .collect();
+        let status = r.exit_code() as u64;
+        let status = if status == 0 { 1 } else { status };
+        if let [(_, one)] = failed[..] {
+            if !one.error.is_empty() {
+                return RemoteError {
+                    message: one.error.clone(),
+                    status,
+                };
+            }
+        }
+        let names: Vec<String> = failed
+            .iter()
+            .map(|(t, _)| format!("'{}'", sd.display(t.path())))
+            .collect();
+        RemoteError {
+            message: format!("build of {} failed", names.join(", ")),
+            status,
+        }
+    }
+
+    fn wire_result(&self, target: &Target, r: &BuildResult) -> WireBuildResult {
+        let mut w = WireBuildResult {
+            status: r.status as u64,
+            error_msg: r.error.clone(),
+            times_built: r.times_built as u64,
+            is_non_deterministic: r.non_deterministic,
+            start_time: r.start_time,
+            stop_time: r.stop_time,
+            built_outputs: Vec::new(),
+        };
+        let drv = match target {
+            Target::Derivation { drv, .. } => Some(drv),
+            Target::Basic { drv_path, .. } => Some(drv_path),
+            Target::Path(_) => None,
+        };
+        if let (Some(drv), true) = (drv, r.success()) {
+            if let Ok(h) = self.store().derivation_hash(drv) {
+                for (name, p) in &r.outputs {
+                    let id = format!("sha256:{}!{name}", h.to_base16());
+                    let json = kiln_protocol::ops::realisation_json(&id, p);
+                    w.built_outputs.push((id, json));
+                }
+            }
+        }
+        w
+    }
+
+    fn add_to_store(&mut self, a: AddToStore, io: &mut OpIo<'_>) -> Result<Reply, RemoteError> {
+        let store = self.d.store.clone();
+        match a {
+            AddToStore::Ca {
+                name,
+                method,
+                algo,
+                refs,
+                repair,
+            } => {
+                let opts = AddOptions { repair };
+                let info = match method {
+                    ContentAddressMethod::Text => {
+                        if algo != HashAlgo::Sha256 {
+                            return Err(remote(format!(
+                                "text content addresses use sha256, not {algo}"
+                            )));
+                        }
+                        let text = read_bounded(&mut io.data(), MAX_TEXT)?;
+                        store.add_text(&name, &text, &refs, opts)
+                    }
+                    ContentAddressMethod::Fixed(m) => {
+                        store.add_from_dump(&name, m, algo, &mut io.data(), &refs, opts)
+                    }
+                }
+                .map_err(remote)?;
+                self.keep(&info.path);
+                Ok(Reply::PathInfoWithPath(info))
+            }
+            AddToStore::Legacy { name, method, algo } => {
+                let mut data = io.data();
+                let info = match method {
+                    FileIngestionMethod::Recursive => store
+                        .add_from_dump(
+                            &name,
+                            method,
+                            algo,
+                            &mut data,
+                            &BTreeSet::new(),
+                            AddOptions::default(),
+                        )
+                        .map_err(remote)?,
+                    FileIngestionMethod::Flat => {
+                        // A NAR of one regular file: its contents are the data.
+                        let mut sink = FlatAdd {
+                            store: &store,
+                            name: &name,
+                            algo,
+                            added: None,
+                        };
+                        nar::parse(&mut data, &mut sink, nar::Limits::default()).map_err(remote)?;
+                        sink.added
+                            .ok_or_else(|| remote("regular file expected"))?
+                            .map_err(remote)?
+                    }
+                };
+                self.keep(&info.path);
+                Ok(Reply::OptPath(Some(info.path)))
+            }
+        }
+    }
+
+    fn query_missing(&self, paths: &[DerivedPath]) -> Result<Missing, RemoteError> {
+        let store = self.store();
+        let mut m = Missing::default();
+        let mut seen = BTreeSet::new();
+        let mut todo: Vec<DerivedPath> = paths.to_vec();
+        while let Some(p) = todo.pop() {
+            if !seen.insert(p.clone()) {
+                continue;
+            }
+            match p {
+                DerivedPath::Opaque(p) => {
+                    if !store.is_valid(&p).map_err(remote)? {
+                        m.unknown.insert(p);
+                    }
+                }
+                DerivedPath::Built { drv, outputs } => {
+                    if !store.is_valid(&drv).map_err(remote)? {
+                        m.unknown.insert(drv);
+                        continue;
+                    }
+                    let d = store.read_derivation(&drv).map_err(remote)?;
+                    let mut missing = false;
+                    for (name, out) in d.output_paths() {
+                        let wanted = match &outputs {
+                            OutputSpec::All => true,
+                            OutputSpec::Names(n) => n.contains(name),
+                        };
+                        if wanted && !store.is_valid(out).map_err(remote)? {
+                            missing = true;
+                        }
+                    }
+                    if missing {
+                        m.will_build.insert(drv.clone());
+                        for (input, outs) in &d.input_drvs {
+                            todo.push(DerivedPath::Built {
+                                drv: input.clone(),
+                                outputs: OutputSpec::Names(outs.clone()),
+                            });
+                        }
+                        for src in &d.input_srcs {
+                            todo.push(DerivedPath::Opaque(src.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    fn add_multiple(
+        &mut self,
+        repair: bool,
+        check_sigs: bool,
+        io: &mut OpIo<'_>,
+    ) -> Result<Reply, RemoteError> {
+        let store = self.d.store.clone();
+        let sd = store.store_dir().clone();
+        // Nix ≥ 1.16 layout inside the frames: count, then (info with path, NAR) × count.
+        let v = kiln_protocol::Version(0x122);
+        let mut r = WireReader::new(BufReader::new(io.data()));
+        let n = r.u64("path count").map_err(remote)?;
+        for _ in 0..n {
+            let mut info =
+                kiln_protocol::ops::read_path_info(v, &sd, None, &mut r).map_err(remote)?;
+            if !self.trusted() {
+                info.ultimate = false;
+            }
+            self.check_signatures(&info, check_sigs)?;
+            let added = store
+                .add_nar(&info, &mut r, AddOptions { repair })
+                .map_err(remote)?;
+            self.roots.push(added.path);
+        }
+        Ok(Reply::Nothing)
+    }
+}
+
+fn read_bounded(r: &mut impl Read, max: u64) -> Result<Vec<u8>, RemoteError> {
+    let mut v = Vec::new();
+    r.take(max + 1).read_to_end(&mut v).map_err(remote)?;
+    if v.len() as u64 > max {
+        return Err(remote(format!("the data exceeds the limit of {max} bytes")));
+    }
+    Ok(v)
+}
+
+/// Adds the single regular file of a NAR as a flat content-addressed path.
+struct FlatAdd<'a> {
+    store: &'a LocalStore,
+    name: &'a str,
+    algo: HashAlgo,
+    added: Option<kiln_store::Result<ValidPathInfo>>,
+}
+
+impl NarSink for FlatAdd<'_> {
+    fn file(
+        &mut self,
+        name: Option<&[u8]>,
+        _executable: bool,
+        _size: u64,
+        contents: &mut dyn Read,
+    ) -> Result<(), kiln_format::Error> {
+        if name.is_some() {
+            return Err(kiln_format::Error::Wire("regular file expected".into()));
+        }
+        self.added = Some(self.store.add_from_dump(
+            self.name,
+            FileIngestionMethod::Flat,
+            self.algo,
+            contents,
+            &BTreeSet::new(),
+            AddOptions::default(),
+        ));
+        Ok(())
+    }
+    fn symlink(&mut self, _: Option<&[u8]>, _: &[u8]) -> Result<(), kiln_format::Error> {
+        Err(kiln_format::Error::Wire("regular file expected".into()))
+    }
+    fn enter_directory(&mut self, _: Option<&[u8]>) -> Result<(), kiln_format::Error> {
+        Err(kiln_format::Error::Wire("regular file expected".into()))
+    }
+    fn leave_directory(&mut self) -> Result<(), kiln_format::Error> {
+        Ok(())
+    }
+}
+
+/// Watches a connection for the client hanging up while a long operation runs, so that
+/// its builds are cancelled at once rather than when their output next fails to send.
+struct HangupWatch {
+    stop: Option<OwnedFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HangupWatch {
+    fn start(fd: std::os::fd::BorrowedFd<'_>, tx: Sender<ConnMsg>) -> std::io::Result<Self> {
+        let sock = rustix::io::fcntl_dupfd_cloexec(fd, 0)?;
+        let (stop_r, stop_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let thread = std::thread::Builder::new()
+            .name("kiln-hangup".into())
+            .spawn(move || {
+                use rustix::event::{poll, PollFd, PollFlags};
+                loop {
+                    let mut fds = [
+                        PollFd::new(&sock, PollFlags::RDHUP),
+                        PollFd::new(&stop_r, PollFlags::IN),
+                    ];
+                    if poll(&mut fds, None).is_err() {
+                        continue;
+                    }
+                    if !fds[1].revents().is_empty() {
+                        return;
+                    }
+                    let ev = fds[0].revents();
+                    if ev.intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR) {
+                        let _ = tx.send(ConnMsg::Hangup);
+                        return;
+                    }
+                }
+            })?;
+        Ok(HangupWatch {
+            stop: Some(stop_w),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for HangupWatch {
+    fn drop(&mut self) {
+        if let Some(w) = self.stop.take() {
+            let _ = rustix::io::write(&w, b"x");
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl kiln_protocol::Handler for Session<'_> {
+    fn handle(&mut self, req: Request, io: &mut OpIo<'_>) -> Result<Reply, RemoteError> {
+        let store = self.d.store.clone();
+        let sd = store.store_dir().clone();
+        let sorted = |s: BTreeSet<StorePath>| Reply::Paths(s.into_iter().collect());
+        match req {
+            Request::SetOptions(o) => self.set_options(o, io),
+            Request::IsValidPath(p) => Ok(Reply::Bool(store.is_valid(&p).map_err(remote)?)),
+            Request::QueryValidPaths { paths, substitute } => {
+                if substitute && self.build.use_substitutes {
+                    let targets: Vec<Target> = paths.iter().cloned().map(Target::Path).collect();
+                    let _ = self.realise(targets, BuildMode::Normal, io)?;
+                }
+                Ok(sorted(store.query_valid_paths(&paths).map_err(remote)?))
+            }
+            Request::QueryPathInfo(p) => {
+                let info = store.query_path_info(&p).map_err(remote)?;
+                if info.is_none() && (self.guix || !io.version().at_least(17)) {
+                    return Err(remote(format!("path '{}' is not valid", sd.display(&p))));
+                }
+                Ok(Reply::PathInfo(info))
+            }
+            Request::QueryPathHash(p) => {
+                Ok(Reply::String(self.path_info(&p)?.nar_hash.to_base16()))
+            }
+            Request::QueryReferences(p) => Ok(sorted(self.path_info(&p)?.references)),
+            Request::QueryReferrers(p) => Ok(sorted(store.query_referrers(&p).map_err(remote)?)),
+            Request::QueryValidDerivers(p) => {
+                Ok(sorted(store.query_valid_derivers(&p).map_err(remote)?))
+            }
+            Request::QueryDerivationOutputs(p) => Ok(sorted(
+                store
+                    .query_derivation_outputs(&p)
+                    .map_err(remote)?
+                    .into_values()
+                    .collect(),
+            )),
+            Request::QueryDerivationOutputNames(p) => Ok(Reply::Strings(
+                store
+                    .read_derivation(&p)
+                    .map_err(remote)?
+                    .outputs
+                    .into_keys()
+                    .collect(),
+            )),
+            Request::QueryDerivationOutputMap(p) => {
+                let drv = store.read_derivation(&p).map_err(remote)?;
+                Ok(Reply::OutputMap(
+                    drv.outputs.into_iter().map(|(n, o)| (n, o.path)).collect(),
+                ))
+            }
+            Request::QueryDeriver(p) => Ok(Reply::String(
+                self.path_info(&p)?
+                    .deriver
+                    .map(|d| sd.display(&d))
+                    .unwrap_or_default(),
+            )),
+            Request::QueryPathFromHashPart(h) => Ok(Reply::String(
+                store
+                    .query_path_from_hash_part(&h)
+                    .map_err(remote)?
+                    .map(|p| sd.display(&p))
+                    .unwrap_or_default(),
+            )),
+            Request::QueryAllValidPaths => {
+                Ok(sorted(store.query_all_valid_paths().map_err(remote)?))
+            }
+            // No substituters yet: nothing is substitutable.
+            Request::HasSubstitutes(_) => Ok(Reply::Bool(false)),
+            Request::QuerySubstitutablePaths(_) => Ok(Reply::Paths(Vec::new())),
+            Request::QuerySubstitutablePathInfo(_) => Ok(Reply::SubstitutablePathInfo(None)),
+            Request::QuerySubstitutablePathInfos(_) => {
+                Ok(Reply::SubstitutablePathInfos(Vec::new()))
+            }
+            Request::AddToStore(a) => self.add_to_store(a, io),
+            Request::AddTextToStore { name, text, refs } => {
+                let info = store
+                    .add_text(&name, &text, &refs, AddOptions::default())
+                    .map_err(remote)?;
+                self.keep(&info.path);
+                Ok(Reply::OptPath(Some(info.path)))
+            }
+            Request::AddToStoreNar {
+                mut info,
+                repair,
+                dont_check_sigs,
+            } => {
+                let check = !(dont_check_sigs && self.trusted());
+                if !self.trusted() {
+                    info.ultimate = false;
+                }
+                // The archive is read in full even when the path is refused, so that the
+                // connection stays usable.
+                if let Err(e) = self.check_signatures(&info, check) {
+                    let _ = std::io::copy(&mut io.data(), &mut std::io::sink());
+                    return Err(e);
+                }
+                let added = store
+                    .add_nar(&info, &mut io.data(), AddOptions { repair })
+                    .map_err(remote)?;
+                self.keep(&added.path);
+                Ok(Reply::Nothing)
+            }
+            Request::AddMultipleToStore {
+                repair,
+                dont_check_sigs,
+            } => {
+                let check = !(dont_check_sigs && self.trusted());
+                self.add_multiple(repair, check, io)
+            }
+            Request::ImportPaths => {
+                if !self.trusted() {
+                    return Err(not_privileged("import unsigned paths"));
+                }
+                let paths =
+                    kiln_store::export::import_paths(&store, &mut io.data()).map_err(remote)?;
+                for p in &paths {
+                    self.keep(p);
+                }
+                Ok(Reply::Paths(paths))
+            }
+            Request::ExportPath { path, .. } => {
+                let mut w = StderrWriter {
+                    io,
+                    buf: Vec::new(),
+                };
+                kiln_store::export::export_path(&store, &path, &mut w).map_err(remote)?;
+                w.flush().map_err(remote)?;
+                Ok(Reply::Int(1))
+            }
+            Request::NarFromPath(p) => {
+                if !store.is_valid(&p).map_err(remote)? {
+                    return Err(remote(format!("path '{}' is not valid", sd.display(&p))));
+                }
+                let real = store.real_path(&p);
+                Ok(Reply::Stream(Box::new(move |w| {
+                    nar::dump(&real, w).map_err(|e| std::io::Error::other(e.to_string()))
+                })))
+            }
+            Request::BuildPaths { paths, mode } => {
+                if mode == BuildMode::Repair && !self.trusted() {
+                    return Err(remote(
+                        "repairing is not allowed because you are not in 'trusted-users'",
+                    ));
+                }
+                let targets = self.to_targets(&paths);
+                let r = self.realise(targets, mode, io)?;
+                if r.success() {
+                    Ok(Reply::Int(1))
+                } else {
+                    Err(self.build_error(&r))
+                }
+            }
+            Request::BuildPathsWithResults { paths, mode } => {
+                if mode == BuildMode::Repair && !self.trusted() {
+                    return Err(remote(
+                        "repairing is not allowed because you are not in 'trusted-users'",
+                    ));
+                }
+                let targets = self.to_targets(&paths);
+                let r = self.realise(targets, mode, io)?;
+                Ok(Reply::BuildResults(
+                    paths
+                        .into_iter()
+                        .zip(r.results.iter())
+                        .map(|(p, (t, res))| (p, self.wire_result(t, res)))
+                        .collect(),
+                ))
+            }
+            Request::BuildDerivation {
+                drv_path,
+                drv,
+                mode,
+            } => {
+                // Output paths of an input-addressed derivation cannot be checked without
+                // its input derivations: only a trusted client may claim them (as Nix).
+                if !self.trusted() {
+                    return Err(not_privileged("build input-addressed derivations"));
+                }
+                let target = Target::Basic {
+                    drv_path,
+                    drv: Arc::new(drv),
+                };
+                let r = self.realise(vec![target], mode, io)?;
+                let (t, res) = r
+                    .results
+                    .first()
+                    .ok_or_else(|| remote("the build produced no result"))?;
+                Ok(Reply::BuildDerivation(self.wire_result(t, res)))
+            }
+            Request::EnsurePath(p) => {
+                if store.is_valid(&p).map_err(remote)? {
+                    return Ok(Reply::Int(1));
+                }
+                let r = self.realise(vec![Target::Path(p.clone())], BuildMode::Normal, io)?;
+                if r.success() {
+                    Ok(Reply::Int(1))
+                } else {
+                    Err(RemoteError {
+                        message: format!(
+                            "path '{}' does not exist and cannot be created",
+                            sd.display(&p)
+                        ),
+                        status: r.exit_code().max(1) as u64,
+                    })
+                }
+            }
+            Request::QueryMissing(paths) => Ok(Reply::Missing(self.query_missing(&paths)?)),
+            Request::AddTempRoot(p) => {
+                store.add_temp_root(&p).map_err(remote)?;
+                self.keep(&p);
+                Ok(Reply::Int(1))
+            }
+            Request::AddIndirectRoot(link) => {
+                kiln_store::roots::add_indirect_root(store.layout(), std::path::Path::new(&link))
+                    .map_err(remote)?;
+                Ok(Reply::Int(1))
+            }
+            Request::SyncWithGc => Ok(Reply::Int(1)),
+            Request::FindRoots => {
+                let runtime = self.settings.get_bool("gc-runtime-roots");
+                let roots = gc::find_roots(&store, runtime).map_err(remote)?;
+                let trusted = self.trusted();
+                Ok(Reply::Roots(
+                    roots
+                        .into_iter()
+                        .map(|(link, p)| {
+                            // Other processes' temporary and runtime roots reveal what they
+                            // have open: only trusted clients see where they come from.
+                            let private = link.starts_with('{') || link.starts_with("/proc/");
+                            if private && !trusted {
+                                ("{censored}".to_string(), p)
+                            } else {
+                                (link, p)
+                            }
+                        })
+                        .collect(),
+                ))
+            }
+            Request::CollectGarbage(g) => self.collect_garbage(g),
+            Request::OptimiseStore => {
+                kiln_store::optimise::optimise_store(&store).map_err(remote)?;
+                Ok(Reply::Int(1))
+            }
+            Request::VerifyStore {
+                check_contents,
+                repair,
+            } => {
+                if repair && !self.trusted() {
+                    return Err(not_privileged("repair paths"));
+                }
+                let report = kiln_store::verify::verify_store(
+                    &store,
+                    kiln_store::verify::VerifyOptions {
+                        check_contents,
+                        repair,
+                    },
+                    None,
+                )
+                .map_err(remote)?;
+                for p in &report.problems {
+                    io.log(level::ERROR, &p.to_string()).map_err(remote)?;
+                }
+                Ok(Reply::Bool(!report.is_clean()))
+            }
+            Request::AddSignatures { path, sigs } => {
+                if !self.trusted() {
+                    return Err(not_privileged("add signatures"));
+                }
+                store.add_signatures(&path, &sigs).map_err(remote)?;
+                Ok(Reply::Int(1))
+            }
+            Request::AddBuildLog(drv) => {
+                if !self.trusted() {
+                    return Err(not_privileged("add logs"));
+                }
+                let (mut w, _) = kiln_build::log::LogWriter::create(
+                    &store.layout().log_dir,
+                    &drv,
+                    self.build.log_compression,
+                )
+                .map_err(remote)?;
+                let mut data = io.data();
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = data.read(&mut buf).map_err(remote)?;
+                    if n == 0 {
+                        break;
+                    }
+                    w.write(&buf[..n]).map_err(remote)?;
+                }
+                w.finish().map_err(remote)?;
+                Ok(Reply::Int(1))
+            }
+            Request::RegisterDrvOutput(_) => Err(remote(
+                "experimental Nix feature 'ca-derivations' is not supported by kiln",
+            )),
+            // No content-addressed derivations, so no realisations.
+            Request::QueryRealisation(_) => Ok(Reply::Strings(Vec::new())),
+            Request::QueryFailedPaths => {
+                Ok(Reply::Strings(store.query_failed_paths().map_err(remote)?))
+            }
+            Request::ClearFailedPaths(paths) => {
+                let v: Vec<StorePath> = paths.into_iter().collect();
+                store.clear_failed_paths(Some(&v)).map_err(remote)?;
+                Ok(Reply::Int(1))
+            }
+            Request::BuiltinBuilders => Ok(Reply::Strings(vec!["download".into()])),
+            Request::SubstituteUrls => Ok(Reply::Strings(if self.build.use_substitutes {
+                self.settings.get_list("substituters")
+            } else {
+                Vec::new()
+            })),
+        }
+    }
+}
+
+impl Session<'_> {
+    fn collect_garbage(&mut self, g: GcRequest) -> Result<Reply, RemoteError> {
+        if g.ignore_liveness {
+            return Err(remote("you are not allowed to ignore liveness"));
+        }
+        let action = match g.action {
+            WireGc::ReturnLive => GcAction::ReturnLive,
+            WireGc::ReturnDead => GcAction::ReturnDead,
+            WireGc::DeleteDead => GcAction::DeleteDead,
+            WireGc::DeleteSpecific => GcAction::DeleteSpecific(g.paths.into_iter().collect()),
+        };
+        let r = gc::collect_garbage(
+            &self.d.store,
+            &GcOptions {
+                action,
+                max_freed: g.max_freed,
+            },
+        )
+        .map_err(remote)?;
+        Ok(Reply::Gc {
+            paths: r.paths,
+            bytes_freed: r.bytes_freed,
+        })
+    }
+}
+
+/// Sends what is written as `STDERR_WRITE` chunks of up to 64 KiB (`ExportPath`).
+struct StderrWriter<'a, 'b> {
+    io: &'a mut OpIo<'b>,
+    buf: Vec<u8>,
+}
+
+impl Write for StderrWriter<'_, '_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= 64 * 1024 {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.io.write_data(&self.buf)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,84 @@
+//! `kiln daemon`: serve the worker protocol.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use kiln_daemon::{Daemon, DaemonConfig};
+
+use super::StoreArgs;
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// The socket to listen on (default: `<state-dir>/daemon-socket/socket`). With systemd
+    /// socket activation (`LISTEN_FDS`), the passed socket is used instead.
+    #[arg(long, env = "KILN_DAEMON_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Serve one client on standard input and output (as `nix-daemon --stdio`, for
+    /// `ssh-ng://` stores); that client is trusted.
+    #[arg(long)]
+    stdio: bool,
+    /// Connections served at once; more wait until one ends.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+}
+
+pub fn run(args: &StoreArgs, a: DaemonArgs) -> anyhow::Result<ExitCode> {
+    let (store, settings) = args.open()?;
+    let layout = store.layout().clone();
+    let daemon = Daemon::new(
+        Arc::new(store),
+        settings,
+        DaemonConfig {
+            max_connections: a.max_connections,
+            ..Default::default()
+        },
+    );
+    if a.stdio {
+        daemon.serve_stdio()?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut fds = listenfd::ListenFd::from_env();
+    let (listener, socket) = match fds
+        .take_unix_listener(0)
+        .context("taking the socket passed by the service manager")?
+    {
+        Some(l) => (l, None),
+        None => {
+            let path = a.socket.unwrap_or_else(|| layout.daemon_socket_path());
+            (kiln_daemon::bind_socket(&path)?, Some(path))
+        }
+    };
+    // SIGTERM and SIGINT: kill running builders (they are in their own sessions and would
+    // outlive us), remove the socket, exit.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("installing signal handlers")?;
+    {
+        let daemon = daemon.clone();
+        let socket = socket.clone();
+        std::thread::Builder::new()
+            .name("kiln-signals".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    tracing::info!("signal {sig}: stopping");
+                    daemon.stop();
+                    if let Some(s) = socket {
+                        let _ = std::fs::remove_file(s);
+                    }
+                    std::process::exit(0);
+                }
+            })
+            .context("starting the signal thread")?;
+    }
+    match &socket {
+        Some(s) => tracing::info!("listening on {}", s.display()),
+        None => tracing::info!("listening on the socket passed by the service manager"),
+    }
+    daemon.run(listener)?;
+    Ok(ExitCode::SUCCESS)
+}
