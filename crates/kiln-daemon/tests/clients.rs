@@ -1,0 +1,300 @@
+//! Many clients on one daemon: untrusted clients limited as Nix limits them (run as a
+//! different user), a client that hangs up cancels its build unless another still wants
+//! it, and concurrent clients share builds.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use kiln_format::derivation::DerivationOutput;
+use kiln_format::{Derivation, Hash, StorePath, ValidPathInfo};
+use kiln_protocol::{BuildMode, DerivedPath, OutputSpec, Reply, Request};
+
+const NOBODY: u32 = 65534;
+
+fn drv(d: &TestDaemon, name: &str, script: &str) -> StorePath {
+    let mut env = BTreeMap::new();
+    env.insert("PATH".to_string(), "/bin:/usr/bin".to_string());
+    let drv = Derivation {
+        name: name.into(),
+        outputs: BTreeMap::from([(
+            "out".to_string(),
+            DerivationOutput {
+                path: None,
+                fixed: None,
+            },
+        )]),
+        platform: kiln_build::settings::native_system(),
+        builder: "/bin/sh".into(),
+        args: vec!["-c".into(), script.into()],
+        env,
+        ..Default::default()
+    };
+    let store = d.daemon.store();
+    let drv = store.finalize_derivation(drv).unwrap();
+    let text = drv.to_aterm(&d.store_dir());
+    let info = store
+        .add_text(
+            &format!("{name}.drv"),
+            &text,
+            &BTreeSet::new(),
+            Default::default(),
+        )
+        .unwrap();
+    info.path
+}
+
+fn build_req(drv: &StorePath, mode: BuildMode) -> Request {
+    Request::BuildPaths {
+        paths: vec![DerivedPath::Built {
+            drv: drv.clone(),
+            outputs: OutputSpec::All,
+        }],
+        mode,
+    }
+}
+
+/// The part of this test that runs as `nobody`, re-executed by
+/// `untrusted_clients_are_limited` (does nothing when run directly).
+#[test]
+fn untrusted_client_side() {
+    let Ok(socket) = std::env::var("KILN_TEST_SOCKET") else {
+        return;
+    };
+    assert_eq!(rustix::process::getuid().as_raw(), NOBODY);
+    let sd = kiln_format::StoreDir::new(std::env::var("KILN_TEST_STORE").unwrap()).unwrap();
+    let drv_path = sd
+        .parse_path(&std::env::var("KILN_TEST_DRV").unwrap())
+        .unwrap();
+    let mut c = kiln_protocol::Client::connect(Path::new(&socket), sd.clone()).unwrap();
+    let err = |c: &mut kiln_protocol::Client, q: Request, data: Option<&mut dyn std::io::Read>| {
+        c.request(&q, data, &mut |_| {}).unwrap_err().to_string()
+    };
+    // Content-addressed additions are fine for anyone.
+    assert!(matches!(
+        c.request(
+            &Request::AddTextToStore {
+                name: "mine".into(),
+                text: b"x".to_vec(),
+                refs: BTreeSet::new()
+            },
+            None,
+            &mut |_| {}
+        )
+        .unwrap(),
+        Reply::OptPath(Some(_))
+    ));
+    let e = err(
+        &mut c,
+        Request::AddSignatures {
+            path: drv_path.clone(),
+            sigs: vec!["k:c2ln".into()],
+        },
+        None,
+    );
+    assert!(e.contains("not privileged to add signatures"), "{e}");
+    let e = err(&mut c, build_req(&drv_path, BuildMode::Repair), None);
+    assert!(e.contains("not in 'trusted-users'"), "{e}");
+    let e = err(
+        &mut c,
+        Request::VerifyStore {
+            check_contents: false,
+            repair: true,
+        },
+        None,
+    );
+    assert!(e.contains("not privileged to repair"), "{e}");
+    // An unsigned input-addressed path: refused even though the client says not to check.
+    let nar = nar_file(b"payload");
+    let p = StorePath::from_base_name(&format!("{:032}-forged", 5)).unwrap();
+    let mut info = ValidPathInfo::new(p.clone(), Hash::sha256(&nar), nar.len() as u64);
+    info.ultimate = true;
+    let e = err(
+        &mut c,
+        Request::AddToStoreNar {
+            info,
+            repair: false,
+            dont_check_sigs: true,
+        },
+        Some(&mut nar.as_slice()),
+    );
+    assert!(e.contains("lacks a valid signature"), "{e}");
+    assert!(matches!(
+        c.request(&Request::IsValidPath(p), None, &mut |_| {})
+            .unwrap(),
+        Reply::Bool(false)
+    ));
+    // Building is allowed, and so is asking for roots, which come censored.
+    assert!(matches!(
+        c.request(&build_req(&drv_path, BuildMode::Normal), None, &mut |_| {})
+            .unwrap(),
+        Reply::Int(1)
+    ));
+    match c.request(&Request::FindRoots, None, &mut |_| {}).unwrap() {
+        Reply::Roots(r) => {
+            assert!(r.iter().all(|(l, _)| !l.starts_with("{temp:")), "{r:?}");
+        }
+        r => panic!("{r:?}"),
+    }
+}
+
+/// Whether this test process may run clients as another user.
+fn can_switch_users(test: &str) -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("{test}: skipped, needs root to run a client as another user");
+    false
+}
+
+#[test]
+fn untrusted_clients_are_limited() {
+    if !can_switch_users("untrusted_clients_are_limited") {
+        return;
+    }
+    let d = TestDaemon::start();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let drv_path = drv(&d, "for-nobody", "echo hi > $out");
+    let st = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "untrusted_client_side", "--nocapture"])
+        .env("KILN_TEST_SOCKET", &d.socket)
+        .env("KILN_TEST_STORE", d.store_dir().as_str())
+        .env("KILN_TEST_DRV", d.store_dir().display(&drv_path))
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .status()
+        .unwrap();
+    assert!(st.success(), "the untrusted client's checks failed");
+}
+
+#[test]
+fn users_outside_allowed_users_are_refused() {
+    if !can_switch_users("users_outside_allowed_users_are_refused") {
+        return;
+    }
+    let d = TestDaemon::with_settings(&[("allowed-users", "root")]);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "python3 -c \"import socket,struct\ns=socket.socket(socket.AF_UNIX); s.connect('{}'); s.sendall(struct.pack('<Q',0x6e697863))\ntry: print(len(s.recv(100)))\nexcept ConnectionResetError: print(0)\"",
+            d.socket.display()
+        ))
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap();
+    // Closed before the handshake: the client reads nothing.
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "{out:?}");
+    // root (trusted) still gets in.
+    let _ = d.nix();
+}
+
+fn pid_of_builder(marker: &Path) -> Option<i32> {
+    std::fs::read_to_string(marker).ok()?.trim().parse().ok()
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie counts as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(5);
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out: {what}"
+        );
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Sends a build request on a raw connection (which the caller then drops).
+fn raw_build(d: &TestDaemon, drv_path: &StorePath) -> std::os::unix::net::UnixStream {
+    use std::io::Write;
+    let mut raw = d.raw();
+    let mut req = Vec::new();
+    build_req(drv_path, BuildMode::Normal)
+        .write(kiln_protocol::Version(0x122), &d.store_dir(), &mut req)
+        .unwrap();
+    raw.write_all(&[nix_hello(), req].concat()).unwrap();
+    raw
+}
+
+/// A builder that records its pid and waits for `go` to appear.
+fn waiting_builder(
+    d: &TestDaemon,
+    name: &str,
+) -> (StorePath, std::path::PathBuf, std::path::PathBuf) {
+    let marker = d.dir.path().join(format!("{name}.pid"));
+    let go = d.dir.path().join(format!("{name}.go"));
+    let drv_path = drv(
+        d,
+        name,
+        &format!(
+            "echo $$ > {m}; while [ ! -e {g} ]; do sleep 0.05; done; echo done > $out",
+            m = marker.display(),
+            g = go.display()
+        ),
+    );
+    (drv_path, marker, go)
+}
+
+#[test]
+fn a_client_that_hangs_up_cancels_its_build() {
+    let d = TestDaemon::start();
+    let (drv_path, marker, _go) = waiting_builder(&d, "abandoned");
+    let raw = raw_build(&d, &drv_path);
+    wait_until("builder started", || pid_of_builder(&marker).is_some());
+    let pid = pid_of_builder(&marker).unwrap();
+    assert!(alive(pid));
+    drop(raw);
+    // Nobody else wants it: the builder is killed at once, not at its next output.
+    wait_until("builder killed", || !alive(pid));
+}
+
+#[test]
+fn a_build_another_client_waits_for_survives_a_hang_up() {
+    let d = TestDaemon::start();
+    let (drv_path, marker, go) = waiting_builder(&d, "shared");
+    // The first client starts the build and waits for it.
+    let sd = d.store_dir();
+    let socket = d.socket.clone();
+    let dp = drv_path.clone();
+    let first = std::thread::spawn(move || {
+        let mut c = kiln_protocol::Client::connect(&socket, sd).unwrap();
+        c.request(&build_req(&dp, BuildMode::Normal), None, &mut |_| {})
+            .map(|r| matches!(r, Reply::Int(1)))
+    });
+    wait_until("builder started", || pid_of_builder(&marker).is_some());
+    let pid = pid_of_builder(&marker).unwrap();
+    // A second client asks for the same derivation and hangs up.
+    drop(raw_build(&d, &drv_path));
+    // Its goal was the first client's too: the build goes on and finishes for it.
+    std::fs::write(&go, b"").unwrap();
+    assert!(
+        first.join().unwrap().unwrap(),
+        "the shared build did not finish for the client still waiting"
+    );
+    assert!(!alive(pid));
+    let out = d.daemon.store().read_derivation(&drv_path).unwrap();
+    assert!(d
+        .daemon
+        .store()
+        .is_valid(out.output_path("out").unwrap())
+        .unwrap());
+}

@@ -1,0 +1,99 @@
+//! An in-process daemon on a temporary store and socket, for the daemon's tests.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kiln_daemon::{Daemon, DaemonConfig};
+use kiln_format::StoreDir;
+use kiln_protocol::{Client, Version};
+use kiln_store::{Layout, LocalStore, Settings, StoreOptions};
+
+pub struct TestDaemon {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub daemon: Arc<Daemon>,
+}
+
+impl TestDaemon {
+    pub fn start() -> TestDaemon {
+        TestDaemon::with_settings(&[])
+    }
+
+    pub fn with_settings(extra: &[(&str, &str)]) -> TestDaemon {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::under(dir.path()).unwrap();
+        let mut settings = Settings::default();
+        settings.set("sandbox", "false").unwrap();
+        settings.set("fsync-store-paths", "false").unwrap();
+        for (k, v) in extra {
+            settings.set(k, v).unwrap();
+        }
+        let opts = StoreOptions {
+            fsync: false,
+            runtime_roots: false,
+            ..StoreOptions::from_settings(&settings, &layout)
+        };
+        let store = Arc::new(LocalStore::open(layout, opts).unwrap());
+        let daemon = Daemon::new(store, settings, DaemonConfig::default());
+        let socket = dir.path().join("socket");
+        let listener = kiln_daemon::bind_socket(&socket).unwrap();
+        let d = daemon.clone();
+        std::thread::spawn(move || d.run(listener));
+        TestDaemon {
+            dir,
+            socket,
+            daemon,
+        }
+    }
+
+    pub fn store_dir(&self) -> StoreDir {
+        self.daemon.store().store_dir().clone()
+    }
+
+    /// A Nix 2.8 client.
+    pub fn nix(&self) -> Client {
+        Client::connect(&self.socket, self.store_dir()).unwrap()
+    }
+
+    /// A Guix client (0x164).
+    pub fn guix(&self) -> Client {
+        Client::connect_as(&self.socket, self.store_dir(), Version(0x164)).unwrap()
+    }
+
+    pub fn raw(&self) -> UnixStream {
+        UnixStream::connect(&self.socket).unwrap()
+    }
+}
+
+pub fn u64(n: u64) -> Vec<u8> {
+    n.to_le_bytes().to_vec()
+}
+
+pub fn s(b: &[u8]) -> Vec<u8> {
+    let mut v = u64(b.len() as u64);
+    v.extend_from_slice(b);
+    v.extend(std::iter::repeat_n(0u8, (8 - b.len() % 8) % 8));
+    v
+}
+
+/// The bytes of a Nix 2.8 client's handshake.
+pub fn nix_hello() -> Vec<u8> {
+    [u64(0x6e69_7863), u64(0x122), u64(0), u64(0)].concat()
+}
+
+/// A NAR of one regular file.
+pub fn nar_file(contents: &[u8]) -> Vec<u8> {
+    [
+        s(b"nix-archive-1"),
+        s(b"("),
+        s(b"type"),
+        s(b"regular"),
+        s(b"contents"),
+        s(contents),
+        s(b")"),
+    ]
+    .concat()
+}
