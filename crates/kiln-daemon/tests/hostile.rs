@@ -35,7 +35,7 @@ fn error_message(v: &[u8]) -> String {
     assert_eq!(&v[..8], &STDERR_ERROR.to_le_bytes(), "not an error frame");
     // "Error", level, "Error", message …
     let mut off = 8;
-    let mut next_str = |off: &mut usize| {
+    let next_str = |off: &mut usize| {
         let n = u64::from_le_bytes(v[*off..*off + 8].try_into().unwrap()) as usize;
         let s = String::from_utf8_lossy(&v[*off + 8..*off + 8 + n]).into_owned();
         *off += 8 + n.div_ceil(8) * 8;
