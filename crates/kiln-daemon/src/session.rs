@@ -820,7 +820,7 @@ impl kiln_protocol::Handler for Session<'_> {
                 w.finish().map_err(remote)?;
                 Ok(Reply::Int(1))
             }
-            Request::RegisterDrvOutput(_) => Err(remote(
+            Request::RegisterDrvOutput { .. } => Err(remote(
                 "experimental Nix feature 'ca-derivations' is not supported by kiln",
             )),
             // No content-addressed derivations, so no realisations.

@@ -15,6 +15,8 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ops;
 pub mod server;
 pub mod stderr;

@@ -431,7 +431,12 @@ pub enum Request {
     },
     QueryMissing(Vec<DerivedPath>),
     QueryDerivationOutputMap(StorePath),
-    RegisterDrvOutput(String),
+    /// The realisation (JSON from 1.31 on, an output id before, followed by the output
+    /// path's base name).
+    RegisterDrvOutput {
+        realisation: String,
+        out_path: Option<String>,
+    },
     QueryRealisation(String),
     AddMultipleToStore {
         repair: bool,
@@ -651,11 +656,16 @@ impl Request {
             Op::QueryMissing => Q::QueryMissing(read_derived_paths(v, sd, r)?),
             Op::QueryDerivationOutputMap => Q::QueryDerivationOutputMap(r.path(sd, "path")?),
             Op::RegisterDrvOutput => {
-                let a = r.string(MAX_TEXT, "realisation")?;
-                if !v.at_least(31) {
-                    r.string(MAX_NAME, "output path")?;
+                let realisation = r.string(MAX_TEXT, "realisation")?;
+                let out_path = if v.at_least(31) {
+                    None
+                } else {
+                    Some(r.string(MAX_NAME, "output path")?)
+                };
+                Q::RegisterDrvOutput {
+                    realisation,
+                    out_path,
                 }
-                Q::RegisterDrvOutput(a)
             }
             Op::QueryRealisation => Q::QueryRealisation(r.string(MAX_NAME, "output id")?),
             Op::AddMultipleToStore => Q::AddMultipleToStore {
@@ -721,7 +731,7 @@ impl Request {
             Q::AddToStoreNar { .. } => Op::AddToStoreNar,
             Q::QueryMissing(_) => Op::QueryMissing,
             Q::QueryDerivationOutputMap(_) => Op::QueryDerivationOutputMap,
-            Q::RegisterDrvOutput(_) => Op::RegisterDrvOutput,
+            Q::RegisterDrvOutput { .. } => Op::RegisterDrvOutput,
             Q::QueryRealisation(_) => Op::QueryRealisation,
             Q::AddMultipleToStore { .. } => Op::AddMultipleToStore,
             Q::AddBuildLog(_) => Op::AddBuildLog,
@@ -862,7 +872,15 @@ impl Request {
                 w.bool(*dont_check_sigs)?;
             }
             Q::QueryMissing(paths) => write_derived_paths(v, sd, paths, w)?,
-            Q::RegisterDrvOutput(s) => w.str(s)?,
+            Q::RegisterDrvOutput {
+                realisation,
+                out_path,
+            } => {
+                w.str(realisation)?;
+                if !v.at_least(31) {
+                    w.str(out_path.as_deref().unwrap_or(""))?;
+                }
+            }
             Q::QueryRealisation(s) => w.str(s)?,
             Q::AddMultipleToStore {
                 repair,
