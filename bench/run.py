@@ -376,9 +376,156 @@ def bench_build(args):
     shutil.rmtree(work, ignore_errors=True)
 
 
+def bench_client():
+    return os.path.join(ROOT, "target", "release", "examples", "bench_client")
+
+
+def proc_cpu(pid):
+    """CPU seconds of a process and its reaped children (Nix's daemon forks per client)."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return sum(int(x) for x in f[11:15]) / tick
+
+
+class Daemon:
+    def __init__(self, kind, root, env):
+        self.socket = os.path.join(root, f"{kind}.sock")
+        if kind == "nix":
+            e = dict(env, NIX_DAEMON_SOCKET_PATH=self.socket)
+            self.p = subprocess.Popen(["nix-daemon"], env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        else:
+            self.p = subprocess.Popen([kiln_bin(), *kiln_store_args(root), "--nix-conf", os.path.join(root, "conf", "nix.conf"),
+                                       "--option", "sandbox", "false", "--option", "gc-runtime-roots", "false",
+                                       "daemon", "--socket", self.socket], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t = time.time()
+        while not os.path.exists(self.socket):
+            if time.time() - t > 30:
+                raise SystemExit(f"{kind} daemon did not start")
+            time.sleep(0.01)
+        self.env = dict(env, NIX_REMOTE=f"unix://{self.socket}")
+
+    def cpu(self):
+        return proc_cpu(self.p.pid)
+
+    def settled_cpu(self):
+        """CPU once the children of finished connections have been reaped."""
+        last = self.cpu()
+        for _ in range(50):
+            time.sleep(0.1)
+            now = self.cpu()
+            if now == last:
+                break
+            last = now
+        return last
+
+    def stop(self):
+        self.p.terminate()
+        self.p.wait()
+
+
+def bench_daemon(args):
+    print("## daemon: kiln daemon vs nix-daemon (Nix 2.8), same store, same clients\n", flush=True)
+    subprocess.run(["cargo", "build", "--release", "-p", "kiln-protocol", "--example", "bench_client"],
+                   cwd=ROOT, check=True, capture_output=True)
+    work = os.path.join(args.dir, "daemon-bench")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    root = os.path.join(work, "s")
+    env = nix_env(root)
+    subprocess.run(["nix-store", "--init"], env=env, check=True)
+    f = os.path.join(work, "file.txt")
+    open(f, "w").write("hello\n")
+    path = subprocess.run(["nix-store", "--add", f], env=env, check=True, capture_output=True, text=True).stdout.strip()
+    sd = env["NIX_STORE_DIR"]
+    conns, per = 8, 25_000
+    print("| measure | kiln | Nix 2.8 | kiln better by |")
+    print("|---|---|---|---|")
+    results = {}
+    for kind in ["kiln", "nix"]:
+        d = Daemon(kind, root, env)
+        best_q = best_c = None
+        for _ in range(3):
+            c0 = d.settled_cpu()
+            r = subprocess.run([bench_client(), d.socket, sd, "query", path, str(conns), str(per)], capture_output=True, text=True, check=True)
+            n, secs = r.stdout.split()
+            cpu = d.settled_cpu() - c0
+            q = (int(n) / float(secs), cpu / int(n) * 1e6)
+            if best_q is None or q[1] < best_q[1]:
+                best_q = q
+            c0 = d.settled_cpu()
+            r = subprocess.run([bench_client(), d.socket, sd, "connect", path, "8", "500"], capture_output=True, text=True, check=True)
+            n, secs = r.stdout.split()
+            cpu = d.settled_cpu() - c0
+            c = (int(n) / float(secs), cpu / int(n) * 1e3)
+            if best_c is None or c[0] > best_c[0]:
+                best_c = c
+        d.stop()
+        results[kind] = (best_q, best_c)
+    (kq, kc), (nq, nc) = results["kiln"], results["nix"]
+    print(f"| QueryPathInfo over {conns} connections: queries/s | {kq[0]:,.0f} | {nq[0]:,.0f} | {kq[0] / nq[0]:.1f}x |")
+    print(f"| QueryPathInfo: daemon CPU per query | {kq[1]:.2f} µs | {nq[1]:.2f} µs | {nq[1] / kq[1]:.1f}x |")
+    print(f"| new connections/s (handshake + one IsValidPath, 8 clients) | {kc[0]:,.0f} | {nc[0]:,.0f} | {kc[0] / nc[0]:.1f}x |")
+    print(f"| daemon CPU per connection | {kc[1]:.3f} ms | {nc[1]:.3f} ms | {nc[1] / kc[1]:.1f}x |", flush=True)
+
+    # The build-engine workloads through each daemon's socket (`nix-store --realise`).
+    saved = os.path.join(work, "saved")
+    jobs = str(args.jobs)
+
+    def prepare(expr, attrs):
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(saved, ignore_errors=True)
+        e = nix_env(root)
+        fx = os.path.join(work, "e.nix")
+        open(fx, "w").write(expr)
+        drvs = []
+        for chunk in [attrs[i:i + 200] for i in range(0, len(attrs), 200)]:
+            a = []
+            for x in chunk:
+                a += ["-A", x]
+            drvs += subprocess.run(["nix-instantiate", fx, *a], env=e, capture_output=True, text=True, check=True).stdout.split()
+        shutil.copytree(root, saved, symlinks=True)
+        return e, drvs
+
+    def restore():
+        subprocess.run(["chmod", "-R", "u+w", root], check=False)
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.copytree(saved, root, symlinks=True)
+
+    print("\nBuilds through the socket (`nix-store --realise --max-jobs %s` as the client; best of 3; CPU = client + daemon):\n" % jobs)
+    print("| workload | kiln daemon wall | kiln CPU | nix-daemon wall | Nix CPU | kiln faster (wall / CPU) |")
+    print("|---|---|---|---|---|---|")
+    for name, (expr, names), per_n in [
+        ("1,000 trivial derivations (DAG)", dag_nix(10, 100, 2), 1000),
+        ("300-deep chain", chain_nix(300), 300),
+    ]:
+        e, drvs = prepare(expr, names)
+        res = {}
+        for kind in ["kiln", "nix"]:
+            best = None
+            for _ in range(3):
+                restore()
+                d = Daemon(kind, root, e)
+                c0 = d.cpu()
+                t = time.perf_counter()
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                r = subprocess.run(["nix-store", "--realise", "--max-jobs", jobs, *drvs], env=d.env, capture_output=True)
+                wall = time.perf_counter() - t
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                if r.returncode != 0:
+                    raise SystemExit(f"{kind}: {r.stderr.decode()[-1500:]}")
+                cpu = d.settled_cpu() - c0 + (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+                d.stop()
+                if best is None or wall < best[0]:
+                    best = (wall, cpu)
+            res[kind] = best
+        (kw, kc), (nw, nc) = res["kiln"], res["nix"]
+        print(f"| {name} | {kw:.3f} s ({kw / per_n * 1000:.1f} ms each) | {kc:.3f} s | {nw:.3f} s ({nw / per_n * 1000:.1f} ms each) | {nc:.3f} s | {nw / kw:.1f}x / {nc / kc:.1f}x |", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="+", choices=["formats", "store", "build", "all"])
+    p.add_argument("what", nargs="+", choices=["formats", "store", "build", "daemon", "all"])
     p.add_argument("--jobs", type=int, default=2, help="max-jobs for the build benchmarks")
     p.add_argument("--dir", default="/tmp/kiln-bench", help="work directory (a tmpfs is mounted there if possible)")
     p.add_argument("--fs", choices=["tmpfs", "ext4"], default="tmpfs",
@@ -409,6 +556,8 @@ def main():
         bench_store(args)
     if "all" in whats or "build" in whats:
         bench_build(args)
+    if "all" in whats or "daemon" in whats:
+        bench_daemon(args)
 
 
 if __name__ == "__main__":

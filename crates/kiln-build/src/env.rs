@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use kiln_format::{Derivation, Hash, StoreDir, StorePath};
+use kiln_format::{Derivation, Hash, StoreDir, StorePath, ValidPathInfo};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -22,8 +22,9 @@ pub struct PreparedEnv {
     pub files: Vec<BuildFile>,
 }
 
-/// A closure with each path's references, as `exportReferencesGraph` writes it.
-pub type Graph = Vec<(StorePath, BTreeSet<StorePath>)>;
+/// A closure (each path's info, references included), as `exportReferencesGraph` writes
+/// it.
+pub type Graph = Vec<ValidPathInfo>;
 
 /// Inputs of environment preparation.
 pub struct EnvInputs<'a> {
@@ -117,6 +118,48 @@ fn attrs_sh(json: &Value) -> String {
     out
 }
 
+/// Path information of every path of `closure` (which holds the references of its
+/// members), with `closureSize`, in Nix's `pathInfoToJSON` shape.
+fn closure_json(sd: &StoreDir, closure: &BTreeMap<StorePath, ValidPathInfo>) -> Value {
+    let closure_size = |start: &StorePath| {
+        let mut seen = BTreeSet::new();
+        let mut todo = vec![start];
+        let mut size = 0;
+        while let Some(p) = todo.pop() {
+            if !seen.insert(p) {
+                continue;
+            }
+            if let Some(info) = closure.get(p) {
+                size += info.nar_size;
+                todo.extend(info.references.iter());
+            }
+        }
+        size
+    };
+    Value::Array(
+        closure
+            .values()
+            .map(|info| {
+                let mut o = serde_json::Map::new();
+                o.insert("path".into(), sd.display(&info.path).into());
+                o.insert("narHash".into(), info.nar_hash.to_string().into());
+                o.insert("narSize".into(), info.nar_size.into());
+                let refs: Vec<Value> = info
+                    .references
+                    .iter()
+                    .map(|r| Value::String(sd.display(r)))
+                    .collect();
+                o.insert("references".into(), Value::Array(refs));
+                if let Some(ca) = &info.ca {
+                    o.insert("ca".into(), ca.to_string().into());
+                }
+                o.insert("closureSize".into(), closure_size(&info.path).into());
+                Value::Object(o)
+            })
+            .collect(),
+    )
+}
+
 /// Builds the environment exactly as the reference does, plus Nix's `passAsFile` and
 /// structured attributes.
 pub fn prepare_env(i: &EnvInputs<'_>) -> Result<PreparedEnv> {
@@ -171,6 +214,28 @@ pub fn prepare_env(i: &EnvInputs<'_>) -> Result<PreparedEnv> {
                 .map(|(k, v)| (k.clone(), Value::String(v.clone())))
                 .collect();
             m.insert("outputs".into(), Value::Object(outs));
+            // With structured attributes, `exportReferencesGraph` maps a name to paths, and
+            // the name receives the closure's path information (as `nix path-info --json`
+            // with closure sizes).
+            if let Some(Value::Object(graphs)) = m.get("exportReferencesGraph").cloned() {
+                for (name, paths) in graphs {
+                    let paths: Vec<&str> = match &paths {
+                        Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+                        Value::String(p) => vec![p.as_str()],
+                        _ => Vec::new(),
+                    };
+                    let mut closure: BTreeMap<StorePath, ValidPathInfo> = BTreeMap::new();
+                    for p in paths {
+                        let sp = i.store_dir.parse_path(p).map_err(|e| {
+                            Error::Invalid(format!("'exportReferencesGraph' of '{name}': {e}"))
+                        })?;
+                        for info in (i.graph)(&sp)? {
+                            closure.insert(info.path.clone(), info);
+                        }
+                    }
+                    m.insert(name, closure_json(i.store_dir, &closure));
+                }
+            }
             let attrs = sorted(&attrs);
             files.push(BuildFile {
                 name: ".attrs.sh".into(),
@@ -228,9 +293,14 @@ pub fn prepare_env(i: &EnvInputs<'_>) -> Result<PreparedEnv> {
                 ))
             })?;
             let mut text = String::new();
-            for (p, refs) in (i.graph)(&sp)? {
-                text.push_str(&format!("{}\n\n{}\n", i.store_dir.display(&p), refs.len()));
-                for r in &refs {
+            for info in (i.graph)(&sp)? {
+                let refs = &info.references;
+                text.push_str(&format!(
+                    "{}\n\n{}\n",
+                    i.store_dir.display(&info.path),
+                    refs.len()
+                ));
+                for r in refs {
                     text.push_str(&i.store_dir.display(r));
                     text.push('\n');
                 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use kiln_format::hash::{HashSink, Hasher, ParallelHashSink};
 use kiln_format::refscan::RefScanner;
+use kiln_format::signature::SecretKey;
 use kiln_format::{
     nar, ContentAddress, Derivation, FileIngestionMethod, HashAlgo, StorePath, ValidPathInfo,
 };
@@ -319,11 +320,33 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<(Vec<ValidPathInfo>, u3
             BuildMode::Normal => to_register.push(info),
         }
     }
+    // Signed with the configured keys before they become valid, as Nix does.
+    for file in &spec.settings.secret_key_files {
+        let key = std::fs::read_to_string(file)
+            .map_err(|e| Failure::misc(format!("reading secret key '{file}': {e}")))
+            .and_then(|k| {
+                SecretKey::parse(k.trim())
+                    .map_err(|e| Failure::misc(format!("secret key '{file}': {e}")))
+            })?;
+        for info in &mut to_register {
+            info.sign(store.store_dir(), &key);
+        }
+    }
     store.register_valid_paths(&to_register).map_err(|e| {
         let mut f = Failure::new(BuildStatus::OutputRejected, e.to_string());
         f.kinds = FailureKinds::default();
         f
     })?;
+    if spec.settings.auto_optimise && !store.options().auto_optimise {
+        for info in &to_register {
+            if let Err(e) = kiln_store::optimise::optimise_path(store, &info.path) {
+                tracing::warn!(
+                    "optimising '{}': {e}",
+                    store.store_dir().display(&info.path)
+                );
+            }
+        }
+    }
     Ok((to_register, rounds))
 }
 
@@ -412,10 +435,7 @@ fn write_build_file(dir: &Path, name: &str, contents: &[u8]) -> Result<(), Failu
 
 /// Closure for `exportReferencesGraph`: the closure of `p`, plus the output closures of
 /// derivations in it.
-fn export_graph(
-    store: &LocalStore,
-    p: &StorePath,
-) -> crate::Result<Vec<(StorePath, BTreeSet<StorePath>)>> {
+fn export_graph(store: &LocalStore, p: &StorePath) -> crate::Result<crate::env::Graph> {
     if !store.is_valid(p)? {
         return Err(crate::Error::Invalid(format!(
             "'exportReferencesGraph' contains an invalid path '{}'",
@@ -438,8 +458,7 @@ fn export_graph(
     }
     let mut out = Vec::new();
     for q in set {
-        let refs = store.path_info(&q)?.references;
-        out.push((q, refs));
+        out.push(store.path_info(&q)?);
     }
     Ok(out)
 }
@@ -477,6 +496,16 @@ fn build_round(
             .iter()
             .map(|p| (p.name.clone(), sd.display(&p.build_path)))
             .collect();
+        // What the builder sees: `builtins.placeholder` strings become the outputs' paths
+        // (placeholders sort before hash parts, so a redirected output's placeholder turns
+        // into its final path and then into the redirected one).
+        let mut rw = to_tmp.clone();
+        for p in plans {
+            rw.insert(
+                kiln_format::derivation::output_placeholder(&p.name),
+                sd.display(&p.path),
+            );
+        }
         let impure = |v: &str| std::env::var(v).ok();
         let graph = |p: &StorePath| export_graph(store, p);
         let prepared = prepare_env(&EnvInputs {
@@ -495,21 +524,28 @@ fn build_round(
         })?;
         for f in &prepared.files {
             let contents =
-                rewrite::rewrite_str(&String::from_utf8_lossy(&f.contents), to_tmp).into_bytes();
+                rewrite::rewrite_str(&String::from_utf8_lossy(&f.contents), &rw).into_bytes();
             write_build_file(
                 &build_dir,
                 &f.name,
-                if to_tmp.is_empty() {
+                if rw.is_empty() {
                     &f.contents
                 } else {
                     &contents
                 },
             )?;
         }
-        let env: Vec<CString> = prepared
-            .env
+        let mut env = prepared.env;
+        // `builtin:fetchurl` (kiln's own code) learns the hashed mirrors from the daemon.
+        if drv.builder.starts_with("builtin:") && !spec.settings.hashed_mirrors.is_empty() {
+            env.insert(
+                "KILN_HASHED_MIRRORS".into(),
+                spec.settings.hashed_mirrors.join(" "),
+            );
+        }
+        let env: Vec<CString> = env
             .iter()
-            .map(|(k, v)| CString::new(rewrite::rewrite_str(&format!("{k}={v}"), to_tmp)))
+            .map(|(k, v)| CString::new(rewrite::rewrite_str(&format!("{k}={v}"), &rw)))
             .collect::<Result<_, _>>()
             .map_err(|_| {
                 Failure::new(
@@ -520,7 +556,7 @@ fn build_round(
         let (program, mut args) = builder_command(drv)?;
         args = args
             .into_iter()
-            .map(|a| rewrite::rewrite_str(&a, to_tmp))
+            .map(|a| rewrite::rewrite_str(&a, &rw))
             .collect();
         let args: Vec<CString> = args
             .into_iter()
@@ -902,6 +938,84 @@ fn rejected(msg: String) -> Failure {
     }
 }
 
+/// What a fixed-output derivation produced under a wrong hash is kept as Nix 2.8 keeps it:
+/// moved to the path its actual hash gives and registered there (deriver and `ca` set), so
+/// that correcting the hash in the expression finds the result instead of fetching again.
+/// Best effort: the build fails either way, so any problem here only leaves the output to
+/// be deleted with the failed build. An output with references is not kept (its path
+/// would have to name them; fixed outputs normally have none).
+fn keep_mismatched_fixed_output(
+    spec: &JobSpec,
+    plan: &OutputPlan,
+    actual: &Path,
+    method: FileIngestionMethod,
+    got: &kiln_format::Hash,
+) {
+    let store = &spec.store;
+    let sd = store.store_dir();
+    let Ok(path) =
+        sd.make_fixed_output_path(method, got, plan.path.name(), &BTreeSet::new(), false)
+    else {
+        return;
+    };
+    if store.is_valid(&path).unwrap_or(true) {
+        return;
+    }
+    // Whoever holds the lock is producing this path; let them.
+    let Ok(Some(_lock)) = store.lock_path(&path, false) else {
+        return;
+    };
+    let kept = (|| -> Result<(), String> {
+        if store.is_valid(&path).map_err(|e| e.to_string())? {
+            return Ok(());
+        }
+        let me = (
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getegid().as_raw(),
+        );
+        fsutil::canonicalise(
+            actual,
+            fsutil::Ownership {
+                expected_uid: None,
+                target: me,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let all: Vec<StorePath> = spec.input_paths.iter().cloned().collect();
+        let mut scanner = RefScanner::new(all.iter().map(|p| p.hash_part()));
+        let mut sink = ParallelHashSink::new(HashAlgo::Sha256);
+        nar::dump(actual, &mut Tee(&mut sink, &mut scanner)).map_err(|e| e.to_string())?;
+        let (nar_hash, nar_size) = sink.finish().map_err(|e| e.to_string())?;
+        if scanner.found().next().is_some() {
+            return Ok(());
+        }
+        let real = store.real_path(&path);
+        // An invalid leftover at the path (we hold its lock): replace it.
+        if std::fs::symlink_metadata(&real).is_ok() {
+            fsutil::remove_tree(&real).map_err(|e| e.to_string())?;
+        }
+        std::fs::rename(actual, &real).map_err(|e| e.to_string())?;
+        let mut info = ValidPathInfo::new(path.clone(), nar_hash, nar_size);
+        info.deriver = Some(spec.drv_path.clone());
+        info.ultimate = true;
+        info.ca = Some(ContentAddress::Fixed(method, *got));
+        let registered = store
+            .sync()
+            .and_then(|()| store.register_valid_paths(&[info]));
+        if let Err(e) = registered {
+            let _ = fsutil::remove_tree(&real);
+            return Err(e.to_string());
+        }
+        Ok(())
+    })();
+    if let Err(e) = kept {
+        tracing::debug!(
+            "not keeping the mismatched output as '{}': {e}",
+            sd.display(&path)
+        );
+    }
+}
+
 /// Checks, rewrites back, canonicalises, hashes and scans one output.
 fn register_output(
     spec: &JobSpec,
@@ -977,6 +1091,7 @@ fn register_output(
             }
         };
         if got != f.hash {
+            keep_mismatched_fixed_output(spec, plan, &actual, f.method, &got);
             let mut fl = rejected(format!(
                 "hash mismatch in fixed-output derivation '{drv_abs}':\n  specified: {}\n     got:    {}",
                 f.hash.to_sri(),
@@ -1125,14 +1240,17 @@ fn check_references(spec: &JobSpec, infos: &[ValidPathInfo]) -> Result<(), Failu
             } else {
                 info.references.clone()
             };
-            for u in &used {
-                if set.contains(u) != allowed {
-                    return Err(rejected(format!(
-                        "output '{}' is not allowed to refer to path '{}'",
-                        sd.display(&info.path),
-                        sd.display(u)
-                    )));
-                }
+            // Every offending path is named, as Nix 2.8 does.
+            let bad: String = used
+                .iter()
+                .filter(|u| set.contains(*u) != allowed)
+                .map(|u| format!("\n  {}", sd.display(u)))
+                .collect();
+            if !bad.is_empty() {
+                return Err(rejected(format!(
+                    "output '{}' is not allowed to refer to the following paths:{bad}",
+                    sd.display(&info.path),
+                )));
             }
         }
     }

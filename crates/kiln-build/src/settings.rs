@@ -64,6 +64,13 @@ pub struct BuildSettings {
     pub build_hook: Option<String>,
     pub post_build_hook: Option<String>,
     pub build_dir: Option<PathBuf>,
+    /// Keys (files holding `name:base64` secret keys) locally built outputs are signed with.
+    pub secret_key_files: Vec<String>,
+    /// Deduplicate outputs by hard links as they are registered (also settable per client,
+    /// unlike the store-wide option).
+    pub auto_optimise: bool,
+    /// Mirrors `builtin:fetchurl` tries first for a fixed-output hash.
+    pub hashed_mirrors: Vec<String>,
     /// Who asked (for `keep-failed` ownership): never root.
     pub client: Option<(u32, u32)>,
 }
@@ -123,6 +130,9 @@ impl BuildSettings {
             build_hook: opt("build-hook"),
             post_build_hook: opt("post-build-hook"),
             build_dir: opt("build-dir").map(PathBuf::from),
+            secret_key_files: s.get_list("secret-key-files"),
+            auto_optimise: s.get_bool("auto-optimise-store"),
+            hashed_mirrors: s.get_list("hashed-mirrors"),
             client: None,
         }
     }

@@ -3,7 +3,9 @@
 //!
 //! * [`Daemon`] holds what all connections share: the store, the one scheduler (two
 //!   clients asking for the same derivation share its build), the daemon's settings and
-//!   its trust lists.
+//!   its trust lists. When the store's database is deleted or replaced under the running
+//!   daemon (a wiped state directory, a restored backup), the next client gets a freshly
+//!   opened store and scheduler; clients already connected finish on the old ones.
 //! * Each connection runs on a pooled thread: credentials from `SO_PEERCRED` decide
 //!   whether it may connect and whether it is trusted ([`peer`]); its `SetOptions` apply to
 //!   its own requests only ([`client_settings`]); [`session`] performs its operations on
@@ -26,7 +28,7 @@ pub mod session;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 
 use kiln_build::pool::Pool;
 use kiln_build::{BuildSettings, Scheduler, SchedulerConfig};
@@ -72,10 +74,27 @@ impl Default for DaemonConfig {
     }
 }
 
-/// What every connection shares.
-pub struct Daemon {
+/// The store and the scheduler building into it.
+pub(crate) struct Backend {
     pub(crate) store: Arc<LocalStore>,
     pub(crate) scheduler: Scheduler,
+}
+
+impl Backend {
+    fn start(store: Arc<LocalStore>, base: &BuildSettings) -> Backend {
+        let scheduler = Scheduler::start(SchedulerConfig {
+            store: store.clone(),
+            max_jobs: base.max_jobs,
+            max_substitution_jobs: base.max_substitution_jobs,
+            substituter: None,
+        });
+        Backend { store, scheduler }
+    }
+}
+
+/// What every connection shares.
+pub struct Daemon {
+    backend: RwLock<Arc<Backend>>,
     pub(crate) settings: Settings,
     pub(crate) base: Arc<BuildSettings>,
     pub(crate) uid: u32,
@@ -89,7 +108,7 @@ pub struct Daemon {
 
 impl std::fmt::Debug for Daemon {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Daemon({})", self.store.store_dir().as_str())
+        write!(f, "Daemon({})", self.store().store_dir().as_str())
     }
 }
 
@@ -98,19 +117,12 @@ impl Daemon {
     /// `--option`).
     pub fn new(store: Arc<LocalStore>, settings: Settings, cfg: DaemonConfig) -> Arc<Daemon> {
         let base = BuildSettings::from_settings(&settings);
-        let scheduler = Scheduler::start(SchedulerConfig {
-            store: store.clone(),
-            max_jobs: base.max_jobs,
-            max_substitution_jobs: base.max_substitution_jobs,
-            substituter: None,
-        });
         let protocol = ServerConfig {
             store_dir: store.store_dir().clone(),
             version_string: cfg.version_string.clone(),
         };
         Arc::new(Daemon {
-            store,
-            scheduler,
+            backend: RwLock::new(Arc::new(Backend::start(store, &base))),
             settings,
             base: Arc::new(base),
             uid: rustix::process::geteuid().as_raw(),
@@ -123,13 +135,52 @@ impl Daemon {
         })
     }
 
-    pub fn store(&self) -> &Arc<LocalStore> {
-        &self.store
+    /// The store clients are served from now.
+    pub fn store(&self) -> Arc<LocalStore> {
+        self.current().store.clone()
+    }
+
+    fn current(&self) -> Arc<Backend> {
+        self.backend
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The backend for a new connection: the current one, or a freshly opened store and
+    /// scheduler if the database was deleted or replaced since (one `stat` per
+    /// connection).
+    pub(crate) fn backend_for_connection(&self) -> Result<Arc<Backend>, Error> {
+        let b = self.current();
+        if !b.store.database_replaced() {
+            return Ok(b);
+        }
+        let mut w = self.backend.write().unwrap_or_else(PoisonError::into_inner);
+        if w.store.database_replaced() {
+            tracing::info!(
+                "the database in {} was replaced; reopening the store",
+                w.store.layout().db_dir().display()
+            );
+            let store = Arc::new(w.store.reopen()?);
+            // The old scheduler stops when its last connection drops it.
+            *w = Arc::new(Backend::start(store, &self.base));
+        }
+        Ok(w.clone())
+    }
+
+    /// The client's profile and GC-root directories (Nix's `createUser`, run for every
+    /// connection); a failure is the daemon's problem, not a reason to refuse the client.
+    fn ensure_user_dirs(&self, b: &Backend, peer: &Peer) {
+        if let Some(user) = &peer.user {
+            if let Err(e) = b.store.ensure_user_dirs(user, peer.uid) {
+                tracing::warn!("{e}");
+            }
+        }
     }
 
     /// Stops building: running builders are killed, waiting clients get errors.
     pub fn stop(&self) {
-        self.scheduler.stop();
+        self.current().scheduler.stop();
     }
 
     /// A fresh activity id (unique within this daemon, like Nix's pid-prefixed ids).
@@ -225,12 +276,22 @@ impl Daemon {
             source: e,
         })?;
         use std::os::fd::AsFd;
+        let backend = self.backend_for_connection()?;
+        self.ensure_user_dirs(&backend, &peer);
         let summary = kiln_protocol::serve(
             Box::new(r),
             Box::new(w),
             Some(stream.as_fd()),
             &self.protocol,
-            |hello| Ok(session::Session::new(self, peer.clone(), trust, hello)),
+            |hello| {
+                Ok(session::Session::new(
+                    self,
+                    backend.clone(),
+                    peer.clone(),
+                    trust,
+                    hello,
+                ))
+            },
         )?;
         tracing::debug!("{} operations from {}", summary.ops, peer.shown());
         Ok(())
@@ -242,6 +303,8 @@ impl Daemon {
         let uid = rustix::process::getuid().as_raw();
         let gid = rustix::process::getgid().as_raw();
         let peer = Peer::from_ids(Some(std::process::id()), uid, gid);
+        let backend = self.backend_for_connection()?;
+        self.ensure_user_dirs(&backend, &peer);
         let summary = kiln_protocol::serve(
             Box::new(std::io::stdin()),
             Box::new(std::io::stdout()),
@@ -250,6 +313,7 @@ impl Daemon {
             |hello| {
                 Ok(session::Session::new(
                     self,
+                    backend.clone(),
                     peer.clone(),
                     Trust::Trusted,
                     hello,

@@ -24,7 +24,7 @@ use kiln_store::{AddOptions, LocalStore, Settings};
 use crate::client_settings;
 use crate::peer::{Peer, Trust};
 use crate::progress::Progress;
-use crate::{remote, Daemon};
+use crate::{remote, Backend, Daemon};
 
 /// Largest text (`AddTextToStore`, `text:` `AddToStore`) taken into memory: `.drv` files
 /// and the like; anything bigger is refused rather than buffered.
@@ -33,6 +33,7 @@ const MAX_TEXT: u64 = 64 << 20;
 /// A connection's state.
 pub struct Session<'d> {
     d: &'d Daemon,
+    b: Arc<Backend>,
     peer: Peer,
     trust: Trust,
     guix: bool,
@@ -53,7 +54,7 @@ impl std::fmt::Debug for Session<'_> {
 impl Drop for Session<'_> {
     fn drop(&mut self) {
         for p in self.roots.drain(..) {
-            self.d.store.remove_temp_root(&p);
+            self.b.store.remove_temp_root(&p);
         }
     }
 }
@@ -69,11 +70,18 @@ fn not_privileged(what: &str) -> RemoteError {
 }
 
 impl<'d> Session<'d> {
-    pub fn new(d: &'d Daemon, peer: Peer, trust: Trust, hello: Hello) -> Session<'d> {
+    pub(crate) fn new(
+        d: &'d Daemon,
+        b: Arc<Backend>,
+        peer: Peer,
+        trust: Trust,
+        hello: Hello,
+    ) -> Session<'d> {
         let mut build = (*d.base).clone();
         build.client = Some((peer.uid, peer.gid));
         Session {
             d,
+            b,
             peer,
             trust,
             guix: hello.version.is_guix(),
@@ -89,7 +97,7 @@ impl<'d> Session<'d> {
     }
 
     fn store(&self) -> &LocalStore {
-        &self.d.store
+        &self.b.store
     }
 
     /// Records a temporary root an `add_*` left for us.
@@ -177,7 +185,7 @@ impl<'d> Session<'d> {
         });
         let done = tx.clone();
         let id = self
-            .d
+            .b
             .scheduler
             .submit_with(
                 kiln_build::Request {
@@ -205,14 +213,14 @@ impl<'d> Session<'d> {
                 Ok(ConnMsg::Event(e)) => {
                     if progress.event(io, &e).is_err() {
                         // The client is gone: nobody reads the answer.
-                        self.d.scheduler.cancel(id);
+                        self.b.scheduler.cancel(id);
                         break Err(remote("the client disconnected"));
                     }
                 }
                 Ok(ConnMsg::Done(r)) => break Ok(r),
                 Ok(ConnMsg::Hangup) | Err(_) => {
                     // Its goals are cancelled unless another client still wants them.
-                    self.d.scheduler.cancel(id);
+                    self.b.scheduler.cancel(id);
                     break Err(remote("the client disconnected"));
                 }
             }
@@ -234,12 +242,16 @@ impl<'d> Session<'d> {
     /// The error Nix 2.8's `buildPaths` raises for a failed request.
     fn build_error(&self, r: &RequestResult) -> RemoteError {
         let sd = self.store().store_dir();
-        let failed: Vec<(&Target, &BuildResult)> = r
+        // One entry per failed derivation or path (two targets naming different outputs of
+        // one derivation are one goal in Nix, so one failure).
+        let mut failed: Vec<(&Target, &BuildResult)> = r
             .results
             .iter()
             .filter(|(_, x)| !x.success())
             .map(|(t, x)| (t, x))
             .collect();
+        failed.sort_by(|a, b| a.0.path().cmp(b.0.path()));
+        failed.dedup_by(|a, b| a.0.path() == b.0.path());
         let status = r.exit_code() as u64;
         let status = if status == 0 { 1 } else { status };
         if let [(_, one)] = failed[..] {
@@ -270,14 +282,16 @@ impl<'d> Session<'d> {
             stop_time: r.stop_time,
             built_outputs: Vec::new(),
         };
-        let drv = match target {
-            Target::Derivation { drv, .. } => Some(drv),
-            Target::Basic { drv_path, .. } => Some(drv_path),
-            Target::Path(_) => None,
+        // As Nix: only the outputs the client asked for (all when it named none).
+        let (drv, wanted) = match target {
+            Target::Derivation { drv, outputs } => (Some(drv), Some(outputs)),
+            Target::Basic { drv_path, .. } => (Some(drv_path), None),
+            Target::Path(_) => (None, None),
         };
+        let wanted = |name: &String| wanted.is_none_or(|w| w.is_empty() || w.contains(name));
         if let (Some(drv), true) = (drv, r.success()) {
             if let Ok(h) = self.store().derivation_hash(drv) {
-                for (name, p) in &r.outputs {
+                for (name, p) in r.outputs.iter().filter(|(n, _)| wanted(n)) {
                     let id = format!("sha256:{}!{name}", h.to_base16());
                     let json = kiln_protocol::ops::realisation_json(&id, p);
                     w.built_outputs.push((id, json));
@@ -288,7 +302,7 @@ impl<'d> Session<'d> {
     }
 
     fn add_to_store(&mut self, a: AddToStore, io: &mut OpIo<'_>) -> Result<Reply, RemoteError> {
-        let store = self.d.store.clone();
+        let store = self.b.store.clone();
         match a {
             AddToStore::Ca {
                 name,
@@ -404,7 +418,7 @@ impl<'d> Session<'d> {
         check_sigs: bool,
         io: &mut OpIo<'_>,
     ) -> Result<Reply, RemoteError> {
-        let store = self.d.store.clone();
+        let store = self.b.store.clone();
         let sd = store.store_dir().clone();
         // Nix ≥ 1.16 layout inside the frames: count, then (info with path, NAR) × count.
         let v = kiln_protocol::Version(0x122);
@@ -528,7 +542,7 @@ impl Drop for HangupWatch {
 
 impl kiln_protocol::Handler for Session<'_> {
     fn handle(&mut self, req: Request, io: &mut OpIo<'_>) -> Result<Reply, RemoteError> {
-        let store = self.d.store.clone();
+        let store = self.b.store.clone();
         let sd = store.store_dir().clone();
         let sorted = |s: BTreeSet<StorePath>| Reply::Paths(s.into_iter().collect());
         match req {
@@ -855,7 +869,7 @@ impl Session<'_> {
             WireGc::DeleteSpecific => GcAction::DeleteSpecific(g.paths.into_iter().collect()),
         };
         let r = gc::collect_garbage(
-            &self.d.store,
+            &self.b.store,
             &GcOptions {
                 action,
                 max_freed: g.max_freed,

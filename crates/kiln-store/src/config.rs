@@ -596,6 +596,13 @@ pub const SETTINGS: &[Def] = &[
         help: "keys to sign locally built paths with",
     },
     Def {
+        name: "hashed-mirrors",
+        aliases: &[],
+        kind: Kind::List,
+        default: "",
+        help: "mirrors builtin:fetchurl tries first for fixed-output downloads (URL/ALGO/HASH)",
+    },
+    Def {
         name: "min-free",
         aliases: &[],
         kind: Kind::Int,

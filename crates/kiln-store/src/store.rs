@@ -166,6 +166,36 @@ pub struct LocalStore {
     counter: AtomicU64,
     store_fd: OwnedFd,
     _big_lock: Option<FdLock>,
+    /// Device and inode of `db.sqlite` when it was opened (see `database_replaced`).
+    db_identity: Option<(u64, u64)>,
+}
+
+/// Creates the store's directories that are missing (as Nix does each time it opens a
+/// store, so that a deleted `profiles/` or `.links` comes back).
+fn ensure_state_dirs(layout: &Layout) -> Result<()> {
+    fsutil::ensure_dir(&layout.real_store_dir, 0o755)?;
+    for d in [
+        layout.real_store_dir.join(".links"),
+        layout.state_dir.clone(),
+        layout.gcroots_dir().join("auto"),
+        layout.gcroots_dir().join("per-user"),
+        layout.temproots_dir(),
+        layout.profiles_dir().join("per-user"),
+        layout.log_dir.join("drvs"),
+    ] {
+        fsutil::ensure_dir(&d, 0o755)?;
+    }
+    let link = layout.gcroots_dir().join("profiles");
+    if std::fs::symlink_metadata(&link).is_err() {
+        let _ = std::os::unix::fs::symlink(layout.profiles_dir(), &link);
+    }
+    Ok(())
+}
+
+/// Device and inode of a file, if it exists.
+fn file_identity(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
 }
 
 fn now() -> i64 {
@@ -179,21 +209,7 @@ impl LocalStore {
     /// Opens the store, creating its directories and database if needed.
     pub fn open(layout: Layout, opts: StoreOptions) -> Result<LocalStore> {
         if !opts.read_only {
-            fsutil::ensure_dir(&layout.real_store_dir, 0o755)?;
-            for d in [
-                layout.state_dir.clone(),
-                layout.gcroots_dir(),
-                layout.gcroots_dir().join("auto"),
-                layout.temproots_dir(),
-                layout.profiles_dir(),
-                layout.log_dir.join("drvs"),
-            ] {
-                fsutil::ensure_dir(&d, 0o755)?;
-            }
-            let link = layout.gcroots_dir().join("profiles");
-            if std::fs::symlink_metadata(&link).is_err() {
-                let _ = std::os::unix::fs::symlink(layout.profiles_dir(), &link);
-            }
+            ensure_state_dirs(&layout)?;
         }
         let store_fd = openat(
             CWD,
@@ -245,8 +261,52 @@ impl LocalStore {
             counter: AtomicU64::new(0),
             store_fd,
             _big_lock: big_lock,
+            db_identity: None,
         };
+        let mut store = store;
+        store.db_identity = file_identity(&store.layout.db_dir().join("db.sqlite"));
         Ok(store)
+    }
+
+    /// Whether the database this store opened has since been deleted or replaced (the
+    /// state directory wiped, a backup restored). A long-lived process (the daemon) checks
+    /// this when a client connects and reopens the store: Nix's daemon reopened the store
+    /// for every client, so clients expect to see the store as it is on disk now.
+    pub fn database_replaced(&self) -> bool {
+        !self.opts.read_only
+            && file_identity(&self.layout.db_dir().join("db.sqlite")) != self.db_identity
+    }
+
+    /// Makes sure the store's directories and `user`'s own profile and GC-root directories
+    /// (`profiles/per-user/USER`, `gcroots/per-user/USER`, owned by `uid` when we are root)
+    /// exist, as Nix's daemon does for every client: `nix-env` takes its profile lock
+    /// there. Two `stat`s when everything is in place.
+    pub fn ensure_user_dirs(&self, user: &str, uid: u32) -> Result<()> {
+        if self.opts.read_only || user.is_empty() || user.contains('/') || user.starts_with('.') {
+            return Ok(());
+        }
+        let dirs = [
+            self.layout.profiles_dir().join("per-user").join(user),
+            self.layout.gcroots_dir().join("per-user").join(user),
+        ];
+        if dirs.iter().all(|d| d.is_dir()) && self.layout.real_store_dir.join(".links").is_dir() {
+            return Ok(());
+        }
+        ensure_state_dirs(&self.layout)?;
+        let root = rustix::process::geteuid().is_root();
+        for d in dirs {
+            fsutil::ensure_dir(&d, 0o755)?;
+            if root {
+                std::os::unix::fs::chown(&d, Some(uid), None)
+                    .map_err(|e| Error::io(&d, "change the owner of", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens this store again, with the same layout and options.
+    pub fn reopen(&self) -> Result<LocalStore> {
+        LocalStore::open(self.layout.clone(), self.opts.clone())
     }
 
     pub fn layout(&self) -> &Layout {

@@ -260,20 +260,20 @@ fn reference_restrictions() {
     let o = case("allowedReferences = \"\"");
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        stderr(&o).contains("is not allowed to refer to path"),
+        stderr(&o).contains("is not allowed to refer to the following paths:"),
         "{}",
         stderr(&o)
     );
     let o = case("disallowedReferences = \"${mid}\"");
     assert!(
-        stderr(&o).contains("is not allowed to refer to path"),
+        stderr(&o).contains("is not allowed to refer to the following paths:"),
         "{}",
         stderr(&o)
     );
     // Requisites are transitive: `dep` is reached through `mid`.
     let o = case("disallowedRequisites = \"${dep}\"");
     assert!(
-        stderr(&o).contains("is not allowed to refer to path"),
+        stderr(&o).contains("is not allowed to refer to the following paths:"),
         "{}",
         stderr(&o)
     );

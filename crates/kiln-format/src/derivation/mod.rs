@@ -268,3 +268,25 @@ fn parse_fixed(algo: &str, hash: &str) -> Result<FixedOutputHash, Error> {
     let hash = Hash::parse_digest(algo, hash)?;
     Ok(FixedOutputHash { method, hash })
 }
+
+/// The string `builtins.placeholder NAME` puts into a derivation for its output `NAME`
+/// (`/` and the base-32 SHA-256 of `nix-output:NAME`); the daemon replaces it with the
+/// output's path in the builder's arguments and environment.
+pub fn output_placeholder(output: &str) -> String {
+    format!(
+        "/{}",
+        crate::Hash::sha256(format!("nix-output:{output}").as_bytes()).to_base32()
+    )
+}
+
+#[cfg(test)]
+mod placeholder_tests {
+    #[test]
+    fn placeholder_matches_nix() {
+        // `nix eval --raw --expr 'builtins.placeholder "out"'` with Nix 2.8.
+        assert_eq!(
+            super::output_placeholder("out"),
+            "/1rz4g4znpzjwh1xymhjpm42vipw92pr73vdgl6xs1hycac8kf2n9"
+        );
+    }
+}

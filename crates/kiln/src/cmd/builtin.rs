@@ -6,6 +6,7 @@
 //!   first that works) over `http://`, `https://` (certificates verified: CVE-2024-47174) or
 //!   `file://` into `$out`; `executable=1` makes it executable; `unpack=1` restores a NAR.
 //!   The daemon checks the fixed-output hash afterwards.
+//! * `buildenv` (Nix): assemble a `nix-env` user environment; see [`super::buildenv`].
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -54,17 +55,53 @@ fn fetch(url: &str) -> anyhow::Result<Box<dyn Read>> {
     bail!("unsupported URL scheme in '{url}'")
 }
 
+/// `MIRROR/ALGO/BASE16-HASH` for each hashed mirror the daemon passed (Nix's
+/// `hashed-mirrors`), tried first for a flat fixed-output download.
+fn hashed_mirror_urls() -> Vec<String> {
+    let (Ok(mirrors), Ok(hash)) = (
+        std::env::var("KILN_HASHED_MIRRORS"),
+        std::env::var("outputHash"),
+    ) else {
+        return Vec::new();
+    };
+    if std::env::var("outputHashMode").is_ok_and(|m| m != "flat") {
+        return Vec::new();
+    }
+    let algo = std::env::var("outputHashAlgo")
+        .ok()
+        .and_then(|a| a.parse::<kiln_format::HashAlgo>().ok());
+    let Ok(h) = kiln_format::Hash::parse_any(&hash, algo) else {
+        return Vec::new();
+    };
+    mirrors
+        .split_whitespace()
+        .map(|m| format!("{}/{}/{}", m.trim_end_matches('/'), h.algo(), h.to_base16()))
+        .collect()
+}
+
 pub fn run(name: &str) -> anyhow::Result<ExitCode> {
     match name {
         "fetchurl" | "download" => {}
+        "buildenv" => return super::buildenv::run(),
+        "unpack-channel" => return super::unpack_channel::run(),
         other => bail!("unsupported builtin function '{other}'"),
     }
     let out = std::env::var("out").context("the derivation has no 'out'")?;
     let mut last = None;
-    for url in urls()? {
-        eprintln!("downloading '{url}'...");
+    let mirrors = hashed_mirror_urls();
+    let n_mirrors = mirrors.len();
+    for (i, url) in mirrors.into_iter().chain(urls()?).enumerate() {
+        let mirror = i < n_mirrors;
+        if !mirror {
+            eprintln!("downloading '{url}'...");
+        }
         let mut r = match fetch(&url) {
             Ok(r) => r,
+            // A mirror without the file is normal: quietly on to the next URL.
+            Err(e) if mirror => {
+                tracing::debug!("{e:#}");
+                continue;
+            }
             Err(e) => {
                 eprintln!("{e:#}");
                 last = Some(e);

@@ -1,6 +1,7 @@
 //! The subcommands.
 
 mod build;
+pub mod buildenv;
 mod builtin;
 mod common;
 mod daemon;
@@ -9,6 +10,7 @@ mod hash;
 mod nar;
 mod store;
 mod store_path;
+pub mod unpack_channel;
 
 pub use common::StoreArgs;
 
