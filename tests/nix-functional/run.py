@@ -146,6 +146,8 @@ def main():
     p.add_argument("--timeout", type=int, default=300)
     p.add_argument("--baseline")
     p.add_argument("--write-baseline")
+    p.add_argument("--known-failures", help="tests of the baseline kiln does not pass yet, one per line "
+                   "with the reason after '#': reported, not fatal")
     p.add_argument("--verbose", action="store_true", help="print the log of every failing test")
     a = p.parse_args()
     src = a.src or fetch_source()
@@ -184,7 +186,19 @@ def main():
             f.write("\n".join(passed) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     if a.baseline:
-        failed = [n for n in names if results.get(n) != "PASS"]
+        known = {}
+        if a.known_failures:
+            for line in open(a.known_failures):
+                name, _, why = line.partition("#")
+                if name.strip():
+                    known[name.strip()] = why.strip()
+        failed = [n for n in names if results.get(n) != "PASS" and n not in known]
+        for n in names:
+            if n in known and results.get(n) != "PASS":
+                print(f"known failure: {n}: {known[n]}")
+        fixed = [n for n in names if n in known and results.get(n) == "PASS"]
+        if fixed:
+            print("listed as known failures but now pass (remove them from the list): " + " ".join(fixed))
         if failed:
             print("expected to pass (they pass with Nix 2.8's daemon): " + " ".join(failed))
             return 1

@@ -245,9 +245,12 @@ pub fn prepare_env(i: &EnvInputs<'_>) -> Result<PreparedEnv> {
                 name: ".attrs.json".into(),
                 contents: attrs.to_string().into_bytes(),
             });
-            env.insert("ATTRS_SH_FILE".into(), format!("{}/.attrs.sh", i.build_top));
             env.insert(
-                "ATTRS_JSON_FILE".into(),
+                "NIX_ATTRS_SH_FILE".into(),
+                format!("{}/.attrs.sh", i.build_top),
+            );
+            env.insert(
+                "NIX_ATTRS_JSON_FILE".into(),
                 format!("{}/.attrs.json", i.build_top),
             );
         }

@@ -146,6 +146,11 @@ pub fn run(spec: JobSpec, ctl: &JobControl) -> (BuildResult, Vec<ValidPathInfo>)
             for (name, p) in spec.drv.output_paths() {
                 r.outputs.insert(name.to_string(), p.clone());
             }
+            if let Err(msg) = run_post_build_hook(&spec) {
+                // As Nix: the outputs stay valid, the build is reported failed.
+                r = BuildResult::new(BuildStatus::MiscFailure);
+                r.error = msg;
+            }
             r.start_time = start;
             r.stop_time = now();
             return (r, infos);
@@ -161,6 +166,45 @@ pub fn run(spec: JobSpec, ctl: &JobControl) -> (BuildResult, Vec<ValidPathInfo>)
     res.start_time = start;
     res.stop_time = now();
     (res, Vec::new())
+}
+
+/// Runs `post-build-hook` (configured by the administrator or a trusted client) after a
+/// successful build, with `DRV_PATH` and `OUT_PATHS` (space-separated) in the daemon's
+/// environment; its output goes to the build log.
+fn run_post_build_hook(spec: &JobSpec) -> Result<(), String> {
+    let Some(hook) = &spec.settings.post_build_hook else {
+        return Ok(());
+    };
+    let sd = spec.store.store_dir();
+    let outs: Vec<String> = spec
+        .drv
+        .output_paths()
+        .map(|(_, p)| sd.display(p))
+        .collect();
+    (spec.events)(JobEvent::Log(Arc::from(
+        format!("running post-build-hook '{hook}'\n").into_bytes(),
+    )));
+    let out = std::process::Command::new(hook)
+        .env("DRV_PATH", sd.display(&spec.drv_path))
+        .env("OUT_PATHS", outs.join(" "))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("running post-build-hook '{hook}': {e}"))?;
+    for chunk in [&out.stdout, &out.stderr] {
+        if !chunk.is_empty() {
+            (spec.events)(JobEvent::Log(Arc::from(chunk.as_slice())));
+        }
+    }
+    if !out.status.success() {
+        return Err(format!(
+            "program '{hook}' {}",
+            match out.status.code() {
+                Some(c) => format!("failed with exit code {c}"),
+                None => "was killed by a signal".to_string(),
+            }
+        ));
+    }
+    Ok(())
 }
 
 /// The path the builder writes instead of a valid output: same length, another hash
@@ -1051,17 +1095,15 @@ fn register_output(
         )));
     }
     let fixed = spec.drv.fixed_output().copied();
-    // Redirected outputs are rewritten back; fixed outputs are copied to fresh inodes so that
-    // no descriptor the builder passed on can reach the registered path (CVE-2024-27297).
-    if plan.redirected || fixed.is_some() {
+    // Redirected outputs are rewritten back, and so is any output of the same build (a
+    // sibling may refer to a redirected output by its temporary path); fixed outputs are
+    // copied to fresh inodes so that no descriptor the builder passed on can reach the
+    // registered path (CVE-2024-27297).
+    if plan.redirected || fixed.is_some() || !from_tmp.is_empty() {
         let mut scratch = store
             .scratch_path(plan.path.name())
             .map_err(Failure::misc)?;
-        let rewrites = if plan.redirected {
-            from_tmp.clone()
-        } else {
-            BTreeMap::new()
-        };
+        let rewrites = from_tmp.clone();
         rewrite::copy_tree(&actual, scratch.real(), &rewrites).map_err(Failure::misc)?;
         fsutil::remove_tree(&actual).map_err(Failure::misc)?;
         std::fs::rename(scratch.real(), &actual)

@@ -174,8 +174,11 @@ impl TempRoots {
             }
         }
         // A long-lived process (the daemon) would otherwise keep every root it ever had in
-        // its file, and other processes' collectors would never free those paths.
-        if inner.stale > 1024 && inner.stale > inner.counts.len() {
+        // its file, and other processes' collectors would never free those paths (Nix's
+        // per-client process took its file with it when the client left). Rewriting once
+        // stale entries are as many as live ones costs O(1) per removal, amortised, and
+        // leaves an idle daemon's file empty.
+        if inner.stale > 0 && inner.stale >= inner.counts.len() {
             self.compact(store, &mut inner);
         }
     }

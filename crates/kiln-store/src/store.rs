@@ -811,6 +811,38 @@ impl LocalStore {
                 info.nar_size
             )));
         }
+        // A content address is a claim about the contents, not only about the path name:
+        // a narinfo that pairs one path's CA with another path's NAR (its NarHash matching
+        // that NAR) must not make the wrong contents valid under the claimed path.
+        if let Some(ca) = &info.ca {
+            let (method, want) = match ca {
+                ContentAddress::Text(h) => (FileIngestionMethod::Flat, h),
+                ContentAddress::Fixed(m, h) => (*m, h),
+            };
+            let got = match method {
+                FileIngestionMethod::Recursive if want.algo() == HashAlgo::Sha256 => hash,
+                FileIngestionMethod::Recursive => {
+                    let mut h = HashSink::new(want.algo());
+                    nar::dump(&tmp.real, &mut h)?;
+                    h.finish().0
+                }
+                FileIngestionMethod::Flat => {
+                    let mut f = std::fs::File::open(&tmp.real)
+                        .map_err(|e| Error::io(&tmp.real, "open", e))?;
+                    let mut h = Hasher::new(want.algo());
+                    std::io::copy(&mut f, &mut h).map_err(|e| Error::io(&tmp.real, "read", e))?;
+                    h.finish()
+                }
+            };
+            if &got != want {
+                return Err(Error::Invalid(format!(
+                    "ca hash mismatch importing path '{}';\n  specified: {}\n  got:       {}",
+                    sd.display(&info.path),
+                    want,
+                    got
+                )));
+            }
+        }
         let mut info = info.clone();
         info.nar_size = size;
         self.install(tmp, info, opts)

@@ -246,3 +246,39 @@ fn invalid_names_are_refused() {
         .parse_path(&format!("{}/not-a-store-path", s.store_dir()))
         .is_err());
 }
+
+#[test]
+fn content_address_must_match_the_contents() {
+    // Nix's substitute-with-invalid-ca: a narinfo with one path's CA and another path's
+    // NAR (whose NarHash it carries, so the NAR hash checks out).
+    let d = tempfile::tempdir().unwrap();
+    let s = new_store(d.path());
+    let sd = s.store_dir().clone();
+    let before = listing(&s);
+    let good = b"I am a good path\n";
+    let ca = kiln_format::ContentAddress::Text(Hash::sha256(good));
+    let path = sd
+        .ca_path("good.txt", &ca, &BTreeSet::new(), false)
+        .unwrap();
+    let bad_nar = Node::file("I am a bad path\n").to_nar();
+    let mut info = ValidPathInfo::new(path.clone(), Hash::sha256(&bad_nar), bad_nar.len() as u64);
+    info.ca = Some(ca);
+    let e = s
+        .add_nar(&info, &mut bad_nar.as_slice(), AddOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ca hash mismatch importing path"), "{e}");
+    assert!(!s.is_valid(&path).unwrap());
+    assert_eq!(
+        listing(&s),
+        before,
+        "the refused path left files in the store"
+    );
+    // The honest NAR is accepted.
+    let good_nar = Node::file(std::str::from_utf8(good).unwrap()).to_nar();
+    let mut info = ValidPathInfo::new(path.clone(), Hash::sha256(&good_nar), good_nar.len() as u64);
+    info.ca = Some(ca);
+    s.add_nar(&info, &mut good_nar.as_slice(), AddOptions::default())
+        .unwrap();
+    assert!(s.is_valid(&path).unwrap());
+}
