@@ -22,7 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def kiln_bin():
-    return os.path.join(ROOT, "target", "release", "kiln")
+    # $KILN_BIN: a copy of the binary, so a long run is unaffected by rebuilds meanwhile.
+    return os.environ.get("KILN_BIN") or os.path.join(ROOT, "target", "release", "kiln")
 
 
 def build_kiln():
@@ -377,7 +378,7 @@ def bench_build(args):
 
 
 def bench_client():
-    return os.path.join(ROOT, "target", "release", "examples", "bench_client")
+    return os.environ.get("KILN_BENCH_CLIENT") or os.path.join(ROOT, "target", "release", "examples", "bench_client")
 
 
 def proc_cpu(pid):
@@ -425,8 +426,9 @@ class Daemon:
 
 def bench_daemon(args):
     print("## daemon: kiln daemon vs nix-daemon (Nix 2.8), same store, same clients\n", flush=True)
-    subprocess.run(["cargo", "build", "--release", "-p", "kiln-protocol", "--example", "bench_client"],
-                   cwd=ROOT, check=True, capture_output=True)
+    if not os.environ.get("KILN_BENCH_CLIENT"):
+        subprocess.run(["cargo", "build", "--release", "-p", "kiln-protocol", "--example", "bench_client"],
+                       cwd=ROOT, check=True, capture_output=True)
     work = os.path.join(args.dir, "daemon-bench")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)

@@ -1,7 +1,7 @@
 //! A small native client for the daemon benchmarks (`bench/run.py daemon`):
 //!
 //!     bench_client SOCKET STORE_DIR query PATH CONNECTIONS QUERIES_PER_CONNECTION
-//!     bench_client SOCKET STORE_DIR connect THREADS CONNECTIONS_PER_THREAD
+//!     bench_client SOCKET STORE_DIR connect PATH THREADS CONNECTIONS_PER_THREAD
 //!
 //! `query` runs `QueryPathInfo` in a loop on each connection; `connect` opens connections
 //! (handshake + one `IsValidPath`) and closes them. Prints `operations seconds`.
