@@ -982,6 +982,25 @@ fn rejected(msg: String) -> Failure {
     }
 }
 
+/// The daemon's effective user and group: outputs end up owned by them.
+fn daemon_ids() -> (u32, u32) {
+    (
+        rustix::process::geteuid().as_raw(),
+        rustix::process::getegid().as_raw(),
+    )
+}
+
+/// Canonicalises an output for registration, owned by `owner`.
+fn canonicalise_for(path: &Path, owner: (u32, u32)) -> kiln_store::Result<()> {
+    fsutil::canonicalise(
+        path,
+        fsutil::Ownership {
+            expected_uid: None,
+            target: owner,
+        },
+    )
+}
+
 /// What a fixed-output derivation produced under a wrong hash is kept as Nix 2.8 keeps it:
 /// moved to the path its actual hash gives and registered there (deriver and `ca` set), so
 /// that correcting the hash in the expression finds the result instead of fetching again.
@@ -1013,18 +1032,7 @@ fn keep_mismatched_fixed_output(
         if store.is_valid(&path).map_err(|e| e.to_string())? {
             return Ok(());
         }
-        let me = (
-            rustix::process::geteuid().as_raw(),
-            rustix::process::getegid().as_raw(),
-        );
-        fsutil::canonicalise(
-            actual,
-            fsutil::Ownership {
-                expected_uid: None,
-                target: me,
-            },
-        )
-        .map_err(|e| e.to_string())?;
+        canonicalise_for(actual, daemon_ids()).map_err(|e| e.to_string())?;
         let all: Vec<StorePath> = spec.input_paths.iter().cloned().collect();
         let mut scanner = RefScanner::new(all.iter().map(|p| p.hash_part()));
         let mut sink = ParallelHashSink::new(HashAlgo::Sha256);
@@ -1143,20 +1151,10 @@ fn register_output(
             return Err(fl);
         }
     }
-    let me = (
-        rustix::process::geteuid().as_raw(),
-        rustix::process::getegid().as_raw(),
-    );
+    let me = daemon_ids();
     let t0 = std::time::Instant::now();
     let canonicalise = || {
-        let r = fsutil::canonicalise(
-            &actual,
-            fsutil::Ownership {
-                expected_uid: None,
-                target: me,
-            },
-        )
-        .map_err(|e| rejected(e.to_string()));
+        let r = canonicalise_for(&actual, me).map_err(|e| rejected(e.to_string()));
         (r, t0.elapsed())
     };
     // NAR hash and references in one pass over the NAR: reading and scanning on this thread,
