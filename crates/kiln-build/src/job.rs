@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -227,7 +226,8 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<(Vec<ValidPathInfo>, u3
     let store = &spec.store;
     let sd = store.store_dir();
     let layout = store.layout();
-    if layout.real_store_dir != Path::new(sd.as_str()) {
+    let sandboxed = use_sandbox(spec)?;
+    if !sandboxed && layout.real_store_dir != Path::new(sd.as_str()) {
         return Err(Failure::misc(format!(
             "cannot build '{}' without the sandbox: the store's files are at '{}', not at its logical location '{}'",
             sd.display(&spec.drv_path),
@@ -403,6 +403,36 @@ fn discard_outputs(spec: &JobSpec, plans: &[OutputPlan]) {
     }
 }
 
+/// Whether this build runs in the sandbox: wanted by the settings and the derivation, and
+/// possible here (else, with `sandbox-fallback`, a warning and no sandbox, as Nix does).
+fn use_sandbox(spec: &JobSpec) -> Result<bool, Failure> {
+    let wanted = crate::sandbox::wanted(&spec.settings, &spec.drv).map_err(|e| {
+        let mut f = Failure::new(
+            BuildStatus::InputRejected,
+            format!("{e} ('{}')", spec.store.store_dir().display(&spec.drv_path)),
+        );
+        f.kinds.permanent = true;
+        f
+    })?;
+    if !wanted {
+        return Ok(false);
+    }
+    match kiln_sandbox::supported() {
+        Ok(()) => Ok(true),
+        Err(e) if spec.settings.sandbox_fallback => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!("the build sandbox is not available here ({e}); building without it")
+            });
+            Ok(false)
+        }
+        Err(e) => Err(Failure::misc(format!(
+            "the build sandbox is not available here ({e}); set 'sandbox = false' or \
+             'sandbox-fallback = true' to build without it"
+        ))),
+    }
+}
+
 /// Creates the build directory: `<builds>/kiln-build-<drv name>-<n>`, inside a directory
 /// only the daemon's user can enter (CVE-2025-52991: no predictable names in a shared
 /// `/tmp`, so nobody can squat or symlink them).
@@ -535,7 +565,26 @@ fn build_round(
     let build_dir = make_build_dir(spec)?;
     let mut keep_dir = false;
     let result = (|| {
-        let top = build_dir.to_string_lossy().into_owned();
+        let sandbox = if use_sandbox(spec)? {
+            Some(
+                crate::sandbox::BuildSandbox::prepare(&crate::sandbox::Contents {
+                    store,
+                    drv_path: &spec.drv_path,
+                    drv,
+                    settings: &spec.settings,
+                    inputs: &spec.input_paths,
+                    build_dir: &build_dir,
+                    fixed_output: fixed,
+                })
+                .map_err(|e| Failure::misc(format!("setting up the sandbox: {e}")))?,
+            )
+        } else {
+            None
+        };
+        let top = match &sandbox {
+            Some(sb) => sb.build_top.clone(),
+            None => build_dir.to_string_lossy().into_owned(),
+        };
         let outputs: BTreeMap<String, String> = plans
             .iter()
             .map(|p| (p.name.clone(), sd.display(&p.build_path)))
@@ -597,7 +646,13 @@ fn build_round(
                     "an environment variable contains a NUL byte",
                 )
             })?;
-        let (program, mut args) = builder_command(drv)?;
+        let (mut program, mut args) = builder_command(drv)?;
+        if let Some(sb) = sandbox
+            .as_ref()
+            .filter(|_| drv.builder.starts_with("builtin:"))
+        {
+            program = sb.builtin_exe.clone();
+        }
         args = args
             .into_iter()
             .map(|a| rewrite::rewrite_str(&a, &rw))
@@ -637,13 +692,14 @@ fn build_round(
             })?,
             args,
             env,
-            cwd: CString::new(build_dir.as_os_str().as_bytes()).map_err(Failure::misc)?,
+            cwd: CString::new(top.as_bytes()).map_err(Failure::misc)?,
             output: write_end,
             personality,
             uname26: spec.settings.impersonate_linux_26
                 && matches!(drv.platform.as_str(), "i686-linux" | "x86_64-linux"),
             user: None,
             oom_score_adj: true,
+            sandbox: sandbox.as_ref().map(|sb| sb.sandbox.clone()),
         })
         .map_err(Failure::misc)?;
         ctl.pid.store(child.pid, Ordering::SeqCst);
@@ -659,6 +715,14 @@ fn build_round(
         });
         let outcome = monitor(spec, ctl, child.pid, read_end, log.map(|(w, _)| w));
         ctl.pid.store(0, Ordering::SeqCst);
+        // Whatever the builder left in the sandbox's store comes out (made safe), so that
+        // what follows handles outputs at their real paths, sandbox or not.
+        if let Some(sb) = &sandbox {
+            for p in plans {
+                sb.take_output(store, &p.build_path)
+                    .map_err(Failure::misc)?;
+            }
+        }
         let (status, tail) = match outcome {
             Monitor::Exited(st, tail) => (st, tail),
             Monitor::Stopped(f) => return Err(f),
@@ -732,9 +796,14 @@ fn keep_build_dir(spec: &JobSpec, dir: &Path) {
     let _ = fsutil::make_safe(dir);
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
-    if let Some((uid, gid)) = spec.settings.client.filter(|(u, _)| *u != 0) {
-        let _ = chown_tree(dir, uid, gid);
-    }
+    // Handed to the client who asked, else back to the daemon (away from the build's ids,
+    // which a later build may get).
+    let (uid, gid) = spec
+        .settings
+        .client
+        .filter(|(u, _)| *u != 0)
+        .unwrap_or_else(daemon_ids);
+    let _ = chown_tree(dir, uid, gid);
     (spec.events)(JobEvent::Log(Arc::from(
         format!("note: keeping build directory '{}'\n", dir.display()).into_bytes(),
     )));

@@ -21,6 +21,7 @@ pub mod pool;
 pub mod recipe;
 pub mod result;
 pub mod rewrite;
+pub mod sandbox;
 pub mod scheduler;
 pub mod settings;
 pub mod substituter;

@@ -11,8 +11,11 @@
 //! After `fork`, the child calls only async-signal-safe functions (raw system calls on data
 //! prepared before the fork): no allocation, no locks, no formatting.
 
+pub mod namespace;
+pub mod seccomp;
 pub mod spawn;
 
+pub use namespace::{Entry, IdMap, Sandbox};
 pub use spawn::{spawn, ChildSpec, Spawned, UserSpec};
 
 /// Errors of the sandbox crate.
@@ -42,4 +45,80 @@ pub(crate) fn sys(action: &str, e: std::io::Error) -> Error {
         action: action.to_string(),
         source: e,
     }
+}
+
+/// Whether builders can be sandboxed on this machine, found once per process by setting up
+/// an empty sandbox for real (every namespace, the id maps, the mounts, `pivot_root`, the
+/// system-call filter) and stopping at the exec, which fails on purpose.
+pub fn supported() -> std::result::Result<(), String> {
+    static RESULT: std::sync::OnceLock<std::result::Result<(), String>> =
+        std::sync::OnceLock::new();
+    RESULT.get_or_init(probe).clone()
+}
+
+fn probe() -> std::result::Result<(), String> {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let root = std::env::temp_dir().join(format!("kiln-sandbox-probe-{}-{n}", std::process::id()));
+    std::fs::create_dir(&root).map_err(|e| format!("creating '{}': {e}", root.display()))?;
+    let result = probe_in(&root);
+    let _ = std::fs::remove_dir(&root);
+    result
+}
+
+fn probe_in(root: &std::path::Path) -> std::result::Result<(), String> {
+    use std::ffi::CString;
+    let (_r, w) = spawn::pipe_cloexec().map_err(|e| e.to_string())?;
+    let uid = rustix::process::geteuid().as_raw();
+    let gid = rustix::process::getegid().as_raw();
+    let cs = |s: &str| CString::new(s).map_err(|e| e.to_string());
+    let spec = ChildSpec {
+        program: cs("/nonexistent-kiln-probe")?,
+        args: vec![cs("probe")?],
+        env: vec![],
+        cwd: cs("/")?,
+        output: w,
+        personality: None,
+        uname26: false,
+        user: None,
+        oom_score_adj: false,
+        sandbox: Some(Sandbox {
+            root: root.to_path_buf(),
+            private_network: true,
+            ids: IdMap::nix(uid, gid),
+            unprivileged: uid != 0,
+            entries: vec![Entry::Proc {
+                path: "/proc".into(),
+            }],
+            seccomp: true,
+        }),
+    };
+    match spawn(spec) {
+        Err(Error::Setup { step, source })
+            if step == "executing the builder" && source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e.to_string()),
+        Ok(s) => {
+            let _ = spawn::wait(s.pid);
+            Err("the probe unexpectedly started".into())
+        }
+    }
+}
+
+/// The Landlock ABI version the kernel offers (`None` without Landlock). Version 6 (Linux
+/// 6.12) adds the scopes the sandbox uses to keep builders off the host's abstract sockets.
+pub fn landlock_abi() -> Option<u32> {
+    const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
+    // SAFETY: with this flag and a null attribute the call only reports the ABI version.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    u32::try_from(v).ok().filter(|v| *v > 0)
 }

@@ -1,10 +1,13 @@
 //! Starting builder processes.
 
 use std::ffi::{CStr, CString};
-use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use crate::{sys, Error, Result};
+use crate::namespace::{
+    Op, Prepared, LOCKED_FLAGS, MS_BIND, MS_NODEV, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC,
+    MS_REMOUNT,
+};
+use crate::{sys, Error, Result, Sandbox};
 
 /// The user a builder runs as.
 #[derive(Debug, Clone)]
@@ -34,6 +37,9 @@ pub struct ChildSpec {
     /// Ask the kernel to kill the builder first when memory runs out (`oom_score_adj` 1000),
     /// to preserve the daemon and the user's processes.
     pub oom_score_adj: bool,
+    /// Run inside this sandbox (then `user` is ignored: the sandbox's id map decides, and
+    /// `program` and `cwd` are paths inside it).
+    pub sandbox: Option<Sandbox>,
 }
 
 /// A started builder.
@@ -57,7 +63,36 @@ const STEPS: &[&str] = &[
     "closing file descriptors",
     "executing the builder",
     "writing oom_score_adj",
+    // Sandbox steps.
+    "waiting for the user namespace's id maps",
+    "making the mounts private",
+    "mounting the sandbox's root",
+    "setting up the sandbox",
+    "bringing up the loopback interface",
+    "setting the host name",
+    "entering the sandbox's root (pivot_root)",
+    "detaching the host's root",
+    "making the sandbox's root read-only",
+    "dropping supplementary groups",
+    "setting no_new_privs",
+    "loading the system-call filter",
+    "scoping abstract sockets and signals (Landlock)",
 ];
+const ST_SYNC: usize = 13;
+const ST_PRIVATE: usize = 14;
+const ST_ROOT: usize = 15;
+const ST_ENTRY: usize = 16;
+const ST_LO: usize = 17;
+const ST_HOSTNAME: usize = 18;
+const ST_PIVOT: usize = 19;
+const ST_DETACH: usize = 20;
+const ST_RDONLY: usize = 21;
+const ST_SETGROUPS: usize = 22;
+const ST_NNP: usize = 23;
+const ST_SECCOMP: usize = 24;
+const ST_LANDLOCK: usize = 25;
+/// Error report: step (1 byte), errno (4), entry index (4).
+const REPORT: usize = 9;
 
 const PER_ADDR_NO_RANDOMIZE: u64 = 0x0040000;
 const PER_UNAME26: u64 = 0x0020000;
@@ -70,11 +105,17 @@ fn cvec_ptrs(v: &[CString]) -> Vec<*const libc::c_char> {
 
 /// Writes `(step, errno)` to the error pipe and exits; async-signal-safe.
 fn child_fail(err_fd: RawFd, step: usize) -> ! {
+    child_fail_at(err_fd, step, u32::MAX)
+}
+
+/// As [`child_fail`], naming the sandbox entry being set up.
+fn child_fail_at(err_fd: RawFd, step: usize, entry: u32) -> ! {
     // SAFETY: `__errno_location` returns this thread's errno slot; reading it is safe.
     let errno = unsafe { *libc::__errno_location() };
-    let msg = [step as u8, 0, 0, 0, 0];
-    let mut buf = msg;
+    let mut buf = [0u8; REPORT];
+    buf[0] = step as u8;
     buf[1..5].copy_from_slice(&errno.to_le_bytes());
+    buf[5..9].copy_from_slice(&entry.to_le_bytes());
     // SAFETY: write(2) and _exit(2) are async-signal-safe; `buf` lives on this stack.
     unsafe {
         libc::write(err_fd, buf.as_ptr().cast(), buf.len());
@@ -118,6 +159,10 @@ struct ChildData<'a> {
     personality: u64,
     err_fd: RawFd,
     reset: &'a [libc::c_int],
+    sandbox: Option<&'a Prepared>,
+    /// Read end of the pipe on which the parent says the id maps are written.
+    sync_fd: RawFd,
+    fprog: Option<libc::sock_fprog>,
 }
 
 /// The child side: runs on its own stack in the parent's address space (`CLONE_VM`) while
@@ -142,6 +187,19 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) < 0 {
             child_fail(ef, 9);
         }
+        if d.sync_fd >= 0 {
+            let mut b = 0u8;
+            loop {
+                let n = libc::read(d.sync_fd, (&mut b as *mut u8).cast(), 1);
+                if n == 1 {
+                    break;
+                }
+                if n < 0 && *libc::__errno_location() == libc::EINTR {
+                    continue;
+                }
+                child_fail(ef, ST_SYNC);
+            }
+        }
         if libc::setsid() < 0 {
             child_fail(ef, 0);
         }
@@ -156,9 +214,6 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         if libc::dup2(out_fd, 2) < 0 {
             child_fail(ef, 3);
         }
-        if libc::chdir(spec.cwd.as_ptr()) < 0 {
-            child_fail(ef, 4);
-        }
         if libc::personality(d.personality as libc::c_ulong) < 0 {
             child_fail(ef, 5);
         }
@@ -169,7 +224,61 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 libc::close(fd);
             }
         }
-        if let Some(u) = &spec.user {
+        if let Some(p) = d.sandbox {
+            enter_sandbox(p, ef);
+        }
+        if libc::chdir(spec.cwd.as_ptr()) < 0 {
+            child_fail(ef, 4);
+        }
+        if let Some(p) = d.sandbox {
+            // Ids inside the namespace: the daemon has written the maps.
+            if !p.unprivileged && libc::setgroups(0, std::ptr::null()) < 0 {
+                child_fail(ef, ST_SETGROUPS);
+            }
+            let (uid, gid) = (p.ids.inside_uid, p.ids.inside_gid);
+            if libc::setgid(gid) < 0 || libc::getgid() != gid || libc::getegid() != gid {
+                child_fail(ef, 7);
+            }
+            if libc::setuid(uid) < 0 || libc::getuid() != uid || libc::geteuid() != uid {
+                child_fail(ef, 8);
+            }
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+                child_fail(ef, ST_NNP);
+            }
+            // Landlock scopes (Linux 6.12): the builder can neither connect to an abstract
+            // Unix socket created outside its sandbox nor signal a process outside. This
+            // matters for fixed-output builds, which share the host's network namespace and
+            // so its abstract sockets (the channel of CVE-2024-27297 and CVE-2025-46416).
+            // Older kernels refuse the scopes (EINVAL) or Landlock (ENOSYS, EOPNOTSUPP):
+            // then the other defences stand alone.
+            let ruleset = libc::syscall(
+                libc::SYS_landlock_create_ruleset,
+                &p.landlock as *const crate::namespace::LandlockAttr,
+                std::mem::size_of::<crate::namespace::LandlockAttr>(),
+                0u32,
+            );
+            if ruleset >= 0 {
+                if libc::syscall(
+                    libc::SYS_landlock_restrict_self,
+                    ruleset as libc::c_int,
+                    0u32,
+                ) < 0
+                {
+                    child_fail(ef, ST_LANDLOCK);
+                }
+                libc::close(ruleset as libc::c_int);
+            }
+            if let Some(prog) = &d.fprog {
+                if libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    prog as *const libc::sock_fprog,
+                ) < 0
+                {
+                    child_fail(ef, ST_SECCOMP);
+                }
+            }
+        } else if let Some(u) = &spec.user {
             if libc::setgroups(d.groups.len(), d.groups.as_ptr()) < 0 {
                 child_fail(ef, 6);
             }
@@ -193,6 +302,202 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         }
         libc::execve(spec.program.as_ptr(), d.argv, d.envp);
         child_fail(ef, 11);
+    }
+}
+
+/// Builds the sandbox's root from the prepared entries and moves into it. Runs in the child,
+/// in its new namespaces, as the rest of `child_main`: raw system calls on prepared data.
+///
+/// # Safety
+/// Only from `child_main`, with `p` prepared before the clone.
+unsafe fn enter_sandbox(p: &Prepared, ef: RawFd) {
+    // SAFETY: every pointer passed below comes from `p`'s C strings and buffers, alive for
+    // the whole call; the calls only affect this child's own namespaces.
+    unsafe {
+        // Mounts made from here on must not propagate back to the host (systemd makes `/`
+        // shared, and a shared subtree propagates even across mount namespaces).
+        if libc::mount(
+            std::ptr::null(),
+            p.slash.as_ptr(),
+            std::ptr::null(),
+            MS_REC | MS_PRIVATE,
+            std::ptr::null(),
+        ) < 0
+        {
+            child_fail(ef, ST_PRIVATE);
+        }
+        if libc::mount(
+            p.tmpfs.as_ptr(),
+            p.root.as_ptr(),
+            p.tmpfs.as_ptr(),
+            MS_NOSUID | MS_NODEV,
+            p.root_options.as_ptr().cast(),
+        ) < 0
+        {
+            child_fail(ef, ST_ROOT);
+        }
+        for (i, op) in p.ops.iter().enumerate() {
+            if !apply(op) {
+                child_fail_at(ef, ST_ENTRY, i as u32);
+            }
+        }
+        if p.private_network {
+            let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            if s < 0 || libc::ioctl(s, libc::SIOCSIFFLAGS, &p.lo as *const _) < 0 {
+                child_fail(ef, ST_LO);
+            }
+            libc::close(s);
+        }
+        if libc::sethostname(b"localhost".as_ptr().cast(), 9) < 0
+            || libc::setdomainname(b"(none)".as_ptr().cast(), 6) < 0
+        {
+            child_fail(ef, ST_HOSTNAME);
+        }
+        // pivot_root(".", "."): the new root goes under the old one, which is then detached,
+        // leaving no mount through which the host's files could be reached again.
+        if libc::chdir(p.root.as_ptr()) < 0
+            || libc::syscall(libc::SYS_pivot_root, p.dot.as_ptr(), p.dot.as_ptr()) < 0
+        {
+            child_fail(ef, ST_PIVOT);
+        }
+        if libc::umount2(p.dot.as_ptr(), libc::MNT_DETACH) < 0 || libc::chdir(p.slash.as_ptr()) < 0
+        {
+            child_fail(ef, ST_DETACH);
+        }
+        if libc::mount(
+            std::ptr::null(),
+            p.slash.as_ptr(),
+            std::ptr::null(),
+            MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV,
+            std::ptr::null(),
+        ) < 0
+        {
+            child_fail(ef, ST_RDONLY);
+        }
+    }
+}
+
+/// Creates the mount point `target` as a directory or an empty file, like `source`.
+///
+/// # Safety
+/// Pointers from prepared C strings.
+unsafe fn mount_point(target: &CStr, is_dir: bool) -> bool {
+    // SAFETY: valid C strings; mkdir/open/close are plain system calls.
+    unsafe {
+        if is_dir {
+            libc::mkdir(target.as_ptr(), 0o755) == 0 || *libc::__errno_location() == libc::EEXIST
+        } else {
+            let fd = libc::open(
+                target.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                0o444,
+            );
+            fd >= 0 && libc::close(fd) == 0
+        }
+    }
+}
+
+/// Applies one entry; `false` on failure (errno set).
+///
+/// # Safety
+/// Only in the child, from `enter_sandbox`.
+unsafe fn apply(op: &Op) -> bool {
+    // SAFETY: all pointers come from the prepared op; the structs passed by pointer are
+    // locals of this frame.
+    unsafe {
+        match op {
+            Op::Dir { path, mode } => {
+                (libc::mkdir(path.as_ptr(), *mode) == 0
+                    || *libc::__errno_location() == libc::EEXIST)
+                    && libc::chmod(path.as_ptr(), *mode) == 0
+            }
+            Op::Bind {
+                source,
+                target,
+                writable,
+                optional,
+            } => {
+                let mut st: libc::stat = std::mem::zeroed();
+                if libc::stat(source.as_ptr(), &mut st) < 0 {
+                    return *optional && *libc::__errno_location() == libc::ENOENT;
+                }
+                let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                if !mount_point(target, is_dir) {
+                    return false;
+                }
+                if libc::mount(
+                    source.as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    MS_BIND | MS_REC,
+                    std::ptr::null(),
+                ) < 0
+                {
+                    return false;
+                }
+                if *writable {
+                    return true;
+                }
+                // A bind mount's read-only flag needs a remount, which in a user namespace
+                // must repeat the flags the kernel locked on the source mount.
+                let mut vfs: libc::statvfs = std::mem::zeroed();
+                if libc::statvfs(target.as_ptr(), &mut vfs) < 0 {
+                    return false;
+                }
+                let keep = vfs.f_flag & LOCKED_FLAGS;
+                libc::mount(
+                    std::ptr::null(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    MS_REMOUNT | MS_BIND | MS_RDONLY | keep,
+                    std::ptr::null(),
+                ) == 0
+            }
+            Op::Mount {
+                fstype,
+                target,
+                flags,
+                data,
+            } => {
+                mount_point(target, true)
+                    && libc::mount(
+                        fstype.as_ptr(),
+                        target.as_ptr(),
+                        fstype.as_ptr(),
+                        *flags,
+                        data.as_ptr().cast(),
+                    ) == 0
+            }
+            Op::Symlink { target, path } => libc::symlink(target.as_ptr(), path.as_ptr()) == 0,
+            Op::File {
+                path,
+                contents,
+                mode,
+            } => {
+                let fd = libc::open(
+                    path.as_ptr(),
+                    libc::O_WRONLY
+                        | libc::O_CREAT
+                        | libc::O_EXCL
+                        | libc::O_NOFOLLOW
+                        | libc::O_CLOEXEC,
+                    *mode,
+                );
+                if fd < 0 {
+                    return false;
+                }
+                let mut off = 0;
+                while off < contents.len() {
+                    let n = libc::write(fd, contents[off..].as_ptr().cast(), contents.len() - off);
+                    if n <= 0 {
+                        libc::close(fd);
+                        return false;
+                    }
+                    off += n as usize;
+                }
+                libc::close(fd) == 0 && libc::chmod(path.as_ptr(), *mode) == 0
+            }
+        }
     }
 }
 
@@ -256,15 +561,24 @@ impl Drop for ChildStack {
 /// Starts the builder described by `spec`. Returns once the child has either executed the
 /// builder (set-up succeeded) or failed set-up (reported as [`Error::Setup`]).
 ///
-/// The child is created with `clone(CLONE_VM | CLONE_VFORK)`, as `posix_spawn` does: no page
-/// tables are copied, which matters for a daemon with a large heap and many threads (a plain
-/// `fork` of such a process costs milliseconds and TLB shootdowns on every core).
+/// The child is created with `clone(CLONE_VM)`, as `posix_spawn` does: no page tables are
+/// copied, which matters for a daemon with a large heap and many threads (a plain `fork` of
+/// such a process costs milliseconds and TLB shootdowns on every core). Without a sandbox
+/// the parent thread is suspended until the exec (`CLONE_VFORK`). With one, the parent must
+/// write the child's id maps first, so it runs alongside the child: it then touches nothing
+/// the child uses, makes only raw system calls (no `errno`, which the child shares), and
+/// does not return before the child has executed or exited.
 pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
     let argv = cvec_ptrs(&spec.args);
     let envp = cvec_ptrs(&spec.env);
     let devnull = CString::new("/dev/null").map_err(|_| Error::Invalid("NUL".into()))?;
     let oom = CString::new("/proc/self/oom_score_adj").map_err(|_| Error::Invalid("NUL".into()))?;
+    let prepared = spec.sandbox.as_ref().map(Sandbox::prepare).transpose()?;
     let (err_r, err_w) = pipe_cloexec()?;
+    let sync = match &prepared {
+        Some(_) => Some(pipe_cloexec()?),
+        None => None,
+    };
     let groups: Vec<libc::gid_t> = spec
         .user
         .as_ref()
@@ -273,6 +587,26 @@ pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
     let personality = spec.personality.unwrap_or(0)
         | PER_ADDR_NO_RANDOMIZE
         | if spec.uname26 { PER_UNAME26 } else { 0 };
+    let fprog = prepared
+        .as_ref()
+        .and_then(|p| p.filter.as_ref())
+        .map(|f| libc::sock_fprog {
+            len: f.len() as libc::c_ushort,
+            filter: f.as_ptr() as *mut libc::sock_filter,
+        });
+    let mut flags = libc::CLONE_VM | libc::SIGCHLD;
+    if let Some(p) = &prepared {
+        flags |= libc::CLONE_NEWUSER
+            | libc::CLONE_NEWNS
+            | libc::CLONE_NEWPID
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWUTS;
+        if p.private_network {
+            flags |= libc::CLONE_NEWNET;
+        }
+    } else {
+        flags |= libc::CLONE_VFORK;
+    }
     // Computed before signals are blocked and before the clone.
     let _ = non_default_signals();
     let stack = ChildStack::new()?;
@@ -297,39 +631,67 @@ pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
         personality,
         err_fd: err_w.as_raw_fd(),
         reset: non_default_signals(),
+        sandbox: prepared.as_ref(),
+        sync_fd: sync.as_ref().map(|(r, _)| r.as_raw_fd()).unwrap_or(-1),
+        fprog,
     };
     let top = stack.top();
-    // SAFETY: `child_main` only reads `data` and makes raw system calls on its own stack
-    // (`stack`, alive until clone returns, which with CLONE_VFORK is after exec or exit).
+    // SAFETY: `child_main` only reads `data` and makes raw system calls on its own stack.
+    // Everything it reads (`data`, `spec`, `prepared`, `stack`, ...) lives in this frame
+    // until the child has executed or exited: with CLONE_VFORK clone returns only then;
+    // otherwise `wait_for_exec` below blocks until then (or until the child is dead).
     let pid = unsafe {
         libc::clone(
             child_main,
             top as *mut libc::c_void,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            flags,
             &data as *const ChildData<'_> as *mut libc::c_void,
         )
     };
     let clone_err = std::io::Error::last_os_error();
     // SAFETY: restores this thread's mask saved above.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
-    drop(stack);
     if pid < 0 {
-        return Err(sys("start the builder", clone_err));
+        drop(stack);
+        return Err(sys(
+            if prepared.is_some() {
+                "create the sandbox's namespaces"
+            } else {
+                "start the builder"
+            },
+            clone_err,
+        ));
     }
     drop(err_w);
-    drop(spec.output);
-    // The pipe closed on exec (success) or carries (step, errno) on failure.
-    let mut buf = [0u8; 5];
-    let mut f = std::fs::File::from(err_r);
-    let mut got = 0;
-    while got < buf.len() {
-        match f.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(sys("read the builder's set-up status", e)),
+    let mut report = [0u8; REPORT];
+    let got = match (&prepared, sync) {
+        (Some(p), Some((sync_r, sync_w))) => {
+            drop(sync_r);
+            let maps = write_id_maps(pid, p);
+            if maps.is_ok() {
+                let _ = rustix::io::write(&sync_w, b"1");
+            }
+            // Closing the write end without a byte makes the child fail its wait.
+            drop(sync_w);
+            let got = wait_for_exec(&err_r, &mut report);
+            if let Err(e) = maps {
+                // SAFETY: kill/waitpid on our own child; no memory involved.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    let mut status = 0;
+                    libc::waitpid(pid, &mut status, 0);
+                }
+                drop(stack);
+                return Err(e);
+            }
+            got
         }
-    }
+        _ => wait_for_exec(&err_r, &mut report),
+    };
+    // The child has executed or exited: its stack and data are no longer used.
+    drop(stack);
+    let _ = &data;
+    drop(spec.output);
     if got == 0 {
         return Ok(Spawned { pid });
     }
@@ -337,12 +699,69 @@ pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
     let mut status = 0;
     // SAFETY: waitpid on our own child with a valid status pointer.
     unsafe { libc::waitpid(pid, &mut status, 0) };
-    let step = STEPS.get(buf[0] as usize).copied().unwrap_or("setting up");
-    let errno = i32::from_le_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    let step_no = report[0] as usize;
+    let mut step = STEPS
+        .get(step_no)
+        .copied()
+        .unwrap_or("setting up")
+        .to_string();
+    let entry = u32::from_le_bytes([report[5], report[6], report[7], report[8]]) as usize;
+    if step_no == ST_ENTRY {
+        if let Some(d) = prepared.as_ref().and_then(|p| p.descriptions.get(entry)) {
+            step = format!("{step}: {d}");
+        }
+    }
+    let errno = i32::from_le_bytes([report[1], report[2], report[3], report[4]]);
     Err(Error::Setup {
-        step: step.to_string(),
+        step,
         source: std::io::Error::from_raw_os_error(errno),
     })
+}
+
+/// Blocks until the error pipe closes (the child executed or died) and returns how many
+/// report bytes it carried. Raw reads only: a concurrently running `CLONE_VM` child shares
+/// this thread's `errno`.
+fn wait_for_exec(err_r: &OwnedFd, report: &mut [u8; REPORT]) -> usize {
+    let mut got = 0;
+    loop {
+        let mut scratch = [0u8; REPORT];
+        let buf: &mut [u8] = if got < REPORT {
+            &mut report[got..]
+        } else {
+            &mut scratch
+        };
+        match rustix::io::read(err_r, buf) {
+            Ok(0) => return got,
+            Ok(n) => got = (got + n).min(REPORT),
+            Err(rustix::io::Errno::INTR) => continue,
+            // Cannot happen on a pipe we own; treat as closed rather than return while the
+            // child may still run on our memory.
+            Err(_) => {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+/// Writes the child's uid and gid maps (and, unprivileged, denies `setgroups`, which the
+/// kernel requires before an unprivileged gid map).
+fn write_id_maps(pid: i32, p: &Prepared) -> Result<()> {
+    let write = |file: &str, data: &[u8]| -> Result<()> {
+        let path = format!("/proc/{pid}/{file}");
+        let fd = rustix::fs::open(
+            path.as_str(),
+            rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| sys(&format!("open {path}"), e.into()))?;
+        rustix::io::write(&fd, data).map_err(|e| sys(&format!("write {path}"), e.into()))?;
+        Ok(())
+    };
+    write("uid_map", &p.uid_map)?;
+    if p.unprivileged {
+        write("setgroups", b"deny")?;
+    }
+    write("gid_map", &p.gid_map)
 }
 
 /// A pipe whose ends close on exec.
@@ -404,6 +823,7 @@ pub fn describe_status(status: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     fn cs(s: &str) -> CString {
         CString::new(s).unwrap()
@@ -426,6 +846,7 @@ mod tests {
             uname26: false,
             user: None,
             oom_score_adj: true,
+            sandbox: None,
         };
         let child = spawn(spec).unwrap();
         let mut s = String::new();
@@ -444,6 +865,7 @@ mod tests {
             uname26: false,
             user: None,
             oom_score_adj: false,
+            sandbox: None,
         };
         let e = spawn(spec).unwrap_err().to_string();
         assert!(
@@ -462,6 +884,7 @@ mod tests {
             uname26: false,
             user: None,
             oom_score_adj: false,
+            sandbox: None,
         };
         assert!(spawn(spec)
             .unwrap_err()

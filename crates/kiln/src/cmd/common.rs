@@ -91,10 +91,8 @@ impl StoreArgs {
             state_dir: self.state_dir.clone(),
             log_dir: self.log_dir.clone(),
         });
-        for pair in self.options.chunks(2) {
-            if let [k, v] = pair {
-                settings.set(k, v)?;
-            }
+        for (k, v) in every_option(&self.options) {
+            settings.set(&k, &v)?;
         }
         Ok((spec.resolve()?, settings))
     }
@@ -107,5 +105,39 @@ impl StoreArgs {
             format!("opening the store at '{}'", layout.real_store_dir.display())
         })?;
         Ok((store, settings))
+    }
+}
+
+/// Every `--option NAME VALUE` of the command line, in order. clap keeps only the last level's
+/// occurrences of a global argument (`kiln --option a 1 build --option b 2` would lose `a`),
+/// so the arguments are read again here; `parsed` is used when they are not this process's
+/// (tests).
+fn every_option(parsed: &[String]) -> Vec<(String, String)> {
+    let args: Vec<String> = std::env::args().collect();
+    let mut out = Vec::new();
+    let mut i = 1;
+    while i < args.len() {
+        if args[i] == "--" {
+            break;
+        }
+        if args[i] == "--option" && i + 2 < args.len() {
+            out.push((args[i + 1].clone(), args[i + 2].clone()));
+            i += 3;
+            continue;
+        }
+        i += 1;
+    }
+    let from_clap: Vec<(String, String)> = parsed
+        .chunks(2)
+        .filter_map(|p| match p {
+            [k, v] => Some((k.clone(), v.clone())),
+            _ => None,
+        })
+        .collect();
+    // Every parsed pair must be among those found, else the arguments are not ours.
+    if from_clap.iter().all(|p| out.contains(p)) {
+        out
+    } else {
+        from_clap
     }
 }

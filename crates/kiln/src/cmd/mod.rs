@@ -8,6 +8,7 @@ mod daemon;
 mod drv;
 mod hash;
 mod nar;
+mod sandbox;
 mod store;
 mod store_path;
 pub mod unpack_channel;
@@ -41,6 +42,9 @@ pub enum Command {
     Log(build::LogArgs),
     /// Serve the worker protocol on a Unix socket, for Nix and Guix clients.
     Daemon(daemon::DaemonArgs),
+    /// Report the build sandbox's features on this machine (`check`).
+    #[command(subcommand)]
+    Sandbox(sandbox::SandboxCmd),
     /// Run a built-in builder (used as the builder process of `builtin:*` derivations).
     #[command(name = "__builtin", hide = true)]
     Builtin { name: String },
@@ -52,6 +56,7 @@ pub fn run(args: &StoreArgs, cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Build(b) => build::build(args, b),
         Command::Daemon(d) => daemon::run(args, d),
         Command::Log(l) => build::log(args, l),
+        Command::Sandbox(c) => sandbox::run(args, c),
         Command::Builtin { name } => builtin::run(&name),
         Command::Nar(c) => nar::run(c),
         Command::Hash(c) => hash::run(c),

@@ -1,0 +1,466 @@
+//! The sandbox of one build: what goes into it, where its outputs are written, and how they
+//! come out. `kiln-sandbox` does the system calls; this module decides the contents.
+//!
+//! On the host, each sandboxed build has `<store>/<drv>.chroot/` (Nix's name, which Nix's
+//! and kiln's garbage collectors leave alone while the build runs), mode 0700 and the
+//! daemon's: nobody else can reach what is inside (CVE-2024-38531). It holds `root/`, the
+//! empty directory the builder's root `tmpfs` is mounted on in its own mount namespace, and
+//! `store/`, the builder's view of the store: the inputs are bind-mounted into it read-only
+//! and the builder creates its outputs there. Because `store/` is on the store's file
+//! system, finished outputs are renamed into the real store, after being made safe (no
+//! setuid, setgid or world-writable file ever appears in the store, CVE-2024-52867).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use kiln_format::{Derivation, StorePath};
+use kiln_sandbox::{Entry, IdMap, Sandbox};
+use kiln_store::{fsutil, LocalStore};
+
+use crate::settings::{BuildSettings, SandboxMode};
+
+/// Whether this derivation is built in the sandbox under these settings.
+pub fn wanted(settings: &BuildSettings, drv: &Derivation) -> Result<bool, String> {
+    let no_chroot = drv.env.get("__noChroot").map(String::as_str) == Some("1");
+    match settings.sandbox {
+        SandboxMode::Off => Ok(false),
+        SandboxMode::Relaxed => Ok(!no_chroot),
+        SandboxMode::On if no_chroot => Err(
+            "derivation has '__noChroot' set, but that is not allowed when 'sandbox' is 'true'"
+                .into(),
+        ),
+        SandboxMode::On => Ok(true),
+    }
+}
+
+/// The build directory as the builder sees it: Nix's `/build`, or Guix's
+/// `/tmp/guix-build-NAME.drv-0` for a Guix store, so builds hash the same as there.
+pub fn build_top_inside(store: &LocalStore, drv_path: &StorePath) -> String {
+    if store.store_dir().as_str() == "/gnu/store" {
+        let name = drv_path.derivation_name().unwrap_or(drv_path.name());
+        format!("/tmp/guix-build-{name}.drv-0")
+    } else {
+        "/build".to_string()
+    }
+}
+
+/// A prepared sandbox and its host directories; removed when dropped.
+#[derive(Debug)]
+pub struct BuildSandbox {
+    top: PathBuf,
+    /// The builder's store directory on the host: outputs appear here.
+    pub store: PathBuf,
+    pub sandbox: Sandbox,
+    /// Where the build directory is inside.
+    pub build_top: String,
+    /// Where a `builtin:` builder's executable is inside.
+    pub builtin_exe: String,
+    /// Held until the build's processes are gone (the sandbox is dropped after them).
+    pub ids: BuildIds,
+}
+
+/// What a sandbox is made from.
+#[derive(Debug)]
+pub struct Contents<'a> {
+    pub store: &'a LocalStore,
+    pub drv_path: &'a StorePath,
+    pub drv: &'a Derivation,
+    pub settings: &'a BuildSettings,
+    /// The closure of the inputs.
+    pub inputs: &'a BTreeSet<StorePath>,
+    pub build_dir: &'a Path,
+    pub fixed_output: bool,
+}
+
+fn err(what: &str, p: &Path, e: impl std::fmt::Display) -> String {
+    format!("{what} '{}': {e}", p.display())
+}
+
+/// Appends `Dir` entries for every ancestor of `path` not made yet.
+fn parents(entries: &mut Vec<Entry>, made: &mut BTreeSet<String>, path: &str) {
+    let mut cur = String::new();
+    let comps: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    for c in comps.iter().take(comps.len().saturating_sub(1)) {
+        cur.push('/');
+        cur.push_str(c);
+        if made.insert(cur.clone()) {
+            entries.push(Entry::Dir {
+                path: cur.clone(),
+                mode: 0o755,
+            });
+        }
+    }
+}
+
+/// Parses `sandbox-paths`: `PATH`, `TARGET=SOURCE`, either with a trailing `?` for
+/// "optional".
+pub fn parse_sandbox_path(item: &str) -> (String, PathBuf, bool) {
+    let (item, optional) = match item.strip_suffix('?') {
+        Some(s) => (s, true),
+        None => (item, false),
+    };
+    match item.split_once('=') {
+        Some((t, s)) => (t.to_string(), PathBuf::from(s), optional),
+        None => (item.to_string(), PathBuf::from(item), optional),
+    }
+}
+
+impl BuildSandbox {
+    pub fn prepare(c: &Contents<'_>) -> Result<BuildSandbox, String> {
+        let store = c.store;
+        let top = PathBuf::from(format!("{}.chroot", store.real_path(c.drv_path).display()));
+        if std::fs::symlink_metadata(&top).is_ok() {
+            fsutil::remove_tree(&top).map_err(|e| err("removing", &top, e))?;
+        }
+        std::fs::create_dir(&top).map_err(|e| err("creating", &top, e))?;
+        let guard = BuildSandbox {
+            top: top.clone(),
+            store: top.join("store"),
+            sandbox: Sandbox {
+                root: top.join("root"),
+                private_network: !c.fixed_output,
+                ids: IdMap::nix(0, 0),
+                unprivileged: false,
+                entries: Vec::new(),
+                seccomp: true,
+            },
+            build_top: build_top_inside(store, c.drv_path),
+            builtin_exe: "/.kiln/kiln".into(),
+            ids: BuildIds::acquire(store, c.settings)?,
+        };
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&top, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| err("protecting", &top, e))?;
+        std::fs::create_dir(&guard.sandbox.root).map_err(|e| err("creating", &top, e))?;
+        std::fs::create_dir(&guard.store).map_err(|e| err("creating", &guard.store, e))?;
+        // The builder (whose host ids are the daemon's, or a build user's) creates its
+        // outputs here; sticky, so that it cannot rename the mount points of the inputs.
+        std::fs::set_permissions(&guard.store, std::fs::Permissions::from_mode(0o1775))
+            .map_err(|e| err("protecting", &guard.store, e))?;
+        let (uid, gid) = (guard.ids.uid, guard.ids.gid);
+        let unprivileged = rustix::process::geteuid().as_raw() != 0;
+        if !unprivileged {
+            // The builder writes its outputs here and its files in the build directory, as
+            // its own host ids; both are below directories only root can enter.
+            std::os::unix::fs::chown(&guard.store, Some(0), Some(gid))
+                .map_err(|e| err("changing the owner of", &guard.store, e))?;
+            std::os::unix::fs::chown(c.build_dir, Some(uid), Some(gid))
+                .map_err(|e| err("changing the owner of", c.build_dir, e))?;
+        }
+        let mut me = guard;
+        me.sandbox.ids = IdMap::nix(uid, gid);
+        me.sandbox.unprivileged = unprivileged;
+        me.sandbox.entries = me.entries(c)?;
+        Ok(me)
+    }
+
+    fn entries(&self, c: &Contents<'_>) -> Result<Vec<Entry>, String> {
+        let store = c.store;
+        let sd = store.store_dir();
+        let ids = self.sandbox.ids;
+        let mut e = Vec::new();
+        let mut made = BTreeSet::new();
+        let dir = |e: &mut Vec<Entry>, made: &mut BTreeSet<String>, p: &str, mode: u32| {
+            parents(e, made, p);
+            if made.insert(p.to_string()) {
+                e.push(Entry::Dir {
+                    path: p.to_string(),
+                    mode,
+                });
+            }
+        };
+        // `/tmp` is writable by everyone in the sandbox (Guix's build directory lives in it).
+        e.push(Entry::Tmpfs {
+            path: "/tmp".into(),
+            options: "mode=1777".into(),
+        });
+        made.insert("/tmp".into());
+        dir(&mut e, &mut made, "/etc", 0o755);
+        e.push(Entry::File {
+            path: "/etc/passwd".into(),
+            contents: format!(
+                "root:x:0:0:Nix build user:{0}:/noshell\n\
+                 nixbld:x:{1}:{2}:Nix build user:{0}:/noshell\n\
+                 nobody:x:65534:65534:Nobody:/:/noshell\n",
+                self.build_top, ids.inside_uid, ids.inside_gid
+            )
+            .into_bytes(),
+            mode: 0o444,
+        });
+        e.push(Entry::File {
+            path: "/etc/group".into(),
+            contents: format!(
+                "root:x:0:\nnixbld:!:{}:\nnogroup:x:65534:\n",
+                ids.inside_gid
+            )
+            .into_bytes(),
+            mode: 0o444,
+        });
+        if c.fixed_output {
+            // Fixed-output builds fetch: they get the host's name resolution, and only that.
+            e.push(Entry::File {
+                path: "/etc/nsswitch.conf".into(),
+                contents: b"hosts: files dns\nservices: files\n".to_vec(),
+                mode: 0o444,
+            });
+            for f in ["/etc/resolv.conf", "/etc/services", "/etc/hosts"] {
+                e.push(Entry::Bind {
+                    source: f.into(),
+                    path: f.into(),
+                    writable: false,
+                    optional: true,
+                });
+            }
+        } else {
+            e.push(Entry::File {
+                path: "/etc/hosts".into(),
+                contents: b"127.0.0.1 localhost\n::1 localhost\n".to_vec(),
+                mode: 0o444,
+            });
+        }
+        // A minimal /dev.
+        dir(&mut e, &mut made, "/dev", 0o755);
+        for d in ["full", "null", "random", "tty", "urandom", "zero", "kvm"] {
+            e.push(Entry::Bind {
+                source: PathBuf::from(format!("/dev/{d}")),
+                path: format!("/dev/{d}"),
+                writable: true,
+                optional: d == "kvm",
+            });
+        }
+        e.push(Entry::Tmpfs {
+            path: "/dev/shm".into(),
+            options: "mode=1777,size=50%".into(),
+        });
+        e.push(Entry::Devpts {
+            path: "/dev/pts".into(),
+        });
+        for (target, link) in [
+            ("pts/ptmx", "/dev/ptmx"),
+            ("/proc/self/fd", "/dev/fd"),
+            ("/proc/self/fd/0", "/dev/stdin"),
+            ("/proc/self/fd/1", "/dev/stdout"),
+            ("/proc/self/fd/2", "/dev/stderr"),
+        ] {
+            e.push(Entry::Symlink {
+                target: target.into(),
+                path: link.into(),
+            });
+        }
+        e.push(Entry::Proc {
+            path: "/proc".into(),
+        });
+        // The store: outputs are written in `store/`, the inputs' closure is mounted in it.
+        let mut inputs = c.inputs.clone();
+        let mut extra = Vec::new();
+        for item in &c.settings.sandbox_paths {
+            let (target, source, optional) = parse_sandbox_path(item);
+            // A store path given as a sandbox path brings its closure with it.
+            if let Ok((p, _)) = sd.to_store_path(&source.to_string_lossy()) {
+                if store.is_valid(&p).unwrap_or(false) {
+                    if let Ok(cl) = store.closure([&p], false) {
+                        inputs.extend(cl);
+                    }
+                }
+            }
+            extra.push((
+                target,
+                store.layout().to_real(&source.to_string_lossy()),
+                optional,
+            ));
+        }
+        let sd_str = sd.as_str().trim_end_matches('/').to_string();
+        dir(&mut e, &mut made, &sd_str, 0o755);
+        e.push(Entry::Bind {
+            source: self.store.clone(),
+            path: sd_str.clone(),
+            writable: true,
+            optional: false,
+        });
+        for p in &inputs {
+            if c.drv.output_paths().any(|(_, o)| o == p) {
+                continue;
+            }
+            e.push(Entry::Bind {
+                source: store.real_path(p),
+                path: format!("{sd_str}/{}", p.base_name()),
+                writable: false,
+                optional: false,
+            });
+        }
+        dir(&mut e, &mut made, &self.build_top, 0o755);
+        e.push(Entry::Bind {
+            source: c.build_dir.to_path_buf(),
+            path: self.build_top.clone(),
+            writable: true,
+            optional: false,
+        });
+        for (target, source, optional) in extra {
+            if !target.starts_with('/') {
+                return Err(format!("sandbox path '{target}' is not absolute"));
+            }
+            parents(&mut e, &mut made, &target);
+            e.push(Entry::Bind {
+                source,
+                path: target,
+                writable: false,
+                optional,
+            });
+        }
+        // `builtin:` builders are kiln's own executable: it and the system libraries it
+        // links are visible to them, read-only.
+        if c.drv.builder.starts_with("builtin:") {
+            let exe = std::env::current_exe()
+                .map_err(|e| format!("cannot find kiln's own executable: {e}"))?;
+            parents(&mut e, &mut made, &self.builtin_exe);
+            e.push(Entry::Bind {
+                source: exe,
+                path: self.builtin_exe.clone(),
+                writable: false,
+                optional: false,
+            });
+            for lib in ["/lib", "/lib64", "/usr/lib", "/usr/lib64"] {
+                if made.contains(lib) {
+                    continue;
+                }
+                parents(&mut e, &mut made, lib);
+                e.push(Entry::Bind {
+                    source: lib.into(),
+                    path: lib.into(),
+                    writable: false,
+                    optional: true,
+                });
+            }
+        }
+        Ok(e)
+    }
+
+    /// Moves what the builder wrote at `build_path` out of the sandbox to its real place in
+    /// the store, made safe first. Absent outputs are left absent. (Fixed outputs are then
+    /// copied to fresh inodes by registration, sandbox or not: CVE-2024-27297.)
+    pub fn take_output(&self, store: &LocalStore, build_path: &StorePath) -> Result<(), String> {
+        let from = self.store.join(build_path.base_name());
+        if std::fs::symlink_metadata(&from).is_err() {
+            return Ok(());
+        }
+        fsutil::make_safe(&from).map_err(|e| err("making safe", &from, e))?;
+        let to = store.real_path(build_path);
+        std::fs::rename(&from, &to).map_err(|e| err("moving the output to", &to, e))
+    }
+}
+
+impl Drop for BuildSandbox {
+    fn drop(&mut self) {
+        // The builder's mount namespace is gone with its last process: here the mount
+        // points are empty directories and files.
+        if let Err(e) = fsutil::remove_tree(&self.top) {
+            tracing::warn!("removing '{}': {e}", self.top.display());
+        }
+    }
+}
+
+/// First host id given to sandboxed builds of a root daemon without build users (Nix's
+/// `start-id` for automatically allocated ids).
+pub const AUTO_ID_START: u32 = 872_415_232;
+/// How many such ids there are (concurrent builds).
+pub const AUTO_ID_COUNT: u32 = 4096;
+
+/// The host ids a sandboxed builder runs as, reserved for the build's duration.
+///
+/// A root daemon never lets a builder run as host root, even mapped: a process whose host
+/// uid is 0 passes the owner check of every global `/proc/sys` file without any capability,
+/// and `kernel.core_pattern` alone turns that into root on the host. So a root daemon uses
+/// a member of `build-users-group` (Nix's and Guix's pool, one lock file per user), or else
+/// an unused id of its own range, one per concurrent build so that builds cannot touch each
+/// other's files. A rootless daemon has only its own ids.
+#[derive(Debug)]
+pub struct BuildIds {
+    pub uid: u32,
+    pub gid: u32,
+    _lock: Option<std::os::fd::OwnedFd>,
+}
+
+fn lines_of(file: &str) -> Result<Vec<Vec<String>>, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("reading '{file}': {e}"))?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split(':').map(str::to_string).collect())
+        .collect())
+}
+
+/// The `(uid, gid)` of every member of `group`, from `/etc/group` and `/etc/passwd`.
+pub fn group_members(group: &str) -> Result<Vec<(u32, u32)>, String> {
+    let groups = lines_of("/etc/group")?;
+    let entry = groups
+        .iter()
+        .find(|f| f.first().map(String::as_str) == Some(group))
+        .ok_or_else(|| {
+            format!("the group '{group}' specified in 'build-users-group' does not exist")
+        })?;
+    let gid: u32 = entry
+        .get(2)
+        .and_then(|g| g.parse().ok())
+        .ok_or_else(|| format!("the group '{group}' has no valid id"))?;
+    let names: Vec<&str> = entry
+        .get(3)
+        .map(|m| m.split(',').filter(|s| !s.is_empty()).collect())
+        .unwrap_or_default();
+    let users = lines_of("/etc/passwd")?;
+    let mut out = Vec::new();
+    for n in names {
+        if let Some(uid) = users
+            .iter()
+            .find(|f| f.first().map(String::as_str) == Some(n))
+            .and_then(|f| f.get(2)?.parse::<u32>().ok())
+        {
+            // A build user must never be root.
+            if uid != 0 {
+                out.push((uid, gid));
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(format!("the build users group '{group}' has no members"));
+    }
+    Ok(out)
+}
+
+impl BuildIds {
+    pub fn acquire(store: &LocalStore, settings: &BuildSettings) -> Result<BuildIds, String> {
+        let uid = rustix::process::geteuid().as_raw();
+        if uid != 0 {
+            return Ok(BuildIds {
+                uid,
+                gid: rustix::process::getegid().as_raw(),
+                _lock: None,
+            });
+        }
+        let pool = store.layout().userpool_dir();
+        fsutil::ensure_dir(&pool, 0o700).map_err(|e| err("creating", &pool, e))?;
+        let candidates: Vec<(String, u32, u32)> = if settings.build_users_group.is_empty() {
+            (0..AUTO_ID_COUNT)
+                .map(|n| (format!("auto-{n}"), AUTO_ID_START + n, AUTO_ID_START + n))
+                .collect()
+        } else {
+            group_members(&settings.build_users_group)?
+                .into_iter()
+                .map(|(u, g)| (u.to_string(), u, g))
+                .collect()
+        };
+        for (name, uid, gid) in candidates {
+            let path = pool.join(name);
+            let fd = kiln_store::lock::open_lock_file(&path).map_err(|e| e.to_string())?;
+            if kiln_store::lock::lock_fd(&fd, kiln_store::lock::LockKind::Exclusive, false)
+                .map_err(|e| err("locking", &path, e))?
+            {
+                return Ok(BuildIds {
+                    uid,
+                    gid,
+                    _lock: Some(fd),
+                });
+            }
+        }
+        Err("all build users are busy".into())
+    }
+}

@@ -1,0 +1,168 @@
+//! Real sandboxes: a shell started in one, asked what it can see.
+
+#![allow(clippy::unwrap_used)]
+
+use std::ffi::CString;
+use std::io::Read;
+use std::path::Path;
+
+use kiln_sandbox::spawn::{exit_code, pipe_cloexec, wait};
+use kiln_sandbox::{spawn, ChildSpec, Entry, IdMap, Sandbox};
+
+fn cs(s: &str) -> CString {
+    CString::new(s).unwrap()
+}
+
+fn host_tools() -> Vec<Entry> {
+    ["/bin", "/usr", "/lib", "/lib64", "/sbin"]
+        .iter()
+        .map(|p| Entry::Bind {
+            source: p.into(),
+            path: p.to_string(),
+            writable: false,
+            optional: true,
+        })
+        .collect()
+}
+
+/// Runs `script` with `sh -c` in a sandbox; returns (exit code, output).
+fn run(root: &Path, entries: Vec<Entry>, net: bool, script: &str) -> (Option<i32>, String) {
+    let (r, w) = pipe_cloexec().unwrap();
+    let unprivileged = rustix::process::geteuid().as_raw() != 0;
+    let sandbox = Sandbox {
+        root: root.to_path_buf(),
+        private_network: net,
+        ids: IdMap::nix(
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getegid().as_raw(),
+        ),
+        unprivileged,
+        entries,
+        seccomp: true,
+    };
+    let child = spawn(ChildSpec {
+        program: cs("/bin/sh"),
+        args: vec![cs("sh"), cs("-c"), cs(script)],
+        env: vec![cs("PATH=/bin:/usr/bin")],
+        cwd: cs("/"),
+        output: w,
+        personality: None,
+        uname26: false,
+        user: None,
+        oom_score_adj: true,
+        sandbox: Some(sandbox),
+    })
+    .unwrap();
+    let mut s = String::new();
+    std::fs::File::from(r).read_to_string(&mut s).unwrap();
+    (exit_code(wait(child.pid).unwrap()), s)
+}
+
+#[test]
+fn a_shell_in_a_sandbox_sees_only_what_it_was_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let mut entries = host_tools();
+    entries.push(Entry::Dir {
+        path: "/etc".into(),
+        mode: 0o755,
+    });
+    entries.push(Entry::File {
+        path: "/etc/passwd".into(),
+        contents: b"nixbld:x:1000:100:Nix build user:/build:/noshell\n".to_vec(),
+        mode: 0o444,
+    });
+    entries.push(Entry::Proc {
+        path: "/proc".into(),
+    });
+    entries.push(Entry::Tmpfs {
+        path: "/tmp".into(),
+        options: "mode=1777".into(),
+    });
+    let (code, out) = run(
+        &root,
+        entries,
+        true,
+        "id -u; id -g; hostname; ls /; ls /proc | grep -c '^[0-9]'; cat /etc/passwd; \
+         touch /tmp/x && echo tmp-ok; touch /x 2>/dev/null || echo root-ro; \
+         touch /bin/x 2>/dev/null || echo bin-ro; \
+         chmod 4755 /tmp/x 2>/dev/null || echo no-setuid; chmod 755 /tmp/x && echo chmod-ok",
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "1000", "{out}");
+    assert_eq!(lines[1], "100", "{out}");
+    assert_eq!(lines[2], "localhost", "{out}");
+    for want in ["bin", "etc", "proc", "tmp", "usr"] {
+        assert!(lines.contains(&want), "{want} missing: {out}");
+    }
+    assert!(
+        !lines.contains(&"home") && !lines.contains(&"root"),
+        "{out}"
+    );
+    // Only the shell and its children are in the PID namespace.
+    let procs: u32 = lines
+        .iter()
+        .skip_while(|l| **l != "usr")
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(procs <= 4, "{out}");
+    for want in [
+        "nixbld:x:1000:100:Nix build user:/build:/noshell",
+        "tmp-ok",
+        "root-ro",
+        "bin-ro",
+        "no-setuid",
+        "chmod-ok",
+    ] {
+        assert!(lines.contains(&want), "{want} missing: {out}");
+    }
+    // Nothing leaked onto the host's directory.
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+}
+
+#[test]
+fn a_failing_entry_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let (r, w) = pipe_cloexec().unwrap();
+    drop(r);
+    let e = spawn(ChildSpec {
+        program: cs("/bin/sh"),
+        args: vec![cs("sh")],
+        env: vec![],
+        cwd: cs("/"),
+        output: w,
+        personality: None,
+        uname26: false,
+        user: None,
+        oom_score_adj: false,
+        sandbox: Some(Sandbox {
+            root,
+            private_network: true,
+            ids: IdMap::nix(
+                rustix::process::geteuid().as_raw(),
+                rustix::process::getegid().as_raw(),
+            ),
+            unprivileged: rustix::process::geteuid().as_raw() != 0,
+            entries: vec![Entry::Bind {
+                source: "/nonexistent/kiln-source".into(),
+                path: "/x".into(),
+                writable: false,
+                optional: false,
+            }],
+            seccomp: true,
+        }),
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("bind-mounting '/nonexistent/kiln-source' on '/x'")
+            && e.contains("No such file"),
+        "{e}"
+    );
+}

@@ -1,0 +1,82 @@
+//! `kiln sandbox check`: which isolation features this machine gives builds.
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use super::StoreArgs;
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCmd {
+    /// Set up a real, empty sandbox and report what works here.
+    Check {
+        /// Print a JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(args: &StoreArgs, cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
+    let SandboxCmd::Check { json } = cmd;
+    let (_, settings) = args.resolve()?;
+    let root = rustix::process::geteuid().is_root();
+    let sandbox = kiln_sandbox::supported();
+    let landlock = kiln_sandbox::landlock_abi();
+    let group = settings.get("build-users-group").to_string();
+    let ids = if !root {
+        "the daemon's own ids, mapped to 1000:100 (rootless)".to_string()
+    } else if group.is_empty() {
+        format!(
+            "a free id from {}..{} per build, mapped to 1000:100",
+            kiln_build::sandbox::AUTO_ID_START,
+            kiln_build::sandbox::AUTO_ID_START + kiln_build::sandbox::AUTO_ID_COUNT
+        )
+    } else {
+        match kiln_build::sandbox::group_members(&group) {
+            Ok(m) => format!("{} members of '{group}', mapped to 1000:100", m.len()),
+            Err(e) => format!("unusable: {e}"),
+        }
+    };
+    let checks: Vec<(&str, bool, String)> = vec![
+        (
+            "namespaces (user, mount, pid, ipc, uts, network), pivot_root, seccomp",
+            sandbox.is_ok(),
+            sandbox.clone().err().unwrap_or_else(|| "available".into()),
+        ),
+        (
+            "landlock abstract-socket and signal scopes",
+            landlock.is_some_and(|v| v >= 6),
+            match landlock {
+                Some(v) if v >= 6 => format!("ABI {v}"),
+                Some(v) => format!("ABI {v}: too old (6 needed); fixed-output builds can reach the host's abstract sockets"),
+                None => "not available; fixed-output builds can reach the host's abstract sockets".into(),
+            },
+        ),
+        ("builder ids", !ids.starts_with("unusable"), ids),
+        (
+            "sandbox setting",
+            settings.get("sandbox") != "false",
+            format!(
+                "sandbox = {}, sandbox-fallback = {}",
+                settings.get("sandbox"),
+                settings.get("sandbox-fallback")
+            ),
+        ),
+    ];
+    if json {
+        let v: serde_json::Map<String, serde_json::Value> = checks
+            .iter()
+            .map(|(k, ok, d)| (k.to_string(), serde_json::json!({"ok": ok, "detail": d})))
+            .collect();
+        println!("{}", serde_json::Value::Object(v));
+    } else {
+        for (k, ok, d) in &checks {
+            println!("{} {k}: {d}", if *ok { "ok  " } else { "MISS" });
+        }
+    }
+    Ok(if sandbox.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

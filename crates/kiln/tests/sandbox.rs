@@ -1,0 +1,409 @@
+//! The attack suite: each test is a real builder trying to escape the sandbox, built with
+//! `kiln build`, and assertions that it failed. Where the attack is one the sandbox alone
+//! stops, the same builder is also run without the sandbox (or as a fixed-output build) to
+//! show the attempt itself works, so a passing test means the sandbox stopped it.
+
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct T {
+    dir: tempfile::TempDir,
+}
+
+/// Host tools are visible read-only so builders can be shell and Python scripts.
+const TOOLS: &str = "/bin /usr /lib /lib64?";
+const SH: &str = "builder = \"/bin/sh\"\nenv = { PATH = \"/bin:/usr/bin\" }\n";
+/// sha256 of "hello\n".
+const HELLO: &str = "sha256-WJG1tSLV3whtD/CxEPvZ0hu0/HFjrzTQgoai6Eb2vgM=";
+
+impl T {
+    fn new() -> Self {
+        T {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn p(&self) -> &Path {
+        self.dir.path()
+    }
+    fn kiln(&self, sandbox: bool) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        c.arg("--store-dir")
+            .arg(self.p().join("store"))
+            .arg("--state-dir")
+            .arg(self.p().join("var"))
+            .arg("--log-dir")
+            .arg(self.p().join("log"))
+            .args(["--option", "gc-runtime-roots", "false"])
+            .args([
+                "--option",
+                "sandbox",
+                if sandbox { "true" } else { "false" },
+            ])
+            .args(["--option", "sandbox-fallback", "false"])
+            .args(["--option", "sandbox-paths", TOOLS])
+            .env_remove("KILN_CONFIG");
+        c
+    }
+    fn build(&self, name: &str, text: &str, sandbox: bool, extra: &[&str]) -> Output {
+        let f = self.p().join(name);
+        std::fs::write(&f, text).unwrap();
+        let mut c = self.kiln(sandbox);
+        c.arg("build").arg(&f).args(extra);
+        c.output().unwrap()
+    }
+    fn out_path(&self, o: &Output, name: &str) -> PathBuf {
+        let s = String::from_utf8_lossy(&o.stdout);
+        let line = s
+            .lines()
+            .find(|l| l.ends_with(&format!("-{name}")))
+            .unwrap_or_else(|| panic!("no output for {name}: {s}\n{}", stderr(o)));
+        PathBuf::from(line)
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn drv(name: &str, script: &str) -> String {
+    let script = script.replace('\\', "\\\\").replace('"', "\\\"");
+    format!("[derivations.{name}]\n{SH}args = [\"-c\", \"{script}\"]\n")
+}
+
+#[test]
+fn network_is_private_except_for_fixed_output_builds() {
+    let t = T::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let connect = format!(
+        "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}), 3); \
+         print(\"connected\")' || echo blocked"
+    );
+    let o = t.build(
+        "a.toml",
+        &drv("net", &format!("({connect}) > $out 2>/dev/null")),
+        true,
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let seen = std::fs::read_to_string(t.out_path(&o, "net")).unwrap();
+    assert_eq!(seen.trim(), "blocked");
+    assert!(
+        listener.accept().is_err(),
+        "a sandboxed build reached the host"
+    );
+    // The same attempt from a fixed-output build (which shares the host's network) works.
+    let o = t.build(
+        "b.toml",
+        &format!(
+            "{}output-hash = \"{HELLO}\"\n",
+            drv("fetch", &format!("({connect}) >&2; echo hello > $out"))
+        ),
+        true,
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(listener.accept().is_ok(), "{}", stderr(&o));
+}
+
+#[test]
+fn host_files_and_undeclared_store_paths_are_invisible() {
+    let t = T::new();
+    let o = t.build("s.toml", &drv("secret", "echo s3cret > $out"), false, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let secret = t.out_path(&o, "secret");
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let probe = format!(
+        "for f in /etc/shadow /etc/passwd- {home} {s} {store}; do \
+         if ls $f >/dev/null 2>&1; then echo \"visible $f\"; fi; done > $out; \
+         ls {store} >> $out",
+        s = secret.display(),
+        store = t.p().join("store").display()
+    );
+    let o = t.build("p.toml", &drv("probe", &probe), true, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = t.out_path(&o, "probe");
+    let seen = std::fs::read_to_string(&out).unwrap();
+    let store = t.p().join("store");
+    assert_eq!(
+        seen,
+        format!(
+            "visible {}\n{}\n",
+            store.display(),
+            out.file_name().unwrap().to_string_lossy()
+        ),
+        "the store shows nothing but the output being written"
+    );
+    // Reading an undeclared store path: succeeds without the sandbox, fails inside it.
+    let reader = drv("reader", &format!("cat {} > $out", secret.display()));
+    let o = t.build("r.toml", &reader, true, &[]);
+    assert_eq!(o.status.code(), Some(100), "{}", stderr(&o));
+    assert!(stderr(&o).contains("No such file"), "{}", stderr(&o));
+    let o = t.build("r.toml", &reader, false, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = t.out_path(&o, "reader");
+    assert_eq!(std::fs::read_to_string(out).unwrap(), "s3cret\n");
+}
+
+#[test]
+fn writes_outside_the_outputs_and_build_directory_fail() {
+    let t = T::new();
+    let recipe = format!(
+        "{}{}",
+        drv("dep", "echo dep > $out"),
+        drv(
+            "writer",
+            "for f in /etc/passwd /x /bin/kiln-x /usr/kiln-x ${dep} /proc/sys/kernel/core_pattern /proc/sys/vm/drop_caches; do \
+             (echo evil >> $f) 2>/dev/null && echo \"wrote $f\"; done > $NIX_BUILD_TOP/log; \
+             echo evil > $(dirname $out)/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-smuggled; \
+             hostname evil 2>/dev/null && echo 'set hostname' >> $NIX_BUILD_TOP/log; \
+             echo ok > /tmp/t && echo ok > $NIX_BUILD_TOP/t && cp $NIX_BUILD_TOP/log $out"
+        )
+    );
+    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let o = t.build("w.toml", &recipe, true, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = std::fs::read_to_string(t.out_path(&o, "writer")).unwrap();
+    assert_eq!(log, "", "writes that succeeded");
+    assert_eq!(
+        std::fs::read_to_string(t.out_path(&o, "dep")).unwrap(),
+        "dep\n"
+    );
+    assert!(!t
+        .p()
+        .join("store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-smuggled")
+        .exists());
+    assert!(!Path::new("/bin/kiln-x").exists() && !Path::new("/x").exists());
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(),
+        host_name
+    );
+}
+
+fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            if c.contains(marker) {
+                found.push(format!("{}: {c}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn no_process_survives_the_build() {
+    let t = T::new();
+    let marker = format!("kiln-sandbox-bg-{}", std::process::id());
+    let script = format!(
+        "cp /bin/sleep $NIX_BUILD_TOP/{marker}; \
+         $NIX_BUILD_TOP/{marker} 1000 & \
+         setsid $NIX_BUILD_TOP/{marker} 1001 & \
+         (setsid sh -c '$NIX_BUILD_TOP/{marker} 1002 &' &); \
+         sleep 0.3; echo done > $out"
+    );
+    let o = t.build("b.toml", &drv("bg", &script), true, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let left = processes_with(&marker);
+    assert!(left.is_empty(), "left behind: {left:?}");
+    // Other processes of the machine are invisible, the daemon's (here: the test's) too.
+    let me = std::process::id();
+    let script = format!(
+        "ls /proc | grep -c '^[0-9]' > $out; \
+         (kill -0 {me} || cat /proc/{me}/environ) >/dev/null 2>&1 && echo reached >> $out; true"
+    );
+    let o = t.build("p.toml", &drv("pids", &script), true, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let seen = std::fs::read_to_string(t.out_path(&o, "pids")).unwrap();
+    let n: u32 = seen.lines().next().unwrap().parse().unwrap();
+    assert!(n <= 5, "{seen}");
+    assert!(!seen.contains("reached"), "{seen}");
+}
+
+fn walk(p: &Path, out: &mut Vec<(PathBuf, u32)>) {
+    let m = std::fs::symlink_metadata(p).unwrap();
+    out.push((p.to_path_buf(), m.mode()));
+    if m.is_dir() {
+        for e in std::fs::read_dir(p).unwrap() {
+            walk(&e.unwrap().path(), out);
+        }
+    }
+}
+
+#[test]
+fn setuid_files_cannot_be_made_or_kept() {
+    let t = T::new();
+    let script = "mkdir $out; cp /bin/true $out/a; \
+        chmod 4755 $out/a 2>/dev/null && echo chmod-allowed >&2; \
+        chmod g+s $out/a 2>/dev/null && echo chmod-allowed >&2; \
+        python3 -c 'import os; os.close(os.open(os.environ[\"out\"] + \"/b\", os.O_CREAT | os.O_WRONLY, 0o6755))'; \
+        mkdir $out/d; chmod 777 $out/d; \
+        setfattr -n user.x -v 1 $out/a 2>/dev/null && echo xattr-allowed >&2; true";
+    let o = t.build("s.toml", &drv("suid", script), true, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("allowed"), "{}", stderr(&o));
+    let mut files = Vec::new();
+    walk(&t.out_path(&o, "suid"), &mut files);
+    assert_eq!(files.len(), 4, "{files:?}");
+    for (p, mode) in files {
+        assert_eq!(mode & 0o6002, 0, "{} has mode {mode:o}", p.display());
+    }
+}
+
+#[test]
+fn kept_failed_build_directories_are_safe_and_hold_no_links_out() {
+    let t = T::new();
+    let recipe = format!(
+        "{}{}",
+        drv("dep", "echo dep > $out"),
+        drv(
+            "fails",
+            "chmod 777 $NIX_BUILD_TOP; ln ${dep} $NIX_BUILD_TOP/link 2>/dev/null; \
+             ln /etc/passwd $NIX_BUILD_TOP/passwd 2>/dev/null; \
+             cp /bin/true $NIX_BUILD_TOP/x; chmod 4755 $NIX_BUILD_TOP/x 2>/dev/null; \
+             mkdir $out; chmod 777 $out; exit 1"
+        )
+    );
+    let o = t.build("k.toml", &recipe, true, &["-K"]);
+    assert_eq!(o.status.code(), Some(100), "{}", stderr(&o));
+    let e = stderr(&o);
+    let kept = e
+        .split("keeping build directory '")
+        .nth(1)
+        .and_then(|s| s.split('\'').next())
+        .unwrap_or_else(|| panic!("{e}"));
+    let mut files = Vec::new();
+    walk(Path::new(kept), &mut files);
+    let dep = t.out_path(
+        &t.build("k.toml", &recipe.replace("exit 1", "true"), true, &[]),
+        "dep",
+    );
+    let dep_ino = std::fs::metadata(&dep).unwrap().ino();
+    for (p, mode) in &files {
+        assert_eq!(mode & 0o6002, 0, "{} has mode {mode:o}", p.display());
+        let m = std::fs::symlink_metadata(p).unwrap();
+        assert_ne!(
+            m.ino(),
+            dep_ino,
+            "{} is a hard link to an input",
+            p.display()
+        );
+        assert!(m.nlink() == 1 || m.is_dir(), "{} has links", p.display());
+    }
+    assert_eq!(std::fs::metadata("/etc/passwd").unwrap().nlink(), 1);
+}
+
+/// CVE-2024-27297: a fixed-output build shares the host's network namespace, so it can hand
+/// a descriptor of its output to a process outside, which writes through it once the path
+/// is valid. The output must be registered as a copy the descriptor does not reach.
+#[test]
+fn fixed_output_cannot_keep_a_handle_on_its_output() {
+    let t = T::new();
+    let scripts = tempfile::tempdir().unwrap();
+    let name = format!("kiln-fod-leak-{}", std::process::id());
+    let done = t.p().join("build-done");
+    // The FOD: writes its output, listens on an abstract socket, passes an O_RDWR
+    // descriptor of the output to whoever connects.
+    let fod = format!(
+        "import os, socket\n\
+         out = os.environ['out']\n\
+         open(out, 'w').write('hello\\n')\n\
+         fd = os.open(out, os.O_RDWR)\n\
+         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+         s.bind('\\0{name}')\n\
+         s.listen(1)\n\
+         s.settimeout(20)\n\
+         c, _ = s.accept()\n\
+         socket.send_fds(c, [b'x'], [fd])\n\
+         c.close()\n"
+    );
+    std::fs::write(scripts.path().join("fod.py"), fod).unwrap();
+    // The accomplice outside: takes the descriptor, waits for the build to end, writes.
+    let outside = format!(
+        "import os, socket, time\n\
+         for _ in range(400):\n\
+         \x20   try:\n\
+         \x20       s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+         \x20       s.connect('\\0{name}')\n\
+         \x20       break\n\
+         \x20   except OSError:\n\
+         \x20       time.sleep(0.05)\n\
+         else:\n\
+         \x20   print('no connection'); raise SystemExit(0)\n\
+         _, fds, _, _ = socket.recv_fds(s, 1, 1)\n\
+         while not os.path.exists('{done}'):\n\
+         \x20   time.sleep(0.05)\n\
+         os.pwrite(fds[0], b'EVIL!\\n', 0)\n\
+         print('wrote')\n",
+        done = done.display()
+    );
+    let accomplice = Command::new("python3")
+        .arg("-c")
+        .arg(outside)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let recipe = format!(
+        "[derivations.leak]\nbuilder = \"/usr/bin/python3\"\nargs = [\"{}\"]\n\
+         output-hash = \"{HELLO}\"\n",
+        scripts.path().join("fod.py").display()
+    );
+    let o = t.build(
+        "l.toml",
+        &recipe,
+        true,
+        &[
+            "--option",
+            "sandbox-paths",
+            &format!("{TOOLS} {}", scripts.path().display()),
+        ],
+    );
+    std::fs::write(&done, "").unwrap();
+    let said = accomplice.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = String::from_utf8_lossy(&said.stdout);
+    // The descriptor did get out (this is what the kernel allows a fixed-output build)...
+    assert_eq!(said.trim(), "wrote");
+    // ...and the store did not change.
+    let out = t.out_path(&o, "leak");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "hello\n");
+    let mut c = t.kiln(true);
+    let v = c
+        .args(["store", "verify", "--check-contents"])
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", stderr(&v));
+}
+
+#[test]
+fn pure_builds_give_the_same_outputs_with_and_without_the_sandbox() {
+    let t = T::new();
+    let recipe = format!(
+        "{}{}",
+        drv("a", "echo a > $out"),
+        drv(
+            "b",
+            "mkdir $out; cat ${a} > $out/copy; echo ${a} > $out/ref; ln -s ${a} $out/l"
+        )
+    );
+    let o = t.build("r.toml", &recipe, true, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let b = t.out_path(&o, "b");
+    let info = |t: &T| {
+        let mut c = t.kiln(false);
+        c.args(["store", "path-info", "--json"]).arg(&b);
+        String::from_utf8(c.output().unwrap().stdout).unwrap()
+    };
+    let sandboxed = info(&t);
+    assert!(sandboxed.contains("narHash"), "{sandboxed}");
+    // Rebuild without the sandbox, checking that the result is the same.
+    let o = t.build("r.toml", &recipe, false, &["--check"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(info(&t), sandboxed);
+}
