@@ -407,3 +407,47 @@ fn pure_builds_give_the_same_outputs_with_and_without_the_sandbox() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(info(&t), sandboxed);
 }
+
+/// A store kept under `--root` (files at ROOT/nix/store, paths named /nix/store) can only be
+/// built in the sandbox, where the real paths are mounted at their logical places.
+#[test]
+fn a_store_under_a_root_is_built_at_its_logical_paths() {
+    let t = T::new();
+    let recipe = t.p().join("r.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "{}{}",
+            drv("dep", "echo dep > $out"),
+            drv("main", "cat ${dep} > $out; echo $out >> $out")
+        ),
+    )
+    .unwrap();
+    let root = t.p().join("root");
+    let run = |sandbox: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--root")
+            .arg(&root)
+            .args(["--option", "sandbox", sandbox])
+            .args(["--option", "sandbox-fallback", "false"])
+            .args(["--option", "sandbox-paths", TOOLS])
+            .args(["--option", "gc-runtime-roots", "false"])
+            .arg("build")
+            .arg(&recipe)
+            .env_remove("KILN_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let o = run("false");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("without the sandbox"), "{}", stderr(&o));
+    let o = run("true");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let main = t.out_path(&o, "main");
+    assert!(main.starts_with("/nix/store"), "{}", main.display());
+    let real = root.join(main.strip_prefix("/").unwrap());
+    assert_eq!(
+        std::fs::read_to_string(real).unwrap(),
+        format!("dep\n{}\n", main.display())
+    );
+}
