@@ -73,15 +73,6 @@ fn probe_in(root: &std::path::Path) -> std::result::Result<(), String> {
     let gid = rustix::process::getegid().as_raw();
     let cs = |s: &str| CString::new(s).map_err(|e| e.to_string());
     let spec = ChildSpec {
-        program: cs("/nonexistent-kiln-probe")?,
-        args: vec![cs("probe")?],
-        env: vec![],
-        cwd: cs("/")?,
-        output: w,
-        personality: None,
-        uname26: false,
-        user: None,
-        oom_score_adj: false,
         sandbox: Some(Sandbox {
             root: root.to_path_buf(),
             private_network: true,
@@ -92,6 +83,7 @@ fn probe_in(root: &std::path::Path) -> std::result::Result<(), String> {
             }],
             seccomp: true,
         }),
+        ..ChildSpec::new(cs("/nonexistent-kiln-probe")?, vec![cs("probe")?], w)
     };
     match spawn(spec) {
         Err(Error::Setup { step, source })

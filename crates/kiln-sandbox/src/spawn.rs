@@ -42,6 +42,25 @@ pub struct ChildSpec {
     pub sandbox: Option<Sandbox>,
 }
 
+impl ChildSpec {
+    /// `program` with `args`, output to `output`, run in `/` with an empty environment and
+    /// nothing else set: the fields are public, for the rest.
+    pub fn new(program: CString, args: Vec<CString>, output: OwnedFd) -> Self {
+        ChildSpec {
+            program,
+            args,
+            env: Vec::new(),
+            cwd: c"/".to_owned(),
+            output,
+            personality: None,
+            uname26: false,
+            user: None,
+            oom_score_adj: false,
+            sandbox: None,
+        }
+    }
+}
+
 /// A started builder.
 #[derive(Debug)]
 pub struct Spawned {
@@ -855,18 +874,7 @@ mod tests {
         assert_eq!(s, "out\nerr\nbar\n");
 
         let (_r, w) = pipe_cloexec().unwrap();
-        let spec = ChildSpec {
-            program: cs("/nonexistent/builder"),
-            args: vec![cs("x")],
-            env: vec![],
-            cwd: cs("/"),
-            output: w,
-            personality: None,
-            uname26: false,
-            user: None,
-            oom_score_adj: false,
-            sandbox: None,
-        };
+        let spec = ChildSpec::new(cs("/nonexistent/builder"), vec![cs("x")], w);
         let e = spawn(spec).unwrap_err().to_string();
         assert!(
             e.contains("executing the builder") && e.contains("No such file"),
@@ -875,16 +883,8 @@ mod tests {
 
         let (_r, w) = pipe_cloexec().unwrap();
         let spec = ChildSpec {
-            program: cs("/bin/true"),
-            args: vec![cs("true")],
-            env: vec![],
             cwd: cs("/nonexistent-dir"),
-            output: w,
-            personality: None,
-            uname26: false,
-            user: None,
-            oom_score_adj: false,
-            sandbox: None,
+            ..ChildSpec::new(cs("/bin/true"), vec![cs("true")], w)
         };
         assert!(spawn(spec)
             .unwrap_err()

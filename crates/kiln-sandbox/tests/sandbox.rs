@@ -132,15 +132,6 @@ fn a_failing_entry_is_named() {
     let (r, w) = pipe_cloexec().unwrap();
     drop(r);
     let e = spawn(ChildSpec {
-        program: cs("/bin/sh"),
-        args: vec![cs("sh")],
-        env: vec![],
-        cwd: cs("/"),
-        output: w,
-        personality: None,
-        uname26: false,
-        user: None,
-        oom_score_adj: false,
         sandbox: Some(Sandbox {
             root,
             private_network: true,
@@ -157,6 +148,7 @@ fn a_failing_entry_is_named() {
             }],
             seccomp: true,
         }),
+        ..ChildSpec::new(cs("/bin/sh"), vec![cs("sh")], w)
     })
     .unwrap_err()
     .to_string();
