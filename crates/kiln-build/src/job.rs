@@ -273,6 +273,7 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<(Vec<ValidPathInfo>, u3
             &to_tmp,
             &from_tmp,
             fixed.is_some(),
+            sandboxed,
             round,
             rounds,
         )?;
@@ -545,6 +546,7 @@ fn build_round(
     to_tmp: &BTreeMap<String, String>,
     from_tmp: &BTreeMap<String, String>,
     fixed: bool,
+    sandboxed: bool,
     round: u32,
     rounds: u32,
 ) -> Result<Vec<ValidPathInfo>, Failure> {
@@ -565,7 +567,7 @@ fn build_round(
     let build_dir = make_build_dir(spec)?;
     let mut keep_dir = false;
     let result = (|| {
-        let sandbox = if use_sandbox(spec)? {
+        let sandbox = if sandboxed {
             Some(
                 crate::sandbox::BuildSandbox::prepare(&crate::sandbox::Contents {
                     store,
