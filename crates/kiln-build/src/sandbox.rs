@@ -108,25 +108,29 @@ pub fn parse_sandbox_path(item: &str) -> (String, PathBuf, bool) {
 impl BuildSandbox {
     pub fn prepare(c: &Contents<'_>) -> Result<BuildSandbox, String> {
         let store = c.store;
+        let ids = BuildIds::acquire(store, c.settings)?;
+        let (uid, gid) = (ids.uid, ids.gid);
+        let unprivileged = rustix::process::geteuid().as_raw() != 0;
         let top = PathBuf::from(format!("{}.chroot", store.real_path(c.drv_path).display()));
         if std::fs::symlink_metadata(&top).is_ok() {
             fsutil::remove_tree(&top).map_err(|e| err("removing", &top, e))?;
         }
         std::fs::create_dir(&top).map_err(|e| err("creating", &top, e))?;
-        let guard = BuildSandbox {
+        // From here on, dropping `guard` removes `top`.
+        let mut guard = BuildSandbox {
             top: top.clone(),
             store: top.join("store"),
             sandbox: Sandbox {
                 root: top.join("root"),
                 private_network: !c.fixed_output,
-                ids: IdMap::nix(0, 0),
-                unprivileged: false,
+                ids: IdMap::nix(uid, gid),
+                unprivileged,
                 entries: Vec::new(),
                 seccomp: true,
             },
             build_top: build_top_inside(store, c.drv_path),
             builtin_exe: "/.kiln/kiln".into(),
-            ids: BuildIds::acquire(store, c.settings)?,
+            ids,
         };
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&top, std::fs::Permissions::from_mode(0o700))
@@ -137,8 +141,6 @@ impl BuildSandbox {
         // outputs here; sticky, so that it cannot rename the mount points of the inputs.
         std::fs::set_permissions(&guard.store, std::fs::Permissions::from_mode(0o1775))
             .map_err(|e| err("protecting", &guard.store, e))?;
-        let (uid, gid) = (guard.ids.uid, guard.ids.gid);
-        let unprivileged = rustix::process::geteuid().as_raw() != 0;
         if !unprivileged {
             // The builder writes its outputs here and its files in the build directory, as
             // its own host ids; both are below directories only root can enter.
@@ -147,11 +149,8 @@ impl BuildSandbox {
             std::os::unix::fs::chown(c.build_dir, Some(uid), Some(gid))
                 .map_err(|e| err("changing the owner of", c.build_dir, e))?;
         }
-        let mut me = guard;
-        me.sandbox.ids = IdMap::nix(uid, gid);
-        me.sandbox.unprivileged = unprivileged;
-        me.sandbox.entries = me.entries(c)?;
-        Ok(me)
+        guard.sandbox.entries = guard.entries(c)?;
+        Ok(guard)
     }
 
     fn entries(&self, c: &Contents<'_>) -> Result<Vec<Entry>, String> {
