@@ -2,6 +2,7 @@
 """kiln's side-by-side benchmark harness: kiln vs Nix 2.8 (Debian's nix-bin) in the same run.
 
     bench/run.py formats            # NAR dump + SHA-256 of a ~1 GiB / ~20k-file tree
+    bench/run.py subst              # substituting ~300 paths / ~500 MiB from caches
     bench/run.py all
 
 Every measurement reports wall time and CPU time (user + sys of the child processes),
@@ -525,9 +526,110 @@ def bench_daemon(args):
     shutil.rmtree(work, ignore_errors=True)
 
 
+def make_substitution_sources(src, n=300, per_path=1_700_000, files=6, seed=7):
+    """n directories of compressible text-like data (~per_path bytes each, in `files` files)."""
+    if os.path.exists(os.path.join(src, ".done")):
+        return sorted(os.path.join(src, d) for d in os.listdir(src) if d.startswith("item"))
+    rng = random.Random(seed)
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 11)))
+             for _ in range(20_000)]
+    base = " ".join(rng.choice(vocab) for _ in range(900_000)).encode()  # ~6 MiB of "words"
+    dirs = []
+    for i in range(n):
+        d = os.path.join(src, f"item{i:03}")
+        os.makedirs(d, exist_ok=True)
+        for j in range(files):
+            size = per_path // files
+            off = rng.randrange(0, len(base) - size)
+            with open(os.path.join(d, f"f{j}"), "wb") as f:
+                f.write(f"item {i} file {j}\n".encode() + base[off:off + size])
+        dirs.append(d)
+    open(os.path.join(src, ".done"), "w").close()
+    return dirs
+
+
+def bench_subst(args):
+    """Substituting ~300 paths / ~500 MiB from a local cache (xz, zstd) and from `kiln serve`
+    on loopback: kiln copy --from vs nix copy --from, each into a fresh store."""
+    work = os.path.join(args.dir, "subst-bench")
+    os.makedirs(work, exist_ok=True)
+    logical = os.path.join(work, "L", "store")
+    src_root = os.path.join(work, "src-root")
+    kiln = kiln_bin()
+    karg = ["--store-dir", logical]
+    def kiln_at(root):
+        return [kiln] + karg + ["--root", root, "--state-dir", os.path.join(root, "var"),
+                                "--log-dir", os.path.join(root, "log"), "--option", "gc-runtime-roots", "false"]
+    dirs = make_substitution_sources(os.path.join(work, "data"))
+    # The source store (kiln's, under a root) and the caches it writes.
+    paths_file = os.path.join(work, "paths")
+    if not os.path.exists(paths_file):
+        shutil.rmtree(src_root, ignore_errors=True)
+        out = subprocess.run(kiln_at(src_root) + ["store", "add"] + dirs, check=True,
+                             capture_output=True, text=True).stdout.split()
+        with open(paths_file, "w") as f:
+            f.write("\n".join(out))
+    paths = open(paths_file).read().split()
+    key = os.path.join(work, "sk")
+    if not os.path.exists(key):
+        subprocess.run(kiln_at(src_root) + ["key", "generate", "bench-1", "--secret-key-file", key,
+                                            "--public-key-file", key + ".pub"], check=True)
+    pk = open(key + ".pub").read().strip()
+    caches = {}
+    for comp in ["xz", "zstd"]:
+        d = os.path.join(work, f"cache-{comp}")
+        if not os.path.exists(os.path.join(d, ".done")):
+            shutil.rmtree(d, ignore_errors=True)
+            subprocess.run(kiln_at(src_root) + ["copy", "--to", f"file://{d}", "--compression", comp,
+                                                "--secret-key-file", key] + paths, check=True)
+            open(os.path.join(d, ".done"), "w").close()
+        caches[comp] = d
+    nar_bytes = 0
+    for p in paths:
+        hp = os.path.basename(p)[:32]
+        for line in open(os.path.join(caches["xz"], hp + ".narinfo")):
+            if line.startswith("NarSize: "):
+                nar_bytes += int(line.split()[1])
+    print(f"\n### Substitution: {len(paths)} paths, {nar_bytes / (1 << 20):.0f} MiB of NAR\n")
+    print("| what | wall | CPU | NAR MiB/s | vs Nix |\n|---|---|---|---|---|")
+    # The machine's own rate: decompress + SHA-256, two streams at once.
+    for comp, tool in [("xz", "xz"), ("zstd", "zstd")]:
+        files = sorted(os.path.join(caches[comp], "nar", f) for f in os.listdir(os.path.join(caches[comp], "nar")))
+        half = len(files) // 2
+        lists = [files[:half], files[half:]]
+        script = " & ".join(f"cat {' '.join(l)} | {tool} -dc | sha256sum >/dev/null" for l in lists) + " & wait"
+        w, c = measure(script, shell=True)
+        row(f"{tool} -dc | sha256sum, 2 streams (machine rate)", nar_bytes, w, c)
+    nix_env_ = nix_env(os.path.join(work, "L"))
+    def fresh_nix():
+        subprocess.run(["chmod", "-R", "u+w", os.path.join(work, "L")], stderr=subprocess.DEVNULL)
+        for d in ["store", "var", "log"]:
+            shutil.rmtree(os.path.join(work, "L", d), ignore_errors=True)
+    kroot = os.path.join(work, "kiln-root")
+    def fresh_kiln():
+        subprocess.run(["chmod", "-R", "u+w", kroot], stderr=subprocess.DEVNULL)
+        shutil.rmtree(kroot, ignore_errors=True)
+    sources = [(comp, f"file://{caches[comp]}") for comp in ["xz", "zstd"]]
+    server = subprocess.Popen(kiln_at(src_root) + ["serve", "--listen", "127.0.0.1:0", "--secret-key-file", key],
+                              stderr=subprocess.PIPE, text=True)
+    line = server.stderr.readline()
+    served = [w for w in line.split() if w.startswith("http://")][0].rstrip("/")
+    sources.append(("kiln serve (none, loopback)", served))
+    try:
+        for name, url in sources:
+            nw, nc = measure(["nix", "copy", "--from", url, "--option", "trusted-public-keys", pk] + paths,
+                             env=nix_env_, setup=fresh_nix)
+            kw, kc = measure(kiln_at(kroot) + ["--option", "trusted-public-keys", pk, "copy", "--from", url] + paths,
+                             setup=fresh_kiln)
+            row(f"nix copy --from {name}", nar_bytes, nw, nc)
+            row(f"kiln copy --from {name}", nar_bytes, kw, kc, ref=nw)
+    finally:
+        server.kill()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="+", choices=["formats", "store", "build", "daemon", "all"])
+    p.add_argument("what", nargs="+", choices=["formats", "store", "build", "daemon", "subst", "all"])
     p.add_argument("--jobs", type=int, default=2, help="max-jobs for the build benchmarks")
     p.add_argument("--dir", default="/tmp/kiln-bench", help="work directory (a tmpfs is mounted there if possible)")
     p.add_argument("--fs", choices=["tmpfs", "ext4"], default="tmpfs",
@@ -560,6 +662,8 @@ def main():
         bench_build(args)
     if "all" in whats or "daemon" in whats:
         bench_daemon(args)
+    if "all" in whats or "subst" in whats:
+        bench_subst(args)
 
 
 if __name__ == "__main__":

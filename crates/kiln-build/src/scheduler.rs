@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
-use kiln_format::{Derivation, StorePath, ValidPathInfo};
+use kiln_format::{ContentAddress, Derivation, StorePath, ValidPathInfo};
 use kiln_store::lock::PathLock;
 use kiln_store::LocalStore;
 
@@ -276,6 +276,9 @@ enum SubstState {
 
 struct SubstGoal {
     path: StorePath,
+    /// Its content address when a fixed-output derivation promised it (lets a cache of
+    /// another store directory provide it).
+    ca: Option<ContentAddress>,
     repair: bool,
     state: SubstState,
     info: Option<SubstitutableInfo>,
@@ -714,6 +717,7 @@ impl Worker {
         let abs = self.store().print(p);
         let goal = SubstGoal {
             path: p.clone(),
+            ca: None,
             repair,
             state: SubstState::Init,
             info: None,
@@ -1111,10 +1115,17 @@ impl Worker {
         if settings.use_substitutes
             && allow
             && self.cfg.substituter.is_some()
+            && !settings.subst.is_empty()
             && mode != BuildMode::Check
         {
+            let ca = drv
+                .fixed_output()
+                .map(|f| ContentAddress::Fixed(f.method, f.hash));
             for p in invalid {
                 let sub = self.make_subst_goal(&p, mode == BuildMode::Repair, &settings);
+                if let (Some(ca), Some(s)) = (&ca, self.subst_mut(sub)) {
+                    s.ca.get_or_insert(*ca);
+                }
                 self.add_waitee(id, sub);
             }
         }
@@ -1623,6 +1634,13 @@ impl Worker {
     }
 
     fn job_event(&mut self, id: GoalId, e: JobEvent) {
+        // A substitution's lines are messages (an unsigned or unreachable cache).
+        if let (Some(Kind::Subst(_)), JobEvent::Log(data)) =
+            (self.goals.get(&id).map(|g| &g.kind), &e)
+        {
+            let text = String::from_utf8_lossy(data).trim_end().to_string();
+            return self.emit(id, Event::Message { level: 1, text });
+        }
         let Some(Goal {
             kind: Kind::Drv(d), ..
         }) = self.goals.get(&id)
@@ -1725,9 +1743,9 @@ impl Worker {
             .cfg
             .substituter
             .clone()
-            .filter(|_| settings.use_substitutes);
+            .filter(|_| settings.use_substitutes && !settings.subst.is_empty());
         let Some(s) = self.subst_mut(id) else { return };
-        let (path, repair) = (s.path.clone(), s.repair);
+        let (path, repair, ca) = (s.path.clone(), s.repair, s.ca);
         if store.add_temp_root(&path).is_ok() {
             self.goals
                 .get_mut(&id)
@@ -1754,9 +1772,16 @@ impl Worker {
         }
         self.in_flight += 1;
         let tx = self.tx.clone();
+        let tx_log = self.tx.clone();
         std::thread::spawn(move || {
+            let log = move |line: &str| {
+                let _ = tx_log.send(Msg::JobEvent(
+                    id,
+                    JobEvent::Log(Arc::from(format!("{line}\n").into_bytes())),
+                ));
+            };
             let r = sub
-                .query(std::slice::from_ref(&path))
+                .query(&settings.subst, &BTreeMap::from([(path.clone(), ca)]), &log)
                 .map(|mut m| m.remove(&path))
                 .map_err(|e| e.to_string());
             let _ = tx.send(Msg::Queried(id, r));
@@ -1824,8 +1849,9 @@ impl Worker {
             self.wanting_to_substitute.insert((key, id));
             return;
         }
+        let settings = self.goals[&id].settings.clone();
         let Some(s) = self.subst_mut(id) else { return };
-        let (path, repair) = (s.path.clone(), s.repair);
+        let (path, repair, ca) = (s.path.clone(), s.repair, s.ca);
         if store.is_locked_by_me(&path) {
             self.waiting_for_any_goal.push(id);
             return;
@@ -1858,7 +1884,7 @@ impl Worker {
                 ));
             };
             let r = sub
-                .fetch(&store, &path, repair, &log)
+                .fetch(&settings.subst, &store, &path, ca.as_ref(), repair, &log)
                 .map_err(|e| e.to_string());
             let _ = tx.send(Msg::Fetched(id, r));
         });

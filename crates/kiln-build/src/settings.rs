@@ -73,6 +73,8 @@ pub struct BuildSettings {
     pub hashed_mirrors: Vec<String>,
     /// Who asked (for `keep-failed` ownership): never root.
     pub client: Option<(u32, u32)>,
+    /// The caches this request substitutes from and the keys it trusts.
+    pub subst: std::sync::Arc<kiln_substitute::SubstConfig>,
 }
 
 /// This machine's platform name (`x86_64-linux`, …).
@@ -134,6 +136,7 @@ impl BuildSettings {
             auto_optimise: s.get_bool("auto-optimise-store"),
             hashed_mirrors: s.get_list("hashed-mirrors"),
             client: None,
+            subst: std::sync::Arc::new(subst_config(s)),
         }
     }
 
@@ -145,6 +148,20 @@ impl BuildSettings {
             || (platform == "i686-linux" && self.system == "x86_64-linux")
             || (platform == "armhf-linux" && self.system == "aarch64-linux")
     }
+}
+
+/// The substitution settings of `s`; a trusted key that does not parse is reported and
+/// left out.
+fn subst_config(s: &Settings) -> kiln_substitute::SubstConfig {
+    let (cfg, warnings) = kiln_substitute::SubstConfig::new(
+        s.get_list("substituters"),
+        &s.get_list("trusted-public-keys"),
+        s.get_bool("require-sigs"),
+    );
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    cfg
 }
 
 impl Default for BuildSettings {

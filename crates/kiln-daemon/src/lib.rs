@@ -34,6 +34,7 @@ use kiln_build::pool::Pool;
 use kiln_build::{BuildSettings, Scheduler, SchedulerConfig};
 use kiln_protocol::{RemoteError, ServerConfig};
 use kiln_store::{LocalStore, Settings};
+use kiln_substitute::Caches;
 
 pub use peer::{Peer, Trust};
 
@@ -78,17 +79,24 @@ impl Default for DaemonConfig {
 pub(crate) struct Backend {
     pub(crate) store: Arc<LocalStore>,
     pub(crate) scheduler: Scheduler,
+    /// The binary caches (shared by every client; each request names its own).
+    pub(crate) caches: Arc<Caches>,
 }
 
 impl Backend {
-    fn start(store: Arc<LocalStore>, base: &BuildSettings) -> Backend {
+    fn start(store: Arc<LocalStore>, base: &BuildSettings, settings: &Settings) -> Backend {
+        let caches = Arc::new(Caches::for_store(&store, settings));
         let scheduler = Scheduler::start(SchedulerConfig {
             store: store.clone(),
             max_jobs: base.max_jobs,
             max_substitution_jobs: base.max_substitution_jobs,
-            substituter: None,
+            substituter: Some(caches.clone()),
         });
-        Backend { store, scheduler }
+        Backend {
+            store,
+            scheduler,
+            caches,
+        }
     }
 }
 
@@ -122,7 +130,7 @@ impl Daemon {
             version_string: cfg.version_string.clone(),
         };
         Arc::new(Daemon {
-            backend: RwLock::new(Arc::new(Backend::start(store, &base))),
+            backend: RwLock::new(Arc::new(Backend::start(store, &base, &settings))),
             settings,
             base: Arc::new(base),
             uid: rustix::process::geteuid().as_raw(),
@@ -163,7 +171,7 @@ impl Daemon {
             );
             let store = Arc::new(w.store.reopen()?);
             // The old scheduler stops when its last connection drops it.
-            *w = Arc::new(Backend::start(store, &self.base));
+            *w = Arc::new(Backend::start(store, &self.base, &self.settings));
         }
         Ok(w.clone())
     }

@@ -1,7 +1,7 @@
 //! One client's connection: its trust, its settings, the temporary roots it holds, and
 //! every operation it can ask for.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufReader, Read, Write};
 use std::os::fd::OwnedFd;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -10,7 +10,9 @@ use std::sync::Arc;
 use kiln_build::{BuildResult, BuildSettings, Event, RequestResult, Target};
 use kiln_format::nar::{self, NarSink};
 use kiln_format::store_path::ContentAddressMethod;
-use kiln_format::{FileIngestionMethod, HashAlgo, StorePath, ValidPathInfo};
+use kiln_format::{
+    ContentAddress, Derivation, FileIngestionMethod, HashAlgo, StorePath, ValidPathInfo,
+};
 use kiln_protocol::ops::{AddToStore, GcAction as WireGc, GcRequest};
 use kiln_protocol::stderr::level;
 use kiln_protocol::wire::WireReader;
@@ -20,6 +22,7 @@ use kiln_protocol::{
 };
 use kiln_store::gc::{self, GcAction, GcOptions};
 use kiln_store::{AddOptions, LocalStore, Settings};
+use kiln_substitute::{SubstitutableInfo, Substituter};
 
 use crate::client_settings;
 use crate::peer::{Peer, Trust};
@@ -363,49 +366,132 @@ impl<'d> Session<'d> {
         }
     }
 
-    fn query_missing(&self, paths: &[DerivedPath]) -> Result<Missing, RemoteError> {
-        let store = self.store();
+    /// Asks the client's caches about `paths` (nothing when substitution is off). Warnings
+    /// (an unreachable or unsigned cache) go to the client.
+    fn query_substitutes(
+        &self,
+        paths: &BTreeMap<StorePath, Option<ContentAddress>>,
+        io: &mut OpIo<'_>,
+    ) -> Result<BTreeMap<StorePath, SubstitutableInfo>, RemoteError> {
+        if !self.build.use_substitutes || self.build.subst.is_empty() || paths.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let lines = std::sync::Mutex::new(Vec::new());
+        let found = self
+            .b
+            .caches
+            .query(&self.build.subst, paths, &|l: &str| {
+                if let Ok(mut v) = lines.lock() {
+                    v.push(l.to_string());
+                }
+            })
+            .unwrap_or_else(|e| {
+                if let Ok(mut v) = lines.lock() {
+                    v.push(format!("warning: {e}"));
+                }
+                BTreeMap::new()
+            });
+        for l in lines.into_inner().unwrap_or_default() {
+            io.log(level::WARN, &l).map_err(remote)?;
+        }
+        Ok(found)
+    }
+
+    /// What realising `paths` would do (Nix's `queryMissing`): paths to build, to
+    /// substitute (with their download and unpacked sizes) and unknown ones. Caches are
+    /// asked once per level of the graph, for all of that level's paths at once.
+    fn query_missing(
+        &self,
+        paths: &[DerivedPath],
+        io: &mut OpIo<'_>,
+    ) -> Result<Missing, RemoteError> {
+        let store = self.b.store.clone();
         let mut m = Missing::default();
         let mut seen = BTreeSet::new();
         let mut todo: Vec<DerivedPath> = paths.to_vec();
-        while let Some(p) = todo.pop() {
-            if !seen.insert(p.clone()) {
-                continue;
-            }
-            match p {
-                DerivedPath::Opaque(p) => {
-                    if !store.is_valid(&p).map_err(remote)? {
-                        m.unknown.insert(p);
+        while !todo.is_empty() {
+            // Paths to ask the caches about, and derivations waiting for the answer.
+            let mut ask: BTreeMap<StorePath, Option<ContentAddress>> = BTreeMap::new();
+            let mut opaque = Vec::new();
+            let mut drvs: Vec<(StorePath, Derivation, Vec<StorePath>)> = Vec::new();
+            for p in std::mem::take(&mut todo) {
+                if !seen.insert(p.clone()) {
+                    continue;
+                }
+                match p {
+                    DerivedPath::Opaque(p) => {
+                        if !store.is_valid(&p).map_err(remote)? {
+                            ask.insert(p.clone(), None);
+                            opaque.push(p);
+                        }
+                    }
+                    DerivedPath::Built { drv, outputs } => {
+                        if !store.is_valid(&drv).map_err(remote)? {
+                            m.unknown.insert(drv);
+                            continue;
+                        }
+                        let d = store.read_derivation(&drv).map_err(remote)?;
+                        let mut missing = Vec::new();
+                        for (name, out) in d.output_paths() {
+                            let wanted = match &outputs {
+                                OutputSpec::All => true,
+                                OutputSpec::Names(n) => n.contains(name),
+                            };
+                            if wanted && !store.is_valid(out).map_err(remote)? {
+                                missing.push(out.clone());
+                            }
+                        }
+                        if missing.is_empty() {
+                            continue;
+                        }
+                        let allowed = d.env.get("allowSubstitutes").is_none_or(|v| v == "1");
+                        if allowed {
+                            let ca = d
+                                .fixed_output()
+                                .map(|f| ContentAddress::Fixed(f.method, f.hash));
+                            for o in &missing {
+                                ask.insert(o.clone(), ca);
+                            }
+                        } else {
+                            missing.clear();
+                        }
+                        drvs.push((drv, d, missing));
                     }
                 }
-                DerivedPath::Built { drv, outputs } => {
-                    if !store.is_valid(&drv).map_err(remote)? {
-                        m.unknown.insert(drv);
-                        continue;
+            }
+            let found = self.query_substitutes(&ask, io)?;
+            let substitute = |p: &StorePath, m: &mut Missing, todo: &mut Vec<DerivedPath>| {
+                if let Some(i) = found.get(p) {
+                    if m.will_substitute.insert(p.clone()) {
+                        m.download_size += i.download_size;
+                        m.nar_size += i.nar_size;
                     }
-                    let d = store.read_derivation(&drv).map_err(remote)?;
-                    let mut missing = false;
-                    for (name, out) in d.output_paths() {
-                        let wanted = match &outputs {
-                            OutputSpec::All => true,
-                            OutputSpec::Names(n) => n.contains(name),
-                        };
-                        if wanted && !store.is_valid(out).map_err(remote)? {
-                            missing = true;
-                        }
+                    todo.extend(i.references.iter().cloned().map(DerivedPath::Opaque));
+                }
+            };
+            for p in opaque {
+                if found.contains_key(&p) {
+                    substitute(&p, &mut m, &mut todo);
+                } else {
+                    m.unknown.insert(p);
+                }
+            }
+            for (drv, d, missing) in drvs {
+                if !missing.is_empty() && missing.iter().all(|o| found.contains_key(o)) {
+                    for o in &missing {
+                        substitute(o, &mut m, &mut todo);
                     }
-                    if missing {
-                        m.will_build.insert(drv.clone());
-                        for (input, outs) in &d.input_drvs {
-                            todo.push(DerivedPath::Built {
-                                drv: input.clone(),
-                                outputs: OutputSpec::Names(outs.clone()),
-                            });
-                        }
-                        for src in &d.input_srcs {
-                            todo.push(DerivedPath::Opaque(src.clone()));
-                        }
-                    }
+                    continue;
+                }
+                m.will_build.insert(drv.clone());
+                for (input, outs) in &d.input_drvs {
+                    todo.push(DerivedPath::Built {
+                        drv: input.clone(),
+                        outputs: OutputSpec::Names(outs.clone()),
+                    });
+                }
+                for src in &d.input_srcs {
+                    todo.push(DerivedPath::Opaque(src.clone()));
                 }
             }
         }
@@ -608,11 +694,30 @@ impl kiln_protocol::Handler for Session<'_> {
                 Ok(sorted(store.query_all_valid_paths().map_err(remote)?))
             }
             // No substituters yet: nothing is substitutable.
-            Request::HasSubstitutes(_) => Ok(Reply::Bool(false)),
-            Request::QuerySubstitutablePaths(_) => Ok(Reply::Paths(Vec::new())),
-            Request::QuerySubstitutablePathInfo(_) => Ok(Reply::SubstitutablePathInfo(None)),
-            Request::QuerySubstitutablePathInfos(_) => {
-                Ok(Reply::SubstitutablePathInfos(Vec::new()))
+            Request::HasSubstitutes(p) => {
+                let found = self.query_substitutes(&BTreeMap::from([(p, None)]), io)?;
+                Ok(Reply::Bool(!found.is_empty()))
+            }
+            Request::QuerySubstitutablePaths(paths) => {
+                let ask = paths.into_iter().map(|p| (p, None)).collect();
+                Ok(Reply::Paths(
+                    self.query_substitutes(&ask, io)?.into_keys().collect(),
+                ))
+            }
+            Request::QuerySubstitutablePathInfo(p) => {
+                let found = self.query_substitutes(&BTreeMap::from([(p, None)]), io)?;
+                Ok(Reply::SubstitutablePathInfo(
+                    found.into_values().next().map(wire_subst_info),
+                ))
+            }
+            Request::QuerySubstitutablePathInfos(ask) => {
+                let found = self.query_substitutes(&ask, io)?;
+                Ok(Reply::SubstitutablePathInfos(
+                    found
+                        .into_iter()
+                        .map(|(p, i)| (p, wire_subst_info(i)))
+                        .collect(),
+                ))
             }
             Request::AddToStore(a) => self.add_to_store(a, io),
             Request::AddTextToStore { name, text, refs } => {
@@ -747,7 +852,7 @@ impl kiln_protocol::Handler for Session<'_> {
                     })
                 }
             }
-            Request::QueryMissing(paths) => Ok(Reply::Missing(self.query_missing(&paths)?)),
+            Request::QueryMissing(paths) => Ok(Reply::Missing(self.query_missing(&paths, io)?)),
             Request::AddTempRoot(p) => {
                 store.add_temp_root(&p).map_err(remote)?;
                 self.keep(&p);
@@ -903,5 +1008,15 @@ impl Write for StderrWriter<'_, '_> {
             self.buf.clear();
         }
         Ok(())
+    }
+}
+
+/// A substituter's answer as the protocol sends it.
+fn wire_subst_info(i: SubstitutableInfo) -> kiln_protocol::ops::SubstitutableInfo {
+    kiln_protocol::ops::SubstitutableInfo {
+        deriver: i.deriver,
+        references: i.references,
+        download_size: i.download_size,
+        nar_size: i.nar_size,
     }
 }

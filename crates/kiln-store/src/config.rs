@@ -638,6 +638,20 @@ pub const SETTINGS: &[Def] = &[
         help: "seconds to wait for a connection (0: default)",
     },
     Def {
+        name: "stalled-download-timeout",
+        aliases: &[],
+        kind: Kind::Int,
+        default: "300",
+        help: "seconds a download may receive nothing before it fails",
+    },
+    Def {
+        name: "download-attempts",
+        aliases: &[],
+        kind: Kind::Int,
+        default: "5",
+        help: "attempts of a request to a binary cache that failed transiently",
+    },
+    Def {
         name: "pre-build-hook",
         aliases: &[],
         kind: Kind::Str,

@@ -770,6 +770,20 @@ impl LocalStore {
         nar: &mut dyn Read,
         opts: AddOptions,
     ) -> Result<ValidPathInfo> {
+        self.add_nar_checked(info, nar, opts, &mut |_| Ok(()))
+    }
+
+    /// [`LocalStore::add_nar`] with one more check before the path becomes valid:
+    /// `before_install` gets the stream after the archive (a substituter reads it to its
+    /// end and compares the compressed file's hash with the narinfo's `FileHash`); an
+    /// error leaves nothing behind.
+    pub fn add_nar_checked(
+        &self,
+        info: &ValidPathInfo,
+        nar: &mut dyn Read,
+        opts: AddOptions,
+        before_install: &mut dyn FnMut(&mut dyn Read) -> Result<()>,
+    ) -> Result<ValidPathInfo> {
         let sd = self.store_dir();
         if info.nar_hash.algo() != HashAlgo::Sha256 {
             return Err(Error::Invalid(format!(
@@ -787,7 +801,7 @@ impl LocalStore {
             self.remove_temp_root(&info.path);
         }
         let tmp = self.temp_path(info.path.name())?;
-        let mut r = HashingReader::new(nar, HashAlgo::Sha256);
+        let mut r = HashingReader::new(&mut *nar, HashAlgo::Sha256);
         nar::restore_into(
             &tmp.real,
             &mut r,
@@ -843,6 +857,7 @@ impl LocalStore {
                 )));
             }
         }
+        before_install(nar)?;
         let mut info = info.clone();
         info.nar_size = size;
         self.install(tmp, info, opts)

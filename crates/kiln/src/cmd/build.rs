@@ -67,7 +67,7 @@ pub struct LogArgs {
     path: String,
 }
 
-fn parse_store_path(store: &LocalStore, s: &str) -> anyhow::Result<StorePath> {
+pub(super) fn parse_store_path(store: &LocalStore, s: &str) -> anyhow::Result<StorePath> {
     if let Ok(p) = store.parse_path(s) {
         return Ok(p);
     }
@@ -80,14 +80,14 @@ fn parse_store_path(store: &LocalStore, s: &str) -> anyhow::Result<StorePath> {
 }
 
 /// Renders events for a terminal (or as JSON lines).
-struct Reporter {
-    json: bool,
-    quiet: bool,
-    trace: bool,
-    out: Mutex<()>,
+pub(super) struct Reporter {
+    pub json: bool,
+    pub quiet: bool,
+    pub trace: bool,
+    pub out: Mutex<()>,
 }
 
-fn json_line(v: serde_json::Value) {
+pub(super) fn json_line(v: serde_json::Value) {
     let mut o = std::io::stdout().lock();
     let _ = writeln!(o, "{v}");
 }
@@ -166,11 +166,44 @@ impl kiln_build::EventSink for Reporter {
                     let _ = writeln!(err, "{text}");
                 }
             }
+            Event::SubstitutionFinished {
+                ok: false, error, ..
+            } => {
+                let _ = writeln!(err, "error: {error}");
+            }
             Event::BuildFinished { .. }
             | Event::SubstitutionFinished { .. }
             | Event::HashMismatch { .. } => {}
         }
     }
+}
+
+/// Realises `targets` with a scheduler of this process, substituting from the caches the
+/// settings name; events go to `reporter`.
+pub(super) fn realise(
+    store: &Arc<LocalStore>,
+    settings: &kiln_store::Settings,
+    bs: BuildSettings,
+    targets: Vec<Target>,
+    mode: BuildMode,
+    reporter: Reporter,
+) -> anyhow::Result<kiln_build::RequestResult> {
+    let sched = Scheduler::start(SchedulerConfig {
+        store: store.clone(),
+        max_jobs: bs.max_jobs,
+        max_substitution_jobs: bs.max_substitution_jobs,
+        substituter: Some(Arc::new(kiln_substitute::Caches::for_store(
+            store, settings,
+        ))),
+    });
+    let result = sched.build(Request {
+        targets,
+        mode,
+        settings: Arc::new(bs),
+        sink: Arc::new(reporter),
+    })?;
+    drop(sched);
+    Ok(result)
 }
 
 pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
@@ -257,25 +290,20 @@ pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
     } else {
         BuildMode::Normal
     };
-    let reporter = Arc::new(Reporter {
-        json: b.json,
-        quiet: b.no_build_output,
-        trace: bs.print_build_trace,
-        out: Mutex::new(()),
-    });
-    let sched = Scheduler::start(SchedulerConfig {
-        store: store.clone(),
-        max_jobs: bs.max_jobs,
-        max_substitution_jobs: bs.max_substitution_jobs,
-        substituter: None,
-    });
-    let result = sched.build(Request {
-        targets: targets.clone(),
+    let trace = bs.print_build_trace;
+    let result = realise(
+        &store,
+        &settings,
+        bs,
+        targets.clone(),
         mode,
-        settings: Arc::new(bs),
-        sink: reporter,
-    })?;
-    drop(sched);
+        Reporter {
+            json: b.json,
+            quiet: b.no_build_output,
+            trace,
+            out: Mutex::new(()),
+        },
+    )?;
     let code = result.exit_code();
     let mut paths = Vec::new();
     for (t, r) in &result.results {

@@ -3,6 +3,7 @@
 mod build;
 pub mod buildenv;
 mod builtin;
+mod cache;
 mod common;
 mod daemon;
 mod drv;
@@ -42,6 +43,14 @@ pub enum Command {
     Log(build::LogArgs),
     /// Serve the worker protocol on a Unix socket, for Nix and Guix clients.
     Daemon(daemon::DaemonArgs),
+    /// Copy store paths (with their closures) to a binary cache, or substitute them from
+    /// one.
+    Copy(cache::CopyArgs),
+    /// Serve the store as a binary cache over HTTP.
+    Serve(cache::ServeArgs),
+    /// Signing keys for binary caches.
+    #[command(subcommand)]
+    Key(cache::KeyCmd),
     /// Report the build sandbox's features on this machine (`check`).
     #[command(subcommand)]
     Sandbox(sandbox::SandboxCmd),
@@ -57,6 +66,9 @@ pub fn run(args: &StoreArgs, cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Daemon(d) => daemon::run(args, d),
         Command::Log(l) => build::log(args, l),
         Command::Sandbox(c) => sandbox::run(args, c),
+        Command::Copy(c) => cache::copy(args, c),
+        Command::Serve(s) => cache::serve(args, s),
+        Command::Key(k) => cache::key(k),
         Command::Builtin { name } => builtin::run(&name),
         Command::Nar(c) => nar::run(c),
         Command::Hash(c) => hash::run(c),

@@ -1,0 +1,359 @@
+//! [`Caches`]: the substituter over every configured binary cache.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kiln_format::narinfo::NarInfo;
+use kiln_format::{ContentAddress, StoreDir, StorePath, ValidPathInfo};
+use kiln_store::{AddOptions, LocalStore};
+
+use crate::cache::{BinaryCache, DiskCache, Ttl};
+use crate::compression;
+use crate::transport::Timeouts;
+use crate::{Error, Result, SubstConfig, SubstitutableInfo, Substituter};
+
+/// How caches are reached and remembered.
+#[derive(Debug, Clone, Default)]
+pub struct CachesOptions {
+    pub timeouts: Timeouts,
+    pub ttl: Ttl,
+    /// Where HTTP caches' narinfo lookups are remembered across runs (`None`: memory only).
+    pub disk_cache: Option<PathBuf>,
+    /// Lookups run at once for a batch query.
+    pub query_threads: usize,
+}
+
+/// Every cache any request named, opened once and shared (their lookups are cached), and
+/// the [`Substituter`] implementation over them.
+#[derive(Debug)]
+pub struct Caches {
+    store_dir: StoreDir,
+    opts: CachesOptions,
+    open: Mutex<HashMap<String, Arc<BinaryCache>>>,
+    disk: Option<Arc<DiskCache>>,
+}
+
+/// A path as one cache offers it, already translated to the local store.
+#[derive(Debug, Clone)]
+pub struct Offer {
+    pub cache: Arc<BinaryCache>,
+    pub narinfo: Arc<NarInfo>,
+    /// What will be registered: the narinfo's claims about the local path.
+    pub info: ValidPathInfo,
+}
+
+impl Caches {
+    pub fn new(store_dir: StoreDir, opts: CachesOptions) -> Caches {
+        let disk = opts
+            .disk_cache
+            .as_ref()
+            .and_then(|p| match DiskCache::open(p) {
+                Ok(d) => Some(Arc::new(d)),
+                Err(e) => {
+                    tracing::warn!("narinfo lookups are not remembered across runs: {e}");
+                    None
+                }
+            });
+        Caches {
+            store_dir,
+            opts,
+            open: Mutex::new(HashMap::new()),
+            disk,
+        }
+    }
+
+    /// The caches of a store, set up from its settings (`connect-timeout`,
+    /// `stalled-download-timeout`, `download-attempts`, the narinfo TTLs); HTTP lookups are
+    /// remembered in `<state>/substituter-cache.sqlite` when the state directory is
+    /// writable.
+    pub fn for_store(store: &LocalStore, s: &kiln_store::Settings) -> Caches {
+        let secs = |n: &str, dflt: u64| {
+            std::time::Duration::from_secs(Some(s.get_u64(n)).filter(|v| *v > 0).unwrap_or(dflt))
+        };
+        let state = &store.layout().state_dir;
+        let writable = rustix::fs::access(state, rustix::fs::Access::WRITE_OK).is_ok();
+        Caches::new(
+            store.store_dir().clone(),
+            CachesOptions {
+                timeouts: Timeouts {
+                    connect: secs("connect-timeout", 30),
+                    stalled: secs("stalled-download-timeout", 300),
+                    attempts: s.get_u64("download-attempts").clamp(1, 100) as u32,
+                },
+                ttl: Ttl {
+                    positive: std::time::Duration::from_secs(
+                        s.get_u64("narinfo-cache-positive-ttl"),
+                    ),
+                    negative: std::time::Duration::from_secs(
+                        s.get_u64("narinfo-cache-negative-ttl"),
+                    ),
+                },
+                disk_cache: writable.then(|| state.join("substituter-cache.sqlite")),
+                query_threads: 16,
+            },
+        )
+    }
+
+    /// The cache at `url`, opened on first use.
+    pub fn cache(&self, url: &str) -> Result<Arc<BinaryCache>> {
+        let mut open = self
+            .open
+            .lock()
+            .map_err(|_| Error::Corrupt("cache table poisoned".into()))?;
+        if let Some(c) = open.get(url) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(BinaryCache::open(
+            url,
+            &self.store_dir,
+            self.opts.timeouts,
+            self.opts.ttl,
+            self.disk.clone(),
+        )?);
+        open.insert(url.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// The usable caches of `cfg`, by priority (then in the order given). A cache that
+    /// cannot be used is reported through `log` and left out.
+    pub fn ordered(&self, cfg: &SubstConfig, log: &dyn Fn(&str)) -> Vec<Arc<BinaryCache>> {
+        let mut v = Vec::new();
+        for url in &cfg.urls {
+            match self.cache(url).and_then(|c| Ok((c.info()?.priority, c))) {
+                Ok(pc) => v.push(pc),
+                Err(e) => log(&format!("warning: ignoring substituter '{url}': {e}")),
+            }
+        }
+        v.sort_by_key(|(p, _)| *p);
+        v.into_iter().map(|(_, c)| c).collect()
+    }
+
+    /// What `cache` offers for `path` (`ca`: its content address when known, which lets
+    /// a cache of another store directory provide it), if it is trustworthy.
+    pub fn offer(
+        &self,
+        cfg: &SubstConfig,
+        cache: &Arc<BinaryCache>,
+        path: &StorePath,
+        ca: Option<&ContentAddress>,
+        log: &dyn Fn(&str),
+    ) -> Result<Option<Offer>> {
+        let sub_sd = cache.store_dir();
+        let sub_path = if *sub_sd == self.store_dir {
+            path.clone()
+        } else if let Some(ca) = ca {
+            sub_sd.ca_path(path.name(), ca, &BTreeSet::new(), false)?
+        } else {
+            // Only content-addressed paths can move between store directories.
+            return Ok(None);
+        };
+        let Some(ni) = cache.narinfo(&sub_path)? else {
+            return Ok(None);
+        };
+        if sub_path != *path && (!ni.references.is_empty() || ni.ca.is_none()) {
+            log(&format!(
+                "warning: '{}' offers '{}' for '{}', but it is not content-addressed without references",
+                cache.url.base,
+                sub_sd.display(&sub_path),
+                self.store_dir.display(path)
+            ));
+            return Ok(None);
+        }
+        let info = ValidPathInfo {
+            path: path.clone(),
+            deriver: ni.deriver.clone(),
+            nar_hash: ni.nar_hash,
+            references: ni.references.clone(),
+            registration_time: 0,
+            nar_size: ni.nar_size,
+            ultimate: false,
+            sigs: if sub_path == *path {
+                ni.sigs.clone()
+            } else {
+                BTreeSet::new()
+            },
+            ca: ni.ca,
+        };
+        // A content address is verified against the contents when the NAR arrives, so
+        // it needs no signature; anything else must be signed by a key the user trusts
+        // (a cache serving unsigned paths, or a man in the middle, could otherwise hand
+        // out arbitrary binaries).
+        let trusted = cache.trusted
+            || !cfg.require_sigs
+            || info.is_content_addressed(&self.store_dir)
+            || ni.verify(sub_sd, &cfg.keys);
+        if !trusted {
+            log(&format!(
+                "warning: the substitute for '{}' from '{}' is not signed by any of the keys in 'trusted-public-keys'",
+                self.store_dir.display(path),
+                cache.url.base
+            ));
+            return Ok(None);
+        }
+        Ok(Some(Offer {
+            cache: cache.clone(),
+            narinfo: ni,
+            info,
+        }))
+    }
+
+    /// Downloads an offer into the store: streamed through decompression, NAR restore
+    /// and hashing in one pass; valid only after NarHash, NarSize, the content address
+    /// and FileHash/FileSize all matched.
+    pub fn download(&self, store: &LocalStore, offer: &Offer, repair: bool) -> Result<()> {
+        let (mut stream, check) = offer.cache.nar(&offer.narinfo)?;
+        let what = offer.cache.transport().describe(&offer.narinfo.url);
+        store.add_nar_checked(
+            &offer.info,
+            &mut stream,
+            AddOptions { repair },
+            &mut |rest| {
+                compression::expect_end(rest, &what)
+                    .and_then(|()| check.verify(&offer.narinfo))
+                    .map_err(|e| kiln_store::Error::Invalid(e.to_string()))
+            },
+        )?;
+        Ok(())
+    }
+
+    fn query_one(
+        &self,
+        cfg: &SubstConfig,
+        caches: &[Arc<BinaryCache>],
+        path: &StorePath,
+        ca: Option<&ContentAddress>,
+        log: &dyn Fn(&str),
+    ) -> std::result::Result<Option<SubstitutableInfo>, String> {
+        let mut failures = Vec::new();
+        for c in caches {
+            match self.offer(cfg, c, path, ca, log) {
+                Ok(Some(o)) => {
+                    return Ok(Some(SubstitutableInfo {
+                        references: o.info.references,
+                        deriver: o.info.deriver,
+                        nar_size: o.narinfo.nar_size,
+                        download_size: o.narinfo.file_size.unwrap_or(o.narinfo.nar_size),
+                    }))
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    log(&format!(
+                        "warning: cannot query '{}' in '{}': {e}",
+                        self.store_dir.display(path),
+                        c.url.base
+                    ));
+                    failures.push(e.to_string());
+                }
+            }
+        }
+        if failures.is_empty() {
+            Ok(None)
+        } else {
+            Err(failures.join("; "))
+        }
+    }
+}
+
+impl Substituter for Caches {
+    /// Looks every path up in the caches in priority order, several lookups at once. A
+    /// path a cache failed to answer for (and no other cache has) is left out, except in
+    /// a query for one path, where the failure is the error: a substitution goal must tell
+    /// a broken cache (fail, unless `--fallback`) from a missing path (build it).
+    fn query(
+        &self,
+        cfg: &SubstConfig,
+        paths: &BTreeMap<StorePath, Option<ContentAddress>>,
+        log: &dyn Fn(&str),
+    ) -> Result<BTreeMap<StorePath, SubstitutableInfo>> {
+        let caches = self.ordered(cfg, log);
+        if caches.is_empty() || paths.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let items: Vec<(&StorePath, &Option<ContentAddress>)> = paths.iter().collect();
+        if items.len() == 1 {
+            let (p, ca) = items[0];
+            return match self.query_one(cfg, &caches, p, ca.as_ref(), log) {
+                Ok(Some(i)) => Ok(BTreeMap::from([(p.clone(), i)])),
+                Ok(None) => Ok(BTreeMap::new()),
+                Err(e) => Err(Error::Failed(e)),
+            };
+        }
+        // Lines logged by worker threads are collected and passed on in order.
+        let lines = Mutex::new(Vec::new());
+        let found = Mutex::new(BTreeMap::new());
+        let next = AtomicUsize::new(0);
+        let workers = self.opts.query_threads.clamp(1, 64).min(items.len());
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((p, ca)) = items.get(i) else { break };
+                    let note = |l: &str| {
+                        if let Ok(mut v) = lines.lock() {
+                            v.push(l.to_string());
+                        }
+                    };
+                    if let Ok(Some(info)) = self.query_one(cfg, &caches, p, ca.as_ref(), &note) {
+                        if let Ok(mut f) = found.lock() {
+                            f.insert((*p).clone(), info);
+                        }
+                    }
+                });
+            }
+        });
+        for l in lines.into_inner().unwrap_or_default() {
+            log(&l);
+        }
+        Ok(found.into_inner().unwrap_or_default())
+    }
+
+    /// Tries each cache that offers the path, in priority order, until one download is
+    /// verified and registered; a failed download leaves nothing in the store and moves
+    /// on to the next cache.
+    fn fetch(
+        &self,
+        cfg: &SubstConfig,
+        store: &LocalStore,
+        path: &StorePath,
+        ca: Option<&ContentAddress>,
+        repair: bool,
+        log: &dyn Fn(&str),
+    ) -> Result<()> {
+        let mut failures = Vec::new();
+        for c in self.ordered(cfg, log) {
+            let offer = match self.offer(cfg, &c, path, ca, log) {
+                Ok(Some(o)) => o,
+                Ok(None) => continue,
+                Err(e) => {
+                    failures.push(format!("{}: {e}", c.url.base));
+                    continue;
+                }
+            };
+            match self.download(store, &offer, repair) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    log(&format!(
+                        "warning: substituting '{}' from '{}' failed: {e}",
+                        store.print(path),
+                        c.url.base
+                    ));
+                    failures.push(format!("{}: {e}", c.url.base));
+                }
+            }
+        }
+        Err(Error::Failed(if failures.is_empty() {
+            format!(
+                "path '{}' is required, but there is no substituter that can build it",
+                store.print(path)
+            )
+        } else {
+            format!(
+                "cannot substitute '{}': {}",
+                store.print(path),
+                failures.join("; ")
+            )
+        }))
+    }
+}

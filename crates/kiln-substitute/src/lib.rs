@@ -1,0 +1,113 @@
+//! Binary caches: the format the Nix and Guix ecosystems share for distributing build
+//! results, read and written by kiln.
+//!
+//! * [`url`]: cache URLs (`file://DIR`, `http://…`, `https://…`) and their parameters
+//!   (`priority`, `trusted`, `store`, `compression`, `secret-key`).
+//! * [`transport`]: fetching and storing files of a cache; HTTP through a pooled agent with
+//!   per-read timeouts, retries for transient failures.
+//! * [`compression`]: streaming decoders and encoders for `none`, `xz`, `bzip2`, `zstd`,
+//!   `br` and `gzip`.
+//! * [`cache`]: one cache: `nix-cache-info`, narinfo lookup with positive and negative
+//!   caching (in memory and, for HTTP caches, in a SQLite file that survives restarts),
+//!   and NAR streams verified against `FileHash`/`FileSize`.
+//! * [`caches`]: [`Caches`], the [`Substituter`] the build engine uses: several caches in
+//!   priority order, signature checks, streaming into the store (restore + hash in one
+//!   pass, nothing valid before it is verified).
+//! * [`write`]: copying store paths into a cache (`kiln copy --to`).
+//! * [`serve`]: serving a store as a binary cache over HTTP (`kiln serve`).
+//!
+//! Every byte a cache sends is untrusted: narinfo files are bounded and parsed strictly,
+//! NARs go through the bounded NAR parser into a temporary store path, and a path becomes
+//! valid only after its NAR hash and size (and content address, if it claims one) matched.
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod caches;
+pub mod compression;
+mod error;
+pub mod serve;
+pub mod transport;
+pub mod url;
+pub mod write;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kiln_format::signature::PublicKey;
+use kiln_format::{ContentAddress, StorePath};
+use kiln_store::LocalStore;
+
+pub use caches::Caches;
+pub use error::{Error, Result};
+
+/// What a substituter knows about a path it can provide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubstitutableInfo {
+    pub references: BTreeSet<StorePath>,
+    pub deriver: Option<StorePath>,
+    pub nar_size: u64,
+    pub download_size: u64,
+}
+
+/// Which caches a request may use and whom it trusts (from its settings: `substituters`,
+/// `trusted-public-keys`, `require-sigs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubstConfig {
+    pub urls: Vec<String>,
+    pub keys: Vec<PublicKey>,
+    pub require_sigs: bool,
+}
+
+impl SubstConfig {
+    /// Parses the keys (`name:base64`); a key that does not parse is reported in the
+    /// returned warnings and left out.
+    pub fn new(urls: Vec<String>, keys: &[String], require_sigs: bool) -> (Self, Vec<String>) {
+        let mut warnings = Vec::new();
+        let keys = keys
+            .iter()
+            .filter_map(|k| match PublicKey::parse(k) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    warnings.push(format!("ignoring trusted public key '{k}': {e}"));
+                    None
+                }
+            })
+            .collect();
+        (
+            SubstConfig {
+                urls,
+                keys,
+                require_sigs,
+            },
+            warnings,
+        )
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.urls.is_empty()
+    }
+}
+
+/// Fetches store paths from elsewhere. The scheduler's substitution goals use it.
+pub trait Substituter: Send + Sync {
+    /// Information about the paths it can provide. `paths` maps each path to its content
+    /// address when the caller knows it (a fixed output), which lets a cache for another
+    /// store directory provide it.
+    fn query(
+        &self,
+        cfg: &SubstConfig,
+        paths: &BTreeMap<StorePath, Option<ContentAddress>>,
+        log: &dyn Fn(&str),
+    ) -> Result<BTreeMap<StorePath, SubstitutableInfo>>;
+
+    /// Fetches `path` into `store` (verified, registered). With `repair`, replaces a valid
+    /// copy after verifying the new one. Its references must be valid already.
+    fn fetch(
+        &self,
+        cfg: &SubstConfig,
+        store: &LocalStore,
+        path: &StorePath,
+        ca: Option<&ContentAddress>,
+        repair: bool,
+        log: &dyn Fn(&str),
+    ) -> Result<()>;
+}
