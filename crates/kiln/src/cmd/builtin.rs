@@ -4,7 +4,7 @@
 //!
 //! * `fetchurl` (Nix) and `download` (Guix): fetch `url` (or each of `urls`/a Guix URL list,
 //!   first that works) over `http://`, `https://` (certificates verified: CVE-2024-47174) or
-//!   `file://` into `$out`; `executable=1` makes it executable; `unpack=1` restores a NAR.
+//!   `file://` into `$out`; `executable=1` makes it executable; `unpack=1` restores a NAR (xz-compressed if the URL ends in `.xz`).
 //!   The daemon checks the fixed-output hash afterwards.
 //! * `buildenv` (Nix): assemble a `nix-env` user environment; see [`super::buildenv`].
 
@@ -109,6 +109,10 @@ pub fn run(name: &str) -> anyhow::Result<ExitCode> {
             }
         };
         if std::env::var("unpack").is_ok_and(|v| v == "1") {
+            // As Nix's builtin: a URL ending in `.xz` is an xz-compressed NAR.
+            if url.ends_with(".xz") {
+                r = Box::new(xz2::read::XzDecoder::new_multi_decoder(r));
+            }
             kiln_format::nar::restore(std::path::Path::new(&out), &mut r)?;
         } else {
             let mut f = std::fs::OpenOptions::new()
