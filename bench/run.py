@@ -599,7 +599,7 @@ def bench_subst(args):
         lists = [files[:half], files[half:]]
         script = " & ".join(f"cat {' '.join(l)} | {tool} -dc | sha256sum >/dev/null" for l in lists) + " & wait"
         w, c = measure(script, shell=True)
-        row(f"{tool} -dc | sha256sum, 2 streams (machine rate)", nar_bytes, w, c)
+        row(f"{tool} -dc piped to sha256sum, 2 streams (machine rate)", nar_bytes, w, c)
     nix_env_ = nix_env(os.path.join(work, "L"))
     def fresh_nix():
         subprocess.run(["chmod", "-R", "u+w", os.path.join(work, "L")], stderr=subprocess.DEVNULL)

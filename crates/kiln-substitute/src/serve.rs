@@ -220,6 +220,10 @@ fn handle(store: &LocalStore, opts: &ServeOptions, req: tiny_http::Request) {
     } else {
         not_found()
     };
+    // One request per connection: tiny_http parks a pooled thread on every idle
+    // keep-alive connection, and a client that opens many (Nix's curl opens one per
+    // parallel transfer) could then stall the server while its requests wait unread.
+    let resp = resp.with_header(header("Connection", "close"));
     if let Err(e) = req.respond(resp) {
         tracing::debug!("serving '{url}': {e}");
     }
