@@ -452,3 +452,62 @@ impl DiskCache {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_info_parses_and_refuses_nonsense() {
+        let sd = StoreDir::new("/nix/store").unwrap();
+        let i = CacheInfo::parse(
+            "StoreDir: /gnu/store\nWantMassQuery: 1\nPriority: 40\nOther: x\n",
+            &sd,
+            "c",
+        )
+        .unwrap();
+        assert_eq!(i.store_dir.as_str(), "/gnu/store");
+        assert!(i.want_mass_query);
+        assert_eq!(i.priority, 40);
+        assert_eq!(CacheInfo::parse(&i.to_text(), &sd, "c").unwrap(), i);
+        // Defaults: the expected store, priority 50.
+        let d = CacheInfo::parse("", &sd, "c").unwrap();
+        assert_eq!((d.store_dir.as_str(), d.priority), ("/nix/store", 50));
+        let e = CacheInfo::parse("Priority: high\n", &sd, "c").unwrap_err();
+        assert!(e.to_string().contains("bad Priority 'high'"), "{e}");
+        let e = CacheInfo::parse("StoreDir: relative\n", &sd, "c").unwrap_err();
+        assert!(e.to_string().contains("bad StoreDir"), "{e}");
+    }
+
+    #[test]
+    fn disk_cache_remembers_answers_for_their_ttl() {
+        let d = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(&d.path().join("c.sqlite")).unwrap();
+        let long = Ttl::default();
+        assert_eq!(c.narinfo("http://c", "aaa", long), None);
+        c.put_narinfo("http://c", "aaa", Some("StorePath: x\n"));
+        c.put_narinfo("http://c", "bbb", None);
+        assert_eq!(
+            c.narinfo("http://c", "aaa", long),
+            Some(Some("StorePath: x\n".to_string()))
+        );
+        assert_eq!(c.narinfo("http://c", "bbb", long), Some(None));
+        assert_eq!(c.narinfo("http://other", "aaa", long), None);
+        // Expired entries are unknown again.
+        let none = Ttl {
+            positive: Duration::ZERO,
+            negative: Duration::ZERO,
+        };
+        assert_eq!(c.narinfo("http://c", "aaa", none), None);
+        assert_eq!(c.narinfo("http://c", "bbb", none), None);
+        // It survives reopening.
+        drop(c);
+        let c = DiskCache::open(&d.path().join("c.sqlite")).unwrap();
+        assert_eq!(c.narinfo("http://c", "bbb", long), Some(None));
+        c.put_cache_info("http://c", "StoreDir: /nix/store\n");
+        assert_eq!(
+            c.cache_info("http://c").as_deref(),
+            Some("StoreDir: /nix/store\n")
+        );
+    }
+}

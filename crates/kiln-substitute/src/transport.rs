@@ -168,7 +168,27 @@ impl Transport {
         if let Some(p) = self.local(rel) {
             return Ok(p.exists());
         }
-        Ok(self.get(rel)?.is_some())
+        let (Some(agent), Location::Http(base)) = (&self.agent, &self.location) else {
+            return Ok(false);
+        };
+        // HEAD: asking whether a NAR is there must not download it.
+        let resp = agent
+            .head(&format!("{base}/{rel}"))
+            .call()
+            .map_err(|e| Error::Transfer {
+                url: self.describe(rel),
+                action: "query",
+                why: e.to_string(),
+            })?;
+        match resp.status().as_u16() {
+            200..=299 => Ok(true),
+            404 | 403 | 410 => Ok(false),
+            st => Err(Error::Transfer {
+                url: self.describe(rel),
+                action: "query",
+                why: format!("HTTP error {st}"),
+            }),
+        }
     }
 
     /// Stores `data` (a file on this machine) as `rel`: a local cache gets it by an
