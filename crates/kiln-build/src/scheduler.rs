@@ -1463,13 +1463,7 @@ impl Worker {
                 .into_iter()
                 .map(str::to_string)
                 .collect();
-            let tx_log = tx.clone();
-            let log = move |l: &str| {
-                let _ = tx_log.send(Msg::JobEvent(
-                    id,
-                    JobEvent::Log(Arc::from(format!("{l}\n").into_bytes())),
-                ));
-            };
+            let log = line_logger(tx.clone(), id);
             let trace = (
                 settings.max_silent_time,
                 settings.print_build_trace,
@@ -1772,14 +1766,8 @@ impl Worker {
         }
         self.in_flight += 1;
         let tx = self.tx.clone();
-        let tx_log = self.tx.clone();
+        let log = line_logger(self.tx.clone(), id);
         std::thread::spawn(move || {
-            let log = move |line: &str| {
-                let _ = tx_log.send(Msg::JobEvent(
-                    id,
-                    JobEvent::Log(Arc::from(format!("{line}\n").into_bytes())),
-                ));
-            };
             let r = sub
                 .query(&settings.subst, &BTreeMap::from([(path.clone(), ca)]), &log)
                 .map(|mut m| m.remove(&path))
@@ -1875,14 +1863,8 @@ impl Worker {
             },
         );
         let tx = self.tx.clone();
-        let tx_log = self.tx.clone();
+        let log = line_logger(self.tx.clone(), id);
         std::thread::spawn(move || {
-            let log = move |line: &str| {
-                let _ = tx_log.send(Msg::JobEvent(
-                    id,
-                    JobEvent::Log(Arc::from(format!("{line}\n").into_bytes())),
-                ));
-            };
             let r = sub
                 .fetch(&settings.subst, &store, &path, ca.as_ref(), repair, &log)
                 .map_err(|e| e.to_string());
@@ -1899,6 +1881,16 @@ impl Worker {
             ),
             Err(e) => self.subst_fail(id, Exit::Failed, e),
         }
+    }
+}
+
+/// Passes a helper's lines (hook messages, substituter warnings) to goal `id` as log lines.
+fn line_logger(tx: Sender<Msg>, id: GoalId) -> impl Fn(&str) {
+    move |line: &str| {
+        let _ = tx.send(Msg::JobEvent(
+            id,
+            JobEvent::Log(Arc::from(format!("{line}\n").into_bytes())),
+        ));
     }
 }
 

@@ -2,7 +2,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kiln_format::narinfo::NarInfo;
@@ -283,25 +282,18 @@ impl Substituter for Caches {
         // Lines logged by worker threads are collected and passed on in order.
         let lines = Mutex::new(Vec::new());
         let found = Mutex::new(BTreeMap::new());
-        let next = AtomicUsize::new(0);
-        let workers = self.opts.query_threads.clamp(1, 64).min(items.len());
-        std::thread::scope(|s| {
-            for _ in 0..workers {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((p, ca)) = items.get(i) else { break };
-                    let note = |l: &str| {
-                        if let Ok(mut v) = lines.lock() {
-                            v.push(l.to_string());
-                        }
-                    };
-                    if let Ok(Some(info)) = self.query_one(cfg, &caches, p, ca.as_ref(), &note) {
-                        if let Ok(mut f) = found.lock() {
-                            f.insert((*p).clone(), info);
-                        }
-                    }
-                });
+        crate::for_each_parallel(&items, self.opts.query_threads, |(p, ca)| {
+            let note = |l: &str| {
+                if let Ok(mut v) = lines.lock() {
+                    v.push(l.to_string());
+                }
+            };
+            if let Ok(Some(info)) = self.query_one(cfg, &caches, p, ca.as_ref(), &note) {
+                if let Ok(mut f) = found.lock() {
+                    f.insert((*p).clone(), info);
+                }
             }
+            true
         });
         for l in lines.into_inner().unwrap_or_default() {
             log(&l);

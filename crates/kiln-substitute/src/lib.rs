@@ -87,6 +87,32 @@ impl SubstConfig {
     }
 }
 
+/// Runs `f` on every item, on up to `workers` threads (at most 64) taking the next item
+/// as they finish one; `f` returning `false` stops every worker before its next item.
+pub(crate) fn for_each_parallel<T: Sync>(
+    items: &[T],
+    workers: usize,
+    f: impl Fn(&T) -> bool + Sync,
+) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for _ in 0..workers.clamp(1, 64).min(items.len()) {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        break;
+                    };
+                    if !f(item) {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+}
+
 /// Fetches store paths from elsewhere. The scheduler's substitution goals use it.
 pub trait Substituter: Send + Sync {
     /// Information about the paths it can provide. `paths` maps each path to its content

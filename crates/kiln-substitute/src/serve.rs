@@ -168,10 +168,7 @@ fn not_found() -> tiny_http::ResponseBox {
 
 /// A hash part: 32 characters of Nix's base-32 alphabet.
 fn hash_part(s: &str) -> Option<&str> {
-    (s.len() == 32
-        && s.bytes()
-            .all(|b| b"0123456789abcdfghijklmnpqrsvwxyz".contains(&b)))
-    .then_some(s)
+    (s.len() == 32 && kiln_format::base32::is_valid(s.as_bytes())).then_some(s)
 }
 
 fn lookup(store: &LocalStore, hash: &str) -> Option<StorePath> {

@@ -60,6 +60,11 @@ pub fn check_relative(rel: &str) -> Result<()> {
     Ok(())
 }
 
+/// Statuses that mean "not in this cache" (Nix treats 403 like 404).
+fn absent(status: u16) -> bool {
+    matches!(status, 404 | 403 | 410)
+}
+
 impl Transport {
     pub fn new(url: &CacheUrl, timeouts: Timeouts) -> Transport {
         let agent = match url.location {
@@ -122,8 +127,7 @@ impl Transport {
                     let status = resp.status().as_u16();
                     match status {
                         200..=299 => return Ok(Some(Box::new(resp.into_body().into_reader()))),
-                        // Nix treats both as "not in this cache".
-                        404 | 403 | 410 => return Ok(None),
+                        st if absent(st) => return Ok(None),
                         500..=599 | 429 => format!("HTTP error {status}"),
                         _ => return Err(fail(format!("HTTP error {status}"))),
                     }
@@ -182,7 +186,7 @@ impl Transport {
             })?;
         match resp.status().as_u16() {
             200..=299 => Ok(true),
-            404 | 403 | 410 => Ok(false),
+            st if absent(st) => Ok(false),
             st => Err(Error::Transfer {
                 url: self.describe(rel),
                 action: "query",

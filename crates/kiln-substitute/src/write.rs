@@ -2,7 +2,6 @@
 //! out: `nix-cache-info`, `HASH.narinfo`, `nar/FILEHASH.nar.EXT`.
 
 use std::io::{BufWriter, Write};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use kiln_format::hash::{HashSink, Hasher};
@@ -138,7 +137,6 @@ pub fn copy_to(
     }
     let closure: Vec<StorePath> = store.closure(paths, false)?.into_iter().collect();
     let stats = Mutex::new(CopyStats::default());
-    let next = AtomicUsize::new(0);
     let first_error = Mutex::new(None);
     let job = |p: &StorePath| -> Result<()> {
         let narinfo_rel = format!("{}.narinfo", p.hash_part());
@@ -163,20 +161,14 @@ pub fn copy_to(
         progress(p, true);
         Ok(())
     };
-    std::thread::scope(|s| {
-        for _ in 0..opts.jobs.clamp(1, 64).min(closure.len().max(1)) {
-            s.spawn(|| loop {
-                if first_error.lock().map(|e| e.is_some()).unwrap_or(true) {
-                    break;
-                }
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(p) = closure.get(i) else { break };
-                if let Err(e) = job(p) {
-                    if let Ok(mut f) = first_error.lock() {
-                        f.get_or_insert(e);
-                    }
-                }
-            });
+    // The first failure stops the copy.
+    crate::for_each_parallel(&closure, opts.jobs, |p| match job(p) {
+        Ok(()) => true,
+        Err(e) => {
+            if let Ok(mut f) = first_error.lock() {
+                f.get_or_insert(e);
+            }
+            false
         }
     });
     if let Some(e) = first_error.into_inner().ok().flatten() {
