@@ -16,7 +16,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use kiln_format::StorePath;
@@ -32,26 +32,66 @@ use crate::store::LocalStore;
 struct GcInner {
     running: bool,
     late_roots: HashSet<StorePath>,
+    /// Paths the collector has decided to delete whose files are not gone yet.
+    doomed: HashSet<StorePath>,
 }
 
 /// State shared between a running collector and roots added meanwhile.
 #[derive(Debug, Default, Clone)]
-pub struct GcShared(Arc<Mutex<GcInner>>);
+pub struct GcShared(Arc<(Mutex<GcInner>, Condvar)>);
 
 impl GcShared {
-    /// Records a root added while this process's collector runs; returns whether it runs.
-    pub(crate) fn note_root(&self, p: &StorePath) -> bool {
-        let Ok(mut g) = self.0.lock() else {
+    /// Records roots added while this process's collector runs; returns whether it runs.
+    ///
+    /// A root whose path the collector is deleting right now waits until the files are
+    /// gone, so the caller then finds the path invalid and makes it afresh. Answering at
+    /// once would let the caller see it still valid (or find its files and remove them as
+    /// a leftover) while the collector's removal runs behind it: a valid path without
+    /// contents, or the collector failing on files someone else removed. The caller must
+    /// hold no lock the collector needs (it waits for the collector's removal thread).
+    pub(crate) fn note_roots(&self, paths: &[StorePath]) -> bool {
+        let (m, cv) = &*self.0;
+        let Ok(mut g) = m.lock() else {
             return false;
         };
-        if g.running {
-            g.late_roots.insert(p.clone());
+        if !g.running {
+            return false;
         }
-        g.running
+        g.late_roots.extend(paths.iter().cloned());
+        while g.running && paths.iter().any(|p| g.doomed.contains(p)) {
+            g = match cv.wait(g) {
+                Ok(g) => g,
+                Err(_) => return true,
+            };
+        }
+        true
+    }
+
+    /// Atomically: unless `p` became a late root, marks it as being deleted (late roots
+    /// for it then wait for [`GcShared::release`]). Returns whether it may be deleted.
+    fn claim(&self, p: &StorePath) -> bool {
+        let Ok(mut g) = self.0 .0.lock() else {
+            return false;
+        };
+        if g.late_roots.contains(p) {
+            return false;
+        }
+        g.doomed.insert(p.clone());
+        true
+    }
+
+    /// The files of `paths` are gone: roots waiting for them may go on.
+    fn release(&self, paths: &[StorePath]) {
+        if let Ok(mut g) = self.0 .0.lock() {
+            for p in paths {
+                g.doomed.remove(p);
+            }
+        }
+        self.0 .1.notify_all();
     }
 
     fn is_late_root(&self, p: &StorePath) -> bool {
-        self.0.lock().is_ok_and(|g| g.late_roots.contains(p))
+        self.0 .0.lock().is_ok_and(|g| g.late_roots.contains(p))
     }
 }
 
@@ -222,7 +262,7 @@ impl RootServer {
                         let mut line = String::new();
                         if r.read_line(&mut line).is_ok() {
                             if let Ok(p) = sd.parse_path(line.trim_end()) {
-                                shared.note_root(&p);
+                                shared.note_roots(std::slice::from_ref(&p));
                                 tracing::debug!("received late root '{}'", line.trim_end());
                             }
                             let _ = (&s).write_all(b"1");
@@ -258,10 +298,12 @@ struct Running(GcShared);
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if let Ok(mut g) = (self.0).0.lock() {
+        if let Ok(mut g) = (self.0).0 .0.lock() {
             g.running = false;
             g.late_roots.clear();
+            g.doomed.clear();
         }
+        (self.0).0 .1.notify_all();
     }
 }
 
@@ -297,7 +339,7 @@ pub fn collect_garbage(store: &LocalStore, opts: &GcOptions) -> Result<GcResults
                 .map_err(|_| Error::Corrupt("blocking lock returned nothing".into()))?
         }
     };
-    if let Ok(mut g) = store.gc.0.lock() {
+    if let Ok(mut g) = store.gc.0 .0.lock() {
         g.running = true;
         g.late_roots.clear();
     }
@@ -411,9 +453,10 @@ pub fn collect_garbage(store: &LocalStore, opts: &GcOptions) -> Result<GcResults
             scope.spawn(move || -> Result<u64> {
                 let mut freed = 0;
                 for batch in rx {
-                    for p in batch {
-                        freed += store.remove_path_files(&p)?;
+                    for p in &batch {
+                        freed += store.remove_path_files(p)?;
                     }
+                    store.gc.release(&batch);
                 }
                 Ok(freed)
             })
@@ -429,6 +472,7 @@ pub fn collect_garbage(store: &LocalStore, opts: &GcOptions) -> Result<GcResults
                     for p in &paths {
                         results.bytes_freed += store.remove_path_files(p)?;
                     }
+                    store.gc.release(&paths);
                 } else {
                     let _ = tx.send(paths);
                 }
@@ -438,7 +482,7 @@ pub fn collect_garbage(store: &LocalStore, opts: &GcOptions) -> Result<GcResults
             };
             for i in candidates {
                 let p = &graph.paths[i];
-                if keep[i] || store.gc.is_late_root(p) || store.temp_roots.contains(p) {
+                if keep[i] || store.temp_roots.contains(p) || !store.gc.claim(p) {
                     // Spared: so is everything it refers to (they come later in the order).
                     let mut stack = vec![i];
                     while let Some(k) = stack.pop() {

@@ -80,6 +80,9 @@ impl TempRoots {
 
     /// Adds several roots with one handshake with any running collector and one write.
     pub(crate) fn add_many(&self, store: &LocalStore, paths: &[StorePath]) -> Result<()> {
+        // Our own collector, if one runs, learns of the roots first (it may make us wait
+        // for a deletion in progress, so not while holding `inner`, which it reads).
+        let in_process_gc = !store.db.is_read_only() && store.gc.note_roots(paths);
         let mut inner = self
             .inner
             .lock()
@@ -99,11 +102,6 @@ impl TempRoots {
                 *inner.counts.entry(p).or_default() += 1;
             }
             return Ok(());
-        }
-        // Our own collector sees `counts` directly (it checks them before deleting anything).
-        let mut in_process_gc = false;
-        for p in &new {
-            in_process_gc |= store.gc.note_root(p);
         }
         if inner.file.is_none() {
             inner.file = Some(self.open_file()?);

@@ -344,3 +344,65 @@ fn free_lock_files_are_swept_and_held_ones_kept() {
     assert!(dir.join(format!("{}.lock", held.base_name())).exists());
     drop(lock);
 }
+
+#[test]
+fn adding_a_path_the_collector_is_deleting_waits_and_recreates_it() {
+    // Collectors run back to back while another thread keeps adding the very paths they
+    // find dead. An add must never return a path that then loses its files, and the
+    // collector must never fail on files the adder replaced.
+    let d = tempfile::tempdir().unwrap();
+    let s = new_store(d.path());
+    let bodies: Vec<String> = (0..400)
+        .map(|i| format!("body {i}\n").repeat(200))
+        .collect();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let collector = scope.spawn(|| {
+            let mut runs = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                collect_garbage(&s, &GcOptions::default()).unwrap();
+                runs += 1;
+            }
+            runs
+        });
+        // Stops the collector however this thread leaves (a failed assertion included).
+        struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let stopper = StopOnDrop(&stop);
+        for round in 0..8 {
+            let mut held = Vec::new();
+            for (i, b) in bodies.iter().enumerate() {
+                let p = s
+                    .add_text(
+                        &format!("t{i}"),
+                        b.as_bytes(),
+                        &BTreeSet::new(),
+                        AddOptions::default(),
+                    )
+                    .unwrap()
+                    .path;
+                held.push((p, b));
+            }
+            // Held by our temp roots: valid, with their contents, until we drop them.
+            for (p, b) in &held {
+                let real = s.layout().real_store_dir.join(p.base_name());
+                assert_eq!(
+                    std::fs::read_to_string(&real).ok().as_deref(),
+                    Some(b.as_str()),
+                    "round {round}: '{}' lost its contents",
+                    real.display()
+                );
+                assert!(s.is_valid(p).unwrap());
+            }
+            for (p, _) in &held {
+                s.remove_temp_root(p);
+            }
+        }
+        drop(stopper);
+        assert!(collector.join().unwrap() > 0);
+    });
+}
