@@ -316,6 +316,7 @@ fn nar_response(
             Some(n as usize),
             None,
         )
+        .with_chunked_threshold(usize::MAX)
         .boxed();
     }
     let headers = vec![ctype, header("Accept-Ranges", "bytes")];
@@ -326,6 +327,8 @@ fn nar_response(
         Some(len as usize),
         None,
     )
+    // A known length is sent as Content-Length (progress, resumption), never chunked.
+    .with_chunked_threshold(usize::MAX)
     .boxed()
 }
 

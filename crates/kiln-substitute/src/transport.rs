@@ -214,9 +214,13 @@ impl Transport {
             return Err(fail("no transport".into()));
         };
         let f = std::fs::File::open(data).map_err(|e| fail(e.to_string()))?;
+        let len = f.metadata().map_err(|e| fail(e.to_string()))?.len();
+        // With a length, not chunked: servers that store uploads (WebDAV, S3 gateways)
+        // often refuse chunked request bodies, and Nix sends the length too.
         let resp = agent
             .put(&format!("{base}/{rel}"))
             .header("Content-Type", content_type)
+            .header("Content-Length", len.to_string())
             .send(ureq::SendBody::from_owned_reader(f))
             .map_err(|e| fail(e.to_string()))?;
         if !resp.status().is_success() {

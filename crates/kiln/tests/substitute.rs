@@ -112,14 +112,29 @@ fn serve_one(mut s: TcpStream, dir: &Path, fault: Fault, dep_hash: &str, swap_wi
     if r.read_line(&mut line).is_err() {
         return;
     }
+    let mut length = 0usize;
     loop {
         let mut h = String::new();
         if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
             break;
         }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap();
+        }
     }
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
     let rel = path.trim_start_matches('/');
+    if line.starts_with("PUT ") {
+        // An upload (`kiln copy --to http://...`): stored under the cache directory.
+        let mut body = vec![0; length];
+        r.read_exact(&mut body).unwrap();
+        let dest = dir.join(rel);
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::write(dest, body).unwrap();
+        let _ =
+            s.write_all(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        return;
+    }
     let not_found = |s: &mut TcpStream| {
         let _ = s
             .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
@@ -586,4 +601,172 @@ fn kiln_serve_answers_as_a_cache() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(k2.hash(&s.top), k.hash(&s.top));
     assert_eq!(k2.hash(&s.dep), k.hash(&s.dep));
+}
+
+/// One HTTP/1.1 request on a fresh connection: (status, headers, body).
+fn http(addr: &str, method: &str, rel: &str, extra: &str) -> (u16, String, Vec<u8>) {
+    let mut c = TcpStream::connect(addr.trim_start_matches("http://")).unwrap();
+    write!(
+        c,
+        "{method} /{rel} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    c.read_to_end(&mut buf).unwrap();
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let status = head[9..12].parse().unwrap();
+    (status, head, buf[split + 4..].to_vec())
+}
+
+#[test]
+fn kiln_serve_answers_ranges_and_many_clients_at_once() {
+    let s = setup();
+    let k = s.fresh("served-plain");
+    let o = s.copy_from(&k, &format!("file://{}", s.base.join("xz").display()), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut child = k
+        .kiln()
+        .args(["serve", "--listen", "127.0.0.1:0", "--compression", "none"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    // What the NAR must be, byte for byte.
+    let real_top = k.real().join(Path::new(&s.top).file_name().unwrap());
+    let want = k
+        .kiln()
+        .args(["nar", "dump"])
+        .arg(&real_top)
+        .output()
+        .unwrap()
+        .stdout;
+    assert!(
+        want.len() > 1000,
+        "the top path's NAR is {} bytes",
+        want.len()
+    );
+    let (st, _, ni) = http(&url, "GET", &format!("{}.narinfo", hash_part(&s.top)), "");
+    assert_eq!(st, 200);
+    let ni = String::from_utf8(ni).unwrap();
+    assert!(ni.contains(&format!("NarSize: {}\n", want.len())), "{ni}");
+    let nar_url = ni
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .unwrap()
+        .to_string();
+
+    // A resumed download: the middle of the archive, then its tail.
+    let (st, head, body) = http(&url, "GET", &nar_url, "Range: bytes=100-499\r\n");
+    assert_eq!(st, 206, "{head}");
+    assert!(
+        head.contains(&format!("Content-Range: bytes 100-499/{}", want.len())),
+        "{head}"
+    );
+    assert!(
+        body == want[100..500],
+        "bytes 100-499: {} bytes differ",
+        body.len()
+    );
+    let (st, head, body) = http(&url, "GET", &nar_url, "Range: bytes=500-\r\n");
+    assert_eq!(st, 206);
+    assert!(
+        head.contains(&format!("Content-Length: {}", want.len() - 500)),
+        "{head}"
+    );
+    assert!(
+        body == want[500..],
+        "bytes 500-: {} bytes differ",
+        body.len()
+    );
+    // A range it cannot serve gets the whole archive.
+    let (st, _, body) = http(&url, "GET", &nar_url, "Range: bytes=0-1,5-9\r\n");
+    assert_eq!((st, body.len()), (200, want.len()));
+    // Writing is refused.
+    assert_eq!(http(&url, "PUT", &nar_url, "Content-Length: 0\r\n").0, 405);
+
+    // Many clients at once (more than the server's 64 request slots), each reading the
+    // narinfo and the whole NAR: every one gets exactly the archive.
+    let clients: Vec<_> = (0..96)
+        .map(|i| {
+            let (url, nar_url, top) = (url.clone(), nar_url.clone(), s.top.clone());
+            std::thread::spawn(move || {
+                let (st, _, ni) = http(&url, "GET", &format!("{}.narinfo", hash_part(&top)), "");
+                assert_eq!(st, 200, "client {i}: narinfo");
+                assert!(String::from_utf8(ni).unwrap().contains(&nar_url));
+                let (st, head, body) = http(&url, "GET", &nar_url, "");
+                assert_eq!(st, 200, "client {i}: NAR");
+                assert!(head.contains("Content-Length: "), "{head}");
+                body
+            })
+        })
+        .collect();
+    for c in clients {
+        assert!(c.join().unwrap() == want, "a client got another NAR");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn copy_to_an_http_cache_uploads_what_others_read_back() {
+    let s = setup();
+    let k = s.fresh("uploader");
+    let o = s.copy_from(&k, &format!("file://{}", s.base.join("xz").display()), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let up = s.base.join("uploaded");
+    std::fs::create_dir(&up).unwrap();
+    let server = FaultServer::start(up.clone(), String::new(), PathBuf::new());
+    k.ok(&[
+        "copy",
+        "--to",
+        &server.addr,
+        "--secret-key-file",
+        s.sk.to_str().unwrap(),
+        &s.top,
+    ]);
+    // Nix's layout, on the server's disk.
+    assert_eq!(
+        std::fs::read_to_string(up.join("nix-cache-info")).unwrap(),
+        format!("StoreDir: {}\n", s.store_dir.display())
+    );
+    for p in [&s.top, &s.dep] {
+        let ni = std::fs::read_to_string(up.join(format!("{}.narinfo", hash_part(p)))).unwrap();
+        let url = ni.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap();
+        assert!(up.join(url).is_file(), "{url} was not uploaded");
+    }
+    // Copying again uploads nothing new: the narinfos are found present.
+    let before = std::fs::metadata(up.join(format!("{}.narinfo", hash_part(&s.top))))
+        .unwrap()
+        .modified()
+        .unwrap();
+    k.ok(&[
+        "copy",
+        "--to",
+        &server.addr,
+        "--secret-key-file",
+        s.sk.to_str().unwrap(),
+        &s.top,
+    ]);
+    let after = std::fs::metadata(up.join(format!("{}.narinfo", hash_part(&s.top))))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(before, after);
+    // Another store substitutes from it over HTTP, checking the signatures.
+    let k2 = s.fresh("downloader");
+    let o = s.copy_from(&k2, &server.addr, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(k2.hash(&s.top), k.hash(&s.top));
+    assert_eq!(k2.hash(&s.dep), k.hash(&s.dep));
+    k2.ok(&["store", "verify", "--check-contents"]);
 }

@@ -1,7 +1,8 @@
 //! Binary caches both ways with Nix 2.8: caches Nix writes (`nix copy --to`, signed with
 //! `nix-store --generate-binary-cache-key`, xz and zstd) are substituted by kiln with the
-//! same NAR hashes; caches kiln writes or serves are substituted by Nix; and a Nix client
-//! substitutes through `kiln daemon`.
+//! same NAR hashes; caches kiln writes or serves are substituted by Nix (`nix copy --from`,
+//! `nix-store --realise`, `nix-build` from `kiln serve`); and a Nix client substitutes
+//! through `kiln daemon`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -186,7 +187,9 @@ fn nix_caches_substitute_into_kiln_and_kiln_caches_into_nix() {
         .trim_end_matches('/')
         .to_string();
     urls.push(served.clone());
-    for url in &urls {
+    // Each cache is read back by another Nix command: `nix copy --from`, `nix-store
+    // --realise` with `substituters`, and `nix-build` with `substituters = http://...`.
+    for (url, how) in urls.iter().zip(["nix copy", "nix-store", "nix-build"]) {
         // Empty the original Nix store of the closure, then substitute it back.
         env.run("nix-store", &["--delete", &top]);
         for (p, _) in &want {
@@ -198,14 +201,39 @@ fn nix_caches_substitute_into_kiln_and_kiln_caches_into_nix() {
             .output()
             .unwrap();
         assert!(!gone.status.success(), "{top} is still valid");
-        let o = env
-            .cmd("nix-store")
-            .args(["--realise", &top, "--option", "substituters", url])
+        let mut c = match how {
+            "nix copy" => {
+                let mut c = env.cmd("nix");
+                c.args(["copy", "--from", url, &top]);
+                c
+            }
+            "nix-store" => {
+                let mut c = env.cmd("nix-store");
+                c.args(["--realise", &top, "--option", "substituters", url]);
+                c
+            }
+            _ => {
+                let mut c = env.cmd("nix-build");
+                c.args(["--no-out-link", expr.to_str().unwrap()]).args([
+                    "--option",
+                    "substituters",
+                    url,
+                ]);
+                c
+            }
+        };
+        let o = c
             .args(["--option", "trusted-public-keys", &kpk])
             .output()
             .unwrap();
-        ok(o, &format!("nix-store --realise from {url}"));
-        assert_eq!(nix_hashes(&env, &top), want, "{url}");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        let printed = ok(o, &format!("{how} from {url}"));
+        if how == "nix-build" {
+            assert_eq!(printed.trim(), top);
+            assert!(!err.contains("building '"), "{how} built instead: {err}");
+            assert!(err.contains(&format!("copying path '{top}' from")), "{err}");
+        }
+        assert_eq!(nix_hashes(&env, &top), want, "{how} from {url}");
     }
     let _ = server.kill();
     let _ = server.wait();
