@@ -34,7 +34,7 @@ use kiln_build::pool::Pool;
 use kiln_build::{BuildSettings, Scheduler, SchedulerConfig};
 use kiln_protocol::{RemoteError, ServerConfig};
 use kiln_store::{LocalStore, Settings};
-use kiln_substitute::Caches;
+use kiln_substitute::Substituter;
 
 pub use peer::{Peer, Trust};
 
@@ -79,13 +79,14 @@ impl Default for DaemonConfig {
 pub(crate) struct Backend {
     pub(crate) store: Arc<LocalStore>,
     pub(crate) scheduler: Scheduler,
-    /// The binary caches (shared by every client; each request names its own).
-    pub(crate) caches: Arc<Caches>,
+    /// The binary caches (shared by every client; each request names its own), or the
+    /// external substitute agent.
+    pub(crate) caches: Arc<dyn Substituter>,
 }
 
 impl Backend {
     fn start(store: Arc<LocalStore>, base: &BuildSettings, settings: &Settings) -> Backend {
-        let caches = Arc::new(Caches::for_store(&store, settings));
+        let caches = kiln_substitute::for_store(&store, settings);
         let scheduler = Scheduler::start(SchedulerConfig {
             store: store.clone(),
             max_jobs: base.max_jobs,

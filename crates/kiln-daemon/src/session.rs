@@ -22,7 +22,7 @@ use kiln_protocol::{
 };
 use kiln_store::gc::{self, GcAction, GcOptions};
 use kiln_store::{AddOptions, LocalStore, Settings};
-use kiln_substitute::{SubstitutableInfo, Substituter};
+use kiln_substitute::SubstitutableInfo;
 
 use crate::client_settings;
 use crate::peer::{Peer, Trust};

@@ -579,7 +579,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Str,
         default: "",
-        help: "external substituter program (guix substitute protocol)",
+        help: "substitute through an external agent: PROGRAM is run as `PROGRAM substitute --query` and `--substitute` (guix-daemon's protocol; e.g. the `guix` program), with `substituters` as its substitute-urls",
     },
     Def {
         name: "verbosity",

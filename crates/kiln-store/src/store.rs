@@ -825,42 +825,117 @@ impl LocalStore {
                 info.nar_size
             )));
         }
-        // A content address is a claim about the contents, not only about the path name:
-        // a narinfo that pairs one path's CA with another path's NAR (its NarHash matching
-        // that NAR) must not make the wrong contents valid under the claimed path.
-        if let Some(ca) = &info.ca {
-            let (method, want) = match ca {
-                ContentAddress::Text(h) => (FileIngestionMethod::Flat, h),
-                ContentAddress::Fixed(m, h) => (*m, h),
-            };
-            let got = match method {
-                FileIngestionMethod::Recursive if want.algo() == HashAlgo::Sha256 => hash,
-                FileIngestionMethod::Recursive => {
-                    let mut h = HashSink::new(want.algo());
-                    nar::dump(&tmp.real, &mut h)?;
-                    h.finish().0
-                }
-                FileIngestionMethod::Flat => {
-                    let mut f = std::fs::File::open(&tmp.real)
-                        .map_err(|e| Error::io(&tmp.real, "open", e))?;
-                    let mut h = Hasher::new(want.algo());
-                    std::io::copy(&mut f, &mut h).map_err(|e| Error::io(&tmp.real, "read", e))?;
-                    h.finish()
-                }
-            };
-            if &got != want {
-                return Err(Error::Invalid(format!(
-                    "ca hash mismatch importing path '{}';\n  specified: {}\n  got:       {}",
-                    sd.display(&info.path),
-                    want,
-                    got
-                )));
-            }
-        }
+        self.check_contents_match_ca(info, &tmp.real, hash)?;
         before_install(nar)?;
         let mut info = info.clone();
         info.nar_size = size;
         self.install(tmp, info, opts)
+    }
+
+    /// Adds a tree something else wrote into a scratch path (an external substituter):
+    /// its metadata is made canonical, its NAR hash (of any algorithm) and size (unless 0)
+    /// must be `info`'s, and its contents its content address if it has one, before it is
+    /// moved into place and registered with its SHA-256 NAR hash.
+    /// An error leaves nothing behind.
+    pub fn add_restored(
+        &self,
+        tmp: ScratchPath<'_>,
+        info: &ValidPathInfo,
+        opts: AddOptions,
+    ) -> Result<ValidPathInfo> {
+        let sd = self.store_dir();
+        info.check_content_address(sd)?;
+        if std::fs::symlink_metadata(&tmp.real).is_err() {
+            return Err(Error::Invalid(format!(
+                "nothing was written to '{}' for '{}'",
+                tmp.real.display(),
+                sd.display(&info.path)
+            )));
+        }
+        // Whoever wrote it runs as us: anything it left owned by someone else (a hard
+        // link to another user's file) is refused, as for a build output.
+        fsutil::canonicalise(
+            &tmp.real,
+            fsutil::Ownership {
+                expected_uid: None,
+                target: (
+                    rustix::process::geteuid().as_raw(),
+                    rustix::process::getegid().as_raw(),
+                ),
+            },
+        )?;
+        let nar_hash = |algo| -> Result<(Hash, u64)> {
+            let mut sink = HashSink::new(algo);
+            nar::dump(&tmp.real, &mut sink)?;
+            Ok(sink.finish())
+        };
+        let (hash, size) = nar_hash(HashAlgo::Sha256)?;
+        // The expected hash may be of another algorithm (the database keeps SHA-256).
+        let got = match info.nar_hash.algo() {
+            HashAlgo::Sha256 => hash,
+            algo => nar_hash(algo)?.0,
+        };
+        if got != info.nar_hash {
+            return Err(Error::HashMismatch {
+                path: sd.display(&info.path),
+                expected: info.nar_hash.to_string(),
+                actual: got.to_string(),
+            });
+        }
+        if info.nar_size != 0 && size != info.nar_size {
+            return Err(Error::Invalid(format!(
+                "size mismatch for '{}': expected {} bytes of NAR, got {size}",
+                sd.display(&info.path),
+                info.nar_size
+            )));
+        }
+        self.check_contents_match_ca(info, &tmp.real, hash)?;
+        let mut info = info.clone();
+        info.nar_hash = hash;
+        info.nar_size = size;
+        self.install(tmp, info, opts)
+    }
+
+    /// A content address is a claim about the contents, not only about the path name: a
+    /// source that pairs one path's CA with another path's contents (its NAR hash matching
+    /// those contents) must not make the wrong contents valid under the claimed path.
+    fn check_contents_match_ca(
+        &self,
+        info: &ValidPathInfo,
+        real: &Path,
+        nar_hash: Hash,
+    ) -> Result<()> {
+        let Some(ca) = &info.ca else {
+            return Ok(());
+        };
+        let sd = self.store_dir();
+        let (method, want) = match ca {
+            ContentAddress::Text(h) => (FileIngestionMethod::Flat, h),
+            ContentAddress::Fixed(m, h) => (*m, h),
+        };
+        let got = match method {
+            FileIngestionMethod::Recursive if want.algo() == HashAlgo::Sha256 => nar_hash,
+            FileIngestionMethod::Recursive => {
+                let mut h = HashSink::new(want.algo());
+                nar::dump(real, &mut h)?;
+                h.finish().0
+            }
+            FileIngestionMethod::Flat => {
+                let mut f = std::fs::File::open(real).map_err(|e| Error::io(real, "open", e))?;
+                let mut h = Hasher::new(want.algo());
+                std::io::copy(&mut f, &mut h).map_err(|e| Error::io(real, "read", e))?;
+                h.finish()
+            }
+        };
+        if &got != want {
+            return Err(Error::Invalid(format!(
+                "ca hash mismatch importing path '{}';\n  specified: {}\n  got:       {}",
+                sd.display(&info.path),
+                want,
+                got
+            )));
+        }
+        Ok(())
     }
 
     /// Adds content-addressed data (`addToStoreFromDump`): `data` is a NAR for recursive

@@ -13,6 +13,8 @@
 //! * [`caches`]: [`Caches`], the [`Substituter`] the build engine uses: several caches in
 //!   priority order, signature checks, streaming into the store (restore + hash in one
 //!   pass, nothing valid before it is verified).
+//! * [`agent`]: the reference's external substituter protocol (`guix substitute`), as
+//!   another [`Substituter`] (`substitute-agent`).
 //! * [`write`]: copying store paths into a cache (`kiln copy --to`).
 //! * [`serve`]: serving a store as a binary cache over HTTP (`kiln serve`).
 //!
@@ -21,6 +23,7 @@
 //! valid only after its NAR hash and size (and content address, if it claims one) matched.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod cache;
 pub mod caches;
 pub mod compression;
@@ -36,6 +39,7 @@ use kiln_format::signature::PublicKey;
 use kiln_format::{ContentAddress, StorePath};
 use kiln_store::LocalStore;
 
+pub use agent::Agent;
 pub use caches::Caches;
 pub use error::{Error, Result};
 
@@ -136,4 +140,24 @@ pub trait Substituter: Send + Sync {
         repair: bool,
         log: &dyn Fn(&str),
     ) -> Result<()>;
+}
+
+/// The substituter a store's settings ask for: the external agent named by
+/// `substitute-agent` if set, else kiln's own binary-cache client.
+pub fn for_store(store: &LocalStore, s: &kiln_store::Settings) -> std::sync::Arc<dyn Substituter> {
+    let program = s.get("substitute-agent");
+    if program.is_empty() {
+        return std::sync::Arc::new(Caches::for_store(store, s));
+    }
+    let stalled = std::time::Duration::from_secs(
+        Some(s.get_u64("stalled-download-timeout"))
+            .filter(|v| *v > 0)
+            .unwrap_or(300),
+    );
+    std::sync::Arc::new(Agent::new(
+        program.into(),
+        store.store_dir().clone(),
+        stalled,
+        s.get_bool("auto-optimise-store"),
+    ))
 }

@@ -770,3 +770,77 @@ fn copy_to_an_http_cache_uploads_what_others_read_back() {
     assert_eq!(k2.hash(&s.dep), k.hash(&s.dep));
     k2.ok(&["store", "verify", "--check-contents"]);
 }
+
+/// The test agent: the guix-daemon agent protocol, implemented independently in Python.
+const AGENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/substitute-agent");
+
+#[test]
+fn an_external_substitute_agent_is_used_and_checked() {
+    let s = setup();
+    let cache = format!("file://{}", s.base.join("xz").display());
+    let requests = s.base.join("agent-requests");
+    let with_agent = |k: &K, fault: &str| {
+        let mut c = k.kiln();
+        c.args(["--option", "substitute-agent", AGENT])
+            .args(["--option", "stalled-download-timeout", "2"])
+            .args(["copy", "--from", &cache, &s.top])
+            .env("AGENT_FAULT", fault)
+            .env("AGENT_LOG", &requests);
+        c.output().unwrap()
+    };
+    let k = s.fresh("agent-ok");
+    let o = with_agent(&k, "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    // What the agent was asked, on which channel: queries, then one download per path,
+    // references first, each into a scratch path rather than the final one.
+    let asked = std::fs::read_to_string(&requests).unwrap();
+    assert!(
+        asked.contains(&format!("--query info {}", s.top)),
+        "{asked}"
+    );
+    let downloads: Vec<&str> = asked
+        .lines()
+        .filter_map(|l| l.strip_prefix("--substitute substitute "))
+        .collect();
+    assert_eq!(downloads.len(), 2, "{asked}");
+    assert!(downloads[0].starts_with(&format!("{} ", s.dep)), "{asked}");
+    assert!(downloads[1].starts_with(&format!("{} ", s.top)), "{asked}");
+    assert!(downloads.iter().all(|d| d.contains("-kiln-tmp")), "{asked}");
+    // The agent's progress reached the user.
+    assert!(stderr(&o).contains("Downloading "), "{}", stderr(&o));
+    // Registered with the cache's hashes and references, contents verified.
+    let ni = std::fs::read_to_string(
+        s.base
+            .join("xz")
+            .join(format!("{}.narinfo", hash_part(&s.top))),
+    )
+    .unwrap();
+    let top_hash = k.hash(&s.top).expect("top is valid");
+    assert!(ni.contains(&format!("NarHash: {top_hash}\n")), "{ni}");
+    assert!(k.hash(&s.dep).is_some());
+    k.ok(&["store", "verify", "--check-contents"]);
+    let refs = k.ok(&["store", "query", "--references", &s.top]);
+    assert!(refs.contains(&s.dep), "{refs}");
+    k.assert_no_debris();
+
+    // An agent that misbehaves gets nothing registered.
+    for (i, (fault, want)) in [
+        ("lie", "hash mismatch"),
+        ("mismatch", "hash mismatch for substituted item"),
+        ("die", "empty status"),
+        ("not-found", "no substitute for"),
+        ("silent", "sent nothing for 2 s"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let k = s.fresh(&format!("agent-fault-{i}"));
+        let o = with_agent(&k, fault);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{fault}: succeeded");
+        assert!(err.contains(want), "{fault}: {err}");
+        assert_eq!(k.hash(&s.dep), None, "{fault}: the dependency became valid");
+        assert_eq!(k.hash(&s.top), None, "{fault}: the top path became valid");
+        k.assert_no_debris();
+    }
+}

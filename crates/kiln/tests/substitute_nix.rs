@@ -24,6 +24,9 @@ in derivation (sh // {
 })
 "#;
 
+/// The test agent for `substitute-agent` (see `tests/data/substitute-agent`).
+const AGENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/substitute-agent");
+
 fn kiln(store_dir: &Path, dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
     c.arg("--store-dir")
@@ -238,48 +241,69 @@ fn nix_caches_substitute_into_kiln_and_kiln_caches_into_nix() {
     let _ = server.kill();
     let _ = server.wait();
 
-    // A Nix client substitutes through kiln's daemon (and sees what will be fetched).
-    let ddir = work.join("kiln-daemon");
-    let socket = ddir.join("socket");
-    std::fs::create_dir_all(&ddir).unwrap();
-    let mut daemon = kiln(&store_dir, &ddir)
-        .args(["--option", "trusted-public-keys", &pk])
-        .args(["--option", "substituters"])
-        .arg(format!("file://{}", work.join("nix-xz").display()))
-        .args(["daemon", "--socket"])
-        .arg(&socket)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !socket.exists() {
+    // A Nix client substitutes through kiln's daemon (and sees what will be fetched):
+    // with kiln's own cache client, then with the external agent (the guix-daemon agent
+    // protocol; the agent is an independent implementation in Python).
+    for agent in [None, Some(AGENT)] {
+        let ddir = work.join(if agent.is_some() {
+            "kiln-daemon-agent"
+        } else {
+            "kiln-daemon"
+        });
+        let socket = ddir.join("socket");
+        std::fs::create_dir_all(&ddir).unwrap();
+        let mut cmd = kiln(&store_dir, &ddir);
+        if let Some(a) = agent {
+            cmd.args(["--option", "substitute-agent", a])
+                .env("AGENT_LOG", ddir.join("agent-log"));
+        }
+        let mut daemon = cmd
+            .args(["--option", "trusted-public-keys", &pk])
+            .args(["--option", "substituters"])
+            .arg(format!("file://{}", work.join("nix-xz").display()))
+            .args(["daemon", "--socket"])
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while !socket.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no daemon socket"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let client = |args: &[&str]| {
+            env.cmd("nix-store")
+                .env("NIX_REMOTE", format!("unix://{}", socket.display()))
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        let dry = client(&["--realise", "--dry-run", &top]);
+        let dry_err = String::from_utf8_lossy(&dry.stderr).into_owned();
+        assert!(dry.status.success(), "{agent:?}: {dry_err}");
         assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no daemon socket"
+            dry_err.contains("these 3 paths will be fetched"),
+            "{agent:?}: {dry_err}"
         );
-        std::thread::sleep(Duration::from_millis(20));
+        let o = client(&["--realise", &top]);
+        let printed = ok(o, "nix-store --realise through kiln daemon");
+        assert_eq!(printed.trim(), top);
+        for (p, h) in &want {
+            let o = client(&["-q", "--hash", p]);
+            assert_eq!(&ok(o, "query").trim().to_string(), h, "{agent:?}");
+        }
+        if agent.is_some() {
+            let asked = std::fs::read_to_string(ddir.join("agent-log")).unwrap();
+            assert_eq!(
+                asked.matches("--substitute substitute ").count(),
+                3,
+                "{asked}"
+            );
+        }
+        let _ = daemon.kill();
+        let _ = daemon.wait();
     }
-    let client = |args: &[&str]| {
-        env.cmd("nix-store")
-            .env("NIX_REMOTE", format!("unix://{}", socket.display()))
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let dry = client(&["--realise", "--dry-run", &top]);
-    let dry_err = String::from_utf8_lossy(&dry.stderr).into_owned();
-    assert!(dry.status.success(), "{dry_err}");
-    assert!(
-        dry_err.contains("these 3 paths will be fetched"),
-        "{dry_err}"
-    );
-    let o = client(&["--realise", &top]);
-    let printed = ok(o, "nix-store --realise through kiln daemon");
-    assert_eq!(printed.trim(), top);
-    for (p, h) in &want {
-        let o = client(&["-q", "--hash", p]);
-        assert_eq!(&ok(o, "query").trim().to_string(), h);
-    }
-    let _ = daemon.kill();
-    let _ = daemon.wait();
 }

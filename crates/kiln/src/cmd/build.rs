@@ -192,9 +192,7 @@ pub(super) fn realise(
         store: store.clone(),
         max_jobs: bs.max_jobs,
         max_substitution_jobs: bs.max_substitution_jobs,
-        substituter: Some(Arc::new(kiln_substitute::Caches::for_store(
-            store, settings,
-        ))),
+        substituter: Some(kiln_substitute::for_store(store, settings)),
     });
     let result = sched.build(Request {
         targets,
