@@ -768,7 +768,7 @@ fn build_round(
             if keep_dir {
                 keep_build_dir(spec, &build_dir);
             } else {
-                let _ = fsutil::remove_tree(&build_dir);
+                let _ = fsutil::remove_build_tree(&build_dir);
             }
             // Outputs of a failed build are not kept in the store unless asked for, and even
             // then never setuid or world-writable (CVE-2024-52867, CVE-2025-52992).
@@ -786,7 +786,7 @@ fn build_round(
             }
         }
         _ => {
-            let _ = fsutil::remove_tree(&build_dir);
+            let _ = fsutil::remove_build_tree(&build_dir);
         }
     }
     result

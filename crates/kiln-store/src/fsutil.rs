@@ -81,6 +81,43 @@ pub fn remove_tree(path: &Path) -> Result<u64> {
     remove_tree_at(&pfd, &name, path)
 }
 
+/// Opens a directory its owner made unreadable (mode 0000: a daemon that is not root has
+/// no override): a path-only descriptor (no symlink followed) pins the inode, its mode is
+/// set to 0700 through that descriptor's `/proc` link (the very inode, whatever the name
+/// points to by then), and it is reopened from the pinned descriptor.
+fn open_unreadable_dir_at(dir: &OwnedFd, name: &CStr, path: &Path) -> Result<OwnedFd> {
+    let pinned = openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io(path, "open directory", e))?;
+    use std::os::fd::AsRawFd;
+    let link = format!("/proc/self/fd/{}", pinned.as_raw_fd());
+    rustix::fs::chmod(link.as_str(), Mode::from_raw_mode(0o700))
+        .map_err(|e| Error::io(path, "make readable", e))?;
+    openat(
+        &pinned,
+        c".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io(path, "open directory", e))
+}
+
+/// Removes a build directory. Its top directory is first made 0000 through a descriptor
+/// (no symlink followed), so that while the tree is deleted nobody but the daemon can
+/// enter it: not another user, not a later build running under the same uid (the
+/// CVE-2025-52992 hardening, as Nix's `cleanupBuild`).
+pub fn remove_build_tree(path: &Path) -> Result<u64> {
+    let (pfd, name) = split(path)?;
+    if let Ok(fd) = open_dir_at(&pfd, &name, path) {
+        fchmod(&fd, Mode::empty()).map_err(|e| Error::io(path, "seal", e))?;
+    }
+    remove_tree_at(&pfd, &name, path)
+}
+
 /// [`remove_tree`] relative to a directory descriptor.
 pub fn remove_tree_at(parent: &OwnedFd, name: &CStr, path: &Path) -> Result<u64> {
     let st = match statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -103,7 +140,10 @@ pub fn remove_tree_at(parent: &OwnedFd, name: &CStr, path: &Path) -> Result<u64>
         pending: Vec<(CString, FileType)>,
     }
     let open = |dir: &OwnedFd, name: &CStr, p: PathBuf| -> Result<Frame> {
-        let fd = open_dir_at(dir, name, &p)?;
+        let fd = match open_dir_at(dir, name, &p) {
+            Ok(fd) => fd,
+            Err(e) => open_unreadable_dir_at(dir, name, &p).map_err(|_| e)?,
+        };
         // Entries can only be removed from a writable directory.
         fchmod(&fd, Mode::from_raw_mode(0o700)).map_err(|e| Error::io(&p, "make writable", e))?;
         let pending = entries(&fd, &p)?;
@@ -430,6 +470,66 @@ mod tests {
         std::os::unix::fs::symlink(&victim, &l).unwrap();
         remove_tree(&l).unwrap();
         assert!(victim.join("keep").exists());
+    }
+
+    #[test]
+    fn build_trees_with_unreadable_directories_are_removed_and_symlinks_not_followed() {
+        // Also as an unprivileged owner (a rootless daemon), who has no override for 0000
+        // directories: the test binary runs this test again as `nobody` in a directory
+        // it owns.
+        const CHILD: &str = "KILN_FSUTIL_TEST_DIR";
+        if let Some(dir) = std::env::var_os(CHILD) {
+            return remove_build_tree_cases(Path::new(&dir));
+        }
+        let d = tempfile::tempdir().unwrap();
+        remove_build_tree_cases(d.path());
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(d.path(), Some(65534), Some(65534)).unwrap();
+        use std::os::unix::process::CommandExt;
+        let o = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "fsutil::tests::build_trees_with_unreadable_directories_are_removed_and_symlinks_not_followed",
+            ])
+            .env(CHILD, d.path())
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(out.contains("1 passed"), "{out}");
+    }
+
+    fn remove_build_tree_cases(dir: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        let top = dir.join("build");
+        std::fs::create_dir_all(top.join("a/b")).unwrap();
+        std::fs::write(top.join("a/b/f"), "x").unwrap();
+        let victim = dir.join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        std::fs::write(victim.join("keep"), "k").unwrap();
+        let victim_mode = std::fs::metadata(&victim).unwrap().permissions().mode();
+        std::os::unix::fs::symlink(&victim, top.join("a/link")).unwrap();
+        for p in ["a/b", "a", ""] {
+            std::fs::set_permissions(top.join(p), std::fs::Permissions::from_mode(0o000)).unwrap();
+        }
+        remove_build_tree(&top).unwrap();
+        assert!(std::fs::symlink_metadata(&top).is_err());
+        // A symlink in its place is removed, not followed.
+        std::os::unix::fs::symlink(&victim, &top).unwrap();
+        remove_build_tree(&top).unwrap();
+        assert!(std::fs::symlink_metadata(&top).is_err());
+        let mode = std::fs::metadata(&victim).unwrap().permissions().mode();
+        assert_eq!(mode, victim_mode);
+        assert_eq!(std::fs::read_to_string(victim.join("keep")).unwrap(), "k");
     }
 
     #[test]

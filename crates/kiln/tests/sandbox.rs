@@ -451,3 +451,59 @@ fn a_store_under_a_root_is_built_at_its_logical_paths() {
         format!("dep\n{}\n", main.display())
     );
 }
+
+#[test]
+fn processes_outside_the_build_cannot_be_traced() {
+    let t = T::new();
+    let scripts = tempfile::tempdir().unwrap();
+    // A process of the machine's (standing in for the daemon, which `kiln build` is here):
+    // the builder knows its host pid and tries to attach to it, and to its own parent.
+    let mut victim = Command::new("sleep").arg("60").spawn().unwrap();
+    let script = format!(
+        "import ctypes, os\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         said = []\n\
+         for pid in [{victim}, os.getppid()]:\n\
+         \x20   if pid <= 0:\n\
+         \x20       said.append('no-such-process'); continue\n\
+         \x20   if libc.ptrace(16, pid, 0, 0) == 0:\n\
+         \x20       os.waitpid(pid, 0x40000000)\n\
+         \x20       libc.ptrace(17, pid, 0, 0)\n\
+         \x20       said.append('attached')\n\
+         \x20   else:\n\
+         \x20       said.append(os.strerror(ctypes.get_errno()))\n\
+         open(os.environ['out'], 'w').write(' '.join(said) + '\\n')\n",
+        victim = victim.id()
+    );
+    std::fs::write(scripts.path().join("trace.py"), script).unwrap();
+    let recipe = format!(
+        "[derivations.tracer]\nbuilder = \"/usr/bin/python3\"\nargs = [\"{}\"]\n",
+        scripts.path().join("trace.py").display()
+    );
+    let paths = format!("{TOOLS} {}", scripts.path().display());
+    let run = |sandbox: bool| {
+        let o = t.build(
+            "t.toml",
+            &recipe,
+            sandbox,
+            &["--option", "sandbox-paths", &paths],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let said = std::fs::read_to_string(t.out_path(&o, "tracer")).unwrap();
+        // Gone from the store, so the second run builds again.
+        let mut c = t.kiln(false);
+        let out = t.out_path(&o, "tracer");
+        c.args(["store", "delete"]).arg(&out).output().unwrap();
+        said
+    };
+    let inside = run(true);
+    // Not even visible from the sandbox: no such process, and no parent to attach to.
+    assert_eq!(inside.trim(), "No such process no-such-process", "{inside}");
+    if rustix::process::geteuid().is_root() {
+        // The attempt itself works: without the sandbox, root's builder attaches.
+        let outside = run(false);
+        assert!(outside.starts_with("attached "), "{outside}");
+    }
+    let _ = victim.kill();
+    let _ = victim.wait();
+}
