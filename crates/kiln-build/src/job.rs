@@ -55,6 +55,42 @@ pub enum JobEvent {
 pub struct JobControl {
     pid: AtomicI32,
     cancelled: AtomicBool,
+    /// What the build's processes used, summed over its rounds.
+    usage: std::sync::Mutex<Option<Usage>>,
+}
+
+/// CPU time and memory of a build's processes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub cpu_user: Duration,
+    pub cpu_system: Duration,
+    /// Peak memory in bytes: of the whole build where its cgroup accounts memory, else of
+    /// its largest process (its maximum resident set size).
+    pub memory_peak: Option<u64>,
+}
+
+impl BuildResult {
+    fn set_usage(&mut self, u: Option<Usage>) {
+        if let Some(u) = u {
+            self.cpu_user = Some(u.cpu_user);
+            self.cpu_system = Some(u.cpu_system);
+            self.memory_peak = u.memory_peak;
+        }
+    }
+}
+
+impl JobControl {
+    fn add_usage(&self, u: Usage) {
+        if let Ok(mut g) = self.usage.lock() {
+            let t = g.get_or_insert_with(Usage::default);
+            t.cpu_user += u.cpu_user;
+            t.cpu_system += u.cpu_system;
+            t.memory_peak = t.memory_peak.max(u.memory_peak);
+        }
+    }
+    fn usage(&self) -> Option<Usage> {
+        self.usage.lock().ok().and_then(|g| *g)
+    }
 }
 
 impl JobControl {
@@ -152,6 +188,7 @@ pub fn run(spec: JobSpec, ctl: &JobControl) -> (BuildResult, Vec<ValidPathInfo>)
             }
             r.start_time = start;
             r.stop_time = now();
+            r.set_usage(ctl.usage());
             return (r, infos);
         }
         Err(f) => {
@@ -164,6 +201,7 @@ pub fn run(spec: JobSpec, ctl: &JobControl) -> (BuildResult, Vec<ValidPathInfo>)
     };
     res.start_time = start;
     res.stop_time = now();
+    res.set_usage(ctl.usage());
     (res, Vec::new())
 }
 
@@ -685,6 +723,18 @@ fn build_round(
             None
         };
         let (read_end, write_end) = kiln_sandbox::spawn::pipe_cloexec().map_err(Failure::misc)?;
+        // Every process of the build, however it detaches, stays in this cgroup.
+        let cgroup = if spec.settings.use_cgroups {
+            let n = BUILD_COUNTER.fetch_add(1, Ordering::Relaxed);
+            kiln_sandbox::Cgroup::create(&format!("kiln-build-{}-{n}", std::process::id()))
+                .map_err(Failure::misc)?
+        } else {
+            None
+        };
+        let cgroup_procs = match &cgroup {
+            Some(c) => Some(c.procs_fd().map_err(Failure::misc)?),
+            None => None,
+        };
         let child = kiln_sandbox::spawn(kiln_sandbox::ChildSpec {
             program: CString::new(program).map_err(|_| {
                 Failure::new(
@@ -702,6 +752,7 @@ fn build_round(
             user: None,
             oom_score_adj: true,
             sandbox: sandbox.as_ref().map(|sb| sb.sandbox.clone()),
+            cgroup: cgroup_procs,
         })
         .map_err(Failure::misc)?;
         ctl.pid.store(child.pid, Ordering::SeqCst);
@@ -715,8 +766,18 @@ fn build_round(
             round,
             rounds,
         });
-        let outcome = monitor(spec, ctl, child.pid, read_end, log.map(|(w, _)| w));
+        let (outcome, rusage) = monitor(spec, ctl, child.pid, read_end, log.map(|(w, _)| w));
         ctl.pid.store(0, Ordering::SeqCst);
+        // Nothing of the build runs past this point; its cgroup's figures cover every
+        // process it had, the wait status's only those that were waited for.
+        ctl.add_usage(match cgroup.map(kiln_sandbox::Cgroup::finish) {
+            Some(u) => Usage {
+                cpu_user: u.cpu_user,
+                cpu_system: u.cpu_system,
+                memory_peak: u.memory_peak.or(rusage.memory_peak),
+            },
+            None => rusage,
+        });
         // Whatever the builder left in the sandbox's store comes out (made safe), so that
         // what follows handles outputs at their real paths, sandbox or not.
         if let Some(sb) = &sandbox {
@@ -927,7 +988,7 @@ fn monitor(
     pid: i32,
     pipe: OwnedFd,
     mut log: Option<LogWriter>,
-) -> Monitor {
+) -> (Monitor, Usage) {
     use rustix::event::{poll, PollFd, PollFlags, Timespec};
     let drv_abs = spec.store.print(&spec.drv_path);
     let s = &spec.settings;
@@ -1035,14 +1096,20 @@ fn monitor(
         }
     }
     kiln_sandbox::spawn::kill_group(pid, SIGKILL);
-    let status = kiln_sandbox::spawn::wait(pid).unwrap_or(-1);
+    let (status, used) = kiln_sandbox::spawn::wait_usage(pid).unwrap_or((-1, Default::default()));
     if let Some(l) = log {
         let _ = l.finish();
     }
-    match stop {
+    let usage = Usage {
+        cpu_user: used.user,
+        cpu_system: used.system,
+        memory_peak: (used.max_rss > 0).then_some(used.max_rss),
+    };
+    let outcome = match stop {
         Some(f) => Monitor::Stopped(f),
         None => Monitor::Exited(status, tail),
-    }
+    };
+    (outcome, usage)
 }
 
 fn rejected(msg: String) -> Failure {

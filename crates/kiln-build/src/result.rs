@@ -111,6 +111,12 @@ pub struct BuildResult {
     /// Output name → path, for derivations.
     pub outputs: BTreeMap<String, StorePath>,
     pub failure: FailureKinds,
+    /// CPU time of the build's processes (kiln only; Nix 2.8's protocol has no field).
+    pub cpu_user: Option<std::time::Duration>,
+    pub cpu_system: Option<std::time::Duration>,
+    /// Peak memory in bytes: of the whole build where its cgroup accounts memory, else of
+    /// its largest process.
+    pub memory_peak: Option<u64>,
 }
 
 impl BuildResult {
@@ -124,6 +130,9 @@ impl BuildResult {
             stop_time: 0,
             outputs: BTreeMap::new(),
             failure: FailureKinds::default(),
+            cpu_user: None,
+            cpu_system: None,
+            memory_peak: None,
         }
     }
 

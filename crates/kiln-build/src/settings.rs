@@ -54,6 +54,8 @@ pub struct BuildSettings {
     pub max_substitution_jobs: usize,
     pub sandbox: SandboxMode,
     pub sandbox_fallback: bool,
+    /// One cgroup v2 per build where possible (`use-cgroups`).
+    pub use_cgroups: bool,
     pub sandbox_paths: Vec<String>,
     pub build_users_group: String,
     pub system: String,
@@ -122,6 +124,7 @@ impl BuildSettings {
                 _ => SandboxMode::On,
             },
             sandbox_fallback: s.get_bool("sandbox-fallback"),
+            use_cgroups: s.get_bool("use-cgroups"),
             sandbox_paths: s.get_list("sandbox-paths"),
             build_users_group: s.get("build-users-group").to_string(),
             system: opt("system").unwrap_or_else(native_system),

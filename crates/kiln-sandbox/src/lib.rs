@@ -11,10 +11,12 @@
 //! After `fork`, the child calls only async-signal-safe functions (raw system calls on data
 //! prepared before the fork): no allocation, no locks, no formatting.
 
+pub mod cgroup;
 pub mod namespace;
 pub mod seccomp;
 pub mod spawn;
 
+pub use cgroup::Cgroup;
 pub use namespace::{Entry, IdMap, Sandbox};
 pub use spawn::{spawn, ChildSpec, Spawned, UserSpec};
 

@@ -40,6 +40,9 @@ pub struct ChildSpec {
     /// Run inside this sandbox (then `user` is ignored: the sandbox's id map decides, and
     /// `program` and `cwd` are paths inside it).
     pub sandbox: Option<Sandbox>,
+    /// `cgroup.procs` of the build's cgroup ([`crate::cgroup::Cgroup::procs_fd`]): the
+    /// child joins it first, before it can start any other process.
+    pub cgroup: Option<OwnedFd>,
 }
 
 impl ChildSpec {
@@ -57,6 +60,7 @@ impl ChildSpec {
             user: None,
             oom_score_adj: false,
             sandbox: None,
+            cgroup: None,
         }
     }
 }
@@ -96,6 +100,7 @@ const STEPS: &[&str] = &[
     "setting no_new_privs",
     "loading the system-call filter",
     "scoping abstract sockets and signals (Landlock)",
+    "joining the build's cgroup",
 ];
 const ST_SYNC: usize = 13;
 const ST_PRIVATE: usize = 14;
@@ -110,6 +115,7 @@ const ST_SETGROUPS: usize = 22;
 const ST_NNP: usize = 23;
 const ST_SECCOMP: usize = 24;
 const ST_LANDLOCK: usize = 25;
+const ST_CGROUP: usize = 26;
 /// Error report: step (1 byte), errno (4), entry index (4).
 const REPORT: usize = 9;
 
@@ -205,6 +211,12 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         libc::sigemptyset(&mut empty);
         if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) < 0 {
             child_fail(ef, 9);
+        }
+        if let Some(fd) = &spec.cgroup {
+            // "0" is the writer itself, in whatever PID namespace it is.
+            if libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                child_fail(ef, ST_CGROUP);
+            }
         }
         if d.sync_fd >= 0 {
             let mut b = 0u8;
@@ -802,6 +814,45 @@ pub fn kill_group(pid: i32, sig: i32) {
     }
 }
 
+/// CPU time and maximum resident set size of a waited-for process and the descendants it
+/// waited for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChildUsage {
+    pub user: std::time::Duration,
+    pub system: std::time::Duration,
+    /// Of the largest single process, in bytes.
+    pub max_rss: u64,
+}
+
+/// Waits for `pid`; returns the raw wait status and what it used.
+pub fn wait_usage(pid: i32) -> Result<(i32, ChildUsage)> {
+    let mut status = 0;
+    loop {
+        // SAFETY: an all-zero rusage is a valid value for the kernel to fill in.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: wait4 on our own child with valid status and rusage pointers.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        if r == pid {
+            let tv = |t: libc::timeval| {
+                std::time::Duration::from_secs(t.tv_sec.max(0) as u64)
+                    + std::time::Duration::from_micros(t.tv_usec.max(0) as u64)
+            };
+            return Ok((
+                status,
+                ChildUsage {
+                    user: tv(ru.ru_utime),
+                    system: tv(ru.ru_stime),
+                    max_rss: (ru.ru_maxrss.max(0) as u64).saturating_mul(1024),
+                },
+            ));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(sys("wait for the builder", e));
+        }
+    }
+}
+
 /// Waits for `pid`; returns the raw wait status.
 pub fn wait(pid: i32) -> Result<i32> {
     let mut status = 0;
@@ -866,6 +917,7 @@ mod tests {
             user: None,
             oom_score_adj: true,
             sandbox: None,
+            cgroup: None,
         };
         let child = spawn(spec).unwrap();
         let mut s = String::new();

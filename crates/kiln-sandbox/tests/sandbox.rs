@@ -7,7 +7,7 @@ use std::io::Read;
 use std::path::Path;
 
 use kiln_sandbox::spawn::{exit_code, pipe_cloexec, wait};
-use kiln_sandbox::{spawn, ChildSpec, Entry, IdMap, Sandbox};
+use kiln_sandbox::{spawn, Cgroup, ChildSpec, Entry, IdMap, Sandbox};
 
 fn cs(s: &str) -> CString {
     CString::new(s).unwrap()
@@ -51,6 +51,7 @@ fn run(root: &Path, entries: Vec<Entry>, net: bool, script: &str) -> (Option<i32
         user: None,
         oom_score_adj: true,
         sandbox: Some(sandbox),
+        cgroup: None,
     })
     .unwrap();
     let mut s = String::new();
@@ -157,4 +158,87 @@ fn a_failing_entry_is_named() {
             && e.contains("No such file"),
         "{e}"
     );
+}
+
+/// Starts `script` in a fresh cgroup (sandboxed or not); returns the cgroup, the shell's
+/// pid and the first line it printed.
+fn in_cgroup(sandboxed: bool, name: &str, script: &str) -> Option<(Cgroup, i32, String)> {
+    let cg = Cgroup::create(name).unwrap()?;
+    let dir = tempfile::tempdir().unwrap();
+    let (r, w) = pipe_cloexec().unwrap();
+    let mut spec = ChildSpec::new(cs("/bin/sh"), vec![cs("sh"), cs("-c"), cs(script)], w);
+    spec.env = vec![cs("PATH=/bin:/usr/bin")];
+    spec.cgroup = Some(cg.procs_fd().unwrap());
+    if sandboxed {
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        spec.sandbox = Some(Sandbox {
+            root,
+            private_network: true,
+            ids: IdMap::nix(
+                rustix::process::geteuid().as_raw(),
+                rustix::process::getegid().as_raw(),
+            ),
+            unprivileged: rustix::process::geteuid().as_raw() != 0,
+            entries: host_tools(),
+            seccomp: true,
+        });
+    }
+    let child = spawn(spec).unwrap();
+    // What the script leaves behind holds the pipe open: read one line only.
+    let mut out = String::new();
+    let mut f = std::io::BufReader::new(std::fs::File::from(r));
+    std::io::BufRead::read_line(&mut f, &mut out).unwrap();
+    Some((cg, child.pid, out))
+}
+
+fn procs(cg: &Cgroup) -> Vec<i32> {
+    std::fs::read_to_string(cg.path().join("cgroup.procs"))
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_build_cgroup_holds_every_process_and_kills_them_at_the_end() {
+    for sandboxed in [false, true] {
+        let name = format!("kiln-cg-test-{}-{sandboxed}", std::process::id());
+        // Spins for a while (CPU time to account), leaves a detached process behind, and
+        // waits for a moment before it exits.
+        let script = "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; \
+             setsid sleep 1000 & echo started; sleep 0.2";
+        let Some((cg, pid, out)) = in_cgroup(sandboxed, &name, script) else {
+            eprintln!("no writable cgroup v2 hierarchy here: skipped");
+            return;
+        };
+        assert_eq!(out.trim(), "started");
+        // The shell, its detached child and its `sleep 0.2` all joined (inside a sandbox
+        // too, from within its user and PID namespaces).
+        let during = procs(&cg);
+        assert!(during.len() >= 2, "{sandboxed}: {during:?}");
+        assert_eq!(exit_code(wait(pid).unwrap()), Some(0));
+        let after = procs(&cg);
+        if sandboxed {
+            // The PID namespace ended with its first process.
+            assert!(after.is_empty(), "{after:?}");
+        } else {
+            // Detached from the process group, but still in the cgroup.
+            assert_eq!(after.len(), 1, "{after:?}");
+        }
+        let path = cg.path().to_path_buf();
+        let used = cg.finish();
+        for p in &after {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            assert!(
+                stat.is_empty() || stat.contains(") Z "),
+                "process {p} survived"
+            );
+        }
+        assert!(!path.exists(), "the cgroup was removed");
+        assert!(
+            used.cpu_user + used.cpu_system > std::time::Duration::ZERO,
+            "{used:?}"
+        );
+    }
 }

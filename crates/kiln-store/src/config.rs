@@ -295,6 +295,13 @@ pub const SETTINGS: &[Def] = &[
         help: "extra paths visible in the sandbox (target=source)",
     },
     Def {
+        name: "use-cgroups",
+        aliases: &[],
+        kind: Kind::Bool,
+        default: "true",
+        help: "run each build in its own cgroup v2 where one can be made (all its processes killed at the end; CPU time and peak memory reported)",
+    },
+    Def {
         name: "sandbox-fallback",
         aliases: &[],
         kind: Kind::Bool,

@@ -212,6 +212,28 @@ fn no_process_survives_the_build() {
     assert!(o.status.success(), "{}", stderr(&o));
     let left = processes_with(&marker);
     assert!(left.is_empty(), "left behind: {left:?}");
+    // Without the sandbox's PID namespace, the build's cgroup is what catches them (where
+    // this machine has a cgroup v2 hierarchy; without one, only the process group is).
+    if kiln_sandbox::cgroup::own_cgroup_dir().is_some() {
+        let script = script.replace("echo done", "echo done-unsandboxed");
+        let o = t.build("u.toml", &drv("bgu", &script), false, &["--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let left = processes_with(&marker);
+        assert!(left.is_empty(), "left behind without the sandbox: {left:?}");
+        // The build's CPU time and memory are reported.
+        let finished = String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .chain(String::from_utf8_lossy(&o.stdout).lines())
+            .find(|l| l.contains("\"build-finished\""))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no build-finished event: {}", stderr(&o)));
+        let v: serde_json::Value = serde_json::from_str(&finished).unwrap();
+        assert!(v["cpuUser"].as_f64().is_some(), "{finished}");
+        assert!(
+            v["memoryPeak"].as_u64().is_some_and(|m| m > 0),
+            "{finished}"
+        );
+    }
     // Other processes of the machine are invisible, the daemon's (here: the test's) too.
     let me = std::process::id();
     let script = format!(

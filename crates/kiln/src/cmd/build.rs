@@ -113,7 +113,10 @@ impl kiln_build::EventSink for Reporter {
                 }),
                 Event::BuildFinished { drv, result } => serde_json::json!({
                     "event": "build-finished", "drv": drv, "status": result.status.name(), "error": result.error,
-                    "timesBuilt": result.times_built, "outputs": result.outputs.iter().map(|(k, v)| (k.clone(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>()
+                    "timesBuilt": result.times_built, "outputs": result.outputs.iter().map(|(k, v)| (k.clone(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
+                    "cpuUser": result.cpu_user.map(|d| d.as_secs_f64()),
+                    "cpuSystem": result.cpu_system.map(|d| d.as_secs_f64()),
+                    "memoryPeak": result.memory_peak
                 }),
                 Event::SubstitutionStarted { path } => {
                     serde_json::json!({"event": "substitution-started", "path": path})
