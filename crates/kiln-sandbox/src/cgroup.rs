@@ -23,6 +23,8 @@ use crate::{sys, Result};
 #[derive(Debug)]
 pub struct Cgroup {
     path: PathBuf,
+    /// Emptied already ([`Cgroup::finish`]): dropping only removes it.
+    emptied: bool,
 }
 
 /// What a build's processes used.
@@ -35,8 +37,13 @@ pub struct Usage {
 }
 
 /// Where this process's cgroup v2 directory is: the `cgroup2` mount from
-/// `/proc/self/mountinfo` joined with the `0::` line of `/proc/self/cgroup`.
+/// `/proc/self/mountinfo` joined with the `0::` line of `/proc/self/cgroup` (found once).
 pub fn own_cgroup_dir() -> Option<PathBuf> {
+    static DIR: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    DIR.get_or_init(find_own_cgroup_dir).clone()
+}
+
+fn find_own_cgroup_dir() -> Option<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let mount = mountinfo.lines().find_map(|l| {
         let (pre, post) = l.split_once(" - ")?;
@@ -71,7 +78,10 @@ impl Cgroup {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 // A leftover of a crashed daemon with the same name: empty it and reuse it.
-                let stale = Cgroup { path: path.clone() };
+                let stale = Cgroup {
+                    path: path.clone(),
+                    emptied: false,
+                };
                 stale.kill();
                 stale.wait_empty(Duration::from_secs(5));
             }
@@ -86,7 +96,10 @@ impl Cgroup {
             }
             Err(e) => return Err(sys(&format!("create cgroup '{}'", path.display()), e)),
         }
-        Ok(Some(Cgroup { path }))
+        Ok(Some(Cgroup {
+            path,
+            emptied: false,
+        }))
     }
 
     pub fn path(&self) -> &Path {
@@ -179,16 +192,25 @@ impl Cgroup {
 
     /// Kills what is left, waits for it to exit and removes the cgroup; returns the usage
     /// up to then.
-    pub fn finish(self) -> Usage {
-        self.kill();
-        if !self.wait_empty(Duration::from_secs(10)) {
-            tracing::warn!(
-                "processes of build cgroup '{}' did not exit",
-                self.path.display()
-            );
-        }
+    pub fn finish(mut self) -> Usage {
+        self.empty();
         self.usage()
         // Dropped here: removed.
+    }
+
+    /// Kills what is left and waits for it to exit (usually nothing is left: the
+    /// builder's PID namespace or process group took everything with it).
+    fn empty(&mut self) {
+        if self.populated() {
+            self.kill();
+            if !self.wait_empty(Duration::from_secs(10)) {
+                tracing::warn!(
+                    "processes of build cgroup '{}' did not exit",
+                    self.path.display()
+                );
+            }
+        }
+        self.emptied = true;
     }
 }
 
@@ -214,14 +236,18 @@ fn sweep_stale(parent: &Path) {
             "removing the cgroup of an earlier build, '{}'",
             e.path().display()
         );
-        drop(Cgroup { path: e.path() });
+        drop(Cgroup {
+            path: e.path(),
+            emptied: false,
+        });
     }
 }
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        self.kill();
-        self.wait_empty(Duration::from_secs(10));
+        if !self.emptied {
+            self.empty();
+        }
         if let Ok(c) = CString::new(self.path.as_os_str().as_encoded_bytes()) {
             // A cgroup directory is removed with rmdir even though it lists files.
             if let Err(e) = rustix::fs::rmdir(c.as_c_str()) {
