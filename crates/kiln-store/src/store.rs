@@ -921,7 +921,32 @@ impl LocalStore {
                 h.finish().0
             }
             FileIngestionMethod::Flat => {
-                let mut f = std::fs::File::open(real).map_err(|e| Error::io(real, "open", e))?;
+                // The bytes of a regular file, nothing else: following a symlink here would
+                // accept a path whose contents live outside the store (and change with
+                // them), and opening a FIFO or device would block or never end.
+                let fd = openat(
+                    CWD,
+                    real,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| match e {
+                    rustix::io::Errno::LOOP => Error::Invalid(format!(
+                        "'{}' claims a flat content address but is a symlink",
+                        sd.display(&info.path)
+                    )),
+                    e => Error::io(real, "open", e),
+                })?;
+                let st = rustix::fs::fstat(&fd).map_err(|e| Error::io(real, "stat", e))?;
+                if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                    != rustix::fs::FileType::RegularFile
+                {
+                    return Err(Error::Invalid(format!(
+                        "'{}' claims a flat content address but is not a regular file",
+                        sd.display(&info.path)
+                    )));
+                }
+                let mut f = std::fs::File::from(fd);
                 let mut h = Hasher::new(want.algo());
                 std::io::copy(&mut f, &mut h).map_err(|e| Error::io(real, "read", e))?;
                 h.finish()

@@ -282,3 +282,39 @@ fn content_address_must_match_the_contents() {
         .unwrap();
     assert!(s.is_valid(&path).unwrap());
 }
+
+#[test]
+fn a_flat_content_address_is_never_checked_through_a_symlink() {
+    // A NAR that is only a symlink to a file outside the store, whose bytes do match the
+    // claimed flat hash: accepting it would make the store path's contents whatever that
+    // outside file later says.
+    let d = tempfile::tempdir().unwrap();
+    let s = new_store(d.path());
+    let sd = s.store_dir().clone();
+    let outside = d.path().join("outside");
+    let tarball = b"the real tarball\n";
+    std::fs::write(&outside, tarball).unwrap();
+    let before = listing(&s);
+    for ca in [
+        kiln_format::ContentAddress::Fixed(
+            kiln_format::FileIngestionMethod::Flat,
+            Hash::sha256(tarball),
+        ),
+        kiln_format::ContentAddress::Text(Hash::sha256(tarball)),
+    ] {
+        let path = sd.ca_path("src.tar", &ca, &BTreeSet::new(), false).unwrap();
+        let nar = Node::Symlink {
+            target: outside.to_str().unwrap().as_bytes().to_vec(),
+        }
+        .to_nar();
+        let mut info = ValidPathInfo::new(path.clone(), Hash::sha256(&nar), nar.len() as u64);
+        info.ca = Some(ca);
+        let e = s
+            .add_nar(&info, &mut nar.as_slice(), AddOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is a symlink"), "{e}");
+        assert!(!s.is_valid(&path).unwrap());
+        assert_eq!(listing(&s), before, "the refused path left files behind");
+    }
+}
