@@ -80,6 +80,14 @@ impl GcShared {
         true
     }
 
+    /// Nothing more will be deleted: every root waiting for a claimed path may go on.
+    fn release_all(&self) {
+        if let Ok(mut g) = self.0 .0.lock() {
+            g.doomed.clear();
+        }
+        self.0 .1.notify_all();
+    }
+
     /// The files of `paths` are gone: roots waiting for them may go on.
     fn release(&self, paths: &[StorePath]) {
         if let Ok(mut g) = self.0 .0.lock() {
@@ -293,6 +301,24 @@ impl Drop for RootServer {
     }
 }
 
+/// A collection in progress. When it ends (an error included), paths still claimed are
+/// released first (roots waiting for them go on: the root server's thread may be one),
+/// then the root server is stopped, then the collector stops counting as running. (Stopping
+/// to count as running while the server still listens would send this process's own new
+/// roots to a socket nobody answers any more.)
+struct Collecting {
+    server: Option<RootServer>,
+    running: Running,
+}
+
+impl Drop for Collecting {
+    fn drop(&mut self) {
+        self.running.0.release_all();
+        drop(self.server.take());
+        // `running` is dropped after this.
+    }
+}
+
 /// Marks the collector as running in this process until dropped.
 struct Running(GcShared);
 
@@ -343,12 +369,13 @@ pub fn collect_garbage(store: &LocalStore, opts: &GcOptions) -> Result<GcResults
         g.running = true;
         g.late_roots.clear();
     }
-    let _running = Running(store.gc.clone());
-    let _server = if store.db.is_read_only() {
+    let running = Running(store.gc.clone());
+    let server = if store.db.is_read_only() {
         None
     } else {
         Some(RootServer::start(store)?)
     };
+    let _collecting = Collecting { server, running };
 
     let graph = load_graph(store)?;
     let n = graph.paths.len();
@@ -482,7 +509,11 @@ pub fn collect_garbage(store: &LocalStore, opts: &GcOptions) -> Result<GcResults
             };
             for i in candidates {
                 let p = &graph.paths[i];
-                if keep[i] || store.temp_roots.contains(p) || !store.gc.claim(p) {
+                // This process's own temporary roots were read with the other roots; any
+                // added since went through `note_roots`, which `claim` consults. (Locking
+                // the temp roots here could deadlock with an add that holds them while it
+                // waits, through the root socket, for a path claimed in this loop.)
+                if keep[i] || !store.gc.claim(p) {
                     // Spared: so is everything it refers to (they come later in the order).
                     let mut stack = vec![i];
                     while let Some(k) = stack.pop() {
