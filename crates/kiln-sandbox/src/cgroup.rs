@@ -75,31 +75,27 @@ impl Cgroup {
         SWEPT.call_once(|| sweep_stale(&parent));
         let path = parent.join(name);
         match std::fs::create_dir(&path) {
-            Ok(()) => {}
+            Ok(()) => Ok(Some(Cgroup {
+                path,
+                emptied: false,
+            })),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                // A leftover of a crashed daemon with the same name: empty it and reuse it.
-                let stale = Cgroup {
-                    path: path.clone(),
+                // A leftover of an earlier kiln process with this pid: emptied and reused.
+                let mut cg = Cgroup {
+                    path,
                     emptied: false,
                 };
-                stale.kill();
-                stale.wait_empty(Duration::from_secs(5));
+                cg.empty();
+                cg.emptied = false;
+                Ok(Some(cg))
             }
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EACCES | libc::EPERM | libc::EROFS | libc::ENOENT)
-                ) =>
-            {
+            Err(e) => {
+                // No permission, a read-only mount, the hierarchy's limits (EAGAIN from
+                // `cgroup.max.descendants`): builds go on without a cgroup of their own.
                 tracing::debug!("no cgroup for builds under '{}': {e}", parent.display());
-                return Ok(None);
+                Ok(None)
             }
-            Err(e) => return Err(sys(&format!("create cgroup '{}'", path.display()), e)),
         }
-        Ok(Some(Cgroup {
-            path,
-            emptied: false,
-        }))
     }
 
     pub fn path(&self) -> &Path {

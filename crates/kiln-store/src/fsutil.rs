@@ -106,13 +106,20 @@ fn open_unreadable_dir_at(dir: &OwnedFd, name: &CStr, path: &Path) -> Result<Own
     .map_err(|e| Error::io(path, "open directory", e))
 }
 
-/// Removes a build directory. Its top directory is first made 0000 through a descriptor
-/// (no symlink followed), so that while the tree is deleted nobody but the daemon can
-/// enter it: not another user, not a later build running under the same uid (the
-/// CVE-2025-52992 hardening, as Nix's `cleanupBuild`).
+/// Removes a build directory. Its top directory is first given to the daemon and made 0000
+/// through a descriptor (no symlink followed), so that while the tree is deleted nobody but
+/// the daemon can enter it: not another user, not a later build running under the same uid
+/// (the CVE-2025-52992 hardening, as Nix's `cleanupBuild`).
 pub fn remove_build_tree(path: &Path) -> Result<u64> {
     let (pfd, name) = split(path)?;
     if let Ok(fd) = open_dir_at(&pfd, &name, path) {
+        // Taken from the build user first (where it was theirs), so that the 0700 the
+        // deletion then sets opens it to the daemon only.
+        let _ = rustix::fs::fchown(
+            &fd,
+            Some(rustix::process::geteuid()),
+            Some(rustix::process::getegid()),
+        );
         fchmod(&fd, Mode::empty()).map_err(|e| Error::io(path, "seal", e))?;
     }
     remove_tree_at(&pfd, &name, path)
@@ -202,6 +209,35 @@ pub fn remove_tree_at(parent: &OwnedFd, name: &CStr, path: &Path) -> Result<u64>
         }
     }
     Ok(freed)
+}
+
+/// A file under `root` that is hard-linked to a file outside it (its link count is higher
+/// than the number of its links within the tree), if any. Nothing is followed.
+///
+/// A tree someone else wrote must not carry such a link into the store: canonicalising it
+/// would change the outside file's owner, mode and time, and publish its contents.
+pub fn hard_link_out_of(root: &Path) -> Result<Option<PathBuf>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen: std::collections::HashMap<(u64, u64), (u64, u64, PathBuf)> =
+        std::collections::HashMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let m = std::fs::symlink_metadata(&p).map_err(|e| Error::io(&p, "stat", e))?;
+        if m.is_dir() {
+            for e in std::fs::read_dir(&p).map_err(|e| Error::io(&p, "read directory", e))? {
+                stack.push(e.map_err(|e| Error::io(&p, "read directory", e))?.path());
+            }
+        } else if m.nlink() > 1 {
+            let entry = seen
+                .entry((m.dev(), m.ino()))
+                .or_insert((0, m.nlink(), p.clone()));
+            entry.0 += 1;
+        }
+    }
+    Ok(seen
+        .into_values()
+        .find(|(within, total, _)| within < total)
+        .map(|(_, _, p)| p))
 }
 
 /// How [`canonicalise`] treats ownership.

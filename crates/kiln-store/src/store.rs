@@ -852,8 +852,13 @@ impl LocalStore {
                 sd.display(&info.path)
             )));
         }
-        // Whoever wrote it runs as us: anything it left owned by someone else (a hard
-        // link to another user's file) is refused, as for a build output.
+        if let Some(p) = fsutil::hard_link_out_of(&tmp.real)? {
+            return Err(Error::Invalid(format!(
+                "'{}' for '{}' is a hard link to a file outside it",
+                p.display(),
+                sd.display(&info.path)
+            )));
+        }
         fsutil::canonicalise(
             &tmp.real,
             fsutil::Ownership {

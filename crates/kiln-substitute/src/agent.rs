@@ -15,11 +15,14 @@
 //!   `not-found`; exiting without one is a failure too.
 //! * Both write progress and errors to their stdout and stderr, which kiln shows.
 //!
-//! Unlike the reference, kiln does not take the agent's word for the result. `DEST` is a
-//! scratch path, not the final one, and the path becomes valid only after kiln gave the
-//! tree canonical metadata and its own NAR hash matched the reported one (and its content
-//! address, for fixed outputs): a confused or compromised agent cannot register contents
-//! that differ from what it reported, nor leave a half-written path under its final name.
+//! Unlike the reference, kiln checks what the agent wrote. `DEST` is a scratch path, not the
+//! final one, and the path becomes valid only after kiln refused any hard link to a file
+//! outside the tree, gave the tree canonical metadata, and found its own NAR hash equal to
+//! the reported one (and its content address, for fixed outputs). An agent that errs cannot
+//! register contents other than it reported, nor leave a half-written path under its final
+//! name. For input-addressed paths the expected hash comes from the agent itself, so the
+//! agent stays trusted for *what* the contents are, as it is in the reference (it is the
+//! agent that checks the narinfo signatures).
 //! Every answer is bounded (line length, reference count) and a silent agent is killed
 //! after `stalled-download-timeout`.
 
@@ -43,15 +46,14 @@ use crate::{Error, Result, SubstConfig, SubstitutableInfo, Substituter};
 const MAX_REPLY_LINE: usize = 64 * 1024;
 /// Progress lines longer than this are cut.
 const MAX_LOG_LINE: usize = 4096;
-/// The most references one path may list.
-const MAX_REFERENCES: u64 = 1 << 20;
+/// The most references one path may list (real paths have at most a few thousand).
+const MAX_REFERENCES: u64 = 1 << 16;
 
 /// The external agent, as a [`Substituter`].
 pub struct Agent {
     program: PathBuf,
     store_dir: StoreDir,
     stalled: Duration,
-    deduplicate: bool,
     /// The running query agent (one at a time, as in the reference).
     query: Mutex<Option<Proc>>,
     /// Idle substitution agents, reused by the next download with the same options.
@@ -66,19 +68,11 @@ impl std::fmt::Debug for Agent {
 
 impl Agent {
     /// `program` for a store at `store_dir`; an agent silent for `stalled` is killed.
-    /// `deduplicate` is passed on (the agent hard-links identical files, as
-    /// `auto-optimise-store` asks).
-    pub fn new(
-        program: PathBuf,
-        store_dir: StoreDir,
-        stalled: Duration,
-        deduplicate: bool,
-    ) -> Agent {
+    pub fn new(program: PathBuf, store_dir: StoreDir, stalled: Duration) -> Agent {
         Agent {
             program,
             store_dir,
             stalled,
-            deduplicate,
             query: Mutex::new(None),
             idle: Mutex::new(Vec::new()),
         }
@@ -95,11 +89,10 @@ impl Agent {
         }
         let mut o = String::new();
         if substitute {
-            o.push_str(if self.deduplicate {
-                "deduplicate=yes\n"
-            } else {
-                "deduplicate=no\n"
-            });
+            // Never asked to hard-link into `.links`: kiln refuses trees linked to files
+            // outside them (`LocalStore::add_restored`) and deduplicates by itself
+            // (`auto-optimise-store`).
+            o.push_str("deduplicate=no\n");
         }
         o.push_str(&format!("substitute-urls={urls}\n"));
         Ok(o)
@@ -139,8 +132,11 @@ impl Agent {
         req.push('\n');
         proc.send(&req)?;
         let found = self.read_infos(&mut proc, paths, log)?;
-        // Kept for the next query only after a complete answer.
-        *slot = Some(proc);
+        // Kept for the next query only after a complete answer and nothing more: bytes
+        // past the end would be read as the next answer.
+        if proc.reply.buf.is_empty() {
+            *slot = Some(proc);
+        }
         Ok(found)
     }
 
@@ -247,11 +243,13 @@ impl Substituter for Agent {
             .remove(path)
             .ok_or_else(|| Error::Failed(format!("no substitute for '{shown}'")))?;
         let options = self.options(cfg, true)?;
+        // Declared before the agent: on an error the agent is killed (dropped) before its
+        // destination is removed, so it cannot write there again afterwards.
+        let tmp = store.scratch_path(path.name())?;
         let mut proc = match self.take_fetcher(&options) {
             Some(p) => p,
             None => self.spawn("--substitute", options, cfg)?,
         };
-        let tmp = store.scratch_path(path.name())?;
         let dest = tmp.real().to_string_lossy().into_owned();
         if dest.contains(['\n', ' ']) {
             return Err(Error::Unusable(format!(
@@ -283,7 +281,7 @@ impl Substituter for Agent {
         };
         // An agent that answered can take the next download; one that said nothing (it
         // exited, or its state is unknown) is dropped, which kills it.
-        if status.is_some() {
+        if status.is_some() && proc.reply.buf.is_empty() {
             self.give_back(proc);
         }
         let (hash, size) = reported?;
@@ -370,7 +368,7 @@ impl Proc {
     /// The next reply line (`None`: the agent closed the channel), passing its output to
     /// `log` meanwhile.
     fn line(&mut self, log: &dyn Fn(&str), stalled: Duration) -> Result<Option<String>> {
-        let deadline = Instant::now() + stalled;
+        let mut deadline = Instant::now() + stalled;
         loop {
             if let Some(l) = self.reply.take_line(MAX_REPLY_LINE)? {
                 return Ok(Some(l));
@@ -415,7 +413,8 @@ impl Proc {
                         log(&l);
                     }
                 }
-                // Progress is a sign of life.
+                // Progress is a sign of life: a long download is not a stalled one.
+                deadline = Instant::now() + stalled;
                 if !reply_ready {
                     continue;
                 }
@@ -460,6 +459,7 @@ impl Chan {
     fn fill(&mut self) {
         let mut chunk = [0u8; 16 * 1024];
         match rustix::io::read(&self.fd, &mut chunk) {
+            Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
             Ok(0) | Err(_) => self.eof = true,
             Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
         }
@@ -538,7 +538,6 @@ mod tests {
             script,
             StoreDir::new("/nix/store").unwrap(),
             Duration::from_secs(5),
-            false,
         )
     }
 

@@ -158,6 +158,5 @@ pub fn for_store(store: &LocalStore, s: &kiln_store::Settings) -> std::sync::Arc
         program.into(),
         store.store_dir().clone(),
         stalled,
-        s.get_bool("auto-optimise-store"),
     ))
 }

@@ -319,12 +319,19 @@ fn nar_response(
         .with_chunked_threshold(usize::MAX)
         .boxed();
     }
+    // A database row without a size (old imports) is sent chunked; otherwise exactly the
+    // recorded size goes out, and a dump that differs ends short (the connection closes
+    // and the client's hash check fails) rather than running past the declared length.
     let headers = vec![ctype, header("Accept-Ranges", "bytes")];
     tiny_http::Response::new(
         200.into(),
         headers,
-        Box::new(reader) as Box<dyn Read + Send>,
-        Some(len as usize),
+        if len > 0 {
+            Box::new(reader.take(len)) as Box<dyn Read + Send>
+        } else {
+            Box::new(reader)
+        },
+        (len > 0).then_some(len as usize),
         None,
     )
     // A known length is sent as Content-Length (progress, resumption), never chunked.

@@ -779,13 +779,19 @@ fn an_external_substitute_agent_is_used_and_checked() {
     let s = setup();
     let cache = format!("file://{}", s.base.join("xz").display());
     let requests = s.base.join("agent-requests");
+    // A file of the machine's that a misbehaving agent links into what it restores.
+    let outside = s.base.join("outside-secret");
+    std::fs::write(&outside, "secret\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o600)).unwrap();
     let with_agent = |k: &K, fault: &str| {
         let mut c = k.kiln();
         c.args(["--option", "substitute-agent", AGENT])
             .args(["--option", "stalled-download-timeout", "2"])
             .args(["copy", "--from", &cache, &s.top])
             .env("AGENT_FAULT", fault)
-            .env("AGENT_LOG", &requests);
+            .env("AGENT_LOG", &requests)
+            .env("AGENT_OUTSIDE", &outside);
         c.output().unwrap()
     };
     let k = s.fresh("agent-ok");
@@ -830,6 +836,7 @@ fn an_external_substitute_agent_is_used_and_checked() {
         ("die", "empty status"),
         ("not-found", "no substitute for"),
         ("silent", "sent nothing for 2 s"),
+        ("link", "is a hard link to a file outside it"),
     ]
     .into_iter()
     .enumerate()
@@ -843,4 +850,8 @@ fn an_external_substitute_agent_is_used_and_checked() {
         assert_eq!(k.hash(&s.top), None, "{fault}: the top path became valid");
         k.assert_no_debris();
     }
+    // The linked file was neither published nor given store metadata.
+    let m = std::fs::metadata(&outside).unwrap();
+    assert_eq!(m.permissions().mode() & 0o7777, 0o600);
+    assert_eq!(std::fs::read_to_string(&outside).unwrap(), "secret\n");
 }
