@@ -811,20 +811,7 @@ impl LocalStore {
             },
         )?;
         let (hash, size) = r.finish();
-        if hash != info.nar_hash {
-            return Err(Error::HashMismatch {
-                path: sd.display(&info.path),
-                expected: info.nar_hash.to_string(),
-                actual: hash.to_string(),
-            });
-        }
-        if size != info.nar_size && info.nar_size != 0 {
-            return Err(Error::Invalid(format!(
-                "size mismatch for '{}': expected {} bytes of NAR, got {size}",
-                sd.display(&info.path),
-                info.nar_size
-            )));
-        }
+        check_nar(sd, info, hash, size)?;
         self.check_contents_match_ca(info, &tmp.real, hash)?;
         before_install(nar)?;
         let mut info = info.clone();
@@ -869,31 +856,13 @@ impl LocalStore {
                 ),
             },
         )?;
-        let nar_hash = |algo| -> Result<(Hash, u64)> {
-            let mut sink = HashSink::new(algo);
-            nar::dump(&tmp.real, &mut sink)?;
-            Ok(sink.finish())
-        };
-        let (hash, size) = nar_hash(HashAlgo::Sha256)?;
+        let (hash, size) = nar_hash_of(&tmp.real, HashAlgo::Sha256)?;
         // The expected hash may be of another algorithm (the database keeps SHA-256).
         let got = match info.nar_hash.algo() {
             HashAlgo::Sha256 => hash,
-            algo => nar_hash(algo)?.0,
+            algo => nar_hash_of(&tmp.real, algo)?.0,
         };
-        if got != info.nar_hash {
-            return Err(Error::HashMismatch {
-                path: sd.display(&info.path),
-                expected: info.nar_hash.to_string(),
-                actual: got.to_string(),
-            });
-        }
-        if info.nar_size != 0 && size != info.nar_size {
-            return Err(Error::Invalid(format!(
-                "size mismatch for '{}': expected {} bytes of NAR, got {size}",
-                sd.display(&info.path),
-                info.nar_size
-            )));
-        }
+        check_nar(sd, info, got, size)?;
         self.check_contents_match_ca(info, &tmp.real, hash)?;
         let mut info = info.clone();
         info.nar_hash = hash;
@@ -920,11 +889,7 @@ impl LocalStore {
         };
         let got = match method {
             FileIngestionMethod::Recursive if want.algo() == HashAlgo::Sha256 => nar_hash,
-            FileIngestionMethod::Recursive => {
-                let mut h = HashSink::new(want.algo());
-                nar::dump(real, &mut h)?;
-                h.finish().0
-            }
+            FileIngestionMethod::Recursive => nar_hash_of(real, want.algo())?.0,
             FileIngestionMethod::Flat => {
                 // The bytes of a regular file, nothing else: following a symlink here would
                 // accept a path whose contents live outside the store (and change with
@@ -1200,6 +1165,32 @@ impl LocalStore {
         }
         Ok(freed)
     }
+}
+
+/// The NAR hash and size found must be those `info` records (a size of 0: unknown).
+fn check_nar(sd: &StoreDir, info: &ValidPathInfo, hash: Hash, size: u64) -> Result<()> {
+    if hash != info.nar_hash {
+        return Err(Error::HashMismatch {
+            path: sd.display(&info.path),
+            expected: info.nar_hash.to_string(),
+            actual: hash.to_string(),
+        });
+    }
+    if info.nar_size != 0 && size != info.nar_size {
+        return Err(Error::Invalid(format!(
+            "size mismatch for '{}': expected {} bytes of NAR, got {size}",
+            sd.display(&info.path),
+            info.nar_size
+        )));
+    }
+    Ok(())
+}
+
+/// The NAR hash and size of the tree at `path`.
+pub(crate) fn nar_hash_of(path: &Path, algo: HashAlgo) -> Result<(Hash, u64)> {
+    let mut sink = HashSink::new(algo);
+    nar::dump(path, &mut sink)?;
+    Ok(sink.finish())
 }
 
 /// A restored archive waiting for its final path.

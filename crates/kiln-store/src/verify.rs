@@ -1,7 +1,6 @@
 //! Store verification (`kiln store verify`, `nix-store --verify`).
 
-use kiln_format::hash::HashSink;
-use kiln_format::{nar, HashAlgo, StorePath};
+use kiln_format::{HashAlgo, StorePath};
 
 use crate::db::Db;
 use crate::error::{Error, Result};
@@ -82,9 +81,7 @@ impl VerifyReport {
 
 /// NAR hash and size of a path on disk.
 pub fn hash_path(store: &LocalStore, p: &StorePath) -> Result<(kiln_format::Hash, u64)> {
-    let mut sink = HashSink::new(HashAlgo::Sha256);
-    nar::dump(&store.real_path(p), &mut sink)?;
-    Ok(sink.finish())
+    crate::store::nar_hash_of(&store.real_path(p), HashAlgo::Sha256)
 }
 
 /// Checks every valid path.
