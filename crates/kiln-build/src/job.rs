@@ -20,6 +20,7 @@ use kiln_format::signature::SecretKey;
 use kiln_format::{
     nar, ContentAddress, Derivation, FileIngestionMethod, HashAlgo, StorePath, ValidPathInfo,
 };
+use kiln_sandbox::cgroup::Usage;
 use kiln_store::{fsutil, LocalStore};
 
 use crate::env::{prepare_env, EnvInputs};
@@ -57,16 +58,6 @@ pub struct JobControl {
     cancelled: AtomicBool,
     /// What the build's processes used, summed over its rounds.
     usage: std::sync::Mutex<Option<Usage>>,
-}
-
-/// CPU time and memory of a build's processes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub cpu_user: Duration,
-    pub cpu_system: Duration,
-    /// Peak memory in bytes: of the whole build where its cgroup accounts memory, else of
-    /// its largest process (its maximum resident set size).
-    pub memory_peak: Option<u64>,
 }
 
 impl BuildResult {
@@ -771,10 +762,11 @@ fn build_round(
         // Nothing of the build runs past this point; its cgroup's figures cover every
         // process it had, the wait status's only those that were waited for.
         ctl.add_usage(match cgroup.map(kiln_sandbox::Cgroup::finish) {
+            // Peak memory: of the whole build where its cgroup accounts memory, else of
+            // its largest process.
             Some(u) => Usage {
-                cpu_user: u.cpu_user,
-                cpu_system: u.cpu_system,
                 memory_peak: u.memory_peak.or(rusage.memory_peak),
+                ..u
             },
             None => rusage,
         });
