@@ -25,21 +25,26 @@ fn host_tools() -> Vec<Entry> {
         .collect()
 }
 
-/// Runs `script` with `sh -c` in a sandbox; returns (exit code, output).
-fn run(root: &Path, entries: Vec<Entry>, net: bool, script: &str) -> (Option<i32>, String) {
-    let (r, w) = pipe_cloexec().unwrap();
-    let unprivileged = rustix::process::geteuid().as_raw() != 0;
-    let sandbox = Sandbox {
-        root: root.to_path_buf(),
+/// A sandbox at `root` with `entries`, for whoever runs the tests (root or not), the build
+/// seeing itself as Nix's build user; with `net`, a network namespace of its own.
+fn sandbox(root: std::path::PathBuf, net: bool, entries: Vec<Entry>) -> Sandbox {
+    Sandbox {
+        root,
         private_network: net,
         ids: IdMap::nix(
             rustix::process::geteuid().as_raw(),
             rustix::process::getegid().as_raw(),
         ),
-        unprivileged,
+        unprivileged: rustix::process::geteuid().as_raw() != 0,
         entries,
         seccomp: true,
-    };
+    }
+}
+
+/// Runs `script` with `sh -c` in a sandbox; returns (exit code, output).
+fn run(root: &Path, entries: Vec<Entry>, net: bool, script: &str) -> (Option<i32>, String) {
+    let (r, w) = pipe_cloexec().unwrap();
+    let sandbox = sandbox(root.to_path_buf(), net, entries);
     let child = spawn(ChildSpec {
         program: cs("/bin/sh"),
         args: vec![cs("sh"), cs("-c"), cs(script)],
@@ -133,22 +138,16 @@ fn a_failing_entry_is_named() {
     let (r, w) = pipe_cloexec().unwrap();
     drop(r);
     let e = spawn(ChildSpec {
-        sandbox: Some(Sandbox {
+        sandbox: Some(sandbox(
             root,
-            private_network: true,
-            ids: IdMap::nix(
-                rustix::process::geteuid().as_raw(),
-                rustix::process::getegid().as_raw(),
-            ),
-            unprivileged: rustix::process::geteuid().as_raw() != 0,
-            entries: vec![Entry::Bind {
+            true,
+            vec![Entry::Bind {
                 source: "/nonexistent/kiln-source".into(),
                 path: "/x".into(),
                 writable: false,
                 optional: false,
             }],
-            seccomp: true,
-        }),
+        )),
         ..ChildSpec::new(cs("/bin/sh"), vec![cs("sh")], w)
     })
     .unwrap_err()
@@ -172,17 +171,7 @@ fn in_cgroup(sandboxed: bool, name: &str, script: &str) -> Option<(Cgroup, i32, 
     if sandboxed {
         let root = dir.path().join("root");
         std::fs::create_dir(&root).unwrap();
-        spec.sandbox = Some(Sandbox {
-            root,
-            private_network: true,
-            ids: IdMap::nix(
-                rustix::process::geteuid().as_raw(),
-                rustix::process::getegid().as_raw(),
-            ),
-            unprivileged: rustix::process::geteuid().as_raw() != 0,
-            entries: host_tools(),
-            seccomp: true,
-        });
+        spec.sandbox = Some(sandbox(root, true, host_tools()));
     }
     let child = spawn(spec).unwrap();
     // What the script leaves behind holds the pipe open: read one line only.

@@ -305,6 +305,28 @@ impl Setup {
     }
 }
 
+/// `kiln serve` on a free loopback port with `args`: the process and its URL.
+fn serve(k: &K, args: &[&str]) -> (std::process::Child, String) {
+    let mut child = k
+        .kiln()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    (child, url)
+}
+
 fn hash_part(p: &str) -> String {
     Path::new(p).file_name().unwrap().to_string_lossy()[..32].to_string()
 }
@@ -549,42 +571,18 @@ fn kiln_serve_answers_as_a_cache() {
     let k = s.fresh("served");
     let o = s.copy_from(&k, &format!("file://{}", s.base.join("xz").display()), &[]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let mut child = k
-        .kiln()
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
+    let (mut child, url) = serve(
+        &k,
+        &[
             "--secret-key-file",
             s.sk.to_str().unwrap(),
             "--compression",
             "zstd",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap()
-        .trim_end_matches('/')
-        .to_string();
-    let get = |rel: &str| -> (u16, Vec<u8>) {
-        let addr = url.trim_start_matches("http://");
-        let mut c = TcpStream::connect(addr).unwrap();
-        write!(
-            c,
-            "GET /{rel} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut buf = Vec::new();
-        c.read_to_end(&mut buf).unwrap();
-        let status = String::from_utf8_lossy(&buf[9..12]).parse().unwrap();
-        (status, buf)
+        ],
+    );
+    let get = |rel: &str| {
+        let (st, _, body) = http(&url, "GET", rel, "");
+        (st, body)
     };
     let (st, body) = get("nix-cache-info");
     assert_eq!(st, 200);
@@ -625,22 +623,7 @@ fn kiln_serve_answers_ranges_and_many_clients_at_once() {
     let k = s.fresh("served-plain");
     let o = s.copy_from(&k, &format!("file://{}", s.base.join("xz").display()), &[]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let mut child = k
-        .kiln()
-        .args(["serve", "--listen", "127.0.0.1:0", "--compression", "none"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap()
-        .trim_end_matches('/')
-        .to_string();
+    let (mut child, url) = serve(&k, &["--compression", "none"]);
     // What the NAR must be, byte for byte.
     let real_top = k.real().join(Path::new(&s.top).file_name().unwrap());
     let want = k
