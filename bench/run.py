@@ -2,6 +2,7 @@
 """kiln's side-by-side benchmark harness: kiln vs Nix 2.8 (Debian's nix-bin) in the same run.
 
     bench/run.py formats            # NAR dump + SHA-256 of a ~1 GiB / ~20k-file tree
+    bench/run.py sandbox            # sandboxed trivial builds (DAG and chain), and unshare(1)
     bench/run.py subst              # substituting ~300 paths / ~500 MiB from caches
     bench/run.py all
 
@@ -117,12 +118,17 @@ def bench_formats(args):
     os.remove(nar)
 
 
-def nix_env(root):
+# What builders may use from the host when sandboxed (both sides get the same).
+SANDBOX_PATHS = "/bin /usr /lib /lib64"
+
+
+def nix_env(root, sandbox=False):
     """Environment for a private Nix 2.8 store rooted at `root` (no daemon, no substituters)."""
     conf = os.path.join(root, "conf")
     os.makedirs(conf, exist_ok=True)
     with open(os.path.join(conf, "nix.conf"), "w") as f:
-        f.write("substituters =\nsandbox = false\nbuild-users-group =\nexperimental-features = nix-command\n")
+        f.write("substituters =\nbuild-users-group =\nexperimental-features = nix-command\n")
+        f.write(f"sandbox = true\nsandbox-paths = {SANDBOX_PATHS}\n" if sandbox else "sandbox = false\n")
     env = dict(os.environ)
     env.update(NIX_STORE_DIR=os.path.join(root, "store"), NIX_STATE_DIR=os.path.join(root, "var"),
                NIX_LOG_DIR=os.path.join(root, "log"), NIX_CONF_DIR=conf, NIX_REMOTE="local")
@@ -281,65 +287,85 @@ def chain_nix(n):
     return "\n".join(lines) + "\n", [f"c{n - 1}"]
 
 
-def bench_build(args):
-    print("## build engine: kiln build vs nix-store --realise (sandbox off, same .drv files)\n", flush=True)
-    work = os.path.join(args.dir, "build-bench")
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
-    root = os.path.join(work, "s")
-    saved = os.path.join(work, "saved")
-    jobs = str(args.jobs)
+class DrvBench:
+    """The same .drv files (instantiated once by Nix 2.8) realised by kiln and by Nix from
+    the same saved store, with the sandbox on or off on both sides."""
 
-    def prepare(expr, attrs):
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(saved, ignore_errors=True)
-        env = nix_env(root)
-        f = os.path.join(work, "e.nix")
+    def __init__(self, args, name, sandbox):
+        self.args = args
+        self.work = os.path.join(args.dir, name)
+        shutil.rmtree(self.work, ignore_errors=True)
+        os.makedirs(self.work)
+        self.root = os.path.join(self.work, "s")
+        self.saved = os.path.join(self.work, "saved")
+        self.jobs = str(args.jobs)
+        self.sandbox = sandbox
+        self.env = None
+
+    def kiln_cmd(self, *rest):
+        sb = (["--option", "sandbox", "true", "--option", "sandbox-fallback", "false",
+               "--option", "sandbox-paths", SANDBOX_PATHS.replace("/lib64", "/lib64?")]
+              if self.sandbox else ["--option", "sandbox", "false"])
+        return [kiln_bin(), *kiln_store_args(self.root), *sb, "--option", "gc-runtime-roots", "false", *rest]
+
+    def prepare(self, expr, attrs):
+        shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(self.saved, ignore_errors=True)
+        self.env = nix_env(self.root, self.sandbox)
+        f = os.path.join(self.work, "e.nix")
         open(f, "w").write(expr)
         drvs = []
         for chunk in [attrs[i:i + 200] for i in range(0, len(attrs), 200)]:
             a = []
             for x in chunk:
                 a += ["-A", x]
-            r = subprocess.run(["nix-instantiate", f, *a], env=env, capture_output=True, text=True, check=True)
+            r = subprocess.run(["nix-instantiate", f, *a], env=self.env, capture_output=True, text=True, check=True)
             drvs += r.stdout.split()
-        shutil.copytree(root, saved, symlinks=True)
-        return env, drvs
+        shutil.copytree(self.root, self.saved, symlinks=True)
+        return drvs
 
-    def restore():
-        subprocess.run(["chmod", "-R", "u+w", root], check=False)
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.copytree(saved, root, symlinks=True)
+    def restore(self):
+        subprocess.run(["chmod", "-R", "u+w", self.root], check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+        shutil.copytree(self.saved, self.root, symlinks=True)
 
-    def run_pair(name, env, drvs, per, setup=restore, runs=3):
-        kcmd = [kiln_bin(), *kiln_store_args(root),
-                "--option", "sandbox", "false", "--option", "gc-runtime-roots", "false", "build", "-Q", "-j", jobs, *drvs]
+    def run_pair(self, name, drvs, per, setup=None, runs=3):
+        setup = setup or self.restore
+        kcmd = self.kiln_cmd("build", "-Q", "-j", self.jobs, *drvs)
         # kiln's state dir is Nix's (NIX_STATE_DIR = root/var): both use the same database.
-        ncmd = ["nix-store", "--realise", "--max-jobs", jobs, *drvs]
+        ncmd = ["nix-store", "--realise", "--max-jobs", self.jobs, *drvs]
         kw, kc = measure(kcmd, runs=runs, setup=setup)
-        nw, nc = measure(ncmd, runs=runs, env=env, setup=setup)
+        nw, nc = measure(ncmd, runs=runs, env=self.env, setup=setup)
         print(f"| {name} | {kw:.3f} s ({kw / per * 1000:.1f} ms each) | {kc:.3f} s | {nw:.3f} s ({nw / per * 1000:.1f} ms each) | {nc:.3f} s | {nw / kw:.1f}x / {nc / kc:.1f}x |", flush=True)
-        if args.fs == "ext4":
+        if self.args.fs == "ext4":
             # kiln syncs a path's contents before it becomes valid (Nix 2.8 never does): show
             # what that costs by also running without it.
             fw, fc = measure(kcmd[:1] + ["--option", "fsync-store-paths", "false"] + kcmd[1:], runs=runs, setup=setup)
             print(f"| ↳ kiln with fsync-store-paths = false | {fw:.3f} s ({fw / per * 1000:.1f} ms each) | {fc:.3f} s | | | {nw / fw:.1f}x / {nc / fc:.1f}x |", flush=True)
         return kw, nw
 
+    @staticmethod
+    def header():
+        print("| workload | kiln wall | kiln CPU | Nix 2.8 wall | Nix 2.8 CPU | kiln faster (wall / CPU) |")
+        print("|---|---|---|---|---|---|")
+
+
+def bench_build(args):
+    print("## build engine: kiln build vs nix-store --realise (sandbox off, same .drv files)\n", flush=True)
+    b = DrvBench(args, "build-bench", sandbox=False)
+    work, jobs = b.work, b.jobs
     print(f"max-jobs {jobs} on both sides\n")
-    print("| workload | kiln wall | kiln CPU | Nix 2.8 wall | Nix 2.8 CPU | kiln faster (wall / CPU) |")
-    print("|---|---|---|---|---|---|")
+    b.header()
     expr, names = dag_nix(10, 100, 2)
-    env, drvs = prepare(expr, names)
-    run_pair("1,000 trivial derivations (DAG, 10 layers × 100)", env, drvs, 1000)
+    drvs = b.prepare(expr, names)
+    b.run_pair("1,000 trivial derivations (DAG, 10 layers × 100)", drvs, 1000)
     # No-op: everything valid (built once, then realised again).
-    restore()
-    subprocess.run([kiln_bin(), *kiln_store_args(root), "--option", "sandbox", "false",
-                    "build", "-Q", "-j", jobs, *drvs], check=True, capture_output=True)
-    run_pair("no-op rebuild of the 1,000 (all valid)", env, drvs, 1000, setup=lambda: None)
+    b.restore()
+    subprocess.run(b.kiln_cmd("build", "-Q", "-j", jobs, *drvs), check=True, capture_output=True)
+    b.run_pair("no-op rebuild of the 1,000 (all valid)", drvs, 1000, setup=lambda: None)
     expr, names = chain_nix(300)
-    env, drvs = prepare(expr, names)
-    run_pair("300-deep chain", env, drvs, 300)
+    drvs = b.prepare(expr, names)
+    b.run_pair("300-deep chain", drvs, 300)
     # A ~1 GiB output in ~20,000 files (copied from a tree in the page cache). The builder
     # notes when its copy starts and ends, so each run's engine time is its wall time minus
     # its own builder's time (the copy alone varies by tens of percent between runs here).
@@ -348,12 +374,12 @@ def bench_build(args):
     stamps = os.path.join(work, "stamps")
     expr = ("derivation { name = \"big\"; system = builtins.currentSystem; builder = \"/bin/sh\"; "
             f"args = [ \"-c\" \"/bin/date +%s.%N >> {stamps}; /bin/cp -r {tree} $out; /bin/date +%s.%N >> {stamps}\" ]; }}\n")
-    env, drvs = prepare("{ big = " + expr + "; }", ["big"])
+    drvs = b.prepare("{ big = " + expr + "; }", ["big"])
 
     def engine_time(cmd, env=None, runs=3):
         best = None
         for _ in range(runs):
-            restore()
+            b.restore()
             open(stamps, "w").close()
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t = time.perf_counter()
@@ -369,13 +395,32 @@ def bench_build(args):
                 best = (engine, wall, cpu)
         return best
 
-    ke, kw, kc = engine_time([kiln_bin(), *kiln_store_args(root), "--option", "sandbox", "false",
-                              "--option", "gc-runtime-roots", "false", "build", "-Q", *drvs])
-    ne, nw, nc = engine_time(["nix-store", "--realise", *drvs], env=env)
+    ke, kw, kc = engine_time(b.kiln_cmd("build", "-Q", *drvs))
+    ne, nw, nc = engine_time(["nix-store", "--realise", *drvs], env=b.env)
     print(f"| ~1 GiB output in ~20k files (builder: cp -r) | {kw:.3f} s | {kc:.3f} s | {nw:.3f} s | {nc:.3f} s | {nw / kw:.1f}x / {nc / kc:.1f}x |")
     print(f"\nTime added to the builder's own (wall minus the builder's copy, best of 3): kiln {ke:.3f} s, "
           f"Nix 2.8 {ne:.3f} s: kiln adds {ke / ne * 100:.0f}% of Nix's time.\n", flush=True)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_sandbox(args):
+    print("## sandbox: kiln build vs nix-store --realise, both with sandbox = true (same .drv files)\n", flush=True)
+    b = DrvBench(args, "sandbox-bench", sandbox=True)
+    print(f"max-jobs {b.jobs} on both sides; builders see {SANDBOX_PATHS} read-only\n")
+    b.header()
+    expr, names = dag_nix(10, 100, 2)
+    drvs = b.prepare(expr, names)
+    b.run_pair("1,000 trivial derivations (DAG, 10 layers × 100), sandboxed", drvs, 1000)
+    expr, names = chain_nix(300)
+    drvs = b.prepare(expr, names)
+    b.run_pair("300-deep chain, sandboxed", drvs, 300)
+    # The floor: unshare(1) creating the same namespaces around /bin/true, one after another.
+    n = 300
+    cmd = "for i in $(seq %d); do unshare --user --map-root-user --mount --pid --fork --ipc --uts --net /bin/true; done" % n
+    w, c = measure(cmd, shell=True)
+    print(f"\nunshare(1) with user, mount, PID, IPC, UTS and network namespaces around /bin/true, {n} times: "
+          f"{w / n * 1000:.2f} ms wall, {c / n * 1000:.2f} ms CPU each.\n", flush=True)
+    shutil.rmtree(b.work, ignore_errors=True)
 
 
 def bench_client():
@@ -471,28 +516,8 @@ def bench_daemon(args):
     print(f"| daemon CPU per connection | {kc[1]:.3f} ms | {nc[1]:.3f} ms | {nc[1] / kc[1]:.1f}x |", flush=True)
 
     # The build-engine workloads through each daemon's socket (`nix-store --realise`).
-    saved = os.path.join(work, "saved")
-    jobs = str(args.jobs)
-
-    def prepare(expr, attrs):
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(saved, ignore_errors=True)
-        e = nix_env(root)
-        fx = os.path.join(work, "e.nix")
-        open(fx, "w").write(expr)
-        drvs = []
-        for chunk in [attrs[i:i + 200] for i in range(0, len(attrs), 200)]:
-            a = []
-            for x in chunk:
-                a += ["-A", x]
-            drvs += subprocess.run(["nix-instantiate", fx, *a], env=e, capture_output=True, text=True, check=True).stdout.split()
-        shutil.copytree(root, saved, symlinks=True)
-        return e, drvs
-
-    def restore():
-        subprocess.run(["chmod", "-R", "u+w", root], check=False)
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.copytree(saved, root, symlinks=True)
+    b = DrvBench(args, "daemon-build-bench", sandbox=False)
+    jobs = b.jobs
 
     print("\nBuilds through the socket (`nix-store --realise --max-jobs %s` as the client; best of 3; CPU = client + daemon):\n" % jobs)
     print("| workload | kiln daemon wall | kiln CPU | nix-daemon wall | Nix CPU | kiln faster (wall / CPU) |")
@@ -501,13 +526,13 @@ def bench_daemon(args):
         ("1,000 trivial derivations (DAG)", dag_nix(10, 100, 2), 1000),
         ("300-deep chain", chain_nix(300), 300),
     ]:
-        e, drvs = prepare(expr, names)
+        drvs = b.prepare(expr, names)
         res = {}
         for kind in ["kiln", "nix"]:
             best = None
             for _ in range(3):
-                restore()
-                d = Daemon(kind, root, e)
+                b.restore()
+                d = Daemon(kind, b.root, b.env)
                 c0 = d.cpu()
                 t = time.perf_counter()
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -523,6 +548,7 @@ def bench_daemon(args):
             res[kind] = best
         (kw, kc), (nw, nc) = res["kiln"], res["nix"]
         print(f"| {name} | {kw:.3f} s ({kw / per_n * 1000:.1f} ms each) | {kc:.3f} s | {nw:.3f} s ({nw / per_n * 1000:.1f} ms each) | {nc:.3f} s | {nw / kw:.1f}x / {nc / kc:.1f}x |", flush=True)
+    shutil.rmtree(b.work, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -629,7 +655,7 @@ def bench_subst(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="+", choices=["formats", "store", "build", "daemon", "subst", "all"])
+    p.add_argument("what", nargs="+", choices=["formats", "store", "build", "sandbox", "daemon", "subst", "all"])
     p.add_argument("--jobs", type=int, default=2, help="max-jobs for the build benchmarks")
     p.add_argument("--dir", default="/tmp/kiln-bench", help="work directory (a tmpfs is mounted there if possible)")
     p.add_argument("--fs", choices=["tmpfs", "ext4"], default="tmpfs",
@@ -660,6 +686,8 @@ def main():
         bench_store(args)
     if "all" in whats or "build" in whats:
         bench_build(args)
+    if "all" in whats or "sandbox" in whats:
+        bench_sandbox(args)
     if "all" in whats or "daemon" in whats:
         bench_daemon(args)
     if "all" in whats or "subst" in whats:

@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use kiln_format::{Derivation, StorePath};
-use kiln_sandbox::{Entry, IdMap, Sandbox};
+use kiln_sandbox::{Entry, IdMap, Network, Sandbox, UserNet};
 use kiln_store::{fsutil, LocalStore};
 
 use crate::settings::{BuildSettings, SandboxMode};
@@ -105,9 +105,50 @@ pub fn parse_sandbox_path(item: &str) -> (String, PathBuf, bool) {
     }
 }
 
+/// How the build reaches the network: only loopback, unless it is fixed-output (see
+/// [`kiln_sandbox::usernet`] for why those are not simply given the host's namespace).
+fn network(c: &Contents<'_>) -> Result<Network, String> {
+    if !c.fixed_output {
+        return Ok(Network::Loopback);
+    }
+    // kiln's own fetchers run no code of the derivation's, so nothing in them would use
+    // the host's abstract sockets; in the host's namespace they can fetch from mirrors on
+    // its loopback, as the reference's built-in downloader can.
+    if c.drv.builder.starts_with("builtin:") {
+        return Ok(Network::Host);
+    }
+    let s = c.settings;
+    match s.fixed_output_network.as_str() {
+        "host" => Ok(Network::Host),
+        "slirp4netns" => UserNet::find(s.isolate_host_loopback)
+            .map(Network::User)
+            .ok_or_else(|| {
+                "fixed-output-network is slirp4netns, but slirp4netns is not in PATH or \
+                 /dev/net/tun cannot be opened"
+                    .to_string()
+            }),
+        _ => Ok(match UserNet::find(s.isolate_host_loopback) {
+            Some(net) => Network::User(net),
+            None => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!(
+                        "slirp4netns is not installed (or /dev/net/tun cannot be opened): \
+                         fixed-output builds share the host's network namespace, kept \
+                         from its abstract Unix sockets only by Landlock where the kernel \
+                         has it (6.12 or later)"
+                    )
+                });
+                Network::Host
+            }
+        }),
+    }
+}
+
 impl BuildSandbox {
     pub fn prepare(c: &Contents<'_>) -> Result<BuildSandbox, String> {
         let store = c.store;
+        let network = network(c)?;
         let ids = BuildIds::acquire(store, c.settings)?;
         let (uid, gid) = (ids.uid, ids.gid);
         let unprivileged = rustix::process::geteuid().as_raw() != 0;
@@ -122,7 +163,7 @@ impl BuildSandbox {
             store: top.join("store"),
             sandbox: Sandbox {
                 root: top.join("root"),
-                private_network: !c.fixed_output,
+                network,
                 ids: IdMap::nix(uid, gid),
                 unprivileged,
                 entries: Vec::new(),
@@ -202,7 +243,20 @@ impl BuildSandbox {
                 contents: b"hosts: files dns\nservices: files\n".to_vec(),
                 mode: 0o444,
             });
-            for f in ["/etc/resolv.conf", "/etc/services", "/etc/hosts"] {
+            let mut host_files = vec!["/etc/services", "/etc/hosts"];
+            if let Network::User(_) = self.sandbox.network {
+                // The helper's DNS forwarder: the host's resolvers may be loopback
+                // addresses, which mean the build's own namespace in here.
+                e.push(Entry::File {
+                    path: "/etc/resolv.conf".into(),
+                    contents: format!("nameserver {}\n", kiln_sandbox::usernet::DNS_ADDRESS)
+                        .into_bytes(),
+                    mode: 0o444,
+                });
+            } else {
+                host_files.push("/etc/resolv.conf");
+            }
+            for f in host_files {
                 e.push(Entry::Bind {
                     source: f.into(),
                     path: f.into(),

@@ -57,6 +57,9 @@ pub struct BuildSettings {
     /// One cgroup v2 per build where possible (`use-cgroups`).
     pub use_cgroups: bool,
     pub sandbox_paths: Vec<String>,
+    /// `fixed-output-network`: `auto`, `slirp4netns` or `host`.
+    pub fixed_output_network: String,
+    pub isolate_host_loopback: bool,
     pub build_users_group: String,
     pub system: String,
     pub extra_platforms: Vec<String>,
@@ -126,6 +129,8 @@ impl BuildSettings {
             sandbox_fallback: s.get_bool("sandbox-fallback"),
             use_cgroups: s.get_bool("use-cgroups"),
             sandbox_paths: s.get_list("sandbox-paths"),
+            fixed_output_network: s.get("fixed-output-network").to_string(),
+            isolate_host_loopback: s.get_bool("isolate-host-loopback"),
             build_users_group: s.get("build-users-group").to_string(),
             system: opt("system").unwrap_or_else(native_system),
             extra_platforms: s.get_list("extra-platforms"),

@@ -15,10 +15,12 @@ pub mod cgroup;
 pub mod namespace;
 pub mod seccomp;
 pub mod spawn;
+pub mod usernet;
 
 pub use cgroup::Cgroup;
 pub use namespace::{Entry, IdMap, Sandbox};
 pub use spawn::{spawn, ChildSpec, Spawned, UserSpec};
+pub use usernet::{Network, UserNet};
 
 /// Errors of the sandbox crate.
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +79,7 @@ fn probe_in(root: &std::path::Path) -> std::result::Result<(), String> {
     let spec = ChildSpec {
         sandbox: Some(Sandbox {
             root: root.to_path_buf(),
-            private_network: true,
+            network: Network::Loopback,
             ids: IdMap::nix(uid, gid),
             unprivileged: uid != 0,
             entries: vec![Entry::Proc {

@@ -120,8 +120,8 @@ pub struct Sandbox {
     /// An empty host directory, reachable only by the daemon's user, on which the builder's
     /// root `tmpfs` is mounted inside its mount namespace (the host sees it stay empty).
     pub root: PathBuf,
-    /// A new network namespace with only loopback (every build but fixed-output ones).
-    pub private_network: bool,
+    /// How the builder reaches the network.
+    pub network: crate::usernet::Network,
     pub ids: IdMap,
     /// The daemon is unprivileged: the kernel requires `setgroups` to be denied before a
     /// group map can be written, and supplementary groups cannot be dropped.
@@ -310,7 +310,7 @@ impl Sandbox {
             root: cstr(root.as_os_str().as_bytes())?,
             ops,
             descriptions,
-            private_network: self.private_network,
+            private_network: self.network.private(),
             ids,
             unprivileged: self.unprivileged,
             filter: self.seccomp.then(crate::seccomp::filter),

@@ -69,6 +69,9 @@ impl ChildSpec {
 #[derive(Debug)]
 pub struct Spawned {
     pub pid: i32,
+    /// The user-mode network helper of its namespace ([`crate::usernet`]), to be dropped
+    /// once the build is over.
+    pub network: Option<crate::usernet::UserNetProcess>,
 }
 
 /// Steps the child reports on failure (indices into `STEPS`).
@@ -695,17 +698,30 @@ pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
     }
     drop(err_w);
     let mut report = [0u8; REPORT];
+    let mut network = None;
     let got = match (&prepared, sync) {
         (Some(p), Some((sync_r, sync_w))) => {
             drop(sync_r);
-            let maps = write_id_maps(pid, p);
-            if maps.is_ok() {
-                let _ = rustix::io::write(&sync_w, b"1");
+            let mut maps = write_id_maps(pid, p);
+            if let (Ok(()), Some(crate::Network::User(net))) =
+                (&maps, spec.sandbox.as_ref().map(|s| &s.network))
+            {
+                // The helper must have the interface up before the builder runs. It is
+                // started from another thread: this one shares its `errno` with the child,
+                // and starting a process is full of libc calls that set it.
+                maps = std::thread::scope(|sc| {
+                    sc.spawn(|| crate::usernet::start(net, pid, p.unprivileged))
+                        .join()
+                        .unwrap_or_else(|_| {
+                            Err(Error::Invalid("the network helper panicked".into()))
+                        })
+                })
+                .map(|helper| network = Some(helper));
             }
-            // Closing the write end without a byte makes the child fail its wait.
-            drop(sync_w);
-            let got = wait_for_exec(&err_r, &mut report);
             if let Err(e) = maps {
+                // The child waits for the go-ahead, holding a copy of the pipe's write end
+                // itself (so closing ours would not wake it): it is killed there, and
+                // reaped before its stack is freed.
                 // SAFETY: kill/waitpid on our own child; no memory involved.
                 unsafe {
                     libc::kill(pid, libc::SIGKILL);
@@ -715,7 +731,9 @@ pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
                 drop(stack);
                 return Err(e);
             }
-            got
+            let _ = rustix::io::write(&sync_w, b"1");
+            drop(sync_w);
+            wait_for_exec(&err_r, &mut report)
         }
         _ => wait_for_exec(&err_r, &mut report),
     };
@@ -724,7 +742,7 @@ pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
     let _ = &data;
     drop(spec.output);
     if got == 0 {
-        return Ok(Spawned { pid });
+        return Ok(Spawned { pid, network });
     }
     // Reap the failed child.
     let mut status = 0;

@@ -30,7 +30,11 @@ fn host_tools() -> Vec<Entry> {
 fn sandbox(root: std::path::PathBuf, net: bool, entries: Vec<Entry>) -> Sandbox {
     Sandbox {
         root,
-        private_network: net,
+        network: if net {
+            kiln_sandbox::Network::Loopback
+        } else {
+            kiln_sandbox::Network::Host
+        },
         ids: IdMap::nix(
             rustix::process::geteuid().as_raw(),
             rustix::process::getegid().as_raw(),
@@ -230,4 +234,54 @@ fn a_build_cgroup_holds_every_process_and_kills_them_at_the_end() {
             "{used:?}"
         );
     }
+}
+
+/// A network helper that fails is reported with what it said, and the builder never runs.
+#[test]
+fn a_failing_network_helper_is_reported_and_the_builder_never_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let helper = dir.path().join("helper");
+    std::fs::write(
+        &helper,
+        "#!/bin/sh\necho \"cannot open /dev/net/tun: nope\" >&2\nexit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let marker = dir.path().join("ran");
+    let mut entries = host_tools();
+    entries.push(Entry::Bind {
+        source: dir.path().to_path_buf(),
+        path: dir.path().display().to_string(),
+        writable: true,
+        optional: false,
+    });
+    let mut sb = sandbox(root, true, entries);
+    sb.network = kiln_sandbox::Network::User(kiln_sandbox::UserNet {
+        program: helper,
+        isolate_host_loopback: false,
+    });
+    let (_r, w) = pipe_cloexec().unwrap();
+    let e = spawn(ChildSpec {
+        sandbox: Some(sb),
+        ..ChildSpec::new(
+            cs("/bin/sh"),
+            vec![
+                cs("sh"),
+                cs("-c"),
+                cs(&format!("touch {}", marker.display())),
+            ],
+            w,
+        )
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("exited before the network was up")
+            && e.contains("exit status: 3")
+            && e.contains("cannot open /dev/net/tun: nope"),
+        "{e}"
+    );
+    assert!(!marker.exists());
 }

@@ -302,6 +302,20 @@ pub const SETTINGS: &[Def] = &[
         help: "run each build in its own cgroup v2 where one can be made (all its processes killed at the end; CPU time and peak memory reported)",
     },
     Def {
+        name: "fixed-output-network",
+        aliases: &[],
+        kind: Kind::Enum(&["auto", "slirp4netns", "host"]),
+        default: "auto",
+        help: "how sandboxed fixed-output builds reach the network: their own namespace through slirp4netns (auto: where it is installed and /dev/net/tun opens), or the host's namespace, whose abstract Unix sockets they then share",
+    },
+    Def {
+        name: "isolate-host-loopback",
+        aliases: &[],
+        kind: Kind::Bool,
+        default: "false",
+        help: "keep fixed-output builds behind slirp4netns from the host's loopback services",
+    },
+    Def {
         name: "sandbox-fallback",
         aliases: &[],
         kind: Kind::Bool,

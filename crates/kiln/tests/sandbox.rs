@@ -73,41 +73,195 @@ fn drv(name: &str, script: &str) -> String {
     format!("[derivations.{name}]\n{SH}args = [\"-c\", \"{script}\"]\n")
 }
 
+/// A builder that tries a TCP connection to `address:port` and prints whether it worked.
+fn tcp_probe(address: &str, port: u16) -> String {
+    format!(
+        "python3 -c 'import socket; socket.create_connection((\"{address}\", {port}), 3); \
+         print(\"connected\")' || echo blocked"
+    )
+}
+
+/// Whether `listener` (non-blocking) has a connection waiting, taking it.
+fn accepted(listener: &std::net::TcpListener) -> bool {
+    listener.accept().is_ok()
+}
+
 #[test]
 fn network_is_private_except_for_fixed_output_builds() {
     let t = T::new();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     listener.set_nonblocking(true).unwrap();
-    let connect = format!(
-        "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}), 3); \
-         print(\"connected\")' || echo blocked"
+    // Neither the host's loopback nor the address under which slirp4netns offers it.
+    let probes = format!(
+        "({}; {})",
+        tcp_probe("127.0.0.1", port),
+        tcp_probe("10.0.2.2", port)
     );
     let o = t.build(
         "a.toml",
-        &drv("net", &format!("({connect}) > $out 2>/dev/null")),
+        &drv("net", &format!("{probes} > $out 2>/dev/null")),
         true,
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let seen = std::fs::read_to_string(t.out_path(&o, "net")).unwrap();
-    assert_eq!(seen.trim(), "blocked");
-    assert!(
-        listener.accept().is_err(),
-        "a sandboxed build reached the host"
-    );
-    // The same attempt from a fixed-output build (which shares the host's network) works.
-    let o = t.build(
-        "b.toml",
-        &format!(
-            "{}output-hash = \"{HELLO}\"\n",
-            drv("fetch", &format!("({connect}) >&2; echo hello > $out"))
-        ),
-        true,
-        &[],
+    assert_eq!(seen, "blocked\nblocked\n");
+    assert!(!accepted(&listener), "a sandboxed build reached the host");
+    // A fixed-output build reaches the host: in its namespace when told to share it...
+    let fetch = |name: &str, address: &str, options: &[&str]| {
+        t.build(
+            &format!("{name}.toml"),
+            &format!(
+                "{}output-hash = \"{HELLO}\"\n",
+                drv(
+                    name,
+                    &format!("({}) >&2; echo hello > $out", tcp_probe(address, port))
+                )
+            ),
+            true,
+            options,
+        )
+    };
+    let o = fetch(
+        "host",
+        "127.0.0.1",
+        &["--option", "fixed-output-network", "host"],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(listener.accept().is_ok(), "{}", stderr(&o));
+    assert!(accepted(&listener), "{}", stderr(&o));
+    // ...and through slirp4netns, whose gateway is the host's loopback...
+    let slirp = ["--option", "fixed-output-network", "slirp4netns"];
+    let o = fetch("slirp", "10.0.2.2", &slirp);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(accepted(&listener), "{}", stderr(&o));
+    // ...unless the host's loopback is isolated.
+    let o = fetch(
+        "isolated",
+        "10.0.2.2",
+        &[
+            slirp[0],
+            slirp[1],
+            slirp[2],
+            "--option",
+            "isolate-host-loopback",
+            "true",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("blocked"), "{}", stderr(&o));
+    assert!(!accepted(&listener), "{}", stderr(&o));
+}
+
+/// CVE-2025-46416: in the host's network namespace a fixed-output build shares the host's
+/// abstract Unix sockets; Landlock keeps it from connecting out, but a process outside can
+/// still connect *in* to a socket the build listens on and be handed descriptors (of a
+/// failed build's writable outputs, or of a setuid-to-build-user program). Behind
+/// slirp4netns it has a namespace of its own: no abstract socket is reachable either way,
+/// while TCP to the world still works.
+#[test]
+fn fixed_output_builds_share_no_abstract_socket_with_the_host() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+    let t = T::new();
+    let scripts = tempfile::tempdir().unwrap();
+    let name = format!("kiln-fod-abstract-{}", std::process::id());
+    let host_side = UnixListener::bind_addr(
+        &SocketAddr::from_abstract_name(format!("{name}-host").as_bytes()).unwrap(),
+    )
+    .unwrap();
+    host_side.set_nonblocking(true).unwrap();
+    // Serves "hello\n" over TCP: the fixed output, fetched.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in server.incoming().flatten() {
+            use std::io::Write;
+            let _ = (&c).write_all(b"hello\n");
+        }
+    });
+    let fod = format!(
+        "import os, socket, sys\n\
+         seen = []\n\
+         try:\n\
+         \x20   socket.socket(socket.AF_UNIX).connect('\\0{name}-host')\n\
+         \x20   seen.append('connected out')\n\
+         except OSError:\n\
+         \x20   seen.append('no way out')\n\
+         l = socket.socket(socket.AF_UNIX)\n\
+         l.bind('\\0{name}-build')\n\
+         l.listen(1)\n\
+         l.settimeout(3)\n\
+         try:\n\
+         \x20   l.accept()\n\
+         \x20   seen.append('someone came in')\n\
+         except socket.timeout:\n\
+         \x20   seen.append('nobody came in')\n\
+         print('abstract sockets: ' + ', '.join(seen), file=sys.stderr)\n\
+         c = socket.create_connection((sys.argv[1], {port}), 5)\n\
+         open(os.environ['out'], 'wb').write(c.recv(100))\n"
+    );
+    std::fs::write(scripts.path().join("fod.py"), fod).unwrap();
+    let build = |address: &str, network: &str| {
+        // Knocks on the build's socket from outside for as long as the build runs.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let knocker = {
+            let stop = stop.clone();
+            let addr = SocketAddr::from_abstract_name(format!("{name}-build").as_bytes()).unwrap();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    if UnixStream::connect_addr(&addr).is_ok() {
+                        return true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                false
+            })
+        };
+        let recipe = format!(
+            "[derivations.fod-{network}]\nbuilder = \"/usr/bin/python3\"\n\
+             args = [\"{}\", \"{address}\"]\noutput-hash = \"{HELLO}\"\n",
+            scripts.path().join("fod.py").display()
+        );
+        let o = t.build(
+            &format!("{network}.toml"),
+            &recipe,
+            true,
+            &[
+                "--option",
+                "sandbox-paths",
+                &format!("{TOOLS} {}", scripts.path().display()),
+                "--option",
+                "fixed-output-network",
+                network,
+            ],
+        );
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let got_in = knocker.join().unwrap();
+        let came_out = host_side.accept().is_ok();
+        (o, got_in, came_out)
+    };
+    let (o, got_in, came_out) = build("10.0.2.2", "slirp4netns");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("abstract sockets: no way out, nobody came in"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!got_in && !came_out);
+    assert_eq!(
+        std::fs::read_to_string(t.out_path(&o, "fod-slirp4netns")).unwrap(),
+        "hello\n"
+    );
+    // In the host's namespace the way in is open (the way out is closed only by Landlock,
+    // where the kernel has it): the test can see what it asserts against.
+    let (o, got_in, _) = build("127.0.0.1", "host");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        got_in && stderr(&o).contains("someone came in"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -384,6 +538,11 @@ fn fixed_output_cannot_keep_a_handle_on_its_output() {
             "--option",
             "sandbox-paths",
             &format!("{TOOLS} {}", scripts.path().display()),
+            // Behind slirp4netns the descriptor could not get out at all (see the test
+            // above); in the host's namespace the fresh copy is what protects the store.
+            "--option",
+            "fixed-output-network",
+            "host",
         ],
     );
     std::fs::write(&done, "").unwrap();

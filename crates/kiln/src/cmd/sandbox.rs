@@ -52,6 +52,37 @@ pub fn run(args: &StoreArgs, cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
                 None => "not available; fixed-output builds can reach the host's abstract sockets".into(),
             },
         ),
+        {
+            let mode = settings.get("fixed-output-network").to_string();
+            let loopback = settings.get_bool("isolate-host-loopback");
+            let found = kiln_sandbox::UserNet::find(loopback);
+            (
+                "fixed-output builds in their own network namespace (slirp4netns)",
+                mode != "host" && found.is_some(),
+                match (&found, mode.as_str()) {
+                    (_, "host") => "no: fixed-output-network = host".to_string(),
+                    (Some(n), _) => format!(
+                        "{}{}",
+                        n.program.display(),
+                        if loopback {
+                            ", host loopback isolated"
+                        } else {
+                            ", host loopback reachable at 10.0.2.2"
+                        }
+                    ),
+                    (None, "slirp4netns") => {
+                        "MISSING: slirp4netns not in PATH or /dev/net/tun not openable; \
+                         fixed-output builds will fail"
+                            .to_string()
+                    }
+                    (None, _) => {
+                        "slirp4netns not in PATH or /dev/net/tun not openable; fixed-output \
+                         builds share the host's network namespace"
+                            .to_string()
+                    }
+                },
+            )
+        },
         ("builder ids", !ids.starts_with("unusable"), ids),
         (
             "sandbox setting",
