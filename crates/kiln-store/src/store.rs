@@ -368,8 +368,9 @@ impl LocalStore {
     }
 
     pub fn query_path_info(&self, p: &StorePath) -> Result<Option<ValidPathInfo>> {
+        // One snapshot for the row and its references (and one lock cycle for both).
         self.db
-            .read(|c| self.db.query_path_info(c, self.store_dir(), p))
+            .read_tx(|c| self.db.query_path_info(c, self.store_dir(), p))
     }
 
     /// Path info of a path that must be valid.
