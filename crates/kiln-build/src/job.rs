@@ -466,13 +466,32 @@ fn use_sandbox(spec: &JobSpec) -> Result<bool, Failure> {
 /// Creates the build directory: `<builds>/kiln-build-<drv name>-<n>`, inside a directory
 /// only the daemon's user can enter (CVE-2025-52991: no predictable names in a shared
 /// `/tmp`, so nobody can squat or symlink them).
-fn make_build_dir(spec: &JobSpec) -> Result<PathBuf, Failure> {
+///
+/// For a build user outside the sandbox (`for_user`), which must reach its directory by
+/// path, the parent is made traversable but stays unlistable (0711), and the name gets 64
+/// random bits, so that no other local user can find the directory even if the builder
+/// opens it up.
+fn make_build_dir(spec: &JobSpec, for_user: bool) -> Result<PathBuf, Failure> {
     let parent = spec
         .settings
         .build_dir
         .clone()
         .unwrap_or_else(|| spec.store.layout().builds_dir());
     fsutil::ensure_dir(&parent, 0o700).map_err(Failure::misc)?;
+    let secret = if for_user {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| Failure::misc(format!("'{}': {e}", parent.display())))?;
+        let mut r = [0u8; 8];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open("/dev/urandom").map_err(Failure::misc)?,
+            &mut r,
+        )
+        .map_err(Failure::misc)?;
+        format!("-{:016x}", u64::from_le_bytes(r))
+    } else {
+        String::new()
+    };
     let meta = std::fs::metadata(&parent)
         .map_err(|e| Failure::misc(format!("'{}': {e}", parent.display())))?;
     use std::os::unix::fs::MetadataExt;
@@ -488,7 +507,10 @@ fn make_build_dir(spec: &JobSpec) -> Result<PathBuf, Failure> {
         .unwrap_or(spec.drv_path.name());
     loop {
         let n = BUILD_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let d = parent.join(format!("kiln-build-{name}.drv-{}-{n}", std::process::id()));
+        let d = parent.join(format!(
+            "kiln-build-{name}.drv-{}-{n}{secret}",
+            std::process::id()
+        ));
         match std::fs::create_dir(&d) {
             Ok(()) => {
                 use std::os::unix::fs::PermissionsExt;
@@ -505,6 +527,24 @@ fn make_build_dir(spec: &JobSpec) -> Result<PathBuf, Failure> {
             }
         }
     }
+}
+
+/// Makes the real store directory writable by the build users' group, sticky (so that no
+/// build user can remove or rename another's paths), as Nix does when `build-users-group`
+/// is set: unsandboxed builders create their outputs there.
+fn let_build_users_create_outputs(store: &LocalStore, gid: u32) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = &store.layout().real_store_dir;
+    let m = std::fs::metadata(dir).map_err(|e| format!("'{}': {e}", dir.display()))?;
+    if m.gid() != gid || m.uid() != 0 {
+        std::os::unix::fs::chown(dir, Some(0), Some(gid))
+            .map_err(|e| format!("changing the group of '{}': {e}", dir.display()))?;
+    }
+    if m.mode() & 0o7777 != 0o1775 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1775))
+            .map_err(|e| format!("changing the mode of '{}': {e}", dir.display()))?;
+    }
+    Ok(())
 }
 
 /// Writes a file into the build directory exclusively, without following symlinks.
@@ -593,7 +633,24 @@ fn build_round(
             fsutil::remove_tree(&real).map_err(Failure::misc)?;
         }
     }
-    let build_dir = make_build_dir(spec)?;
+    // Outside the sandbox (which maps ids of its own), a root daemon with build users runs
+    // the builder as one of them, as the reference does: never as root.
+    let build_user = if !sandboxed
+        && rustix::process::geteuid().is_root()
+        && !spec.settings.build_users_group.is_empty()
+    {
+        let ids = crate::sandbox::BuildIds::acquire(store, &spec.settings)
+            .map_err(|e| Failure::misc(format!("acquiring a build user: {e}")))?;
+        let_build_users_create_outputs(store, ids.gid).map_err(Failure::misc)?;
+        Some(ids)
+    } else {
+        None
+    };
+    let build_dir = make_build_dir(spec, build_user.is_some())?;
+    if let Some(u) = &build_user {
+        std::os::unix::fs::chown(&build_dir, Some(u.uid), Some(u.gid))
+            .map_err(|e| Failure::misc(format!("'{}': {e}", build_dir.display())))?;
+    }
     let mut keep_dir = false;
     let result = (|| {
         let sandbox = if sandboxed {
@@ -740,7 +797,11 @@ fn build_round(
             personality,
             uname26: spec.settings.impersonate_linux_26
                 && matches!(drv.platform.as_str(), "i686-linux" | "x86_64-linux"),
-            user: None,
+            user: build_user.as_ref().map(|u| kiln_sandbox::UserSpec {
+                uid: u.uid,
+                gid: u.gid,
+                groups: u.groups.clone(),
+            }),
             oom_score_adj: true,
             sandbox: sandbox.as_ref().map(|sb| sb.sandbox.clone()),
             cgroup: cgroup_procs,

@@ -430,7 +430,22 @@ pub const AUTO_ID_COUNT: u32 = 4096;
 pub struct BuildIds {
     pub uid: u32,
     pub gid: u32,
+    /// Supplementary groups of a build user (e.g. `kvm`), kept as the reference keeps them.
+    pub groups: Vec<u32>,
+    /// A member of `build-users-group`: its processes are killed when the build ends (and
+    /// were killed before it started), before its lock is released.
+    member: bool,
     _lock: Option<std::os::fd::OwnedFd>,
+}
+
+impl Drop for BuildIds {
+    fn drop(&mut self) {
+        if self.member {
+            if let Err(e) = kiln_sandbox::spawn::kill_user(self.uid) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
 }
 
 fn lines_of(file: &str) -> Result<Vec<Vec<String>>, String> {
@@ -479,6 +494,27 @@ pub fn group_members(group: &str) -> Result<Vec<(u32, u32)>, String> {
     Ok(out)
 }
 
+/// The groups other than `gid` that list the user with id `uid` as a member.
+fn supplementary_groups(uid: u32, gid: u32) -> Result<Vec<u32>, String> {
+    let users = lines_of("/etc/passwd")?;
+    let Some(name) = users
+        .iter()
+        .find(|f| f.get(2).and_then(|u| u.parse::<u32>().ok()) == Some(uid))
+        .and_then(|f| f.first())
+    else {
+        return Ok(Vec::new());
+    };
+    Ok(lines_of("/etc/group")?
+        .iter()
+        .filter(|f| {
+            f.get(3)
+                .is_some_and(|m| m.split(',').any(|n| n == name.as_str()))
+        })
+        .filter_map(|f| f.get(2)?.parse::<u32>().ok())
+        .filter(|g| *g != gid)
+        .collect())
+}
+
 impl BuildIds {
     pub fn acquire(store: &LocalStore, settings: &BuildSettings) -> Result<BuildIds, String> {
         let uid = rustix::process::geteuid().as_raw();
@@ -486,12 +522,15 @@ impl BuildIds {
             return Ok(BuildIds {
                 uid,
                 gid: rustix::process::getegid().as_raw(),
+                groups: Vec::new(),
+                member: false,
                 _lock: None,
             });
         }
         let pool = store.layout().userpool_dir();
         fsutil::ensure_dir(&pool, 0o700).map_err(|e| err("creating", &pool, e))?;
-        let candidates: Vec<(String, u32, u32)> = if settings.build_users_group.is_empty() {
+        let member = !settings.build_users_group.is_empty();
+        let candidates: Vec<(String, u32, u32)> = if !member {
             (0..AUTO_ID_COUNT)
                 .map(|n| (format!("auto-{n}"), AUTO_ID_START + n, AUTO_ID_START + n))
                 .collect()
@@ -507,9 +546,19 @@ impl BuildIds {
             if kiln_store::lock::lock_fd(&fd, kiln_store::lock::LockKind::Exclusive, false)
                 .map_err(|e| err("locking", &path, e))?
             {
+                let groups = if member {
+                    // Whatever runs as this user now (left by an earlier build, or started
+                    // by someone who shares the account) could tamper with this build.
+                    kiln_sandbox::spawn::kill_user(uid).map_err(|e| e.to_string())?;
+                    supplementary_groups(uid, gid)?
+                } else {
+                    Vec::new()
+                };
                 return Ok(BuildIds {
                     uid,
                     gid,
+                    groups,
+                    member,
                     _lock: Some(fd),
                 });
             }

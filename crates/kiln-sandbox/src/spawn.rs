@@ -832,6 +832,63 @@ pub fn kill_group(pid: i32, sig: i32) {
     }
 }
 
+/// Kills every process running as `uid` (a build user's, before and after its builds: the
+/// reference's `killUser`), so that nothing a previous build left behind — or anything
+/// else running under that id — can touch the next build's files. A short-lived child
+/// takes on `uid` and sends `SIGKILL` to every process it may signal (`kill(-1)` spares
+/// only itself and init); it shares the daemon's memory (`CLONE_VM | CLONE_VFORK`, as
+/// [`spawn`]) so that no page tables are copied.
+pub fn kill_user(uid: u32) -> Result<()> {
+    if uid == 0 {
+        return Err(Error::Invalid(
+            "refusing to kill the processes of root".into(),
+        ));
+    }
+    extern "C" fn killer(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the uid, passed by value in the pointer; raw system calls only.
+        unsafe {
+            let uid = arg as usize as libc::uid_t;
+            // The raw call changes this task's ids alone (glibc's wrapper would try to
+            // change those of every thread, which this child does not have).
+            if libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0 {
+                libc::_exit(2);
+            }
+            let r = libc::kill(-1, libc::SIGKILL);
+            let errno = *libc::__errno_location();
+            libc::_exit(if r == 0 || errno == libc::ESRCH { 0 } else { 3 })
+        }
+    }
+    let stack = ChildStack::new()?;
+    // SAFETY: `killer` uses only its argument and raw system calls on its own stack, which
+    // lives until clone returns (CLONE_VFORK: after the child has exited).
+    let pid = unsafe {
+        libc::clone(
+            killer,
+            stack.top() as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            uid as usize as *mut libc::c_void,
+        )
+    };
+    if pid < 0 {
+        return Err(sys(
+            &format!("start a process to kill those of uid {uid}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    drop(stack);
+    let status = wait(pid)?;
+    match exit_code(status) {
+        Some(0) => Ok(()),
+        Some(2) => Err(Error::Invalid(format!(
+            "cannot become uid {uid} to kill its processes"
+        ))),
+        _ => Err(Error::Invalid(format!(
+            "cannot kill the processes of uid {uid}: {}",
+            describe_status(status)
+        ))),
+    }
+}
+
 /// CPU time and maximum resident set size of a waited-for process and the descendants it
 /// waited for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -688,3 +688,148 @@ fn processes_outside_the_build_cannot_be_traced() {
     let _ = victim.kill();
     let _ = victim.wait();
 }
+
+/// The build users' group of the tests, `kilnbld`, with members `kilnbld1` and `kilnbld2`
+/// (also in `kilnbldx`, a supplementary group as `kvm` would be); made if missing.
+fn build_users() -> Vec<(String, u32)> {
+    let run = |args: &[&str]| {
+        let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    };
+    for g in ["kilnbld", "kilnbldx"] {
+        run(&["groupadd", "-f", "--system", g]);
+    }
+    ["kilnbld1", "kilnbld2"]
+        .iter()
+        .map(|u| {
+            if !Command::new("id").arg(u).output().unwrap().status.success() {
+                run(&[
+                    "useradd",
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    "-g",
+                    "kilnbld",
+                    "-G",
+                    "kilnbld,kilnbldx",
+                    u,
+                ]);
+            }
+            let id = Command::new("id").args(["-u", u]).output().unwrap();
+            (
+                u.to_string(),
+                String::from_utf8_lossy(&id.stdout).trim().parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Live (not zombie) processes whose real uid is `uid`, once those already sent `SIGKILL`
+/// have had up to five seconds to die (the signal is delivered asynchronously).
+fn processes_of(uid: u32) -> Vec<String> {
+    let scan = || {
+        let mut found = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            if let Ok(status) = std::fs::read_to_string(e.path().join("status")) {
+                let field = |k: &str| {
+                    status
+                        .lines()
+                        .find_map(|l| l.strip_prefix(k))
+                        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+                };
+                if field("Uid:").and_then(|u| u.parse::<u32>().ok()) == Some(uid)
+                    && field("State:").as_deref() != Some("Z")
+                {
+                    found.push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+        found
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let found = scan();
+        if found.is_empty() || std::time::Instant::now() > deadline {
+            return found;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Outside the sandbox, a root daemon with `build-users-group` never builds as root: the
+/// builder runs as a free member of the group (with its supplementary groups), whose other
+/// processes are killed before the build and whose leftovers are killed after it; the
+/// output ends up root's, canonical.
+#[test]
+fn unsandboxed_builds_run_as_build_users_whose_processes_are_killed() {
+    use std::os::unix::process::CommandExt;
+    let users = build_users();
+    let t = T::new();
+    // The store must be reachable by the build users (a tempdir is 0700).
+    std::fs::set_permissions(t.p(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // Something already running as each build user, e.g. left by an earlier build.
+    let mut strays: Vec<_> = users
+        .iter()
+        .map(|(_, uid)| {
+            Command::new("sleep")
+                .arg("300")
+                .uid(*uid)
+                .gid(0)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let recipe = drv(
+        "who",
+        "echo $(id -u) $(id -g) > $out; id -Gn >> $out; setsid sleep 300 </dev/null >/dev/null 2>&1 &",
+    );
+    let o = t.build(
+        "u.toml",
+        &recipe,
+        false,
+        &[
+            "--option",
+            "build-users-group",
+            "kilnbld",
+            // Without a cgroup, what the builder left running is the build user's to kill.
+            "--option",
+            "use-cgroups",
+            "false",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = t.out_path(&o, "who");
+    let seen = std::fs::read_to_string(&out).unwrap();
+    let mut lines = seen.lines();
+    let ids: Vec<u32> = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let (used, other) = match users.iter().position(|(_, u)| *u == ids[0]) {
+        Some(i) => (i, 1 - i),
+        None => panic!("built as uid {} ({seen}), not a build user", ids[0]),
+    };
+    let groups = lines.next().unwrap();
+    assert!(
+        groups.contains("kilnbldx"),
+        "supplementary groups: {groups}"
+    );
+    // The build user's processes, before and after, are gone; the other user's are not.
+    assert!(
+        strays[used].try_wait().unwrap().is_some(),
+        "a stray process survived"
+    );
+    assert!(
+        processes_of(ids[0]).is_empty(),
+        "{:?}",
+        processes_of(ids[0])
+    );
+    assert!(strays[other].try_wait().unwrap().is_none());
+    strays[other].kill().unwrap();
+    let _ = strays[other].wait();
+    let m = std::fs::metadata(&out).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o7777), (0, 0o444));
+}
