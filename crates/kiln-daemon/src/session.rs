@@ -46,7 +46,21 @@ pub struct Session<'d> {
     /// Temporary roots held for this client, released when it disconnects (Nix's worker
     /// process held them until it exited).
     roots: Vec<StorePath>,
+    /// Path info this connection asked for, kept while the store's generation stays the
+    /// same (no write by this process since). Nix's daemon keeps it for the connection's
+    /// whole life; clients ask for the same paths again and again.
+    info_cache: InfoCache,
 }
+
+/// See `Session::info_cache`.
+#[derive(Default)]
+struct InfoCache {
+    generation: u64,
+    entries: std::collections::HashMap<StorePath, ValidPathInfo>,
+}
+
+/// Entries a connection keeps at most (about 1 KiB each).
+const INFO_CACHE_MAX: usize = 4096;
 
 impl std::fmt::Debug for Session<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -92,6 +106,7 @@ impl<'d> Session<'d> {
             settings: d.settings.clone(),
             build: Arc::new(build),
             roots: Vec::new(),
+            info_cache: InfoCache::default(),
         }
     }
 
@@ -123,6 +138,30 @@ impl<'d> Session<'d> {
         self.build = Arc::new(build);
         self.options = o;
         Ok(Reply::Nothing)
+    }
+
+    /// [`LocalStore::query_path_info`] through the connection's cache. Only valid paths
+    /// are kept: a path becoming valid is a write, and so is one becoming invalid.
+    fn cached_path_info(
+        &mut self,
+        store: &LocalStore,
+        p: &StorePath,
+    ) -> Result<Option<ValidPathInfo>, RemoteError> {
+        let generation = store.generation();
+        let c = &mut self.info_cache;
+        if c.generation != generation || c.entries.len() >= INFO_CACHE_MAX {
+            c.entries.clear();
+            c.generation = generation;
+        }
+        if let Some(i) = c.entries.get(p) {
+            return Ok(Some(i.clone()));
+        }
+        let info = store.query_path_info(p).map_err(remote)?;
+        // Kept only if nothing was written while it was read.
+        if let (Some(i), true) = (&info, store.generation() == generation) {
+            c.entries.insert(p.clone(), i.clone());
+        }
+        Ok(info)
     }
 
     fn path_info(&self, p: &StorePath) -> Result<ValidPathInfo, RemoteError> {
@@ -642,7 +681,7 @@ impl kiln_protocol::Handler for Session<'_> {
                 Ok(sorted(store.query_valid_paths(&paths).map_err(remote)?))
             }
             Request::QueryPathInfo(p) => {
-                let info = store.query_path_info(&p).map_err(remote)?;
+                let info = self.cached_path_info(&store, &p)?;
                 if info.is_none() && (self.guix || !io.version().at_least(17)) {
                     return Err(remote(format!("path '{}' is not valid", sd.display(&p))));
                 }

@@ -144,6 +144,8 @@ pub struct Db {
     pub cols: Columns,
     pub schema_version: u32,
     read_only: bool,
+    /// Bumped by every write transaction of this process (see [`Db::generation`]).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 fn configure(conn: &Connection, path: &Path, writer: bool) -> Result<()> {
@@ -296,6 +298,7 @@ impl Db {
             cols,
             schema_version: version,
             read_only,
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -367,10 +370,27 @@ impl Db {
 
     /// Runs `f` in one immediate write transaction, committing on success. Retried when
     /// another process keeps the database busy past the busy timeout.
-    pub fn write<T>(&self, what: &str, mut f: impl FnMut(&Connection) -> Result<T>) -> Result<T> {
+    pub fn write<T>(&self, what: &str, f: impl FnMut(&Connection) -> Result<T>) -> Result<T> {
         if self.read_only {
             return Err(Error::ReadOnly(what.to_string()));
         }
+        // Bumped after the transaction, whatever its outcome: a cached answer taken before
+        // it is never trusted after it.
+        let r = self.write_tx(what, f);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        r
+    }
+
+    /// A number that changes whenever this process has written to the database: answers
+    /// read while it stayed the same can be reused (as Nix's daemon reuses path info for a
+    /// connection's lifetime; this also notices the connection's and every other client's
+    /// changes made through this process).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn write_tx<T>(&self, what: &str, mut f: impl FnMut(&Connection) -> Result<T>) -> Result<T> {
         let mut conn = self
             .writer
             .lock()

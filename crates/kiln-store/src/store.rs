@@ -373,6 +373,11 @@ impl LocalStore {
             .read_tx(|c| self.db.query_path_info(c, self.store_dir(), p))
     }
 
+    /// Changes whenever this process has written to the store's database ([`Db::generation`]).
+    pub fn generation(&self) -> u64 {
+        self.db.generation()
+    }
+
     /// Path info of a path that must be valid.
     pub fn path_info(&self, p: &StorePath) -> Result<ValidPathInfo> {
         self.query_path_info(p)?
