@@ -468,9 +468,9 @@ fn use_sandbox(spec: &JobSpec) -> Result<bool, Failure> {
 /// `/tmp`, so nobody can squat or symlink them).
 ///
 /// For a build user outside the sandbox (`for_user`), which must reach its directory by
-/// path, the parent is made traversable but stays unlistable (0711), and the name gets 64
-/// random bits, so that no other local user can find the directory even if the builder
-/// opens it up.
+/// path, the parent is made traversable but stays unlistable (0711). Every name carries 64
+/// random bits, so that once the parent is traversable no other local user can find any
+/// build's directory (sandboxed ones included) even if its builder opens it up.
 fn make_build_dir(spec: &JobSpec, for_user: bool) -> Result<PathBuf, Failure> {
     let parent = spec
         .settings
@@ -478,20 +478,12 @@ fn make_build_dir(spec: &JobSpec, for_user: bool) -> Result<PathBuf, Failure> {
         .clone()
         .unwrap_or_else(|| spec.store.layout().builds_dir());
     fsutil::ensure_dir(&parent, 0o700).map_err(Failure::misc)?;
-    let secret = if for_user {
+    if for_user {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o711))
             .map_err(|e| Failure::misc(format!("'{}': {e}", parent.display())))?;
-        let mut r = [0u8; 8];
-        std::io::Read::read_exact(
-            &mut std::fs::File::open("/dev/urandom").map_err(Failure::misc)?,
-            &mut r,
-        )
-        .map_err(Failure::misc)?;
-        format!("-{:016x}", u64::from_le_bytes(r))
-    } else {
-        String::new()
-    };
+    }
+    let secret = format!("-{:016x}", rand::random::<u64>());
     let meta = std::fs::metadata(&parent)
         .map_err(|e| Failure::misc(format!("'{}': {e}", parent.display())))?;
     use std::os::unix::fs::MetadataExt;
