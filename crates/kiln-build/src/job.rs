@@ -463,7 +463,8 @@ fn use_sandbox(spec: &JobSpec) -> Result<bool, Failure> {
     }
 }
 
-/// Creates the build directory: `<builds>/kiln-build-<drv name>-<n>`, inside a directory
+/// Creates the build directory: `<builds>/kiln-build-<drv name>.drv-<pid>-<n>-<random>`,
+/// inside a directory
 /// only the daemon's user can enter (CVE-2025-52991: no predictable names in a shared
 /// `/tmp`, so nobody can squat or symlink them).
 ///

@@ -336,27 +336,19 @@ impl Db {
                 .map(drop)
                 .map_err(Error::db(format!("{sql} (a read)")))
         };
-        let r = match step("BEGIN") {
+        if let Err(e) = step("BEGIN") {
+            self.give_back(conn);
+            return Err(e);
+        }
+        let r = f(&conn);
+        // A read transaction has nothing to keep: COMMIT only ends it. If that fails, the
+        // connection is dropped rather than reused mid-transaction.
+        match step("COMMIT") {
             Ok(()) => {
-                let r = f(&conn);
-                // A read transaction has nothing to keep: COMMIT only ends it. If that
-                // fails, the connection is dropped below rather than reused mid-transaction.
-                match step("COMMIT") {
-                    Ok(()) => Ok(r),
-                    Err(e) => Err((r, e)),
-                }
-            }
-            Err(e) => {
-                self.give_back(conn);
-                return Err(e);
-            }
-        };
-        match r {
-            Ok(r) => {
                 self.give_back(conn);
                 r
             }
-            Err((r, e)) => r.and(Err(e)),
+            Err(e) => r.and(Err(e)),
         }
     }
 
