@@ -184,7 +184,7 @@ def main():
             f.write(f"# Tests of Nix 2.8.0's functional suite that pass with Nix 2.8's own daemon on this\n"
                     f"# machine (tests/nix-functional/run.py --daemon nix --write-baseline).\n")
             f.write("\n".join(passed) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
+    if not os.environ.get("KEEP_WORK"): shutil.rmtree(work, ignore_errors=True)
     if a.baseline:
         known = {}
         if a.known_failures:

@@ -336,6 +336,7 @@ mod tests {
                     method: kiln_format::FileIngestionMethod::Flat,
                     hash: Hash::sha256(b""),
                 }),
+                floating: None,
             },
         );
         for (k, v) in env {

@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_format::hash::{HashSink, Hasher, ParallelHashSink};
+use kiln_format::derivation::FloatingOutput;
+use kiln_format::hash::{HashModuloSink, HashSink, Hasher, ParallelHashSink};
+use kiln_format::realisation::{DrvOutput, Realisation};
 use kiln_format::refscan::RefScanner;
 use kiln_format::signature::SecretKey;
 use kiln_format::{
@@ -150,6 +152,9 @@ struct OutputPlan {
     /// Where the builder writes it: the real path, or a redirected path (hash rewriting).
     build_path: StorePath,
     redirected: bool,
+    /// A floating content-addressed output: `path` and `build_path` are a scratch path, and
+    /// the real path is computed from the contents after the build.
+    floating: Option<FloatingOutput>,
 }
 
 static BUILD_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -166,13 +171,11 @@ pub fn run(spec: JobSpec, ctl: &JobControl) -> (BuildResult, Vec<ValidPathInfo>)
     let start = now();
     let out = run_inner(&spec, ctl);
     let mut res = match out {
-        Ok((infos, times)) => {
+        Ok((infos, times, outputs)) => {
             let mut r = BuildResult::new(BuildStatus::Built);
             r.times_built = times;
-            for (name, p) in spec.drv.output_paths() {
-                r.outputs.insert(name.to_string(), p.clone());
-            }
-            if let Err(msg) = run_post_build_hook(&spec) {
+            r.outputs = outputs;
+            if let Err(msg) = run_post_build_hook(&spec, &r.outputs) {
                 // As Nix: the outputs stay valid, the build is reported failed.
                 r = BuildResult::new(BuildStatus::MiscFailure);
                 r.error = msg;
@@ -199,16 +202,15 @@ pub fn run(spec: JobSpec, ctl: &JobControl) -> (BuildResult, Vec<ValidPathInfo>)
 /// Runs `post-build-hook` (configured by the administrator or a trusted client) after a
 /// successful build, with `DRV_PATH` and `OUT_PATHS` (space-separated) in the daemon's
 /// environment; its output goes to the build log.
-fn run_post_build_hook(spec: &JobSpec) -> Result<(), String> {
+fn run_post_build_hook(
+    spec: &JobSpec,
+    outputs: &BTreeMap<String, StorePath>,
+) -> Result<(), String> {
     let Some(hook) = &spec.settings.post_build_hook else {
         return Ok(());
     };
     let sd = spec.store.store_dir();
-    let outs: Vec<String> = spec
-        .drv
-        .output_paths()
-        .map(|(_, p)| sd.display(p))
-        .collect();
+    let outs: Vec<String> = outputs.values().map(|p| sd.display(p)).collect();
     (spec.events)(JobEvent::Log(Arc::from(
         format!("running post-build-hook '{hook}'\n").into_bytes(),
     )));
@@ -251,7 +253,25 @@ fn redirect(spec: &JobSpec, path: &StorePath) -> Result<StorePath, Failure> {
     StorePath::from_base_name(&format!("{h32}-{}", path.name())).map_err(Failure::misc)
 }
 
-fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<(Vec<ValidPathInfo>, u32), Failure> {
+/// Where a floating output is built: the path Nix 2.8 uses (`makeFallbackPath`), so that a
+/// builder that records its own path sees the same string under both daemons.
+fn scratch_path(spec: &JobSpec, output: &str) -> Result<StorePath, Failure> {
+    let sd = spec.store.store_dir();
+    let zero = kiln_format::Hash::parse_digest(HashAlgo::Sha256, &"0".repeat(64))
+        .map_err(Failure::misc)?;
+    sd.make_store_path(
+        &format!("rewrite:{}:name:{output}", spec.drv_path.base_name()),
+        &zero,
+        &kiln_format::store_path::output_path_name(&spec.drv.name, output),
+    )
+    .map_err(Failure::misc)
+}
+
+/// Runs the build; the infos to register (already registered), the number of rounds, and
+/// every output's path.
+type Built = (Vec<ValidPathInfo>, u32, BTreeMap<String, StorePath>);
+
+fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
     let store = &spec.store;
     let sd = store.store_dir();
     let layout = store.layout();
@@ -266,7 +286,15 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<(Vec<ValidPathInfo>, u3
     }
     let drv = &spec.drv;
     let fixed = drv.fixed_output().copied();
-    let rounds = if fixed.is_some() || spec.mode == BuildMode::Check {
+    let floating = drv.is_floating();
+    if floating && spec.mode != BuildMode::Normal {
+        return Err(Failure::misc(format!(
+            "'{}' is a floating content-addressed derivation; '--check' and '--repair' builds of those are not supported",
+            sd.display(&spec.drv_path)
+        )));
+    }
+    // Repeated rounds of a floating build would each move their output to its final path.
+    let rounds = if fixed.is_some() || floating || spec.mode == BuildMode::Check {
         1
     } else {
         spec.settings.build_repeat + 1
@@ -275,7 +303,24 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<(Vec<ValidPathInfo>, u3
     let mut plans = Vec::new();
     let mut to_tmp: BTreeMap<String, String> = BTreeMap::new();
     let mut from_tmp: BTreeMap<String, String> = BTreeMap::new();
-    for (name, path) in drv.output_paths() {
+    for (name, o) in &drv.outputs {
+        if let Some(f) = o.floating {
+            let scratch = scratch_path(spec, name)?;
+            plans.push(OutputPlan {
+                name: name.clone(),
+                path: scratch.clone(),
+                build_path: scratch,
+                redirected: false,
+                floating: Some(f),
+            });
+            continue;
+        }
+        let Some(path) = &o.path else {
+            return Err(Failure::misc(format!(
+                "output '{name}' of '{}' has no path: its inputs must be built and the derivation resolved first",
+                sd.display(&spec.drv_path)
+            )));
+        };
         let redirected = spec.mode != BuildMode::Normal || spec.valid_outputs.contains(name);
         let build_path = if redirected {
             let r = redirect(spec, path)?;
@@ -290,10 +335,13 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<(Vec<ValidPathInfo>, u3
             path: path.clone(),
             build_path,
             redirected,
+            floating: None,
         });
     }
     let mut prev: Option<Vec<ValidPathInfo>> = None;
     let mut last = Vec::new();
+    // Locks of floating outputs' final paths, held until they are registered.
+    let mut held = Vec::new();
     for round in 1..=rounds {
         let infos = build_round(
             spec,
@@ -305,6 +353,7 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<(Vec<ValidPathInfo>, u3
             sandboxed,
             round,
             rounds,
+            &mut held,
         )?;
         if let Some(p) = &prev {
             for (a, b) in p.iter().zip(&infos) {
@@ -332,7 +381,9 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<(Vec<ValidPathInfo>, u3
     }
     // Register what was built (all at once, so cycles between outputs are refused).
     let mut to_register = Vec::new();
+    let mut outputs = BTreeMap::new();
     for (plan, info) in plans.iter().zip(last) {
+        outputs.insert(plan.name.clone(), info.path.clone());
         match spec.mode {
             BuildMode::Check => {
                 let valid = store.path_info(&plan.path).map_err(Failure::misc)?;
@@ -391,17 +442,14 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<(Vec<ValidPathInfo>, u3
                 // Was already valid: the rebuilt copy is not needed.
                 let _ = fsutil::remove_tree(&store.real_path(&plan.build_path));
             }
+            // A floating output whose contents another build already produced.
+            BuildMode::Normal
+                if plan.floating.is_some() && store.is_valid(&info.path).unwrap_or(false) => {}
             BuildMode::Normal => to_register.push(info),
         }
     }
     // Signed with the configured keys before they become valid, as Nix does.
-    for file in &spec.settings.secret_key_files {
-        let key = std::fs::read_to_string(file)
-            .map_err(|e| Failure::misc(format!("reading secret key '{file}': {e}")))
-            .and_then(|k| {
-                SecretKey::parse(k.trim())
-                    .map_err(|e| Failure::misc(format!("secret key '{file}': {e}")))
-            })?;
+    for key in secret_keys(&spec.settings).map_err(Failure::misc)? {
         for info in &mut to_register {
             info.sign(store.store_dir(), &key);
         }
@@ -411,6 +459,9 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<(Vec<ValidPathInfo>, u3
         f.kinds = FailureKinds::default();
         f
     })?;
+    if floating {
+        register_realisations(spec, &outputs)?;
+    }
     if spec.settings.auto_optimise && !store.options().auto_optimise {
         for info in &to_register {
             if let Err(e) = kiln_store::optimise::optimise_path(store, &info.path) {
@@ -421,7 +472,45 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<(Vec<ValidPathInfo>, u3
             }
         }
     }
-    Ok((to_register, rounds))
+    Ok((to_register, rounds, outputs))
+}
+
+/// Records which paths a floating derivation's outputs became (signed with the configured
+/// keys), so that the next build of it — or of anything resolving to it — finds them.
+fn register_realisations(
+    spec: &JobSpec,
+    outputs: &BTreeMap<String, StorePath>,
+) -> Result<(), Failure> {
+    let store = &spec.store;
+    let h = store
+        .output_hash(&spec.drv_path, &spec.drv)
+        .map_err(Failure::misc)?;
+    let keys = secret_keys(&spec.settings).map_err(Failure::misc)?;
+    for (name, p) in outputs {
+        let mut r = Realisation::new(DrvOutput::new(h, name), p.clone());
+        let refs = store.query_references(p).map_err(Failure::misc)?;
+        r.dependent = store
+            .dependent_realisations(&spec.drv, &refs)
+            .map_err(Failure::misc)?;
+        for k in &keys {
+            r.sign(k);
+        }
+        store.register_realisation(&r).map_err(Failure::misc)?;
+    }
+    Ok(())
+}
+
+/// The keys of `secret-key-files`, which sign what builds produce.
+pub(crate) fn secret_keys(settings: &BuildSettings) -> Result<Vec<SecretKey>, String> {
+    settings
+        .secret_key_files
+        .iter()
+        .map(|file| {
+            let k = std::fs::read_to_string(file)
+                .map_err(|e| format!("reading secret key '{file}': {e}"))?;
+            SecretKey::parse(k.trim()).map_err(|e| format!("secret key '{file}': {e}"))
+        })
+        .collect()
 }
 
 /// Removes outputs of a round that is not kept.
@@ -611,6 +700,7 @@ fn build_round(
     sandboxed: bool,
     round: u32,
     rounds: u32,
+    held: &mut Vec<kiln_store::lock::PathLock>,
 ) -> Result<Vec<ValidPathInfo>, Failure> {
     let store = &spec.store;
     let sd = store.store_dir();
@@ -867,8 +957,10 @@ fn build_round(
                 })?,
             );
         }
-        check_references(spec, &infos)?;
-        Ok(infos)
+        check_references(spec, plans, &infos)?;
+        finalize_floating(spec, plans, infos, held).inspect_err(|_| {
+            keep_dir = spec.settings.keep_failed;
+        })
     })();
     match &result {
         Err(f) if f.status != BuildStatus::NotDeterministic || keep_dir => {
@@ -1411,12 +1503,211 @@ impl Write for Tee<'_> {
     }
 }
 
+/// Moves floating content-addressed outputs from their scratch paths to the paths their
+/// contents give (Nix's `registerOutputs` for `CAFloating`): each output's hash is taken
+/// *modulo* its scratch hash part (self-references do not feed into it), its references to
+/// sibling outputs are rewritten to their final paths first (siblings in dependency order),
+/// and its own scratch hash part is rewritten to the final one. An output whose path is
+/// already valid (another derivation produced the same contents) is not touched. Locks on
+/// the final paths go to `held`, to be released after registration.
+fn finalize_floating(
+    spec: &JobSpec,
+    plans: &[OutputPlan],
+    infos: Vec<ValidPathInfo>,
+    held: &mut Vec<kiln_store::lock::PathLock>,
+) -> Result<Vec<ValidPathInfo>, Failure> {
+    if plans.iter().all(|p| p.floating.is_none()) {
+        return Ok(infos);
+    }
+    let store = &spec.store;
+    let sd = store.store_dir();
+    let index: BTreeMap<&StorePath, usize> = plans
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (&p.path, i))
+        .collect();
+    // Dependency order between the outputs (a cycle between two outputs is refused).
+    let mut order = Vec::new();
+    let mut mark = vec![0u8; plans.len()];
+    fn visit(
+        i: usize,
+        infos: &[ValidPathInfo],
+        index: &BTreeMap<&StorePath, usize>,
+        mark: &mut [u8],
+        order: &mut Vec<usize>,
+    ) -> Result<(), usize> {
+        match mark[i] {
+            2 => return Ok(()),
+            1 => return Err(i),
+            _ => {}
+        }
+        mark[i] = 1;
+        for r in &infos[i].references {
+            match index.get(r) {
+                Some(&j) if j != i => visit(j, infos, index, mark, order)?,
+                _ => {}
+            }
+        }
+        mark[i] = 2;
+        order.push(i);
+        Ok(())
+    }
+    for i in 0..plans.len() {
+        visit(i, &infos, &index, &mut mark, &mut order).map_err(|j| {
+            rejected(format!(
+                "cycle detected in the references of '{}'",
+                sd.display(&plans[j].path)
+            ))
+        })?;
+    }
+    let mut finals: Vec<Option<ValidPathInfo>> = vec![None; plans.len()];
+    let mut rewrites: BTreeMap<String, String> = BTreeMap::new();
+    for i in order {
+        let (plan, info) = (&plans[i], &infos[i]);
+        let Some(f) = plan.floating else {
+            finals[i] = Some(info.clone());
+            continue;
+        };
+        let actual = store.real_path(&plan.build_path);
+        let siblings = info
+            .references
+            .iter()
+            .any(|r| r != &plan.path && index.contains_key(r));
+        if siblings {
+            replace_tree(store, &actual, &rewrites)?;
+        }
+        let got = match f.method {
+            FileIngestionMethod::Flat => {
+                use std::os::unix::fs::MetadataExt;
+                let m = std::fs::symlink_metadata(&actual).map_err(Failure::misc)?;
+                if !m.is_file() || m.mode() & 0o100 != 0 {
+                    return Err(rejected(format!(
+                        "output path '{}' should be a non-executable regular file since recursive hashing is not enabled (outputHashMode=flat)",
+                        sd.display(&plan.path)
+                    )));
+                }
+                let mut h = HashModuloSink::new(f.algo, plan.path.hash_part());
+                let mut file = std::fs::File::open(&actual).map_err(Failure::misc)?;
+                std::io::copy(&mut file, &mut h).map_err(Failure::misc)?;
+                h.finish().0
+            }
+            FileIngestionMethod::Recursive => {
+                let mut h = HashModuloSink::new(f.algo, plan.path.hash_part());
+                nar::dump(&actual, &mut h).map_err(Failure::misc)?;
+                h.finish().0
+            }
+        };
+        let mut others = BTreeSet::new();
+        let mut self_ref = false;
+        for r in &info.references {
+            if r == &plan.path {
+                self_ref = true;
+            } else if let Some(&j) = index.get(r) {
+                let sib = finals[j]
+                    .as_ref()
+                    .ok_or_else(|| Failure::misc("output order"))?;
+                others.insert(sib.path.clone());
+            } else {
+                others.insert(r.clone());
+            }
+        }
+        let plain = f.method == FileIngestionMethod::Recursive && f.algo == HashAlgo::Sha256;
+        if !plain && (self_ref || !others.is_empty()) {
+            return Err(rejected(format!(
+                "output '{}' refers to store paths, which only a recursive SHA-256 content-addressed output may do",
+                sd.display(&plan.path)
+            )));
+        }
+        let path = sd
+            .make_fixed_output_path(f.method, &got, plan.path.name(), &others, self_ref)
+            .map_err(Failure::misc)?;
+        rewrites.insert(
+            plan.path.hash_part().to_string(),
+            path.hash_part().to_string(),
+        );
+        if let Ok(Some(mut l)) = store.lock_path(&path, true) {
+            // As for other output locks, the file goes when the lock is released.
+            l.set_delete(true);
+            held.push(l);
+        }
+        if store.is_valid(&path).map_err(Failure::misc)? {
+            // Produced before (by this derivation or another): keep what is there.
+            fsutil::remove_tree(&actual).map_err(Failure::misc)?;
+            finals[i] = Some(store.path_info(&path).map_err(Failure::misc)?);
+            continue;
+        }
+        let real = store.real_path(&path);
+        // Whatever is at the final path is not valid: garbage, replaced.
+        if std::fs::symlink_metadata(&real).is_ok() {
+            tracing::info!("removing invalid path '{}'", real.display());
+            fsutil::remove_tree(&real).map_err(Failure::misc)?;
+        }
+        let own: BTreeMap<String, String> = [(
+            plan.path.hash_part().to_string(),
+            path.hash_part().to_string(),
+        )]
+        .into();
+        replace_tree(store, &actual, &own)?;
+        std::fs::rename(&actual, &real)
+            .map_err(|e| Failure::misc(format!("moving into '{}': {e}", real.display())))?;
+        let mut sink = HashSink::new(HashAlgo::Sha256);
+        nar::dump(&real, &mut sink).map_err(Failure::misc)?;
+        let (nar_hash, nar_size) = sink.finish();
+        let mut new = ValidPathInfo::new(path.clone(), nar_hash, nar_size);
+        new.references = others;
+        if self_ref {
+            new.references.insert(path.clone());
+        }
+        new.deriver = Some(spec.drv_path.clone());
+        new.ultimate = true;
+        new.ca = Some(ContentAddress::Fixed(f.method, got));
+        finals[i] = Some(new);
+    }
+    finals
+        .into_iter()
+        .map(|f| f.ok_or_else(|| Failure::misc("an output was not finalized")))
+        .collect()
+}
+
+/// Rewrites hash parts throughout the tree at `at` (a fresh copy replaces it).
+fn replace_tree(
+    store: &LocalStore,
+    at: &Path,
+    rewrites: &BTreeMap<String, String>,
+) -> Result<(), Failure> {
+    if rewrites.is_empty() {
+        return Ok(());
+    }
+    let name = at
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut scratch = store.scratch_path(&name).map_err(Failure::misc)?;
+    rewrite::copy_tree(at, scratch.real(), rewrites).map_err(Failure::misc)?;
+    fsutil::remove_tree(at).map_err(Failure::misc)?;
+    std::fs::rename(scratch.real(), at)
+        .map_err(|e| Failure::misc(format!("moving '{}': {e}", at.display())))?;
+    scratch.keep();
+    Ok(())
+}
+
 /// `allowedReferences`, `allowedRequisites`, `disallowedReferences`, `disallowedRequisites`:
 /// each a list of store paths or output names.
-fn check_references(spec: &JobSpec, infos: &[ValidPathInfo]) -> Result<(), Failure> {
+fn check_references(
+    spec: &JobSpec,
+    plans: &[OutputPlan],
+    infos: &[ValidPathInfo],
+) -> Result<(), Failure> {
     let store = &spec.store;
     let sd = store.store_dir();
     let drv = &spec.drv;
+    // Output names stand for the paths the outputs were built at.
+    let output_path = |name: &str| {
+        plans
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.path.clone())
+    };
     let by_path: BTreeMap<&StorePath, &ValidPathInfo> =
         infos.iter().map(|i| (&i.path, i)).collect();
     let spec_set = |attr: &str| -> Result<Option<BTreeSet<StorePath>>, Failure> {
@@ -1427,7 +1718,7 @@ fn check_references(spec: &JobSpec, infos: &[ValidPathInfo]) -> Result<(), Failu
         for tok in v.split_whitespace() {
             if let Ok(p) = sd.parse_path(tok) {
                 set.insert(p);
-            } else if let Some(o) = drv.outputs.get(tok).and_then(|o| o.path.clone()) {
+            } else if let Some(o) = output_path(tok) {
                 set.insert(o);
             } else {
                 return Err(rejected(format!(

@@ -362,8 +362,14 @@ impl Recipe {
         };
         for o in &e.outputs {
             kiln_format::store_path::check_name(o, o).map_err(|er| bad(&self.file, er))?;
-            drv.outputs
-                .insert(o.clone(), DerivationOutput { path: None, fixed });
+            drv.outputs.insert(
+                o.clone(),
+                DerivationOutput {
+                    path: None,
+                    fixed,
+                    floating: None,
+                },
+            );
         }
         let drv = store.finalize_derivation(drv)?;
         let text = drv.to_aterm(&sd);

@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
+use kiln_format::realisation::{DrvOutput, Realisation};
 use kiln_format::{ContentAddress, Derivation, StorePath, ValidPathInfo};
 use kiln_store::lock::PathLock;
 use kiln_store::LocalStore;
@@ -250,6 +251,8 @@ enum DrvState {
     WaitingForLocks,
     WaitingForHook,
     Building,
+    /// Waiting for the resolved derivation built in its place (content-addressed inputs).
+    Resolved,
 }
 
 struct DrvGoal {
@@ -263,6 +266,10 @@ struct DrvGoal {
     locks: Vec<PathLock>,
     input_paths: BTreeSet<StorePath>,
     job: Option<Arc<JobControl>>,
+    /// The resolved derivation built in its place, once its inputs are built, and that
+    /// build's result.
+    resolved: Option<(StorePath, Arc<Derivation>)>,
+    resolved_result: Option<BuildResult>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -699,6 +706,8 @@ impl Worker {
             locks: Vec::new(),
             input_paths: BTreeSet::new(),
             job: None,
+            resolved: None,
+            resolved_result: None,
         };
         let id = self.new_goal(key, Kind::Drv(Box::new(goal)), settings);
         self.drv_goals.insert(drv.clone(), id);
@@ -822,6 +831,11 @@ impl Worker {
         let requests: Vec<RequestId> = g.requests.iter().copied().collect();
         let key = g.key.clone();
         for w in waiters {
+            if let Some(d) = self.drv_mut(w) {
+                if d.state == DrvState::Resolved {
+                    d.resolved_result = Some(result.clone());
+                }
+            }
             self.waitee_done(w, id, exit);
         }
         for r in requests {
@@ -959,6 +973,7 @@ impl Worker {
             Ok(DrvState::OutputsSubstituted) => self.outputs_substituted(id),
             Ok(DrvState::InputsRealised) => self.inputs_realised(id),
             Ok(DrvState::TryToBuild) => self.try_to_build(id),
+            Ok(DrvState::Resolved) => self.resolved_finished(id),
             Ok(DrvState::WaitingForLocks)
             | Ok(DrvState::WaitingForHook)
             | Ok(DrvState::Building) => {}
@@ -1007,8 +1022,10 @@ impl Worker {
         }) = self.goals.get(&id)
         {
             if let Some(drv) = &d.drv {
-                for (n, p) in drv.output_paths() {
-                    r.outputs.insert(n.to_string(), p.clone());
+                for (n, p) in self.output_map(&d.drv_path, drv) {
+                    if let Some(p) = p {
+                        r.outputs.insert(n, p);
+                    }
                 }
             }
         }
@@ -1038,17 +1055,47 @@ impl Worker {
         self.set_state(id, DrvState::HaveDerivation);
     }
 
-    /// Invalid wanted outputs.
-    fn invalid_outputs(&self, d: &DrvGoal, drv: &Derivation) -> Vec<StorePath> {
-        let store = self.store();
-        drv.output_paths()
-            .filter(|(n, _)| d.wanted.is_empty() || d.wanted.contains(*n))
-            .filter(|(_, p)| {
-                let valid = store.is_valid(p).unwrap_or(false);
-                let good = valid && (d.mode != BuildMode::Repair || contents_good(store, p));
-                !good
+    /// Output name → path where known: the derivation's own paths, or for outputs known
+    /// only once built (floating content-addressed, deferred), their realisations.
+    fn output_map(
+        &self,
+        drv_path: &StorePath,
+        drv: &Derivation,
+    ) -> BTreeMap<String, Option<StorePath>> {
+        if drv.outputs.values().all(|o| o.path.is_some()) {
+            return drv
+                .outputs
+                .iter()
+                .map(|(n, o)| (n.clone(), o.path.clone()))
+                .collect();
+        }
+        self.store()
+            .output_map_of(drv_path, drv)
+            .unwrap_or_else(|e| {
+                tracing::warn!(
+                    "looking up the outputs of '{}': {e}",
+                    self.store().print(drv_path)
+                );
+                drv.outputs.keys().map(|n| (n.clone(), None)).collect()
             })
-            .map(|(_, p)| p.clone())
+    }
+
+    /// Invalid wanted outputs: their paths, or `None` for an output whose path is not known
+    /// before it is built.
+    fn invalid_outputs(&self, d: &DrvGoal, drv: &Derivation) -> Vec<Option<StorePath>> {
+        let store = self.store();
+        self.output_map(&d.drv_path, drv)
+            .into_iter()
+            .filter(|(n, _)| d.wanted.is_empty() || d.wanted.contains(n))
+            .filter(|(_, p)| match p {
+                None => true,
+                Some(p) => {
+                    let valid = store.is_valid(p).unwrap_or(false);
+                    let good = valid && (d.mode != BuildMode::Repair || contents_good(store, p));
+                    !good
+                }
+            })
+            .map(|(_, p)| p)
             .collect()
     }
 
@@ -1102,7 +1149,7 @@ impl Worker {
             return self.done(id, Exit::Success, r);
         }
         let settings = self.goals[&id].settings.clone();
-        for p in &invalid {
+        for p in invalid.iter().flatten() {
             if self.path_failed(id, p) {
                 return;
             }
@@ -1121,7 +1168,7 @@ impl Worker {
             let ca = drv
                 .fixed_output()
                 .map(|f| ContentAddress::Fixed(f.method, f.hash));
-            for p in invalid {
+            for p in invalid.into_iter().flatten() {
                 let sub = self.make_subst_goal(&p, mode == BuildMode::Repair, &settings);
                 if let (Some(ca), Some(s)) = (&ca, self.subst_mut(sub)) {
                     s.ca.get_or_insert(*ca);
@@ -1261,6 +1308,8 @@ impl Worker {
         let drv = d.drv.clone().expect("loaded");
         // The input closure: outputs the derivation asks for from each input, and sources.
         let mut roots = Vec::new();
+        let mut realised: BTreeMap<(StorePath, String), StorePath> = BTreeMap::new();
+        let mut dynamic_inputs = false;
         for (p, outs) in &drv.input_drvs {
             // The input's goal has it parsed already, unless it was valid from the start.
             let loaded = self
@@ -1274,9 +1323,17 @@ impl Worker {
                 Ok(x) => x,
                 Err(e) => return self.fail_drv(id, BuildStatus::MiscFailure, e.to_string()),
             };
+            let known = self.output_map(p, &input);
+            // A fixed-output derivation holds placeholders for inputs known only once built.
+            dynamic_inputs |= outs
+                .iter()
+                .any(|o| input.outputs.get(o).is_some_and(|x| x.path.is_none()));
             for o in outs {
-                match input.outputs.get(o).and_then(|x| x.path.clone()) {
-                    Some(op) => roots.push(op),
+                match known.get(o).cloned().flatten() {
+                    Some(op) => {
+                        realised.insert((p.clone(), o.clone()), op.clone());
+                        roots.push(op);
+                    }
                     None => {
                         return self.fail_drv(
                             id,
@@ -1287,6 +1344,9 @@ impl Worker {
                 }
             }
         }
+        if drv.needs_resolution() || (dynamic_inputs && drv.is_fixed_output()) {
+            return self.resolve(id, &drv, &realised);
+        }
         roots.extend(drv.input_srcs.iter().cloned());
         let closure = match self.closure(roots) {
             Ok(c) => c,
@@ -1296,6 +1356,129 @@ impl Worker {
         d.input_paths = closure;
         d.state = DrvState::TryToBuild;
         self.wake(id);
+    }
+
+    /// Builds, in this derivation's place, the derivation it resolves to now that its inputs
+    /// are built (their outputs' paths substituted for the input derivations), as Nix does
+    /// for content-addressed inputs. The resolved `.drv` is written to the store.
+    fn resolve(
+        &mut self,
+        id: GoalId,
+        drv: &Derivation,
+        realised: &BTreeMap<(StorePath, String), StorePath>,
+    ) {
+        let store = self.store().clone();
+        let settings = self.goals[&id].settings.clone();
+        let Some(d) = self.drv_mut(id) else { return };
+        let abs = store.print(&d.drv_path);
+        let (mode, wanted) = (d.mode, d.wanted.clone());
+        let resolved = drv
+            .resolve(store.store_dir(), |p, o| {
+                realised.get(&(p.clone(), o.to_string())).cloned()
+            })
+            .map_err(|e| e.to_string())
+            .and_then(|r| {
+                let text = r.to_aterm(store.store_dir());
+                let path = store
+                    .add_text(
+                        &format!("{}.drv", r.name),
+                        &text,
+                        &r.references(),
+                        kiln_store::AddOptions::default(),
+                    )
+                    .map_err(|e| e.to_string())?
+                    .path;
+                Ok((path, r))
+            });
+        let (path, resolved) = match resolved {
+            Ok(x) => x,
+            Err(e) => return self.fail_drv(id, BuildStatus::MiscFailure, e),
+        };
+        self.emit(
+            id,
+            Event::Message {
+                level: 3,
+                text: format!("resolved derivation: '{abs}' -> '{}'", store.print(&path)),
+            },
+        );
+        // `add_text` made the resolved derivation a temporary root; it is this goal's, and
+        // goes when the goal ends.
+        if let Some(g) = self.goals.get_mut(&id) {
+            g.roots.push(path.clone());
+        }
+        let resolved = Arc::new(resolved);
+        let d = self.drv_mut(id).expect("goal exists");
+        d.resolved = Some((path.clone(), resolved.clone()));
+        d.state = DrvState::Resolved;
+        let sub = self.make_drv_goal(&path, &wanted, mode, &settings);
+        if let Some(rd) = self.drv_mut(sub) {
+            rd.drv.get_or_insert(resolved);
+        }
+        self.add_waitee(id, sub);
+    }
+
+    /// The resolved derivation is built: its outputs are this derivation's, recorded as
+    /// realisations of this derivation's outputs (with the input realisations they refer
+    /// to), so that the next build of it finds them without resolving again.
+    fn resolved_finished(&mut self, id: GoalId) {
+        let store = self.store().clone();
+        let settings = self.goals[&id].settings.clone();
+        let Some(d) = self.drv_mut(id) else { return };
+        let (drv_path, drv) = (d.drv_path.clone(), d.drv.clone().expect("loaded"));
+        let Some((rpath, rdrv)) = d.resolved.clone() else {
+            return self.fail_drv(id, BuildStatus::MiscFailure, "resolution lost".into());
+        };
+        let result = d.resolved_result.take().unwrap_or_else(|| {
+            BuildResult::failed(
+                BuildStatus::MiscFailure,
+                format!("building '{}' failed", store.print(&rpath)),
+            )
+        });
+        if !result.success() {
+            return self.done(id, Exit::Failed, result);
+        }
+        let outputs: BTreeMap<String, Option<StorePath>> = self.output_map(&rpath, &rdrv);
+        let registered = (|| -> std::result::Result<BTreeMap<String, StorePath>, String> {
+            let h = store
+                .output_hash(&drv_path, &drv)
+                .map_err(|e| e.to_string())?;
+            let keys = crate::job::secret_keys(&settings)?;
+            let mut out = BTreeMap::new();
+            for (name, p) in outputs {
+                let Some(p) = p else { continue };
+                let mut r = Realisation::new(DrvOutput::new(h, &name), p.clone());
+                if !drv.is_fixed_output() {
+                    let refs = store.query_references(&p).map_err(|e| e.to_string())?;
+                    r.dependent = store
+                        .dependent_realisations(&drv, &refs)
+                        .map_err(|e| e.to_string())?;
+                }
+                for k in &keys {
+                    r.sign(k);
+                }
+                store.register_realisation(&r).map_err(|e| e.to_string())?;
+                out.insert(name, p);
+            }
+            Ok(out)
+        })();
+        match registered {
+            Ok(outputs) => {
+                let mut r = result;
+                if r.status == BuildStatus::AlreadyValid {
+                    r.status = BuildStatus::ResolvesToAlreadyValid;
+                }
+                r.outputs = outputs;
+                self.done(id, Exit::Success, r)
+            }
+            Err(e) => self.fail_drv(
+                id,
+                BuildStatus::MiscFailure,
+                format!(
+                    "registering the outputs of '{}': {e}",
+                    store.print(&drv_path)
+                ),
+            ),
+        }
     }
 
     /// The closure of valid `roots` (see `refs`); fails if one of them is not valid.

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use kiln_build::{BuildResult, BuildSettings, Event, RequestResult, Target};
 use kiln_format::nar::{self, NarSink};
+use kiln_format::realisation::{DrvOutput, Realisation};
 use kiln_format::store_path::ContentAddressMethod;
 use kiln_format::{
     ContentAddress, Derivation, FileIngestionMethod, HashAlgo, StorePath, ValidPathInfo,
@@ -332,11 +333,24 @@ impl<'d> Session<'d> {
         };
         let wanted = |name: &String| wanted.is_none_or(|w| w.is_empty() || w.contains(name));
         if let (Some(drv), true) = (drv, r.success()) {
-            if let Ok(h) = self.store().derivation_hash(drv) {
+            // Ids carry the derivation's masked modulo hash (`staticOutputHashes`).
+            let hash = self
+                .store()
+                .read_derivation(drv)
+                .and_then(|d| self.store().output_hash(drv, &d));
+            if let Ok(h) = hash {
                 for (name, p) in r.outputs.iter().filter(|(n, _)| wanted(n)) {
-                    let id = format!("sha256:{}!{name}", h.to_base16());
-                    let json = kiln_protocol::ops::realisation_json(&id, p);
-                    w.built_outputs.push((id, json));
+                    let id = DrvOutput::new(h, name);
+                    // The registered realisation (with its dependencies and signatures)
+                    // where there is one, as Nix reports it.
+                    let real = self
+                        .store()
+                        .query_realisation(&id)
+                        .ok()
+                        .flatten()
+                        .filter(|real| &real.out_path == p)
+                        .unwrap_or_else(|| Realisation::new(id.clone(), p.clone()));
+                    w.built_outputs.push((id.to_string(), real.to_json()));
                 }
             }
         }
@@ -471,20 +485,28 @@ impl<'d> Session<'d> {
                         }
                         let d = store.read_derivation(&drv).map_err(remote)?;
                         let mut missing = Vec::new();
-                        for (name, out) in d.output_paths() {
+                        // Outputs whose paths are not known before they are built
+                        // (content-addressed) can only be built.
+                        let mut unknown_output = false;
+                        for (name, out) in store.output_map_of(&drv, &d).map_err(remote)? {
                             let wanted = match &outputs {
                                 OutputSpec::All => true,
-                                OutputSpec::Names(n) => n.contains(name),
+                                OutputSpec::Names(n) => n.contains(&name),
                             };
-                            if wanted && !store.is_valid(out).map_err(remote)? {
-                                missing.push(out.clone());
+                            match out {
+                                _ if !wanted => {}
+                                None => unknown_output = true,
+                                Some(out) if !store.is_valid(&out).map_err(remote)? => {
+                                    missing.push(out)
+                                }
+                                Some(_) => {}
                             }
                         }
-                        if missing.is_empty() {
+                        if missing.is_empty() && !unknown_output {
                             continue;
                         }
                         let allowed = d.env.get("allowSubstitutes").is_none_or(|v| v == "1");
-                        if allowed {
+                        if allowed && !unknown_output {
                             let ca = d
                                 .fixed_output()
                                 .map(|f| ContentAddress::Fixed(f.method, f.hash));
@@ -711,9 +733,13 @@ impl kiln_protocol::Handler for Session<'_> {
                     .collect(),
             )),
             Request::QueryDerivationOutputMap(p) => {
-                let drv = store.read_derivation(&p).map_err(remote)?;
+                // Outputs known only once built come from their realisations.
                 Ok(Reply::OutputMap(
-                    drv.outputs.into_iter().map(|(n, o)| (n, o.path)).collect(),
+                    store
+                        .derivation_output_map(&p)
+                        .map_err(remote)?
+                        .into_iter()
+                        .collect(),
                 ))
             }
             Request::QueryDeriver(p) => Ok(Reply::String(
@@ -978,11 +1004,50 @@ impl kiln_protocol::Handler for Session<'_> {
                 w.finish().map_err(remote)?;
                 Ok(Reply::Int(1))
             }
-            Request::RegisterDrvOutput { .. } => Err(remote(
-                "experimental Nix feature 'ca-derivations' is not supported by kiln",
-            )),
-            // No content-addressed derivations, so no realisations.
-            Request::QueryRealisation(_) => Ok(Reply::Strings(Vec::new())),
+            Request::RegisterDrvOutput {
+                realisation,
+                out_path,
+            } => {
+                let r = match out_path {
+                    // Before 1.31: the id, then the output path's base name.
+                    Some(p) => Realisation::new(
+                        DrvOutput::parse(&realisation).map_err(remote)?,
+                        StorePath::from_base_name(&p).map_err(remote)?,
+                    ),
+                    None => Realisation::from_json(&realisation, "the client").map_err(remote)?,
+                };
+                // Nix 2.8 registers whatever any client sends. A realisation decides which
+                // path every later build of that output uses, so from an untrusted client
+                // kiln requires what it requires of paths: a trusted signature (unless
+                // `require-sigs` is off). Otherwise one user could point another user's
+                // content-addressed build at a path of their choosing.
+                if !self.trusted() && self.settings.get_bool("require-sigs") {
+                    let keys: Vec<_> = self
+                        .settings
+                        .get_list("trusted-public-keys")
+                        .iter()
+                        .filter_map(|k| kiln_format::signature::PublicKey::parse(k).ok())
+                        .collect();
+                    if !r.verify(&keys) {
+                        return Err(remote(format!(
+                            "cannot register realisation '{}' because it lacks a valid signature",
+                            r.out_path
+                        )));
+                    }
+                }
+                store.register_realisation(&r).map_err(remote)?;
+                Ok(Reply::Nothing)
+            }
+            Request::QueryRealisation(id) => {
+                let id = DrvOutput::parse(&id).map_err(remote)?;
+                let found = store.query_realisation(&id).map_err(remote)?;
+                // Before 1.31 the reply is the set of output paths, then the JSON.
+                Ok(Reply::Strings(match found {
+                    None => Vec::new(),
+                    Some(r) if !io.version().at_least(31) => vec![sd.display(&r.out_path)],
+                    Some(r) => vec![r.to_json()],
+                }))
+            }
             Request::QueryFailedPaths => {
                 Ok(Reply::Strings(store.query_failed_paths().map_err(remote)?))
             }

@@ -29,6 +29,7 @@ fn drv(d: &TestDaemon, name: &str, script: &str) -> StorePath {
             DerivationOutput {
                 path: None,
                 fixed: None,
+                floating: None,
             },
         )]),
         platform: kiln_build::settings::native_system(),

@@ -27,6 +27,7 @@ fn drv(d: &TestDaemon, name: &str, script: &str) -> (String, Vec<u8>) {
             DerivationOutput {
                 path: None,
                 fixed: None,
+                floating: None,
             },
         )]),
         platform: kiln_build::settings::native_system(),

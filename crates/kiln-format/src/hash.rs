@@ -394,6 +394,81 @@ impl std::io::Write for HashSink {
     }
 }
 
+/// Hashes a stream *modulo* a string (Nix's `HashModuloSink`): every occurrence of `modulus`
+/// (a store path's hash part) is hashed as NUL bytes, and the positions of the occurrences
+/// are hashed after the stream as `|<offset>` each. This is how a floating content-addressed
+/// output's self-references are kept out of the hash its path is computed from: the output
+/// is built under a scratch path whose hash part is the modulus.
+#[derive(Debug, Clone)]
+pub struct HashModuloSink {
+    hasher: Hasher,
+    modulus: Vec<u8>,
+    /// The tail of what came so far that could start an occurrence (`modulus.len() - 1`
+    /// bytes at most), not yet hashed.
+    held: Vec<u8>,
+    /// Bytes consumed (hashed) so far.
+    pos: u64,
+    matches: Vec<u64>,
+}
+
+impl HashModuloSink {
+    /// `modulus` must not be empty.
+    pub fn new(algo: HashAlgo, modulus: &str) -> Self {
+        HashModuloSink {
+            hasher: Hasher::new(algo),
+            modulus: modulus.as_bytes().to_vec(),
+            held: Vec::new(),
+            pos: 0,
+            matches: Vec::new(),
+        }
+    }
+
+    pub fn update(&mut self, data: &[u8]) {
+        let n = self.modulus.len();
+        if n == 0 {
+            self.hasher.update(data);
+            self.pos += data.len() as u64;
+            return;
+        }
+        let mut s = std::mem::take(&mut self.held);
+        s.extend_from_slice(data);
+        let finder = memchr::memmem::Finder::new(&self.modulus);
+        let mut from = 0;
+        while let Some(i) = finder.find(&s[from..]) {
+            let at = from + i;
+            self.matches.push(self.pos + at as u64);
+            s[at..at + n].fill(0);
+            from = at + n;
+        }
+        let keep = if s.len() < n { s.len() } else { n - 1 };
+        let consumed = s.len() - keep;
+        self.hasher.update(&s[..consumed]);
+        self.pos += consumed as u64;
+        self.held = s[consumed..].to_vec();
+    }
+
+    /// The hash, and the length of the stream.
+    pub fn finish(mut self) -> (Hash, u64) {
+        let rest = std::mem::take(&mut self.held);
+        self.hasher.update(&rest);
+        self.pos += rest.len() as u64;
+        for m in &self.matches {
+            self.hasher.update(format!("|{m}").as_bytes());
+        }
+        (self.hasher.finish(), self.pos)
+    }
+}
+
+impl std::io::Write for HashModuloSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A [`HashSink`] that hands the hashing to a helper thread once the stream grows past a few
 /// MiB, so that producing the stream (reading files, scanning for references) and hashing it
 /// use two cores. Small streams — most build outputs — are hashed inline and never pay for a
@@ -525,6 +600,27 @@ impl std::io::Write for ParallelHashSink {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn hash_modulo_zeroes_occurrences_and_hashes_their_offsets() {
+        let m = "abcd";
+        let data = b"xxabcdyyabcdzz";
+        let mut want = Hasher::new(HashAlgo::Sha256);
+        want.update(b"xx\0\0\0\0yy\0\0\0\0zz|2|8");
+        let want = want.finish();
+        // Any split of the stream gives the same result.
+        for split in 0..data.len() {
+            let mut h = HashModuloSink::new(HashAlgo::Sha256, m);
+            h.update(&data[..split]);
+            h.update(&data[split..]);
+            assert_eq!(h.finish(), (want, data.len() as u64), "split at {split}");
+        }
+        // Without occurrences it is the plain hash.
+        let mut h = HashModuloSink::new(HashAlgo::Sha256, m);
+        h.update(b"abc");
+        assert_eq!(h.finish().0, Hash::sha256(b"abc"));
+    }
+
     use super::*;
     use proptest::prelude::*;
 

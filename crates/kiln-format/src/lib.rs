@@ -8,6 +8,7 @@
 //! * [`nar`]: the NAR archive format: bounded streaming parser, exclusive restore, dump.
 //! * [`refscan`]: finding references (hash parts) in streamed bytes.
 //! * [`narinfo`] and [`signature`]: binary-cache metadata and ed25519 signatures.
+//! * [`realisation`]: which path an output of a content-addressed derivation became.
 //!
 //! Everything that reads untrusted bytes (ATerm, NAR, narinfo) is bounded and reports the
 //! problem with its position; nothing here panics on bad input.
@@ -22,6 +23,7 @@ pub mod hash;
 pub mod nar;
 pub mod narinfo;
 pub mod path_info;
+pub mod realisation;
 pub mod refscan;
 pub mod signature;
 pub mod store_path;

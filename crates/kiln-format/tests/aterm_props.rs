@@ -55,6 +55,7 @@ fn arb_drv() -> impl Strategy<Value = Derivation> {
                             DerivationOutput {
                                 path: Some(p),
                                 fixed,
+                                floating: None,
                             },
                         )
                     })

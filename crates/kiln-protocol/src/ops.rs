@@ -1107,6 +1107,7 @@ fn read_basic_derivation<R: BufRead>(
             DerivationOutput {
                 path: Some(path),
                 fixed,
+                floating: None,
             },
         );
     }
@@ -1183,18 +1184,6 @@ pub struct WireBuildResult {
     pub stop_time: u64,
     /// `DrvOutput` id (`sha256:<hash modulo>!<output>`) → `Realisation` JSON.
     pub built_outputs: Vec<(String, String)>,
-}
-
-/// The `Realisation` JSON Nix sends for a built output (keys sorted, the output path as a
-/// base name).
-pub fn realisation_json(id: &str, out: &StorePath) -> String {
-    serde_json::json!({
-        "dependentRealisations": {},
-        "id": id,
-        "outPath": out.base_name(),
-        "signatures": [],
-    })
-    .to_string()
 }
 
 /// Writes raw bytes after `STDERR_LAST` (for [`Reply::Stream`]).

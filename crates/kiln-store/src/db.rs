@@ -108,6 +108,35 @@ create table if not exists FailedPaths (
 );
 "#;
 
+/// Nix's `ca-specific-schema.sql` (version 3): realisations of content-addressed
+/// derivations' outputs, and which realisations each one depends on.
+pub const CA_SCHEMA: &str = r#"create table if not exists Realisations (
+    id integer primary key autoincrement not null,
+    drvPath text not null,
+    outputName text not null, -- symbolic output id, usually "out"
+    outputPath integer not null,
+    signatures text, -- space-separated list
+    foreign key (outputPath) references ValidPaths(id) on delete cascade
+);
+
+create index if not exists IndexRealisations on Realisations(drvPath, outputName);
+
+create table if not exists RealisationsRefs (
+    referrer integer not null,
+    realisationReference integer,
+    foreign key (referrer) references Realisations(id) on delete cascade,
+    foreign key (realisationReference) references Realisations(id) on delete restrict
+);
+
+-- used by QueryRealisationReferences
+create index if not exists IndexRealisationsRefs on RealisationsRefs(referrer);
+-- used by cascade deletion when ValidPaths is deleted
+create index if not exists IndexRealisationsRefsOnOutputPath on Realisations(outputPath);
+"#;
+
+/// The version Nix 2.8 writes to `ca-schema` once [`CA_SCHEMA`] is in place.
+const CA_SCHEMA_VERSION: u32 = 3;
+
 const FAILED_PATHS: &str = "create table if not exists FailedPaths (path text primary key not null, time integer not null);";
 
 /// Which daemon's schema the database has.
@@ -143,6 +172,8 @@ pub struct Db {
     pub flavor: Flavor,
     pub cols: Columns,
     pub schema_version: u32,
+    /// Whether the realisations tables exist.
+    realisations: bool,
     read_only: bool,
     /// Bumped by every write transaction of this process (see [`Db::generation`]).
     generation: std::sync::atomic::AtomicU64,
@@ -288,6 +319,39 @@ impl Db {
             conn.execute_batch(FAILED_PATHS)
                 .map_err(Error::db("creating FailedPaths"))?;
         }
+        // Realisations (content-addressed derivations) in Nix stores. Nix 2.8 adds these
+        // tables only once `ca-derivations` is enabled; kiln always supports realisations,
+        // so it adds them to every Nix store it writes, with the same `ca-schema` marker
+        // (a Nix with the feature enabled then finds nothing left to migrate).
+        let ca_schema = dir.join("ca-schema");
+        let ca = if cols.ca {
+            match read_schema_file(&ca_schema)? {
+                Some(v) if v >= CA_SCHEMA_VERSION => true,
+                Some(v) if v < 2 => {
+                    return Err(Error::Schema(format!(
+                        "'{}' has content-addressed schema version {v}, from before Nix 2.4; open the store once with Nix 2.8 to upgrade it",
+                        ca_schema.display()
+                    )))
+                }
+                _ if read_only => conn
+                    .query_row(
+                        "select 1 from sqlite_master where type = 'table' and name = 'Realisations'",
+                        [],
+                        |_| Ok(()),
+                    )
+                    .optional()
+                    .map_err(Error::db("reading the schema"))?
+                    .is_some(),
+                _ => {
+                    conn.execute_batch(CA_SCHEMA)
+                        .map_err(Error::db("creating the realisations tables"))?;
+                    write_file_atomic(&ca_schema, CA_SCHEMA_VERSION.to_string().as_bytes())?;
+                    true
+                }
+            }
+        } else {
+            false
+        };
         let version = version.unwrap_or(10);
         let flavor = if cols.ca { Flavor::Nix } else { Flavor::Guix };
         Ok(Db {
@@ -297,6 +361,7 @@ impl Db {
             flavor,
             cols,
             schema_version: version,
+            realisations: ca,
             read_only,
             generation: std::sync::atomic::AtomicU64::new(0),
         })
@@ -775,6 +840,110 @@ impl Db {
                     source: e,
                 },
             })
+    }
+
+    // ---- realisations (content-addressed derivations) ---------------------------------
+
+    /// Whether this database has the realisations tables (Nix stores).
+    pub fn has_realisations(&self) -> bool {
+        self.realisations
+    }
+
+    /// A realisation's row id, output path and space-separated signatures.
+    pub fn query_realisation(
+        conn: &Connection,
+        drv_hash: &str,
+        output: &str,
+    ) -> Result<Option<(i64, String, String)>> {
+        conn.prepare_cached(
+            "select Realisations.id, Output.path, Realisations.signatures from Realisations \
+             inner join ValidPaths as Output on Output.id = Realisations.outputPath \
+             where drvPath = ? and outputName = ?",
+        )
+        .and_then(|mut s| {
+            s.query_row([drv_hash, output], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+                ))
+            })
+            .optional()
+        })
+        .map_err(Error::db("querying a realisation"))
+    }
+
+    /// The realisations (`drvPath`, `outputName`) the realisation with row id `id` depends on.
+    pub fn realisation_references(conn: &Connection, id: i64) -> Result<Vec<(String, String)>> {
+        let mut st = conn
+            .prepare_cached(
+                "select drvPath, outputName from Realisations \
+                 join RealisationsRefs on realisationReference = Realisations.id \
+                 where referrer = ?",
+            )
+            .map_err(Error::db("querying realisation references"))?;
+        let rows = st
+            .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(Error::db("querying realisation references"))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(Error::db("querying realisation references"))
+    }
+
+    pub fn insert_realisation(
+        conn: &Connection,
+        drv_hash: &str,
+        output: &str,
+        out_path: &str,
+        signatures: &str,
+    ) -> Result<()> {
+        conn.prepare_cached(
+            "insert into Realisations (drvPath, outputName, outputPath, signatures) \
+             values (?, ?, (select id from ValidPaths where path = ?), ?)",
+        )
+        .and_then(|mut s| s.execute([drv_hash, output, out_path, signatures]))
+        .map(|_| ())
+        .map_err(|e| match &e {
+            rusqlite::Error::SqliteFailure(f, _)
+                if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Error::NotValid(out_path.to_string())
+            }
+            _ => Error::Db {
+                context: format!("registering the realisation of '{drv_hash}!{output}'"),
+                source: e,
+            },
+        })
+    }
+
+    pub fn update_realisation_signatures(
+        conn: &Connection,
+        drv_hash: &str,
+        output: &str,
+        signatures: &str,
+    ) -> Result<()> {
+        conn.prepare_cached(
+            "update Realisations set signatures = ? where drvPath = ? and outputName = ?",
+        )
+        .and_then(|mut s| s.execute([signatures, drv_hash, output]))
+        .map(|_| ())
+        .map_err(Error::db("updating a realisation's signatures"))
+    }
+
+    /// Records that realisation `referrer` depends on realisation `reference` (both given as
+    /// `(drvPath, outputName)`).
+    pub fn add_realisation_reference(
+        conn: &Connection,
+        referrer: (&str, &str),
+        reference: (&str, &str),
+    ) -> Result<()> {
+        conn.prepare_cached(
+            "insert or replace into RealisationsRefs (referrer, realisationReference) values \
+             ((select id from Realisations where drvPath = ? and outputName = ?), \
+              (select id from Realisations where drvPath = ? and outputName = ?))",
+        )
+        .and_then(|mut s| s.execute([referrer.0, referrer.1, reference.0, reference.1]))
+        .map(|_| ())
+        .map_err(Error::db("recording a realisation's dependency"))
     }
 
     // ---- failed paths -----------------------------------------------------------------

@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use kiln_format::derivation::{DerivationHasher, DerivationReader, MAX_DRV_SIZE};
-use kiln_format::hash::{HashSink, Hasher};
+use kiln_format::hash::{HashModuloSink, HashSink, Hasher};
 use kiln_format::nar::{self, HashingReader, RestoreOptions};
+use kiln_format::realisation::{DrvOutput, Realisation};
 use kiln_format::store_path::FileIngestionMethod;
 use kiln_format::{ContentAddress, Derivation, Hash, HashAlgo, StoreDir, StorePath, ValidPathInfo};
 use rustix::fs::{openat, Mode, OFlags, CWD};
@@ -418,13 +419,41 @@ impl LocalStore {
             .collect())
     }
 
-    /// Output name → path, read from the `.drv` file itself (works for any derivation in the
-    /// store, as `QueryDerivationOutputMap` needs).
-    pub fn derivation_output_map(&self, drv: &StorePath) -> Result<BTreeMap<String, StorePath>> {
-        let d = self.read_derivation(drv)?;
-        Ok(d.output_paths()
-            .map(|(n, p)| (n.to_string(), p.clone()))
-            .collect())
+    /// Output name → path where it is known: from the `.drv` file itself (works for any
+    /// derivation in the store, as `QueryDerivationOutputMap` needs), or for outputs whose
+    /// path is only known once built (floating content-addressed, deferred) from their
+    /// realisations.
+    pub fn derivation_output_map(
+        &self,
+        drv_path: &StorePath,
+    ) -> Result<BTreeMap<String, Option<StorePath>>> {
+        let d = self.read_derivation(drv_path)?;
+        self.output_map_of(drv_path, &d)
+    }
+
+    /// [`LocalStore::derivation_output_map`] of a derivation already read.
+    pub fn output_map_of(
+        &self,
+        drv_path: &StorePath,
+        d: &Derivation,
+    ) -> Result<BTreeMap<String, Option<StorePath>>> {
+        let mut out = BTreeMap::new();
+        let mut hash = None;
+        for (name, o) in &d.outputs {
+            let p = match &o.path {
+                Some(p) => Some(p.clone()),
+                None => {
+                    let h = match hash {
+                        Some(h) => h,
+                        None => *hash.insert(self.output_hash(drv_path, d)?),
+                    };
+                    self.query_realisation(&DrvOutput::new(h, name))?
+                        .map(|r| r.out_path)
+                }
+            };
+            out.insert(name.clone(), p);
+        }
+        Ok(out)
     }
 
     pub fn query_path_from_hash_part(&self, hash_part: &str) -> Result<Option<StorePath>> {
@@ -492,6 +521,171 @@ impl LocalStore {
             .map_err(|_| Error::Corrupt("hasher lock poisoned".into()))?;
         h.trim_cache(200_000);
         Ok(h.hash_of_path(self.store_dir(), drv)?)
+    }
+
+    /// The hash that identifies a derivation's outputs in realisations (Nix's
+    /// `staticOutputHashes`: the modulo hash with the derivation's own outputs masked,
+    /// inputs by their cached modulo hashes).
+    pub fn output_hash(&self, drv_path: &StorePath, drv: &Derivation) -> Result<Hash> {
+        let mut h = self
+            .hasher
+            .lock()
+            .map_err(|_| Error::Corrupt("hasher lock poisoned".into()))?;
+        h.trim_cache(200_000);
+        h.hash_modulo(self.store_dir(), drv, true).map_err(|e| {
+            Error::Invalid(format!(
+                "hashing derivation '{}': {e}",
+                self.print(drv_path)
+            ))
+        })
+    }
+
+    /// The realisation of a derivation output, if this store has one.
+    pub fn query_realisation(&self, id: &DrvOutput) -> Result<Option<Realisation>> {
+        if !self.db.has_realisations() {
+            return Ok(None);
+        }
+        let hash = id.hash_string();
+        let row = self.db.read_tx(|c| {
+            let Some((row, path, sigs)) = Db::query_realisation(c, &hash, &id.output)? else {
+                return Ok(None);
+            };
+            let deps = Db::realisation_references(c, row)?;
+            let mut dependent = Vec::new();
+            for (h, o) in deps {
+                if let Some((_, p, _)) = Db::query_realisation(c, &h, &o)? {
+                    dependent.push((format!("{h}!{o}"), p));
+                }
+            }
+            Ok(Some((path, sigs, dependent)))
+        })?;
+        let Some((path, sigs, deps)) = row else {
+            return Ok(None);
+        };
+        let mut r = Realisation::new(id.clone(), self.store_dir().parse_path(&path)?);
+        r.signatures = sigs.split_whitespace().map(str::to_string).collect();
+        for (d, p) in deps {
+            r.dependent
+                .insert(DrvOutput::parse(&d)?, self.store_dir().parse_path(&p)?);
+        }
+        Ok(Some(r))
+    }
+
+    /// Records a realisation (Nix's `registerDrvOutput`): its output path must be valid and
+    /// every realisation it depends on known with the same path. A second realisation of
+    /// the same output must agree with the first (its signatures are then added); one that
+    /// names another path is refused, so a realisation, once known, never changes.
+    pub fn register_realisation(&self, r: &Realisation) -> Result<()> {
+        self.require_writable("register realisations")?;
+        if !self.db.has_realisations() {
+            return Err(Error::Invalid(format!(
+                "cannot register the realisation of '{}': this store's database has no realisations (a Guix store)",
+                r.id
+            )));
+        }
+        let hash = r.id.hash_string();
+        let out = self.print(&r.out_path);
+        let sd = self.store_dir().clone();
+        self.db.write("registering a realisation", |c| {
+            match Db::query_realisation(c, &hash, &r.id.output)? {
+                Some((row, path, sigs)) => {
+                    let mut deps = BTreeMap::new();
+                    for (h, o) in Db::realisation_references(c, row)? {
+                        if let Some((_, p, _)) = Db::query_realisation(c, &h, &o)? {
+                            deps.insert(format!("{h}!{o}"), p);
+                        }
+                    }
+                    let theirs: BTreeMap<String, String> = r
+                        .dependent
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), sd.display(v)))
+                        .collect();
+                    let compatible = path == out
+                        && (deps.is_empty() || theirs.is_empty() || deps == theirs);
+                    if !compatible {
+                        return Err(Error::Invalid(format!(
+                            "Trying to register a realisation of '{}', but we already have another one locally.\nLocal:  {path}\nRemote: {out}",
+                            r.id
+                        )));
+                    }
+                    let mut all: BTreeSet<String> =
+                        sigs.split_whitespace().map(str::to_string).collect();
+                    all.extend(r.signatures.iter().cloned());
+                    let all: Vec<String> = all.into_iter().collect();
+                    Db::update_realisation_signatures(c, &hash, &r.id.output, &all.join(" "))?;
+                }
+                None => {
+                    let sigs: Vec<&str> = r.signatures.iter().map(String::as_str).collect();
+                    Db::insert_realisation(c, &hash, &r.id.output, &out, &sigs.join(" "))
+                        .map_err(|e| match e {
+                            Error::NotValid(p) => Error::Invalid(format!(
+                                "cannot register the realisation of '{}': its output '{p}' is not valid",
+                                r.id
+                            )),
+                            e => e,
+                        })?;
+                }
+            }
+            for (dep, p) in &r.dependent {
+                let dh = dep.hash_string();
+                match Db::query_realisation(c, &dh, &dep.output)? {
+                    Some((_, local, _)) if local == sd.display(p) => {}
+                    Some((_, local, _)) => {
+                        return Err(Error::Invalid(format!(
+                            "unable to register the derivation '{}' as it depends on '{dep}' with path '{}', but that is '{local}' here",
+                            r.id,
+                            sd.display(p)
+                        )))
+                    }
+                    None => {
+                        return Err(Error::Invalid(format!(
+                            "unable to register the derivation '{}' as it depends on the non existent '{dep}'",
+                            r.id
+                        )))
+                    }
+                }
+                Db::add_realisation_reference(c, (&hash, &r.id.output), (&dh, &dep.output))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The realisations of `drv`'s inputs (and, through their dependencies, of their inputs)
+    /// whose paths `references` names: the `dependentRealisations` of an output of `drv`
+    /// (Nix's `drvOutputReferences`). Inputs without a realisation are skipped.
+    pub fn dependent_realisations(
+        &self,
+        drv: &Derivation,
+        references: &BTreeSet<StorePath>,
+    ) -> Result<BTreeMap<DrvOutput, StorePath>> {
+        let mut todo: Vec<Realisation> = Vec::new();
+        for (input, outs) in &drv.input_drvs {
+            let d = self.read_derivation(input)?;
+            let h = self.output_hash(input, &d)?;
+            for o in outs {
+                if let Some(r) = self.query_realisation(&DrvOutput::new(h, o))? {
+                    todo.push(r);
+                }
+            }
+        }
+        let mut seen = BTreeSet::new();
+        let mut out = BTreeMap::new();
+        while let Some(r) = todo.pop() {
+            if !seen.insert(r.id.clone()) {
+                continue;
+            }
+            for dep in r.dependent.keys() {
+                if !seen.contains(dep) {
+                    if let Some(d) = self.query_realisation(dep)? {
+                        todo.push(d);
+                    }
+                }
+            }
+            if references.contains(&r.out_path) {
+                out.insert(r.id, r.out_path);
+            }
+        }
+        Ok(out)
     }
 
     /// Checks a derivation's output paths (reading its inputs from the store).
@@ -893,9 +1087,21 @@ impl LocalStore {
             ContentAddress::Text(h) => (FileIngestionMethod::Flat, h),
             ContentAddress::Fixed(m, h) => (*m, h),
         };
+        // A fixed content address is a hash *modulo* the path's own hash part (Nix's
+        // `hashCAPath`): a floating content-addressed output refers to itself, and its hash
+        // was taken with those self-references zeroed. Without a self-reference the NAR
+        // hash is that hash already.
+        let modulo = matches!(ca, ContentAddress::Fixed(..)).then(|| info.path.hash_part());
+        let self_ref = info.references.contains(&info.path);
         let got = match method {
-            FileIngestionMethod::Recursive if want.algo() == HashAlgo::Sha256 => nar_hash,
-            FileIngestionMethod::Recursive => nar_hash_of(real, want.algo())?.0,
+            FileIngestionMethod::Recursive if want.algo() == HashAlgo::Sha256 && !self_ref => {
+                nar_hash
+            }
+            FileIngestionMethod::Recursive => {
+                let mut h = HashModuloSink::new(want.algo(), modulo.unwrap_or_default());
+                kiln_format::nar::dump(real, &mut h)?;
+                h.finish().0
+            }
             FileIngestionMethod::Flat => {
                 // The bytes of a regular file, nothing else: following a symlink here would
                 // accept a path whose contents live outside the store (and change with
@@ -923,9 +1129,9 @@ impl LocalStore {
                     )));
                 }
                 let mut f = std::fs::File::from(fd);
-                let mut h = Hasher::new(want.algo());
+                let mut h = HashModuloSink::new(want.algo(), modulo.unwrap_or_default());
                 std::io::copy(&mut f, &mut h).map_err(|e| Error::io(real, "read", e))?;
-                h.finish()
+                h.finish().0
             }
         };
         if &got != want {

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{parse_fixed, Derivation, DerivationOutput};
+use super::{parse_fixed, parse_method_algo, Derivation, DerivationOutput};
 use crate::store_path::{StoreDir, StorePath};
 use crate::Error;
 
@@ -163,16 +163,23 @@ pub(super) fn parse(store_dir: &StoreDir, name: &str, text: &[u8]) -> Result<Der
                 id.escape_default()
             ))
         })?;
-        let fixed = match (algo.is_empty(), hash.is_empty()) {
-            (true, true) => None,
-            (false, false) => Some(parse_fixed(&algo, &hash).map_err(|e| {
-                Error::Derivation(format!("invalid derivation '{name}': output '{id}' at byte {at}: {e}"))
-            })?),
-            (false, true) => {
+        let bad = |e: Error| {
+            Error::Derivation(format!("invalid derivation '{name}': output '{id}' at byte {at}: {e}"))
+        };
+        let (fixed, floating) = match (algo.is_empty(), hash.is_empty()) {
+            (true, true) => (None, None),
+            (false, false) if hash == "impure" => {
                 return Err(Error::Derivation(format!(
-                    "invalid derivation '{name}': output '{id}' at byte {at} is a floating content-addressed output (experimental `ca-derivations`), which kiln does not support"
+                    "invalid derivation '{name}': output '{id}' at byte {at} is impure (experimental `impure-derivations`), which kiln does not support"
                 )))
             }
+            (false, false) => (Some(parse_fixed(&algo, &hash).map_err(bad)?), None),
+            (false, true) if !path.is_empty() => {
+                return Err(Error::Derivation(format!(
+                    "invalid derivation '{name}': floating content-addressed output '{id}' at byte {at} has a path"
+                )))
+            }
+            (false, true) => (None, Some(parse_method_algo(&algo).map_err(bad)?)),
             (true, false) => {
                 return Err(Error::Derivation(format!(
                     "invalid derivation '{name}': output '{id}' at byte {at} has a hash but no hash algorithm"
@@ -186,7 +193,7 @@ pub(super) fn parse(store_dir: &StoreDir, name: &str, text: &[u8]) -> Result<Der
                 Error::Derivation(format!("invalid derivation '{name}': bad path at byte {path_at}: {e}"))
             })?)
         };
-        Ok((at, id, DerivationOutput { path, fixed }))
+        Ok((at, id, DerivationOutput { path, fixed, floating }))
     })?;
     for (at, id, o) in outs {
         if outputs.insert(id.clone(), o).is_some() {
@@ -333,13 +340,17 @@ pub(super) fn write(
         };
         write_unquoted(out, &path);
         out.push(b',');
-        match &o.fixed {
-            Some(f) => {
+        match (&o.fixed, &o.floating) {
+            (Some(f), _) => {
                 write_unquoted(out, &f.method_algo());
                 out.push(b',');
                 write_unquoted(out, &f.hash.to_base16());
             }
-            None => out.extend_from_slice(b"\"\",\"\""),
+            (None, Some(f)) => {
+                write_unquoted(out, &f.method_algo());
+                out.extend_from_slice(b",\"\"");
+            }
+            (None, None) => out.extend_from_slice(b"\"\",\"\""),
         }
         out.push(b')');
     }

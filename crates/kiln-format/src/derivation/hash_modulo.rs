@@ -31,7 +31,8 @@ where
 #[derive(Debug)]
 pub struct DerivationHasher<R> {
     reader: R,
-    cache: HashMap<StorePath, Hash>,
+    /// Unmasked modulo hash of each input derivation, and whether it is deferred.
+    cache: HashMap<StorePath, (Hash, bool)>,
 }
 
 impl<R: DerivationReader> DerivationHasher<R> {
@@ -48,8 +49,8 @@ impl<R: DerivationReader> DerivationHasher<R> {
     }
 
     /// Remembers the modulo hash of a derivation known by other means.
-    pub fn remember(&mut self, path: StorePath, hash: Hash) {
-        self.cache.insert(path, hash);
+    pub fn remember(&mut self, path: StorePath, hash: Hash, deferred: bool) {
+        self.cache.insert(path, (hash, deferred));
     }
 
     /// Bounds the cache: beyond `max` entries it is cleared (valid derivations never change,
@@ -62,7 +63,7 @@ impl<R: DerivationReader> DerivationHasher<R> {
 
     /// The modulo hash of a derivation in the store (unmasked), as its dependents use it.
     pub fn hash_of_path(&mut self, store_dir: &StoreDir, path: &StorePath) -> Result<Hash, Error> {
-        self.input_hash(store_dir, path)
+        self.input_hash(store_dir, path).map(|(h, _)| h)
     }
 
     /// `hashDerivationModulo(drv, mask_outputs)`.
@@ -72,6 +73,19 @@ impl<R: DerivationReader> DerivationHasher<R> {
         drv: &Derivation,
         mask_outputs: bool,
     ) -> Result<Hash, Error> {
+        self.hash_modulo_kind(store_dir, drv, mask_outputs)
+            .map(|(h, _)| h)
+    }
+
+    /// `hashDerivationModulo` and whether the hash is *deferred*: the derivation is floating
+    /// content-addressed or depends on one that is, so its output paths are only known once
+    /// those inputs are built.
+    pub fn hash_modulo_kind(
+        &mut self,
+        store_dir: &StoreDir,
+        drv: &Derivation,
+        mask_outputs: bool,
+    ) -> Result<(Hash, bool), Error> {
         if let Some(fixed) = drv.fixed_output() {
             let path = drv.fixed_output_path(store_dir, fixed)?;
             let s = format!(
@@ -80,11 +94,13 @@ impl<R: DerivationReader> DerivationHasher<R> {
                 fixed.hash.to_base16(),
                 store_dir.display(&path)
             );
-            return Ok(Hash::sha256(s.as_bytes()));
+            return Ok((Hash::sha256(s.as_bytes()), false));
         }
+        let mut deferred = drv.is_floating();
         let mut inputs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (path, outs) in &drv.input_drvs {
-            let h = self.input_hash(store_dir, path)?;
+            let (h, d) = self.input_hash(store_dir, path)?;
+            deferred |= d;
             inputs
                 .entry(h.to_base16())
                 .or_default()
@@ -92,12 +108,16 @@ impl<R: DerivationReader> DerivationHasher<R> {
         }
         let mut buf = Vec::with_capacity(1024);
         aterm::write(drv, store_dir, &mut buf, mask_outputs, Some(&inputs));
-        Ok(Hash::sha256(&buf))
+        Ok((Hash::sha256(&buf), deferred))
     }
 
     /// The modulo hash of an input derivation (unmasked), iteratively so that a deep chain
     /// of inputs cannot overflow the stack.
-    fn input_hash(&mut self, store_dir: &StoreDir, root: &StorePath) -> Result<Hash, Error> {
+    fn input_hash(
+        &mut self,
+        store_dir: &StoreDir,
+        root: &StorePath,
+    ) -> Result<(Hash, bool), Error> {
         if let Some(h) = self.cache.get(root) {
             return Ok(*h);
         }
@@ -124,7 +144,7 @@ impl<R: DerivationReader> DerivationHasher<R> {
                     stack.push((next, d));
                 }
                 None => {
-                    let h = self.hash_modulo(store_dir, drv, false)?;
+                    let h = self.hash_modulo_kind(store_dir, drv, false)?;
                     let path = path.clone();
                     in_progress.remove(&path);
                     self.cache.insert(path, h);

@@ -16,6 +16,9 @@ pub(super) fn to_json(drv: &Derivation, store_dir: &StoreDir) -> Value {
             m.insert("hashAlgo".into(), Value::String(f.method_algo()));
             m.insert("hash".into(), Value::String(f.hash.to_base16()));
         }
+        if let Some(f) = &o.floating {
+            m.insert("hashAlgo".into(), Value::String(f.method_algo()));
+        }
         outputs.insert(name.clone(), Value::Object(m));
     }
     let input_srcs = drv

@@ -14,7 +14,7 @@ pub use aterm::MAX_DRV_SIZE;
 pub use hash_modulo::{DerivationHasher, DerivationReader};
 
 use crate::hash::{Hash, HashAlgo};
-use crate::store_path::{FileIngestionMethod, StoreDir, StorePath};
+use crate::store_path::{output_path_name, FileIngestionMethod, StoreDir, StorePath};
 use crate::Error;
 
 /// The hash a fixed-output derivation's single output must have.
@@ -31,13 +31,32 @@ impl FixedOutputHash {
     }
 }
 
+/// How a floating content-addressed output (experimental `ca-derivations`) will be hashed:
+/// its path is computed from its contents once it is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FloatingOutput {
+    pub method: FileIngestionMethod,
+    pub algo: HashAlgo,
+}
+
+impl FloatingOutput {
+    /// `r:sha256` or `sha256`, as printed in the `.drv` and by `show-derivation`.
+    pub fn method_algo(&self) -> String {
+        format!("{}{}", self.method.prefix(), self.algo)
+    }
+}
+
 /// One output of a derivation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DerivationOutput {
-    /// Its path; `None` only while a derivation is being constructed (printed as `""`).
+    /// Its path. `None` for a floating content-addressed output, for an input-addressed
+    /// output whose path is deferred until inputs that are floating are built, and while a
+    /// derivation is being constructed (printed as `""` in all cases).
     pub path: Option<StorePath>,
     /// For fixed-output derivations, the expected hash.
     pub fixed: Option<FixedOutputHash>,
+    /// For floating content-addressed derivations, how the output will be hashed.
+    pub floating: Option<FloatingOutput>,
 }
 
 /// A parsed `.drv` file.
@@ -81,8 +100,33 @@ impl Derivation {
         self.fixed_output().is_some()
     }
 
+    /// Whether this is a floating content-addressed derivation (every output floating).
+    pub fn is_floating(&self) -> bool {
+        !self.outputs.is_empty() && self.outputs.values().all(|o| o.floating.is_some())
+    }
+
+    /// Whether building this derivation first needs its inputs' outputs substituted in
+    /// (Nix's "resolution"): it has input derivations and is floating, or some outputs have
+    /// no path yet (deferred until floating inputs are built).
+    pub fn needs_resolution(&self) -> bool {
+        !self.input_drvs.is_empty()
+            && !self.is_fixed_output()
+            && (self.is_floating() || self.outputs.values().any(|o| o.path.is_none()))
+    }
+
     /// Checks the structural rules Nix enforces on outputs: a hash only on a single `out`.
     pub fn check_outputs_shape(&self) -> Result<(), Error> {
+        let floating = self
+            .outputs
+            .values()
+            .filter(|o| o.floating.is_some())
+            .count();
+        if floating > 0 && floating != self.outputs.len() {
+            return Err(Error::Derivation(format!(
+                "derivation '{}' mixes floating content-addressed outputs with other outputs",
+                self.name
+            )));
+        }
         let fixed = self.outputs.values().filter(|o| o.fixed.is_some()).count();
         if fixed > 0 && self.outputs.len() > 1 {
             return Err(Error::Derivation(format!(
@@ -200,7 +244,15 @@ impl Derivation {
             o.path = None;
             self.env.insert(name.clone(), String::new());
         }
-        let h = hasher.hash_modulo(store_dir, &self, true)?;
+        let (h, deferred) = hasher.hash_modulo_kind(store_dir, &self, true)?;
+        if deferred {
+            // Floating, or depending on a floating input: the builder sees placeholders
+            // that are replaced once the paths are known.
+            for name in self.outputs.keys() {
+                self.env.insert(name.clone(), output_placeholder(name));
+            }
+            return Ok(self);
+        }
         let names: Vec<String> = self.outputs.keys().cloned().collect();
         for name in names {
             let p = store_dir.make_output_path(&name, &h, &self.name)?;
@@ -236,7 +288,18 @@ impl Derivation {
             }
             return Ok(());
         }
-        let h = hasher.hash_modulo(store_dir, self, true)?;
+        let (h, deferred) = hasher.hash_modulo_kind(store_dir, self, true)?;
+        if deferred {
+            // Floating outputs, or outputs deferred until floating inputs are built: no
+            // path can be checked before the build, and none may be declared.
+            if let Some((name, _)) = self.outputs.iter().find(|(_, o)| o.path.is_some()) {
+                return Err(Error::Derivation(format!(
+                    "derivation '{}' declares a path for output '{name}', which depends on floating content-addressed outputs and so cannot have one yet",
+                    self.name
+                )));
+            }
+            return Ok(());
+        }
         for (name, o) in &self.outputs {
             let declared = o.path.as_ref().ok_or_else(|| {
                 Error::Derivation(format!(
@@ -258,15 +321,103 @@ impl Derivation {
     }
 }
 
-/// Parses the hash fields of an output (`r:sha256`, `<hex>`).
-fn parse_fixed(algo: &str, hash: &str) -> Result<FixedOutputHash, Error> {
+/// Parses the method and algorithm field of an output (`r:sha256`, `sha1`).
+fn parse_method_algo(algo: &str) -> Result<FloatingOutput, Error> {
     let (method, algo) = match algo.strip_prefix("r:") {
         Some(a) => (FileIngestionMethod::Recursive, a),
         None => (FileIngestionMethod::Flat, algo),
     };
-    let algo: HashAlgo = algo.parse()?;
+    Ok(FloatingOutput {
+        method,
+        algo: algo.parse()?,
+    })
+}
+
+/// Parses the hash fields of an output (`r:sha256`, `<hex>`).
+fn parse_fixed(algo: &str, hash: &str) -> Result<FixedOutputHash, Error> {
+    let FloatingOutput { method, algo } = parse_method_algo(algo)?;
     let hash = Hash::parse_digest(algo, hash)?;
     Ok(FixedOutputHash { method, hash })
+}
+
+/// The string a derivation holds for output `output` of its input derivation `drv_path`
+/// when that output's path is not known before it is built (a floating content-addressed
+/// input): `/` and the base-32 SHA-256 of `nix-upstream-output:<hash part>:<output name>`.
+/// Resolution replaces it with the output's real path.
+pub fn downstream_placeholder(drv_path: &StorePath, output: &str) -> String {
+    let name = drv_path.derivation_name().unwrap_or(drv_path.name());
+    let clear = format!(
+        "nix-upstream-output:{}:{}",
+        drv_path.hash_part(),
+        output_path_name(name, output)
+    );
+    format!("/{}", crate::Hash::sha256(clear.as_bytes()).to_base32())
+}
+
+impl Derivation {
+    /// The derivation built in place of one that needs resolution: every input derivation's
+    /// output replaced by its path (`realised` gives it, by input `.drv` and output name) in
+    /// the inputs, builder, arguments and environment, and the deferred outputs' paths
+    /// computed (Nix's `tryResolve`). Errors name the missing input output.
+    pub fn resolve(
+        &self,
+        store_dir: &StoreDir,
+        realised: impl Fn(&StorePath, &str) -> Option<StorePath>,
+    ) -> Result<Derivation, Error> {
+        let mut rewrites: BTreeMap<String, String> = BTreeMap::new();
+        let mut resolved = self.clone();
+        resolved.input_drvs.clear();
+        for (input, outs) in &self.input_drvs {
+            for o in outs {
+                let path = realised(input, o).ok_or_else(|| {
+                    Error::Derivation(format!(
+                        "cannot resolve derivation '{}': output '{o}' of input '{}' is not built",
+                        self.name,
+                        store_dir.display(input)
+                    ))
+                })?;
+                rewrites.insert(downstream_placeholder(input, o), store_dir.display(&path));
+                resolved.input_srcs.insert(path);
+            }
+        }
+        let rewrite = |s: &str| {
+            let mut s = s.to_string();
+            for (from, to) in &rewrites {
+                if s.contains(from.as_str()) {
+                    s = s.replace(from.as_str(), to);
+                }
+            }
+            s
+        };
+        resolved.builder = rewrite(&resolved.builder);
+        resolved.args = resolved.args.iter().map(|a| rewrite(a)).collect();
+        resolved.env = resolved
+            .env
+            .iter()
+            .map(|(k, v)| (rewrite(k), rewrite(v)))
+            .collect();
+        // No input derivations are left, so the modulo hash needs no other file.
+        let no_inputs = |_: &StoreDir, p: &StorePath| -> Result<Derivation, Error> {
+            Err(Error::Derivation(format!(
+                "resolved derivation unexpectedly refers to '{p}'"
+            )))
+        };
+        let h = DerivationHasher::new(no_inputs).hash_modulo(store_dir, &resolved, true)?;
+        let deferred: Vec<String> = resolved
+            .outputs
+            .iter()
+            .filter(|(_, o)| o.path.is_none() && o.floating.is_none() && o.fixed.is_none())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in deferred {
+            let p = store_dir.make_output_path(&name, &h, &resolved.name)?;
+            resolved.env.insert(name.clone(), store_dir.display(&p));
+            if let Some(o) = resolved.outputs.get_mut(&name) {
+                o.path = Some(p);
+            }
+        }
+        Ok(resolved)
+    }
 }
 
 /// The string `builtins.placeholder NAME` puts into a derivation for its output `NAME`

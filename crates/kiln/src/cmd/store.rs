@@ -374,6 +374,7 @@ pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                             store
                                 .derivation_output_map(p)?
                                 .values()
+                                .flatten()
                                 .map(|r| store.print(r))
                                 .collect()
                         } else {
