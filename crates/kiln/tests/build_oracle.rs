@@ -127,3 +127,97 @@ fn kiln_builds_what_nix_builds() {
         "fixed-output hash mismatch"
     );
 }
+
+/// Floating content-addressed derivations (`ca-derivations`): Nix 2.8 builds them in one
+/// store, kiln in an identical fresh one; the output paths, their hashes, references and
+/// content addresses agree, and Nix, reading kiln's database, finds the same realisations
+/// (the paths each derivation's outputs became).
+#[test]
+fn kiln_builds_content_addressed_derivations_as_nix_does() {
+    if !nix_or_skip("kiln_builds_content_addressed_derivations_as_nix_does") {
+        return;
+    }
+    let path = std::env::temp_dir().join(format!("kiln-oracle-ca-{}", std::process::id()));
+    let attrs = [
+        "root",
+        "rootFlat",
+        "multi",
+        "dependent",
+        "dependentNonCA",
+        "transitive",
+    ];
+    let feature = ["--option", "experimental-features", "nix-command ca-derivations"];
+    let instantiate = |env: &NixEnv| -> BTreeMap<String, String> {
+        attrs
+            .iter()
+            .map(|a| {
+                let file = fixture("ca/ca.nix");
+                let mut args = feature.to_vec();
+                args.extend([file.to_str().unwrap(), "-A", a]);
+                (a.to_string(), env.run("nix-instantiate", &args).trim().to_string())
+            })
+            .collect()
+    };
+    // Realisation and path facts, as Nix reports them.
+    let facts = |env: &NixEnv, drvs: &BTreeMap<String, String>| -> Vec<String> {
+        let mut out = Vec::new();
+        for a in attrs {
+            let mut args = feature.to_vec();
+            args.extend(["realisation", "info", "--json", &drvs[a]]);
+            let v: serde_json::Value = serde_json::from_str(&env.run("nix", &args)).unwrap();
+            for r in v.as_array().unwrap() {
+                let p = format!("{}/{}", env.store_dir().display(), r["outPath"].as_str().unwrap());
+                let info = env.run("nix", &["path-info", "--json", &p]);
+                let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+                let i = &info[0];
+                out.push(format!(
+                    "{a} {} {p} {} {} {}",
+                    r["id"], i["narHash"], i["ca"], i["references"]
+                ));
+            }
+        }
+        out.sort();
+        out
+    };
+    let nix = NixEnv::at(&path);
+    let drvs = instantiate(&nix);
+    let mut args = feature.to_vec();
+    args.extend(["--realise"]);
+    args.extend(drvs.values().map(String::as_str));
+    nix.run("nix-store", &args);
+    let want = facts(&nix, &drvs);
+    assert_eq!(want.len(), 7, "{want:?}");
+    let _ = Command::new("chmod")
+        .arg("-R")
+        .arg("u+w")
+        .arg(&path)
+        .status();
+    drop(nix);
+    let nix = NixEnv::at(&path);
+    assert_eq!(instantiate(&nix), drvs, "the same .drv paths in the recreated store");
+    for a in attrs {
+        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--store-dir")
+            .arg(nix.store_dir())
+            .arg("--state-dir")
+            .arg(nix.state_dir())
+            .arg("--log-dir")
+            .arg(nix.log_dir())
+            .args(["--option", "sandbox", "false"])
+            .args(["build", &drvs[a]])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{a}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(facts(&nix, &drvs), want);
+    let v = nix
+        .cmd("nix-store")
+        .args(["--verify", "--check-contents"])
+        .output()
+        .unwrap();
+    assert!(
+        v.status.success() && !String::from_utf8_lossy(&v.stderr).contains("modified"),
+        "{}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+}
