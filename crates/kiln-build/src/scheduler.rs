@@ -1443,9 +1443,30 @@ impl Worker {
                 .output_hash(&drv_path, &drv)
                 .map_err(|e| e.to_string())?;
             let keys = crate::job::secret_keys(&settings)?;
+            // The resolved derivation's own outputs are recorded too when its build did not
+            // do it (it is not floating), as Nix does for every build once resolution is
+            // in play.
+            let rhash = (!rdrv.is_floating())
+                .then(|| store.output_hash(&rpath, &rdrv))
+                .transpose()
+                .map_err(|e| e.to_string())?;
             let mut out = BTreeMap::new();
             for (name, p) in outputs {
                 let Some(p) = p else { continue };
+                if let Some(rh) = rhash {
+                    let id = DrvOutput::new(rh, &name);
+                    if store
+                        .query_realisation(&id)
+                        .map_err(|e| e.to_string())?
+                        .is_none()
+                    {
+                        let mut r = Realisation::new(id, p.clone());
+                        for k in &keys {
+                            r.sign(k);
+                        }
+                        store.register_realisation(&r).map_err(|e| e.to_string())?;
+                    }
+                }
                 let mut r = Realisation::new(DrvOutput::new(h, &name), p.clone());
                 if !drv.is_fixed_output() {
                     let refs = store.query_references(&p).map_err(|e| e.to_string())?;

@@ -132,6 +132,24 @@ fn untrusted_client_side() {
             .unwrap(),
         Reply::Bool(false)
     ));
+    // An unsigned realisation would decide which path another user's content-addressed
+    // build uses: refused (Nix 2.8 would record it).
+    let id = kiln_format::realisation::DrvOutput::new(Hash::sha256(b"some drv"), "out");
+    let r = kiln_format::realisation::Realisation::new(id.clone(), drv_path.clone());
+    let e = err(
+        &mut c,
+        Request::RegisterDrvOutput {
+            realisation: r.to_json(),
+            out_path: None,
+        },
+        None,
+    );
+    assert!(e.contains("lacks a valid signature"), "{e}");
+    assert!(matches!(
+        c.request(&Request::QueryRealisation(id.to_string()), None, &mut |_| {})
+            .unwrap(),
+        Reply::Strings(v) if v.is_empty()
+    ));
     // Building is allowed, and so is asking for roots, which come censored.
     assert!(matches!(
         c.request(&build_req(&drv_path, BuildMode::Normal), None, &mut |_| {})

@@ -71,7 +71,11 @@ fn load() -> Fixture {
 }
 
 impl Fixture {
-    fn hasher(&self) -> DerivationHasher<impl Fn(&StoreDir, &StorePath) -> Result<Derivation, kiln_format::Error> + '_> {
+    fn hasher(
+        &self,
+    ) -> DerivationHasher<
+        impl Fn(&StoreDir, &StorePath) -> Result<Derivation, kiln_format::Error> + '_,
+    > {
         DerivationHasher::new(move |_: &StoreDir, p: &StorePath| {
             Ok(self.drvs.get(p).map(|(_, d)| d.clone()).unwrap())
         })
@@ -154,7 +158,10 @@ fn resolution_gives_the_derivations_nix_wrote() {
     // An unbuilt input is named.
     let (_, dep) = f.drv("dependent");
     let e = dep.resolve(&sd, |_, _| None).unwrap_err().to_string();
-    assert!(e.contains("output 'out' of input") && e.contains("root.drv"), "{e}");
+    assert!(
+        e.contains("output 'out' of input") && e.contains("root.drv"),
+        "{e}"
+    );
 }
 
 #[test]
