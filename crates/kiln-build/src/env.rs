@@ -258,9 +258,9 @@ pub fn prepare_env(i: &EnvInputs<'_>) -> Result<PreparedEnv> {
     for k in ["NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"] {
         env.insert(k.into(), i.build_top.into());
     }
-    // Only fixed-output derivations may see the caller's proxy settings and the like:
+    // Only fixed-output (and impure) derivations may see the caller's proxy settings and the like:
     // their output is checked against a known hash, so it stays pure.
-    if drv.is_fixed_output() {
+    if !drv.is_sandboxed() {
         if let Some(vars) = drv.env.get("impureEnvVars") {
             for v in vars.split_whitespace() {
                 env.insert(v.into(), (i.impure)(v).unwrap_or_default());

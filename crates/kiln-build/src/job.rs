@@ -349,7 +349,8 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
             &plans,
             &to_tmp,
             &from_tmp,
-            fixed.is_some(),
+            // Fixed-output and impure builds get the network and impure variables.
+            !drv.is_sandboxed(),
             sandboxed,
             round,
             rounds,
@@ -459,7 +460,8 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
         f.kinds = FailureKinds::default();
         f
     })?;
-    if floating {
+    // Impure outputs are never reused, so nothing records them.
+    if floating && !drv.is_impure() {
         register_realisations(spec, &outputs)?;
     }
     if spec.settings.auto_optimise && !store.options().auto_optimise {

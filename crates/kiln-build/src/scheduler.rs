@@ -270,6 +270,9 @@ struct DrvGoal {
     /// build's result.
     resolved: Option<(StorePath, Arc<Derivation>)>,
     resolved_result: Option<BuildResult>,
+    /// What the input derivations' goals reported their outputs to be, by input and output
+    /// name (the only record of an impure input's outputs).
+    input_outputs: BTreeMap<(StorePath, String), StorePath>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -708,6 +711,7 @@ impl Worker {
             job: None,
             resolved: None,
             resolved_result: None,
+            input_outputs: BTreeMap::new(),
         };
         let id = self.new_goal(key, Kind::Drv(Box::new(goal)), settings);
         self.drv_goals.insert(drv.clone(), id);
@@ -830,10 +834,20 @@ impl Worker {
         let waiters: Vec<GoalId> = g.waiters.drain().collect();
         let requests: Vec<RequestId> = g.requests.iter().copied().collect();
         let key = g.key.clone();
+        let finished_drv = match self.goals.get(&id).map(|g| &g.kind) {
+            Some(Kind::Drv(d)) => Some(d.drv_path.clone()),
+            _ => None,
+        };
         for w in waiters {
             if let Some(d) = self.drv_mut(w) {
                 if d.state == DrvState::Resolved {
                     d.resolved_result = Some(result.clone());
+                }
+                if let Some(input) = &finished_drv {
+                    for (name, p) in &result.outputs {
+                        d.input_outputs
+                            .insert((input.clone(), name.clone()), p.clone());
+                    }
                 }
             }
             self.waitee_done(w, id, exit);
@@ -1266,6 +1280,20 @@ impl Worker {
         } else {
             BuildMode::Normal
         };
+        // A pure derivation may not depend on an impure one, and that is refused before the
+        // impure one is built. Only a derivation whose outputs wait for its inputs can
+        // (an impure input's hash defers them), so no other derivation's inputs are read.
+        if drv.needs_resolution() && drv.is_sandboxed() {
+            for p in drv.input_drvs.keys() {
+                if store.read_derivation(p).is_ok_and(|i| i.is_impure()) {
+                    let msg = format!(
+                        "pure derivation '{abs}' depends on impure derivation '{}'",
+                        store.print(p)
+                    );
+                    return self.fail_drv(id, BuildStatus::MiscFailure, msg);
+                }
+            }
+        }
         for (p, outs) in &drv.input_drvs {
             let sub = self.make_drv_goal(p, outs, input_mode, &settings);
             self.add_waitee(id, sub);
@@ -1323,7 +1351,23 @@ impl Worker {
                 Ok(x) => x,
                 Err(e) => return self.fail_drv(id, BuildStatus::MiscFailure, e.to_string()),
             };
-            let known = self.output_map(p, &input);
+            // A pure derivation's result must not depend on an impure one's (a fixed-output
+            // derivation's may: its hash is checked).
+            if input.is_impure() && !drv.is_impure() && !drv.is_fixed_output() {
+                let msg = format!(
+                    "pure derivation '{abs}' depends on impure derivation '{}'",
+                    store.print(p)
+                );
+                return self.fail_drv(id, BuildStatus::MiscFailure, msg);
+            }
+            let mut known = self.output_map(p, &input);
+            if known.values().any(Option::is_none) {
+                if let Some(Kind::Drv(d)) = self.goals.get(&id).map(|g| &g.kind) {
+                    for (o, path) in known.iter_mut().filter(|(_, x)| x.is_none()) {
+                        *path = d.input_outputs.get(&(p.clone(), o.clone())).cloned();
+                    }
+                }
+            }
             // A fixed-output derivation holds placeholders for inputs known only once built.
             dynamic_inputs |= outs
                 .iter()
@@ -1437,7 +1481,11 @@ impl Worker {
         if !result.success() {
             return self.done(id, Exit::Failed, result);
         }
-        let outputs: BTreeMap<String, Option<StorePath>> = self.output_map(&rpath, &rdrv);
+        // What the resolved build reported (impure outputs are recorded nowhere else).
+        let mut outputs: BTreeMap<String, Option<StorePath>> = self.output_map(&rpath, &rdrv);
+        for (name, p) in &result.outputs {
+            outputs.insert(name.clone(), Some(p.clone()));
+        }
         let registered = (|| -> std::result::Result<BTreeMap<String, StorePath>, String> {
             let h = store
                 .output_hash(&drv_path, &drv)
@@ -1453,6 +1501,11 @@ impl Worker {
             let mut out = BTreeMap::new();
             for (name, p) in outputs {
                 let Some(p) = p else { continue };
+                out.insert(name.clone(), p.clone());
+                // Impure outputs are never reused, so nothing records them.
+                if drv.is_impure() {
+                    continue;
+                }
                 if let Some(rh) = rhash {
                     let id = DrvOutput::new(rh, &name);
                     if store
@@ -1478,7 +1531,6 @@ impl Worker {
                     r.sign(k);
                 }
                 store.register_realisation(&r).map_err(|e| e.to_string())?;
-                out.insert(name, p);
             }
             Ok(out)
         })();

@@ -442,6 +442,8 @@ impl LocalStore {
         for (name, o) in &d.outputs {
             let p = match &o.path {
                 Some(p) => Some(p.clone()),
+                // Impure outputs are never reused: not known until built again.
+                None if o.floating.is_some_and(|f| f.impure) => None,
                 None => {
                     let h = match hash {
                         Some(h) => h,

@@ -168,10 +168,15 @@ pub(super) fn parse(store_dir: &StoreDir, name: &str, text: &[u8]) -> Result<Der
         };
         let (fixed, floating) = match (algo.is_empty(), hash.is_empty()) {
             (true, true) => (None, None),
-            (false, false) if hash == "impure" => {
+            (false, false) if hash == "impure" && !path.is_empty() => {
                 return Err(Error::Derivation(format!(
-                    "invalid derivation '{name}': output '{id}' at byte {at} is impure (experimental `impure-derivations`), which kiln does not support"
+                    "invalid derivation '{name}': impure output '{id}' at byte {at} has a path"
                 )))
+            }
+            (false, false) if hash == "impure" => {
+                let mut f = parse_method_algo(&algo).map_err(bad)?;
+                f.impure = true;
+                (None, Some(f))
             }
             (false, false) => (Some(parse_fixed(&algo, &hash).map_err(bad)?), None),
             (false, true) if !path.is_empty() => {
@@ -348,7 +353,7 @@ pub(super) fn write(
             }
             (None, Some(f)) => {
                 write_unquoted(out, &f.method_algo());
-                out.extend_from_slice(b",\"\"");
+                out.extend_from_slice(if f.impure { b",\"impure\"" } else { b",\"\"" });
             }
             (None, None) => out.extend_from_slice(b"\"\",\"\""),
         }

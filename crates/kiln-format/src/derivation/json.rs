@@ -18,6 +18,9 @@ pub(super) fn to_json(drv: &Derivation, store_dir: &StoreDir) -> Value {
         }
         if let Some(f) = &o.floating {
             m.insert("hashAlgo".into(), Value::String(f.method_algo()));
+            if f.impure {
+                m.insert("impure".into(), Value::Bool(true));
+            }
         }
         outputs.insert(name.clone(), Value::Object(m));
     }

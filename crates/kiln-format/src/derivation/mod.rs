@@ -37,6 +37,9 @@ impl FixedOutputHash {
 pub struct FloatingOutput {
     pub method: FileIngestionMethod,
     pub algo: HashAlgo,
+    /// An impure output (experimental `impure-derivations`): built afresh every time, never
+    /// reused, and with the network, like a fixed-output derivation.
+    pub impure: bool,
 }
 
 impl FloatingOutput {
@@ -105,6 +108,19 @@ impl Derivation {
         !self.outputs.is_empty() && self.outputs.values().all(|o| o.floating.is_some())
     }
 
+    /// Whether this is an impure derivation (experimental `impure-derivations`).
+    pub fn is_impure(&self) -> bool {
+        self.outputs
+            .values()
+            .any(|o| o.floating.is_some_and(|f| f.impure))
+    }
+
+    /// Whether its build is isolated from the network and the caller's environment: not
+    /// fixed-output (whose result is checked against a hash) and not impure.
+    pub fn is_sandboxed(&self) -> bool {
+        !self.is_fixed_output() && !self.is_impure()
+    }
+
     /// Whether building this derivation first needs its inputs' outputs substituted in
     /// (Nix's "resolution"): it has input derivations and is floating, or some outputs have
     /// no path yet (deferred until floating inputs are built).
@@ -124,6 +140,17 @@ impl Derivation {
         if floating > 0 && floating != self.outputs.len() {
             return Err(Error::Derivation(format!(
                 "derivation '{}' mixes floating content-addressed outputs with other outputs",
+                self.name
+            )));
+        }
+        let impure = self
+            .outputs
+            .values()
+            .filter(|o| o.floating.is_some_and(|f| f.impure))
+            .count();
+        if impure > 0 && impure != self.outputs.len() {
+            return Err(Error::Derivation(format!(
+                "derivation '{}' mixes impure outputs with other outputs",
                 self.name
             )));
         }
@@ -330,12 +357,13 @@ fn parse_method_algo(algo: &str) -> Result<FloatingOutput, Error> {
     Ok(FloatingOutput {
         method,
         algo: algo.parse()?,
+        impure: false,
     })
 }
 
 /// Parses the hash fields of an output (`r:sha256`, `<hex>`).
 fn parse_fixed(algo: &str, hash: &str) -> Result<FixedOutputHash, Error> {
-    let FloatingOutput { method, algo } = parse_method_algo(algo)?;
+    let FloatingOutput { method, algo, .. } = parse_method_algo(algo)?;
     let hash = Hash::parse_digest(algo, hash)?;
     Ok(FixedOutputHash { method, hash })
 }
@@ -432,6 +460,60 @@ pub fn output_placeholder(output: &str) -> String {
 
 #[cfg(test)]
 mod placeholder_tests {
+    use super::*;
+
+    const SD: &str = "/nix/store";
+
+    fn parse(text: &str) -> Result<Derivation, Error> {
+        Derivation::parse(&StoreDir::new(SD).unwrap(), "x", text.as_bytes())
+    }
+
+    #[test]
+    fn impure_and_floating_outputs_print_back_and_hash_as_nix() {
+        let sd = StoreDir::new(SD).unwrap();
+        let impure = r#"Derive([("out","","r:sha256","impure"),("stuff","","r:sha256","impure")],[],[],"x86_64-linux","/bin/sh",[],[("out","/1rz4g4znpzjwh1xymhjpm42vipw92pr73vdgl6xs1hycac8kf2n9")])"#;
+        let d = parse(impure).unwrap();
+        assert!(d.is_impure() && d.is_floating() && !d.is_sandboxed());
+        assert_eq!(d.to_aterm(&sd), impure.as_bytes());
+        assert_eq!(d.to_json(&sd)["outputs"]["out"]["impure"], true);
+        // Nix's `impureOutputHash`, deferred, whatever the derivation holds.
+        let none = |_: &StoreDir, p: &StorePath| -> Result<Derivation, Error> {
+            Err(Error::Derivation(format!("unexpected read of {p}")))
+        };
+        let (h, deferred) = DerivationHasher::new(none)
+            .hash_modulo_kind(&sd, &d, true)
+            .unwrap();
+        assert_eq!((h, deferred), (Hash::sha256(b"impure"), true));
+
+        let floating = r#"Derive([("out","","sha256","")],[],[],"x86_64-linux","/bin/sh",[],[])"#;
+        let d = parse(floating).unwrap();
+        assert!(d.is_floating() && !d.is_impure() && d.is_sandboxed());
+        assert_eq!(d.to_aterm(&sd), floating.as_bytes());
+        assert_eq!(d.to_json(&sd)["outputs"]["out"]["hashAlgo"], "sha256");
+
+        // Shapes Nix refuses.
+        for (text, want) in [
+            (
+                r#"Derive([("out","/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x","r:sha256","")],[],[],"s","b",[],[])"#,
+                "has a path",
+            ),
+            (
+                r#"Derive([("out","/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x","r:sha256","impure")],[],[],"s","b",[],[])"#,
+                "has a path",
+            ),
+            (
+                r#"Derive([("out","","r:sha999","")],[],[],"s","b",[],[])"#,
+                "sha999",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        let mixed = parse(r#"Derive([("dev","/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x-dev","",""),("out","","r:sha256","")],[],[],"s","b",[],[])"#).unwrap();
+        let e = mixed.check_outputs_shape().unwrap_err().to_string();
+        assert!(e.contains("mixes floating"), "{e}");
+    }
+
     #[test]
     fn placeholder_matches_nix() {
         // `nix eval --raw --expr 'builtins.placeholder "out"'` with Nix 2.8.
