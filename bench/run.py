@@ -2,6 +2,7 @@
 """kiln's side-by-side benchmark harness: kiln vs Nix 2.8 (Debian's nix-bin) in the same run.
 
     bench/run.py formats            # NAR dump + SHA-256 of a ~1 GiB / ~20k-file tree
+    bench/run.py ca                 # the same workloads as floating content-addressed derivations
     bench/run.py sandbox            # sandboxed trivial builds (DAG and chain), and unshare(1)
     bench/run.py subst              # substituting ~300 paths / ~500 MiB from caches
     bench/run.py all
@@ -122,12 +123,12 @@ def bench_formats(args):
 SANDBOX_PATHS = "/bin /usr /lib /lib64"
 
 
-def nix_env(root, sandbox=False):
+def nix_env(root, sandbox=False, features="nix-command"):
     """Environment for a private Nix 2.8 store rooted at `root` (no daemon, no substituters)."""
     conf = os.path.join(root, "conf")
     os.makedirs(conf, exist_ok=True)
     with open(os.path.join(conf, "nix.conf"), "w") as f:
-        f.write("substituters =\nbuild-users-group =\nexperimental-features = nix-command\n")
+        f.write(f"substituters =\nbuild-users-group =\nexperimental-features = {features}\n")
         f.write(f"sandbox = true\nsandbox-paths = {SANDBOX_PATHS}\n" if sandbox else "sandbox = false\n")
     env = dict(os.environ)
     env.update(NIX_STORE_DIR=os.path.join(root, "store"), NIX_STATE_DIR=os.path.join(root, "var"),
@@ -277,6 +278,29 @@ def dag_nix(n_layers, width, deps):
     return "\n".join(lines[:3]) + "\nin rec {\n" + body + "\n}\n", names
 
 
+def content_addressed(expr):
+    """The same expression with every derivation floating content-addressed."""
+    ca = '__contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; '
+    return expr.replace("derivation { ", "derivation { " + ca)
+
+
+def bench_ca(args):
+    print("## content-addressed derivations: kiln build vs nix-store --realise (ca-derivations, sandbox off)\n", flush=True)
+    b = DrvBench(args, "ca-bench", sandbox=False, features="nix-command ca-derivations")
+    print(f"max-jobs {b.jobs} on both sides; every derivation floating content-addressed, so each one with inputs is resolved (a second .drv written) and each output moved to its content-addressed path\n")
+    b.header()
+    expr, names = dag_nix(10, 100, 2)
+    drvs = b.prepare(content_addressed(expr), names)
+    b.run_pair("1,000 floating CA derivations (DAG, 10 layers × 100)", drvs, 1000)
+    b.restore()
+    subprocess.run(b.kiln_cmd("build", "-Q", "-j", b.jobs, *drvs), check=True, capture_output=True)
+    b.run_pair("no-op rebuild of the 1,000 (all realised)", drvs, 1000, setup=lambda: None)
+    expr, names = chain_nix(300)
+    drvs = b.prepare(content_addressed(expr), names)
+    b.run_pair("300-deep chain of floating CA derivations", drvs, 300)
+    shutil.rmtree(b.work, ignore_errors=True)
+
+
 def chain_nix(n):
     lines = ["let sys = builtins.currentSystem;",
              "mk = name: dep: derivation { inherit name; system = sys; builder = \"/bin/sh\"; args = [ \"-c\" \"echo ${dep} > $out\" ]; };",
@@ -291,8 +315,9 @@ class DrvBench:
     """The same .drv files (instantiated once by Nix 2.8) realised by kiln and by Nix from
     the same saved store, with the sandbox on or off on both sides."""
 
-    def __init__(self, args, name, sandbox):
+    def __init__(self, args, name, sandbox, features="nix-command"):
         self.args = args
+        self.features = features
         self.work = os.path.join(args.dir, name)
         shutil.rmtree(self.work, ignore_errors=True)
         os.makedirs(self.work)
@@ -311,7 +336,7 @@ class DrvBench:
     def prepare(self, expr, attrs):
         shutil.rmtree(self.root, ignore_errors=True)
         shutil.rmtree(self.saved, ignore_errors=True)
-        self.env = nix_env(self.root, self.sandbox)
+        self.env = nix_env(self.root, self.sandbox, self.features)
         f = os.path.join(self.work, "e.nix")
         open(f, "w").write(expr)
         drvs = []
@@ -655,7 +680,7 @@ def bench_subst(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="+", choices=["formats", "store", "build", "sandbox", "daemon", "subst", "all"])
+    p.add_argument("what", nargs="+", choices=["formats", "store", "build", "ca", "sandbox", "daemon", "subst", "all"])
     p.add_argument("--jobs", type=int, default=2, help="max-jobs for the build benchmarks")
     p.add_argument("--dir", default="/tmp/kiln-bench", help="work directory (a tmpfs is mounted there if possible)")
     p.add_argument("--fs", choices=["tmpfs", "ext4"], default="tmpfs",
@@ -686,6 +711,8 @@ def main():
         bench_store(args)
     if "all" in whats or "build" in whats:
         bench_build(args)
+    if "all" in whats or "ca" in whats:
+        bench_ca(args)
     if "all" in whats or "sandbox" in whats:
         bench_sandbox(args)
     if "all" in whats or "daemon" in whats:

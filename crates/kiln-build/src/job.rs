@@ -340,8 +340,13 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
     }
     let mut prev: Option<Vec<ValidPathInfo>> = None;
     let mut last = Vec::new();
-    // Locks of floating outputs' final paths, held until they are registered.
-    let mut held = Vec::new();
+    // Locks of floating outputs' final paths, held until they are registered, and their
+    // temporary roots, which the scheduler's goal takes over once the build succeeds.
+    let mut held = Finalized {
+        store,
+        locks: Vec::new(),
+        roots: Vec::new(),
+    };
     for round in 1..=rounds {
         let infos = build_round(
             spec,
@@ -464,6 +469,7 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
     if floating && !drv.is_impure() {
         register_realisations(spec, &outputs)?;
     }
+    held.hand_over();
     if spec.settings.auto_optimise && !store.options().auto_optimise {
         for info in &to_register {
             if let Err(e) = kiln_store::optimise::optimise_path(store, &info.path) {
@@ -702,7 +708,7 @@ fn build_round(
     sandboxed: bool,
     round: u32,
     rounds: u32,
-    held: &mut Vec<kiln_store::lock::PathLock>,
+    held: &mut Finalized<'_>,
 ) -> Result<Vec<ValidPathInfo>, Failure> {
     let store = &spec.store;
     let sd = store.store_dir();
@@ -1511,12 +1517,14 @@ impl Write for Tee<'_> {
 /// sibling outputs are rewritten to their final paths first (siblings in dependency order),
 /// and its own scratch hash part is rewritten to the final one. An output whose path is
 /// already valid (another derivation produced the same contents) is not touched. Locks on
-/// the final paths go to `held`, to be released after registration.
+/// the final paths go to `held`, to be released after registration, with a temporary root on
+/// each (a collector must not take an output between its registration and its client's
+/// root).
 fn finalize_floating(
     spec: &JobSpec,
     plans: &[OutputPlan],
     infos: Vec<ValidPathInfo>,
-    held: &mut Vec<kiln_store::lock::PathLock>,
+    held: &mut Finalized<'_>,
 ) -> Result<Vec<ValidPathInfo>, Failure> {
     if plans.iter().all(|p| p.floating.is_none()) {
         return Ok(infos);
@@ -1630,8 +1638,10 @@ fn finalize_floating(
         if let Ok(Some(mut l)) = store.lock_path(&path, true) {
             // As for other output locks, the file goes when the lock is released.
             l.set_delete(true);
-            held.push(l);
+            held.locks.push(l);
         }
+        store.add_temp_root(&path).map_err(Failure::misc)?;
+        held.roots.push(path.clone());
         if store.is_valid(&path).map_err(Failure::misc)? {
             // Produced before (by this derivation or another): keep what is there.
             fsutil::remove_tree(&actual).map_err(Failure::misc)?;
@@ -1669,6 +1679,29 @@ fn finalize_floating(
         .into_iter()
         .map(|f| f.ok_or_else(|| Failure::misc("an output was not finalized")))
         .collect()
+}
+
+/// Locks and temporary roots of floating outputs' final paths. The locks go when it is
+/// dropped; so do the roots unless the build succeeded, in which case the scheduler's goal
+/// owns them (see `Worker::build_done`).
+struct Finalized<'a> {
+    store: &'a LocalStore,
+    locks: Vec<kiln_store::lock::PathLock>,
+    roots: Vec<StorePath>,
+}
+
+impl Finalized<'_> {
+    fn hand_over(&mut self) {
+        self.roots.clear();
+    }
+}
+
+impl Drop for Finalized<'_> {
+    fn drop(&mut self) {
+        for p in &self.roots {
+            self.store.remove_temp_root(p);
+        }
+    }
 }
 
 /// Rewrites hash parts throughout the tree at `at` (a fresh copy replaces it).

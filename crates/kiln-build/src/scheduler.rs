@@ -1964,6 +1964,12 @@ impl Worker {
             );
             return self.done(id, Exit::Failed, r);
         }
+        // A floating build rooted its outputs' final paths for this goal (see `job`).
+        if drv.is_floating() {
+            if let Some(g) = self.goals.get_mut(&id) {
+                g.roots.extend(r.outputs.values().cloned());
+            }
+        }
         self.done(id, Exit::Success, r);
     }
 
