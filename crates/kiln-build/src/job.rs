@@ -495,17 +495,32 @@ fn register_realisations(
         .map_err(Failure::misc)?;
     let keys = secret_keys(&spec.settings).map_err(Failure::misc)?;
     for (name, p) in outputs {
-        let mut r = Realisation::new(DrvOutput::new(h, name), p.clone());
-        let refs = store.query_references(p).map_err(Failure::misc)?;
-        r.dependent = store
-            .dependent_realisations(&spec.drv, &refs)
+        record_realisation(store, DrvOutput::new(h, name), p, Some(&spec.drv), &keys)
             .map_err(Failure::misc)?;
-        for k in &keys {
-            r.sign(k);
-        }
-        store.register_realisation(&r).map_err(Failure::misc)?;
     }
     Ok(())
+}
+
+/// Records that output `id` is `path`, signed with `keys`. With `inputs_of`, the
+/// realisation also names the realisations of that derivation's inputs its path refers to.
+pub(crate) fn record_realisation(
+    store: &LocalStore,
+    id: DrvOutput,
+    path: &StorePath,
+    inputs_of: Option<&Derivation>,
+    keys: &[SecretKey],
+) -> Result<(), String> {
+    let mut r = Realisation::new(id, path.clone());
+    if let Some(drv) = inputs_of {
+        let refs = store.query_references(path).map_err(|e| e.to_string())?;
+        r.dependent = store
+            .dependent_realisations(drv, &refs)
+            .map_err(|e| e.to_string())?;
+    }
+    for k in keys {
+        r.sign(k);
+    }
+    store.register_realisation(&r).map_err(|e| e.to_string())
 }
 
 /// The keys of `secret-key-files`, which sign what builds produce.

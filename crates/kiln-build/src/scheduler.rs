@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
-use kiln_format::realisation::{DrvOutput, Realisation};
+use kiln_format::realisation::DrvOutput;
 use kiln_format::{ContentAddress, Derivation, StorePath, ValidPathInfo};
 use kiln_store::lock::PathLock;
 use kiln_store::LocalStore;
@@ -1513,24 +1513,11 @@ impl Worker {
                         .map_err(|e| e.to_string())?
                         .is_none()
                     {
-                        let mut r = Realisation::new(id, p.clone());
-                        for k in &keys {
-                            r.sign(k);
-                        }
-                        store.register_realisation(&r).map_err(|e| e.to_string())?;
+                        job::record_realisation(&store, id, &p, None, &keys)?;
                     }
                 }
-                let mut r = Realisation::new(DrvOutput::new(h, &name), p.clone());
-                if !drv.is_fixed_output() {
-                    let refs = store.query_references(&p).map_err(|e| e.to_string())?;
-                    r.dependent = store
-                        .dependent_realisations(&drv, &refs)
-                        .map_err(|e| e.to_string())?;
-                }
-                for k in &keys {
-                    r.sign(k);
-                }
-                store.register_realisation(&r).map_err(|e| e.to_string())?;
+                let inputs_of = (!drv.is_fixed_output()).then_some(&*drv);
+                job::record_realisation(&store, DrvOutput::new(h, &name), &p, inputs_of, &keys)?;
             }
             Ok(out)
         })();

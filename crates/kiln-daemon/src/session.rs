@@ -173,6 +173,15 @@ impl<'d> Session<'d> {
     }
 
     /// Whether `info` may be added without a trusted signature check failing.
+    /// The keys of `trusted-public-keys` (unparsable entries are ignored).
+    fn trusted_keys(&self) -> Vec<kiln_format::signature::PublicKey> {
+        self.settings
+            .get_list("trusted-public-keys")
+            .iter()
+            .filter_map(|k| kiln_format::signature::PublicKey::parse(k).ok())
+            .collect()
+    }
+
     fn check_signatures(&self, info: &ValidPathInfo, check: bool) -> Result<(), RemoteError> {
         if !check || !self.settings.get_bool("require-sigs") {
             return Ok(());
@@ -181,13 +190,7 @@ impl<'d> Session<'d> {
         if info.is_content_addressed(sd) {
             return Ok(());
         }
-        let keys: Vec<_> = self
-            .settings
-            .get_list("trusted-public-keys")
-            .iter()
-            .filter_map(|k| kiln_format::signature::PublicKey::parse(k).ok())
-            .collect();
-        if info.is_signed_by(sd, &keys) {
+        if info.is_signed_by(sd, &self.trusted_keys()) {
             return Ok(());
         }
         Err(remote(format!(
@@ -1021,19 +1024,14 @@ impl kiln_protocol::Handler for Session<'_> {
                 // kiln requires what it requires of paths: a trusted signature (unless
                 // `require-sigs` is off). Otherwise one user could point another user's
                 // content-addressed build at a path of their choosing.
-                if !self.trusted() && self.settings.get_bool("require-sigs") {
-                    let keys: Vec<_> = self
-                        .settings
-                        .get_list("trusted-public-keys")
-                        .iter()
-                        .filter_map(|k| kiln_format::signature::PublicKey::parse(k).ok())
-                        .collect();
-                    if !r.verify(&keys) {
-                        return Err(remote(format!(
-                            "cannot register realisation '{}' because it lacks a valid signature",
-                            r.out_path
-                        )));
-                    }
+                if !self.trusted()
+                    && self.settings.get_bool("require-sigs")
+                    && !r.verify(&self.trusted_keys())
+                {
+                    return Err(remote(format!(
+                        "cannot register realisation '{}' because it lacks a valid signature",
+                        r.out_path
+                    )));
                 }
                 store.register_realisation(&r).map_err(remote)?;
                 Ok(Reply::Nothing)

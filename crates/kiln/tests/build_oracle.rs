@@ -39,6 +39,20 @@ fn facts(env: &NixEnv, paths: &[String]) -> BTreeMap<String, (String, String)> {
     m
 }
 
+/// Nix's `--verify --check-contents` finds kiln's store intact.
+fn assert_nix_verifies(nix: &NixEnv) {
+    let v = nix
+        .cmd("nix-store")
+        .args(["--verify", "--check-contents"])
+        .output()
+        .unwrap();
+    assert!(
+        v.status.success() && !String::from_utf8_lossy(&v.stderr).contains("modified"),
+        "{}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+}
+
 #[test]
 fn kiln_builds_what_nix_builds() {
     if !nix_or_skip("kiln_builds_what_nix_builds") {
@@ -105,16 +119,7 @@ fn kiln_builds_what_nix_builds() {
     assert_eq!(a, b, "output paths");
     // Nix reads kiln's database and finds the same hashes and references.
     assert_eq!(facts(&nix, &kouts), want);
-    let v = nix
-        .cmd("nix-store")
-        .args(["--verify", "--check-contents"])
-        .output()
-        .unwrap();
-    assert!(
-        v.status.success() && !String::from_utf8_lossy(&v.stderr).contains("modified"),
-        "{}",
-        String::from_utf8_lossy(&v.stderr)
-    );
+    assert_nix_verifies(&nix);
     let log = nix.run("nix-store", &["--read-log", &drvs["top"]]);
     assert!(log.contains("building top"), "{log}");
     // Failures: same exit statuses.
@@ -237,14 +242,5 @@ fn kiln_builds_content_addressed_derivations_as_nix_does() {
         );
     }
     assert_eq!(facts(&nix, &drvs), want);
-    let v = nix
-        .cmd("nix-store")
-        .args(["--verify", "--check-contents"])
-        .output()
-        .unwrap();
-    assert!(
-        v.status.success() && !String::from_utf8_lossy(&v.stderr).contains("modified"),
-        "{}",
-        String::from_utf8_lossy(&v.stderr)
-    );
+    assert_nix_verifies(&nix);
 }
