@@ -110,6 +110,8 @@ pub struct JobSpec {
     pub valid_outputs: BTreeSet<String>,
     /// The closure of the inputs.
     pub input_paths: BTreeSet<StorePath>,
+    /// Serves the daemon socket of a `recursive-nix` build.
+    pub recursive: Option<Arc<dyn crate::recursive::RecursiveServer>>,
     pub events: Box<dyn Fn(JobEvent) + Send>,
 }
 
@@ -293,6 +295,33 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
             sd.display(&spec.drv_path)
         )));
     }
+    // Recursive Nix: what the builder may see and was given through its socket, kept (with
+    // the temporary roots of what it was given) until the outputs are registered.
+    let recursive = if crate::recursive::wanted(drv) {
+        if !spec
+            .settings
+            .experimental_features
+            .contains(crate::recursive::FEATURE)
+        {
+            return Err(Failure::misc(
+                "experimental Nix feature 'recursive-nix' is disabled; use '--extra-experimental-features recursive-nix' to override",
+            ));
+        }
+        if spec.recursive.is_none() {
+            return Err(Failure::misc(format!(
+                "cannot build '{}': recursive Nix needs a daemon socket in the build, which only builds run by 'kiln daemon' get",
+                sd.display(&spec.drv_path)
+            )));
+        }
+        Some(Arc::new(crate::recursive::RecursiveBuild::new(
+            store.clone(),
+            spec.drv_path.clone(),
+            spec.input_paths.clone(),
+            spec.settings.clone(),
+        )))
+    } else {
+        None
+    };
     // Repeated rounds of a floating build would each move their output to its final path.
     let rounds = if fixed.is_some() || floating || spec.mode == BuildMode::Check {
         1
@@ -360,6 +389,7 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
             round,
             rounds,
             &mut held,
+            recursive.as_ref(),
         )?;
         if let Some(p) = &prev {
             for (a, b) in p.iter().zip(&infos) {
@@ -724,6 +754,7 @@ fn build_round(
     round: u32,
     rounds: u32,
     held: &mut Finalized<'_>,
+    recursive: Option<&Arc<crate::recursive::RecursiveBuild>>,
 ) -> Result<Vec<ValidPathInfo>, Failure> {
     let store = &spec.store;
     let sd = store.store_dir();
@@ -823,6 +854,25 @@ fn build_round(
             )?;
         }
         let mut env = prepared.env;
+        // Recursive Nix: the socket is bound now (connections wait in its backlog) and
+        // served once the builder runs, so that paths given to it can be mounted into its
+        // sandbox. Only the builder's user may connect.
+        let recursive_socket = match recursive {
+            Some(_) => {
+                let owner = match (&sandbox, &build_user) {
+                    (Some(sb), _) => Some((sb.ids.uid, sb.ids.gid)),
+                    (None, Some(u)) => Some((u.uid, u.gid)),
+                    (None, None) => None,
+                };
+                let l = bind_recursive_socket(&build_dir, owner)?;
+                env.insert(
+                    "NIX_REMOTE".into(),
+                    format!("unix://{top}/{}", crate::recursive::SOCKET_NAME),
+                );
+                Some(l)
+            }
+            None => None,
+        };
         // `builtin:fetchurl` (kiln's own code) learns the hashed mirrors from the daemon.
         if drv.builder.starts_with("builtin:") && !spec.settings.hashed_mirrors.is_empty() {
             env.insert(
@@ -914,6 +964,17 @@ fn build_round(
         })
         .map_err(Failure::misc)?;
         ctl.pid.store(child.pid, Ordering::SeqCst);
+        let serving = match (recursive, recursive_socket, &spec.recursive) {
+            (Some(rb), Some(listener), Some(server)) => serve_recursive(
+                spec,
+                rb,
+                listener,
+                server.as_ref(),
+                sandbox.as_ref(),
+                child.pid,
+            ),
+            _ => None,
+        };
         let log_file = log
             .as_ref()
             .map(|(_, p)| p.to_string_lossy().into_owned())
@@ -926,6 +987,11 @@ fn build_round(
         });
         let (outcome, rusage) = monitor(spec, ctl, child.pid, read_end, log.map(|(w, _)| w));
         ctl.pid.store(0, Ordering::SeqCst);
+        // The builder is gone: so is its daemon (its connections are ended and waited for).
+        drop(serving);
+        if let Some(rb) = recursive {
+            rb.set_sandbox(None);
+        }
         // Nothing of the build runs past this point; its cgroup's figures cover every
         // process it had, the wait status's only those that were waited for.
         ctl.add_usage(match cgroup.map(kiln_sandbox::Cgroup::finish) {
@@ -972,6 +1038,10 @@ fn build_round(
         // Collect the outputs.
         let mut all_paths: Vec<StorePath> = spec.input_paths.iter().cloned().collect();
         all_paths.extend(plans.iter().map(|p| p.path.clone()));
+        // Outputs may refer to what a recursive build added or built through its socket.
+        if let Some(rb) = recursive {
+            all_paths.extend(rb.added());
+        }
         let mut infos = Vec::new();
         for p in plans {
             infos.push(
@@ -1012,6 +1082,81 @@ fn build_round(
         }
     }
     result
+}
+
+/// Binds a recursive build's daemon socket in its build directory, 0600 and owned by the
+/// builder's host ids (`owner`; the daemon's own when `None`).
+fn bind_recursive_socket(
+    build_dir: &Path,
+    owner: Option<(u32, u32)>,
+) -> Result<std::os::unix::net::UnixListener, Failure> {
+    let path = build_dir.join(crate::recursive::SOCKET_NAME);
+    let fail = |what: &str, e: std::io::Error| {
+        Failure::misc(format!(
+            "{what} the daemon socket '{}': {e}",
+            path.display()
+        ))
+    };
+    // Through the directory's descriptor: a socket address holds at most 107 bytes, which
+    // deep state directories exceed (clients connect to long paths the same way).
+    let dir = rustix::fs::open(
+        build_dir,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| fail("opening the directory of", e.into()))?;
+    use std::os::fd::AsRawFd;
+    let short = format!(
+        "/proc/self/fd/{}/{}",
+        dir.as_raw_fd(),
+        crate::recursive::SOCKET_NAME
+    );
+    let l = std::os::unix::net::UnixListener::bind(&short).map_err(|e| fail("binding", e))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| fail("protecting", e))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+            .map_err(|e| fail("handing over", e))?;
+    }
+    Ok(l)
+}
+
+/// Starts serving a recursive build's socket once its builder runs (and, sandboxed, once
+/// its namespaces are known, so that what it is given can be mounted in). A failure is
+/// the builder's to see: its connections are refused.
+fn serve_recursive(
+    spec: &JobSpec,
+    rb: &Arc<crate::recursive::RecursiveBuild>,
+    listener: std::os::unix::net::UnixListener,
+    server: &dyn crate::recursive::RecursiveServer,
+    sandbox: Option<&crate::sandbox::BuildSandbox>,
+    pid: i32,
+) -> Option<Box<dyn Send>> {
+    let warn = |e: String| {
+        (spec.events)(JobEvent::Log(Arc::from(
+            format!("kiln: cannot serve the recursive Nix socket: {e}\n").as_bytes(),
+        )));
+    };
+    if let Some(sb) = sandbox {
+        match kiln_sandbox::Namespaces::of(pid) {
+            Ok(ns) => rb.set_sandbox(Some(crate::recursive::SandboxView {
+                store: sb.store.clone(),
+                ns,
+            })),
+            Err(e) => {
+                warn(e.to_string());
+                return None;
+            }
+        }
+    }
+    match server.serve(listener, rb.clone()) {
+        Ok(guard) => Some(guard),
+        Err(e) => {
+            warn(e);
+            None
+        }
+    }
 }
 
 /// `keep-failed`: the build directory stays, owned by whoever asked (never handed to root

@@ -8,6 +8,7 @@
 //! * [`log`]: build logs where Nix and Guix look for them.
 //! * [`rewrite`]: hash rewriting for builds that must not overwrite valid outputs.
 //! * [`substituter`]: the interface substitution goals use.
+//! * [`recursive`]: recursive Nix (a daemon socket inside builds), served by the daemon.
 
 #![forbid(unsafe_code)]
 
@@ -19,6 +20,7 @@ pub mod job;
 pub mod log;
 pub mod pool;
 pub mod recipe;
+pub mod recursive;
 pub mod result;
 pub mod rewrite;
 pub mod sandbox;

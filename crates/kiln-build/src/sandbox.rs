@@ -566,3 +566,57 @@ impl BuildIds {
         Err("all build users are busy".into())
     }
 }
+
+/// Makes the valid path `p` appear, read-only, in a running sandbox's store (recursive Nix:
+/// the builder added or built it through its socket). Its mount point is created by the
+/// daemon in the builder's store directory with `O_EXCL` semantics (a name the builder
+/// already took is refused, as Nix refuses it), then the path is bind-mounted onto it
+/// inside the builder's mount namespace; a symbolic link is copied instead (mounts cannot
+/// be made on one, and a link has no contents to protect).
+pub(crate) fn materialise(
+    store: &LocalStore,
+    view: &crate::recursive::SandboxView,
+    p: &StorePath,
+) -> Result<(), String> {
+    use rustix::fs::{Mode, OFlags};
+    let source = store.real_path(p);
+    let shown = store.print(p);
+    let meta = std::fs::symlink_metadata(&source).map_err(|e| err("reading", &source, e))?;
+    let dir = rustix::fs::open(
+        &view.store,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| err("opening", &view.store, e))?;
+    let name = p.base_name();
+    let exists = |e: rustix::io::Errno| {
+        if e == rustix::io::Errno::EXIST {
+            format!("store path '{shown}' already exists in the sandbox")
+        } else {
+            format!("making '{shown}' appear in the sandbox: {e}")
+        }
+    };
+    let ft = meta.file_type();
+    if ft.is_symlink() {
+        let target = std::fs::read_link(&source).map_err(|e| err("reading", &source, e))?;
+        return rustix::fs::symlinkat(&target, &dir, name).map_err(exists);
+    }
+    if ft.is_dir() {
+        rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o555)).map_err(exists)?;
+    } else {
+        rustix::fs::openat(
+            &dir,
+            name,
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o444),
+        )
+        .map_err(exists)?;
+    }
+    let inside = format!(
+        "{}/{name}",
+        store.store_dir().as_str().trim_end_matches('/')
+    );
+    view.ns
+        .attach(&source, &inside)
+        .map_err(|e| format!("making '{shown}' appear in the sandbox: {e}"))
+}

@@ -69,6 +69,9 @@ pub struct Request {
     pub mode: BuildMode,
     pub settings: Arc<BuildSettings>,
     pub sink: Arc<dyn EventSink>,
+    /// Sent by a recursive build through its daemon socket: while it runs, the build
+    /// waiting for it lends its slot (see `Worker::max_jobs`).
+    pub nested: bool,
 }
 
 impl std::fmt::Debug for Request {
@@ -123,6 +126,9 @@ pub struct SchedulerConfig {
     pub max_jobs: usize,
     pub max_substitution_jobs: usize,
     pub substituter: Option<Arc<dyn Substituter>>,
+    /// Serves the daemon socket of recursive builds (`kiln daemon` provides it); without
+    /// one, derivations requiring `recursive-nix` fail.
+    pub recursive: Option<Arc<dyn crate::recursive::RecursiveServer>>,
 }
 
 impl std::fmt::Debug for SchedulerConfig {
@@ -324,6 +330,7 @@ struct Req {
     sink: Arc<dyn EventSink>,
     keep_going: bool,
     failure: FailureKinds,
+    nested: bool,
 }
 
 struct Worker {
@@ -356,6 +363,8 @@ struct Worker {
     /// database walk per build — a 300-deep chain otherwise re-reads ~45,000 rows. References
     /// of a valid path never change; the cache is dropped whenever no goal is left.
     refs: HashMap<StorePath, Arc<[StorePath]>>,
+    /// Nested requests (from recursive builds) running; see `max_jobs`.
+    lent_slots: usize,
 }
 
 fn drv_key(p: &StorePath, abs: &str) -> String {
@@ -388,6 +397,7 @@ impl Worker {
             hook_agents: Default::default(),
             hook_declined: HashSet::new(),
             refs: HashMap::new(),
+            lent_slots: 0,
         }
     }
 
@@ -511,8 +521,12 @@ impl Worker {
                 sink: req.sink.clone(),
                 keep_going: req.settings.keep_going,
                 failure: FailureKinds::default(),
+                nested: req.nested,
             },
         );
+        if req.nested {
+            self.lent_slots += 1;
+        }
         for (_, gid) in &targets {
             if let Some(g) = self.goals.get_mut(gid) {
                 g.requests.insert(id);
@@ -562,6 +576,9 @@ impl Worker {
         let Some(r) = self.requests.remove(&id) else {
             return;
         };
+        if r.nested {
+            self.lent_slots = self.lent_slots.saturating_sub(1);
+        }
         let results = r
             .targets
             .into_iter()
@@ -921,8 +938,15 @@ impl Worker {
     }
 
     /// Wakes a goal waiting for a free slot, if any. Returns whether one was woken.
+    /// Build slots: `max-jobs`, plus one lent by each recursive build whose nested
+    /// request is running (it waits for that request's builds, which would otherwise need
+    /// the slot it holds: with `max-jobs = 1`, a deadlock).
+    fn max_jobs(&self) -> usize {
+        self.cfg.max_jobs + self.lent_slots
+    }
+
     fn dispatch_slots(&mut self) -> bool {
-        let max = self.cfg.max_jobs;
+        let max = self.max_jobs();
         if self.building.len() < max {
             // The next goal in key order, whichever queue it is in.
             let next = match (self.wanting_to_build.first(), self.wanting_local.first()) {
@@ -1654,25 +1678,22 @@ impl Worker {
                 return;
             }
         }
-        if !settings.can_build(&drv.platform) {
-            let msg = format!(
-                "a '{}' is required to build '{abs}', but I am a '{}'",
-                drv.platform, settings.system
-            );
-            return self.fail_drv(id, BuildStatus::MiscFailure, msg);
-        }
         // Build slots: a derivation that prefers local building may take one even at
         // max-jobs 0 when nothing else runs.
         let prefer_local = drv.env.get("preferLocalBuild").is_some_and(|v| v == "1");
         // Offer the build to the hook first, unless it must be local (check and repair
-        // modes, `preferLocalBuild`) or the hook already declined it.
+        // modes, `preferLocalBuild`) or the hook already declined it: another machine may
+        // have the platform or the features this one lacks.
         if let Some(program) = settings.build_hook.clone() {
             if mode == BuildMode::Normal && !prefer_local && !self.hook_declined.contains(&id) {
                 return self.offer_to_hook(id, program);
             }
         }
+        if let Err(msg) = settings.check_can_build(&drv, &abs) {
+            return self.fail_drv(id, BuildStatus::MiscFailure, msg);
+        }
         let busy = self.building.len();
-        if busy >= self.cfg.max_jobs && !(prefer_local && busy == 0) {
+        if busy >= self.max_jobs() && !(prefer_local && busy == 0) {
             let d = self.drv_mut(id).expect("goal exists");
             d.locks.clear();
             let key = self.goals[&id].key.clone();
@@ -1689,7 +1710,7 @@ impl Worker {
     fn offer_to_hook(&mut self, id: GoalId, program: String) {
         let store = self.store().clone();
         let settings = self.goals[&id].settings.clone();
-        let can_local = self.building.len() < self.cfg.max_jobs;
+        let can_local = self.building.len() < self.max_jobs();
         let tx = self.tx.clone();
         let slot = self.hook_agents.clone();
         let d = self.drv_mut(id).expect("goal exists");
@@ -1848,6 +1869,7 @@ impl Worker {
             mode: d.mode,
             valid_outputs: valid,
             input_paths: d.input_paths.clone(),
+            recursive: self.cfg.recursive.clone(),
             events: Box::new(move |e| {
                 let _ = tx2.send(Msg::JobEvent(id, e));
             }),

@@ -63,6 +63,11 @@ pub struct BuildSettings {
     pub build_users_group: String,
     pub system: String,
     pub extra_platforms: Vec<String>,
+    /// Features builds here may require (`system-features`, plus `ca-derivations` and
+    /// `recursive-nix` when those experimental features are on, as Nix's store adds them).
+    pub system_features: std::collections::BTreeSet<String>,
+    /// `experimental-features`.
+    pub experimental_features: std::collections::BTreeSet<String>,
     pub impersonate_linux_26: bool,
     pub print_build_trace: bool,
     pub multiplexed_build_output: bool,
@@ -92,8 +97,41 @@ pub fn native_system() -> String {
     format!("{arch}-{}", std::env::consts::OS)
 }
 
+/// The features `drv` requires of the machine that builds it (`requiredSystemFeatures`,
+/// from the structured attributes when it has them).
+pub fn required_system_features(
+    drv: &kiln_format::Derivation,
+) -> std::collections::BTreeSet<String> {
+    if let Some(json) = drv.env.get("__json") {
+        return serde_json::from_str::<serde_json::Value>(json)
+            .ok()
+            .and_then(|v| {
+                v.get("requiredSystemFeatures")?.as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|f| f.as_str().map(str::to_string))
+                        .collect()
+                })
+            })
+            .unwrap_or_default();
+    }
+    drv.env_tokens("requiredSystemFeatures")
+        .unwrap_or_default()
+        .into_iter()
+        .map(str::to_string)
+        .collect()
+}
+
 impl BuildSettings {
     pub fn from_settings(s: &Settings) -> Self {
+        let experimental_features: std::collections::BTreeSet<String> =
+            s.get_list("experimental-features").into_iter().collect();
+        let mut system_features: std::collections::BTreeSet<String> =
+            s.get_list("system-features").into_iter().collect();
+        for f in ["ca-derivations", "recursive-nix"] {
+            if experimental_features.contains(f) {
+                system_features.insert(f.to_string());
+            }
+        }
         let opt = |n: &str| Some(s.get(n).to_string()).filter(|v| !v.is_empty());
         let log_compression = if !s.get_bool("compress-build-log") {
             LogCompression::None
@@ -134,6 +172,8 @@ impl BuildSettings {
             build_users_group: s.get("build-users-group").to_string(),
             system: opt("system").unwrap_or_else(native_system),
             extra_platforms: s.get_list("extra-platforms"),
+            system_features,
+            experimental_features,
             impersonate_linux_26: s.get_bool("impersonate-linux-26"),
             print_build_trace: s.get_bool("print-build-trace"),
             multiplexed_build_output: s.get_bool("multiplexed-build-output"),
@@ -146,6 +186,29 @@ impl BuildSettings {
             client: None,
             subst: std::sync::Arc::new(subst_config(s)),
         }
+    }
+
+    /// Whether `drv`'s platform and required features are this machine's (Nix's
+    /// `canBuildLocally`); the error says why not.
+    pub fn check_can_build(
+        &self,
+        drv: &kiln_format::Derivation,
+        shown: &str,
+    ) -> Result<(), String> {
+        let required = required_system_features(drv);
+        if self.can_build(&drv.platform) && required.is_subset(&self.system_features) {
+            return Ok(());
+        }
+        let join = |s: &std::collections::BTreeSet<String>| {
+            s.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
+        };
+        Err(format!(
+            "a '{}' with features {{{}}} is required to build '{shown}', but I am a '{}' with features {{{}}}",
+            drv.platform,
+            join(&required),
+            self.system,
+            join(&self.system_features)
+        ))
     }
 
     /// Whether `platform` builds here (the reference's `canBuildLocally`).

@@ -11,6 +11,8 @@
 //!   its own requests only ([`client_settings`]); [`session`] performs its operations on
 //!   the store and the scheduler and turns build progress into the client's dialect
 //!   ([`progress`]).
+//! * Recursive builds (`recursive-nix`) get a socket of their own in the build, served by
+//!   the same daemon but restricted to what the build may see (`recursive`).
 //!
 //! Why threads and not an async runtime: every operation ends in the store (SQLite, file
 //! system) or the scheduler, which are synchronous; an async server would hand each one to
@@ -23,12 +25,13 @@
 pub mod client_settings;
 pub mod peer;
 pub mod progress;
+mod recursive;
 pub mod session;
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock, Weak};
 
 use kiln_build::pool::Pool;
 use kiln_build::{BuildSettings, Scheduler, SchedulerConfig};
@@ -85,19 +88,31 @@ pub(crate) struct Backend {
 }
 
 impl Backend {
-    fn start(store: Arc<LocalStore>, base: &BuildSettings, settings: &Settings) -> Backend {
+    fn start(
+        store: Arc<LocalStore>,
+        base: &BuildSettings,
+        settings: &Settings,
+        daemon: Weak<Daemon>,
+    ) -> Arc<Backend> {
         let caches = kiln_substitute::for_store(&store, settings);
-        let scheduler = Scheduler::start(SchedulerConfig {
-            store: store.clone(),
-            max_jobs: base.max_jobs,
-            max_substitution_jobs: base.max_substitution_jobs,
-            substituter: Some(caches.clone()),
-        });
-        Backend {
-            store,
-            scheduler,
-            caches,
-        }
+        Arc::new_cyclic(|backend| {
+            let scheduler = Scheduler::start(SchedulerConfig {
+                store: store.clone(),
+                max_jobs: base.max_jobs,
+                max_substitution_jobs: base.max_substitution_jobs,
+                substituter: Some(caches.clone()),
+                // Recursive builds' sockets are served by this daemon, on this backend.
+                recursive: Some(Arc::new(recursive::Service {
+                    daemon,
+                    backend: backend.clone(),
+                })),
+            });
+            Backend {
+                store,
+                scheduler,
+                caches,
+            }
+        })
     }
 }
 
@@ -113,6 +128,8 @@ pub struct Daemon {
     live: Mutex<usize>,
     slot_freed: Condvar,
     pool: Pool,
+    /// This daemon, for the backends it starts (their recursive builds' sessions).
+    me: Weak<Daemon>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -130,8 +147,8 @@ impl Daemon {
             store_dir: store.store_dir().clone(),
             version_string: cfg.version_string.clone(),
         };
-        Arc::new(Daemon {
-            backend: RwLock::new(Arc::new(Backend::start(store, &base, &settings))),
+        Arc::new_cyclic(|me| Daemon {
+            backend: RwLock::new(Backend::start(store, &base, &settings, me.clone())),
             settings,
             base: Arc::new(base),
             uid: rustix::process::geteuid().as_raw(),
@@ -141,6 +158,7 @@ impl Daemon {
             live: Mutex::new(0),
             slot_freed: Condvar::new(),
             pool: Pool::new("kiln-conn"),
+            me: me.clone(),
         })
     }
 
@@ -172,7 +190,7 @@ impl Daemon {
             );
             let store = Arc::new(w.store.reopen()?);
             // The old scheduler stops when its last connection drops it.
-            *w = Arc::new(Backend::start(store, &self.base, &self.settings));
+            *w = Backend::start(store, &self.base, &self.settings, self.me.clone());
         }
         Ok(w.clone())
     }

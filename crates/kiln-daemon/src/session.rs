@@ -7,6 +7,7 @@ use std::os::fd::OwnedFd;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
+use kiln_build::recursive::RecursiveBuild;
 use kiln_build::{BuildResult, BuildSettings, Event, RequestResult, Target};
 use kiln_format::nar::{self, NarSink};
 use kiln_format::realisation::{DrvOutput, Realisation};
@@ -30,6 +31,8 @@ use crate::peer::{Peer, Trust};
 use crate::progress::Progress;
 use crate::{remote, Backend, Daemon};
 
+mod restricted;
+
 /// Largest text (`AddTextToStore`, `text:` `AddToStore`) taken into memory: `.drv` files
 /// and the like; anything bigger is refused rather than buffered.
 const MAX_TEXT: u64 = 64 << 20;
@@ -51,6 +54,8 @@ pub struct Session<'d> {
     /// same (no write by this process since). Nix's daemon keeps it for the connection's
     /// whole life; clients ask for the same paths again and again.
     info_cache: InfoCache,
+    /// A recursive build's connection: it sees only what that build may see.
+    restricted: Option<Arc<RecursiveBuild>>,
 }
 
 /// See `Session::info_cache`.
@@ -108,7 +113,22 @@ impl<'d> Session<'d> {
             build: Arc::new(build),
             roots: Vec::new(),
             info_cache: InfoCache::default(),
+            restricted: None,
         }
+    }
+
+    /// A session of a recursive build's builder (see [`crate::recursive`]): untrusted, and
+    /// restricted to what the build may see.
+    pub(crate) fn restricted(
+        d: &'d Daemon,
+        b: Arc<Backend>,
+        peer: Peer,
+        hello: Hello,
+        build: Arc<RecursiveBuild>,
+    ) -> Session<'d> {
+        let mut s = Session::new(d, b, peer, Trust::Untrusted, hello);
+        s.restricted = Some(build);
+        s
     }
 
     fn trusted(&self) -> bool {
@@ -243,6 +263,7 @@ impl<'d> Session<'d> {
                     },
                     settings: self.build.clone(),
                     sink,
+                    nested: self.restricted.is_some(),
                 },
                 Box::new(move |r| {
                     let _ = done.send(ConnMsg::Done(r));
@@ -692,6 +713,15 @@ impl Drop for HangupWatch {
 
 impl kiln_protocol::Handler for Session<'_> {
     fn handle(&mut self, req: Request, io: &mut OpIo<'_>) -> Result<Reply, RemoteError> {
+        match self.restricted.clone() {
+            Some(rb) => self.handle_restricted(&rb, req, io),
+            None => self.dispatch(req, io),
+        }
+    }
+}
+
+impl Session<'_> {
+    fn dispatch(&mut self, req: Request, io: &mut OpIo<'_>) -> Result<Reply, RemoteError> {
         let store = self.b.store.clone();
         let sd = store.store_dir().clone();
         let sorted = |s: BTreeSet<StorePath>| Reply::Paths(s.into_iter().collect());

@@ -11,12 +11,14 @@
 //! After `fork`, the child calls only async-signal-safe functions (raw system calls on data
 //! prepared before the fork): no allocation, no locks, no formatting.
 
+pub mod attach;
 pub mod cgroup;
 pub mod namespace;
 pub mod seccomp;
 pub mod spawn;
 pub mod usernet;
 
+pub use attach::Namespaces;
 pub use cgroup::Cgroup;
 pub use namespace::{Entry, IdMap, Sandbox};
 pub use spawn::{spawn, ChildSpec, Spawned, UserSpec};

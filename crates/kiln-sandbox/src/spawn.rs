@@ -539,7 +539,7 @@ unsafe fn apply(op: &Op) -> bool {
 /// as the child actually uses them (zero-filling a buffer instead cost a quarter of a
 /// millisecond per build in page faults), with a guard page below so that an overflow faults
 /// instead of scribbling over the parent's heap, which the child shares.
-struct ChildStack {
+pub(crate) struct ChildStack {
     base: *mut libc::c_void,
     len: usize,
 }
@@ -548,7 +548,7 @@ const CHILD_STACK: usize = 256 * 1024;
 const GUARD: usize = 4096;
 
 impl ChildStack {
-    fn new() -> Result<ChildStack> {
+    pub(crate) fn new() -> Result<ChildStack> {
         let len = CHILD_STACK + GUARD;
         // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
         let base = unsafe {
@@ -579,7 +579,7 @@ impl ChildStack {
     }
 
     /// The initial stack pointer: the end of the mapping (stacks grow down), 16-byte aligned.
-    fn top(&self) -> usize {
+    pub(crate) fn top(&self) -> usize {
         (self.base as usize + self.len) & !0xf
     }
 }

@@ -550,8 +550,9 @@ pub const SETTINGS: &[Def] = &[
         name: "system-features",
         aliases: &[],
         kind: Kind::List,
-        default: "",
-        help: "features builds may require",
+        // Nix's default; `kvm` is added where /dev/kvm can be opened (Settings::default).
+        default: "nixos-test benchmark big-parallel",
+        help: "features builds may require (requiredSystemFeatures)",
     },
     Def {
         name: "impersonate-linux-26",
@@ -696,12 +697,19 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings {
-            values: SETTINGS
-                .iter()
-                .map(|d| (d.name, d.default.to_string()))
-                .collect(),
+        let mut values: BTreeMap<&'static str, String> = SETTINGS
+            .iter()
+            .map(|d| (d.name, d.default.to_string()))
+            .collect();
+        // As Nix: a machine whose /dev/kvm this process may use offers the `kvm` feature.
+        let kvm = rustix::fs::access(
+            "/dev/kvm",
+            rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK,
+        );
+        if let (Ok(()), Some(v)) = (kvm, values.get_mut("system-features")) {
+            v.push_str(" kvm");
         }
+        Settings { values }
     }
 }
 

@@ -361,7 +361,47 @@ fn wrong_system_is_refused() {
     let o = t.build(&r, &[]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        stderr(&o).contains("a 'riscv128-plan9' is required to build"),
+        stderr(&o).contains("a 'riscv128-plan9' with features {} is required to build"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn required_system_features_must_be_offered() {
+    let t = T::new();
+    let r = t.recipe(
+        "r.toml",
+        "[derivations.x]\nbuilder = \"/bin/sh\"\nargs = [\"-c\", \"echo x > $out\"]\n\
+         env = { PATH = \"/bin:/usr/bin\", requiredSystemFeatures = \"gpu big-parallel\" }\n",
+    );
+    // Nix's default features include big-parallel, not gpu.
+    let o = t.build(&r, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("with features {big-parallel, gpu} is required to build")
+            && e.contains("with features {benchmark, big-parallel,"),
+        "{e}"
+    );
+    let o = t.build(&r, &["--option", "extra-system-features", "gpu"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // recursive-nix is offered only with the experimental feature, and needs a daemon.
+    let r = t.recipe(
+        "rec.toml",
+        "[derivations.y]\nbuilder = \"/bin/sh\"\nargs = [\"-c\", \"echo y > $out\"]\n\
+         env = { PATH = \"/bin:/usr/bin\", requiredSystemFeatures = \"recursive-nix\" }\n",
+    );
+    let o = t.build(&r, &[]);
+    assert!(
+        stderr(&o).contains("with features {recursive-nix} is required to build"),
+        "{}",
+        stderr(&o)
+    );
+    let o = t.build(&r, &["--option", "experimental-features", "recursive-nix"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("only builds run by 'kiln daemon' get"),
         "{}",
         stderr(&o)
     );

@@ -196,12 +196,15 @@ pub(super) fn realise(
         max_jobs: bs.max_jobs,
         max_substitution_jobs: bs.max_substitution_jobs,
         substituter: Some(kiln_substitute::for_store(store, settings)),
+        // Recursive Nix needs a daemon: `kiln build` refuses such derivations, saying so.
+        recursive: None,
     });
     let result = sched.build(Request {
         targets,
         mode,
         settings: Arc::new(bs),
         sink: Arc::new(reporter),
+        nested: false,
     })?;
     drop(sched);
     Ok(result)
