@@ -40,6 +40,7 @@ pub trait RecursiveServer: Send + Sync {
 
 /// What one recursive build may see, and what it was given.
 pub struct RecursiveBuild {
+    id: u64,
     store: Arc<LocalStore>,
     drv_path: StorePath,
     inputs: BTreeSet<StorePath>,
@@ -80,7 +81,9 @@ impl RecursiveBuild {
         inputs: BTreeSet<StorePath>,
         settings: Arc<BuildSettings>,
     ) -> RecursiveBuild {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         RecursiveBuild {
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             store,
             drv_path,
             inputs,
@@ -91,6 +94,11 @@ impl RecursiveBuild {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Unique in this process: nested requests name the build they come from.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The derivation being built.

@@ -69,9 +69,10 @@ pub struct Request {
     pub mode: BuildMode,
     pub settings: Arc<BuildSettings>,
     pub sink: Arc<dyn EventSink>,
-    /// Sent by a recursive build through its daemon socket: while it runs, the build
-    /// waiting for it lends its slot (see `Worker::max_jobs`).
-    pub nested: bool,
+    /// Sent by a recursive build through its daemon socket (its
+    /// [`crate::recursive::RecursiveBuild::id`]): while such requests run, that build, which
+    /// waits for them, lends its slot (see `Worker::max_jobs`).
+    pub nested: Option<u64>,
 }
 
 impl std::fmt::Debug for Request {
@@ -330,7 +331,7 @@ struct Req {
     sink: Arc<dyn EventSink>,
     keep_going: bool,
     failure: FailureKinds,
-    nested: bool,
+    nested: Option<u64>,
 }
 
 struct Worker {
@@ -363,8 +364,9 @@ struct Worker {
     /// database walk per build — a 300-deep chain otherwise re-reads ~45,000 rows. References
     /// of a valid path never change; the cache is dropped whenever no goal is left.
     refs: HashMap<StorePath, Arc<[StorePath]>>,
-    /// Nested requests (from recursive builds) running; see `max_jobs`.
-    lent_slots: usize,
+    /// Recursive builds waiting for nested requests, with how many each has running; see
+    /// `max_jobs`.
+    lenders: HashMap<u64, usize>,
 }
 
 fn drv_key(p: &StorePath, abs: &str) -> String {
@@ -397,7 +399,7 @@ impl Worker {
             hook_agents: Default::default(),
             hook_declined: HashSet::new(),
             refs: HashMap::new(),
-            lent_slots: 0,
+            lenders: HashMap::new(),
         }
     }
 
@@ -524,8 +526,8 @@ impl Worker {
                 nested: req.nested,
             },
         );
-        if req.nested {
-            self.lent_slots += 1;
+        if let Some(b) = req.nested {
+            *self.lenders.entry(b).or_default() += 1;
         }
         for (_, gid) in &targets {
             if let Some(g) = self.goals.get_mut(gid) {
@@ -576,8 +578,13 @@ impl Worker {
         let Some(r) = self.requests.remove(&id) else {
             return;
         };
-        if r.nested {
-            self.lent_slots = self.lent_slots.saturating_sub(1);
+        if let Some(b) = r.nested {
+            if let Some(n) = self.lenders.get_mut(&b) {
+                *n -= 1;
+                if *n == 0 {
+                    self.lenders.remove(&b);
+                }
+            }
         }
         let results = r
             .targets
@@ -938,11 +945,12 @@ impl Worker {
     }
 
     /// Wakes a goal waiting for a free slot, if any. Returns whether one was woken.
-    /// Build slots: `max-jobs`, plus one lent by each recursive build whose nested
-    /// request is running (it waits for that request's builds, which would otherwise need
-    /// the slot it holds: with `max-jobs = 1`, a deadlock).
+    /// Build slots: `max-jobs`, plus one lent by each recursive build with nested requests
+    /// running (it waits for their builds, which would otherwise need the slot it holds:
+    /// with `max-jobs = 1`, a deadlock). One per build, however many requests it sends, so
+    /// a builder cannot multiply the daemon's slots.
     fn max_jobs(&self) -> usize {
-        self.cfg.max_jobs + self.lent_slots
+        self.cfg.max_jobs + self.lenders.len()
     }
 
     fn dispatch_slots(&mut self) -> bool {

@@ -263,7 +263,7 @@ impl<'d> Session<'d> {
                     },
                     settings: self.build.clone(),
                     sink,
-                    nested: self.restricted.is_some(),
+                    nested: self.restricted.as_ref().map(|r| r.id()),
                 },
                 Box::new(move |r| {
                     let _ = done.send(ConnMsg::Done(r));

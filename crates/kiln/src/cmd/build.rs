@@ -204,7 +204,7 @@ pub(super) fn realise(
         mode,
         settings: Arc::new(bs),
         sink: Arc::new(reporter),
-        nested: false,
+        nested: None,
     })?;
     drop(sched);
     Ok(result)
