@@ -1,0 +1,458 @@
+//! The sandbox through `kiln daemon`, as root and as an ordinary user (rootless: a
+//! sandbox made of user namespaces only, the daemon, its store and its clients all that
+//! user's), driven by Nix 2.8's clients:
+//! * recursive Nix: a builder runs Nix's own `nix` against the socket kiln gives it.
+//!   Inside, it may see its inputs and what it adds or builds — which must appear in its
+//!   sandbox, read-only — and nothing else; its output may refer to all of that;
+//! * escapes tried by a rootless daemon's builder (network, the daemon user's files,
+//!   undeclared store paths, writes outside, host processes, setuid files, the hostname,
+//!   a process left behind), each shown to work without the sandbox.
+
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_testkit::{nix_or_skip, NixEnv};
+
+/// What the outer builder does; every step that must fail is checked to fail.
+const EXPR: &str = r#"
+derivation {
+  name = "recursive";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  requiredSystemFeatures = [ "recursive-nix" ];
+  PATH = "/usr/bin:/bin";
+  dummy = builtins.toFile "dummy" "bla bla";
+  # A string without context: the path is valid, but not in the build's closure.
+  unreachable = builtins.getEnv "UNREACHABLE";
+  args = [ "-c" ''
+    set -e
+    refuse() { if "$@"; then echo "unexpectedly succeeded: $*"; exit 1; fi; }
+    opts="--experimental-features nix-command"
+    mkdir $out
+    nix $opts path-info $dummy
+    nix $opts build $dummy
+    test -n "$unreachable"
+    refuse nix $opts path-info $unreachable
+    refuse nix $opts build $unreachable
+    refuse test -e $unreachable
+    echo foobar > foobar
+    foobar=$(nix $opts store add-path ./foobar)
+    test "$(cat $foobar)" = foobar
+    refuse sh -c "echo tampered >> $foobar"
+    refuse chmod u+w $foobar
+    mkdir d
+    echo inside > d/f
+    dir=$(nix $opts store add-path ./d)
+    test "$(cat $dir/f)" = inside
+    refuse touch $dir/new
+    refuse chmod u+w $dir
+    ln -s $foobar $out/foobar
+    ln -s $dir $out/dir
+    nix $opts build --impure -o inner --expr '
+      derivation {
+        name = "inner";
+        system = builtins.currentSystem;
+        builder = "/bin/sh";
+        args = [ "-c" "echo $fnord blaat > $out" ];
+        fnord = builtins.toFile "fnord" "fnord";
+      }'
+    inner=$(nix $opts path-info ./inner)
+    grep -q blaat $inner
+    ln -s $inner $out/inner
+    test $(nix $opts path-info --all | wc -l) -ge 6
+    echo recursive-ok
+  '' ];
+}
+"#;
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `cmd` as `user` (uid, gid) when given.
+fn as_user(cmd: &mut Command, user: Option<(u32, u32)>) -> &mut Command {
+    if let Some((uid, gid)) = user {
+        cmd.uid(uid).gid(gid).env("HOME", "/");
+    }
+    cmd
+}
+
+fn start_daemon(env: &NixEnv, socket: &Path, user: Option<(u32, u32)>) -> Daemon {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.arg("--store-dir")
+        .arg(env.store_dir())
+        .arg("--state-dir")
+        .arg(env.state_dir())
+        .arg("--log-dir")
+        .arg(env.log_dir())
+        .arg("--nix-conf")
+        .arg(env.dir.path().join("conf/nix.conf"))
+        .arg("daemon")
+        .arg("--socket")
+        .arg(socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let mut child = as_user(&mut c, user).spawn().unwrap();
+    let start = Instant::now();
+    while !socket.exists() {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("the daemon exited early: {st}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no daemon socket"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Daemon(child)
+}
+
+fn client(env: &NixEnv, socket: &Path, user: Option<(u32, u32)>, program: &str) -> Command {
+    let mut c = env.cmd(program);
+    c.env("NIX_REMOTE", format!("unix://{}", socket.display()));
+    as_user(&mut c, user);
+    c
+}
+
+fn ok(o: &Output, what: &str) -> String {
+    assert!(
+        o.status.success(),
+        "{what} failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A store, its daemon and its clients, all `user`'s when given.
+struct Setup {
+    env: NixEnv,
+    socket: PathBuf,
+    user: Option<(u32, u32)>,
+    daemon: Daemon,
+}
+
+impl Setup {
+    fn new(user: Option<(u32, u32)>, files: &[(&str, &str)]) -> Setup {
+        let env = NixEnv::new();
+        let base = env.dir.path().to_path_buf();
+        std::fs::write(
+            base.join("conf/nix.conf"),
+            "substituters =\nsandbox = true\nsandbox-fallback = false\nbuild-users-group =\n\
+             max-jobs = 1\nsandbox-paths = /bin /usr /lib /lib64\n\
+             experimental-features = nix-command recursive-nix\n",
+        )
+        .unwrap();
+        for (name, text) in files {
+            std::fs::write(base.join(name), text).unwrap();
+        }
+        if let Some((uid, gid)) = user {
+            let st = Command::new("chown")
+                .arg("-R")
+                .arg(format!("{uid}:{gid}"))
+                .arg(&base)
+                .status()
+                .unwrap();
+            assert!(st.success());
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let mut init = env.cmd("nix-store");
+        ok(
+            &as_user(&mut init, user).arg("--init").output().unwrap(),
+            "nix-store --init",
+        );
+        let socket = base.join("kiln.sock");
+        let daemon = start_daemon(&env, &socket, user);
+        Setup {
+            env,
+            socket,
+            user,
+            daemon,
+        }
+    }
+
+    fn base(&self) -> &Path {
+        self.env.dir.path()
+    }
+
+    fn client(&self, program: &str) -> Command {
+        client(&self.env, &self.socket, self.user, program)
+    }
+
+    /// `nix-store --add FILE` (of a file in the base directory).
+    fn add(&self, file: &str) -> String {
+        ok(
+            &self
+                .client("nix-store")
+                .arg("--add")
+                .arg(self.base().join(file))
+                .output()
+                .unwrap(),
+            "nix-store --add",
+        )
+        .trim()
+        .to_string()
+    }
+}
+
+fn run(user: Option<(u32, u32)>) {
+    let t = Setup::new(
+        user,
+        &[("recursive.nix", EXPR), ("secret", "not for the build")],
+    );
+    let (env, base) = (&t.env, t.base());
+    let unreachable = t.add("secret");
+    let out = t
+        .client("nix-build")
+        .arg("--no-out-link")
+        // A deadlock (the nested build waiting for the slot the outer one holds) fails
+        // the build instead of hanging the test.
+        .args(["--option", "timeout", "120"])
+        .arg(base.join("recursive.nix"))
+        .env("UNREACHABLE", &unreachable)
+        .output()
+        .unwrap();
+    let out_path = ok(&out, "nix-build of the recursive derivation");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("recursive-ok"), "{log}");
+    let out_path = out_path.trim();
+    assert!(out_path.ends_with("-recursive"), "{out_path}");
+    // The output's closure holds what the build added and built through its socket.
+    let closure = ok(
+        &t.client("nix-store")
+            .args(["-qR", out_path])
+            .output()
+            .unwrap(),
+        "nix-store -qR",
+    );
+    for name in ["-foobar", "-d", "-inner", "-fnord"] {
+        assert!(
+            closure.lines().any(|l| l.ends_with(name)),
+            "{name} not in the closure:\n{closure}"
+        );
+    }
+    assert!(!closure.contains("-secret"), "{closure}");
+    // Nothing the builder was given could be changed through its sandbox.
+    let real = |link: &str| PathBuf::from(out_path).join(link).canonicalize().unwrap();
+    let physical = |p: PathBuf| {
+        env.store_dir()
+            .join(p.file_name().unwrap())
+            .to_string_lossy()
+            .into_owned()
+    };
+    assert_eq!(
+        std::fs::read_to_string(physical(real("foobar"))).unwrap(),
+        "foobar\n"
+    );
+    assert!(!Path::new(&physical(real("dir"))).join("new").exists());
+    ok(
+        &t.client("nix-store")
+            .args(["--verify", "--check-contents"])
+            .output()
+            .unwrap(),
+        "nix-store --verify --check-contents",
+    );
+}
+
+#[test]
+fn a_sandboxed_recursive_build_sees_only_its_closure_and_what_it_made() {
+    if !nix_or_skip("a_sandboxed_recursive_build_sees_only_its_closure_and_what_it_made") {
+        return;
+    }
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipping: the rootful case needs root");
+        return;
+    }
+    run(None);
+}
+
+/// The same as an ordinary user: the daemon, its store and its clients are that user's.
+#[test]
+fn a_rootless_daemon_serves_sandboxed_recursive_builds() {
+    if !nix_or_skip("a_rootless_daemon_serves_sandboxed_recursive_builds") {
+        return;
+    }
+    let user = if rustix::process::geteuid().is_root() {
+        Some(test_user())
+    } else {
+        None
+    };
+    run(user);
+}
+
+/// An ordinary user for rootless tests, created if missing.
+fn test_user() -> (u32, u32) {
+    let name = "kilnrootless";
+    let id = |flag: &str| {
+        Command::new("id")
+            .args([flag, name])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<u32>()
+                    .ok()
+            })
+    };
+    if id("-u").is_none() {
+        let st = Command::new("useradd")
+            .args(["--system", "--no-create-home", "--shell", "/bin/sh", name])
+            .status()
+            .unwrap();
+        assert!(st.success() || id("-u").is_some(), "useradd {name} failed");
+    }
+    (id("-u").unwrap(), id("-g").unwrap())
+}
+
+/// A builder trying to escape; it writes one line per attempt to `$out`:
+/// `NAME escaped` or `NAME blocked`. `mode` only tells its two builds apart.
+const ESCAPES: &str = r#"
+{ mode }:
+derivation {
+  name = "escape-${mode}";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  PATH = "/usr/bin:/bin";
+  secret = builtins.getEnv "SECRET";
+  unreachable = builtins.getEnv "UNREACHABLE";
+  port = builtins.getEnv "PORT";
+  daemonPid = builtins.getEnv "DAEMON_PID";
+  marker = builtins.getEnv "MARKER";
+  args = [ "-c" ''
+    try() { name=$1; shift; if "$@" >/dev/null 2>&1; then echo "$name escaped"; else echo "$name blocked"; fi; }
+    {
+      try network python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 3)"
+      try daemon-user-file cat $secret
+      try undeclared-path cat $unreachable
+      try write-outside sh -c "echo planted > $(dirname $secret)/planted"
+      try host-process test -e /proc/$daemonPid/cmdline
+      touch f
+      try setuid chmod u+s f
+    } > $out
+    try hostname hostname kiln-escaped
+    # A process of its own session, left running (once it has detached).
+    setsid python3 -c 'import sys, time; open(sys.argv[1], "w").close(); time.sleep(600)' \
+      started $marker > /dev/null 2>&1 < /dev/null &
+    while ! test -e started; do sleep 0.01; done
+  '' ];
+}
+"#;
+
+/// Processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains(marker) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_rootless_daemons_builds_cannot_escape_the_sandbox() {
+    if !nix_or_skip("a_rootless_daemons_builds_cannot_escape_the_sandbox") {
+        return;
+    }
+    let user = if rustix::process::geteuid().is_root() {
+        Some(test_user())
+    } else {
+        None
+    };
+    let t = Setup::new(
+        user,
+        &[("escapes.nix", ESCAPES), ("shared", "any store path")],
+    );
+    // The daemon user's private file outside the store.
+    let private = t.base().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::write(private.join("secret"), "the daemon user's").unwrap();
+    if let Some((uid, gid)) = user {
+        for p in [&private, &private.join("secret")] {
+            std::os::unix::fs::chown(p, Some(uid), Some(gid)).unwrap();
+        }
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let unreachable = t.add("shared");
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let build = |mode: &str, sandbox: &str| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let marker = format!("kiln-escape-{}-{mode}", std::process::id());
+        let out = t
+            .client("nix-build")
+            .arg("--no-out-link")
+            .args(["--option", "sandbox", sandbox])
+            .args(["--argstr", "mode", mode])
+            .arg(t.base().join("escapes.nix"))
+            .env("SECRET", private.join("secret"))
+            .env("UNREACHABLE", &unreachable)
+            .env("PORT", listener.local_addr().unwrap().port().to_string())
+            .env("DAEMON_PID", t.daemon.0.id().to_string())
+            .env("MARKER", &marker)
+            .output()
+            .unwrap();
+        let out = ok(&out, "nix-build of the escapes");
+        let phys = t
+            .env
+            .store_dir()
+            .join(Path::new(out.trim()).file_name().unwrap());
+        let report = std::fs::read_to_string(phys).unwrap();
+        let connected = listener.accept().is_ok();
+        let left = processes_with(&marker);
+        for pid in &left {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        }
+        (report, connected, !left.is_empty())
+    };
+    let attempts = [
+        "network",
+        "daemon-user-file",
+        "undeclared-path",
+        "write-outside",
+        "host-process",
+        "setuid",
+    ];
+    // Without the sandbox every attempt works: the test can tell.
+    let (report, connected, left) = build("unsandboxed", "false");
+    for a in attempts {
+        assert!(report.contains(&format!("{a} escaped")), "{a}:\n{report}");
+    }
+    assert!(
+        connected && left,
+        "connected {connected}, left {left}: {report}"
+    );
+    assert!(private.join("planted").exists());
+    std::fs::remove_file(private.join("planted")).unwrap();
+    let (report, connected, left) = build("sandboxed", "true");
+    for a in attempts {
+        assert!(report.contains(&format!("{a} blocked")), "{a}:\n{report}");
+    }
+    assert!(
+        !connected,
+        "the sandboxed build reached the host's loopback"
+    );
+    assert!(!left, "a process of the sandboxed build survived it");
+    assert!(!private.join("planted").exists());
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(),
+        hostname
+    );
+}
