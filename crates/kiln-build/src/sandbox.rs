@@ -330,8 +330,11 @@ impl BuildSandbox {
             writable: true,
             optional: false,
         });
+        let outputs: BTreeSet<&StorePath> = c.drv.output_paths().map(|(_, o)| o).collect();
+        let linker =
+            InputLinker::open(store, &self.store, self.ids.uid, self.sandbox.unprivileged)?;
         for p in &inputs {
-            if c.drv.output_paths().any(|(_, o)| o == p) {
+            if outputs.contains(p) || linker.link(p)? {
                 continue;
             }
             e.push(Entry::Bind {
@@ -405,9 +408,185 @@ impl BuildSandbox {
 impl Drop for BuildSandbox {
     fn drop(&mut self) {
         // The builder's mount namespace is gone with its last process: here the mount
-        // points are empty directories and files.
-        if let Err(e) = fsutil::remove_tree(&self.top) {
-            tracing::warn!("removing '{}': {e}", self.top.display());
+        // points are empty directories and files, and the inputs' links. Removing them
+        // (one unlink per input) is not the next build's business: the tree is moved aside
+        // and removed off the build's path.
+        trash::discard(&self.top);
+    }
+}
+
+/// Trees removed in the background: a sandbox's host directory is renamed into
+/// `<store>/.kiln-trash/` (same file system; a name no collector takes for a store path)
+/// and a thread of its own removes it. Whatever a crashed process left there is removed
+/// by the next one to use it.
+pub mod trash {
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::mpsc::{channel, Sender};
+    use std::sync::{Condvar, Mutex, OnceLock, PoisonError};
+
+    use kiln_store::fsutil;
+
+    struct Remover {
+        tx: Mutex<Sender<PathBuf>>,
+        pending: Mutex<usize>,
+        idle: Condvar,
+    }
+
+    fn remover() -> Option<&'static Remover> {
+        static R: OnceLock<Option<Remover>> = OnceLock::new();
+        R.get_or_init(|| {
+            let (tx, rx) = channel::<PathBuf>();
+            let spawned = std::thread::Builder::new()
+                .name("kiln-trash".into())
+                .spawn(move || {
+                    for p in rx {
+                        if let Err(e) = fsutil::remove_tree(&p) {
+                            tracing::warn!("removing '{}': {e}", p.display());
+                        }
+                        if let Some(r) = remover() {
+                            let mut n = r.pending.lock().unwrap_or_else(PoisonError::into_inner);
+                            *n = n.saturating_sub(1);
+                            r.idle.notify_all();
+                        }
+                    }
+                });
+            spawned.ok().map(|_| Remover {
+                tx: Mutex::new(tx),
+                pending: Mutex::new(0),
+                idle: Condvar::new(),
+            })
+        })
+        .as_ref()
+    }
+
+    fn queue(r: &Remover, p: PathBuf) -> Result<(), PathBuf> {
+        *r.pending.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        let sent =
+            r.tx.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .send(p)
+                .map_err(|e| e.0);
+        if sent.is_err() {
+            let mut n = r.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            *n = n.saturating_sub(1);
+        }
+        sent
+    }
+
+    /// Removes the tree at `top` (a directory directly in the store directory), now or
+    /// soon.
+    pub fn discard(top: &Path) {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        // Where the tree is if it is still this thread's to remove (`None`: queued).
+        let left = (|| {
+            let Some(r) = remover() else {
+                return Some(top.to_path_buf());
+            };
+            let Some(dir) = top.parent().map(|p| p.join(".kiln-trash")) else {
+                return Some(top.to_path_buf());
+            };
+            if fsutil::ensure_dir(&dir, 0o700).is_err() {
+                return Some(top.to_path_buf());
+            }
+            // Leftovers of processes that died before removing theirs.
+            SWEPT.call_once(|| {
+                if let Ok(rd) = std::fs::read_dir(&dir) {
+                    for e in rd.flatten() {
+                        let _ = queue(r, e.path());
+                    }
+                }
+            });
+            let n = SEQ.fetch_add(1, Ordering::Relaxed);
+            let to = dir.join(format!("{}-{n}", std::process::id()));
+            if std::fs::rename(top, &to).is_err() {
+                return Some(top.to_path_buf());
+            }
+            queue(r, to).err()
+        })();
+        if let Some(p) = left.filter(|p| std::fs::symlink_metadata(p).is_ok()) {
+            if let Err(e) = fsutil::remove_tree(&p) {
+                tracing::warn!("removing '{}': {e}", p.display());
+            }
+        }
+    }
+
+    /// Waits until every tree handed to [`discard`] so far is removed (a command that
+    /// exits after its builds leaves no trash behind).
+    pub fn wait() {
+        let Some(r) = remover() else { return };
+        let mut n = r.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        while *n > 0 {
+            n = r.idle.wait(n).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// Puts inputs that are not directories into the builder's store directory without a
+/// mount, as Nix 2.8 and the reference do (a mount each is the dearest part of a sandbox
+/// with a large closure: ~60 µs per input, made and torn down): a symbolic link is copied
+/// (it has no contents to protect), and a regular file is hard-linked when that is safe.
+///
+/// A hard link is safe only when the builder cannot change the shared inode: the file must
+/// not be its host uid's (a rootless daemon's builder *is* the store's owner, and could
+/// `chmod u+w` the store's file through the link: those keep their read-only bind mount),
+/// and the builder holds no capability (it runs as a non-root uid inside, mapped to a
+/// non-root uid outside; a nested user namespace cannot map the file's owner). The store
+/// directory it sees is sticky, so it cannot remove or replace the link either.
+struct InputLinker {
+    real_store: std::os::fd::OwnedFd,
+    view: std::os::fd::OwnedFd,
+    builder_uid: u32,
+    hard_links: bool,
+}
+
+impl InputLinker {
+    fn open(
+        store: &LocalStore,
+        view: &Path,
+        builder_uid: u32,
+        unprivileged: bool,
+    ) -> Result<InputLinker, String> {
+        use rustix::fs::{Mode, OFlags};
+        let dir = |p: &Path| {
+            rustix::fs::open(
+                p,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| err("opening", p, e))
+        };
+        Ok(InputLinker {
+            real_store: dir(&store.layout().real_store_dir)?,
+            view: dir(view)?,
+            builder_uid,
+            hard_links: !unprivileged,
+        })
+    }
+
+    /// Whether `p` was put in place (otherwise it needs a bind mount).
+    fn link(&self, p: &StorePath) -> Result<bool, String> {
+        use rustix::fs::{AtFlags, FileType};
+        let name = p.base_name();
+        let shown = |e: rustix::io::Errno| format!("putting input '{name}' in the sandbox: {e}");
+        let st =
+            rustix::fs::statat(&self.real_store, name, AtFlags::SYMLINK_NOFOLLOW).map_err(shown)?;
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Symlink => {
+                let target =
+                    rustix::fs::readlinkat(&self.real_store, name, Vec::new()).map_err(shown)?;
+                rustix::fs::symlinkat(target.as_c_str(), &self.view, name).map_err(shown)?;
+                Ok(true)
+            }
+            FileType::RegularFile if self.hard_links && st.st_uid != self.builder_uid => {
+                // Another file system or a full link count: mounted instead.
+                Ok(
+                    rustix::fs::linkat(&self.real_store, name, &self.view, name, AtFlags::empty())
+                        .is_ok(),
+                )
+            }
+            _ => Ok(false),
         }
     }
 }

@@ -338,6 +338,48 @@ fn writes_outside_the_outputs_and_build_directory_fail() {
     );
 }
 
+/// Inputs that are regular files are hard links to the store's inode in the sandbox (and
+/// symbolic links copies): none of the ways a builder could change or move one works.
+#[test]
+fn inputs_linked_into_the_sandbox_cannot_be_changed() {
+    let t = T::new();
+    let recipe = format!(
+        "{}{}{}",
+        drv("dep", "echo dep > $out"),
+        drv("link", "ln -s /nowhere $out"),
+        drv(
+            "tamper",
+            "test \"$(cat ${dep})\" = dep; test \"$(readlink ${link})\" = /nowhere; \
+             for a in 'chmod u+w ${dep}' 'chmod 0777 ${dep}' 'rm -f ${dep}' 'mv ${dep} ${dep}.x' \
+                      'touch -d 2001-01-01 ${dep}' 'chown 1000 ${dep}' 'ln ${dep} $NIX_BUILD_TOP/l' \
+                      'rm -f ${link}' 'ln -sfn /etc ${link}'; do \
+               sh -c \"$a\" 2>/dev/null && echo \"did: $a\"; done > $NIX_BUILD_TOP/log; \
+             stat -c 'links %h' ${dep} >> $NIX_BUILD_TOP/log; cp $NIX_BUILD_TOP/log $out"
+        )
+    );
+    let o = t.build("t.toml", &recipe, true, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = std::fs::read_to_string(t.out_path(&o, "tamper")).unwrap();
+    // A root daemon links the file in (the store's inode: two links while the sandbox
+    // exists); a rootless one mounts it (its builder owns the store's files).
+    let links = if rustix::process::geteuid().is_root() {
+        2
+    } else {
+        1
+    };
+    assert_eq!(log, format!("links {links}\n"), "changes that succeeded");
+    let dep = t.out_path(&o, "dep");
+    let m = std::fs::symlink_metadata(&dep).unwrap();
+    assert_eq!(std::fs::read_to_string(&dep).unwrap(), "dep\n");
+    assert_eq!((m.mode() & 0o7777, m.mtime(), m.uid()), (0o444, 1, 0));
+    // The sandbox's link is gone with the sandbox.
+    assert_eq!(m.nlink(), 1);
+    assert_eq!(
+        std::fs::read_link(t.out_path(&o, "link")).unwrap(),
+        Path::new("/nowhere")
+    );
+}
+
 fn processes_with(marker: &str) -> Vec<String> {
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {

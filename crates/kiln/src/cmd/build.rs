@@ -207,6 +207,8 @@ pub(super) fn realise(
         nested: None,
     })?;
     drop(sched);
+    // Sandboxes' host directories are removed in the background: not left behind.
+    kiln_build::sandbox::trash::wait();
     Ok(result)
 }
 
