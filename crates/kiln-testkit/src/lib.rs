@@ -144,6 +144,22 @@ impl NixEnv {
     pub fn log_dir(&self) -> PathBuf {
         self.dir.path().join("log")
     }
+    /// Its `nix.conf`.
+    pub fn nix_conf(&self) -> PathBuf {
+        self.dir.path().join("conf/nix.conf")
+    }
+
+    /// `kiln`'s global options for this environment's store, state and log directories.
+    pub fn kiln_args(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            "--store-dir".into(),
+            self.store_dir().into(),
+            "--state-dir".into(),
+            self.state_dir().into(),
+            "--log-dir".into(),
+            self.log_dir().into(),
+        ]
+    }
 
     /// A command with the environment pointing at this store.
     pub fn cmd(&self, program: &str) -> Command {

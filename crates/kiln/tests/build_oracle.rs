@@ -91,12 +91,7 @@ fn kiln_builds_what_nix_builds() {
     assert_eq!(drvs, drvs2, "the same .drv paths in the recreated store");
     let kiln = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .arg("--store-dir")
-            .arg(nix.store_dir())
-            .arg("--state-dir")
-            .arg(nix.state_dir())
-            .arg("--log-dir")
-            .arg(nix.log_dir())
+            .args(nix.kiln_args())
             .args(["--option", "sandbox", "false"])
             .args(args)
             .output()
@@ -225,12 +220,7 @@ fn kiln_builds_content_addressed_derivations_as_nix_does() {
     );
     for a in attrs {
         let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .arg("--store-dir")
-            .arg(nix.store_dir())
-            .arg("--state-dir")
-            .arg(nix.state_dir())
-            .arg("--log-dir")
-            .arg(nix.log_dir())
+            .args(nix.kiln_args())
             .args(["--option", "sandbox", "false"])
             .args(["build", &drvs[a]])
             .output()

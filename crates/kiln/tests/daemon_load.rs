@@ -46,14 +46,9 @@ fn many_clients_and_overlapping_builds() {
     env.run("nix-store", &["--init"]);
     let socket = env.dir.path().join("socket");
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .arg("--store-dir")
-        .arg(env.store_dir())
-        .arg("--state-dir")
-        .arg(env.state_dir())
-        .arg("--log-dir")
-        .arg(env.log_dir())
+        .args(env.kiln_args())
         .arg("--nix-conf")
-        .arg(env.dir.path().join("conf/nix.conf"))
+        .arg(env.nix_conf())
         .args(["--option", "max-jobs", "4", "daemon", "--socket"])
         .arg(&socket)
         .stderr(Stdio::inherit())

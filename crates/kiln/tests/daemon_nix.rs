@@ -56,14 +56,9 @@ fn nix_daemon(env: &NixEnv) -> Daemon {
 fn kiln_daemon(env: &NixEnv) -> Daemon {
     let socket = env.dir.path().join("kiln-daemon.sock");
     let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .arg("--store-dir")
-        .arg(env.store_dir())
-        .arg("--state-dir")
-        .arg(env.state_dir())
-        .arg("--log-dir")
-        .arg(env.log_dir())
+        .args(env.kiln_args())
         .arg("--nix-conf")
-        .arg(env.dir.path().join("conf/nix.conf"))
+        .arg(env.nix_conf())
         .arg("daemon")
         .arg("--socket")
         .arg(&socket)

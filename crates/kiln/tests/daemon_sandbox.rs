@@ -88,14 +88,9 @@ fn as_user(cmd: &mut Command, user: Option<(u32, u32)>) -> &mut Command {
 
 fn start_daemon(env: &NixEnv, socket: &Path, user: Option<(u32, u32)>) -> Daemon {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    c.arg("--store-dir")
-        .arg(env.store_dir())
-        .arg("--state-dir")
-        .arg(env.state_dir())
-        .arg("--log-dir")
-        .arg(env.log_dir())
+    c.args(env.kiln_args())
         .arg("--nix-conf")
-        .arg(env.dir.path().join("conf/nix.conf"))
+        .arg(env.nix_conf())
         .arg("daemon")
         .arg("--socket")
         .arg(socket)
