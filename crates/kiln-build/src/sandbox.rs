@@ -527,7 +527,8 @@ pub mod trash {
 /// (it has no contents to protect), and a regular file is hard-linked when that is safe.
 ///
 /// A hard link is safe only when the builder cannot change the shared inode: the file must
-/// not be its host uid's (a rootless daemon's builder *is* the store's owner, and could
+/// be writable by its owner alone (as every canonical store file is) and not be the
+/// builder's host uid's (a rootless daemon's builder *is* the store's owner, and could
 /// `chmod u+w` the store's file through the link: those keep their read-only bind mount),
 /// and the builder holds no capability (it runs as a non-root uid inside, mapped to a
 /// non-root uid outside; a nested user namespace cannot map the file's owner). The store
@@ -589,7 +590,9 @@ impl InputLinker {
                 rustix::fs::symlinkat(target.as_c_str(), &self.view, name).map_err(shown)?;
                 Ok(true)
             }
-            FileType::RegularFile if self.hard_links && st.st_uid != self.builder_uid => {
+            FileType::RegularFile
+                if self.hard_links && st.st_uid != self.builder_uid && st.st_mode & 0o022 == 0 =>
+            {
                 // Another file system or a full link count: mounted instead.
                 Ok(
                     rustix::fs::linkat(&self.real_store, name, &self.view, name, AtFlags::empty())

@@ -27,8 +27,12 @@ use crate::store::LocalStore;
 #[derive(Debug, Default)]
 struct TempRootsInner {
     file: Option<File>,
-    /// `gc.lock`, kept open: it is locked shared for every new root.
+    /// `gc.lock`, kept open: it is locked shared while the file is compacted.
     gc_lock: Option<std::os::fd::OwnedFd>,
+    /// `gc.lock` again, on a description of its own: locked shared and released at once
+    /// to learn whether a collector runs (not the one compaction holds its lock on, which
+    /// another thread's probe would release).
+    probe: Option<std::os::fd::OwnedFd>,
     counts: HashMap<StorePath, usize>,
     /// Roots removed since the file was last rewritten (still listed in it).
     stale: usize,
@@ -79,60 +83,85 @@ impl TempRoots {
     }
 
     /// Adds several roots with one handshake with any running collector and one write.
+    ///
+    /// The roots are published first (this process's file, for other processes'
+    /// collectors, and the in-memory counts, for its own), and only then is a collector
+    /// that is running told of them: one that starts later reads them, and one that was
+    /// already running (and may have read the roots before) learns of them as late roots.
+    /// The other order — asking first, then publishing — left a window in which a collector
+    /// could start, read every root but these, and delete a path the caller was about to
+    /// use (found by `adding_a_path_the_collector_is_deleting_waits_and_recreates_it` with
+    /// collectors running back to back).
     pub(crate) fn add_many(&self, store: &LocalStore, paths: &[StorePath]) -> Result<()> {
-        // Our own collector, if one runs, learns of the roots first (it may make us wait
-        // for a deletion in progress, so not while holding `inner`, which it reads).
-        let in_process_gc = !store.db.is_read_only() && store.gc.note_roots(paths);
-        let mut inner = self
-            .inner
-            .lock()
-            .map_err(|_| Error::Corrupt("temp roots lock poisoned".into()))?;
-        let mut new = Vec::new();
-        for p in paths {
-            match inner.counts.get_mut(p) {
-                Some(n) => *n += 1,
-                None => new.push(p.clone()),
+        let (new, probe) = {
+            let mut inner = self
+                .inner
+                .lock()
+                .map_err(|_| Error::Corrupt("temp roots lock poisoned".into()))?;
+            let mut new = Vec::new();
+            for p in paths {
+                match inner.counts.get_mut(p) {
+                    // Already a root: every collector knows it.
+                    Some(n) => *n += 1,
+                    None if !new.contains(p) => new.push(p.clone()),
+                    None => {}
+                }
             }
-        }
-        if new.is_empty() {
+            if new.is_empty() {
+                return Ok(());
+            }
+            if store.db.is_read_only() {
+                for p in new {
+                    *inner.counts.entry(p).or_default() += 1;
+                }
+                return Ok(());
+            }
+            if inner.file.is_none() {
+                inner.file = Some(self.open_file()?);
+            }
+            if inner.gc_lock.is_none() {
+                inner.gc_lock = Some(open_lock_file(&self.gc_lock)?);
+            }
+            if inner.probe.is_none() {
+                inner.probe = Some(open_lock_file(&self.gc_lock)?);
+            }
+            let mut text = Vec::new();
+            for p in &new {
+                text.extend_from_slice(store.print(p).as_bytes());
+                text.push(0);
+            }
+            if let Some(f) = inner.file.as_mut() {
+                f.write_all(&text)
+                    .map_err(|e| Error::io(self.file_path(), "write", e))?;
+            }
+            for p in &new {
+                *inner.counts.entry(p.clone()).or_default() += 1;
+            }
+            let probe = inner
+                .probe
+                .as_ref()
+                .map(|f| f.try_clone())
+                .transpose()
+                .map_err(|e| Error::io(&self.gc_lock, "duplicate", e))?;
+            (new, probe)
+        };
+        // Our own collector, if one runs, learns of the roots directly (it may make us wait
+        // for a deletion in progress: not while holding `inner`, which it reads).
+        if store.gc.note_roots(&new) {
             return Ok(());
         }
-        if store.db.is_read_only() {
-            for p in new {
-                *inner.counts.entry(p).or_default() += 1;
-            }
-            return Ok(());
-        }
-        if inner.file.is_none() {
-            inner.file = Some(self.open_file()?);
-        }
-        if inner.gc_lock.is_none() {
-            inner.gc_lock = Some(open_lock_file(&self.gc_lock)?);
-        }
-        let mut text = Vec::new();
-        for p in &new {
-            text.extend_from_slice(store.print(p).as_bytes());
-            text.push(0);
-        }
-        if !in_process_gc {
-            let fd = inner.gc_lock.as_ref().expect("opened above");
+        if let Some(fd) = probe {
             self.coordinate_with_collector(
-                fd,
+                &fd,
                 &new.iter().map(|p| store.print(p)).collect::<Vec<_>>(),
             )?;
-        }
-        if let Some(f) = inner.file.as_mut() {
-            f.write_all(&text)
-                .map_err(|e| Error::io(self.file_path(), "write", e))?;
-        }
-        for p in new {
-            *inner.counts.entry(p).or_default() += 1;
         }
         Ok(())
     }
 
-    /// Waits until no other process's collector can miss the new roots: either no collector
-    /// runs (we get `gc.lock` shared) or the running one acknowledged them over its socket.
+    /// Waits until no other process's collector can miss the new roots, which are already
+    /// published: either no collector runs now (we get `gc.lock` shared: one that starts
+    /// later reads them) or the running one acknowledged them over its socket.
     fn coordinate_with_collector(&self, fd: &std::os::fd::OwnedFd, abs: &[String]) -> Result<()> {
         let mut delay = Duration::from_millis(1);
         loop {

@@ -451,3 +451,108 @@ fn a_rootless_daemons_builds_cannot_escape_the_sandbox() {
         hostname
     );
 }
+
+/// A recursive builder speaking the protocol itself (no Nix client would send this): it
+/// adds a `.drv` claiming no references although it has an input derivation the build
+/// cannot see, then asks for it to be built, which would bring that derivation's outputs
+/// into the build's closure. It must be refused.
+const SNEAKY: &str = r#"
+derivation {
+  name = "sneaky";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  requiredSystemFeatures = [ "recursive-nix" ];
+  PATH = "/usr/bin:/bin";
+  drvText = builtins.getEnv "DRV_TEXT";
+  script = ''
+import os, socket, struct, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(os.environ["NIX_REMOTE"][len("unix://"):])
+def u64(n): s.sendall(struct.pack("<Q", n))
+def string(b):
+    u64(len(b)); s.sendall(b + b"\0" * (-len(b) % 8))
+def read(n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c: sys.exit("closed")
+        b += c
+    return b
+def r64(): return struct.unpack("<Q", read(8))[0]
+def rstring():
+    n = r64(); b = read(n); read(-n % 8); return b
+def stderr():
+    while True:
+        t = r64()
+        if t == 0x616c7473: return None
+        if t == 0x6f6c6d67: rstring(); continue
+        if t == 0x63787470:
+            rstring(); r64(); rstring(); msg = rstring(); r64()
+            for _ in range(r64()): r64(); rstring()
+            return msg
+        sys.exit("unexpected stderr message %x" % t)
+u64(0x6e697863); assert r64() == 0x6478696f; r64()
+u64(0x122); u64(0); u64(0); rstring(); stderr()
+u64(8); string(b"f.drv"); string(os.environ["drvText"].encode()); u64(0)
+err = stderr()
+if err: sys.exit("adding failed: " + err.decode())
+path = rstring().decode()
+u64(9); u64(1); string((path + "!out").encode()); u64(0)
+err = stderr()
+print("build:", err.decode() if err else "accepted")
+'';
+  args = [ "-c" "python3 -c \"$script\" > $out" ];
+}
+"#;
+
+#[test]
+fn a_recursive_build_cannot_reach_inputs_a_derivation_hides() {
+    if !nix_or_skip("a_recursive_build_cannot_reach_inputs_a_derivation_hides") {
+        return;
+    }
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    let inner = r#"
+      let x = derivation { name = "x"; system = builtins.currentSystem; builder = "/bin/sh";
+                           args = [ "-c" "echo x > $out" ]; };
+      in derivation { name = "f"; system = builtins.currentSystem; builder = "/bin/sh";
+                      inherit x; args = [ "-c" "cat $x > $out" ]; outputHashMode = "flat";
+                      outputHashAlgo = "sha256";
+                      outputHash = "73cb3858a687a8494ca3323053016282f3dad39d42cf62ca4e79dda2aac7d9ac"; }
+    "#;
+    let t = Setup::new(None, &[("sneaky.nix", SNEAKY), ("inner.nix", inner)]);
+    // The inner derivation, instantiated outside: its input x.drv is valid in the store
+    // but not in the sneaky build's closure.
+    let drv = ok(
+        &t.client("nix-instantiate")
+            .arg(t.base().join("inner.nix"))
+            .output()
+            .unwrap(),
+        "nix-instantiate",
+    );
+    let phys = t
+        .env
+        .store_dir()
+        .join(Path::new(drv.trim()).file_name().unwrap());
+    let text = std::fs::read_to_string(phys).unwrap();
+    assert!(text.contains("-x.drv"), "{text}");
+    let out = t
+        .client("nix-build")
+        .arg("--no-out-link")
+        .arg(t.base().join("sneaky.nix"))
+        .env("DRV_TEXT", &text)
+        .output()
+        .unwrap();
+    let out = ok(&out, "nix-build of the sneaky derivation");
+    let phys = t
+        .env
+        .store_dir()
+        .join(Path::new(out.trim()).file_name().unwrap());
+    let report = std::fs::read_to_string(phys).unwrap();
+    assert!(
+        report.contains("build: cannot build") && report.contains("-x.drv' is unknown"),
+        "{report}"
+    );
+}

@@ -121,6 +121,26 @@ impl Session<'_> {
                         sd.display(derived_path_of(p))
                     )));
                 }
+                // Past Nix: a derivation's inputs must be visible to the build as well. A
+                // `.drv` added with fewer references than its inputs would otherwise bring
+                // the outputs of any derivation in the store into the build's closure.
+                for t in paths {
+                    if let DerivedPath::Built { drv, .. } = t {
+                        let d = self.store().read_derivation(drv).map_err(remote)?;
+                        let unseen = d
+                            .input_drvs
+                            .keys()
+                            .chain(d.input_srcs.iter())
+                            .find(|i| !rb.is_allowed(i));
+                        if let Some(i) = unseen {
+                            return Err(remote(format!(
+                                "cannot build '{}' in recursive Nix: its input '{}' is unknown",
+                                sd.display(drv),
+                                sd.display(i)
+                            )));
+                        }
+                    }
+                }
                 let before = self.roots.len();
                 let r = self.dispatch(req, io);
                 // What was built, and its closure, is the build's from now on.
