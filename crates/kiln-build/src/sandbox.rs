@@ -488,11 +488,16 @@ pub mod trash {
             if fsutil::ensure_dir(&dir, 0o700).is_err() {
                 return Some(top.to_path_buf());
             }
-            // Leftovers of processes that died before removing theirs.
+            // Leftovers of processes that died before removing theirs (a live one, a daemon
+            // beside this command, removes its own).
             SWEPT.call_once(|| {
                 if let Ok(rd) = std::fs::read_dir(&dir) {
                     for e in rd.flatten() {
-                        let _ = queue(r, e.path());
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        let owner = name.split('-').next().unwrap_or_default();
+                        if !Path::new("/proc").join(owner).exists() {
+                            let _ = queue(r, e.path());
+                        }
                     }
                 }
             });

@@ -380,6 +380,31 @@ fn inputs_linked_into_the_sandbox_cannot_be_changed() {
     );
 }
 
+/// Sandboxes' host trees leave nothing behind, and what a dead process left in the trash
+/// is removed by the next one (a live process's is its own to remove).
+#[test]
+fn sandbox_trees_are_removed_and_dead_processes_trash_swept() {
+    let t = T::new();
+    let trash = t.p().join("store/.kiln-trash");
+    std::fs::create_dir_all(trash.join("4294967295-0/deep")).unwrap();
+    std::fs::write(trash.join("4294967295-0/deep/f"), "x").unwrap();
+    let live = trash.join("1-0");
+    std::fs::create_dir_all(&live).unwrap();
+    let o = t.build("a.toml", &drv("a", "echo a > $out"), true, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!trash.join("4294967295-0").exists());
+    assert!(live.exists(), "pid 1's trash was taken");
+    let left: Vec<_> = std::fs::read_dir(t.p().join("store"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".chroot"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let entries: Vec<_> = std::fs::read_dir(&trash).unwrap().flatten().collect();
+    assert_eq!(entries.len(), 1, "only pid 1's entry is left");
+}
+
 fn processes_with(marker: &str) -> Vec<String> {
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
