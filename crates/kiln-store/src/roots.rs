@@ -103,8 +103,7 @@ impl TempRoots {
                 match inner.counts.get_mut(p) {
                     // Already a root: every collector knows it.
                     Some(n) => *n += 1,
-                    None if !new.contains(p) => new.push(p.clone()),
-                    None => {}
+                    None => new.push(p.clone()),
                 }
             }
             if new.is_empty() {
@@ -134,6 +133,7 @@ impl TempRoots {
                 f.write_all(&text)
                     .map_err(|e| Error::io(self.file_path(), "write", e))?;
             }
+            // Counted once per occurrence, as every add needs a matching remove.
             for p in &new {
                 *inner.counts.entry(p.clone()).or_default() += 1;
             }
