@@ -1139,13 +1139,18 @@ fn serve_recursive(
         )));
     };
     if let Some(sb) = sandbox {
-        match kiln_sandbox::Namespaces::of(pid) {
-            Ok(ns) => rb.set_sandbox(Some(crate::recursive::SandboxView {
-                store: sb.store.clone(),
-                ns,
-            })),
+        let view = kiln_sandbox::Namespaces::of(pid)
+            .map_err(|e| e.to_string())
+            .and_then(|ns| {
+                Ok(crate::recursive::SandboxView {
+                    linker: sb.linker(&spec.store)?,
+                    ns,
+                })
+            });
+        match view {
+            Ok(view) => rb.set_sandbox(Some(view)),
             Err(e) => {
-                warn(e.to_string());
+                warn(e);
                 return None;
             }
         }

@@ -14,7 +14,6 @@
 
 use std::collections::BTreeSet;
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use kiln_format::{Derivation, StorePath};
@@ -56,10 +55,10 @@ struct State {
     sandbox: Option<SandboxView>,
 }
 
-/// A running sandbox's store: the host directory its builder sees as the store directory
-/// and the builder's namespaces.
+/// A running sandbox's store: what puts paths into the host directory its builder sees as
+/// the store directory, and the builder's namespaces.
 pub(crate) struct SandboxView {
-    pub(crate) store: PathBuf,
+    pub(crate) linker: crate::sandbox::InputLinker,
     pub(crate) ns: kiln_sandbox::Namespaces,
 }
 

@@ -331,8 +331,7 @@ impl BuildSandbox {
             optional: false,
         });
         let outputs: BTreeSet<&StorePath> = c.drv.output_paths().map(|(_, o)| o).collect();
-        let linker =
-            InputLinker::open(store, &self.store, self.ids.uid, self.sandbox.unprivileged)?;
+        let linker = self.linker(store)?;
         let todo: Vec<&StorePath> = inputs.iter().filter(|p| !outputs.contains(p)).collect();
         for p in linker.link_all(&todo)? {
             e.push(Entry::Bind {
@@ -400,6 +399,14 @@ impl BuildSandbox {
         fsutil::make_safe(&from).map_err(|e| err("making safe", &from, e))?;
         let to = store.real_path(build_path);
         std::fs::rename(&from, &to).map_err(|e| err("moving the output to", &to, e))
+    }
+}
+
+impl BuildSandbox {
+    /// Puts store paths into this sandbox's store directory (before the build, or while it
+    /// runs: the builder sees the directory itself).
+    pub(crate) fn linker(&self, store: &LocalStore) -> Result<InputLinker, String> {
+        InputLinker::open(store, &self.store, self.ids.uid, self.sandbox.unprivileged)
     }
 }
 
@@ -538,7 +545,7 @@ pub mod trash {
 /// and the builder holds no capability (it runs as a non-root uid inside, mapped to a
 /// non-root uid outside; a nested user namespace cannot map the file's owner). The store
 /// directory it sees is sticky, so it cannot remove or replace the link either.
-struct InputLinker {
+pub(crate) struct InputLinker {
     real_store: std::os::fd::OwnedFd,
     view: std::os::fd::OwnedFd,
     builder_uid: u32,
@@ -581,11 +588,18 @@ impl InputLinker {
         Ok(mounted)
     }
 
-    /// Whether `p` was put in place (otherwise it needs a bind mount).
+    /// Whether `p` was put in place (otherwise it needs a bind mount). A name already taken
+    /// in the builder's store directory is an error.
     fn link(&self, p: &StorePath) -> Result<bool, String> {
         use rustix::fs::{AtFlags, FileType};
         let name = p.base_name();
-        let shown = |e: rustix::io::Errno| format!("putting input '{name}' in the sandbox: {e}");
+        let shown = |e: rustix::io::Errno| {
+            if e == rustix::io::Errno::EXIST {
+                format!("store path '{name}' already exists in the sandbox")
+            } else {
+                format!("putting '{name}' in the sandbox: {e}")
+            }
+        };
         let st =
             rustix::fs::statat(&self.real_store, name, AtFlags::SYMLINK_NOFOLLOW).map_err(shown)?;
         match FileType::from_raw_mode(st.st_mode) {
@@ -599,10 +613,12 @@ impl InputLinker {
                 if self.hard_links && st.st_uid != self.builder_uid && st.st_mode & 0o022 == 0 =>
             {
                 // Another file system or a full link count: mounted instead.
-                Ok(
-                    rustix::fs::linkat(&self.real_store, name, &self.view, name, AtFlags::empty())
-                        .is_ok(),
-                )
+                match rustix::fs::linkat(&self.real_store, name, &self.view, name, AtFlags::empty())
+                {
+                    Ok(()) => Ok(true),
+                    Err(rustix::io::Errno::EXIST) => Err(shown(rustix::io::Errno::EXIST)),
+                    Err(_) => Ok(false),
+                }
             }
             _ => Ok(false),
         }
@@ -765,26 +781,21 @@ impl BuildIds {
 }
 
 /// Makes the valid path `p` appear, read-only, in a running sandbox's store (recursive Nix:
-/// the builder added or built it through its socket). Its mount point is created by the
-/// daemon in the builder's store directory with `O_EXCL` semantics (a name the builder
-/// already took is refused, as Nix refuses it), then the path is bind-mounted onto it
-/// inside the builder's mount namespace; a symbolic link is copied instead (mounts cannot
-/// be made on one, and a link has no contents to protect).
+/// the builder added or built it through its socket): linked in as an input would be, or
+/// else bind-mounted onto a mount point the daemon creates in the builder's store directory
+/// with `O_EXCL` semantics (a name the builder already took is refused, as Nix refuses
+/// it), inside the builder's mount namespace.
 pub(crate) fn materialise(
     store: &LocalStore,
     view: &crate::recursive::SandboxView,
     p: &StorePath,
 ) -> Result<(), String> {
     use rustix::fs::{Mode, OFlags};
+    if view.linker.link(p)? {
+        return Ok(());
+    }
     let source = store.real_path(p);
     let shown = store.print(p);
-    let meta = std::fs::symlink_metadata(&source).map_err(|e| err("reading", &source, e))?;
-    let dir = rustix::fs::open(
-        &view.store,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| err("opening", &view.store, e))?;
     let name = p.base_name();
     let exists = |e: rustix::io::Errno| {
         if e == rustix::io::Errno::EXIST {
@@ -793,16 +804,12 @@ pub(crate) fn materialise(
             format!("making '{shown}' appear in the sandbox: {e}")
         }
     };
-    let ft = meta.file_type();
-    if ft.is_symlink() {
-        let target = std::fs::read_link(&source).map_err(|e| err("reading", &source, e))?;
-        return rustix::fs::symlinkat(&target, &dir, name).map_err(exists);
-    }
-    if ft.is_dir() {
-        rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o555)).map_err(exists)?;
+    let meta = std::fs::symlink_metadata(&source).map_err(|e| err("reading", &source, e))?;
+    if meta.is_dir() {
+        rustix::fs::mkdirat(&view.linker.view, name, Mode::from_raw_mode(0o555)).map_err(exists)?;
     } else {
         rustix::fs::openat(
-            &dir,
+            &view.linker.view,
             name,
             OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o444),

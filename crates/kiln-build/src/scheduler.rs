@@ -944,7 +944,6 @@ impl Worker {
         }
     }
 
-    /// Wakes a goal waiting for a free slot, if any. Returns whether one was woken.
     /// Build slots: `max-jobs`, plus one lent by each recursive build with nested requests
     /// running (it waits for their builds, which would otherwise need the slot it holds:
     /// with `max-jobs = 1`, a deadlock). One per build, however many requests it sends, so
@@ -953,6 +952,7 @@ impl Worker {
         self.cfg.max_jobs + self.lenders.len()
     }
 
+    /// Wakes a goal waiting for a free slot, if any. Returns whether one was woken.
     fn dispatch_slots(&mut self) -> bool {
         let max = self.max_jobs();
         if self.building.len() < max {
@@ -1729,11 +1729,8 @@ impl Worker {
         self.in_flight += 1;
         std::thread::spawn(move || {
             let abs = store.print(&drv_path);
-            let features: Vec<String> = drv
-                .env_tokens("requiredSystemFeatures")
-                .unwrap_or_default()
+            let features: Vec<String> = crate::settings::required_system_features(&drv)
                 .into_iter()
-                .map(str::to_string)
                 .collect();
             let log = line_logger(tx.clone(), id);
             let trace = (
