@@ -292,36 +292,37 @@ impl Daemon {
             peer.pid,
             trust
         );
-        let r = stream.try_clone().map_err(|e| Error::Io {
-            path: "<connection>".into(),
-            action: "duplicate",
-            source: e,
-        })?;
-        let w = stream.try_clone().map_err(|e| Error::Io {
-            path: "<connection>".into(),
-            action: "duplicate",
-            source: e,
-        })?;
-        use std::os::fd::AsFd;
         let backend = self.backend_for_connection()?;
         self.ensure_user_dirs(&backend, &peer);
-        let summary = kiln_protocol::serve(
-            Box::new(r),
-            Box::new(w),
-            Some(stream.as_fd()),
-            &self.protocol,
-            |hello| {
-                Ok(session::Session::new(
-                    self,
-                    backend.clone(),
-                    peer.clone(),
-                    trust,
-                    hello,
-                ))
-            },
-        )?;
+        let summary = self.speak(stream, |hello| {
+            session::Session::new(self, backend.clone(), peer.clone(), trust, hello)
+        })?;
         tracing::debug!("{} operations from {}", summary.ops, peer.shown());
         Ok(())
+    }
+
+    /// Speaks the worker protocol on `stream` with the session `session` makes from the
+    /// client's handshake.
+    pub(crate) fn speak<'d>(
+        &'d self,
+        stream: &UnixStream,
+        session: impl FnOnce(kiln_protocol::Hello) -> session::Session<'d>,
+    ) -> Result<kiln_protocol::server::Summary, Error> {
+        let dup = || {
+            stream.try_clone().map_err(|e| Error::Io {
+                path: "<connection>".into(),
+                action: "duplicate",
+                source: e,
+            })
+        };
+        use std::os::fd::AsFd;
+        Ok(kiln_protocol::serve(
+            Box::new(dup()?),
+            Box::new(dup()?),
+            Some(stream.as_fd()),
+            &self.protocol,
+            |hello| Ok(session(hello)),
+        )?)
     }
 
     /// Serves one client on standard input and output (`kiln daemon --stdio`, as

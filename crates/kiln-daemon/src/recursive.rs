@@ -137,22 +137,8 @@ fn serve_one(
         source: e,
     };
     let peer = Peer::of_socket(stream).map_err(io)?;
-    let r = stream.try_clone().map_err(io)?;
-    let w = stream.try_clone().map_err(io)?;
-    kiln_protocol::serve(
-        Box::new(r),
-        Box::new(w),
-        Some(stream.as_fd()),
-        &d.protocol,
-        |hello| {
-            Ok(Session::restricted(
-                d,
-                backend.clone(),
-                peer.clone(),
-                hello,
-                build.clone(),
-            ))
-        },
-    )?;
+    d.speak(stream, |hello| {
+        Session::restricted(d, backend, peer, hello, build)
+    })?;
     Ok(())
 }
