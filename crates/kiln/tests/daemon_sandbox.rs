@@ -180,6 +180,12 @@ impl Setup {
         self.env.dir.path()
     }
 
+    /// The contents of the store file `path` (as a client printed it).
+    fn read(&self, path: &str) -> String {
+        let name = Path::new(path.trim()).file_name().unwrap();
+        std::fs::read_to_string(self.env.store_dir().join(name)).unwrap()
+    }
+
     fn client(&self, program: &str) -> Command {
         client(&self.env, &self.socket, self.user, program)
     }
@@ -405,11 +411,7 @@ fn a_rootless_daemons_builds_cannot_escape_the_sandbox() {
             .output()
             .unwrap();
         let out = ok(&out, "nix-build of the escapes");
-        let phys = t
-            .env
-            .store_dir()
-            .join(Path::new(out.trim()).file_name().unwrap());
-        let report = std::fs::read_to_string(phys).unwrap();
+        let report = t.read(&out);
         let connected = listener.accept().is_ok();
         let left = processes_with(&marker);
         for pid in &left {
@@ -532,11 +534,7 @@ fn a_recursive_build_cannot_reach_inputs_a_derivation_hides() {
             .unwrap(),
         "nix-instantiate",
     );
-    let phys = t
-        .env
-        .store_dir()
-        .join(Path::new(drv.trim()).file_name().unwrap());
-    let text = std::fs::read_to_string(phys).unwrap();
+    let text = t.read(&drv);
     assert!(text.contains("-x.drv"), "{text}");
     let out = t
         .client("nix-build")
@@ -546,11 +544,7 @@ fn a_recursive_build_cannot_reach_inputs_a_derivation_hides() {
         .output()
         .unwrap();
     let out = ok(&out, "nix-build of the sneaky derivation");
-    let phys = t
-        .env
-        .store_dir()
-        .join(Path::new(out.trim()).file_name().unwrap());
-    let report = std::fs::read_to_string(phys).unwrap();
+    let report = t.read(&out);
     assert!(
         report.contains("build: cannot build") && report.contains("-x.drv' is unknown"),
         "{report}"
