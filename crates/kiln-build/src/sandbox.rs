@@ -593,13 +593,7 @@ impl InputLinker {
     fn link(&self, p: &StorePath) -> Result<bool, String> {
         use rustix::fs::{AtFlags, FileType};
         let name = p.base_name();
-        let shown = |e: rustix::io::Errno| {
-            if e == rustix::io::Errno::EXIST {
-                format!("store path '{name}' already exists in the sandbox")
-            } else {
-                format!("putting '{name}' in the sandbox: {e}")
-            }
-        };
+        let shown = |e| placing_failed(name, e);
         let st =
             rustix::fs::statat(&self.real_store, name, AtFlags::SYMLINK_NOFOLLOW).map_err(shown)?;
         match FileType::from_raw_mode(st.st_mode) {
@@ -780,6 +774,16 @@ impl BuildIds {
     }
 }
 
+/// The error of putting the store path `shown` into a sandbox's store directory: a name
+/// the builder already took, or another failure.
+fn placing_failed(shown: &str, e: rustix::io::Errno) -> String {
+    if e == rustix::io::Errno::EXIST {
+        format!("store path '{shown}' already exists in the sandbox")
+    } else {
+        format!("putting '{shown}' in the sandbox: {e}")
+    }
+}
+
 /// Makes the valid path `p` appear, read-only, in a running sandbox's store (recursive Nix:
 /// the builder added or built it through its socket): linked in as an input would be, or
 /// else bind-mounted onto a mount point the daemon creates in the builder's store directory
@@ -797,13 +801,7 @@ pub(crate) fn materialise(
     let source = store.real_path(p);
     let shown = store.print(p);
     let name = p.base_name();
-    let exists = |e: rustix::io::Errno| {
-        if e == rustix::io::Errno::EXIST {
-            format!("store path '{shown}' already exists in the sandbox")
-        } else {
-            format!("making '{shown}' appear in the sandbox: {e}")
-        }
-    };
+    let exists = |e| placing_failed(&shown, e);
     let meta = std::fs::symlink_metadata(&source).map_err(|e| err("reading", &source, e))?;
     if meta.is_dir() {
         rustix::fs::mkdirat(&view.linker.view, name, Mode::from_raw_mode(0o555)).map_err(exists)?;
@@ -822,5 +820,5 @@ pub(crate) fn materialise(
     );
     view.ns
         .attach(&source, &inside)
-        .map_err(|e| format!("making '{shown}' appear in the sandbox: {e}"))
+        .map_err(|e| format!("putting '{shown}' in the sandbox: {e}"))
 }

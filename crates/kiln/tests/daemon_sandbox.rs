@@ -283,12 +283,14 @@ fn a_rootless_daemon_serves_sandboxed_recursive_builds() {
     if !nix_or_skip("a_rootless_daemon_serves_sandboxed_recursive_builds") {
         return;
     }
-    let user = if rustix::process::geteuid().is_root() {
-        Some(test_user())
-    } else {
-        None
-    };
+    let user = rootless_user();
     run(user);
+}
+
+/// The user rootless tests run as: an ordinary one created for them when we are root, else
+/// ourselves (`None`).
+fn rootless_user() -> Option<(u32, u32)> {
+    rustix::process::geteuid().is_root().then(test_user)
 }
 
 /// An ordinary user for rootless tests, created if missing.
@@ -371,11 +373,7 @@ fn a_rootless_daemons_builds_cannot_escape_the_sandbox() {
     if !nix_or_skip("a_rootless_daemons_builds_cannot_escape_the_sandbox") {
         return;
     }
-    let user = if rustix::process::geteuid().is_root() {
-        Some(test_user())
-    } else {
-        None
-    };
+    let user = rootless_user();
     let t = Setup::new(
         user,
         &[("escapes.nix", ESCAPES), ("shared", "any store path")],
