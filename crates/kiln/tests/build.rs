@@ -624,3 +624,46 @@ fn hook_accept_decline_postpone() {
     assert!(stderr(&o).contains("remote log"), "{}", stderr(&o));
     assert!(state.exists(), "the postpone happened");
 }
+
+/// The README's main job, taken from the README itself and run as written (with the built
+/// binary for `cargo run`), in a fresh per-user store: it builds, and `hello` runs.
+#[test]
+fn the_readmes_main_job_builds_and_runs() {
+    let root = kiln_testkit::workspace_root();
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let line = readme
+        .lines()
+        .find(|l| l.contains("# the main job"))
+        .expect("the README names its main job");
+    let command = line.split('#').next().unwrap().trim();
+    let args = command
+        .strip_prefix("cargo run --release -p kiln --")
+        .expect("the main job is `cargo run --release -p kiln -- ...`");
+    let home = tempfile::tempdir().unwrap();
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!("exec \"$KILN\" {args}"))
+        .env("KILN", env!("CARGO_BIN_EXE_kiln"))
+        .env("HOME", home.path())
+        .env("XDG_DATA_HOME", home.path().join("data"))
+        .env_remove("KILN_CONFIG")
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{command}: {}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let hello = out
+        .lines()
+        .find(|l| l.ends_with("-hello"))
+        .unwrap_or_else(|| panic!("no hello output: {out}"));
+    let store = home.path().join("data/kiln/store");
+    assert!(hello.starts_with(&*store.to_string_lossy()), "{hello}");
+    let run = Command::new(Path::new(hello).join("bin/hello"))
+        .output()
+        .unwrap();
+    assert!(run.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "Hello from kiln!\nKILN BUILDS WHAT YOU ASK FOR, EXACTLY.\n"
+    );
+}
