@@ -452,6 +452,10 @@ def bench_client():
     return os.environ.get("KILN_BENCH_CLIENT") or os.path.join(ROOT, "target", "release", "examples", "bench_client")
 
 
+def floor_server():
+    return os.path.join(os.path.dirname(bench_client()), "floor_server")
+
+
 def proc_cpu(pid):
     """CPU seconds of a process and its reaped children (Nix's daemon forks per client)."""
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
@@ -498,8 +502,8 @@ class Daemon:
 def bench_daemon(args):
     print("## daemon: kiln daemon vs nix-daemon (Nix 2.8), same store, same clients\n", flush=True)
     if not os.environ.get("KILN_BENCH_CLIENT"):
-        subprocess.run(["cargo", "build", "--release", "-p", "kiln-protocol", "--example", "bench_client"],
-                       cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(["cargo", "build", "--release", "-p", "kiln-protocol", "--example", "bench_client",
+                        "--example", "floor_server"], cwd=ROOT, check=True, capture_output=True)
     work = os.path.join(args.dir, "daemon-bench")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
@@ -513,16 +517,32 @@ def bench_daemon(args):
     conns, per = 8, 25_000
     print("| measure | kiln | Nix 2.8 | kiln better by |")
     print("|---|---|---|---|")
+    def query(socket, cpu_of):
+        c0 = cpu_of()
+        r = subprocess.run([bench_client(), socket, sd, "query", path, str(conns), str(per)], capture_output=True, text=True, check=True)
+        n, secs = r.stdout.split()
+        return int(n) / float(secs), (cpu_of() - c0) / int(n) * 1e6
+
     results = {}
+    floor = None
     for kind in ["kiln", "nix"]:
         d = Daemon(kind, root, env)
         best_q = best_c = None
+        if kind == "kiln":
+            # The kernel's floor: a server that answers with the same bytes and does nothing
+            # else, a thread per connection, measured in the same run.
+            fsock = os.path.join(root, "floor.sock")
+            fp = subprocess.Popen([floor_server(), fsock, d.socket, sd, path])
+            while not os.path.exists(fsock):
+                time.sleep(0.01)
+            for _ in range(3):
+                q = query(fsock, lambda: (time.sleep(0.2), proc_cpu(fp.pid))[1])
+                if floor is None or q[1] < floor[1]:
+                    floor = q
+            fp.terminate()
+            fp.wait()
         for _ in range(3):
-            c0 = d.settled_cpu()
-            r = subprocess.run([bench_client(), d.socket, sd, "query", path, str(conns), str(per)], capture_output=True, text=True, check=True)
-            n, secs = r.stdout.split()
-            cpu = d.settled_cpu() - c0
-            q = (int(n) / float(secs), cpu / int(n) * 1e6)
+            q = query(d.socket, d.settled_cpu)
             if best_q is None or q[1] < best_q[1]:
                 best_q = q
             c0 = d.settled_cpu()
@@ -537,6 +557,7 @@ def bench_daemon(args):
     (kq, kc), (nq, nc) = results["kiln"], results["nix"]
     print(f"| QueryPathInfo over {conns} connections: queries/s | {kq[0]:,.0f} | {nq[0]:,.0f} | {kq[0] / nq[0]:.1f}x |")
     print(f"| QueryPathInfo: daemon CPU per query | {kq[1]:.2f} µs | {nq[1]:.2f} µs | {nq[1] / kq[1]:.1f}x |")
+    print(f"| QueryPathInfo: CPU per query of a server doing nothing but the socket round trip (floor) | {floor[1]:.2f} µs ({kq[1] / floor[1]:.2f}x of it) | | Nix/floor {nq[1] / floor[1]:.1f}x |")
     print(f"| new connections/s (handshake + one IsValidPath, 8 clients) | {kc[0]:,.0f} | {nc[0]:,.0f} | {kc[0] / nc[0]:.1f}x |")
     print(f"| daemon CPU per connection | {kc[1]:.3f} ms | {nc[1]:.3f} ms | {nc[1] / kc[1]:.1f}x |", flush=True)
 

@@ -62,7 +62,14 @@ pub struct Session<'d> {
 #[derive(Default)]
 struct InfoCache {
     generation: u64,
-    entries: std::collections::HashMap<StorePath, ValidPathInfo>,
+    entries: std::collections::HashMap<StorePath, Arc<CachedInfo>>,
+}
+
+/// A valid path's info, and the `QueryPathInfo` reply to this connection's client
+/// encoded once (repeated queries then cost no allocation and no hash or path printing).
+struct CachedInfo {
+    info: ValidPathInfo,
+    reply: Arc<[u8]>,
 }
 
 /// Entries a connection keeps at most (about 1 KiB each).
@@ -167,7 +174,8 @@ impl<'d> Session<'d> {
         &mut self,
         store: &LocalStore,
         p: &StorePath,
-    ) -> Result<Option<ValidPathInfo>, RemoteError> {
+        v: kiln_protocol::Version,
+    ) -> Result<Option<Arc<CachedInfo>>, RemoteError> {
         let generation = store.generation();
         let c = &mut self.info_cache;
         if c.generation != generation || c.entries.len() >= INFO_CACHE_MAX {
@@ -177,12 +185,16 @@ impl<'d> Session<'d> {
         if let Some(i) = c.entries.get(p) {
             return Ok(Some(i.clone()));
         }
-        let info = store.query_path_info(p).map_err(remote)?;
+        let Some(info) = store.query_path_info(p).map_err(remote)? else {
+            return Ok(None);
+        };
+        let reply = kiln_protocol::ops::found_path_info(v, store.store_dir(), &info);
+        let cached = Arc::new(CachedInfo { info, reply });
         // Kept only if nothing was written while it was read.
-        if let (Some(i), true) = (&info, store.generation() == generation) {
-            c.entries.insert(p.clone(), i.clone());
+        if store.generation() == generation {
+            c.entries.insert(p.clone(), cached.clone());
         }
-        Ok(info)
+        Ok(Some(cached))
     }
 
     fn path_info(&self, p: &StorePath) -> Result<ValidPathInfo, RemoteError> {
@@ -735,13 +747,13 @@ impl Session<'_> {
                 }
                 Ok(sorted(store.query_valid_paths(&paths).map_err(remote)?))
             }
-            Request::QueryPathInfo(p) => {
-                let info = self.cached_path_info(&store, &p)?;
-                if info.is_none() && (self.guix || !io.version().at_least(17)) {
-                    return Err(remote(format!("path '{}' is not valid", sd.display(&p))));
+            Request::QueryPathInfo(p) => match self.cached_path_info(&store, &p, io.version())? {
+                Some(c) => Ok(Reply::Encoded(c.reply.clone())),
+                None if self.guix || !io.version().at_least(17) => {
+                    Err(remote(format!("path '{}' is not valid", sd.display(&p))))
                 }
-                Ok(Reply::PathInfo(info))
-            }
+                None => Ok(Reply::PathInfo(None)),
+            },
             Request::QueryPathHash(p) => {
                 Ok(Reply::String(self.path_info(&p)?.nar_hash.to_base16()))
             }

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, BufRead, Write};
+use std::sync::Arc;
 
 use kiln_format::derivation::{DerivationOutput, FixedOutputHash};
 use kiln_format::store_path::ContentAddressMethod;
@@ -1049,6 +1050,29 @@ pub fn write_path_info<W: Write + ?Sized>(
     Ok(())
 }
 
+/// The reply to a `QueryPathInfo` of a valid path: Nix ≥ 1.17 gets a found flag first,
+/// Guix and older Nix the info alone.
+fn write_found_path_info<W: Write + ?Sized>(
+    v: Version,
+    sd: &StoreDir,
+    info: &ValidPathInfo,
+    w: &mut W,
+) -> io::Result<()> {
+    if !v.is_guix() && v.at_least(17) {
+        w.u64(1)?;
+    }
+    write_path_info(v, sd, info, false, w)
+}
+
+/// [`Reply::PathInfo`] of a valid path, encoded for client `v` once, to be sent as
+/// [`Reply::Encoded`] as often as it is asked for.
+pub fn found_path_info(v: Version, sd: &StoreDir, info: &ValidPathInfo) -> Arc<[u8]> {
+    let mut out = Vec::with_capacity(256);
+    // Writing into a vector cannot fail.
+    let _ = write_found_path_info(v, sd, info, &mut out);
+    out.into()
+}
+
 /// Reads a `ValidPathInfo` written by [`write_path_info`].
 pub fn read_path_info<R: BufRead>(
     v: Version,
@@ -1219,6 +1243,9 @@ pub enum Reply {
     BuildResults(Vec<(DerivedPath, WireBuildResult)>),
     /// Raw bytes streamed after `STDERR_LAST` (`NarFromPath`).
     Stream(StreamFn),
+    /// A reply already in the client's layout, encoded once and kept (a connection's
+    /// cached `QueryPathInfo` answers: see [`found_path_info`]).
+    Encoded(Arc<[u8]>),
 }
 
 impl std::fmt::Debug for Reply {
@@ -1246,18 +1273,8 @@ impl Reply {
             Reply::OptPath(p) => w.opt_path(sd, p.as_ref())?,
             Reply::Paths(ps) => w.paths(sd, &ps)?,
             Reply::Strings(ss) => w.strs(ss.iter().map(String::as_str))?,
-            Reply::PathInfo(info) => {
-                let flag = !v.is_guix() && v.at_least(17);
-                match info {
-                    Some(i) => {
-                        if flag {
-                            w.u64(1)?;
-                        }
-                        write_path_info(v, sd, &i, false, w)?;
-                    }
-                    None => w.u64(0)?,
-                }
-            }
+            Reply::PathInfo(Some(i)) => write_found_path_info(v, sd, &i, w)?,
+            Reply::PathInfo(None) => w.u64(0)?,
             Reply::PathInfoWithPath(i) => write_path_info(v, sd, &i, true, w)?,
             Reply::Roots(roots) => {
                 w.u64(roots.len() as u64)?;
@@ -1330,6 +1347,7 @@ impl Reply {
                 }
             }
             Reply::Stream(f) => f(w)?,
+            Reply::Encoded(bytes) => w.write_all(&bytes)?,
         }
         Ok(())
     }

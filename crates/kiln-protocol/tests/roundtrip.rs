@@ -274,5 +274,25 @@ fn replies_round_trip_in_every_version() {
             back.write(v, &sd(), &mut again).unwrap();
             assert_eq!(again, b, "{v} {op:?} {shown}");
         }
+        // A `QueryPathInfo` answer encoded once and kept (the daemon's per-connection
+        // cache) is the same bytes, and reads back as the same info.
+        let mut direct = Vec::new();
+        Reply::PathInfo(Some(info.clone()))
+            .write(v, &sd(), &mut direct)
+            .unwrap();
+        let mut kept = Vec::new();
+        Reply::Encoded(kiln_protocol::ops::found_path_info(v, &sd(), &info))
+            .write(v, &sd(), &mut kept)
+            .unwrap();
+        assert_eq!(kept, direct, "{v}");
+        let mut r = WireReader::new(BufReader::new(kept.as_slice()));
+        match Reply::read(Op::QueryPathInfo, v, &sd(), &mut r) {
+            // The reply does not carry the path itself: the reader puts a placeholder there.
+            Ok(Reply::PathInfo(Some(mut back))) => {
+                back.path = info.path.clone();
+                assert_eq!(back, info, "{v}");
+            }
+            other => panic!("{v}: {other:?}"),
+        }
     }
 }

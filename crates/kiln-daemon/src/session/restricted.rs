@@ -56,7 +56,9 @@ impl Session<'_> {
                 }
                 // Censored as Nix censors it: nothing about how or when the path came to be.
                 let store = self.b.store.clone();
-                let info = self.cached_path_info(&store, &p)?.map(|mut i| {
+                let cached = self.cached_path_info(&store, &p, io.version())?;
+                let info = cached.map(|c| {
+                    let mut i = c.info.clone();
                     i.deriver = None;
                     i.registration_time = 0;
                     i.ultimate = false;

@@ -1,0 +1,89 @@
+//! The kernel's floor for the `QueryPathInfo` benchmark (`bench/run.py daemon`): a server
+//! that does no work at all, to show how much of a daemon's CPU per query is the socket
+//! round trip itself.
+//!
+//!     floor_server LISTEN_SOCKET DAEMON_SOCKET STORE_DIR PATH
+//!
+//! It asks the real daemon at DAEMON_SOCKET once for PATH's info, then listens on
+//! LISTEN_SOCKET: a thread per connection, as kiln's daemon has, does the handshake and
+//! answers every request with that same reply, encoded once, after one `recv` — no
+//! parsing, no lookup, no allocation. A client that sends one request per write (as
+//! `bench_client query` does) gets the answers a daemon would give, byte for byte.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kiln_format::StoreDir;
+use kiln_protocol::version::{DAEMON_VERSION, WORKER_MAGIC_1, WORKER_MAGIC_2};
+use kiln_protocol::{Client, Reply, Request, Version};
+
+fn read_u64(s: &mut UnixStream) -> std::io::Result<u64> {
+    let mut b = [0u8; 8];
+    s.read_exact(&mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn serve(
+    mut s: UnixStream,
+    sd: &StoreDir,
+    info: &kiln_format::ValidPathInfo,
+) -> std::io::Result<()> {
+    if read_u64(&mut s)? != WORKER_MAGIC_1 {
+        return Ok(());
+    }
+    let mut hello = Vec::new();
+    hello.extend_from_slice(&WORKER_MAGIC_2.to_le_bytes());
+    hello.extend_from_slice(&DAEMON_VERSION.to_le_bytes());
+    s.write_all(&hello)?;
+    let v = Version(read_u64(&mut s)?);
+    if v.at_least(14) && read_u64(&mut s)? != 0 {
+        read_u64(&mut s)?;
+    }
+    if v.at_least(11) {
+        read_u64(&mut s)?;
+    }
+    let mut out = Vec::new();
+    if !v.is_guix() && v.at_least(33) {
+        let name = b"floor";
+        out.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        out.extend_from_slice(name);
+        out.extend_from_slice(&[0u8; 3]);
+    }
+    out.extend_from_slice(&kiln_protocol::stderr::STDERR_LAST.to_le_bytes());
+    s.write_all(&out)?;
+    let mut reply = kiln_protocol::stderr::STDERR_LAST.to_le_bytes().to_vec();
+    reply.extend_from_slice(&kiln_protocol::ops::found_path_info(v, sd, info));
+    let mut buf = [0u8; 4096];
+    loop {
+        if s.read(&mut buf)? == 0 {
+            return Ok(());
+        }
+        s.write_all(&reply)?;
+    }
+}
+
+fn main() {
+    let a: Vec<String> = std::env::args().collect();
+    if a.len() != 5 {
+        eprintln!("usage: floor_server LISTEN_SOCKET DAEMON_SOCKET STORE_DIR PATH");
+        std::process::exit(2);
+    }
+    let sd = StoreDir::new(a[3].clone()).expect("store directory");
+    let path = sd.parse_path(&a[4]).expect("store path");
+    let mut c = Client::connect(&PathBuf::from(&a[2]), sd.clone()).expect("connect");
+    let info = match c.request(&Request::QueryPathInfo(path), None, &mut |_| {}) {
+        Ok(Reply::PathInfo(Some(i))) => Arc::new(i),
+        r => panic!("unexpected answer: {r:?}"),
+    };
+    drop(c);
+    let _ = std::fs::remove_file(&a[1]);
+    let l = UnixListener::bind(&a[1]).expect("bind");
+    for s in l.incoming() {
+        let (s, sd, info) = (s.expect("accept"), sd.clone(), info.clone());
+        std::thread::spawn(move || {
+            let _ = serve(s, &sd, &info);
+        });
+    }
+}
