@@ -14,6 +14,7 @@
 pub mod attach;
 pub mod cgroup;
 pub mod namespace;
+pub mod netns;
 pub mod seccomp;
 pub mod spawn;
 pub mod usernet;

@@ -186,6 +186,19 @@ pub(crate) struct IfReq {
     pub pad: [u8; 22],
 }
 
+impl IfReq {
+    /// `lo` with IFF_UP | IFF_LOOPBACK | IFF_RUNNING.
+    pub(crate) fn loopback_up() -> IfReq {
+        let mut name = [0u8; 16];
+        name[..2].copy_from_slice(b"lo");
+        IfReq {
+            name,
+            flags: 0x1 | 0x8 | 0x40,
+            pad: [0; 22],
+        }
+    }
+}
+
 /// `struct landlock_ruleset_attr` (ABI 6): no file-system or network rights handled, only
 /// the scopes.
 #[repr(C)]
@@ -206,6 +219,9 @@ pub(crate) struct Prepared {
     pub ops: Vec<Op>,
     pub descriptions: Vec<String>,
     pub private_network: bool,
+    /// Loopback only, for a privileged daemon: the network namespace may come from
+    /// [`crate::netns`].
+    pub pooled_network: bool,
     pub ids: IdMap,
     pub unprivileged: bool,
     pub filter: Option<Vec<crate::seccomp::Insn>>,
@@ -303,8 +319,6 @@ impl Sandbox {
                 },
             });
         }
-        let mut name = [0u8; 16];
-        name[..2].copy_from_slice(b"lo");
         let ids = self.ids;
         Ok(Prepared {
             root: cstr(root.as_os_str().as_bytes())?,
@@ -314,12 +328,8 @@ impl Sandbox {
             ids,
             unprivileged: self.unprivileged,
             filter: self.seccomp.then(crate::seccomp::filter),
-            lo: IfReq {
-                name,
-                // IFF_UP | IFF_LOOPBACK | IFF_RUNNING
-                flags: 0x1 | 0x8 | 0x40,
-                pad: [0; 22],
-            },
+            lo: IfReq::loopback_up(),
+            pooled_network: self.network == crate::usernet::Network::Loopback && !self.unprivileged,
             tmpfs: cstr(b"tmpfs")?,
             root_options: cstr(b"mode=0755")?,
             dot: cstr(b".")?,

@@ -191,6 +191,10 @@ struct ChildData<'a> {
     /// Read end of the pipe on which the parent says the id maps are written.
     sync_fd: RawFd,
     fprog: Option<libc::sock_fprog>,
+    /// Bring up `lo` in the new network namespace (not for one from [`crate::netns`],
+    /// which has it up already and belongs to a user namespace the child has no
+    /// capabilities in).
+    lo_up: bool,
 }
 
 /// The child side: runs on its own stack in the parent's address space (`CLONE_VM`) while
@@ -259,7 +263,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             }
         }
         if let Some(p) = d.sandbox {
-            enter_sandbox(p, ef);
+            enter_sandbox(p, d.lo_up, ef);
         }
         if libc::chdir(spec.cwd.as_ptr()) < 0 {
             child_fail(ef, 4);
@@ -344,7 +348,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 ///
 /// # Safety
 /// Only from `child_main`, with `p` prepared before the clone.
-unsafe fn enter_sandbox(p: &Prepared, ef: RawFd) {
+unsafe fn enter_sandbox(p: &Prepared, lo_up: bool, ef: RawFd) {
     // SAFETY: every pointer passed below comes from `p`'s C strings and buffers, alive for
     // the whole call; the calls only affect this child's own namespaces.
     unsafe {
@@ -375,7 +379,7 @@ unsafe fn enter_sandbox(p: &Prepared, ef: RawFd) {
                 child_fail_at(ef, ST_ENTRY, i as u32);
             }
         }
-        if p.private_network {
+        if p.private_network && lo_up {
             let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
             if s < 0 || libc::ioctl(s, libc::SIOCSIFFLAGS, &p.lo as *const _) < 0 {
                 child_fail(ef, ST_LO);
@@ -628,6 +632,12 @@ pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
             len: f.len() as libc::c_ushort,
             filter: f.as_ptr() as *mut libc::sock_filter,
         });
+    // A network namespace made ahead of time, if one is ready: this thread is in it until
+    // `lent` is dropped right after the clone, and the child starts in it.
+    let lent = match &prepared {
+        Some(p) if p.pooled_network => crate::netns::Lent::take(),
+        _ => None,
+    };
     let mut flags = libc::CLONE_VM | libc::SIGCHLD;
     if let Some(p) = &prepared {
         flags |= libc::CLONE_NEWUSER
@@ -635,7 +645,7 @@ pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
             | libc::CLONE_NEWPID
             | libc::CLONE_NEWIPC
             | libc::CLONE_NEWUTS;
-        if p.private_network {
+        if p.private_network && lent.is_none() {
             flags |= libc::CLONE_NEWNET;
         }
     } else {
@@ -668,6 +678,7 @@ pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
         sandbox: prepared.as_ref(),
         sync_fd: sync.as_ref().map(|(r, _)| r.as_raw_fd()).unwrap_or(-1),
         fprog,
+        lo_up: lent.is_none(),
     };
     let top = stack.top();
     // SAFETY: `child_main` only reads `data` and makes raw system calls on its own stack.
@@ -683,6 +694,8 @@ pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
         )
     };
     let clone_err = std::io::Error::last_os_error();
+    // Back to the host's network namespace, before anything else (raw system call only).
+    drop(lent);
     // SAFETY: restores this thread's mask saved above.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
     if pid < 0 {

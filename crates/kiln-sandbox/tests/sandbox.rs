@@ -285,3 +285,61 @@ fn a_failing_network_helper_is_reported_and_the_builder_never_runs() {
     );
     assert!(!marker.exists());
 }
+
+/// Builds running side by side each have a network namespace of their own, with loopback
+/// working, none of them the host's; a root daemon gives most of them one made ahead of
+/// time (`netns`), never the same one twice.
+#[test]
+fn every_build_has_a_network_namespace_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let lent_before = kiln_sandbox::netns::lent();
+    let host = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let script = "readlink /proc/self/ns/net; \
+        python3 -c \"import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); \
+        socket.create_connection(s.getsockname()); print('lo-ok')\"; \
+        sleep 2";
+    let mut running = Vec::new();
+    for i in 0..8 {
+        let root = dir.path().join(format!("root{i}"));
+        std::fs::create_dir(&root).unwrap();
+        let mut entries = host_tools();
+        entries.push(Entry::Proc {
+            path: "/proc".into(),
+        });
+        let (r, w) = pipe_cloexec().unwrap();
+        let child = spawn(ChildSpec {
+            program: cs("/bin/sh"),
+            args: vec![cs("sh"), cs("-c"), cs(script)],
+            env: vec![cs("PATH=/bin:/usr/bin")],
+            cwd: cs("/"),
+            output: w,
+            personality: None,
+            uname26: false,
+            user: None,
+            oom_score_adj: true,
+            sandbox: Some(sandbox(root, true, entries)),
+            cgroup: None,
+        })
+        .unwrap();
+        running.push((child, r));
+        // Time for the pool to make more.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (child, r) in running {
+        let mut out = String::new();
+        std::fs::File::from(r).read_to_string(&mut out).unwrap();
+        assert_eq!(exit_code(wait(child.pid).unwrap()), Some(0), "{out}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.get(1), Some(&"lo-ok"), "{out}");
+        assert_ne!(Path::new(lines[0]), host, "{out}");
+        // All eight are alive at once, so their namespaces' numbers cannot be reused.
+        assert!(seen.insert(lines[0].to_string()), "shared: {out}");
+    }
+    if rustix::process::geteuid().is_root() {
+        assert!(
+            kiln_sandbox::netns::lent() > lent_before,
+            "no build got a namespace from the pool"
+        );
+    }
+}
