@@ -47,6 +47,19 @@ fn sandbox(root: std::path::PathBuf, net: bool, entries: Vec<Entry>) -> Sandbox 
 
 /// Runs `script` with `sh -c` in a sandbox; returns (exit code, output).
 fn run(root: &Path, entries: Vec<Entry>, net: bool, script: &str) -> (Option<i32>, String) {
+    let (child, r) = start(root, entries, net, script);
+    let mut s = String::new();
+    std::fs::File::from(r).read_to_string(&mut s).unwrap();
+    (exit_code(wait(child.pid).unwrap()), s)
+}
+
+/// Starts `script` with `sh -c` in a sandbox; returns the child and its output's read end.
+fn start(
+    root: &Path,
+    entries: Vec<Entry>,
+    net: bool,
+    script: &str,
+) -> (kiln_sandbox::Spawned, std::os::fd::OwnedFd) {
     let (r, w) = pipe_cloexec().unwrap();
     let sandbox = sandbox(root.to_path_buf(), net, entries);
     let child = spawn(ChildSpec {
@@ -63,9 +76,7 @@ fn run(root: &Path, entries: Vec<Entry>, net: bool, script: &str) -> (Option<i32
         cgroup: None,
     })
     .unwrap();
-    let mut s = String::new();
-    std::fs::File::from(r).read_to_string(&mut s).unwrap();
-    (exit_code(wait(child.pid).unwrap()), s)
+    (child, r)
 }
 
 #[test]
@@ -306,22 +317,7 @@ fn every_build_has_a_network_namespace_of_its_own() {
         entries.push(Entry::Proc {
             path: "/proc".into(),
         });
-        let (r, w) = pipe_cloexec().unwrap();
-        let child = spawn(ChildSpec {
-            program: cs("/bin/sh"),
-            args: vec![cs("sh"), cs("-c"), cs(script)],
-            env: vec![cs("PATH=/bin:/usr/bin")],
-            cwd: cs("/"),
-            output: w,
-            personality: None,
-            uname26: false,
-            user: None,
-            oom_score_adj: true,
-            sandbox: Some(sandbox(root, true, entries)),
-            cgroup: None,
-        })
-        .unwrap();
-        running.push((child, r));
+        running.push(start(&root, entries, true, script));
         // Time for the pool to make more.
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
