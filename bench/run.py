@@ -711,6 +711,10 @@ def main():
     args = p.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     if os.geteuid() == 0 and subprocess.run(["mountpoint", "-q", args.dir]).returncode != 0:
+        if os.listdir(args.dir):
+            # A file system mounted over it would hide what is there (binaries named in
+            # KILN_BIN, an output file) for the whole run.
+            raise SystemExit(f"{args.dir} is not empty and not a mount point: empty it, or pass another --dir")
         if args.fs == "tmpfs":
             subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12g", "tmpfs", args.dir], check=True)
         else:
