@@ -16,7 +16,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use kiln_format::StoreDir;
+use kiln_protocol::stderr::STDERR_LAST;
 use kiln_protocol::version::{DAEMON_VERSION, WORKER_MAGIC_1, WORKER_MAGIC_2};
+use kiln_protocol::wire::WireWrite;
 use kiln_protocol::{Client, Reply, Request, Version};
 
 fn read_u64(s: &mut UnixStream) -> std::io::Result<u64> {
@@ -34,8 +36,8 @@ fn serve(
         return Ok(());
     }
     let mut hello = Vec::new();
-    hello.extend_from_slice(&WORKER_MAGIC_2.to_le_bytes());
-    hello.extend_from_slice(&DAEMON_VERSION.to_le_bytes());
+    hello.u64(WORKER_MAGIC_2)?;
+    hello.u64(DAEMON_VERSION)?;
     s.write_all(&hello)?;
     let v = Version(read_u64(&mut s)?);
     if v.at_least(14) && read_u64(&mut s)? != 0 {
@@ -46,14 +48,12 @@ fn serve(
     }
     let mut out = Vec::new();
     if !v.is_guix() && v.at_least(33) {
-        let name = b"floor";
-        out.extend_from_slice(&(name.len() as u64).to_le_bytes());
-        out.extend_from_slice(name);
-        out.extend_from_slice(&[0u8; 3]);
+        out.str("floor")?;
     }
-    out.extend_from_slice(&kiln_protocol::stderr::STDERR_LAST.to_le_bytes());
+    out.u64(STDERR_LAST)?;
     s.write_all(&out)?;
-    let mut reply = kiln_protocol::stderr::STDERR_LAST.to_le_bytes().to_vec();
+    let mut reply = Vec::new();
+    reply.u64(STDERR_LAST)?;
     reply.extend_from_slice(&kiln_protocol::ops::found_path_info(v, sd, info));
     let mut buf = [0u8; 4096];
     loop {
