@@ -46,29 +46,23 @@ struct State {
     stopped: bool,
 }
 
+/// The pool, made and its refill thread started on first use (`None`: not root, or no
+/// descriptor for the host's namespace).
 fn pool() -> Option<&'static Pool> {
-    static POOL: OnceLock<Option<Pool>> = OnceLock::new();
-    POOL.get_or_init(|| {
+    static POOL: OnceLock<Option<&'static Pool>> = OnceLock::new();
+    *POOL.get_or_init(|| {
         if !rustix::process::geteuid().is_root() {
             return None;
         }
         let host = open_own()
             .map_err(|e| tracing::debug!("no network namespace pool: {e}"))
             .ok()?;
-        Some(Pool {
+        // One per process, for its whole life.
+        let p: &'static Pool = Box::leak(Box::new(Pool {
             host,
             state: Mutex::new(State::default()),
             taken: Condvar::new(),
-        })
-    })
-    .as_ref()
-    .inspect(|p| start_refill(p))
-}
-
-/// Starts the refill thread once.
-fn start_refill(p: &'static Pool) {
-    static STARTED: OnceLock<()> = OnceLock::new();
-    STARTED.get_or_init(|| {
+        }));
         let spawned = std::thread::Builder::new()
             .name("kiln-netns".into())
             .spawn(move || refill(p));
@@ -76,7 +70,8 @@ fn start_refill(p: &'static Pool) {
             tracing::debug!("no network namespace pool: {e}");
             p.lock().stopped = true;
         }
-    });
+        Some(p)
+    })
 }
 
 impl Pool {
