@@ -267,14 +267,22 @@ fn run(user: Option<(u32, u32)>) {
 
 #[test]
 fn a_sandboxed_recursive_build_sees_only_its_closure_and_what_it_made() {
-    if !nix_or_skip("a_sandboxed_recursive_build_sees_only_its_closure_and_what_it_made") {
-        return;
-    }
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("skipping: the rootful case needs root");
+    if !nix_and_root_or_skip("a_sandboxed_recursive_build_sees_only_its_closure_and_what_it_made") {
         return;
     }
     run(None);
+}
+
+/// Whether `test`, which needs Nix 2.8 and root, can run here (if not, it says why).
+fn nix_and_root_or_skip(test: &str) -> bool {
+    if !nix_or_skip(test) {
+        return false;
+    }
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipping {test}: needs root");
+        return false;
+    }
+    true
 }
 
 /// The same as an ordinary user: the daemon, its store and its clients are that user's.
@@ -507,11 +515,7 @@ print("build:", err.decode() if err else "accepted")
 
 #[test]
 fn a_recursive_build_cannot_reach_inputs_a_derivation_hides() {
-    if !nix_or_skip("a_recursive_build_cannot_reach_inputs_a_derivation_hides") {
-        return;
-    }
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("skipping: needs root");
+    if !nix_and_root_or_skip("a_recursive_build_cannot_reach_inputs_a_derivation_hides") {
         return;
     }
     let inner = r#"
