@@ -735,7 +735,7 @@ impl kiln_protocol::Handler for Session<'_> {
 impl Session<'_> {
     fn dispatch(&mut self, req: Request, io: &mut OpIo<'_>) -> Result<Reply, RemoteError> {
         let store = self.b.store.clone();
-        let sd = store.store_dir().clone();
+        let sd = store.store_dir();
         let sorted = |s: BTreeSet<StorePath>| Reply::Paths(s.into_iter().collect());
         match req {
             Request::SetOptions(o) => self.set_options(o, io),
