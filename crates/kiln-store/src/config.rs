@@ -719,13 +719,20 @@ fn def_of(name: &str) -> Option<&'static Def> {
         .find(|d| d.name == name || d.aliases.contains(&name))
 }
 
+/// Whether `name` appends to a list setting (`extra-NAME`), and the setting's name. A
+/// setting whose own name starts with `extra-` (`extra-platforms`) is itself, and
+/// `extra-extra-platforms` appends to it.
+fn split_extra(name: &str) -> (bool, &str) {
+    match name.strip_prefix("extra-") {
+        Some(base) if def_of(name).is_none() => (true, base),
+        _ => (false, name),
+    }
+}
+
 impl Settings {
     /// Sets `name` (or `extra-name` to append to a list) from text, validating it.
     pub fn set(&mut self, name: &str, value: &str) -> Result<()> {
-        let (extra, base) = match name.strip_prefix("extra-") {
-            Some(b) => (true, b),
-            None => (false, name),
-        };
+        let (extra, base) = split_extra(name);
         let def = def_of(base).ok_or_else(|| Error::Config(format!("unknown setting '{name}'")))?;
         let value = value.trim();
         let norm = match def.kind {
@@ -787,7 +794,7 @@ impl Settings {
 
     /// The canonical name of a setting, if known.
     pub fn canonical_name(name: &str) -> Option<&'static str> {
-        def_of(name.strip_prefix("extra-").unwrap_or(name)).map(|d| d.name)
+        def_of(split_extra(name).1).map(|d| d.name)
     }
 
     fn raw(&self, name: &str) -> &str {
@@ -1038,6 +1045,13 @@ mod tests {
             .to_string()
             .contains("unknown setting"));
         assert!(s.set("extra-max-jobs", "1").is_err());
+        // A setting named extra-…, set and appended to.
+        s.set("extra-platforms", "i686-linux").unwrap();
+        s.set("extra-extra-platforms", "armv7l-linux").unwrap();
+        assert_eq!(
+            s.get_list("extra-platforms"),
+            vec!["i686-linux", "armv7l-linux"]
+        );
         s.set("max-jobs", "auto").unwrap();
         assert!(s.get_u64("max-jobs") >= 1);
         assert!(s.get_bool("require-sigs"));
