@@ -605,63 +605,90 @@ fn use_sandbox(spec: &JobSpec) -> Result<bool, Failure> {
     }
 }
 
-/// Creates the build directory: `<builds>/kiln-build-<drv name>.drv-<pid>-<n>-<random>`,
-/// inside a directory
-/// only the daemon's user can enter (CVE-2025-52991: no predictable names in a shared
-/// `/tmp`, so nobody can squat or symlink them).
+/// A build's directory, `<builds>/kiln-build-<drv name>.drv-<pid>-<n>-<random>/build`.
 ///
-/// For a build user outside the sandbox (`for_user`), which must reach its directory by
-/// path, the parent is made traversable but stays unlistable (0711). Every name carries 64
-/// random bits, so that once the parent is traversable no other local user can find any
-/// build's directory (sandboxed ones included) even if its builder opens it up.
-fn make_build_dir(spec: &JobSpec, for_user: bool) -> Result<PathBuf, Failure> {
-    let parent = spec
-        .settings
-        .build_dir
-        .clone()
-        .unwrap_or_else(|| spec.store.layout().builds_dir());
+/// The builder owns `build` (its `NIX_BUILD_TOP`, or what the sandbox mounts at its fixed
+/// path); its parent, the top, is the daemon's and 0700 (the reference's `top/` trick, and
+/// Nix's answer to CVE-2024-38531): a builder that opens its own directory to the world
+/// (`chmod 777 $NIX_BUILD_TOP`) opens it to nobody, since nobody else can pass through the
+/// top, and it cannot change the top. `<builds>` itself is the daemon's, in the state
+/// directory (CVE-2025-52991: no predictable names in a shared `/tmp`).
+///
+/// A build user outside the sandbox must reach its directory by path: its top, and
+/// `<builds>`, are then traversable but unlistable (0711), and every top's name carries 64
+/// random bits, so no other local user can find any build's directory.
+struct BuildDir {
+    top: PathBuf,
+    dir: PathBuf,
+}
+
+fn make_build_dir(spec: &JobSpec, for_user: bool) -> Result<BuildDir, Failure> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let parent = builds_parent(spec);
     fsutil::ensure_dir(&parent, 0o700).map_err(Failure::misc)?;
-    if for_user {
-        use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(&parent)
+        .map_err(|e| Failure::misc(format!("'{}': {e}", parent.display())))?;
+    if !meta.is_dir() || meta.uid() != daemon_ids().0 || meta.mode() & 0o022 != 0 {
+        return Err(Failure::misc(format!(
+            "the build directory '{}' is not a directory that only the daemon's user can write \
+             (mode {:o}, owner {}); refusing to build in it",
+            parent.display(),
+            meta.mode() & 0o7777,
+            meta.uid()
+        )));
+    }
+    if for_user && meta.mode() & 0o011 != 0o011 {
         std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o711))
             .map_err(|e| Failure::misc(format!("'{}': {e}", parent.display())))?;
     }
     let secret = format!("-{:016x}", rand::random::<u64>());
-    let meta = std::fs::metadata(&parent)
-        .map_err(|e| Failure::misc(format!("'{}': {e}", parent.display())))?;
-    use std::os::unix::fs::MetadataExt;
-    if meta.mode() & 0o002 != 0 {
-        return Err(Failure::misc(format!(
-            "the build directory '{}' is world-writable; refusing to build in it",
-            parent.display()
-        )));
-    }
     let name = spec
         .drv_path
         .derivation_name()
         .unwrap_or(spec.drv_path.name());
     loop {
         let n = BUILD_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let d = parent.join(format!(
+        let top = parent.join(format!(
             "kiln-build-{name}.drv-{}-{n}{secret}",
             std::process::id()
         ));
-        match std::fs::create_dir(&d) {
+        match std::fs::DirBuilder::new().mode(0o700).create(&top) {
             Ok(()) => {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))
-                    .map_err(Failure::misc)?;
-                return Ok(d);
+                let dir = top.join("build");
+                let made = (|| {
+                    std::fs::set_permissions(&top, std::fs::Permissions::from_mode(0o700))?;
+                    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+                    if for_user {
+                        std::fs::set_permissions(&top, std::fs::Permissions::from_mode(0o711))?;
+                    }
+                    Ok::<_, std::io::Error>(())
+                })();
+                if let Err(e) = made {
+                    let _ = fsutil::remove_build_tree(&top);
+                    return Err(Failure::misc(format!(
+                        "creating build directory '{}': {e}",
+                        dir.display()
+                    )));
+                }
+                return Ok(BuildDir { top, dir });
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => {
                 return Err(Failure::misc(format!(
                     "creating build directory '{}': {e}",
-                    d.display()
+                    top.display()
                 )))
             }
         }
     }
+}
+
+/// Where build directories are made: `build-dir`, else `<state>/builds`.
+fn builds_parent(spec: &JobSpec) -> PathBuf {
+    spec.settings
+        .build_dir
+        .clone()
+        .unwrap_or_else(|| spec.store.layout().builds_dir())
 }
 
 /// Makes the real store directory writable by the build users' group, sticky (so that no
@@ -783,7 +810,13 @@ fn build_round(
     } else {
         None
     };
-    let build_dir = make_build_dir(spec, build_user.is_some())?;
+    let bd = make_build_dir(spec, build_user.is_some())?;
+    let build_dir = bd.dir.clone();
+    // Whose inodes the builder makes, as the host sees them.
+    let mut builder_uid = match &build_user {
+        Some(u) => u.uid,
+        None => daemon_ids().0,
+    };
     if let Some(u) = &build_user {
         std::os::unix::fs::chown(&build_dir, Some(u.uid), Some(u.gid))
             .map_err(|e| Failure::misc(format!("'{}': {e}", build_dir.display())))?;
@@ -806,6 +839,9 @@ fn build_round(
         } else {
             None
         };
+        if let Some(sb) = &sandbox {
+            builder_uid = sb.ids.uid;
+        }
         let top = match &sandbox {
             Some(sb) => sb.build_top.clone(),
             None => build_dir.to_string_lossy().into_owned(),
@@ -987,6 +1023,12 @@ fn build_round(
         });
         let (outcome, rusage) = monitor(spec, ctl, child.pid, read_end, log.map(|(w, _)| w));
         ctl.pid.store(0, Ordering::SeqCst);
+        // A build user's processes die now, before anything the builder wrote is looked
+        // at: whatever it left running (without a cgroup to kill it) could otherwise race
+        // what follows, swapping names under the checks of its outputs or of a kept tree.
+        if let Some(u) = &build_user {
+            kiln_sandbox::spawn::kill_user(u.uid).map_err(Failure::misc)?;
+        }
         // The builder is gone: so is its daemon (its connections are ended and waited for).
         drop(serving);
         if let Some(rb) = recursive {
@@ -1045,7 +1087,7 @@ fn build_round(
         let mut infos = Vec::new();
         for p in plans {
             infos.push(
-                register_output(spec, p, from_tmp, &all_paths).inspect_err(|_| {
+                register_output(spec, p, from_tmp, &all_paths, builder_uid).inspect_err(|_| {
                     keep_dir = spec.settings.keep_failed;
                 })?,
             );
@@ -1058,9 +1100,9 @@ fn build_round(
     match &result {
         Err(f) if f.status != BuildStatus::NotDeterministic || keep_dir => {
             if keep_dir {
-                keep_build_dir(spec, &build_dir);
+                keep_build_dir(spec, &bd, builder_uid);
             } else {
-                let _ = fsutil::remove_build_tree(&build_dir);
+                let _ = fsutil::remove_build_tree(&bd.top);
             }
             // Outputs of a failed build are not kept in the store unless asked for, and even
             // then never setuid or world-writable (CVE-2024-52867, CVE-2025-52992).
@@ -1070,7 +1112,7 @@ fn build_round(
                     && !store.is_valid(&p.build_path).unwrap_or(true)
                 {
                     if spec.settings.keep_failed {
-                        let _ = fsutil::make_safe(&real);
+                        let _ = fsutil::make_safe(&real, Some(builder_uid));
                     } else {
                         let _ = fsutil::remove_tree(&real);
                     }
@@ -1078,7 +1120,7 @@ fn build_round(
             }
         }
         _ => {
-            let _ = fsutil::remove_build_tree(&build_dir);
+            let _ = fsutil::remove_build_tree(&bd.top);
         }
     }
     result
@@ -1164,37 +1206,43 @@ fn serve_recursive(
     }
 }
 
-/// `keep-failed`: the build directory stays, owned by whoever asked (never handed to root
-/// by a chown, and made safe first so the kept tree carries no setuid files).
-fn keep_build_dir(spec: &JobSpec, dir: &Path) {
-    let _ = fsutil::make_safe(dir);
+/// `keep-failed`: the build directory stays, handed to whoever asked (else to the daemon's
+/// user, away from the build's ids, which a later build may get).
+///
+/// The builder's processes are gone by now (its PID namespace, its cgroup, or its build
+/// user's processes were killed). The top is sealed (0700, the daemon's) so that nobody
+/// reaches the tree by path while it changes hands; the hand-over then goes through
+/// descriptors and gives away only the builder's own inodes, stripped of setuid, setgid and
+/// world-write bits (CVE-2024-52867), so that neither a descriptor smuggled out of the build
+/// nor a hard link to a root-owned file (CVE-2021-27851) can turn it into a chown of
+/// something else. Only then is the top opened (0711, unlistable) for the client to reach
+/// `build` by its name. A tree that cannot be handed over whole is removed, not kept.
+fn keep_build_dir(spec: &JobSpec, bd: &BuildDir, builder_uid: u32) {
     use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
-    // Handed to the client who asked, else back to the daemon (away from the build's ids,
-    // which a later build may get).
-    let (uid, gid) = spec
+    let to = spec
         .settings
         .client
         .filter(|(u, _)| *u != 0)
         .unwrap_or_else(daemon_ids);
-    let _ = chown_tree(dir, uid, gid);
-    (spec.events)(JobEvent::Log(Arc::from(
-        format!("note: keeping build directory '{}'\n", dir.display()).into_bytes(),
-    )));
-}
-
-fn chown_tree(dir: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        std::os::unix::fs::lchown(&p, Some(uid), Some(gid))?;
-        let m = std::fs::symlink_metadata(&p)?;
-        if m.is_dir() {
-            for e in std::fs::read_dir(&p)? {
-                stack.push(e?.path());
-            }
+    let kept = (|| {
+        let seal = |m| std::fs::set_permissions(&bd.top, std::fs::Permissions::from_mode(m));
+        seal(0o700).map_err(|e| format!("sealing '{}': {e}", bd.top.display()))?;
+        fsutil::hand_over(&bd.dir, builder_uid, to).map_err(|e| e.to_string())?;
+        let parent = builds_parent(spec);
+        for (p, m) in [(&parent, 0o711), (&bd.top, 0o711)] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m))
+                .map_err(|e| format!("opening '{}' to its user: {e}", p.display()))?;
         }
-    }
-    Ok(())
+        Ok::<_, String>(())
+    })();
+    let note = match kept {
+        Ok(()) => format!("note: keeping build directory '{}'\n", bd.dir.display()),
+        Err(e) => {
+            let _ = fsutil::remove_build_tree(&bd.top);
+            format!("note: not keeping the build directory: {e}\n")
+        }
+    };
+    (spec.events)(JobEvent::Log(Arc::from(note.into_bytes())));
 }
 
 /// The builder program and its argv. `builtin:…` builders run as `kiln __builtin NAME`.
@@ -1439,12 +1487,17 @@ fn daemon_ids() -> (u32, u32) {
     )
 }
 
-/// Canonicalises an output for registration, owned by `owner`.
-fn canonicalise_for(path: &Path, owner: (u32, u32)) -> kiln_store::Result<()> {
+/// Canonicalises an output for registration, owned by `owner`; `builder`: the uid whose
+/// inodes the tree must hold (see [`fsutil::Ownership`]), where that is not `owner`'s.
+fn canonicalise_for(
+    path: &Path,
+    owner: (u32, u32),
+    builder: Option<u32>,
+) -> kiln_store::Result<()> {
     fsutil::canonicalise(
         path,
         fsutil::Ownership {
-            expected_uid: None,
+            expected_uid: builder,
             target: owner,
         },
     )
@@ -1481,7 +1534,7 @@ fn keep_mismatched_fixed_output(
         if store.is_valid(&path).map_err(|e| e.to_string())? {
             return Ok(());
         }
-        canonicalise_for(actual, daemon_ids()).map_err(|e| e.to_string())?;
+        canonicalise_for(actual, daemon_ids(), None).map_err(|e| e.to_string())?;
         let all: Vec<StorePath> = spec.input_paths.iter().cloned().collect();
         let mut scanner = RefScanner::new(all.iter().map(|p| p.hash_part()));
         let mut sink = ParallelHashSink::new(HashAlgo::Sha256);
@@ -1523,6 +1576,7 @@ fn register_output(
     plan: &OutputPlan,
     from_tmp: &BTreeMap<String, String>,
     all_paths: &[StorePath],
+    builder_uid: u32,
 ) -> Result<ValidPathInfo, Failure> {
     let store = &spec.store;
     let sd = store.store_dir();
@@ -1552,11 +1606,22 @@ fn register_output(
         )));
     }
     let fixed = spec.drv.fixed_output().copied();
+    let me = daemon_ids();
+    // A builder running under other ids than the daemon's must have made every inode of
+    // its output itself (or linked a canonical input).
+    let mut builder = (builder_uid != me.0).then_some(builder_uid);
     // Redirected outputs are rewritten back, and so is any output of the same build (a
     // sibling may refer to a redirected output by its temporary path); fixed outputs are
     // copied to fresh inodes so that no descriptor the builder passed on can reach the
     // registered path (CVE-2024-27297).
     if plan.redirected || fixed.is_some() || !from_tmp.is_empty() {
+        if builder.is_some() {
+            // Checked before the daemon reads the tree to copy it: a hard link to a file
+            // the builder could not read would otherwise have its contents copied into
+            // the store (and, under a wrong hash, kept there).
+            canonicalise_for(&actual, me, builder).map_err(|e| rejected(e.to_string()))?;
+            builder = None;
+        }
         let mut scratch = store
             .scratch_path(plan.path.name())
             .map_err(Failure::misc)?;
@@ -1600,10 +1665,9 @@ fn register_output(
             return Err(fl);
         }
     }
-    let me = daemon_ids();
     let t0 = std::time::Instant::now();
     let canonicalise = || {
-        let r = canonicalise_for(&actual, me).map_err(|e| rejected(e.to_string()));
+        let r = canonicalise_for(&actual, me, builder).map_err(|e| rejected(e.to_string()));
         (r, t0.elapsed())
     };
     // NAR hash and references in one pass over the NAR: reading and scanning on this thread,

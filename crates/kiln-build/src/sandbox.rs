@@ -396,7 +396,7 @@ impl BuildSandbox {
         if std::fs::symlink_metadata(&from).is_err() {
             return Ok(());
         }
-        fsutil::make_safe(&from).map_err(|e| err("making safe", &from, e))?;
+        fsutil::make_safe(&from, Some(self.ids.uid)).map_err(|e| err("making safe", &from, e))?;
         let to = store.real_path(build_path);
         std::fs::rename(&from, &to).map_err(|e| err("moving the output to", &to, e))
     }
@@ -492,7 +492,7 @@ pub mod trash {
             let Some(dir) = top.parent().map(|p| p.join(".kiln-trash")) else {
                 return Some(top.to_path_buf());
             };
-            if fsutil::ensure_dir(&dir, 0o700).is_err() {
+            if fsutil::ensure_dir(&dir, 0o700).is_err() || !ours(&dir) {
                 return Some(top.to_path_buf());
             }
             // Leftovers of processes that died before removing theirs (a live one, a daemon
@@ -520,6 +520,34 @@ pub mod trash {
                 tracing::warn!("removing '{}': {e}", p.display());
             }
         }
+    }
+
+    /// Whether the trash directory is a directory of the daemon's own, closed to others.
+    ///
+    /// The store directory is group-writable (sticky) when build users build outside the
+    /// sandbox, so one of them could have made `.kiln-trash` first, as a symlink to `/etc`
+    /// say: the trees moved there, and the sweep of what it holds, would then go through
+    /// it and delete as root whatever it points to. Once the directory is the daemon's,
+    /// the sticky bit keeps anyone else from replacing it.
+    fn ours(dir: &Path) -> bool {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let ok = std::fs::symlink_metadata(dir).is_ok_and(|m| {
+            m.is_dir()
+                && m.uid() == rustix::process::geteuid().as_raw()
+                && (m.mode() & 0o077 == 0
+                    || std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                        .is_ok())
+        });
+        if !ok {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "'{}' is not a directory of the daemon's own; not using it",
+                    dir.display()
+                )
+            });
+        }
+        ok
     }
 
     /// Waits until every tree handed to [`discard`] so far is removed (a command that
@@ -821,4 +849,33 @@ pub(crate) fn materialise(
     view.ns
         .attach(&source, &inside)
         .map_err(|e| format!("putting '{shown}' in the sandbox: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    /// A `.kiln-trash` someone else made first, as a symlink to a directory of theirs
+    /// choosing, is neither used nor swept: what it points to keeps its entries (the
+    /// sweep would remove those of dead processes' names) and gains none.
+    #[test]
+    fn a_planted_trash_symlink_is_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let store = d.path().join("store");
+        let victim = d.path().join("victim");
+        std::fs::create_dir_all(&store).unwrap();
+        std::fs::create_dir_all(victim.join("999999999-0")).unwrap();
+        std::os::unix::fs::symlink(&victim, store.join(".kiln-trash")).unwrap();
+        let top = store.join("x.drv.chroot");
+        std::fs::create_dir_all(top.join("root")).unwrap();
+        super::trash::discard(&top);
+        super::trash::wait();
+        assert!(
+            std::fs::symlink_metadata(&top).is_err(),
+            "the tree is removed"
+        );
+        let left: Vec<_> = std::fs::read_dir(&victim)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["999999999-0"]);
+    }
 }

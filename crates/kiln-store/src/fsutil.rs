@@ -243,7 +243,8 @@ pub fn hard_link_out_of(root: &Path) -> Result<Option<PathBuf>> {
 /// How [`canonicalise`] treats ownership.
 #[derive(Debug, Clone, Copy)]
 pub struct Ownership {
-    /// Files must be owned by this uid (the build user), or by the target owner already.
+    /// Files must be owned by this uid (the build user), or be canonical store inodes of
+    /// the target owner already (hard links to inputs).
     pub expected_uid: Option<u32>,
     /// Chown everything to this owner (the daemon's uid and gid).
     pub target: (u32, u32),
@@ -276,7 +277,17 @@ pub fn canonicalise_at(pfd: &OwnedFd, name: &CStr, path: &Path, own: Ownership) 
             return Ok(None); // another link to an inode already canonicalised
         }
         if let Some(uid) = own.expected_uid {
-            if st.st_uid != uid && st.st_uid != own.target.0 {
+            // The builder's own inodes, or ones that are already canonical store inodes (a
+            // hard link to an input). A hard link to any other file — `/etc/shadow` where
+            // hard links are not protected — would otherwise have its owner, mode and time
+            // changed and its contents published in the store.
+            let canonical = ty == FileType::Symlink
+                || (st.st_mtime == 1
+                    && matches!(
+                        (ty, st.st_mode & 0o7777),
+                        (FileType::RegularFile, 0o444 | 0o555) | (FileType::Directory, 0o555)
+                    ));
+            if st.st_uid != uid && !(st.st_uid == own.target.0 && canonical) {
                 return Err(Error::Invalid(format!(
                     "invalid ownership on file '{}': owned by uid {}, expected {uid}",
                     p.display(),
@@ -404,23 +415,64 @@ fn remove_xattrs(fd: &OwnedFd, p: &Path) -> Result<()> {
 }
 
 /// Makes a tree safe to leave where other users may see it, without canonicalising it:
-/// strips setuid, setgid and world-write bits everywhere (CVE-2024-52867, CVE-2025-52992:
-/// the outputs of a failed build must not hand anyone a setuid-to-build-user binary or a
-/// writable store file). Refuses unsupported file types. Walks by descriptor, never following
-/// symlinks.
-pub fn make_safe(path: &Path) -> Result<()> {
+/// strips setuid, setgid and world-write bits (CVE-2024-52867, CVE-2025-52992: the outputs
+/// of a failed build must not hand anyone a setuid-to-build-user binary or a writable store
+/// file). Refuses unsupported file types.
+///
+/// With `builder` given, only that uid's inodes are changed (and, but for directories, only
+/// those with a single link): a hard link the builder made to somebody else's file, or a
+/// directory it did not make, is left exactly as it is — the tree is the builder's, what it
+/// links to is not.
+///
+/// Every inode is pinned by a descriptor opened without following symlinks and changed
+/// through that descriptor, never by name: whoever still holds a descriptor into the tree
+/// (a fixed-output builder may have passed one out) can swap an entry for a symlink at any
+/// moment, and a `chmod` by name would follow it to a file outside (CVE-2025-52993).
+pub fn make_safe(path: &Path, builder: Option<u32>) -> Result<()> {
+    secure_tree(path, builder, None)
+}
+
+/// Hands a build directory kept for the user (`keep-failed`) over to `to` (uid, gid): what
+/// [`make_safe`] does, and the builder's own inodes — single-link ones, and directories —
+/// change owner, through descriptors. Nothing else is touched: not a hard link to a file
+/// the builder does not own (CVE-2021-27851: `/etc/shadow` linked into a kept tree must not
+/// be given to the user), not an entry swapped in by a racer, not what a symlink points to.
+/// Sockets and FIFOs (a recursive build's socket) are handed over like files.
+pub fn hand_over(path: &Path, builder: u32, to: (u32, u32)) -> Result<()> {
+    secure_tree(path, Some(builder), Some(to))
+}
+
+fn secure_tree(path: &Path, builder: Option<u32>, to: Option<(u32, u32)>) -> Result<()> {
+    use std::rc::Rc;
     let (pfd, name) = split(path)?;
-    let mut stack: Vec<(OwnedFd, CString, PathBuf)> = vec![(pfd, name, path.to_path_buf())];
+    let mut stack: Vec<(Rc<OwnedFd>, CString, PathBuf)> =
+        vec![(Rc::new(pfd), name, path.to_path_buf())];
     while let Some((dir, n, p)) = stack.pop() {
-        let st = match statat(&dir, &n, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => st,
+        let pinned = match openat(
+            &*dir,
+            &n,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
             Err(rustix::io::Errno::NOENT) => continue,
-            Err(e) => return Err(Error::io(&p, "stat", e)),
+            Err(e) => return Err(Error::io(&p, "open", e)),
         };
+        let st = fstat(&pinned).map_err(|e| Error::io(&p, "stat", e))?;
         let ty = FileType::from_raw_mode(st.st_mode);
+        let ours = match builder {
+            None => true,
+            Some(uid) => st.st_uid == uid && (ty == FileType::Directory || st.st_nlink == 1),
+        };
         match ty {
-            FileType::Symlink => continue,
             FileType::RegularFile | FileType::Directory => {}
+            FileType::Symlink | FileType::Socket | FileType::Fifo if to.is_some() => {
+                if ours {
+                    chown_pinned(&pinned, to, &p)?;
+                }
+                continue;
+            }
+            FileType::Symlink => continue,
             _ => {
                 return Err(Error::Invalid(format!(
                     "file '{}' has an unsupported type",
@@ -428,20 +480,69 @@ pub fn make_safe(path: &Path) -> Result<()> {
                 )))
             }
         }
+        if !ours {
+            // Not the builder's: neither changed nor entered.
+            continue;
+        }
         let safe = st.st_mode & 0o7777 & !(0o4000 | 0o2000 | 0o002);
-        rustix::fs::chmodat(&dir, &n, Mode::from_raw_mode(safe), AtFlags::empty())
-            .map_err(|e| Error::io(&p, "make safe", e))?;
+        if safe != st.st_mode & 0o7777 {
+            chmod_pinned(&pinned, safe, &p)?;
+        }
+        chown_pinned(&pinned, to, &p)?;
         if ty == FileType::Directory {
-            let fd = open_dir_at(&dir, &n, &p)?;
+            let fd = match openat(
+                &pinned,
+                c".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => fd,
+                // A directory its owner made unreadable (a daemon that is not root has no
+                // override): opened up for its owner, through the pinned inode.
+                Err(rustix::io::Errno::ACCESS) => {
+                    chmod_pinned(&pinned, 0o700 | safe, &p)?;
+                    openat(
+                        &pinned,
+                        c".",
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| Error::io(&p, "open directory", e))?
+                }
+                Err(e) => return Err(Error::io(&p, "open directory", e)),
+            };
+            let fd = Rc::new(fd);
             for (c, _) in entries(&fd, &p)? {
                 let child = p.join(OsStr::from_bytes(c.to_bytes()));
-                let dup = rustix::io::fcntl_dupfd_cloexec(&fd, 0)
-                    .map_err(|e| Error::io(&p, "duplicate", e))?;
-                stack.push((dup, c, child));
+                stack.push((fd.clone(), c, child));
             }
         }
     }
     Ok(())
+}
+
+/// `chmod` of the very inode `fd` pins (an `O_PATH` descriptor, which `fchmod` refuses),
+/// through its `/proc/self/fd` link: nothing is looked up by name in the tree.
+fn chmod_pinned(fd: &OwnedFd, mode: u32, path: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    rustix::fs::chmod(link.as_str(), Mode::from_raw_mode(mode))
+        .map_err(|e| Error::io(path, "change the mode of", e))
+}
+
+/// `chown` of the inode `fd` pins (a symlink itself, not its target), if `to` is given.
+fn chown_pinned(fd: &OwnedFd, to: Option<(u32, u32)>, path: &Path) -> Result<()> {
+    let Some((uid, gid)) = to else {
+        return Ok(());
+    };
+    chownat(
+        fd,
+        c"",
+        Some(Uid::from_raw(uid)),
+        Some(Gid::from_raw(gid)),
+        AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| Error::io(path, "change the owner of", e))
 }
 
 /// Creates a directory (and parents) with `mode` if missing.
@@ -600,6 +701,186 @@ mod tests {
             assert_eq!(m(p).mtime(), 1, "{p}");
         }
         remove_tree(&t).unwrap();
+    }
+
+    /// A tree as a builder (uid 5555) leaves it, with a hard link to a root-owned 0666 file
+    /// outside (hard links to files one may write are allowed even where hard links are
+    /// protected), a symlink to a root-owned directory, a file of another user moved in,
+    /// and setuid and world-writable bits. Needs root (to own files as other uids).
+    fn builders_tree(d: &Path) -> Option<PathBuf> {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return None;
+        }
+        let victim = d.join("victim");
+        std::fs::write(&victim, "secret").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o666)).unwrap();
+        std::fs::create_dir(d.join("vdir")).unwrap();
+        std::fs::write(d.join("vdir/keep"), "k").unwrap();
+        let t = d.join("t");
+        std::fs::create_dir_all(t.join("sub")).unwrap();
+        std::fs::write(t.join("a"), "a").unwrap();
+        std::fs::write(t.join("sub/f"), "f").unwrap();
+        std::fs::write(t.join("foreign"), "x").unwrap();
+        std::fs::hard_link(&victim, t.join("link")).unwrap();
+        std::os::unix::fs::symlink(d.join("vdir"), t.join("sym")).unwrap();
+        nix::unistd::mkfifo(
+            &t.join("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        for p in ["", "sub", "sub/f", "a", "sym", "fifo"] {
+            std::os::unix::fs::lchown(t.join(p), Some(5555), Some(5555)).unwrap();
+        }
+        std::os::unix::fs::lchown(t.join("foreign"), Some(7777), Some(7777)).unwrap();
+        let mode = |p: &str, m: u32| {
+            std::fs::set_permissions(t.join(p), std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        mode("a", 0o4755);
+        mode("sub", 0o777);
+        mode("sub/f", 0o666);
+        mode("foreign", 0o4777);
+        Some(t)
+    }
+
+    fn untouched_outside(d: &Path) {
+        let v = std::fs::metadata(d.join("victim")).unwrap();
+        assert_eq!((v.uid(), v.mode() & 0o7777, v.nlink()), (0, 0o666, 2));
+        let k = std::fs::metadata(d.join("vdir/keep")).unwrap();
+        assert_eq!(k.uid(), 0);
+    }
+
+    #[test]
+    fn hand_over_gives_the_builder_s_inodes_and_nothing_else() {
+        let d = tempfile::tempdir().unwrap();
+        let Some(t) = builders_tree(d.path()) else {
+            return;
+        };
+        hand_over(&t, 5555, (6666, 6667)).unwrap();
+        let m = |p: &str| std::fs::symlink_metadata(t.join(p)).unwrap();
+        for p in ["", "sub", "sub/f", "a", "sym", "fifo"] {
+            assert_eq!((m(p).uid(), m(p).gid()), (6666, 6667), "{p}");
+        }
+        assert_eq!(m("a").mode() & 0o7777, 0o755);
+        assert_eq!(m("sub").mode() & 0o7777, 0o775);
+        assert_eq!(m("sub/f").mode() & 0o7777, 0o664);
+        // Another user's file is not the builder's to give or to change.
+        assert_eq!(
+            (m("foreign").uid(), m("foreign").mode() & 0o7777),
+            (7777, 0o4777)
+        );
+        untouched_outside(d.path());
+    }
+
+    #[test]
+    fn make_safe_changes_only_the_builder_s_inodes() {
+        let d = tempfile::tempdir().unwrap();
+        let Some(t) = builders_tree(d.path()) else {
+            return;
+        };
+        let e = make_safe(&t, Some(5555)).unwrap_err().to_string();
+        assert!(e.contains("unsupported type"), "{e}");
+        std::fs::remove_file(t.join("fifo")).unwrap();
+        make_safe(&t, Some(5555)).unwrap();
+        let m = |p: &str| std::fs::symlink_metadata(t.join(p)).unwrap();
+        assert_eq!((m("a").uid(), m("a").mode() & 0o7777), (5555, 0o755));
+        assert_eq!(m("sub").mode() & 0o7777, 0o775);
+        assert_eq!(m("foreign").mode() & 0o7777, 0o4777);
+        untouched_outside(d.path());
+    }
+
+    /// While the hand-over runs, a racer keeps swapping a directory of the tree for a
+    /// symlink to a root-owned directory outside: a walk by name would follow it and give
+    /// the outside file away (CVE-2025-52993's race). Each round hands the tree back.
+    #[test]
+    fn hand_over_is_not_led_outside_by_a_racer() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let d = tempfile::tempdir().unwrap();
+        let Some(t) = builders_tree(d.path()) else {
+            return;
+        };
+        let (real, sym, spare) = (t.join("d"), t.join("d.sym"), t.join("d.real"));
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::lchown(&real, Some(5555), Some(5555)).unwrap();
+        // The same names on both sides: every entry is a window between a check on the
+        // builder's file and an act that could land on root's.
+        for i in 0..64 {
+            let (mine, theirs) = (
+                real.join(format!("f{i}")),
+                d.path().join(format!("vdir/f{i}")),
+            );
+            std::fs::write(&mine, "mine").unwrap();
+            std::os::unix::fs::lchown(&mine, Some(5555), Some(5555)).unwrap();
+            std::fs::write(&theirs, "root's").unwrap();
+        }
+        std::os::unix::fs::symlink(d.path().join("vdir"), &sym).unwrap();
+        let stop = AtomicBool::new(false);
+        // Stops the racer however the rounds end (a failed assertion included).
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        std::thread::scope(|sc| {
+            let _stop = Stop(&stop);
+            sc.spawn(|| {
+                // d is the directory half the time and the symlink the other half.
+                let dwell = || {
+                    for _ in 0..200 {
+                        std::hint::spin_loop();
+                    }
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = std::fs::rename(&real, &spare);
+                    let _ = std::fs::rename(&sym, &real);
+                    dwell();
+                    let _ = std::fs::rename(&real, &sym);
+                    let _ = std::fs::rename(&spare, &real);
+                    dwell();
+                }
+            });
+            for _ in 0..2000 {
+                let _ = hand_over(&t, 5555, (6666, 6666));
+                // Back to the builder, by name but never through a symlink: lchown of the
+                // names the racer does not touch, and of d's entry only when it is a
+                // directory at the moment (the racer never makes `keep` a symlink).
+                for p in ["", "sub", "sub/f", "a"] {
+                    std::os::unix::fs::lchown(t.join(p), Some(5555), Some(5555)).unwrap();
+                }
+                // Through a descriptor of the real directory (whichever name it has now),
+                // never through the symlink.
+                let open = |p: &Path| {
+                    openat(
+                        CWD,
+                        p,
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW,
+                        Mode::empty(),
+                    )
+                };
+                if let Ok(dir) = open(&real).or_else(|_| open(&spare)) {
+                    use std::os::fd::AsFd;
+                    {
+                        let _ = fchown(&dir, Some(Uid::from_raw(5555)), Some(Gid::from_raw(5555)));
+                        for i in 0..64 {
+                            let _ = chownat(
+                                dir.as_fd(),
+                                format!("f{i}").as_str(),
+                                Some(Uid::from_raw(5555)),
+                                Some(Gid::from_raw(5555)),
+                                AtFlags::SYMLINK_NOFOLLOW,
+                            );
+                        }
+                    }
+                }
+                untouched_outside(d.path());
+            }
+        });
+        untouched_outside(d.path());
+        for e in std::fs::read_dir(d.path().join("vdir")).unwrap() {
+            let e = e.unwrap();
+            assert_eq!(e.metadata().unwrap().uid(), 0, "{:?}", e.path());
+        }
     }
 
     #[test]

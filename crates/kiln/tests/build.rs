@@ -346,7 +346,7 @@ fn keep_failed_keeps_a_safe_build_directory() {
         .unwrap()
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .filter(|p| p != &kept)
+        .filter(|p| Some(p.as_path()) != kept.parent())
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }

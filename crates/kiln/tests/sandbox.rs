@@ -54,6 +54,12 @@ impl T {
         c.arg("build").arg(&f).args(extra);
         c.output().unwrap()
     }
+    /// The build log of `path`'s deriver.
+    fn log(&self, path: &Path) -> String {
+        let o = self.kiln(false).arg("log").arg(path).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
     fn out_path(&self, o: &Output, name: &str) -> PathBuf {
         let s = String::from_utf8_lossy(&o.stdout);
         let line = s
@@ -531,6 +537,14 @@ fn kept_failed_build_directories_are_safe_and_hold_no_links_out() {
     for (p, mode) in &files {
         assert_eq!(mode & 0o6002, 0, "{} has mode {mode:o}", p.display());
         let m = std::fs::symlink_metadata(p).unwrap();
+        // Handed over whole: nothing is left to the builder's ids, which a later build
+        // may get.
+        assert_eq!(
+            m.uid(),
+            rustix::process::getuid().as_raw(),
+            "{}",
+            p.display()
+        );
         assert_ne!(
             m.ino(),
             dep_ino,
@@ -540,6 +554,88 @@ fn kept_failed_build_directories_are_safe_and_hold_no_links_out() {
         assert!(m.nlink() == 1 || m.is_dir(), "{} has links", p.display());
     }
     assert_eq!(std::fs::metadata("/etc/passwd").unwrap().nlink(), 1);
+    // The builder made its directory world-writable; above it, the daemon's top lets the
+    // user through and nobody list it.
+    let top = std::fs::metadata(Path::new(kept).parent().unwrap()).unwrap();
+    assert_eq!(
+        (top.uid(), top.mode() & 0o7777),
+        (rustix::process::geteuid().as_raw(), 0o711)
+    );
+}
+
+/// What the reference sets up, seen from inside a sandboxed build, and the filter tried
+/// for real through every call it covers (`fchmodat2` by number: Linux 6.6's, which
+/// slipped past Nix's first filter).
+#[test]
+fn the_sandbox_is_what_the_reference_sets_up_and_filters_what_it_must() {
+    let t = T::new();
+    let script = r#"
+import ctypes, errno, os
+libc = ctypes.CDLL(None, use_errno=True)
+def call(*a):
+    r = libc.syscall(*a)
+    return "ok" if r >= 0 else errno.errorcode[ctypes.get_errno()]
+os.mkdir(os.environ["out"])
+f = os.environ["out"] + "/f"
+open(f, "w").close()
+r = lambda p: open(p).read().strip()
+status = dict(l.split(":\t", 1) for l in r("/proc/self/status").splitlines())
+print("dev", " ".join(sorted(os.listdir("/dev"))))
+print("pts", " ".join(sorted(os.listdir("/dev/pts"))))
+print("uts", r("/proc/sys/kernel/hostname"), r("/proc/sys/kernel/domainname"))
+print("oom", r("/proc/self/oom_score_adj"))
+print("nnp", status["NoNewPrivs"], "seccomp", status["Seccomp"])
+print("personality", r("/proc/self/personality"))
+print("top", os.environ["NIX_BUILD_TOP"], os.getcwd())
+AT_FDCWD = -100
+print("fchmodat2", call(452, AT_FDCWD, f.encode(), 0o4755, 0))
+print("fchmodat2-plain", call(452, AT_FDCWD, f.encode(), 0o755, 0))
+print("setxattr", call(188, f.encode(), b"user.x", b"1", 1, 0))
+print("io_uring_setup", call(425, 1, ctypes.create_string_buffer(120)))
+try:
+    os.chmod(os.path.dirname(os.environ["NIX_BUILD_TOP"]), 0o777)
+    print("parent", "changed")
+except OSError as e:
+    print("parent", errno.errorcode[e.errno])
+"#;
+    let recipe = format!(
+        "[derivations.report]\nbuilder = \"/usr/bin/python3\"\nargs = [\"-c\", '''{script}''']\n"
+    );
+    let o = t.build("r.toml", &recipe, true, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = t.log(&t.out_path(&o, "report"));
+    let line = |k: &str| {
+        log.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k} ")))
+            .unwrap_or_else(|| panic!("no '{k}' in {log}"))
+            .to_string()
+    };
+    let mut dev: Vec<&str> =
+        "fd full null ptmx pts random shm stderr stdin stdout tty urandom zero"
+            .split(' ')
+            .collect();
+    if std::fs::File::open("/dev/kvm").is_ok() {
+        dev.push("kvm");
+        dev.sort();
+    }
+    assert_eq!(line("dev"), dev.join(" "));
+    // A devpts instance of its own: its ptmx, and no terminal of the host's.
+    assert_eq!(line("pts"), "ptmx");
+    assert_eq!(line("uts"), "localhost (none)");
+    assert_eq!(line("oom"), "1000");
+    assert_eq!(line("nnp"), "1 seccomp 2");
+    // ADDR_NO_RANDOMIZE.
+    assert_eq!(line("personality"), "00040000");
+    assert_eq!(line("top"), "/build /build");
+    assert_eq!(line("fchmodat2"), "EPERM");
+    assert_eq!(line("fchmodat2-plain"), "ok");
+    assert_eq!(line("setxattr"), "ENOTSUP");
+    assert_eq!(line("io_uring_setup"), "ENOSYS");
+    // The build directory's parent is not the builder's to open up.
+    assert!(
+        ["EPERM", "EROFS"].contains(&line("parent").as_str()),
+        "{log}"
+    );
 }
 
 /// CVE-2024-27297: a fixed-output build shares the host's network namespace, so it can hand
@@ -899,4 +995,117 @@ fn unsandboxed_builds_run_as_build_users_whose_processes_are_killed() {
     let _ = strays[other].wait();
     let m = std::fs::metadata(&out).unwrap();
     assert_eq!((m.uid(), m.mode() & 0o7777), (0, 0o444));
+}
+
+/// A build user outside the sandbox may hard-link any file it can read and write, a
+/// root-owned 0666 one included (hard-link protection allows that). Such a link must
+/// neither be published in an output (canonicalising it would change the root's file and
+/// put its contents in the store) nor be touched when a failed build's directory is kept
+/// (CVE-2021-27851: `-K` once chowned a hard link to `/etc/shadow`). What the builder
+/// made itself is kept, handed over, with no setuid bit.
+#[test]
+fn build_users_cannot_pass_off_other_files_as_outputs_or_kept_files() {
+    use std::os::unix::fs::PermissionsExt;
+    build_users();
+    let t = T::new();
+    std::fs::set_permissions(t.p(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let victim = t.p().join("victim");
+    std::fs::write(&victim, "root's\n").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let before = std::fs::metadata(&victim).unwrap();
+    let unchanged = || {
+        let m = std::fs::metadata(&victim).unwrap();
+        assert_eq!(
+            (m.uid(), m.mode(), m.mtime(), m.mtime_nsec()),
+            (0, before.mode(), before.mtime(), before.mtime_nsec())
+        );
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root's\n");
+    };
+    let opts = ["--option", "build-users-group", "kilnbld"];
+    let v = victim.display();
+    let o = t.build(
+        "o.toml",
+        &drv(
+            "linked",
+            &format!("mkdir $out; echo mine > $out/a; ln {v} $out/b"),
+        ),
+        false,
+        &opts,
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("invalid ownership"), "{}", stderr(&o));
+    unchanged();
+
+    let o = t.build(
+        "k.toml",
+        &drv(
+            "kept",
+            &format!("ln {v} link; cp /bin/true x; chmod 4755 x; mkdir d; chmod 777 d . ; exit 1"),
+        ),
+        false,
+        &[&opts[..], &["-K"]].concat(),
+    );
+    assert_eq!(o.status.code(), Some(100), "{}", stderr(&o));
+    let e = stderr(&o);
+    let kept = PathBuf::from(
+        e.split("keeping build directory '")
+            .nth(1)
+            .and_then(|s| s.split('\'').next())
+            .unwrap_or_else(|| panic!("{e}")),
+    );
+    unchanged();
+    let m = |p: &str| std::fs::symlink_metadata(kept.join(p)).unwrap();
+    // Handed to the user who asked (root here), stripped of setuid and world-write bits.
+    assert_eq!((m("x").uid(), m("x").mode() & 0o7777), (0, 0o755));
+    assert_eq!((m("d").uid(), m("d").mode() & 0o7777), (0, 0o775));
+    assert_eq!((m("").uid(), m("").mode() & 0o7777), (0, 0o775));
+    // The link is still the root's file, as it was.
+    assert_eq!(m("link").ino(), before.ino());
+    // The top above it is the daemon's: nobody lists it, the user passes through.
+    let top = std::fs::metadata(kept.parent().unwrap()).unwrap();
+    assert_eq!((top.uid(), top.mode() & 0o7777), (0, 0o711));
+}
+
+/// `sandbox-paths` entries as Nix writes them: `target=source` puts a host path at another
+/// place, a trailing `?` skips a missing one; `sandbox = relaxed` lets a derivation with
+/// `__noChroot` out of the sandbox, and `sandbox = true` refuses it.
+#[test]
+fn sandbox_paths_and_relaxed_mode_behave_as_nix_s() {
+    let t = T::new();
+    let data = t.p().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("f"), "from the host\n").unwrap();
+    let paths = format!("/opt/kiln-data={} /nonexistent/kiln-x?", data.display());
+    let o = t.build(
+        "p.toml",
+        &drv(
+            "mapped",
+            "cat /opt/kiln-data/f > $out; touch /opt/kiln-data/g || true",
+        ),
+        true,
+        &["--option", "extra-sandbox-paths", &paths],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(t.out_path(&o, "mapped")).unwrap(),
+        "from the host\n"
+    );
+    // Read-only: the builder could not write through it.
+    assert!(!data.join("g").exists());
+
+    let host_file = data.join("f");
+    let recipe = format!(
+        "[derivations.out]\nbuilder = \"/bin/sh\"\nargs = [\"-c\", \"cat {} > $out\"]\n\
+         env = {{ PATH = \"/bin:/usr/bin\", __noChroot = \"1\" }}\n",
+        host_file.display()
+    );
+    let o = t.build("n.toml", &recipe, true, &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("__noChroot"), "{}", stderr(&o));
+    let o = t.build("n.toml", &recipe, true, &["--option", "sandbox", "relaxed"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(t.out_path(&o, "out")).unwrap(),
+        "from the host\n"
+    );
 }
