@@ -997,6 +997,8 @@ fn build_round(
             oom_score_adj: true,
             sandbox: sandbox.as_ref().map(|sb| sb.sandbox.clone()),
             cgroup: cgroup_procs,
+            seccomp: spec.settings.filter_syscalls,
+            no_new_privs: !spec.settings.allow_new_privileges,
         })
         .map_err(Failure::misc)?;
         ctl.pid.store(child.pid, Ordering::SeqCst);

@@ -167,7 +167,7 @@ impl BuildSandbox {
                 ids: IdMap::nix(uid, gid),
                 unprivileged,
                 entries: Vec::new(),
-                seccomp: true,
+                seccomp: c.settings.filter_syscalls,
             },
             build_top: build_top_inside(store, c.drv_path),
             builtin_exe: "/.kiln/kiln".into(),

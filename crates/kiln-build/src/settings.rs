@@ -54,6 +54,10 @@ pub struct BuildSettings {
     pub max_substitution_jobs: usize,
     pub sandbox: SandboxMode,
     pub sandbox_fallback: bool,
+    /// The system-call filter for every builder (`filter-syscalls`).
+    pub filter_syscalls: bool,
+    /// Builders outside the sandbox may gain privileges (`allow-new-privileges`).
+    pub allow_new_privileges: bool,
     /// One cgroup v2 per build where possible (`use-cgroups`).
     pub use_cgroups: bool,
     pub sandbox_paths: Vec<String>,
@@ -165,6 +169,8 @@ impl BuildSettings {
                 _ => SandboxMode::On,
             },
             sandbox_fallback: s.get_bool("sandbox-fallback"),
+            filter_syscalls: s.get_bool("filter-syscalls"),
+            allow_new_privileges: s.get_bool("allow-new-privileges"),
             use_cgroups: s.get_bool("use-cgroups"),
             sandbox_paths: s.get_list("sandbox-paths"),
             fixed_output_network: s.get("fixed-output-network").to_string(),

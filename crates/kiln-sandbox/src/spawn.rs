@@ -43,6 +43,12 @@ pub struct ChildSpec {
     /// `cgroup.procs` of the build's cgroup ([`crate::cgroup::Cgroup::procs_fd`]): the
     /// child joins it first, before it can start any other process.
     pub cgroup: Option<OwnedFd>,
+    /// Outside a sandbox (which always has both): load the system-call filter
+    /// ([`crate::seccomp`]), as Nix's `filter-syscalls` does for every build.
+    pub seccomp: bool,
+    /// Outside a sandbox: set `no_new_privs` (Nix's `allow-new-privileges = false`). An
+    /// unprivileged process can only load the filter with it, so it is then set anyway.
+    pub no_new_privs: bool,
 }
 
 impl ChildSpec {
@@ -61,6 +67,8 @@ impl ChildSpec {
             oom_score_adj: false,
             sandbox: None,
             cgroup: None,
+            seccomp: false,
+            no_new_privs: false,
         }
     }
 }
@@ -195,6 +203,8 @@ struct ChildData<'a> {
     /// which has it up already and belongs to a user namespace the child has no
     /// capabilities in).
     lo_up: bool,
+    /// Outside a sandbox: set `no_new_privs` before loading `fprog`.
+    no_new_privs: bool,
 }
 
 /// The child side: runs on its own stack in the parent's address space (`CLONE_VM`) while
@@ -316,15 +326,33 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                     child_fail(ef, ST_SECCOMP);
                 }
             }
-        } else if let Some(u) = &spec.user {
-            if libc::setgroups(d.groups.len(), d.groups.as_ptr()) < 0 {
-                child_fail(ef, 6);
+        } else {
+            // Outside the sandbox the filter is loaded before the ids change: root may load
+            // it without `no_new_privs` (which `allow-new-privileges` leaves unset), and it
+            // restricts none of the calls that change them.
+            if d.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+                child_fail(ef, ST_NNP);
             }
-            if libc::setgid(u.gid) < 0 || libc::getgid() != u.gid || libc::getegid() != u.gid {
-                child_fail(ef, 7);
+            if let Some(prog) = &d.fprog {
+                if libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    prog as *const libc::sock_fprog,
+                ) < 0
+                {
+                    child_fail(ef, ST_SECCOMP);
+                }
             }
-            if libc::setuid(u.uid) < 0 || libc::getuid() != u.uid || libc::geteuid() != u.uid {
-                child_fail(ef, 8);
+            if let Some(u) = &spec.user {
+                if libc::setgroups(d.groups.len(), d.groups.as_ptr()) < 0 {
+                    child_fail(ef, 6);
+                }
+                if libc::setgid(u.gid) < 0 || libc::getgid() != u.gid || libc::getegid() != u.gid {
+                    child_fail(ef, 7);
+                }
+                if libc::setuid(u.uid) < 0 || libc::getuid() != u.uid || libc::geteuid() != u.uid {
+                    child_fail(ef, 8);
+                }
             }
         }
         // Every descriptor above stderr is closed when the builder starts, the error pipe
@@ -625,9 +653,12 @@ pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
     let personality = spec.personality.unwrap_or(0)
         | PER_ADDR_NO_RANDOMIZE
         | if spec.uname26 { PER_UNAME26 } else { 0 };
+    // The sandbox's filter, or outside one the same filter if asked for.
+    let unsandboxed_filter = (prepared.is_none() && spec.seccomp).then(crate::seccomp::filter);
     let fprog = prepared
         .as_ref()
         .and_then(|p| p.filter.as_ref())
+        .or(unsandboxed_filter.as_ref())
         .map(|f| libc::sock_fprog {
             len: f.len() as libc::c_ushort,
             filter: f.as_ptr() as *mut libc::sock_filter,
@@ -679,6 +710,8 @@ pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
         sync_fd: sync.as_ref().map(|(r, _)| r.as_raw_fd()).unwrap_or(-1),
         fprog,
         lo_up: lent.is_none(),
+        no_new_privs: spec.no_new_privs
+            || (fprog.is_some() && !rustix::process::geteuid().is_root()),
     };
     let top = stack.top();
     // SAFETY: `child_main` only reads `data` and makes raw system calls on its own stack.
@@ -987,6 +1020,42 @@ mod tests {
         CString::new(s).unwrap()
     }
 
+    /// Outside the sandbox a builder still runs under the filter and `no_new_privs` (Nix's
+    /// `filter-syscalls`, `allow-new-privileges = false`): a setuid bit cannot be set, and
+    /// without them it can.
+    #[test]
+    fn unsandboxed_builders_run_under_the_filter() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        std::fs::write(&f, "").unwrap();
+        let run = |filtered: bool| {
+            let (r, w) = pipe_cloexec().unwrap();
+            let script = format!(
+                "grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status; \
+                 chmod 4755 {0} && echo chmod-allowed; chmod 0644 {0}",
+                f.display()
+            );
+            let spec = ChildSpec {
+                seccomp: filtered,
+                no_new_privs: filtered,
+                ..ChildSpec::new(cs("/bin/sh"), vec![cs("sh"), cs("-c"), cs(&script)], w)
+            };
+            let child = spawn(spec).unwrap();
+            let mut s = String::new();
+            std::fs::File::from(r).read_to_string(&mut s).unwrap();
+            wait(child.pid).unwrap();
+            s
+        };
+        let on = run(true);
+        assert!(on.contains("NoNewPrivs:\t1"), "{on}");
+        assert!(on.contains("Seccomp:\t2"), "{on}");
+        assert!(on.contains("Operation not permitted"), "{on}");
+        assert!(!on.contains("chmod-allowed"), "{on}");
+        let off = run(false);
+        assert!(off.contains("NoNewPrivs:\t0"), "{off}");
+        assert!(off.contains("chmod-allowed"), "{off}");
+    }
+
     #[test]
     fn runs_and_reports_setup_failures() {
         let (r, w) = pipe_cloexec().unwrap();
@@ -1006,6 +1075,8 @@ mod tests {
             oom_score_adj: true,
             sandbox: None,
             cgroup: None,
+            seccomp: false,
+            no_new_privs: false,
         };
         let child = spawn(spec).unwrap();
         let mut s = String::new();

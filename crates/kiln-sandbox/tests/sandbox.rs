@@ -74,6 +74,8 @@ fn start(
         oom_score_adj: true,
         sandbox: Some(sandbox),
         cgroup: None,
+        seccomp: false,
+        no_new_privs: false,
     })
     .unwrap();
     (child, r)

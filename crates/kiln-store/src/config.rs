@@ -323,6 +323,20 @@ pub const SETTINGS: &[Def] = &[
         help: "build without the sandbox, with a warning, where it cannot be set up",
     },
     Def {
+        name: "filter-syscalls",
+        aliases: &[],
+        kind: Kind::Bool,
+        default: "true",
+        help: "run every builder, sandboxed or not, under the system-call filter (no setuid or setgid bits, no extended attributes, no io_uring)",
+    },
+    Def {
+        name: "allow-new-privileges",
+        aliases: &[],
+        kind: Kind::Bool,
+        default: "false",
+        help: "let builders outside the sandbox gain privileges through setuid programs (no_new_privs is not set; sandboxed builders never can)",
+    },
+    Def {
         name: "build-users-group",
         aliases: &[],
         kind: Kind::Str,
