@@ -854,7 +854,15 @@ fn processes_outside_the_build_cannot_be_traced() {
 
 /// The build users' group of the tests, `kilnbld`, with members `kilnbld1` and `kilnbld2`
 /// (also in `kilnbldx`, a supplementary group as `kvm` would be); made if missing.
-fn build_users() -> Vec<(String, u32)> {
+/// Held while a test uses the build users: each test has a store (and user pool) of its
+/// own, so two of them could take the same user at once, and taking one kills whatever
+/// runs as it — the other test's builder included.
+static BUILD_USERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn build_users() -> (std::sync::MutexGuard<'static, ()>, Vec<(String, u32)>) {
+    let guard = BUILD_USERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let run = |args: &[&str]| {
         let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
         assert!(o.status.success(), "{args:?}: {}", stderr(&o));
@@ -862,7 +870,7 @@ fn build_users() -> Vec<(String, u32)> {
     for g in ["kilnbld", "kilnbldx"] {
         run(&["groupadd", "-f", "--system", g]);
     }
-    ["kilnbld1", "kilnbld2"]
+    let users = ["kilnbld1", "kilnbld2"]
         .iter()
         .map(|u| {
             if !Command::new("id").arg(u).output().unwrap().status.success() {
@@ -885,7 +893,8 @@ fn build_users() -> Vec<(String, u32)> {
                 String::from_utf8_lossy(&id.stdout).trim().parse().unwrap(),
             )
         })
-        .collect()
+        .collect();
+    (guard, users)
 }
 
 /// Live (not zombie) processes whose real uid is `uid`, once those already sent `SIGKILL`
@@ -927,7 +936,7 @@ fn processes_of(uid: u32) -> Vec<String> {
 #[test]
 fn unsandboxed_builds_run_as_build_users_whose_processes_are_killed() {
     use std::os::unix::process::CommandExt;
-    let users = build_users();
+    let (_held, users) = build_users();
     let t = T::new();
     // The store must be reachable by the build users (a tempdir is 0700).
     std::fs::set_permissions(t.p(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -1006,7 +1015,7 @@ fn unsandboxed_builds_run_as_build_users_whose_processes_are_killed() {
 #[test]
 fn build_users_cannot_pass_off_other_files_as_outputs_or_kept_files() {
     use std::os::unix::fs::PermissionsExt;
-    build_users();
+    let (_held, _) = build_users();
     let t = T::new();
     std::fs::set_permissions(t.p(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let victim = t.p().join("victim");
@@ -1108,4 +1117,114 @@ fn sandbox_paths_and_relaxed_mode_behave_as_nix_s() {
         std::fs::read_to_string(t.out_path(&o, "out")).unwrap(),
         "from the host\n"
     );
+}
+
+/// `kiln sandbox check --json` reports what this machine gives builds, and follows the
+/// settings: turned off, each feature says so.
+#[test]
+fn sandbox_check_reports_the_machine_and_the_settings() {
+    let t = T::new();
+    let check = |extra: &[&str]| -> serde_json::Value {
+        let o = t
+            .kiln(true)
+            .args(extra)
+            .args(["sandbox", "check", "--json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stderr(&o)))
+    };
+    let ok = |v: &serde_json::Value, prefix: &str| {
+        let (_, c) = v
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| k.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no '{prefix}' in {v}"));
+        c["ok"].as_bool().unwrap()
+    };
+    let on = check(&[]);
+    // The other tests here build in the sandbox on this machine: it must say it works.
+    assert!(ok(&on, "namespaces"), "{on}");
+    assert!(ok(&on, "system-call filter"), "{on}");
+    assert!(ok(&on, "sandbox setting"), "{on}");
+    let off = check(&[
+        "--option",
+        "use-cgroups",
+        "false",
+        "--option",
+        "filter-syscalls",
+        "false",
+        "--option",
+        "fixed-output-network",
+        "host",
+        "--option",
+        "sandbox",
+        "false",
+    ]);
+    for k in [
+        "a cgroup v2",
+        "system-call filter",
+        "fixed-output builds",
+        "sandbox setting",
+    ] {
+        assert!(!ok(&off, k), "{k}: {off}");
+    }
+}
+
+/// A root daemon with `build-users-group` builds in the sandbox as a member of the group:
+/// seen from the host, the builder runs as one of them (uid 1000 inside, as Nix's).
+#[test]
+fn sandboxed_builds_run_as_build_users() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_held, users) = build_users();
+    let t = T::new();
+    std::fs::set_permissions(t.p(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let marker = format!("kiln-sandboxed-build-user-{}", std::process::id());
+    let f = t.p().join("u.toml");
+    std::fs::write(
+        &f,
+        drv(
+            "who",
+            &format!("id -u > $out; python3 -c 'import time; time.sleep(2)' {marker}"),
+        ),
+    )
+    .unwrap();
+    let build = t
+        .kiln(true)
+        .args(["--option", "build-users-group", "kilnbld", "build"])
+        .arg(&f)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let host_uid = loop {
+        let seen = processes_with(&marker);
+        if let Some(pid) = seen.first().and_then(|l| l.split(':').next()) {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let uid: u32 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().next())
+                .unwrap()
+                .parse()
+                .unwrap();
+            break uid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the builder never ran"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let o = build.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        users.iter().any(|(_, u)| *u == host_uid),
+        "built as host uid {host_uid}, not a member of kilnbld: {users:?}"
+    );
+    let out = t.out_path(&o, "who");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "1000\n");
+    let m = std::fs::metadata(&out).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o7777), (0, 0o444));
 }

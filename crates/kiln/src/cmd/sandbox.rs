@@ -84,6 +84,39 @@ pub fn run(args: &StoreArgs, cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
             )
         },
         ("builder ids", !ids.starts_with("unusable"), ids),
+        {
+            // A real build cgroup, made and removed again.
+            let probe = format!("kiln-check-{}", std::process::id());
+            let cg = kiln_sandbox::Cgroup::create(&probe).ok().flatten();
+            let memory = cg
+                .as_ref()
+                .is_some_and(|c| c.path().join("memory.peak").exists());
+            let use_cgroups = settings.get_bool("use-cgroups");
+            (
+                "a cgroup v2 per build (all its processes killed at the end, CPU time, peak memory)",
+                use_cgroups && cg.is_some(),
+                match &cg {
+                    _ if !use_cgroups => "no: use-cgroups = false".to_string(),
+                    Some(c) if memory => format!("under {}", c.path().parent().map(|p| p.display().to_string()).unwrap_or_default()),
+                    Some(c) => format!(
+                        "under {}; no memory controller there: peak memory is the largest process's",
+                        c.path().parent().map(|p| p.display().to_string()).unwrap_or_default()
+                    ),
+                    None => "no writable cgroup v2 hierarchy: builds end with their PID namespace \
+                             or process group, CPU time and peak memory come from wait4"
+                        .to_string(),
+                },
+            )
+        },
+        (
+            "system-call filter and no_new_privs for builds outside the sandbox",
+            settings.get_bool("filter-syscalls"),
+            format!(
+                "filter-syscalls = {}, allow-new-privileges = {}",
+                settings.get("filter-syscalls"),
+                settings.get("allow-new-privileges")
+            ),
+        ),
         (
             "sandbox setting",
             settings.get("sandbox") != "false",
