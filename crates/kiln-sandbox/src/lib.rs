@@ -13,6 +13,7 @@
 
 pub mod attach;
 pub mod cgroup;
+pub mod confine;
 pub mod namespace;
 pub mod netns;
 pub mod seccomp;

@@ -11,8 +11,10 @@
 //! network namespace with a TAP device, and `slirp4netns` — a user-mode TCP/IP stack living
 //! in the host's namespace — forwards its TCP and UDP to the world. Only IP crosses the
 //! boundary: no abstract socket of either side can be reached from the other. slirp4netns
-//! runs in its own mount namespace with all capabilities dropped (`--enable-sandbox`) and
-//! under its own system-call filter (`--enable-seccomp`); with `isolate_host_loopback` the
+//! runs in its own mount namespace with all capabilities dropped (`--enable-sandbox`; for an
+//! unprivileged daemon, which cannot give it the uid 0 that needs, in a Landlock domain of
+//! the daemon's making instead: [`crate::confine`]) and under its own system-call filter
+//! (`--enable-seccomp`); with `isolate_host_loopback` the
 //! build cannot reach the host's `127.0.0.1` services through the gateway address either.
 //!
 //! Readiness is reported on a pipe (`--ready-fd`), so the builder starts exactly when its
@@ -62,7 +64,8 @@ pub struct UserNet {
 
 impl UserNet {
     /// `slirp4netns` from `PATH`, if it is there and this process may open `/dev/net/tun`
-    /// (which the helper needs to create the build's interface).
+    /// (which the helper needs to create the build's interface), and, for an unprivileged
+    /// daemon, if the kernel has Landlock to confine the helper with ([`crate::confine`]).
     pub fn find(isolate_host_loopback: bool) -> Option<UserNet> {
         let program = find_in_path("slirp4netns")?;
         rustix::fs::access(
@@ -70,6 +73,9 @@ impl UserNet {
             rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK,
         )
         .ok()?;
+        if !rustix::process::geteuid().is_root() && crate::landlock_abi().is_none() {
+            return None;
+        }
         Some(UserNet {
             program,
             isolate_host_loopback,
@@ -134,31 +140,67 @@ pub fn start(net: &UserNet, pid: i32, unprivileged: bool) -> Result<UserNetProce
         .arg("--mtu=65520")
         .arg("--ready-fd=3")
         .arg("--exit-fd=4")
-        .arg("--enable-sandbox")
         .arg("--enable-seccomp");
     if net.isolate_host_loopback {
         cmd.arg("--disable-host-loopback");
     }
+    let mut fds = vec![
+        FdMapping {
+            parent_fd: ready_w,
+            child_fd: 3,
+        },
+        FdMapping {
+            parent_fd: exit_r,
+            child_fd: 4,
+        },
+    ];
     if unprivileged {
         // The namespace belongs to the build's user namespace, in which an unprivileged
-        // helper needs its capabilities to create the interface.
-        cmd.arg(format!("--userns-path=/proc/{pid}/ns/user"));
+        // helper needs its capabilities to create the interface. Both are handed over as
+        // descriptors the daemon opened: inside its Landlock domain (below) the helper may
+        // not open another process's `/proc/PID/ns`.
+        let ns = |kind: &str| {
+            let p = format!("/proc/{pid}/ns/{kind}");
+            rustix::fs::open(
+                p.as_str(),
+                rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .map_err(|e| sys(&format!("open '{p}'"), e.into()))
+        };
+        fds.push(FdMapping {
+            parent_fd: ns("user")?,
+            child_fd: 5,
+        });
+        fds.push(FdMapping {
+            parent_fd: ns("net")?,
+            child_fd: 6,
+        });
+        cmd.arg("--userns-path=/proc/self/fd/5")
+            .arg("--netns-type=path")
+            .arg("/proc/self/fd/6");
+        // Its own sandbox needs uid 0 mapped in that namespace, which an unprivileged
+        // daemon cannot map: it runs in a Landlock domain of the daemon's making instead.
+        let rules = crate::confine::Ruleset::for_helper(&net.program)?.ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: the kernel has no Landlock to confine it with",
+                what()
+            ))
+        })?;
+        // SAFETY: the hook runs in the forked child before exec and makes only the raw
+        // system calls of `Ruleset::enter`; it allocates nothing.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || rules.enter());
+        }
+    } else {
+        cmd.arg("--enable-sandbox").arg(pid.to_string());
     }
-    cmd.arg(pid.to_string())
-        .arg("tap0")
+    cmd.arg("tap0")
         .stdin(Stdio::null())
         .stdout(Stdio::from(dup(&output)?))
         .stderr(Stdio::from(dup(&output)?))
-        .fd_mappings(vec![
-            FdMapping {
-                parent_fd: ready_w,
-                child_fd: 3,
-            },
-            FdMapping {
-                parent_fd: exit_r,
-                child_fd: 4,
-            },
-        ])
+        .fd_mappings(fds)
         .map_err(|e| Error::Invalid(format!("{}: {e}", what())))?;
     let child = cmd.spawn().map_err(|e| sys(&what(), e))?;
     // Our copies of the helper's ends go with the command, so that the ready pipe reports

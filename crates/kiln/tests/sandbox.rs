@@ -11,6 +11,8 @@ use std::process::{Command, Output};
 
 struct T {
     dir: tempfile::TempDir,
+    /// Run kiln as this user (a rootless daemon), not as the test's.
+    user: Option<(u32, u32)>,
 }
 
 /// Host tools are visible read-only so builders can be shell and Python scripts.
@@ -23,13 +25,27 @@ impl T {
     fn new() -> Self {
         T {
             dir: tempfile::tempdir().unwrap(),
+            user: None,
         }
+    }
+    /// kiln run as the ordinary user `(uid, gid)`, with a store of that user's.
+    fn rootless(uid: u32, gid: u32) -> Self {
+        let t = T {
+            dir: tempfile::tempdir().unwrap(),
+            user: Some((uid, gid)),
+        };
+        std::os::unix::fs::chown(t.p(), Some(uid), Some(gid)).unwrap();
+        t
     }
     fn p(&self) -> &Path {
         self.dir.path()
     }
     fn kiln(&self, sandbox: bool) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        if let Some((uid, gid)) = self.user {
+            use std::os::unix::process::CommandExt;
+            c.uid(uid).gid(gid);
+        }
         c.arg("--store-dir")
             .arg(self.p().join("store"))
             .arg("--state-dir")
@@ -167,11 +183,65 @@ fn network_is_private_except_for_fixed_output_builds() {
 /// while TCP to the world still works.
 #[test]
 fn fixed_output_builds_share_no_abstract_socket_with_the_host() {
+    no_abstract_socket_is_shared(&T::new());
+}
+
+/// The same for a rootless daemon: its `slirp4netns` cannot sandbox itself (that needs uid
+/// 0 mapped in the build's user namespace) and runs confined by Landlock instead.
+#[test]
+fn a_rootless_daemon_s_fixed_output_builds_share_no_abstract_socket_with_the_host() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root to run kiln as an ordinary user");
+        return;
+    }
+    let (_held, users) = build_users();
+    let (uid, gid) = (users[0].1, users[0].1);
+    let gid = group_of(uid).unwrap_or(gid);
+    // As distributions ship it (0666); .ci/run makes it so where a machine does not.
+    let tun = Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+            "test",
+            "-r",
+            "/dev/net/tun",
+            "-a",
+            "-w",
+            "/dev/net/tun",
+        ])
+        .status()
+        .unwrap();
+    if !tun.success() {
+        eprintln!("skipped: /dev/net/tun is not open to ordinary users here");
+        return;
+    }
+    no_abstract_socket_is_shared(&T::rootless(uid, gid));
+}
+
+/// The primary group of `uid`, from `id`.
+fn group_of(uid: u32) -> Option<u32> {
+    let o = Command::new("id")
+        .args(["-g", &uid.to_string()])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+}
+
+fn no_abstract_socket_is_shared(t: &T) {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-    let t = T::new();
     let scripts = tempfile::tempdir().unwrap();
-    let name = format!("kiln-fod-abstract-{}", std::process::id());
+    std::fs::set_permissions(
+        scripts.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let name = format!(
+        "kiln-fod-abstract-{}-{}",
+        std::process::id(),
+        t.user.map_or(0, |u| u.0)
+    );
     let host_side = UnixListener::bind_addr(
         &SocketAddr::from_abstract_name(format!("{name}-host").as_bytes()).unwrap(),
     )
