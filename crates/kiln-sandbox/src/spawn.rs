@@ -316,16 +316,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 }
                 libc::close(ruleset as libc::c_int);
             }
-            if let Some(prog) = &d.fprog {
-                if libc::prctl(
-                    libc::PR_SET_SECCOMP,
-                    libc::SECCOMP_MODE_FILTER,
-                    prog as *const libc::sock_fprog,
-                ) < 0
-                {
-                    child_fail(ef, ST_SECCOMP);
-                }
-            }
+            load_filter(d.fprog.as_ref(), ef);
         } else {
             // Outside the sandbox the filter is loaded before the ids change: root may load
             // it without `no_new_privs` (which `allow-new-privileges` leaves unset), and it
@@ -333,16 +324,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             if d.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
                 child_fail(ef, ST_NNP);
             }
-            if let Some(prog) = &d.fprog {
-                if libc::prctl(
-                    libc::PR_SET_SECCOMP,
-                    libc::SECCOMP_MODE_FILTER,
-                    prog as *const libc::sock_fprog,
-                ) < 0
-                {
-                    child_fail(ef, ST_SECCOMP);
-                }
-            }
+            load_filter(d.fprog.as_ref(), ef);
             if let Some(u) = &spec.user {
                 if libc::setgroups(d.groups.len(), d.groups.as_ptr()) < 0 {
                     child_fail(ef, 6);
@@ -368,6 +350,28 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         }
         libc::execve(spec.program.as_ptr(), d.argv, d.envp);
         child_fail(ef, 11);
+    }
+}
+
+/// Loads the system-call filter, if there is one (the child's last step but `exec`
+/// inside the sandbox; before the ids change outside it).
+///
+/// # Safety
+/// Only from `child_main`, with `prog` prepared before the clone.
+unsafe fn load_filter(prog: Option<&libc::sock_fprog>, ef: RawFd) {
+    if let Some(prog) = prog {
+        // SAFETY: `prog` points to a filter that lives in the parent's frame until the
+        // child has executed or exited.
+        if unsafe {
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                prog as *const libc::sock_fprog,
+            )
+        } < 0
+        {
+            child_fail(ef, ST_SECCOMP);
+        }
     }
 }
 
