@@ -609,14 +609,16 @@ fn use_sandbox(spec: &JobSpec) -> Result<bool, Failure> {
 ///
 /// The builder owns `build` (its `NIX_BUILD_TOP`, or what the sandbox mounts at its fixed
 /// path); its parent, the top, is the daemon's and 0700 (the reference's `top/` trick, and
-/// Nix's answer to CVE-2024-38531): a builder that opens its own directory to the world
-/// (`chmod 777 $NIX_BUILD_TOP`) opens it to nobody, since nobody else can pass through the
-/// top, and it cannot change the top. `<builds>` itself is the daemon's, in the state
+/// Nix's answer to CVE-2024-38531): a sandboxed builder that opens its own directory to the
+/// world (`chmod 777 $NIX_BUILD_TOP`) opens it to nobody, since nobody else can pass through
+/// the top, and it cannot change the top. `<builds>` itself is the daemon's, in the state
 /// directory (CVE-2025-52991: no predictable names in a shared `/tmp`).
 ///
 /// A build user outside the sandbox must reach its directory by path: its top, and
 /// `<builds>`, are then traversable but unlistable (0711), and every top's name carries 64
-/// random bits, so no other local user can find any build's directory.
+/// random bits. Such a builder runs on the host, where its path can be seen (in its
+/// processes' command lines, say): opening its own directory up is then its own doing, as
+/// with Nix outside the sandbox; other builds' directories stay out of reach.
 struct BuildDir {
     top: PathBuf,
     dir: PathBuf,
@@ -710,7 +712,12 @@ fn let_build_users_create_outputs(store: &LocalStore, gid: u32) -> Result<(), St
 }
 
 /// Writes a file into the build directory exclusively, without following symlinks.
-fn write_build_file(dir: &Path, name: &str, contents: &[u8]) -> Result<(), Failure> {
+fn write_build_file(
+    dir: &Path,
+    name: &str,
+    contents: &[u8],
+    builder: (u32, u32),
+) -> Result<(), Failure> {
     if name.is_empty() || name.contains('/') || name == "." || name == ".." {
         return Err(Failure::new(
             BuildStatus::InputRejected,
@@ -734,6 +741,20 @@ fn write_build_file(dir: &Path, name: &str, contents: &[u8]) -> Result<(), Failu
         rustix::fs::Mode::from_raw_mode(0o644),
     )
     .map_err(|e| Failure::misc(format!("creating '{}/{name}': {e}", dir.display())))?;
+    // The builder's, as Nix hands them over (through the descriptor: CVE-2025-52993).
+    if builder != daemon_ids() {
+        rustix::fs::fchown(
+            &fd,
+            Some(rustix::fs::Uid::from_raw(builder.0)),
+            Some(rustix::fs::Gid::from_raw(builder.1)),
+        )
+        .map_err(|e| {
+            Failure::misc(format!(
+                "handing '{}/{name}' to the builder: {e}",
+                dir.display()
+            ))
+        })?;
+    }
     std::fs::File::from(fd)
         .write_all(contents)
         .map_err(|e| Failure::misc(format!("writing '{}/{name}': {e}", dir.display())))
@@ -813,9 +834,9 @@ fn build_round(
     let bd = make_build_dir(spec, build_user.is_some())?;
     let build_dir = bd.dir.clone();
     // Whose inodes the builder makes, as the host sees them.
-    let mut builder_uid = match &build_user {
-        Some(u) => u.uid,
-        None => daemon_ids().0,
+    let (mut builder_uid, mut builder_gid) = match &build_user {
+        Some(u) => (u.uid, u.gid),
+        None => daemon_ids(),
     };
     if let Some(u) = &build_user {
         std::os::unix::fs::chown(&build_dir, Some(u.uid), Some(u.gid))
@@ -840,7 +861,7 @@ fn build_round(
             None
         };
         if let Some(sb) = &sandbox {
-            builder_uid = sb.ids.uid;
+            (builder_uid, builder_gid) = (sb.ids.uid, sb.ids.gid);
         }
         let top = match &sandbox {
             Some(sb) => sb.build_top.clone(),
@@ -887,6 +908,7 @@ fn build_round(
                 } else {
                     &contents
                 },
+                (builder_uid, builder_gid),
             )?;
         }
         let mut env = prepared.env;
@@ -1028,9 +1050,10 @@ fn build_round(
         // A build user's processes die now, before anything the builder wrote is looked
         // at: whatever it left running (without a cgroup to kill it) could otherwise race
         // what follows, swapping names under the checks of its outputs or of a kept tree.
-        if let Some(u) = &build_user {
-            kiln_sandbox::spawn::kill_user(u.uid).map_err(Failure::misc)?;
-        }
+        let killed = match &build_user {
+            Some(u) => kiln_sandbox::spawn::kill_user(u.uid).map_err(Failure::misc),
+            None => Ok(()),
+        };
         // The builder is gone: so is its daemon (its connections are ended and waited for).
         drop(serving);
         if let Some(rb) = recursive {
@@ -1047,6 +1070,9 @@ fn build_round(
             },
             None => rusage,
         });
+        // A build user whose processes could not be killed must not have its files looked
+        // at (reported now that the rest is cleaned up).
+        killed?;
         // Whatever the builder left in the sandbox's store comes out (made safe), so that
         // what follows handles outputs at their real paths, sandbox or not.
         if let Some(sb) = &sandbox {
@@ -1113,9 +1139,11 @@ fn build_round(
                 if std::fs::symlink_metadata(&real).is_ok()
                     && !store.is_valid(&p.build_path).unwrap_or(true)
                 {
-                    if spec.settings.keep_failed {
-                        let _ = fsutil::make_safe(&real, Some(builder_uid));
-                    } else {
+                    // Kept: made safe and taken from the builder's ids (a later build may
+                    // run as them), or else not kept at all.
+                    let kept = spec.settings.keep_failed
+                        && fsutil::hand_over(&real, builder_uid, daemon_ids()).is_ok();
+                    if !kept {
                         let _ = fsutil::remove_tree(&real);
                     }
                 }
@@ -1221,11 +1249,11 @@ fn serve_recursive(
 /// `build` by its name. A tree that cannot be handed over whole is removed, not kept.
 fn keep_build_dir(spec: &JobSpec, bd: &BuildDir, builder_uid: u32) {
     use std::os::unix::fs::PermissionsExt;
-    let to = spec
-        .settings
-        .client
-        .filter(|(u, _)| *u != 0)
-        .unwrap_or_else(daemon_ids);
+    // A daemon that is not root can give nothing away: its builder's files are its own.
+    let to = match spec.settings.client {
+        Some((u, g)) if u != 0 && rustix::process::geteuid().is_root() => (u, g),
+        _ => daemon_ids(),
+    };
     let kept = (|| {
         let seal = |m| std::fs::set_permissions(&bd.top, std::fs::Permissions::from_mode(m));
         seal(0o700).map_err(|e| format!("sealing '{}': {e}", bd.top.display()))?;

@@ -1,15 +1,22 @@
-//! A Landlock domain for a helper program the daemon starts on a build's behalf and that
-//! cannot sandbox itself: a rootless daemon's `slirp4netns` ([`crate::usernet`]).
+//! Confinement for a helper program the daemon starts on a build's behalf: the user-mode
+//! network helper `slirp4netns` ([`crate::usernet`]), which parses every packet a
+//! fixed-output builder sends.
 //!
-//! slirp4netns parses every packet a fixed-output builder sends. As root it confines
-//! itself (`--enable-sandbox`: a mount namespace of its own, capabilities dropped); for an
-//! unprivileged caller that confinement needs uid 0 mapped in the build's user namespace,
-//! which an unprivileged daemon cannot map (it maps only its own uid, to Nix's 1000). Run
-//! without it, a compromised helper would hold the daemon's uid — the store's owner. So
-//! before it starts it is put in a Landlock domain instead: it may read the system's
-//! directories (`/usr`, `/lib*`, `/etc`, `/run`, `/proc`), execute what is there, and open
-//! `/dev/net/tun`, and write nothing anywhere else; it cannot signal or trace a process
-//! outside the domain, nor reach an abstract Unix socket outside it (Linux 6.12+).
+//! Every such helper gets `no_new_privs` and a filter refusing `socket(AF_UNIX, …)`
+//! ([`crate::seccomp::no_unix_sockets`]): it runs as root or as the daemon's user, so
+//! through a Unix socket with a path (the daemon's own, the user's or systemd's bus) a
+//! compromised helper would act with those credentials, and neither slirp4netns's own
+//! sandbox (which keeps `/run`) nor Landlock covers `connect` on such sockets.
+//!
+//! As root, slirp4netns confines itself too (`--enable-sandbox`: a mount namespace of its
+//! own, capabilities dropped). For an unprivileged caller that needs uid 0 mapped in the
+//! build's user namespace, which an unprivileged daemon cannot map (it maps only its own
+//! uid, to Nix's 1000); run without it, a compromised helper would hold the daemon's uid —
+//! the store's owner. So a rootless daemon's helper is also put in a Landlock domain: it may
+//! read the system's directories (`/usr`, `/lib*`, `/etc`, `/run`, `/proc`, a Nix or Guix
+//! store its program may live in), execute what is there, and open `/dev/net/tun`, and
+//! write nothing; it cannot signal or trace a process outside the domain, nor reach an
+//! abstract Unix socket outside it (Linux 6.12+).
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -103,17 +110,29 @@ impl Ruleset {
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
         let rs = Ruleset { fd };
         let read_exec = READ_FILE | READ_DIR | EXECUTE;
-        let mut dirs: Vec<&Path> = [
-            "/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/run",
+        // A program (and its libraries) may live in a Nix or Guix store, reached through
+        // symlinks from its directory in PATH: Landlock judges the file a path resolves to.
+        let mut dirs: Vec<std::path::PathBuf> = [
+            "/usr",
+            "/lib",
+            "/lib64",
+            "/lib32",
+            "/bin",
+            "/sbin",
+            "/etc",
+            "/run",
+            "/nix/store",
+            "/gnu/store",
         ]
         .iter()
-        .map(Path::new)
+        .map(std::path::PathBuf::from)
         .collect();
-        if let Some(d) = program.parent() {
-            dirs.push(d);
+        dirs.extend(program.parent().map(Path::to_path_buf));
+        if let Ok(real) = std::fs::canonicalize(program) {
+            dirs.extend(real.parent().map(Path::to_path_buf));
         }
         for d in dirs {
-            rs.allow(d, read_exec & handled)?;
+            rs.allow(&d, read_exec & handled)?;
         }
         // Namespaces of the build (`/proc/PID/ns/*`) and the helper's own records.
         rs.allow(Path::new("/proc"), (READ_FILE | READ_DIR) & handled)?;
@@ -168,13 +187,54 @@ impl Ruleset {
     /// Enters the domain: `no_new_privs`, then the ruleset. For a child between `fork` and
     /// `exec` (raw system calls only); returns the error to report.
     pub fn enter(&self) -> std::io::Result<()> {
-        // SAFETY: prctl and landlock_restrict_self on this process, with a descriptor that
-        // lives as long as `self`; both are async-signal-safe system calls.
-        unsafe {
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::syscall(libc::SYS_landlock_restrict_self, self.fd.as_raw_fd(), 0u32) < 0 {
+        set_no_new_privs()?;
+        // SAFETY: landlock_restrict_self on this process, with a descriptor that lives as
+        // long as `self`; an async-signal-safe system call.
+        if unsafe { libc::syscall(libc::SYS_landlock_restrict_self, self.fd.as_raw_fd(), 0u32) } < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+fn set_no_new_privs() -> std::io::Result<()> {
+    // SAFETY: prctl on this process; an async-signal-safe system call.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// What a helper enters before `exec`: `no_new_privs`, a Landlock domain (a rootless
+/// daemon's helper), and the filter against Unix sockets (where this build has one).
+#[derive(Debug)]
+pub struct Confinement {
+    pub landlock: Option<Ruleset>,
+    pub filter: Option<Vec<crate::seccomp::Insn>>,
+}
+
+impl Confinement {
+    /// For a child between `fork` and `exec`: raw system calls only, nothing allocated.
+    pub fn enter(&self) -> std::io::Result<()> {
+        set_no_new_privs()?;
+        if let Some(l) = &self.landlock {
+            l.enter()?;
+        }
+        if let Some(f) = &self.filter {
+            let prog = libc::sock_fprog {
+                len: f.len() as libc::c_ushort,
+                filter: f.as_ptr() as *mut libc::sock_filter,
+            };
+            // SAFETY: `prog` points into `f`, alive for the call; the kernel copies it.
+            if unsafe {
+                libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &prog as *const libc::sock_fprog,
+                )
+            } < 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
         }
@@ -186,28 +246,29 @@ impl Ruleset {
 mod tests {
     use super::*;
 
-    /// A program in the helper's domain reads the system's files and runs its programs,
-    /// and can neither write nor read anything else, nor reach an abstract socket outside.
+    /// A program in the helper's confinement reads the system's files and runs its
+    /// programs, makes Internet sockets, and can neither write nor read anything else, nor
+    /// make a Unix socket (the abstract ones outside are out of reach as well, by the
+    /// Landlock scope the attack test shows).
     #[test]
-    fn the_helper_s_domain_reads_the_system_and_writes_nothing() {
+    fn the_helper_s_confinement_reads_the_system_and_writes_nothing() {
         let Some(rules) = Ruleset::for_helper(Path::new("/bin/sh")).unwrap() else {
             eprintln!("skipped: no Landlock");
             return;
         };
+        let confinement = Confinement {
+            landlock: Some(rules),
+            filter: crate::seccomp::no_unix_sockets(),
+        };
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("private"), "secret").unwrap();
-        use std::os::linux::net::SocketAddrExt;
-        let name = format!("kiln-confine-test-{}", std::process::id());
-        let _l = std::os::unix::net::UnixListener::bind_addr(
-            &std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap(),
-        )
-        .unwrap();
         let script = format!(
             "test -s /etc/passwd && echo read-etc; \
              cat {0}/private 2>/dev/null || echo no-read; \
              echo x > {0}/new 2>/dev/null || echo no-write; \
-             python3 -c \"import socket; socket.socket(socket.AF_UNIX).connect('\\0{name}')\" \
-               2>/dev/null && echo abstract-reached || echo no-abstract",
+             python3 -c \"import socket; socket.socket(socket.AF_INET6)\" && echo inet-ok; \
+             python3 -c \"import socket; socket.socket(socket.AF_UNIX)\" 2>/dev/null \
+               && echo unix-socket || echo no-unix-socket",
             d.path().display()
         );
         let mut cmd = std::process::Command::new("/bin/sh");
@@ -215,7 +276,7 @@ mod tests {
         // SAFETY: `enter` makes raw system calls only.
         unsafe {
             use std::os::unix::process::CommandExt;
-            cmd.pre_exec(move || rules.enter());
+            cmd.pre_exec(move || confinement.enter());
         }
         let o = cmd.output().unwrap();
         let out = String::from_utf8_lossy(&o.stdout);
@@ -223,8 +284,9 @@ mod tests {
         assert!(out.contains("no-read") && !out.contains("secret"), "{out}");
         assert!(out.contains("no-write"), "{out}");
         assert!(!d.path().join("new").exists());
-        if crate::landlock_abi().is_some_and(|v| v >= 6) {
-            assert!(out.contains("no-abstract"), "{out}");
+        assert!(out.contains("inet-ok"), "{out}");
+        if crate::seccomp::no_unix_sockets().is_some() {
+            assert!(out.contains("no-unix-socket"), "{out}");
         }
     }
 }

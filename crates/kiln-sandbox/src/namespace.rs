@@ -327,7 +327,7 @@ impl Sandbox {
             private_network: self.network.private(),
             ids,
             unprivileged: self.unprivileged,
-            filter: self.seccomp.then(crate::seccomp::filter),
+            filter: (self.seccomp && crate::seccomp::available()).then(crate::seccomp::filter),
             lo: IfReq::loopback_up(),
             pooled_network: self.network == crate::usernet::Network::Loopback && !self.unprivileged,
             tmpfs: cstr(b"tmpfs")?,

@@ -1,4 +1,6 @@
-//! The system-call filter every sandboxed builder runs under.
+//! The system-call filter builders run under (`filter-syscalls`, on by default; sandboxed
+//! or not, as Nix applies it to every build), and the one for the user-mode network helper
+//! ([`no_unix_sockets`]).
 //!
 //! A deny list, in classic BPF, checked on the architecture the call is made with (a 64-bit
 //! builder can still enter the kernel through the 32-bit ABI, so both tables are filtered and
@@ -12,9 +14,12 @@
 //!   ACLs or file capabilities on an output would survive into the store's inodes.
 //! - `io_uring_*` fail with `ENOSYS`: io_uring operations bypass this filter entirely.
 //!
-//! `PR_SET_NO_NEW_PRIVS` is set before the filter is loaded (the kernel requires it of an
-//! unprivileged process, and it keeps setuid programs inside the sandbox from gaining
-//! anything).
+//! In the sandbox `PR_SET_NO_NEW_PRIVS` is always set before the filter is loaded (the
+//! kernel requires it of an unprivileged process, and it keeps setuid programs inside the
+//! sandbox from gaining anything). Outside it, it is set unless `allow-new-privileges` (a
+//! root daemon then loads the filter before the builder's ids change, which needs no
+//! `no_new_privs`). Where this build has no table for the machine's ABIs ([`available`]),
+//! no filter is loaded at all.
 
 /// One BPF instruction (`struct sock_filter`).
 #[repr(C)]
@@ -107,6 +112,51 @@ const TABLES: &[Table] = &[
 
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 const TABLES: &[Table] = &[];
+
+/// The native ABI and its `socket` number, for [`no_unix_sockets`].
+#[cfg(target_arch = "x86_64")]
+const NATIVE_SOCKET: Option<(u32, u32)> = Some((AUDIT_ARCH_X86_64, 41));
+#[cfg(target_arch = "aarch64")]
+const NATIVE_SOCKET: Option<(u32, u32)> = Some((AUDIT_ARCH_AARCH64, 198));
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const NATIVE_SOCKET: Option<(u32, u32)> = None;
+
+/// Whether this build of kiln has system-call tables for the machine's ABIs (x86-64 and
+/// AArch64, each with its 32-bit ABI). Elsewhere no filter is loaded: [`filter`] kills every
+/// call it cannot judge, which there would be every call.
+pub fn available() -> bool {
+    !TABLES.is_empty()
+}
+
+/// A filter for a helper that must not open a Unix socket (the user-mode network helper,
+/// which runs as the daemon's user or as root: through a socket with a path — the daemon's
+/// own, a bus of the user's or of systemd — it would act with those credentials; Landlock
+/// does not cover `connect` on such sockets). `socket(AF_UNIX, …)` fails with `EACCES`
+/// (`socketpair`, which it uses for itself, stays allowed), and so does every call of any
+/// other ABI than the native one (whose `socketcall` would hide its arguments). `None`
+/// where this build has no table for the machine.
+pub fn no_unix_sockets() -> Option<Vec<Insn>> {
+    let (arch, socket) = NATIVE_SOCKET?;
+    let eacces = ret_errno(libc::EACCES);
+    let mut p = vec![
+        stmt(LD_W_ABS, OFF_ARCH),
+        jump(JEQ_K, arch, 1, 0),
+        stmt(RET_K, eacces),
+        stmt(LD_W_ABS, OFF_NR),
+    ];
+    if arch == AUDIT_ARCH_X86_64 {
+        p.push(jump(JGE_K, X32_SYSCALL_BIT, 0, 1));
+        p.push(stmt(RET_K, eacces));
+    }
+    p.extend([
+        jump(JEQ_K, socket, 0, 3),
+        stmt(LD_W_ABS, off_arg(0)),
+        jump(JEQ_K, libc::AF_UNIX as u32, 0, 1),
+        stmt(RET_K, eacces),
+        stmt(RET_K, RET_ALLOW),
+    ]);
+    Some(p)
+}
 
 // Silence "unused" on architectures whose table does not use every constant.
 const _: [u32; 4] = [
@@ -222,6 +272,22 @@ mod tests {
             run(&p, x, 90 | X32_SYSCALL_BIT, [0; 6]),
             ret_errno(libc::ENOSYS)
         );
+        let u = no_unix_sockets().unwrap();
+        let eacces = ret_errno(libc::EACCES);
+        assert_eq!(
+            run(&u, x, 41, [libc::AF_UNIX as u64, 1, 0, 0, 0, 0]),
+            eacces
+        );
+        assert_eq!(
+            run(&u, x, 41, [libc::AF_INET as u64, 1, 0, 0, 0, 0]),
+            RET_ALLOW
+        );
+        assert_eq!(
+            run(&u, x, 53, [libc::AF_UNIX as u64, 1, 0, 0, 0, 0]),
+            RET_ALLOW
+        );
+        assert_eq!(run(&u, x, 41 | X32_SYSCALL_BIT, [1, 0, 0, 0, 0, 0]), eacces);
+        assert_eq!(run(&u, AUDIT_ARCH_I386, 102, [1, 0, 0, 0, 0, 0]), eacces);
         let i = AUDIT_ARCH_I386;
         assert_eq!(run(&p, i, 15, [0, 0o4755, 0, 0, 0, 0]), eperm);
         assert_eq!(run(&p, i, 306, [0, 0, 0o2000, 0, 0, 0]), eperm);

@@ -43,8 +43,9 @@ pub struct ChildSpec {
     /// `cgroup.procs` of the build's cgroup ([`crate::cgroup::Cgroup::procs_fd`]): the
     /// child joins it first, before it can start any other process.
     pub cgroup: Option<OwnedFd>,
-    /// Outside a sandbox (which always has both): load the system-call filter
-    /// ([`crate::seccomp`]), as Nix's `filter-syscalls` does for every build.
+    /// Outside a sandbox (whose own [`Sandbox::seccomp`] says whether it has the filter, and
+    /// which always sets `no_new_privs`): load the system-call filter ([`crate::seccomp`]), as
+    /// Nix's `filter-syscalls` does for every build.
     pub seccomp: bool,
     /// Outside a sandbox: set `no_new_privs` (Nix's `allow-new-privileges = false`). An
     /// unprivileged process can only load the filter with it, so it is then set anyway.
@@ -316,7 +317,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 }
                 libc::close(ruleset as libc::c_int);
             }
-            load_filter(d.fprog.as_ref(), ef);
+            load_filter(d.fprog.as_ref(), false, ef);
         } else {
             // Outside the sandbox the filter is loaded before the ids change: root may load
             // it without `no_new_privs` (which `allow-new-privileges` leaves unset), and it
@@ -324,7 +325,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             if d.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
                 child_fail(ef, ST_NNP);
             }
-            load_filter(d.fprog.as_ref(), ef);
+            load_filter(d.fprog.as_ref(), true, ef);
             if let Some(u) = &spec.user {
                 if libc::setgroups(d.groups.len(), d.groups.as_ptr()) < 0 {
                     child_fail(ef, 6);
@@ -354,25 +355,40 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 }
 
 /// Loads the system-call filter, if there is one (the child's last step but `exec`
-/// inside the sandbox; before the ids change outside it).
+/// inside the sandbox; before the ids change outside it). With `or_no_new_privs`, a refusal
+/// for want of privilege (a root without `CAP_SYS_ADMIN`, in a container, asked for no
+/// `no_new_privs`) is met by setting `no_new_privs` and trying again: the filter matters
+/// more.
 ///
 /// # Safety
 /// Only from `child_main`, with `prog` prepared before the clone.
-unsafe fn load_filter(prog: Option<&libc::sock_fprog>, ef: RawFd) {
-    if let Some(prog) = prog {
-        // SAFETY: `prog` points to a filter that lives in the parent's frame until the
-        // child has executed or exited.
-        if unsafe {
-            libc::prctl(
-                libc::PR_SET_SECCOMP,
-                libc::SECCOMP_MODE_FILTER,
-                prog as *const libc::sock_fprog,
-            )
-        } < 0
-        {
-            child_fail(ef, ST_SECCOMP);
-        }
+unsafe fn load_filter(prog: Option<&libc::sock_fprog>, or_no_new_privs: bool, ef: RawFd) {
+    let Some(prog) = prog else {
+        return;
+    };
+    // SAFETY: `prog` points to a filter that lives in the parent's frame until the child has
+    // executed or exited; prctl only reads it.
+    let load = || unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            prog as *const libc::sock_fprog,
+        ) >= 0
+    };
+    if load() {
+        return;
     }
+    // SAFETY: reads this thread's errno, set by the prctl above.
+    let denied = unsafe { *libc::__errno_location() } == libc::EACCES;
+    if or_no_new_privs
+        && denied
+        // SAFETY: prctl on this process.
+        && unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } >= 0
+        && load()
+    {
+        return;
+    }
+    child_fail(ef, ST_SECCOMP);
 }
 
 /// Builds the sandbox's root from the prepared entries and moves into it. Runs in the child,
@@ -658,7 +674,8 @@ pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
         | PER_ADDR_NO_RANDOMIZE
         | if spec.uname26 { PER_UNAME26 } else { 0 };
     // The sandbox's filter, or outside one the same filter if asked for.
-    let unsandboxed_filter = (prepared.is_none() && spec.seccomp).then(crate::seccomp::filter);
+    let unsandboxed_filter = (prepared.is_none() && spec.seccomp && crate::seccomp::available())
+        .then(crate::seccomp::filter);
     let fprog = prepared
         .as_ref()
         .and_then(|p| p.filter.as_ref())
@@ -1050,14 +1067,21 @@ mod tests {
             wait(child.pid).unwrap();
             s
         };
+        let already = std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .contains("NoNewPrivs:\t1");
         let on = run(true);
         assert!(on.contains("NoNewPrivs:\t1"), "{on}");
         assert!(on.contains("Seccomp:\t2"), "{on}");
         assert!(on.contains("Operation not permitted"), "{on}");
         assert!(!on.contains("chmod-allowed"), "{on}");
-        let off = run(false);
-        assert!(off.contains("NoNewPrivs:\t0"), "{off}");
-        assert!(off.contains("chmod-allowed"), "{off}");
+        // Where the test itself already runs under no_new_privs (a systemd service with
+        // NoNewPrivileges=, a container), there is no "without" to compare with.
+        if !already {
+            let off = run(false);
+            assert!(off.contains("NoNewPrivs:\t0"), "{off}");
+            assert!(off.contains("chmod-allowed"), "{off}");
+        }
     }
 
     #[test]

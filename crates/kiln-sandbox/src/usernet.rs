@@ -73,7 +73,7 @@ impl UserNet {
             rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK,
         )
         .ok()?;
-        if !rustix::process::geteuid().is_root() && crate::landlock_abi().is_none() {
+        if !rustix::process::geteuid().is_root() && !confined_runs(&program) {
             return None;
         }
         Some(UserNet {
@@ -81,6 +81,46 @@ impl UserNet {
             isolate_host_loopback,
         })
     }
+}
+
+/// Whether `program --version` runs in the confinement an unprivileged daemon's helper
+/// gets (Landlock present, the program and its libraries readable there); probed once.
+fn confined_runs(program: &Path) -> bool {
+    static PROBED: std::sync::Mutex<Vec<(PathBuf, bool)>> = std::sync::Mutex::new(Vec::new());
+    let mut probed = PROBED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, ok)) = probed.iter().find(|(p, _)| p == program) {
+        return *ok;
+    }
+    let ok = (|| {
+        let landlock = crate::confine::Ruleset::for_helper(program).ok()??;
+        let confinement = crate::confine::Confinement {
+            landlock: Some(landlock),
+            filter: crate::seccomp::no_unix_sockets(),
+        };
+        let mut cmd = Command::new(program);
+        cmd.arg("--version")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: the hook makes only the raw system calls of `Confinement::enter`.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || confinement.enter());
+        }
+        Some(cmd.status().ok()?.success())
+    })()
+    .unwrap_or(false);
+    if !ok {
+        tracing::warn!(
+            "{} does not run in the confinement a rootless daemon gives it (Landlock); \
+             fixed-output builds will not use it",
+            program.display()
+        );
+    }
+    probed.push((program.to_path_buf(), ok));
+    ok
 }
 
 fn find_in_path(name: &str) -> Option<PathBuf> {
@@ -154,7 +194,7 @@ pub fn start(net: &UserNet, pid: i32, unprivileged: bool) -> Result<UserNetProce
             child_fd: 4,
         },
     ];
-    if unprivileged {
+    let landlock = if unprivileged {
         // The namespace belongs to the build's user namespace, in which an unprivileged
         // helper needs its capabilities to create the interface. Both are handed over as
         // descriptors the daemon opened: inside its Landlock domain (below) the helper may
@@ -181,20 +221,27 @@ pub fn start(net: &UserNet, pid: i32, unprivileged: bool) -> Result<UserNetProce
             .arg("/proc/self/fd/6");
         // Its own sandbox needs uid 0 mapped in that namespace, which an unprivileged
         // daemon cannot map: it runs in a Landlock domain of the daemon's making instead.
-        let rules = crate::confine::Ruleset::for_helper(&net.program)?.ok_or_else(|| {
-            Error::Invalid(format!(
-                "{}: the kernel has no Landlock to confine it with",
-                what()
-            ))
-        })?;
-        // SAFETY: the hook runs in the forked child before exec and makes only the raw
-        // system calls of `Ruleset::enter`; it allocates nothing.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(move || rules.enter());
-        }
+        Some(
+            crate::confine::Ruleset::for_helper(&net.program)?.ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: the kernel has no Landlock to confine it with",
+                    what()
+                ))
+            })?,
+        )
     } else {
         cmd.arg("--enable-sandbox").arg(pid.to_string());
+        None
+    };
+    let confinement = crate::confine::Confinement {
+        landlock,
+        filter: crate::seccomp::no_unix_sockets(),
+    };
+    // SAFETY: the hook runs in the forked child before exec and makes only the raw system
+    // calls of `Confinement::enter`; it allocates nothing.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || confinement.enter());
     }
     cmd.arg("tap0")
         .stdin(Stdio::null())

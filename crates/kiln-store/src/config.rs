@@ -327,7 +327,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Bool,
         default: "true",
-        help: "run every builder, sandboxed or not, under the system-call filter (no setuid or setgid bits, no extended attributes, no io_uring)",
+        help: "run every builder, sandboxed or not, under the system-call filter (chmod-family calls with setuid or setgid bits, extended attributes and io_uring refused)",
     },
     Def {
         name: "allow-new-privileges",

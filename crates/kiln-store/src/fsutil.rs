@@ -281,12 +281,13 @@ pub fn canonicalise_at(pfd: &OwnedFd, name: &CStr, path: &Path, own: Ownership) 
             // hard link to an input). A hard link to any other file — `/etc/shadow` where
             // hard links are not protected — would otherwise have its owner, mode and time
             // changed and its contents published in the store.
-            let canonical = ty == FileType::Symlink
-                || (st.st_mtime == 1
-                    && matches!(
-                        (ty, st.st_mode & 0o7777),
-                        (FileType::RegularFile, 0o444 | 0o555) | (FileType::Directory, 0o555)
-                    ));
+            let canonical = st.st_mtime == 1
+                && matches!(
+                    (ty, st.st_mode & 0o7777),
+                    (FileType::Symlink, _)
+                        | (FileType::RegularFile, 0o444 | 0o555)
+                        | (FileType::Directory, 0o555)
+                );
             if st.st_uid != uid && !(st.st_uid == own.target.0 && canonical) {
                 return Err(Error::Invalid(format!(
                     "invalid ownership on file '{}': owned by uid {}, expected {uid}",
@@ -419,10 +420,9 @@ fn remove_xattrs(fd: &OwnedFd, p: &Path) -> Result<()> {
 /// of a failed build must not hand anyone a setuid-to-build-user binary or a writable store
 /// file). Refuses unsupported file types.
 ///
-/// With `builder` given, only that uid's inodes are changed (and, but for directories, only
-/// those with a single link): a hard link the builder made to somebody else's file, or a
-/// directory it did not make, is left exactly as it is — the tree is the builder's, what it
-/// links to is not.
+/// With `builder` given, only that uid's inodes are changed: a hard link the builder made to
+/// somebody else's file, or a directory it did not make, is left exactly as it is — the
+/// tree is the builder's, what it links to is not.
 ///
 /// Every inode is pinned by a descriptor opened without following symlinks and changed
 /// through that descriptor, never by name: whoever still holds a descriptor into the tree
@@ -434,7 +434,8 @@ pub fn make_safe(path: &Path, builder: Option<u32>) -> Result<()> {
 
 /// Hands a build directory kept for the user (`keep-failed`) over to `to` (uid, gid): what
 /// [`make_safe`] does, and the builder's own inodes — single-link ones, and directories —
-/// change owner, through descriptors. Nothing else is touched: not a hard link to a file
+/// change owner, through descriptors (a builder's file with another link, maybe outside the
+/// tree, keeps its owner, stripped of its bits all the same). Nothing else is touched: not a hard link to a file
 /// the builder does not own (CVE-2021-27851: `/etc/shadow` linked into a kept tree must not
 /// be given to the user), not an entry swapped in by a racer, not what a symlink points to.
 /// Sockets and FIFOs (a recursive build's socket) are handed over like files.
@@ -460,16 +461,15 @@ fn secure_tree(path: &Path, builder: Option<u32>, to: Option<(u32, u32)>) -> Res
         };
         let st = fstat(&pinned).map_err(|e| Error::io(&p, "stat", e))?;
         let ty = FileType::from_raw_mode(st.st_mode);
-        let ours = match builder {
-            None => true,
-            Some(uid) => st.st_uid == uid && (ty == FileType::Directory || st.st_nlink == 1),
-        };
+        let ours = builder.is_none_or(|uid| st.st_uid == uid);
+        // Given away only if it is nowhere else: a builder's file with another link outside
+        // the tree is not the tree's to give (its bits are stripped all the same).
+        let given = ours && (ty == FileType::Directory || st.st_nlink == 1);
+        let to_give = if given { to } else { None };
         match ty {
             FileType::RegularFile | FileType::Directory => {}
             FileType::Symlink | FileType::Socket | FileType::Fifo if to.is_some() => {
-                if ours {
-                    chown_pinned(&pinned, to, &p)?;
-                }
+                chown_pinned(&pinned, to_give, &p)?;
                 continue;
             }
             FileType::Symlink => continue,
@@ -488,7 +488,7 @@ fn secure_tree(path: &Path, builder: Option<u32>, to: Option<(u32, u32)>) -> Res
         if safe != st.st_mode & 0o7777 {
             chmod_pinned(&pinned, safe, &p)?;
         }
-        chown_pinned(&pinned, to, &p)?;
+        chown_pinned(&pinned, to_give, &p)?;
         if ty == FileType::Directory {
             let fd = match openat(
                 &pinned,
@@ -737,6 +737,11 @@ mod tests {
             std::fs::set_permissions(t.join(p), std::fs::Permissions::from_mode(m)).unwrap()
         };
         mode("a", 0o4755);
+        // A setuid file of the builder's with two links.
+        std::fs::write(t.join("multi"), "m").unwrap();
+        std::os::unix::fs::lchown(t.join("multi"), Some(5555), Some(5555)).unwrap();
+        mode("multi", 0o4777);
+        std::fs::hard_link(t.join("multi"), t.join("multi2")).unwrap();
         mode("sub", 0o777);
         mode("sub/f", 0o666);
         mode("foreign", 0o4777);
@@ -769,6 +774,11 @@ mod tests {
             (m("foreign").uid(), m("foreign").mode() & 0o7777),
             (7777, 0o4777)
         );
+        // The builder's file with two links is made safe but not given away.
+        assert_eq!(
+            (m("multi").uid(), m("multi").mode() & 0o7777),
+            (5555, 0o775)
+        );
         untouched_outside(d.path());
     }
 
@@ -784,6 +794,7 @@ mod tests {
         make_safe(&t, Some(5555)).unwrap();
         let m = |p: &str| std::fs::symlink_metadata(t.join(p)).unwrap();
         assert_eq!((m("a").uid(), m("a").mode() & 0o7777), (5555, 0o755));
+        assert_eq!(m("multi").mode() & 0o7777, 0o775);
         assert_eq!(m("sub").mode() & 0o7777, 0o775);
         assert_eq!(m("foreign").mode() & 0o7777, 0o4777);
         untouched_outside(d.path());
