@@ -82,9 +82,8 @@ pub fn remove_tree(path: &Path) -> Result<u64> {
 }
 
 /// Opens a directory its owner made unreadable (mode 0000: a daemon that is not root has
-/// no override): a path-only descriptor (no symlink followed) pins the inode, its mode is
-/// set to 0700 through that descriptor's `/proc` link (the very inode, whatever the name
-/// points to by then), and it is reopened from the pinned descriptor.
+/// no override): a path-only descriptor (no symlink followed) pins the inode, and
+/// [`open_pinned_dir`] opens it up to 0700.
 fn open_unreadable_dir_at(dir: &OwnedFd, name: &CStr, path: &Path) -> Result<OwnedFd> {
     let pinned = openat(
         dir,
@@ -93,16 +92,28 @@ fn open_unreadable_dir_at(dir: &OwnedFd, name: &CStr, path: &Path) -> Result<Own
         Mode::empty(),
     )
     .map_err(|e| Error::io(path, "open directory", e))?;
-    use std::os::fd::AsRawFd;
-    let link = format!("/proc/self/fd/{}", pinned.as_raw_fd());
-    rustix::fs::chmod(link.as_str(), Mode::from_raw_mode(0o700))
-        .map_err(|e| Error::io(path, "make readable", e))?;
-    openat(
-        &pinned,
-        c".",
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
+    open_pinned_dir(&pinned, 0o700, path)
+}
+
+/// Opens the directory `pinned` (an `O_PATH` descriptor) for reading; if its owner made it
+/// unreadable, it is first given mode `readable` through the pinned inode's `/proc` link
+/// (the very inode, whatever its name points to by then).
+fn open_pinned_dir(pinned: &OwnedFd, readable: u32, path: &Path) -> Result<OwnedFd> {
+    let open = || {
+        openat(
+            pinned,
+            c".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+    };
+    match open() {
+        Err(rustix::io::Errno::ACCESS) => {
+            chmod_pinned(pinned, readable, path)?;
+            open()
+        }
+        r => r,
+    }
     .map_err(|e| Error::io(path, "open directory", e))
 }
 
@@ -317,11 +328,17 @@ pub fn canonicalise_at(pfd: &OwnedFd, name: &CStr, path: &Path, own: Ownership) 
                 let fd = match openat(dir, n, flags, Mode::empty()) {
                     Ok(fd) => fd,
                     Err(rustix::io::Errno::ACCESS) => {
-                        // Unreadable file of ours: make it readable first (by name, relative to
-                        // the directory descriptor, without following links).
-                        rustix::fs::chmodat(dir, n, Mode::from_raw_mode(0o400), AtFlags::empty())
-                            .map_err(|e| Error::io(p, "make readable", e))?;
-                        openat(dir, n, flags, Mode::empty()).map_err(|e| Error::io(p, "open", e))?
+                        // Unreadable file of ours: made readable through a descriptor that
+                        // pins the inode just examined (a `chmod` by name would follow a
+                        // symlink swapped in meanwhile), then reopened from it.
+                        let pinned = openat(dir, n, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+                            .map_err(|e| Error::io(p, "open", e))?;
+                        let st = fstat(&pinned).map_err(|e| Error::io(p, "stat", e))?;
+                        if (st.st_dev, st.st_ino) != key {
+                            return Err(Error::Invalid(format!("'{}' changed while being canonicalised", p.display())));
+                        }
+                        chmod_pinned(&pinned, 0o400, p)?;
+                        reopen_pinned(&pinned, flags - OFlags::NOFOLLOW, p)?
                     }
                     Err(e) => return Err(Error::io(p, "open", e)),
                 };
@@ -490,28 +507,9 @@ fn secure_tree(path: &Path, builder: Option<u32>, to: Option<(u32, u32)>) -> Res
         }
         chown_pinned(&pinned, to_give, &p)?;
         if ty == FileType::Directory {
-            let fd = match openat(
-                &pinned,
-                c".",
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            ) {
-                Ok(fd) => fd,
-                // A directory its owner made unreadable (a daemon that is not root has no
-                // override): opened up for its owner, through the pinned inode.
-                Err(rustix::io::Errno::ACCESS) => {
-                    chmod_pinned(&pinned, 0o700 | safe, &p)?;
-                    openat(
-                        &pinned,
-                        c".",
-                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )
-                    .map_err(|e| Error::io(&p, "open directory", e))?
-                }
-                Err(e) => return Err(Error::io(&p, "open directory", e)),
-            };
-            let fd = Rc::new(fd);
+            // A directory its owner made unreadable (a daemon that is not root has no
+            // override) is opened up for its owner.
+            let fd = Rc::new(open_pinned_dir(&pinned, 0o700 | safe, &p)?);
             for (c, _) in entries(&fd, &p)? {
                 let child = p.join(OsStr::from_bytes(c.to_bytes()));
                 stack.push((fd.clone(), c, child));
@@ -528,6 +526,14 @@ fn chmod_pinned(fd: &OwnedFd, mode: u32, path: &Path) -> Result<()> {
     let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
     rustix::fs::chmod(link.as_str(), Mode::from_raw_mode(mode))
         .map_err(|e| Error::io(path, "change the mode of", e))
+}
+
+/// Opens the very inode an `O_PATH` descriptor pins, with `flags`, through its `/proc`
+/// link (which must then be followed: no `O_NOFOLLOW`).
+fn reopen_pinned(fd: &OwnedFd, flags: OFlags, path: &Path) -> Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    rustix::fs::open(link.as_str(), flags, Mode::empty()).map_err(|e| Error::io(path, "open", e))
 }
 
 /// `chown` of the inode `fd` pins (a symlink itself, not its target), if `to` is given.
@@ -609,17 +615,16 @@ mod tests {
         assert!(victim.join("keep").exists());
     }
 
-    #[test]
-    fn build_trees_with_unreadable_directories_are_removed_and_symlinks_not_followed() {
-        // Also as an unprivileged owner (a rootless daemon), who has no override for 0000
-        // directories: the test binary runs this test again as `nobody` in a directory
-        // it owns.
+    /// Runs `cases` in a fresh directory, and, as root, again as `nobody` (an unprivileged
+    /// owner, as a rootless daemon is, with no override for 0000 files and directories): the
+    /// test binary runs the test named `test` again as that user, in a directory it owns.
+    fn also_as_nobody(test: &str, cases: fn(&Path)) {
         const CHILD: &str = "KILN_FSUTIL_TEST_DIR";
         if let Some(dir) = std::env::var_os(CHILD) {
-            return remove_build_tree_cases(Path::new(&dir));
+            return cases(Path::new(&dir));
         }
         let d = tempfile::tempdir().unwrap();
-        remove_build_tree_cases(d.path());
+        cases(d.path());
         if !rustix::process::geteuid().is_root() {
             return;
         }
@@ -627,10 +632,7 @@ mod tests {
         std::os::unix::fs::chown(d.path(), Some(65534), Some(65534)).unwrap();
         use std::os::unix::process::CommandExt;
         let o = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "fsutil::tests::build_trees_with_unreadable_directories_are_removed_and_symlinks_not_followed",
-            ])
+            .args(["--exact", &format!("fsutil::tests::{test}")])
             .env(CHILD, d.path())
             .uid(65534)
             .gid(65534)
@@ -643,6 +645,41 @@ mod tests {
             String::from_utf8_lossy(&o.stderr)
         );
         assert!(out.contains("1 passed"), "{out}");
+    }
+
+    #[test]
+    fn build_trees_with_unreadable_directories_are_removed_and_symlinks_not_followed() {
+        also_as_nobody(
+            "build_trees_with_unreadable_directories_are_removed_and_symlinks_not_followed",
+            remove_build_tree_cases,
+        );
+    }
+
+    /// A builder's file it made unreadable (mode 0000) is opened up, through the pinned
+    /// inode, and canonicalised.
+    #[test]
+    fn canonicalise_opens_unreadable_files_of_its_own() {
+        also_as_nobody("canonicalise_opens_unreadable_files_of_its_own", |dir| {
+            let t = dir.join("out");
+            std::fs::create_dir(&t).unwrap();
+            std::fs::write(t.join("f"), "x").unwrap();
+            std::fs::set_permissions(t.join("f"), std::fs::Permissions::from_mode(0o000)).unwrap();
+            let me = (
+                rustix::process::geteuid().as_raw(),
+                rustix::process::getegid().as_raw(),
+            );
+            canonicalise(
+                &t,
+                Ownership {
+                    expected_uid: Some(me.0),
+                    target: me,
+                },
+            )
+            .unwrap();
+            let m = std::fs::metadata(t.join("f")).unwrap();
+            assert_eq!((m.mode() & 0o7777, m.mtime()), (0o444, 1));
+            assert_eq!(std::fs::read_to_string(t.join("f")).unwrap(), "x");
+        });
     }
 
     fn remove_build_tree_cases(dir: &Path) {
