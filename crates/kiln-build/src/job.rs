@@ -1255,8 +1255,8 @@ fn keep_build_dir(spec: &JobSpec, bd: &BuildDir, builder_uid: u32) {
         _ => daemon_ids(),
     };
     let kept = (|| {
-        let seal = |m| std::fs::set_permissions(&bd.top, std::fs::Permissions::from_mode(m));
-        seal(0o700).map_err(|e| format!("sealing '{}': {e}", bd.top.display()))?;
+        std::fs::set_permissions(&bd.top, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("sealing '{}': {e}", bd.top.display()))?;
         fsutil::hand_over(&bd.dir, builder_uid, to).map_err(|e| e.to_string())?;
         let parent = builds_parent(spec);
         for (p, m) in [(&parent, 0o711), (&bd.top, 0o711)] {

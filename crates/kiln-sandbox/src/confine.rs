@@ -183,58 +183,53 @@ impl Ruleset {
         }
         Ok(())
     }
-
-    /// Enters the domain: `no_new_privs`, then the ruleset. For a child between `fork` and
-    /// `exec` (raw system calls only); returns the error to report.
-    pub fn enter(&self) -> std::io::Result<()> {
-        set_no_new_privs()?;
-        // SAFETY: landlock_restrict_self on this process, with a descriptor that lives as
-        // long as `self`; an async-signal-safe system call.
-        if unsafe { libc::syscall(libc::SYS_landlock_restrict_self, self.fd.as_raw_fd(), 0u32) } < 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
-    }
-}
-
-fn set_no_new_privs() -> std::io::Result<()> {
-    // SAFETY: prctl on this process; an async-signal-safe system call.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// What a helper enters before `exec`: `no_new_privs`, a Landlock domain (a rootless
 /// daemon's helper), and the filter against Unix sockets (where this build has one).
 #[derive(Debug)]
 pub struct Confinement {
-    pub landlock: Option<Ruleset>,
-    pub filter: Option<Vec<crate::seccomp::Insn>>,
+    landlock: Option<Ruleset>,
+    filter: Option<Vec<crate::seccomp::Insn>>,
 }
 
 impl Confinement {
+    /// The helper's confinement, with the Landlock domain `landlock` if given.
+    pub fn for_helper(landlock: Option<Ruleset>) -> Confinement {
+        Confinement {
+            landlock,
+            filter: crate::seccomp::no_unix_sockets(),
+        }
+    }
+
+    /// Makes `cmd`'s child enter this confinement before it executes.
+    pub fn apply(self, cmd: &mut std::process::Command) {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the hook runs in the forked child before exec and makes only the raw
+        // system calls of `enter`; it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || self.enter());
+        }
+    }
+
     /// For a child between `fork` and `exec`: raw system calls only, nothing allocated.
-    pub fn enter(&self) -> std::io::Result<()> {
-        set_no_new_privs()?;
+    fn enter(&self) -> std::io::Result<()> {
+        // SAFETY: prctl on this process; an async-signal-safe system call.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
         if let Some(l) = &self.landlock {
-            l.enter()?;
+            // SAFETY: landlock_restrict_self on this process, with a descriptor alive as
+            // long as `self`; an async-signal-safe system call.
+            if unsafe { libc::syscall(libc::SYS_landlock_restrict_self, l.fd.as_raw_fd(), 0u32) }
+                < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
         }
         if let Some(f) = &self.filter {
-            let prog = libc::sock_fprog {
-                len: f.len() as libc::c_ushort,
-                filter: f.as_ptr() as *mut libc::sock_filter,
-            };
-            // SAFETY: `prog` points into `f`, alive for the call; the kernel copies it.
-            if unsafe {
-                libc::prctl(
-                    libc::PR_SET_SECCOMP,
-                    libc::SECCOMP_MODE_FILTER,
-                    &prog as *const libc::sock_fprog,
-                )
-            } < 0
-            {
+            // SAFETY: the program points into `f`, alive for the call.
+            if !unsafe { crate::seccomp::install(&crate::seccomp::fprog(f)) } {
                 return Err(std::io::Error::last_os_error());
             }
         }
@@ -256,10 +251,6 @@ mod tests {
             eprintln!("skipped: no Landlock");
             return;
         };
-        let confinement = Confinement {
-            landlock: Some(rules),
-            filter: crate::seccomp::no_unix_sockets(),
-        };
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("private"), "secret").unwrap();
         let script = format!(
@@ -273,11 +264,7 @@ mod tests {
         );
         let mut cmd = std::process::Command::new("/bin/sh");
         cmd.args(["-c", &script]);
-        // SAFETY: `enter` makes raw system calls only.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(move || confinement.enter());
-        }
+        Confinement::for_helper(Some(rules)).apply(&mut cmd);
         let o = cmd.output().unwrap();
         let out = String::from_utf8_lossy(&o.stdout);
         assert!(out.contains("read-etc"), "{out}");

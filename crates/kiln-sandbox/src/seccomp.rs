@@ -121,6 +121,31 @@ const NATIVE_SOCKET: Option<(u32, u32)> = Some((AUDIT_ARCH_AARCH64, 198));
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 const NATIVE_SOCKET: Option<(u32, u32)> = None;
 
+/// The kernel's view of `prog` (`struct sock_fprog`), valid while `prog` is.
+pub(crate) fn fprog(prog: &[Insn]) -> libc::sock_fprog {
+    libc::sock_fprog {
+        len: prog.len() as libc::c_ushort,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    }
+}
+
+/// Loads `prog` on the calling thread (inherited by what it executes). A raw system call
+/// only, for a child between `fork` or `clone` and `exec`; `false` with `errno` set if
+/// refused.
+///
+/// # Safety
+/// `prog` must point to instructions alive for the call (as [`fprog`] makes it).
+pub(crate) unsafe fn install(prog: &libc::sock_fprog) -> bool {
+    // SAFETY: the caller guarantees `prog`'s instructions; the kernel copies them.
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            prog as *const libc::sock_fprog,
+        ) >= 0
+    }
+}
+
 /// Whether this build of kiln has system-call tables for the machine's ABIs (x86-64 and
 /// AArch64, each with its 32-bit ABI). Elsewhere no filter is loaded: [`filter`] kills every
 /// call it cannot judge, which there would be every call.

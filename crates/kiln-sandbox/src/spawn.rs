@@ -204,8 +204,6 @@ struct ChildData<'a> {
     /// which has it up already and belongs to a user namespace the child has no
     /// capabilities in).
     lo_up: bool,
-    /// Outside a sandbox: set `no_new_privs` before loading `fprog`.
-    no_new_privs: bool,
 }
 
 /// The child side: runs on its own stack in the parent's address space (`CLONE_VM`) while
@@ -322,7 +320,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             // Outside the sandbox the filter is loaded before the ids change: root may load
             // it without `no_new_privs` (which `allow-new-privileges` leaves unset), and it
             // restricts none of the calls that change them.
-            if d.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+            if spec.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
                 child_fail(ef, ST_NNP);
             }
             load_filter(d.fprog.as_ref(), true, ef);
@@ -367,14 +365,8 @@ unsafe fn load_filter(prog: Option<&libc::sock_fprog>, or_no_new_privs: bool, ef
         return;
     };
     // SAFETY: `prog` points to a filter that lives in the parent's frame until the child has
-    // executed or exited; prctl only reads it.
-    let load = || unsafe {
-        libc::prctl(
-            libc::PR_SET_SECCOMP,
-            libc::SECCOMP_MODE_FILTER,
-            prog as *const libc::sock_fprog,
-        ) >= 0
-    };
+    // executed or exited.
+    let load = || unsafe { crate::seccomp::install(prog) };
     if load() {
         return;
     }
@@ -680,10 +672,7 @@ pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
         .as_ref()
         .and_then(|p| p.filter.as_ref())
         .or(unsandboxed_filter.as_ref())
-        .map(|f| libc::sock_fprog {
-            len: f.len() as libc::c_ushort,
-            filter: f.as_ptr() as *mut libc::sock_filter,
-        });
+        .map(|f| crate::seccomp::fprog(f));
     // A network namespace made ahead of time, if one is ready: this thread is in it until
     // `lent` is dropped right after the clone, and the child starts in it.
     let lent = match &prepared {
@@ -731,8 +720,6 @@ pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
         sync_fd: sync.as_ref().map(|(r, _)| r.as_raw_fd()).unwrap_or(-1),
         fprog,
         lo_up: lent.is_none(),
-        no_new_privs: spec.no_new_privs
-            || (fprog.is_some() && !rustix::process::geteuid().is_root()),
     };
     let top = stack.top();
     // SAFETY: `child_main` only reads `data` and makes raw system calls on its own stack.

@@ -95,20 +95,12 @@ fn confined_runs(program: &Path) -> bool {
     }
     let ok = (|| {
         let landlock = crate::confine::Ruleset::for_helper(program).ok()??;
-        let confinement = crate::confine::Confinement {
-            landlock: Some(landlock),
-            filter: crate::seccomp::no_unix_sockets(),
-        };
         let mut cmd = Command::new(program);
         cmd.arg("--version")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        // SAFETY: the hook makes only the raw system calls of `Confinement::enter`.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(move || confinement.enter());
-        }
+        crate::confine::Confinement::for_helper(Some(landlock)).apply(&mut cmd);
         Some(cmd.status().ok()?.success())
     })()
     .unwrap_or(false);
@@ -233,16 +225,7 @@ pub fn start(net: &UserNet, pid: i32, unprivileged: bool) -> Result<UserNetProce
         cmd.arg("--enable-sandbox").arg(pid.to_string());
         None
     };
-    let confinement = crate::confine::Confinement {
-        landlock,
-        filter: crate::seccomp::no_unix_sockets(),
-    };
-    // SAFETY: the hook runs in the forked child before exec and makes only the raw system
-    // calls of `Confinement::enter`; it allocates nothing.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(move || confinement.enter());
-    }
+    crate::confine::Confinement::for_helper(landlock).apply(&mut cmd);
     cmd.arg("tap0")
         .stdin(Stdio::null())
         .stdout(Stdio::from(dup(&output)?))

@@ -88,19 +88,22 @@ pub fn run(args: &StoreArgs, cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
             // A real build cgroup, made and removed again.
             let probe = format!("kiln-check-{}", std::process::id());
             let cg = kiln_sandbox::Cgroup::create(&probe).ok().flatten();
-            let memory = cg
-                .as_ref()
-                .is_some_and(|c| c.path().join("memory.peak").exists());
+            // Where build cgroups go, and whether they account memory.
+            let under = cg.as_ref().map(|c| {
+                (
+                    c.path().parent().map(|p| p.display().to_string()).unwrap_or_default(),
+                    c.path().join("memory.peak").exists(),
+                )
+            });
             let use_cgroups = settings.get_bool("use-cgroups");
             (
                 "a cgroup v2 per build (all its processes killed at the end, CPU time, peak memory)",
-                use_cgroups && cg.is_some(),
-                match &cg {
+                use_cgroups && under.is_some(),
+                match under {
                     _ if !use_cgroups => "no: use-cgroups = false".to_string(),
-                    Some(c) if memory => format!("under {}", c.path().parent().map(|p| p.display().to_string()).unwrap_or_default()),
-                    Some(c) => format!(
-                        "under {}; no memory controller there: peak memory is the largest process's",
-                        c.path().parent().map(|p| p.display().to_string()).unwrap_or_default()
+                    Some((dir, true)) => format!("under {dir}"),
+                    Some((dir, false)) => format!(
+                        "under {dir}; no memory controller there: peak memory is the largest process's"
                     ),
                     None => "no writable cgroup v2 hierarchy: builds end with their PID namespace \
                              or process group, CPU time and peak memory come from wait4"
