@@ -52,7 +52,7 @@ struct PathBeneathAttr {
 }
 
 /// A ruleset, made by the daemon and entered by the helper's child process before `exec`
-/// ([`Ruleset::enter`]).
+/// (through [`Confinement`]).
 #[derive(Debug)]
 pub struct Ruleset {
     fd: OwnedFd,
