@@ -664,18 +664,7 @@ mod tests {
             std::fs::create_dir(&t).unwrap();
             std::fs::write(t.join("f"), "x").unwrap();
             std::fs::set_permissions(t.join("f"), std::fs::Permissions::from_mode(0o000)).unwrap();
-            let me = (
-                rustix::process::geteuid().as_raw(),
-                rustix::process::getegid().as_raw(),
-            );
-            canonicalise(
-                &t,
-                Ownership {
-                    expected_uid: Some(me.0),
-                    target: me,
-                },
-            )
-            .unwrap();
+            canonicalise(&t, mine()).unwrap();
             let m = std::fs::metadata(t.join("f")).unwrap();
             assert_eq!((m.mode() & 0o7777, m.mtime()), (0o444, 1));
             assert_eq!(std::fs::read_to_string(t.join("f")).unwrap(), "x");
@@ -706,6 +695,18 @@ mod tests {
         assert_eq!(std::fs::read_to_string(victim.join("keep")).unwrap(), "k");
     }
 
+    /// Files this process made, canonicalised as its own.
+    fn mine() -> Ownership {
+        let me = (
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getegid().as_raw(),
+        );
+        Ownership {
+            expected_uid: Some(me.0),
+            target: me,
+        }
+    }
+
     #[test]
     fn canonicalise_fixes_metadata() {
         let d = tempfile::tempdir().unwrap();
@@ -717,18 +718,7 @@ mod tests {
         std::fs::set_permissions(t.join("g"), std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::hard_link(t.join("g"), t.join("g2")).unwrap();
         std::os::unix::fs::symlink("g", t.join("l")).unwrap();
-        let me = (
-            rustix::process::geteuid().as_raw(),
-            rustix::process::getegid().as_raw(),
-        );
-        canonicalise(
-            &t,
-            Ownership {
-                expected_uid: Some(me.0),
-                target: me,
-            },
-        )
-        .unwrap();
+        canonicalise(&t, mine()).unwrap();
         let m = |p: &str| std::fs::symlink_metadata(t.join(p)).unwrap();
         assert_eq!(m("sub/f").mode() & 0o7777, 0o555);
         assert_eq!(m("g").mode() & 0o7777, 0o444);
