@@ -235,8 +235,12 @@ impl Daemon {
             };
             let d = self.clone();
             let spawned = self.pool.execute(move || {
-                if let Err(e) = d.serve_connection(&stream) {
-                    tracing::debug!("connection ended: {e}");
+                match d.serve_connection(&stream) {
+                    Err(Error::Protocol(e @ kiln_protocol::Error::Refused(_))) => {
+                        tracing::info!("{e}")
+                    }
+                    Err(e) => tracing::debug!("connection ended: {e}"),
+                    Ok(()) => {}
                 }
                 d.release_slot();
             });

@@ -46,7 +46,7 @@ impl<'d> Progress<'d> {
 
     /// Relays one event. Errors mean the client is gone.
     pub fn event(&mut self, io: &mut OpIo<'_>, e: &Event) -> std::io::Result<()> {
-        if io.version().is_guix() {
+        if io.proto().is_guix() {
             self.guix(io, e)
         } else {
             self.nix(io, e)

@@ -43,7 +43,8 @@ pub struct Session<'d> {
     b: Arc<Backend>,
     peer: Peer,
     trust: Trust,
-    guix: bool,
+    /// What the connection speaks (from the handshake).
+    proto: kiln_protocol::Proto,
     options: ClientOptions,
     settings: Settings,
     build: Arc<BuildSettings>,
@@ -114,7 +115,7 @@ impl<'d> Session<'d> {
             b,
             peer,
             trust,
-            guix: hello.version.is_guix(),
+            proto: hello.proto,
             options: ClientOptions::default(),
             settings: d.settings.clone(),
             build: Arc::new(build),
@@ -152,7 +153,7 @@ impl<'d> Session<'d> {
     }
 
     fn set_options(&mut self, o: ClientOptions, io: &mut OpIo<'_>) -> Result<Reply, RemoteError> {
-        let a = client_settings::apply(&self.d.settings, &o, self.trust, self.guix);
+        let a = client_settings::apply(&self.d.settings, &o, self.trust, self.proto.is_guix());
         for w in &a.warnings {
             io.log(level::WARN, &format!("warning: {w}"))
                 .map_err(remote)?;
@@ -174,7 +175,7 @@ impl<'d> Session<'d> {
         &mut self,
         store: &LocalStore,
         p: &StorePath,
-        v: kiln_protocol::Version,
+        v: kiln_protocol::Proto,
     ) -> Result<Option<Arc<CachedInfo>>, RemoteError> {
         let generation = store.generation();
         let c = &mut self.info_cache;
@@ -359,6 +360,8 @@ impl<'d> Session<'d> {
             is_non_deterministic: r.non_deterministic,
             start_time: r.start_time,
             stop_time: r.stop_time,
+            cpu_user: r.cpu_user.map(micros),
+            cpu_system: r.cpu_system.map(micros),
             built_outputs: Vec::new(),
         };
         // As Nix: only the outputs the client asked for (all when it named none).
@@ -603,8 +606,9 @@ impl<'d> Session<'d> {
     ) -> Result<Reply, RemoteError> {
         let store = self.b.store.clone();
         let sd = store.store_dir().clone();
-        // Nix ≥ 1.16 layout inside the frames: count, then (info with path, NAR) × count.
-        let v = kiln_protocol::Version(0x122);
+        // One layout inside the frames whatever the connection's version: count, then
+        // (info with path, ultimate, signatures and content address; NAR) × count.
+        let v = kiln_protocol::Proto::nix(kiln_protocol::version::NIX_VERSION);
         let mut r = WireReader::new(BufReader::new(io.data()));
         let n = r.u64("path count").map_err(remote)?;
         for _ in 0..n {
@@ -730,6 +734,11 @@ impl kiln_protocol::Handler for Session<'_> {
             None => self.dispatch(req, io),
         }
     }
+
+    /// As nix-daemon: trusted or not, from the same rules that decide what it may do.
+    fn trusted(&self) -> Option<bool> {
+        Some(Session::trusted(self))
+    }
 }
 
 impl Session<'_> {
@@ -747,9 +756,9 @@ impl Session<'_> {
                 }
                 Ok(sorted(store.query_valid_paths(&paths).map_err(remote)?))
             }
-            Request::QueryPathInfo(p) => match self.cached_path_info(&store, &p, io.version())? {
+            Request::QueryPathInfo(p) => match self.cached_path_info(&store, &p, io.proto())? {
                 Some(c) => Ok(Reply::Encoded(c.reply.clone())),
-                None if self.guix || !io.version().at_least(17) => {
+                None if !io.proto().path_info_found_flag() => {
                     Err(remote(format!("path '{}' is not valid", sd.display(&p))))
                 }
                 None => Ok(Reply::PathInfo(None)),
@@ -968,6 +977,20 @@ impl Session<'_> {
                 self.keep(&p);
                 Ok(Reply::Int(1))
             }
+            Request::AddPermRoot { path, root } => {
+                if !self.trusted() {
+                    return Err(remote(
+                        "you are not privileged to create perm roots\n\nhint: you can just do this client-side without special privileges, and probably want to do that instead.",
+                    ));
+                }
+                let link = kiln_store::roots::add_perm_root(
+                    store.layout(),
+                    &path,
+                    std::path::Path::new(&root),
+                )
+                .map_err(remote)?;
+                Ok(Reply::String(link.display().to_string()))
+            }
             Request::AddIndirectRoot(link) => {
                 kiln_store::roots::add_indirect_root(store.layout(), std::path::Path::new(&link))
                     .map_err(remote)?;
@@ -1084,7 +1107,7 @@ impl Session<'_> {
                 // Before 1.31 the reply is the set of output paths, then the JSON.
                 Ok(Reply::Strings(match found {
                     None => Vec::new(),
-                    Some(r) if !io.version().at_least(31) => vec![sd.display(&r.out_path)],
+                    Some(r) if !io.proto().realisation_json() => vec![sd.display(&r.out_path)],
                     Some(r) => vec![r.to_json()],
                 }))
             }
@@ -1163,4 +1186,9 @@ fn wire_subst_info(i: SubstitutableInfo) -> kiln_protocol::ops::SubstitutableInf
         download_size: i.download_size,
         nar_size: i.nar_size,
     }
+}
+
+/// A duration as the protocol's microseconds.
+fn micros(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }

@@ -250,7 +250,7 @@ fn raw_build(d: &TestDaemon, drv_path: &StorePath) -> std::os::unix::net::UnixSt
     let mut raw = d.raw();
     let mut req = Vec::new();
     build_req(drv_path, BuildMode::Normal)
-        .write(kiln_protocol::Version(0x122), &d.store_dir(), &mut req)
+        .write(kiln_protocol::Proto::nix(0x122), &d.store_dir(), &mut req)
         .unwrap();
     raw.write_all(&[nix_hello(), req].concat()).unwrap();
     raw

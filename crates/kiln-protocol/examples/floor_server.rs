@@ -19,7 +19,7 @@ use kiln_format::StoreDir;
 use kiln_protocol::stderr::STDERR_LAST;
 use kiln_protocol::version::{DAEMON_VERSION, WORKER_MAGIC_1, WORKER_MAGIC_2};
 use kiln_protocol::wire::WireWrite;
-use kiln_protocol::{Client, Reply, Request, Version};
+use kiln_protocol::{Client, Proto, Reply, Request, Version};
 
 fn read_u64(s: &mut UnixStream) -> std::io::Result<u64> {
     let mut b = [0u8; 8];
@@ -39,16 +39,33 @@ fn serve(
     hello.u64(WORKER_MAGIC_2)?;
     hello.u64(DAEMON_VERSION)?;
     s.write_all(&hello)?;
-    let v = Version(read_u64(&mut s)?);
-    if v.at_least(14) && read_u64(&mut s)? != 0 {
-        read_u64(&mut s)?;
-    }
-    if v.at_least(11) {
-        read_u64(&mut s)?;
-    }
+    let Ok(v) = Proto::for_client(Version(read_u64(&mut s)?)) else {
+        return Ok(());
+    };
     let mut out = Vec::new();
-    if !v.is_guix() && v.at_least(33) {
+    if v.feature_exchange() {
+        // The client's features (ignored), then none of ours.
+        for _ in 0..read_u64(&mut s)? {
+            let n = read_u64(&mut s)?;
+            if n > 1024 {
+                return Ok(());
+            }
+            let mut skip = vec![0u8; (n as usize).div_ceil(8) * 8];
+            s.read_exact(&mut skip)?;
+        }
+        out.u64(0)?;
+    }
+    if v.cpu_affinity() && read_u64(&mut s)? != 0 {
+        read_u64(&mut s)?;
+    }
+    if v.reserve_space() {
+        read_u64(&mut s)?;
+    }
+    if v.daemon_version_string() {
         out.str("floor")?;
+    }
+    if v.trust_flag() {
+        out.u64(1)?;
     }
     out.u64(STDERR_LAST)?;
     s.write_all(&out)?;

@@ -9,8 +9,10 @@ use kiln_format::StoreDir;
 
 use crate::ops::{DataStream, Reply, Request};
 use crate::stderr::{self, Field, RemoteError};
-use crate::version::{Version, NIX_2_8_CLIENT_VERSION, WORKER_MAGIC_1, WORKER_MAGIC_2};
-use crate::wire::{FramedWriter, WireReader, WireWrite, MAX_TEXT};
+use crate::version::{
+    Features, Proto, Version, NIX_VERSION, SUPPORTED_FEATURES, WORKER_MAGIC_1, WORKER_MAGIC_2,
+};
+use crate::wire::{FramedWriter, WireReader, WireWrite, MAX_FEATURES, MAX_FEATURE_NAME, MAX_TEXT};
 use crate::Error;
 
 type Rd = WireReader<BufReader<Box<dyn Read + Send>>>;
@@ -41,25 +43,33 @@ pub enum Message {
 pub struct Client {
     r: Rd,
     w: Wr,
-    /// The version this client speaks.
+    /// The version this client announced.
     pub version: Version,
     /// The daemon's advertised version.
     pub daemon_version: Version,
+    /// What the connection speaks (negotiated as Nix's client does).
+    pub proto: Proto,
     /// The daemon's version string (Nix ≥ 1.33).
     pub daemon_version_string: Option<String>,
+    /// Whether the daemon trusts this client (Nix ≥ 1.35; `None` if it did not say).
+    pub trusted: Option<bool>,
     pub store_dir: StoreDir,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Client({} → {})", self.version, self.daemon_version)
+        write!(
+            f,
+            "Client({} → {}: {})",
+            self.version, self.daemon_version, self.proto
+        )
     }
 }
 
 impl Client {
-    /// Connects to a Unix socket as a Nix 2.8 client.
+    /// Connects to a Unix socket as a Nix client of today (1.38).
     pub fn connect(socket: &Path, store_dir: StoreDir) -> Result<Client, Error> {
-        Client::connect_as(socket, store_dir, Version(NIX_2_8_CLIENT_VERSION))
+        Client::connect_as(socket, store_dir, Version(NIX_VERSION))
     }
 
     /// Connects as a client of version `version` (a Guix version speaks Guix's dialect).
@@ -82,20 +92,28 @@ impl Client {
     ) -> Result<Client, Error> {
         let mut r: Rd = WireReader::new(BufReader::with_capacity(32 * 1024, reader));
         let mut w: Wr = io::BufWriter::with_capacity(32 * 1024, writer);
+        // Magic and version in one write, as Nix ≥ 2.23 sends them.
         w.u64(WORKER_MAGIC_1)?;
+        w.u64(version.0)?;
         w.flush()?;
         if r.u64("daemon magic")? != WORKER_MAGIC_2 {
             return Err(Error::Protocol("protocol mismatch".into()));
         }
         let dv = Version(r.u64("daemon version")?);
-        if dv.major() != 1 {
-            return Err(Error::Protocol(format!("unsupported daemon version {dv}")));
+        let mut proto = Proto::for_daemon(version, dv).map_err(Error::Protocol)?;
+        if proto.feature_exchange() {
+            w.strs(SUPPORTED_FEATURES.names())?;
+            w.flush()?;
+            let theirs = r.strings_bounded(MAX_FEATURES, MAX_FEATURE_NAME, "daemon features")?;
+            proto = proto.with_features(
+                SUPPORTED_FEATURES
+                    .intersect(Features::from_names(theirs.iter().map(String::as_str))),
+            );
         }
-        w.u64(version.0)?;
-        if dv.at_least(14) {
+        if proto.cpu_affinity() {
             w.u64(0)?; // no CPU affinity
         }
-        if dv.at_least(11) {
+        if proto.reserve_space() {
             w.u64(0)?; // reserve space
         }
         w.flush()?;
@@ -104,11 +122,21 @@ impl Client {
             w,
             version,
             daemon_version: dv,
+            proto,
             daemon_version_string: None,
+            trusted: None,
             store_dir,
         };
-        if !version.is_guix() && dv.at_least(33) {
+        if proto.daemon_version_string() {
             c.daemon_version_string = Some(c.r.string(1024, "daemon version string")?);
+        }
+        if proto.trust_flag() {
+            c.trusted = match c.r.u64("trust")? {
+                0 => None,
+                1 => Some(true),
+                2 => Some(false),
+                n => return Err(c.r.invalid(format!("invalid trust flag {n}"))),
+            };
         }
         c.process_stderr(None, &mut |_| {})?;
         Ok(c)
@@ -122,8 +150,8 @@ impl Client {
         data: Option<&mut dyn Read>,
         on_message: &mut dyn FnMut(Message),
     ) -> Result<Reply, Error> {
-        req.write(self.version, &self.store_dir, &mut self.w)?;
-        let kind = req.data_stream(self.version);
+        req.write(self.proto, &self.store_dir, &mut self.w)?;
+        let kind = req.data_stream(self.proto);
         let mut data = data;
         match (kind, data.as_mut()) {
             (DataStream::Framed, Some(d)) => {
@@ -146,7 +174,7 @@ impl Client {
             None
         };
         self.process_stderr(tunnel, on_message)?;
-        Reply::read(req.op(), self.version, &self.store_dir, &mut self.r)
+        Reply::read(req.op(), self.proto, &self.store_dir, &mut self.r)
     }
 
     /// After `NarFromPath`'s reply: the archive follows on the connection.
@@ -219,14 +247,14 @@ impl Client {
     }
 
     fn read_error(&mut self) -> Result<RemoteError, Error> {
-        if self.version.is_guix() {
+        if self.proto.is_guix() {
             let message = self.r.string(MAX_TEXT, "error")?;
             // Guix sends a status only when it is not 0; a client cannot tell from the
             // stream, so (like Guix's) it expects one from daemons ≥ 8.
             let status = self.r.u64("status")?;
             return Ok(RemoteError { message, status });
         }
-        if self.daemon_version.at_least(26) {
+        if self.proto.structured_errors() {
             let _ = self.r.string(MAX_TEXT, "error type")?;
             let _level = self.r.u64("level")?;
             let _ = self.r.string(MAX_TEXT, "error name")?;

@@ -8,10 +8,22 @@ use kiln_format::StoreDir;
 use crate::ops::{Op, Reply, Request};
 use crate::server::{serve, Handler, OpIo, ServerConfig};
 use crate::stderr::RemoteError;
-use crate::version::Version;
+use crate::version::{Feature, Features, Proto, Version};
 use crate::wire::WireReader;
 
-const VERSIONS: [u64; 6] = [0x10a, 0x118, 0x11e, 0x122, 0x163, 0x164];
+const VERSIONS: [u64; 9] = [
+    0x10a, 0x118, 0x11e, 0x122, 0x163, 0x164, 0x123, 0x125, 0x126,
+];
+
+/// The connection a selector byte picks: a version, and for 1.38 all features or none.
+fn proto(sel: u8) -> Proto {
+    let v = Version(VERSIONS[sel as usize % VERSIONS.len()]);
+    match Proto::for_client(v) {
+        Ok(p) if p.feature_exchange() && sel >= 128 => p.with_features(Features::of(&Feature::ALL)),
+        Ok(p) => p,
+        Err(_) => Proto::nix(v.0),
+    }
+}
 
 fn store_dir() -> StoreDir {
     // A constant that is a valid store directory.
@@ -25,7 +37,7 @@ pub fn check_requests(data: &[u8]) {
     let Some((&sel, rest)) = data.split_first() else {
         return;
     };
-    let v = Version(VERSIONS[sel as usize % VERSIONS.len()]);
+    let v = proto(sel);
     let sd = store_dir();
     let mut r = WireReader::new(BufReader::new(rest));
     while let Ok(Some(n)) = r.u64_or_eof("op") {

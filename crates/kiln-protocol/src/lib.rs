@@ -1,6 +1,7 @@
 //! The Nix/Guix worker protocol, both sides, with no store behind it.
 //!
-//! * [`version`]: versions, and how one socket serves Nix 2.8 and Guix clients.
+//! * [`version`]: versions, the handshake's negotiation, and every capability that
+//!   depends on them ([`Proto`]), with the table of which operations exist for whom.
 //! * [`wire`]: bounded reading and writing of integers, strings, store paths, lists and
 //!   framed streams, with byte offsets in every error.
 //! * [`ops`]: operation numbers, requests and replies in every version's layout.
@@ -8,7 +9,7 @@
 //! * [`server`]: the daemon side of a connection, generic over a [`server::Handler`].
 //! * [`client`]: the client side.
 //!
-//! Reference: Nix 2.8.0's `worker-protocol.hh`, `daemon.cc` and `remote-store.cc`, and
+//! Reference: Nix 2.8.0 – 2.35's `worker-protocol.hh`, `daemon.cc` and `remote-store.cc`, and
 //! Guix's `nix-daemon.cc` and `guix/store.scm`; the exact layouts are noted where they are
 //! implemented.
 
@@ -30,7 +31,7 @@ pub use ops::{
 };
 pub use server::{serve, Handler, Hello, OpIo, ServerConfig};
 pub use stderr::{Field, RemoteError};
-pub use version::{Dialect, Version};
+pub use version::{Dialect, Feature, Features, Proto, Version};
 
 /// Errors of the protocol crate.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,9 @@ pub enum Error {
     Malformed { offset: u64, message: String },
     #[error("{0}")]
     Protocol(String),
+    /// The handshake refused the client (told to it through the stderr channel).
+    #[error("client refused: {0}")]
+    Refused(String),
     /// The daemon reported an error for an operation.
     #[error("{0}")]
     Remote(RemoteError),

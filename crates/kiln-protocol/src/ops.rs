@@ -14,7 +14,7 @@ use kiln_format::{
     ValidPathInfo,
 };
 
-use crate::version::Version;
+use crate::version::Proto;
 use crate::wire::{WireReader, WireWrite, MAX_NAME, MAX_TEXT};
 use crate::Error;
 
@@ -65,124 +65,22 @@ pub enum Op {
     AddMultipleToStore = 44,
     AddBuildLog = 45,
     BuildPathsWithResults = 46,
+    AddPermRoot = 47,
     BuiltinBuilders = 80,
     SubstituteUrls = 81,
 }
 
 impl Op {
-    /// The operation with this number, if the client's dialect has it. Nix 2.8 answers
-    /// "invalid operation" to Guix's 24, 25, 80, 81; guix-daemon has nothing above 35
-    /// but its own 80 and 81.
-    pub fn from_wire(n: u64, v: Version) -> Option<Op> {
-        use Op::*;
-        let op = match n {
-            1 => IsValidPath,
-            3 => HasSubstitutes,
-            4 => QueryPathHash,
-            5 => QueryReferences,
-            6 => QueryReferrers,
-            7 => AddToStore,
-            8 => AddTextToStore,
-            9 => BuildPaths,
-            10 => EnsurePath,
-            11 => AddTempRoot,
-            12 => AddIndirectRoot,
-            13 => SyncWithGc,
-            14 => FindRoots,
-            16 => ExportPath,
-            18 => QueryDeriver,
-            19 => SetOptions,
-            20 => CollectGarbage,
-            21 => QuerySubstitutablePathInfo,
-            22 => QueryDerivationOutputs,
-            23 => QueryAllValidPaths,
-            24 => QueryFailedPaths,
-            25 => ClearFailedPaths,
-            26 => QueryPathInfo,
-            27 => ImportPaths,
-            28 => QueryDerivationOutputNames,
-            29 => QueryPathFromHashPart,
-            30 => QuerySubstitutablePathInfos,
-            31 => QueryValidPaths,
-            32 => QuerySubstitutablePaths,
-            33 => QueryValidDerivers,
-            34 => OptimiseStore,
-            35 => VerifyStore,
-            36 => BuildDerivation,
-            37 => AddSignatures,
-            38 => NarFromPath,
-            39 => AddToStoreNar,
-            40 => QueryMissing,
-            41 => QueryDerivationOutputMap,
-            42 => RegisterDrvOutput,
-            43 => QueryRealisation,
-            44 => AddMultipleToStore,
-            45 => AddBuildLog,
-            46 => BuildPathsWithResults,
-            80 => BuiltinBuilders,
-            81 => SubstituteUrls,
-            _ => return None,
-        };
-        let guix_only = matches!(
-            op,
-            QueryFailedPaths | ClearFailedPaths | BuiltinBuilders | SubstituteUrls
-        );
-        let nix_only = (op as u64) > 35 && !guix_only;
-        if (v.is_guix() && nix_only) || (!v.is_guix() && guix_only) {
-            return None;
-        }
-        Some(op)
+    /// The operation numbered `n`, if the connection has it (see [`crate::version::OPS`]).
+    pub fn from_wire(n: u64, p: Proto) -> Option<Op> {
+        p.op(n)
     }
 
     pub fn name(self) -> &'static str {
-        use Op::*;
-        match self {
-            IsValidPath => "IsValidPath",
-            HasSubstitutes => "HasSubstitutes",
-            QueryPathHash => "QueryPathHash",
-            QueryReferences => "QueryReferences",
-            QueryReferrers => "QueryReferrers",
-            AddToStore => "AddToStore",
-            AddTextToStore => "AddTextToStore",
-            BuildPaths => "BuildPaths",
-            EnsurePath => "EnsurePath",
-            AddTempRoot => "AddTempRoot",
-            AddIndirectRoot => "AddIndirectRoot",
-            SyncWithGc => "SyncWithGC",
-            FindRoots => "FindRoots",
-            ExportPath => "ExportPath",
-            QueryDeriver => "QueryDeriver",
-            SetOptions => "SetOptions",
-            CollectGarbage => "CollectGarbage",
-            QuerySubstitutablePathInfo => "QuerySubstitutablePathInfo",
-            QueryDerivationOutputs => "QueryDerivationOutputs",
-            QueryAllValidPaths => "QueryAllValidPaths",
-            QueryFailedPaths => "QueryFailedPaths",
-            ClearFailedPaths => "ClearFailedPaths",
-            QueryPathInfo => "QueryPathInfo",
-            ImportPaths => "ImportPaths",
-            QueryDerivationOutputNames => "QueryDerivationOutputNames",
-            QueryPathFromHashPart => "QueryPathFromHashPart",
-            QuerySubstitutablePathInfos => "QuerySubstitutablePathInfos",
-            QueryValidPaths => "QueryValidPaths",
-            QuerySubstitutablePaths => "QuerySubstitutablePaths",
-            QueryValidDerivers => "QueryValidDerivers",
-            OptimiseStore => "OptimiseStore",
-            VerifyStore => "VerifyStore",
-            BuildDerivation => "BuildDerivation",
-            AddSignatures => "AddSignatures",
-            NarFromPath => "NarFromPath",
-            AddToStoreNar => "AddToStoreNar",
-            QueryMissing => "QueryMissing",
-            QueryDerivationOutputMap => "QueryDerivationOutputMap",
-            RegisterDrvOutput => "RegisterDrvOutput",
-            QueryRealisation => "QueryRealisation",
-            AddMultipleToStore => "AddMultipleToStore",
-            AddBuildLog => "AddBuildLog",
-            BuildPathsWithResults => "BuildPathsWithResults",
-            BuiltinBuilders => "BuiltinBuilders",
-            SubstituteUrls => "SubstituteURLs",
-        }
+        crate::version::OPS
+            .iter()
+            .find(|a| a.op == self)
+            .map_or("unknown operation", |a| a.name)
     }
 }
 
@@ -448,6 +346,12 @@ pub enum Request {
         paths: Vec<DerivedPath>,
         mode: BuildMode,
     },
+    /// Makes `root` (an absolute path) a GC root pointing to `path` (Nix 1.36, trusted
+    /// clients only).
+    AddPermRoot {
+        path: StorePath,
+        root: String,
+    },
     BuiltinBuilders,
     SubstituteUrls,
 }
@@ -466,12 +370,12 @@ pub enum DataStream {
 
 impl Request {
     /// Where this request's data comes from, for a client of version `v`.
-    pub fn data_stream(&self, v: Version) -> DataStream {
+    pub fn data_stream(&self, v: Proto) -> DataStream {
         match self {
             Request::AddToStore(AddToStore::Ca { .. }) => DataStream::Framed,
             Request::AddToStore(AddToStore::Legacy { .. }) => DataStream::Inline,
-            Request::AddToStoreNar { .. } if v.at_least(23) => DataStream::Framed,
-            Request::AddToStoreNar { .. } if v.at_least(21) => DataStream::Tunnel,
+            Request::AddToStoreNar { .. } if v.nar_data_framed() => DataStream::Framed,
+            Request::AddToStoreNar { .. } if v.nar_data_tunnelled() => DataStream::Tunnel,
             Request::AddToStoreNar { .. } => DataStream::Inline,
             Request::AddMultipleToStore { .. } | Request::AddBuildLog(_) => DataStream::Framed,
             Request::ImportPaths => DataStream::Tunnel,
@@ -482,12 +386,11 @@ impl Request {
     /// Reads the request of operation `op` as a client of version `v` sends it.
     pub fn read<R: BufRead>(
         op: Op,
-        v: Version,
+        v: Proto,
         sd: &StoreDir,
         r: &mut WireReader<R>,
     ) -> Result<Request, Error> {
         use Request as Q;
-        let guix = v.is_guix();
         Ok(match op {
             Op::IsValidPath => Q::IsValidPath(r.path(sd, "path")?),
             Op::HasSubstitutes => Q::HasSubstitutes(r.path(sd, "path")?),
@@ -495,7 +398,7 @@ impl Request {
             Op::QueryReferences => Q::QueryReferences(r.path(sd, "path")?),
             Op::QueryReferrers => Q::QueryReferrers(r.path(sd, "path")?),
             Op::AddToStore => {
-                if !guix && v.at_least(25) {
+                if v.add_to_store_ca() {
                     let name = r.string(MAX_NAME, "name")?;
                     let cam = r.string(MAX_NAME, "content-address method")?;
                     let (method, algo) = ContentAddressMethod::parse_with_algo(&cam)
@@ -540,7 +443,7 @@ impl Request {
             },
             Op::BuildPaths => {
                 let paths = read_derived_paths(v, sd, r)?;
-                let mode = if v.at_least(15) {
+                let mode = if v.build_mode() {
                     BuildMode::read(r)?
                 } else {
                     BuildMode::Normal
@@ -590,7 +493,7 @@ impl Request {
             Op::QueryPathFromHashPart => Q::QueryPathFromHashPart(r.string(MAX_NAME, "hash part")?),
             Op::QuerySubstitutablePathInfos => {
                 let mut m = BTreeMap::new();
-                if !guix && v.at_least(22) {
+                if v.substitutable_infos_with_ca() {
                     for (p, ca) in r.list("paths", |r| {
                         let p = r.path(sd, "path")?;
                         let ca = r.string(MAX_NAME, "content address")?;
@@ -612,7 +515,7 @@ impl Request {
             }
             Op::QueryValidPaths => {
                 let paths = r.paths(sd, "paths")?;
-                let substitute = if !guix && v.at_least(27) {
+                let substitute = if v.valid_paths_substitute_flag() {
                     r.bool("substitute")?
                 } else {
                     false
@@ -658,7 +561,7 @@ impl Request {
             Op::QueryDerivationOutputMap => Q::QueryDerivationOutputMap(r.path(sd, "path")?),
             Op::RegisterDrvOutput => {
                 let realisation = r.string(MAX_TEXT, "realisation")?;
-                let out_path = if v.at_least(31) {
+                let out_path = if v.realisation_json() {
                     None
                 } else {
                     Some(r.string(MAX_NAME, "output path")?)
@@ -684,6 +587,10 @@ impl Request {
             Op::BuildPathsWithResults => Q::BuildPathsWithResults {
                 paths: read_derived_paths(v, sd, r)?,
                 mode: BuildMode::read(r)?,
+            },
+            Op::AddPermRoot => Q::AddPermRoot {
+                path: r.path(sd, "path")?,
+                root: r.string(MAX_NAME, "GC root")?,
             },
             Op::BuiltinBuilders => Q::BuiltinBuilders,
             Op::SubstituteUrls => Q::SubstituteUrls,
@@ -737,6 +644,7 @@ impl Request {
             Q::AddMultipleToStore { .. } => Op::AddMultipleToStore,
             Q::AddBuildLog(_) => Op::AddBuildLog,
             Q::BuildPathsWithResults { .. } => Op::BuildPathsWithResults,
+            Q::AddPermRoot { .. } => Op::AddPermRoot,
             Q::BuiltinBuilders => Op::BuiltinBuilders,
             Q::SubstituteUrls => Op::SubstituteUrls,
         }
@@ -744,9 +652,8 @@ impl Request {
 
     /// Writes the request (with its operation number) as a client of version `v` does.
     /// Data streams are written separately by the caller.
-    pub fn write(&self, v: Version, sd: &StoreDir, w: &mut impl Write) -> io::Result<()> {
+    pub fn write(&self, v: Proto, sd: &StoreDir, w: &mut impl Write) -> io::Result<()> {
         use Request as Q;
-        let guix = v.is_guix();
         w.u64(self.op() as u64)?;
         match self {
             Q::IsValidPath(p)
@@ -792,7 +699,7 @@ impl Request {
             }
             Q::BuildPaths { paths, mode } => {
                 write_derived_paths(v, sd, paths, w)?;
-                if v.at_least(15) {
+                if v.build_mode() {
                     w.u64(mode.to_wire())?;
                 }
             }
@@ -827,7 +734,7 @@ impl Request {
             Q::ClearFailedPaths(ps) | Q::QuerySubstitutablePaths(ps) => w.paths(sd, ps)?,
             Q::QueryPathFromHashPart(h) => w.str(h)?,
             Q::QuerySubstitutablePathInfos(m) => {
-                if !guix && v.at_least(22) {
+                if v.substitutable_infos_with_ca() {
                     w.u64(m.len() as u64)?;
                     for (p, ca) in m {
                         w.path(sd, p)?;
@@ -839,7 +746,7 @@ impl Request {
             }
             Q::QueryValidPaths { paths, substitute } => {
                 w.paths(sd, paths)?;
-                if !guix && v.at_least(27) {
+                if v.valid_paths_substitute_flag() {
                     w.bool(*substitute)?;
                 }
             }
@@ -878,7 +785,7 @@ impl Request {
                 out_path,
             } => {
                 w.str(realisation)?;
-                if !v.at_least(31) {
+                if !v.realisation_json() {
                     w.str(out_path.as_deref().unwrap_or(""))?;
                 }
             }
@@ -895,17 +802,21 @@ impl Request {
                 write_derived_paths(v, sd, paths, w)?;
                 w.u64(mode.to_wire())?;
             }
+            Q::AddPermRoot { path, root } => {
+                w.path(sd, path)?;
+                w.str(root)?;
+            }
         }
         Ok(())
     }
 }
 
 fn read_derived_paths<R: BufRead>(
-    v: Version,
+    v: Proto,
     sd: &StoreDir,
     r: &mut WireReader<R>,
 ) -> Result<Vec<DerivedPath>, Error> {
-    let modern = !v.is_guix() && v.at_least(30);
+    let modern = v.modern_derived_paths();
     r.list("derived paths", |r| {
         let s = r.string(MAX_NAME, "derived path")?;
         let p = if modern {
@@ -918,12 +829,12 @@ fn read_derived_paths<R: BufRead>(
 }
 
 fn write_derived_paths(
-    v: Version,
+    v: Proto,
     sd: &StoreDir,
     paths: &[DerivedPath],
     w: &mut impl Write,
 ) -> io::Result<()> {
-    let modern = !v.is_guix() && v.at_least(30);
+    let modern = v.modern_derived_paths();
     w.u64(paths.len() as u64)?;
     for p in paths {
         w.str(&if modern {
@@ -935,7 +846,7 @@ fn write_derived_paths(
     Ok(())
 }
 
-fn read_options<R: BufRead>(v: Version, r: &mut WireReader<R>) -> Result<ClientOptions, Error> {
+fn read_options<R: BufRead>(v: Proto, r: &mut WireReader<R>) -> Result<ClientOptions, Error> {
     let mut o = ClientOptions {
         keep_failed: r.bool("keep-failed")?,
         keep_going: r.bool("keep-going")?,
@@ -944,8 +855,7 @@ fn read_options<R: BufRead>(v: Version, r: &mut WireReader<R>) -> Result<ClientO
         ..Default::default()
     };
     // Guix clients stop sending these once the daemon is ≥ 0x61; kiln advertises 0x164.
-    let guix = v.is_guix();
-    if !guix || v.minor() < 0x61 {
+    if v.options_jobs_and_cores() {
         o.max_build_jobs = Some(r.u64("max-jobs")?);
         o.max_silent_time = Some(r.u64("max-silent-time")?);
     }
@@ -953,11 +863,11 @@ fn read_options<R: BufRead>(v: Version, r: &mut WireReader<R>) -> Result<ClientO
     o.build_verbosity = r.u64("build verbosity")?;
     r.u64("log type")?;
     o.print_build_trace = r.bool("print build trace")?;
-    if !guix || v.minor() < 0x61 {
+    if v.options_jobs_and_cores() {
         o.build_cores = Some(r.u64("cores")?);
     }
     o.use_substitutes = r.bool("use substitutes")?;
-    if v.at_least(12) {
+    if v.option_overrides() {
         o.overrides = r.list("settings", |r| {
             Ok((
                 r.string(MAX_NAME, "setting name")?,
@@ -968,13 +878,12 @@ fn read_options<R: BufRead>(v: Version, r: &mut WireReader<R>) -> Result<ClientO
     Ok(o)
 }
 
-fn write_options(v: Version, o: &ClientOptions, w: &mut impl Write) -> io::Result<()> {
-    let guix = v.is_guix();
+fn write_options(v: Proto, o: &ClientOptions, w: &mut impl Write) -> io::Result<()> {
     w.bool(o.keep_failed)?;
     w.bool(o.keep_going)?;
     w.bool(o.try_fallback)?;
     w.u64(o.verbosity)?;
-    if !guix || v.minor() < 0x61 {
+    if v.options_jobs_and_cores() {
         w.u64(o.max_build_jobs.unwrap_or(1))?;
         w.u64(o.max_silent_time.unwrap_or(0))?;
     }
@@ -982,11 +891,11 @@ fn write_options(v: Version, o: &ClientOptions, w: &mut impl Write) -> io::Resul
     w.u64(o.build_verbosity)?;
     w.u64(0)?;
     w.bool(o.print_build_trace)?;
-    if !guix || v.minor() < 0x61 {
+    if v.options_jobs_and_cores() {
         w.u64(o.build_cores.unwrap_or(0))?;
     }
     w.bool(o.use_substitutes)?;
-    if v.at_least(12) {
+    if v.option_overrides() {
         w.u64(o.overrides.len() as u64)?;
         for (k, val) in &o.overrides {
             w.str(k)?;
@@ -1000,7 +909,7 @@ fn write_options(v: Version, o: &ClientOptions, w: &mut impl Write) -> io::Resul
 /// them (ultimate, signatures and content address from 1.16 on).
 fn read_path_info_rest<R: BufRead>(
     path: StorePath,
-    v: Version,
+    v: Proto,
     sd: &StoreDir,
     r: &mut WireReader<R>,
 ) -> Result<ValidPathInfo, Error> {
@@ -1015,7 +924,7 @@ fn read_path_info_rest<R: BufRead>(
     info.deriver = deriver;
     info.references = references;
     info.registration_time = registration_time;
-    if !v.is_guix() && v.at_least(16) {
+    if v.path_info_ca() {
         info.ultimate = r.bool("ultimate")?;
         info.sigs = r.strings("signatures")?.into_iter().collect();
         let ca = r.string(MAX_NAME, "content address")?;
@@ -1028,7 +937,7 @@ fn read_path_info_rest<R: BufRead>(
 
 /// Writes a `ValidPathInfo` in the layout of client `v` (with or without its path first).
 pub fn write_path_info<W: Write + ?Sized>(
-    v: Version,
+    v: Proto,
     sd: &StoreDir,
     info: &ValidPathInfo,
     with_path: bool,
@@ -1042,7 +951,7 @@ pub fn write_path_info<W: Write + ?Sized>(
     w.paths(sd, &info.references)?;
     w.u64(info.registration_time.max(0) as u64)?;
     w.u64(info.nar_size)?;
-    if !v.is_guix() && v.at_least(16) {
+    if v.path_info_ca() {
         w.bool(info.ultimate)?;
         w.strs(info.sigs.iter().map(String::as_str))?;
         w.str(&info.ca.map(|c| c.to_string()).unwrap_or_default())?;
@@ -1053,12 +962,12 @@ pub fn write_path_info<W: Write + ?Sized>(
 /// The reply to a `QueryPathInfo` of a valid path: Nix ≥ 1.17 gets a found flag first,
 /// Guix and older Nix the info alone.
 fn write_found_path_info<W: Write + ?Sized>(
-    v: Version,
+    v: Proto,
     sd: &StoreDir,
     info: &ValidPathInfo,
     w: &mut W,
 ) -> io::Result<()> {
-    if !v.is_guix() && v.at_least(17) {
+    if v.path_info_found_flag() {
         w.u64(1)?;
     }
     write_path_info(v, sd, info, false, w)
@@ -1066,7 +975,7 @@ fn write_found_path_info<W: Write + ?Sized>(
 
 /// [`Reply::PathInfo`] of a valid path, encoded for client `v` once, to be sent as
 /// [`Reply::Encoded`] as often as it is asked for.
-pub fn found_path_info(v: Version, sd: &StoreDir, info: &ValidPathInfo) -> Arc<[u8]> {
+pub fn found_path_info(v: Proto, sd: &StoreDir, info: &ValidPathInfo) -> Arc<[u8]> {
     let mut out = Vec::with_capacity(256);
     // Writing into a vector cannot fail.
     let _ = write_found_path_info(v, sd, info, &mut out);
@@ -1075,7 +984,7 @@ pub fn found_path_info(v: Version, sd: &StoreDir, info: &ValidPathInfo) -> Arc<[
 
 /// Reads a `ValidPathInfo` written by [`write_path_info`].
 pub fn read_path_info<R: BufRead>(
-    v: Version,
+    v: Proto,
     sd: &StoreDir,
     path: Option<StorePath>,
     r: &mut WireReader<R>,
@@ -1206,6 +1115,10 @@ pub struct WireBuildResult {
     pub is_non_deterministic: bool,
     pub start_time: u64,
     pub stop_time: u64,
+    /// The builder's user and system CPU time in microseconds, if measured (sent from
+    /// Nix 1.37 on).
+    pub cpu_user: Option<i64>,
+    pub cpu_system: Option<i64>,
     /// `DrvOutput` id (`sha256:<hash modulo>!<output>`) → `Realisation` JSON.
     pub built_outputs: Vec<(String, String)>,
 }
@@ -1264,7 +1177,7 @@ impl std::fmt::Debug for Reply {
 
 impl Reply {
     /// Writes the payload for client `v` (everything but [`Reply::Stream`]).
-    pub fn write(self, v: Version, sd: &StoreDir, w: &mut dyn Write) -> io::Result<()> {
+    pub fn write(self, v: Proto, sd: &StoreDir, w: &mut dyn Write) -> io::Result<()> {
         match self {
             Reply::Nothing => {}
             Reply::Bool(b) => w.bool(b)?,
@@ -1320,30 +1233,12 @@ impl Reply {
                     w.opt_path(sd, p.as_ref())?;
                 }
             }
-            Reply::BuildDerivation(r) => {
-                w.u64(r.status)?;
-                w.str(&r.error_msg)?;
-                if v.at_least(29) {
-                    w.u64(r.times_built)?;
-                    w.bool(r.is_non_deterministic)?;
-                    w.u64(r.start_time)?;
-                    w.u64(r.stop_time)?;
-                }
-                if v.at_least(28) {
-                    write_built_outputs(&r.built_outputs, w)?;
-                }
-            }
+            Reply::BuildDerivation(r) => write_build_result(v, &r, w)?,
             Reply::BuildResults(rs) => {
                 w.u64(rs.len() as u64)?;
                 for (p, r) in &rs {
                     w.str(&p.to_wire(sd))?;
-                    w.u64(r.status)?;
-                    w.str(&r.error_msg)?;
-                    w.u64(r.times_built)?;
-                    w.bool(r.is_non_deterministic)?;
-                    w.u64(r.start_time)?;
-                    w.u64(r.stop_time)?;
-                    write_built_outputs(&r.built_outputs, w)?;
+                    write_build_result(v, r, w)?;
                 }
             }
             Reply::Stream(f) => f(w)?,
@@ -1356,14 +1251,14 @@ impl Reply {
     /// not read here.
     pub fn read<R: BufRead>(
         op: Op,
-        v: Version,
+        v: Proto,
         sd: &StoreDir,
         r: &mut WireReader<R>,
     ) -> Result<Reply, Error> {
         use Op::*;
         Ok(match op {
             IsValidPath | HasSubstitutes => Reply::Bool(r.bool("answer")?),
-            QueryPathHash | QueryDeriver | QueryPathFromHashPart => {
+            QueryPathHash | QueryDeriver | QueryPathFromHashPart | AddPermRoot => {
                 Reply::String(r.string(MAX_NAME, "answer")?)
             }
             QueryReferences
@@ -1378,7 +1273,7 @@ impl Reply {
             QueryDerivationOutputNames | BuiltinBuilders | SubstituteUrls | QueryRealisation => {
                 Reply::Strings(r.strings("strings")?)
             }
-            AddToStore if !v.is_guix() && v.at_least(25) => {
+            AddToStore if v.add_to_store_ca() => {
                 Reply::PathInfoWithPath(read_path_info(v, sd, None, r)?)
             }
             AddToStore | AddTextToStore => Reply::OptPath(r.opt_path(sd, "path")?),
@@ -1410,7 +1305,7 @@ impl Reply {
                 Ok((r.path(sd, "path")?, read_subst_info(sd, r)?))
             })?),
             QueryPathInfo => {
-                let found = if !v.is_guix() && v.at_least(17) {
+                let found = if v.path_info_found_flag() {
                     r.bool("found")?
                 } else {
                     true
@@ -1435,38 +1330,11 @@ impl Reply {
             QueryDerivationOutputMap => Reply::OutputMap(r.list("outputs", |r| {
                 Ok((r.string(MAX_NAME, "output")?, r.opt_path(sd, "path")?))
             })?),
-            BuildDerivation => {
-                let mut b = WireBuildResult {
-                    status: r.u64("status")?,
-                    error_msg: r.string(MAX_TEXT, "error")?,
-                    ..Default::default()
-                };
-                if v.at_least(29) {
-                    b.times_built = r.u64("times built")?;
-                    b.is_non_deterministic = r.bool("non-deterministic")?;
-                    b.start_time = r.u64("start time")?;
-                    b.stop_time = r.u64("stop time")?;
-                }
-                if v.at_least(28) {
-                    b.built_outputs = read_built_outputs(r)?;
-                }
-                Reply::BuildDerivation(b)
-            }
+            BuildDerivation => Reply::BuildDerivation(read_build_result(v, r)?),
             BuildPathsWithResults => Reply::BuildResults(r.list("results", |r| {
                 let s = r.string(MAX_NAME, "derived path")?;
                 let p = DerivedPath::parse(sd, &s).map_err(|e| r.invalid(e.to_string()))?;
-                Ok((
-                    p,
-                    WireBuildResult {
-                        status: r.u64("status")?,
-                        error_msg: r.string(MAX_TEXT, "error")?,
-                        times_built: r.u64("times built")?,
-                        is_non_deterministic: r.bool("non-deterministic")?,
-                        start_time: r.u64("start time")?,
-                        stop_time: r.u64("stop time")?,
-                        built_outputs: read_built_outputs(r)?,
-                    },
-                ))
+                Ok((p, read_build_result(v, r)?))
             })?),
         })
     }
@@ -1482,6 +1350,71 @@ fn read_subst_info<R: BufRead>(
         download_size: r.u64("download size")?,
         nar_size: r.u64("NAR size")?,
     })
+}
+
+/// A `BuildResult`: status, error, then what the version adds (1.29 times, 1.37 CPU
+/// times, 1.28 built outputs, in that order on the wire).
+fn write_build_result(v: Proto, r: &WireBuildResult, w: &mut dyn Write) -> io::Result<()> {
+    w.u64(r.status)?;
+    w.str(&r.error_msg)?;
+    if v.build_times() {
+        w.u64(r.times_built)?;
+        w.bool(r.is_non_deterministic)?;
+        w.u64(r.start_time)?;
+        w.u64(r.stop_time)?;
+    }
+    if v.cpu_times() {
+        write_opt_micros(r.cpu_user, w)?;
+        write_opt_micros(r.cpu_system, w)?;
+    }
+    if v.built_outputs() {
+        write_built_outputs(&r.built_outputs, w)?;
+    }
+    Ok(())
+}
+
+fn read_build_result<R: BufRead>(
+    v: Proto,
+    r: &mut WireReader<R>,
+) -> Result<WireBuildResult, Error> {
+    let mut b = WireBuildResult {
+        status: r.u64("status")?,
+        error_msg: r.string(MAX_TEXT, "error")?,
+        ..Default::default()
+    };
+    if v.build_times() {
+        b.times_built = r.u64("times built")?;
+        b.is_non_deterministic = r.bool("non-deterministic")?;
+        b.start_time = r.u64("start time")?;
+        b.stop_time = r.u64("stop time")?;
+    }
+    if v.cpu_times() {
+        b.cpu_user = read_opt_micros(r, "user CPU time")?;
+        b.cpu_system = read_opt_micros(r, "system CPU time")?;
+    }
+    if v.built_outputs() {
+        b.built_outputs = read_built_outputs(r)?;
+    }
+    Ok(b)
+}
+
+/// An optional duration in microseconds: a tag (0 none, 1 some), then the value.
+fn write_opt_micros(d: Option<i64>, w: &mut dyn Write) -> io::Result<()> {
+    match d {
+        None => w.u64(0),
+        Some(us) => {
+            w.u64(1)?;
+            w.u64(us as u64)
+        }
+    }
+}
+
+fn read_opt_micros<R: BufRead>(r: &mut WireReader<R>, what: &str) -> Result<Option<i64>, Error> {
+    match r.u64(what)? {
+        0 => Ok(None),
+        1 => Ok(Some(r.u64(what)? as i64)),
+        n => Err(r.invalid(format!("{what}: invalid optional tag {n}"))),
+    }
 }
 
 fn write_built_outputs(outs: &[(String, String)], w: &mut dyn Write) -> io::Result<()> {

@@ -15,8 +15,11 @@ use kiln_format::StoreDir;
 
 use crate::ops::{DataStream, Op, Reply, Request};
 use crate::stderr::{self, write_error, Field, RemoteError};
-use crate::version::{Dialect, Version, DAEMON_VERSION, WORKER_MAGIC_1, WORKER_MAGIC_2};
-use crate::wire::{WireReader, WireWrite};
+use crate::version::{
+    Dialect, Features, Proto, Version, DAEMON_VERSION, NIX_VERSION, SUPPORTED_FEATURES,
+    WORKER_MAGIC_1, WORKER_MAGIC_2,
+};
+use crate::wire::{WireReader, WireWrite, MAX_FEATURES, MAX_FEATURE_NAME};
 use crate::Error;
 
 type Rd = WireReader<BufReader<Box<dyn Read + Send>>>;
@@ -27,17 +30,26 @@ pub trait Handler {
     /// Performs one operation. Log output and data go through `io`; the reply is written
     /// after `STDERR_LAST`.
     fn handle(&mut self, req: Request, io: &mut OpIo<'_>) -> Result<Reply, RemoteError>;
+
+    /// Whether the client is trusted, as Nix ≥ 1.35 clients are told after the
+    /// handshake (`None`: unknown).
+    fn trusted(&self) -> Option<bool> {
+        None
+    }
 }
 
 /// What the server knows once the client has introduced itself.
 #[derive(Debug, Clone, Copy)]
 pub struct Hello {
-    pub version: Version,
+    /// What the client announced.
+    pub client_version: Version,
+    /// What the connection speaks.
+    pub proto: Proto,
 }
 
 impl Hello {
     pub fn dialect(&self) -> Dialect {
-        self.version.dialect()
+        self.proto.dialect()
     }
 }
 
@@ -45,7 +57,7 @@ impl Hello {
 #[derive(Debug, Default)]
 pub struct Summary {
     pub ops: u64,
-    pub version: Option<Version>,
+    pub proto: Option<Proto>,
 }
 
 /// The daemon's settings for serving connections.
@@ -60,7 +72,7 @@ pub struct ServerConfig {
 pub struct OpIo<'a> {
     r: &'a mut Rd,
     w: &'a mut Wr,
-    version: Version,
+    proto: Proto,
     verbosity: u64,
     data: DataStream,
     frame_left: u64,
@@ -71,14 +83,14 @@ pub struct OpIo<'a> {
 
 impl std::fmt::Debug for OpIo<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "OpIo({}, {:?})", self.version, self.data)
+        write!(f, "OpIo({}, {:?})", self.proto, self.data)
     }
 }
 
 impl<'a> OpIo<'a> {
-    /// The client's protocol version.
-    pub fn version(&self) -> Version {
-        self.version
+    /// What the connection speaks.
+    pub fn proto(&self) -> Proto {
+        self.proto
     }
 
     /// The client's verbosity (from `SetOptions`).
@@ -120,7 +132,7 @@ impl<'a> OpIo<'a> {
 
     /// Whether the client understands activities (Nix ≥ 1.20).
     pub fn has_activities(&self) -> bool {
-        !self.version.is_guix() && self.version.at_least(20)
+        self.proto.activities()
     }
 
     /// Starts an activity; older clients get its text as a log line instead.
@@ -311,29 +323,91 @@ pub fn serve<H: Handler>(
         Some(m) => return Err(Error::Protocol(format!("protocol mismatch (magic {m:#x})"))),
         None => return Ok(summary),
     }
+    // Nix ≥ 2.23 sends its version in the same write as the magic: then it is in the
+    // buffer already, and a Nix client gets Nix's own 1.38 (a newer 1.x client settles
+    // on it). Anyone else gets 0x164 before kiln can know who it is (see `version`).
+    let early = r.get_ref().buffer().get(..8).map(|b| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Version(u64::from_le_bytes(a))
+    });
+    let advertised = match early {
+        Some(v) if v.major() == 1 && v.dialect() == Dialect::Nix => NIX_VERSION,
+        _ => DAEMON_VERSION,
+    };
     w.u64(WORKER_MAGIC_2)?;
-    w.u64(DAEMON_VERSION)?;
+    w.u64(advertised)?;
     w.flush()?;
-    let v = Version(r.u64("client version")?);
-    summary.version = Some(v);
-    v.check_client().map_err(Error::Protocol)?;
-    if v.at_least(14) && r.u64("CPU affinity flag")? != 0 {
+    let client = Version(r.u64("client version")?);
+    let negotiated = Proto::for_client(client);
+    if let Ok(p) = negotiated {
+        if p.dialect() == Dialect::Nix
+            && client.minor() > p.version().minor()
+            && advertised != NIX_VERSION
+        {
+            // It saw 0x164 and believes its own version; nothing kiln can do but say so.
+            tracing::warn!(
+                "a Nix client announced protocol {client} without pipelining its handshake; serving it as {}",
+                p.version()
+            );
+        }
+    }
+    // The rest of the handshake in the layout the client will use, so that a refused
+    // client still reads its error where it expects the stderr channel.
+    let mut p = match negotiated {
+        Ok(p) => p,
+        Err(_) if client.major() == 1 && client.dialect() == Dialect::Nix => Proto::nix(client.0),
+        Err(_) => Proto::nix(0x100),
+    };
+    if p.feature_exchange() {
+        let theirs = r.strings_bounded(MAX_FEATURES, MAX_FEATURE_NAME, "client features")?;
+        let ours = SUPPORTED_FEATURES;
+        w.strs(ours.names())?;
+        w.flush()?;
+        p = p
+            .with_features(ours.intersect(Features::from_names(theirs.iter().map(String::as_str))));
+    }
+    if p.cpu_affinity() && r.u64("CPU affinity flag")? != 0 {
+        // Nix 2.23 sends its version a second time here: a non-zero "flag" followed by
+        // the real flag, 0, read as the affinity.
         r.u64("CPU affinity")?;
     }
-    if v.at_least(11) {
+    if p.reserve_space() {
         r.u64("reserve space")?;
     }
-    if !v.is_guix() && v.at_least(33) {
+    summary.proto = Some(p);
+    let refuse = |w: &mut Wr, e: RemoteError| -> Result<Summary, Error> {
+        if p.daemon_version_string() {
+            w.str(&cfg.version_string)?;
+        }
+        if p.trust_flag() {
+            w.u64(0)?;
+        }
+        write_error(w, p, &e)?;
+        w.flush()?;
+        Err(Error::Refused(e.message))
+    };
+    if let Err(message) = negotiated {
+        return refuse(&mut w, RemoteError { message, status: 1 });
+    }
+    let mut handler = match accept(Hello {
+        client_version: client,
+        proto: p,
+    }) {
+        Ok(h) => h,
+        Err(e) => return refuse(&mut w, e),
+    };
+    if p.daemon_version_string() {
         w.str(&cfg.version_string)?;
     }
-    let mut handler = match accept(Hello { version: v }) {
-        Ok(h) => h,
-        Err(e) => {
-            write_error(&mut w, v, &e)?;
-            w.flush()?;
-            return Err(Error::Protocol(format!("client refused: {e}")));
-        }
-    };
+    if p.trust_flag() {
+        // 0 unknown, 1 trusted, 2 not trusted.
+        w.u64(match handler.trusted() {
+            None => 0,
+            Some(true) => 1,
+            Some(false) => 2,
+        })?;
+    }
     w.u64(stderr::STDERR_LAST)?;
     w.flush()?;
 
@@ -343,23 +417,23 @@ pub fn serve<H: Handler>(
             return Ok(summary);
         };
         summary.ops += 1;
-        let Some(op) = Op::from_wire(n, v) else {
+        let Some(op) = Op::from_wire(n, p) else {
             let e = RemoteError {
                 message: format!("invalid operation {n}"),
                 status: 1,
             };
-            write_error(&mut w, v, &e)?;
+            write_error(&mut w, p, &e)?;
             w.flush()?;
             return Err(Error::Protocol(e.message));
         };
-        let req = match Request::read(op, v, &cfg.store_dir, &mut r) {
+        let req = match Request::read(op, p, &cfg.store_dir, &mut r) {
             Ok(q) => q,
             Err(e) => {
                 let msg = format!("reading the request of operation {}: {e}", op.name());
                 // Best effort: the client may be gone.
                 let _ = write_error(
                     &mut w,
-                    v,
+                    p,
                     &RemoteError {
                         message: msg.clone(),
                         status: 1,
@@ -372,11 +446,11 @@ pub fn serve<H: Handler>(
         if let Request::SetOptions(o) = &req {
             verbosity = o.verbosity;
         }
-        let data = req.data_stream(v);
+        let data = req.data_stream(p);
         let mut io = OpIo {
             r: &mut r,
             w: &mut w,
-            version: v,
+            proto: p,
             verbosity,
             data,
             frame_left: 0,
@@ -391,7 +465,7 @@ pub fn serve<H: Handler>(
             let msg = format!("reading the data of operation {}: {e}", op.name());
             let _ = write_error(
                 &mut w,
-                v,
+                p,
                 &RemoteError {
                     message: msg.clone(),
                     status: 1,
@@ -406,11 +480,11 @@ pub fn serve<H: Handler>(
         match res {
             Ok(reply) => {
                 w.u64(stderr::STDERR_LAST)?;
-                reply.write(v, &cfg.store_dir, &mut w)?;
+                reply.write(p, &cfg.store_dir, &mut w)?;
                 w.flush()?;
             }
             Err(e) => {
-                write_error(&mut w, v, &e)?;
+                write_error(&mut w, p, &e)?;
                 w.flush()?;
             }
         }

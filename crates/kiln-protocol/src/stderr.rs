@@ -6,7 +6,7 @@ use std::io::{self, Write};
 
 use kiln_format::wire::{write_bytes, write_u64};
 
-use crate::version::Version;
+use crate::version::Proto;
 
 pub const STDERR_NEXT: u64 = 0x6f6c_6d67;
 pub const STDERR_READ: u64 = 0x6461_7461;
@@ -119,14 +119,14 @@ impl std::fmt::Display for RemoteError {
 /// * Nix ≥ 1.26: the structured form (`"Error"`, level, name, message, no position, no
 ///   traces);
 /// * older Nix: the message with Nix's `error:` prefix, then the status.
-pub fn write_error(w: &mut impl Write, v: Version, e: &RemoteError) -> io::Result<()> {
+pub fn write_error(w: &mut impl Write, v: Proto, e: &RemoteError) -> io::Result<()> {
     write_u64(w, STDERR_ERROR)?;
     if v.is_guix() {
         write_bytes(w, e.message.as_bytes())?;
         if e.status != 0 {
             write_u64(w, e.status)?;
         }
-    } else if v.at_least(26) {
+    } else if v.structured_errors() {
         write_bytes(w, b"Error")?;
         write_u64(w, level::ERROR)?;
         write_bytes(w, b"Error")?;

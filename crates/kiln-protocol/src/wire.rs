@@ -18,6 +18,10 @@ pub const MAX_NAME: usize = 64 * 1024;
 pub const MAX_TEXT: usize = 256 * 1024 * 1024;
 /// Most items in one list (paths, settings, outputs).
 pub const MAX_ITEMS: usize = 1 << 24;
+/// Feature lists in the handshake: far more than any peer names, far less than harm.
+pub const MAX_FEATURES: usize = 1024;
+/// A feature's name.
+pub const MAX_FEATURE_NAME: usize = 1024;
 
 /// The reading side of a connection: buffered, counting bytes for error messages.
 #[derive(Debug)]
@@ -81,6 +85,17 @@ impl<R: BufRead> WireReader<R> {
     pub fn strings(&mut self, what: &str) -> Result<Vec<String>, Error> {
         let start = self.pos;
         fw::read_strings(self, MAX_ITEMS, MAX_NAME, what).map_err(|e| self.bad(start, e))
+    }
+
+    /// At most `max_items` strings of at most `max_len` bytes each.
+    pub fn strings_bounded(
+        &mut self,
+        max_items: usize,
+        max_len: usize,
+        what: &str,
+    ) -> Result<Vec<String>, Error> {
+        let start = self.pos;
+        fw::read_strings(self, max_items, max_len, what).map_err(|e| self.bad(start, e))
     }
 
     /// A full store path in `sd`.

@@ -12,8 +12,13 @@ use kiln_format::{FileIngestionMethod, HashAlgo, StoreDir};
 use kiln_protocol::ops::AddToStore;
 use kiln_protocol::stderr::{STDERR_ERROR, STDERR_LAST};
 use kiln_protocol::wire::WireReader;
-use kiln_protocol::{Op, Reply, Request, Version};
+use kiln_protocol::{Op, Proto, Reply, Request, Version};
 use kiln_testkit::Transcript;
+
+/// The connection a transcript's client had with a daemon of today.
+fn proto(client_version: u64) -> Proto {
+    Proto::for_client(Version(client_version)).unwrap()
+}
 
 fn reader(b: &[u8]) -> WireReader<BufReader<&[u8]>> {
     WireReader::new(BufReader::new(b))
@@ -21,7 +26,7 @@ fn reader(b: &[u8]) -> WireReader<BufReader<&[u8]>> {
 
 /// Parses the request in a step's client bytes.
 fn request(t: &Transcript, label: &str) -> Request {
-    let v = Version(t.client_version);
+    let v = proto(t.client_version);
     let sd = StoreDir::new(t.store_dir.clone()).unwrap();
     let step = t.step(label);
     let mut r = reader(&step.client);
@@ -31,7 +36,7 @@ fn request(t: &Transcript, label: &str) -> Request {
 
 /// The offset of the first `STDERR_LAST` or `STDERR_ERROR` in a daemon's answer, after the
 /// messages it sent while working.
-fn skip_stderr(v: Version, b: &[u8]) -> usize {
+fn skip_stderr(v: Proto, b: &[u8]) -> usize {
     use kiln_protocol::stderr::*;
     let mut r = reader(b);
     loop {
@@ -76,7 +81,7 @@ fn skip_fields(r: &mut WireReader<BufReader<&[u8]>>) {
 /// Reads a step's successful reply with kiln's client half and writes it again with its
 /// server half: the bytes must be Nix's.
 fn reply_round_trip(t: &Transcript, label: &str, op: Op) -> Reply {
-    let v = Version(t.client_version);
+    let v = proto(t.client_version);
     let sd = StoreDir::new(t.store_dir.clone()).unwrap();
     let step = t.step(label);
     // Skip what the daemon logged while working (activities, log lines).
@@ -149,7 +154,7 @@ fn nix_2_8_requests_parse_as_expected() {
         q => panic!("{q:?}"),
     }
     // A path outside the store is refused while reading, naming the problem and where.
-    let v = Version(t.client_version);
+    let v = proto(t.client_version);
     let step = t.step("IsValidPath not in store");
     let mut r = reader(&step.client);
     r.u64("op").unwrap();
@@ -237,8 +242,8 @@ fn nix_errors_are_read_in_both_layouts() {
 #[test]
 fn legacy_add_to_store_layout() {
     let t = Transcript::load("nix-1.24-legacy-add");
-    let v = Version(t.client_version);
-    assert!(!v.at_least(25));
+    let v = proto(t.client_version);
+    assert!(!v.add_to_store_ca());
     match request(&t, "AddToStore legacy flat") {
         Request::AddToStore(AddToStore::Legacy { name, method, algo }) => {
             assert_eq!(name, "flat.txt");
@@ -259,12 +264,12 @@ fn legacy_add_to_store_layout() {
 
 #[test]
 fn unknown_and_foreign_operations_are_refused() {
-    let v = Version(0x122);
+    let v = proto(0x122);
     assert!(Op::from_wire(99, v).is_none());
     // Guix's failed-path operations are not Nix 2.8's.
     assert!(Op::from_wire(24, v).is_none());
     assert!(Op::from_wire(80, v).is_none());
-    let g = Version(0x164);
+    let g = proto(0x164);
     assert_eq!(Op::from_wire(80, g), Some(Op::BuiltinBuilders));
     assert!(Op::from_wire(39, g).is_none());
     // What Nix 2.8 says to them.

@@ -49,14 +49,14 @@ impl Session<'_> {
             }
             Request::QueryPathInfo(p) => {
                 if !rb.is_allowed(&p) {
-                    if self.guix || !io.version().at_least(17) {
+                    if !io.proto().path_info_found_flag() {
                         return Err(remote(format!("path '{}' is not valid", sd.display(&p))));
                     }
                     return Ok(Reply::PathInfo(None));
                 }
                 // Censored as Nix censors it: nothing about how or when the path came to be.
                 let store = self.b.store.clone();
-                let cached = self.cached_path_info(&store, &p, io.version())?;
+                let cached = self.cached_path_info(&store, &p, io.proto())?;
                 let info = cached.map(|c| {
                     let mut i = c.info.clone();
                     i.deriver = None;
@@ -185,6 +185,8 @@ impl Session<'_> {
             Request::AddSignatures { .. } => Err(unsupported("AddSignatures")),
             Request::AddBuildLog(_) => Err(unsupported("AddBuildLog")),
             Request::BuildDerivation { .. } => Err(unsupported("BuildDerivation")),
+            // A builder is never trusted: the main dispatch refuses it as Nix does.
+            req @ Request::AddPermRoot { .. } => self.dispatch(req, io),
             Request::RegisterDrvOutput { .. } => Err(unsupported("RegisterDrvOutput")),
             Request::ImportPaths => Err(unsupported("ImportPaths")),
             Request::QueryFailedPaths | Request::ClearFailedPaths(_) => {
