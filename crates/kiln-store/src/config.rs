@@ -6,7 +6,7 @@
 //! (`max-jobs`, `sandbox`, `substituters`, …), read from `kiln.toml`, a `nix.conf`, the
 //! environment and `--option NAME VALUE`, lowest to highest.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use kiln_format::{StoreDir, StorePath};
@@ -854,6 +854,12 @@ impl Settings {
         self.load_nix_conf_depth(path, 0)
     }
 
+    /// Reads configuration text as `NIX_CONFIG` carries it (`nix.conf` lines; includes are
+    /// relative to the working directory). `origin` names it in messages.
+    pub fn load_nix_conf_text(&mut self, text: &str, origin: &str) -> Result<()> {
+        self.apply_nix_conf(text, origin, Path::new("."), 0)
+    }
+
     fn load_nix_conf_depth(&mut self, path: &Path, depth: u32) -> Result<()> {
         if depth > 16 {
             return Err(Error::Config(format!(
@@ -864,6 +870,10 @@ impl Settings {
         let text =
             std::fs::read_to_string(path).map_err(|e| Error::io(path, "read configuration", e))?;
         let dir = path.parent().unwrap_or(Path::new("/"));
+        self.apply_nix_conf(&text, &path.display().to_string(), dir, depth)
+    }
+
+    fn apply_nix_conf(&mut self, text: &str, origin: &str, dir: &Path, depth: u32) -> Result<()> {
         for (n, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
@@ -873,8 +883,7 @@ impl Settings {
             if words[0] == "include" || words[0] == "!include" {
                 let [_, file] = words[..] else {
                     return Err(Error::Config(format!(
-                        "{}:{}: illegal configuration line '{line}'",
-                        path.display(),
+                        "{origin}:{}: illegal configuration line '{line}'",
                         n + 1
                     )));
                 };
@@ -887,20 +896,20 @@ impl Settings {
             }
             let Some((name, value)) = line.split_once('=') else {
                 return Err(Error::Config(format!(
-                    "{}:{}: illegal configuration line '{line}'",
-                    path.display(),
+                    "{origin}:{}: illegal configuration line '{line}'",
                     n + 1
                 )));
             };
             let name = name.trim();
             match self.set(name, value) {
                 Ok(()) => {}
-                // Settings of the evaluator or of other Nix components: warn, as Nix does.
+                // Settings of the evaluator or of other Nix components: warned about once
+                // per process whichever file or variable names them, as Nix does.
                 Err(Error::Config(m)) if m.starts_with("unknown setting") => {
-                    tracing::warn!("{}:{}: {m}", path.display(), n + 1)
+                    warn_unknown_once(name, &format!("{origin}:{}", n + 1))
                 }
                 Err(Error::Config(m)) => {
-                    return Err(Error::Config(format!("{}:{}: {m}", path.display(), n + 1)))
+                    return Err(Error::Config(format!("{origin}:{}: {m}", n + 1)))
                 }
                 Err(e) => return Err(e),
             }
@@ -912,6 +921,34 @@ impl Settings {
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> + '_ {
         SETTINGS.iter().map(|d| (d.name, self.raw(d.name)))
     }
+}
+
+/// Warns that `name` is not a setting kiln knows, the first time this process meets it.
+pub fn warn_unknown_once(name: &str, origin: &str) {
+    static SEEN: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+    let mut seen = SEEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if seen.insert(name.to_string()) {
+        tracing::warn!("{origin}: unknown setting '{name}'");
+    }
+}
+
+/// Where nix-daemon reads its configuration when none is named: `$NIX_CONF_DIR/nix.conf`
+/// (default `/etc/nix/nix.conf`), then the text of `$NIX_CONFIG`. A missing file is not an
+/// error.
+pub fn load_default_nix_conf(settings: &mut Settings) -> Result<()> {
+    let dir = std::env::var_os("NIX_CONF_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/etc/nix"));
+    let file = dir.join("nix.conf");
+    if file.exists() {
+        settings.load_nix_conf(&file)?;
+    }
+    if let Some(text) = std::env::var_os("NIX_CONFIG") {
+        settings.load_nix_conf_text(&text.to_string_lossy(), "$NIX_CONFIG")?;
+    }
+    Ok(())
 }
 
 /// The contents of a `kiln.toml`: layout keys at the top level and a `[settings]` table.

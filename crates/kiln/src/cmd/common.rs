@@ -1,8 +1,9 @@
 //! Options every store-touching command takes, and how they resolve.
 //!
 //! Sources, lowest to highest: defaults, `kiln.toml` (`--config`, `$KILN_CONFIG`, or
-//! `$XDG_CONFIG_HOME/kiln/kiln.toml` if present), a `nix.conf` given with `--nix-conf`,
-//! the environment (`KILN_LAYOUT`, `KILN_ROOT`, `KILN_STORE_DIR`, `KILN_STATE_DIR`,
+//! `$XDG_CONFIG_HOME/kiln/kiln.toml` if present), a `nix.conf` given with `--nix-conf` (with
+//! the nix layout and none given: `$NIX_CONF_DIR/nix.conf`, default `/etc/nix/nix.conf`, if
+//! present, then `$NIX_CONFIG`, as nix-daemon reads them), the environment (`KILN_LAYOUT`, `KILN_ROOT`, `KILN_STORE_DIR`, `KILN_STATE_DIR`,
 //! `KILN_LOG_DIR`, and `KILN_<SETTING>` such as `KILN_MAX_JOBS`), then flags.
 
 use std::path::PathBuf;
@@ -68,19 +69,8 @@ impl StoreArgs {
                     .with_context(|| format!("in '{}'", c.display()))?;
             }
         }
-        if let Some(nc) = &self.nix_conf {
-            settings.load_nix_conf(nc)?;
-        }
         spec = spec.merge(LayoutSpec::from_env()?);
-        for d in SETTINGS {
-            let var = format!("KILN_{}", d.name.to_uppercase().replace('-', "_"));
-            if let Some(v) = std::env::var_os(&var) {
-                settings
-                    .set(d.name, &v.to_string_lossy())
-                    .with_context(|| format!("in ${var}"))?;
-            }
-        }
-        spec = spec.merge(LayoutSpec {
+        let flags = LayoutSpec {
             preset: self
                 .layout
                 .as_deref()
@@ -90,7 +80,24 @@ impl StoreArgs {
             store_dir: self.store_dir.clone(),
             state_dir: self.state_dir.clone(),
             log_dir: self.log_dir.clone(),
-        });
+        };
+        spec = spec.merge(flags);
+        match &self.nix_conf {
+            Some(nc) => settings.load_nix_conf(nc)?,
+            // Where nix-daemon looks, for a daemon that stands in for it.
+            None if spec.preset == Some(Preset::Nix) => {
+                kiln_store::config::load_default_nix_conf(&mut settings)?
+            }
+            None => {}
+        }
+        for d in SETTINGS {
+            let var = format!("KILN_{}", d.name.to_uppercase().replace('-', "_"));
+            if let Some(v) = std::env::var_os(&var) {
+                settings
+                    .set(d.name, &v.to_string_lossy())
+                    .with_context(|| format!("in ${var}"))?;
+            }
+        }
         for (k, v) in every_option(&self.options) {
             settings.set(&k, &v)?;
         }

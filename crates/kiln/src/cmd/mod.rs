@@ -5,6 +5,7 @@ pub mod buildenv;
 mod builtin;
 mod cache;
 mod common;
+mod config;
 mod daemon;
 mod drv;
 mod hash;
@@ -51,6 +52,9 @@ pub enum Command {
     /// Signing keys for binary caches.
     #[command(subcommand)]
     Key(cache::KeyCmd),
+    /// Show the effective settings.
+    #[command(subcommand)]
+    Config(config::ConfigCmd),
     /// Report the build sandbox's features on this machine (`check`).
     #[command(subcommand)]
     Sandbox(sandbox::SandboxCmd),
@@ -66,6 +70,7 @@ pub fn run(args: &StoreArgs, cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Daemon(d) => daemon::run(args, d),
         Command::Log(l) => build::log(args, l),
         Command::Sandbox(c) => sandbox::run(args, c),
+        Command::Config(c) => config::run(args, c),
         Command::Copy(c) => cache::copy(args, c),
         Command::Serve(s) => cache::serve(args, s),
         Command::Key(k) => cache::key(k),

@@ -1,0 +1,84 @@
+//! Where settings come from: nix-daemon's own files for the nix layout.
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+fn show(
+    root: &std::path::Path,
+    conf_dir: &std::path::Path,
+    nix_config: Option<&str>,
+    args: &[&str],
+) -> (String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.arg("--root").arg(root).args(args);
+    c.env("NIX_CONF_DIR", conf_dir).env_remove("NIX_CONFIG");
+    for v in ["KILN_CONFIG", "KILN_LAYOUT", "KILN_MAX_JOBS", "KILN_CORES"] {
+        c.env_remove(v);
+    }
+    c.env("XDG_CONFIG_HOME", root.join("no-xdg"));
+    if let Some(t) = nix_config {
+        c.env("NIX_CONFIG", t);
+    }
+    let o = c.arg("config").arg("show").arg("--json").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (
+        String::from_utf8(o.stdout).unwrap(),
+        String::from_utf8(o.stderr).unwrap(),
+    )
+}
+
+fn value(json: &str, name: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    v[name].as_str().unwrap().to_string()
+}
+
+#[test]
+fn the_nix_layout_reads_nix_conf_dir_includes_and_nix_config() {
+    let d = tempfile::tempdir().unwrap();
+    let conf = d.path().join("etc-nix");
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::write(
+        conf.join("nix.conf"),
+        "max-jobs = 7\ninclude more.conf\n!include absent.conf\nplugin-files = /x.so\n",
+    )
+    .unwrap();
+    std::fs::write(conf.join("more.conf"), "cores = 3\nplugin-files = /y.so\n").unwrap();
+    let root = d.path().join("root");
+
+    // With the nix layout: the file, its include, then $NIX_CONFIG over them.
+    let (json, err) = show(
+        &root,
+        &conf,
+        Some("cores = 5\nkeep-failed = true"),
+        &["--layout", "nix"],
+    );
+    assert_eq!(value(&json, "max-jobs"), "7");
+    assert_eq!(value(&json, "cores"), "5");
+    assert_eq!(value(&json, "keep-failed"), "true");
+    // An unknown setting (the evaluator's) is warned about once, wherever it appears.
+    assert_eq!(
+        err.matches("unknown setting 'plugin-files'").count(),
+        1,
+        "{err}"
+    );
+    // `--option` beats every file.
+    let (json, _) = show(
+        &root,
+        &conf,
+        None,
+        &["--layout", "nix", "--option", "max-jobs", "2"],
+    );
+    assert_eq!(value(&json, "max-jobs"), "2");
+    assert_eq!(value(&json, "cores"), "3");
+
+    // A missing file is not an error.
+    let (json, err) = show(&root, &d.path().join("nowhere"), None, &["--layout", "nix"]);
+    assert_eq!(value(&json, "max-jobs"), "1");
+    assert!(!err.contains("error"), "{err}");
+
+    // Other layouts do not read nix-daemon's files.
+    let (json, _) = show(&root, &conf, Some("cores = 5"), &["--layout", "user"]);
+    assert_eq!(value(&json, "max-jobs"), "1");
+    assert_eq!(value(&json, "cores"), "0");
+}
