@@ -82,7 +82,8 @@ def prepare(src, work, daemon):
         open(wrapper, "w").write(f"""#!/bin/sh
 # kiln standing in for nix-daemon in Nix's test suite: it serves the test's socket
 # with the test's store, state, log and configuration directories.
-if [ "$1" = --version ]; then echo "nix-daemon (kiln) 2.8.0"; exit 0; fi
+# The version kiln reports to clients (`nix store info`): the Nix whose protocol it speaks.
+if [ "$1" = --version ]; then echo "nix-daemon (kiln) 2.34.8"; exit 0; fi
 # Like nix-daemon, a missing nix.conf means defaults (init.sh starts the daemon before
 # writing it).
 set -- --store-dir "$NIX_STORE_DIR" --state-dir "$NIX_STATE_DIR" --log-dir "$NIX_LOG_DIR"

@@ -1017,7 +1017,7 @@ impl Session<'_> {
                         .collect(),
                 ))
             }
-            Request::CollectGarbage(g) => self.collect_garbage(g),
+            Request::CollectGarbage(g) => self.collect_garbage(g, io.proto()),
             Request::OptimiseStore => {
                 kiln_store::optimise::optimise_store(&store).map_err(remote)?;
                 Ok(Reply::Int(1))
@@ -1130,15 +1130,37 @@ impl Session<'_> {
 }
 
 impl Session<'_> {
-    fn collect_garbage(&mut self, g: GcRequest) -> Result<Reply, RemoteError> {
+    fn collect_garbage(
+        &mut self,
+        g: GcRequest,
+        proto: kiln_protocol::Proto,
+    ) -> Result<Reply, RemoteError> {
         if g.ignore_liveness {
             return Err(remote("you are not allowed to ignore liveness"));
         }
+        let paths: Vec<StorePath> = g.paths.into_iter().collect();
+        let among = |skip_alive| GcAction::DeleteAmong {
+            paths: paths.clone(),
+            skip_alive,
+            delete_referrers: g.delete_referrers,
+        };
         let action = match g.action {
             WireGc::ReturnLive => GcAction::ReturnLive,
             WireGc::ReturnDead => GcAction::ReturnDead,
-            WireGc::DeleteDead => GcAction::DeleteDead,
-            WireGc::DeleteSpecific => GcAction::DeleteSpecific(g.paths.into_iter().collect()),
+            WireGc::DeleteDead if g.whole_store => GcAction::DeleteDead,
+            // Dead paths among those named (`nix store delete --skip-alive`).
+            WireGc::DeleteDead => {
+                if !proto.has_feature(kiln_protocol::Feature::DeleteDeadSpecificReferrers) {
+                    return Err(remote(
+                        "Garbage collecting specific paths requested but it is not supported by the negotiated protocol",
+                    ));
+                }
+                among(true)
+            }
+            WireGc::DeleteSpecific if g.whole_store => {
+                return Err(remote("Cannot delete the entire store"))
+            }
+            WireGc::DeleteSpecific => among(false),
         };
         let r = gc::collect_garbage(
             &self.b.store,

@@ -6,51 +6,17 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use kiln_format::derivation::DerivationOutput;
-use kiln_format::{Derivation, Hash, StorePath, ValidPathInfo};
+use kiln_format::{Hash, StorePath, ValidPathInfo};
 use kiln_protocol::{BuildMode, DerivedPath, OutputSpec, Reply, Request};
 
 const NOBODY: u32 = 65534;
-
-fn drv(d: &TestDaemon, name: &str, script: &str) -> StorePath {
-    let mut env = BTreeMap::new();
-    env.insert("PATH".to_string(), "/bin:/usr/bin".to_string());
-    let drv = Derivation {
-        name: name.into(),
-        outputs: BTreeMap::from([(
-            "out".to_string(),
-            DerivationOutput {
-                path: None,
-                fixed: None,
-                floating: None,
-            },
-        )]),
-        platform: kiln_build::settings::native_system(),
-        builder: "/bin/sh".into(),
-        args: vec!["-c".into(), script.into()],
-        env,
-        ..Default::default()
-    };
-    let store = d.daemon.store();
-    let drv = store.finalize_derivation(drv).unwrap();
-    let text = drv.to_aterm(&d.store_dir());
-    let info = store
-        .add_text(
-            &format!("{name}.drv"),
-            &text,
-            &BTreeSet::new(),
-            Default::default(),
-        )
-        .unwrap();
-    info.path
-}
 
 fn build_req(drv: &StorePath, mode: BuildMode) -> Request {
     Request::BuildPaths {
@@ -349,6 +315,8 @@ fn cached_path_info_follows_changes_made_by_other_clients() {
     let gc = Request::CollectGarbage(kiln_protocol::ops::GcRequest {
         action: kiln_protocol::ops::GcAction::DeleteSpecific,
         paths: BTreeSet::from([p.clone()]),
+        whole_store: false,
+        delete_referrers: false,
         ignore_liveness: false,
         max_freed: u64::MAX,
     });

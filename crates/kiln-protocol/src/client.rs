@@ -150,6 +150,13 @@ impl Client {
         data: Option<&mut dyn Read>,
         on_message: &mut dyn FnMut(Message),
     ) -> Result<Reply, Error> {
+        if self.proto.op(req.op() as u64) != Some(req.op()) {
+            return Err(Error::Protocol(format!(
+                "the daemon has no operation {} on this connection ({})",
+                req.op().name(),
+                self.proto
+            )));
+        }
         req.write(self.proto, &self.store_dir, &mut self.w)?;
         let kind = req.data_stream(self.proto);
         let mut data = data;

@@ -14,7 +14,7 @@ use kiln_format::{
     ValidPathInfo,
 };
 
-use crate::version::Proto;
+use crate::version::{Feature, Proto};
 use crate::wire::{WireReader, WireWrite, MAX_NAME, MAX_TEXT};
 use crate::Error;
 
@@ -256,7 +256,15 @@ pub enum GcAction {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GcRequest {
     pub action: GcAction,
+    /// The paths to collect among (empty with `whole_store`).
     pub paths: BTreeSet<StorePath>,
+    /// Collect in the whole store rather than among `paths`. With the feature
+    /// `delete-dead-specific-referrers` a tag says which; without it, as Nix 2.35 reads
+    /// old clients: no paths named, and the action is not `DeleteSpecific`.
+    pub whole_store: bool,
+    /// Dead referrers of `paths` go with them (`nix store delete --also-referrers`; only
+    /// with the feature).
+    pub delete_referrers: bool,
     pub ignore_liveness: bool,
     pub max_freed: u64,
 }
@@ -469,7 +477,21 @@ impl Request {
                     3 => GcAction::DeleteSpecific,
                     n => return Err(r.invalid(format!("unknown garbage collector action {n}"))),
                 };
-                let paths = r.paths(sd, "paths to delete")?;
+                let (paths, whole_store, delete_referrers) =
+                    if v.has_feature(Feature::DeleteDeadSpecificReferrers) {
+                        match r.u64("whole-store tag")? {
+                            1 => (BTreeSet::new(), true, false),
+                            0 => {
+                                let paths = r.paths(sd, "paths to delete")?;
+                                (paths, false, r.bool("delete referrers")?)
+                            }
+                            n => return Err(r.invalid(format!("invalid whole-store tag {n}"))),
+                        }
+                    } else {
+                        let paths = r.paths(sd, "paths to delete")?;
+                        let whole = paths.is_empty() && action != GcAction::DeleteSpecific;
+                        (paths, whole, false)
+                    };
                 let ignore_liveness = r.bool("ignore liveness")?;
                 let max_freed = r.u64("max freed")?;
                 for _ in 0..3 {
@@ -478,6 +500,8 @@ impl Request {
                 Q::CollectGarbage(GcRequest {
                     action,
                     paths,
+                    whole_store,
+                    delete_referrers,
                     ignore_liveness,
                     max_freed,
                 })
@@ -724,7 +748,17 @@ impl Request {
                     GcAction::DeleteDead => 2,
                     GcAction::DeleteSpecific => 3,
                 })?;
-                w.paths(sd, &g.paths)?;
+                if v.has_feature(Feature::DeleteDeadSpecificReferrers) {
+                    if g.whole_store {
+                        w.u64(1)?;
+                    } else {
+                        w.u64(0)?;
+                        w.paths(sd, &g.paths)?;
+                        w.bool(g.delete_referrers)?;
+                    }
+                } else {
+                    w.paths(sd, &g.paths)?;
+                }
                 w.bool(g.ignore_liveness)?;
                 w.u64(g.max_freed)?;
                 for _ in 0..3 {

@@ -360,7 +360,24 @@ pub fn serve<H: Handler>(
         Err(_) => Proto::nix(0x100),
     };
     if p.feature_exchange() {
-        let theirs = r.strings_bounded(MAX_FEATURES, MAX_FEATURE_NAME, "client features")?;
+        let theirs = match r.strings_bounded(MAX_FEATURES, MAX_FEATURE_NAME, "client features") {
+            Ok(t) => t,
+            Err(e) => {
+                // Told where the daemon's feature list was expected: a client cannot parse
+                // it, but the bytes say why to whoever reads them, and the log does.
+                let message = format!("bad handshake: {e}");
+                let _ = write_error(
+                    &mut w,
+                    p,
+                    &RemoteError {
+                        message: message.clone(),
+                        status: 1,
+                    },
+                );
+                let _ = w.flush();
+                return Err(Error::Refused(message));
+            }
+        };
         let ours = SUPPORTED_FEATURES;
         w.strs(ours.names())?;
         w.flush()?;

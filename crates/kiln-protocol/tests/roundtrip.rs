@@ -13,8 +13,8 @@ use kiln_format::{
 use kiln_protocol::ops::{AddToStore, GcAction, GcRequest};
 use kiln_protocol::wire::WireReader;
 use kiln_protocol::{
-    BuildMode, ClientOptions, DerivedPath, Dialect, Missing, Op, OutputSpec, Proto, Reply, Request,
-    SubstitutableInfo, Version, WireBuildResult,
+    BuildMode, ClientOptions, DerivedPath, Dialect, Feature, Features, Missing, Op, OutputSpec,
+    Proto, Reply, Request, SubstitutableInfo, Version, WireBuildResult,
 };
 
 fn sd() -> StoreDir {
@@ -37,6 +37,13 @@ fn proto(raw: u64) -> Proto {
         Dialect::Guix => Proto::guix(raw),
         Dialect::Nix => Proto::nix(raw),
     }
+}
+
+/// Every version, and 1.38 with every feature kiln knows.
+fn protos() -> Vec<Proto> {
+    let mut v: Vec<Proto> = VERSIONS.iter().map(|&r| proto(r)).collect();
+    v.push(proto(0x126).with_features(Features::of(&Feature::ALL)));
+    v
 }
 
 fn requests(v: Proto) -> Vec<Request> {
@@ -77,6 +84,8 @@ fn requests(v: Proto) -> Vec<Request> {
         Request::CollectGarbage(GcRequest {
             action: GcAction::DeleteSpecific,
             paths: [p("a")].into(),
+            whole_store: false,
+            delete_referrers: false,
             ignore_liveness: false,
             max_freed: u64::MAX,
         }),
@@ -185,6 +194,24 @@ fn requests(v: Proto) -> Vec<Request> {
             root: "/home/u/result".into(),
         });
     }
+    if v.has_feature(Feature::DeleteDeadSpecificReferrers) {
+        q.push(Request::CollectGarbage(GcRequest {
+            action: GcAction::DeleteDead,
+            paths: [p("a"), p("b")].into(),
+            whole_store: false,
+            delete_referrers: true,
+            ignore_liveness: false,
+            max_freed: 7,
+        }));
+        q.push(Request::CollectGarbage(GcRequest {
+            action: GcAction::DeleteDead,
+            paths: BTreeSet::new(),
+            whole_store: true,
+            delete_referrers: false,
+            ignore_liveness: false,
+            max_freed: u64::MAX,
+        }));
+    }
     // Only what the connection has (Nix 1.38 lost `ExportPath`, 1.36 gained
     // `AddPermRoot`); the table's own test checks which those are.
     q.retain(|r| v.op(r.op() as u64) == Some(r.op()));
@@ -193,8 +220,7 @@ fn requests(v: Proto) -> Vec<Request> {
 
 #[test]
 fn requests_round_trip_in_every_version() {
-    for raw in VERSIONS {
-        let v = proto(raw);
+    for v in protos() {
         for q in requests(v) {
             let mut b = Vec::new();
             q.write(v, &sd(), &mut b).unwrap();
@@ -215,8 +241,7 @@ fn requests_round_trip_in_every_version() {
 
 #[test]
 fn replies_round_trip_in_every_version() {
-    for raw in VERSIONS {
-        let v = proto(raw);
+    for v in protos() {
         let mut info = ValidPathInfo::new(p("n"), Hash::sha256(b"nar"), 99);
         info.references = [p("a")].into();
         info.registration_time = 5;

@@ -114,6 +114,15 @@ pub enum GcAction {
     DeleteDead,
     /// Delete these paths, each only if it is dead.
     DeleteSpecific(Vec<StorePath>),
+    /// Delete these paths as Nix 2.35 does (`nix store delete`): with `skip_alive`, the
+    /// live ones (or those a path outside the set still refers to) are skipped instead of
+    /// failing the whole request (`--skip-alive`); with `delete_referrers`, each path's
+    /// dead referrers go with it (`--also-referrers`).
+    DeleteAmong {
+        paths: Vec<StorePath>,
+        skip_alive: bool,
+        delete_referrers: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -348,6 +357,79 @@ pub fn find_roots(store: &LocalStore, runtime: bool) -> Result<BTreeSet<(String,
     Ok(out)
 }
 
+/// The paths a specific deletion takes: each named path that is dead, with its referrers
+/// (which must be named too unless `delete_referrers`). A path that cannot go fails the
+/// request, or is skipped with `skip_alive`. Named paths that are not valid have their
+/// leftovers removed at once.
+fn choose_among(
+    store: &LocalStore,
+    graph: &Graph,
+    live: &[bool],
+    paths: &[StorePath],
+    skip_alive: bool,
+    delete_referrers: bool,
+    results: &mut GcResults,
+) -> Result<Vec<usize>> {
+    let sd = store.store_dir();
+    let wanted: HashSet<usize> = paths
+        .iter()
+        .filter_map(|p| graph.index.get(p).copied())
+        .collect();
+    let mut chosen: Vec<usize> = Vec::new();
+    let mut taken: HashSet<usize> = HashSet::new();
+    for p in paths {
+        let Some(&i) = graph.index.get(p) else {
+            // Not valid: remove an invalid leftover if there is one.
+            results.bytes_freed += delete_invalid(store, p)?;
+            continue;
+        };
+        if live[i] {
+            if skip_alive {
+                tracing::debug!("cannot delete '{}' because it's still alive", sd.display(p));
+                continue;
+            }
+            return Err(Error::StillAlive(format!(
+                "cannot delete path '{}' since it is still alive. To find out why, use: kiln store query --roots {}",
+                sd.display(p),
+                sd.display(p)
+            )));
+        }
+        // Its referrers, transitively: dead too, since it is.
+        let mut closure = vec![i];
+        let mut seen: HashSet<usize> = HashSet::from([i]);
+        let mut k = 0;
+        let mut outside = None;
+        while k < closure.len() {
+            let c = closure[k];
+            k += 1;
+            for &r in &graph.referrers[c] {
+                if !delete_referrers && !wanted.contains(&r) {
+                    outside = Some((c, r));
+                }
+                if seen.insert(r) {
+                    closure.push(r);
+                }
+            }
+        }
+        if let Some((c, r)) = outside {
+            if skip_alive {
+                continue;
+            }
+            return Err(Error::StillAlive(format!(
+                "cannot delete path '{}' because it is in use by '{}'",
+                sd.display(&graph.paths[c]),
+                sd.display(&graph.paths[r])
+            )));
+        }
+        for c in closure {
+            if taken.insert(c) {
+                chosen.push(c);
+            }
+        }
+    }
+    Ok(chosen)
+}
+
 /// Runs the collector.
 pub fn collect_garbage(store: &LocalStore, opts: &GcOptions) -> Result<GcResults> {
     if store.db.is_read_only()
@@ -430,35 +512,21 @@ pub fn collect_garbage(store: &LocalStore, opts: &GcOptions) -> Result<GcResults
     // The candidates, in deletion order.
     let mut candidates: Vec<usize> = match &opts.action {
         GcAction::DeleteSpecific(ps) => {
-            let mut v = Vec::new();
-            for p in ps {
-                match graph.index.get(p) {
-                    Some(&i) if live[i] => {
-                        return Err(Error::StillAlive(format!(
-                            "cannot delete path '{}' since it is still alive. To find out why, use: kiln store query --roots {}",
-                            sd.display(p),
-                            sd.display(p)
-                        )))
-                    }
-                    Some(&i) => v.push(i),
-                    None => {
-                        // Not valid: remove an invalid leftover if there is one.
-                        results.bytes_freed += delete_invalid(store, p)?;
-                    }
-                }
-            }
-            let wanted: HashSet<usize> = v.iter().copied().collect();
-            for &i in &v {
-                if let Some(&r) = graph.referrers[i].iter().find(|r| !wanted.contains(r)) {
-                    return Err(Error::StillAlive(format!(
-                        "cannot delete path '{}' because it is in use by '{}'",
-                        sd.display(&graph.paths[i]),
-                        sd.display(&graph.paths[r])
-                    )));
-                }
-            }
-            v
+            choose_among(store, &graph, &live, ps, false, false, &mut results)?
         }
+        GcAction::DeleteAmong {
+            paths,
+            skip_alive,
+            delete_referrers,
+        } => choose_among(
+            store,
+            &graph,
+            &live,
+            paths,
+            *skip_alive,
+            *delete_referrers,
+            &mut results,
+        )?,
         _ => (0..n).filter(|&i| !live[i]).collect(),
     };
     candidates = topo_referrers_first(&graph, candidates);

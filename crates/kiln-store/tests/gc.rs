@@ -141,6 +141,58 @@ fn delete_specific_refuses_live_and_referenced_paths() {
 }
 
 #[test]
+fn delete_among_skips_the_alive_and_takes_referrers_when_asked() {
+    let d = tempfile::tempdir().unwrap();
+    let s = new_store(d.path());
+    // a <- b <- c (c refers to b, b to a); x is rooted; y is dead and alone.
+    let a = text(&s, "a", "a", &[]);
+    let b = text(&s, "b", &s.print(&a), &[&a]);
+    let c = text(&s, "c", &s.print(&b), &[&b]);
+    let x = text(&s, "x", "x", &[]);
+    let y = text(&s, "y", "y", &[]);
+    roots::add_perm_root(s.layout(), &x, &s.layout().gcroots_dir().join("x")).unwrap();
+    let among = |paths: Vec<StorePath>, skip_alive, delete_referrers| GcAction::DeleteAmong {
+        paths,
+        skip_alive,
+        delete_referrers,
+    };
+    // --skip-alive: the rooted path and the referenced one stay, the dead loner goes.
+    let done = gc(
+        &s,
+        among(vec![x.clone(), a.clone(), y.clone()], true, false),
+    );
+    assert_eq!(done, vec![s.print(&y)]);
+    assert!(s.is_valid(&x).unwrap() && s.is_valid(&a).unwrap());
+    // Without it, the same request fails and deletes nothing.
+    let e = collect_garbage(
+        &s,
+        &GcOptions {
+            action: among(vec![a.clone()], false, false),
+            max_freed: u64::MAX,
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("in use by"), "{e}");
+    assert!(s.is_valid(&a).unwrap());
+    // --also-referrers: a goes with b and c, referrers first.
+    let mut done = gc(&s, among(vec![a.clone()], false, true));
+    done.sort();
+    let mut want = vec![s.print(&a), s.print(&b), s.print(&c)];
+    want.sort();
+    assert_eq!(done, want);
+    for p in [&a, &b, &c] {
+        assert!(!s.is_valid(p).unwrap() && !s.real_path(p).exists());
+    }
+    // A referrer that is alive keeps the whole chain, even with --also-referrers.
+    let a2 = text(&s, "a2", "a2", &[]);
+    let b2 = text(&s, "b2", &s.print(&a2), &[&a2]);
+    roots::add_perm_root(s.layout(), &b2, &s.layout().gcroots_dir().join("b2")).unwrap();
+    assert!(gc(&s, among(vec![a2.clone()], true, true)).is_empty());
+    assert!(s.is_valid(&a2).unwrap() && s.is_valid(&b2).unwrap());
+    assert!(s.is_valid(&x).unwrap());
+}
+
+#[test]
 fn max_freed_stops_early_and_invalid_leftovers_are_swept() {
     let d = tempfile::tempdir().unwrap();
     let s = new_store(d.path());

@@ -2,12 +2,14 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use kiln_daemon::{Daemon, DaemonConfig};
-use kiln_format::StoreDir;
+use kiln_format::derivation::DerivationOutput;
+use kiln_format::{Derivation, StoreDir, StorePath};
 use kiln_protocol::{Client, Version};
 use kiln_store::{Layout, LocalStore, Settings, StoreOptions};
 
@@ -96,4 +98,38 @@ pub fn nar_file(contents: &[u8]) -> Vec<u8> {
         s(b")"),
     ]
     .concat()
+}
+
+/// Adds a derivation whose builder runs `script` with `/bin/sh`.
+pub fn drv(d: &TestDaemon, name: &str, script: &str) -> StorePath {
+    let mut env = BTreeMap::new();
+    env.insert("PATH".to_string(), "/bin:/usr/bin".to_string());
+    let drv = Derivation {
+        name: name.into(),
+        outputs: BTreeMap::from([(
+            "out".to_string(),
+            DerivationOutput {
+                path: None,
+                fixed: None,
+                floating: None,
+            },
+        )]),
+        platform: kiln_build::settings::native_system(),
+        builder: "/bin/sh".into(),
+        args: vec!["-c".into(), script.into()],
+        env,
+        ..Default::default()
+    };
+    let store = d.daemon.store();
+    let drv = store.finalize_derivation(drv).unwrap();
+    let text = drv.to_aterm(&d.store_dir());
+    let info = store
+        .add_text(
+            &format!("{name}.drv"),
+            &text,
+            &BTreeSet::new(),
+            Default::default(),
+        )
+        .unwrap();
+    info.path
 }
