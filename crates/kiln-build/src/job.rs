@@ -126,6 +126,7 @@ struct Failure {
     status: BuildStatus,
     msg: String,
     kinds: FailureKinds,
+    detail: Option<crate::result::FailureDetail>,
 }
 
 impl Failure {
@@ -139,6 +140,7 @@ impl Failure {
             status,
             msg: msg.into(),
             kinds,
+            detail: None,
         }
     }
     fn misc(e: impl std::fmt::Display) -> Self {
@@ -191,6 +193,7 @@ pub fn run(spec: JobSpec, ctl: &JobControl) -> (BuildResult, Vec<ValidPathInfo>)
             let mut r = BuildResult::new(f.status);
             r.error = f.msg;
             r.failure = f.kinds;
+            r.detail = f.detail;
             r.non_deterministic = f.status == BuildStatus::NotDeterministic;
             r
         }
@@ -1100,10 +1103,16 @@ fn build_round(
                 BuildStatus::PermanentFailure
             };
             keep_dir = spec.settings.keep_failed;
-            return Err(Failure::new(
+            let log_tail = tail.lines();
+            let mut f = Failure::new(
                 kind,
-                format!("builder for '{drv_abs}' {status_text}{}", tail.suffix()),
-            ));
+                format!("builder for '{drv_abs}' {status_text}{}", suffix(&log_tail)),
+            );
+            f.detail = Some(crate::result::FailureDetail::Builder {
+                status: status_text,
+                log_tail,
+            });
+            return Err(f);
         }
         // Collect the outputs.
         let mut all_paths: Vec<StorePath> = spec.input_paths.iter().cloned().collect();
@@ -1353,21 +1362,26 @@ impl LogTail {
         }
     }
 
-    /// `;\nlast N log lines:\n> …` as Nix appends it to a builder failure, or nothing.
-    fn suffix(mut self) -> String {
+    /// The last lines, the unfinished one included.
+    fn lines(mut self) -> Vec<String> {
         if !self.current.is_empty() {
             self.flush();
         }
-        if self.lines.is_empty() {
-            return String::new();
-        }
-        let mut s = format!(";\nlast {} log lines:", self.lines.len());
-        for l in &self.lines {
-            s.push_str("\n> ");
-            s.push_str(l);
-        }
-        s
+        self.lines.into()
     }
+}
+
+/// `;\nlast N log lines:\n> …` as Nix 2.8 appends it to a builder failure, or nothing.
+fn suffix(lines: &[String]) -> String {
+    if lines.is_empty() {
+        return String::new();
+    }
+    let mut s = format!(";\nlast {} log lines:", lines.len());
+    for l in lines {
+        s.push_str("\n> ");
+        s.push_str(l);
+    }
+    s
 }
 
 /// Relays the builder's output until it is done, enforcing the limits.
@@ -1506,6 +1520,7 @@ fn rejected(msg: String) -> Failure {
         status: BuildStatus::OutputRejected,
         msg,
         kinds: FailureKinds::default(),
+        detail: None,
     }
 }
 

@@ -31,7 +31,7 @@ pub mod substituter;
 pub use error::{Error, Result};
 pub use event::{Event, EventSink, NoEvents};
 pub use job::BuildMode;
-pub use result::{BuildResult, BuildStatus, FailureKinds};
+pub use result::{BuildResult, BuildStatus, FailureDetail, FailureKinds};
 pub use scheduler::{
     Completion, Request, RequestId, RequestResult, Scheduler, SchedulerConfig, Target, Ticket,
 };

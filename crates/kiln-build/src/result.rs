@@ -98,6 +98,20 @@ impl FailureKinds {
     }
 }
 
+/// What made a derivation fail, kept apart from the message so that each client gets the
+/// wording of the daemon it knows (Nix 2.8's `builder for '…' failed …; last N log lines`
+/// or Nix 2.34's `Cannot build '…'. Reason: …`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailureDetail {
+    /// The builder ended badly: how (`failed with exit code 1`), and its log's last lines.
+    Builder {
+        status: String,
+        log_tail: Vec<String>,
+    },
+    /// This many of its inputs could not be built or substituted.
+    Dependencies(usize),
+}
+
 /// The result of building (or substituting) one derivation or path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildResult {
@@ -111,7 +125,9 @@ pub struct BuildResult {
     /// Output name → path, for derivations.
     pub outputs: BTreeMap<String, StorePath>,
     pub failure: FailureKinds,
-    /// CPU time of the build's processes (kiln only; Nix 2.8's protocol has no field).
+    /// What failed, when the message above has a structure clients render.
+    pub detail: Option<FailureDetail>,
+    /// CPU time of the build's processes (sent to Nix clients from protocol 1.37 on).
     pub cpu_user: Option<std::time::Duration>,
     pub cpu_system: Option<std::time::Duration>,
     /// Peak memory in bytes: of the whole build where its cgroup accounts memory, else of
@@ -130,6 +146,7 @@ impl BuildResult {
             stop_time: 0,
             outputs: BTreeMap::new(),
             failure: FailureKinds::default(),
+            detail: None,
             cpu_user: None,
             cpu_system: None,
             memory_peak: None,

@@ -1358,7 +1358,12 @@ impl Worker {
             return self.done(
                 id,
                 Exit::Failed,
-                BuildResult::failed(BuildStatus::DependencyFailed, msg),
+                BuildResult {
+                    detail: Some(crate::result::FailureDetail::Dependencies(
+                        nr_failed as usize,
+                    )),
+                    ..BuildResult::failed(BuildStatus::DependencyFailed, msg)
+                },
             );
         }
         if d.retry_substitution {

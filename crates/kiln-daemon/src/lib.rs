@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client_settings;
+mod messages;
 pub mod peer;
 pub mod progress;
 mod recursive;

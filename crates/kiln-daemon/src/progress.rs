@@ -29,6 +29,8 @@ pub struct Progress<'d> {
     pub trace: bool,
     pub multiplexed: bool,
     pub build_verbosity: u64,
+    /// Whether the daemon has `nix-command` (failure messages suggest `nix log`).
+    pub nix_command: bool,
 }
 
 impl<'d> Progress<'d> {
@@ -41,6 +43,7 @@ impl<'d> Progress<'d> {
             trace: false,
             multiplexed: false,
             build_verbosity: 0,
+            nix_command: false,
         }
     }
 
@@ -125,7 +128,17 @@ impl<'d> Progress<'d> {
                     io.stop_activity(id)?;
                 }
                 if !r.success() {
-                    self.failure_line(io, drv, &r.error)?;
+                    let text = match self.daemon.store().store_dir().parse_path(drv) {
+                        Ok(p) => crate::messages::failure_text(
+                            io.proto(),
+                            &self.daemon.store(),
+                            &p,
+                            r,
+                            self.nix_command,
+                        ),
+                        Err(_) => r.error.clone(),
+                    };
+                    self.failure_line(io, drv, &text)?;
                 }
             }
             Event::SubstitutionStarted { path } => {

@@ -285,6 +285,7 @@ impl<'d> Session<'d> {
             .map_err(remote)?;
         let watch = io.fd().and_then(|fd| HangupWatch::start(fd, tx).ok());
         let mut progress = Progress::new(self.d, shown);
+        progress.nix_command = self.nix_command();
         progress.trace = self.build.print_build_trace;
         progress.multiplexed = self.build.multiplexed_build_output;
         progress.build_verbosity = self.options.build_verbosity;
@@ -334,10 +335,10 @@ impl<'d> Session<'d> {
         failed.dedup_by(|a, b| a.0.path() == b.0.path());
         let status = r.exit_code() as u64;
         let status = if status == 0 { 1 } else { status };
-        if let [(_, one)] = failed[..] {
+        if let [(target, one)] = failed[..] {
             if !one.error.is_empty() {
                 return RemoteError {
-                    message: one.error.clone(),
+                    message: self.failure_text(target, one),
                     status,
                 };
             }
@@ -352,10 +353,33 @@ impl<'d> Session<'d> {
         }
     }
 
+    /// The error text of a failed build of `target` for this client.
+    fn failure_text(&self, target: &Target, r: &BuildResult) -> String {
+        crate::messages::failure_text(
+            self.proto,
+            self.store(),
+            target.path(),
+            r,
+            self.nix_command(),
+        )
+    }
+
+    /// Whether the daemon has Nix's `nix-command` feature (its messages suggest `nix log`).
+    fn nix_command(&self) -> bool {
+        self.settings
+            .get_list("experimental-features")
+            .iter()
+            .any(|f| f == "nix-command")
+    }
+
     fn wire_result(&self, target: &Target, r: &BuildResult) -> WireBuildResult {
         let mut w = WireBuildResult {
             status: r.status as u64,
-            error_msg: r.error.clone(),
+            error_msg: if r.success() {
+                String::new()
+            } else {
+                self.failure_text(target, r)
+            },
             times_built: r.times_built as u64,
             is_non_deterministic: r.non_deterministic,
             start_time: r.start_time,
@@ -1169,7 +1193,13 @@ impl Session<'_> {
                 max_freed: g.max_freed,
             },
         )
-        .map_err(remote)?;
+        .map_err(|e| match e {
+            // As nix-daemon says it, with the commands its clients have.
+            kiln_store::Error::Alive { .. } => remote(format!(
+                "{e} To find out why, use: nix-store --query --roots and nix-store --query --referrers"
+            )),
+            e => remote(e),
+        })?;
         Ok(Reply::Gc {
             paths: r.paths,
             bytes_freed: r.bytes_freed,

@@ -232,11 +232,33 @@ fn guix_adds_archives_inline_and_caches_failures() {
 #[test]
 fn nix_only_operations_are_invalid_for_guix() {
     let d = TestDaemon::start();
-    let mut c = d.guix();
     let p = StorePath::from_base_name(&format!("{:032}-x", 1)).unwrap();
-    // op 38 does not exist in Guix's protocol: the daemon refuses it and hangs up.
-    let e = c
-        .request(&Request::NarFromPath(p), None, &mut |_| {})
+    // kiln's own client knows Guix has no op 38 and does not send it.
+    let e = d
+        .guix()
+        .request(&Request::NarFromPath(p.clone()), None, &mut |_| {})
         .unwrap_err();
-    assert!(e.to_string().contains("invalid operation 38"), "{e}");
+    assert!(
+        e.to_string().contains("has no operation NarFromPath"),
+        "{e}"
+    );
+    // A client that sends it anyway: the daemon refuses it, in Guix's words, and hangs up.
+    use std::io::{Read, Write};
+    let mut c = d.raw();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    c.write_all(&u64(0x6e69_7863)).unwrap();
+    let mut hello = [0u8; 16];
+    c.read_exact(&mut hello).unwrap();
+    let path = format!("{}/{}", d.store_dir().as_str(), p.base_name());
+    c.write_all(&[u64(0x164), u64(0), u64(0), u64(38), s(path.as_bytes())].concat())
+        .unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).unwrap();
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.contains("invalid operation 38"), "{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "Guix's messages have no colours: {text}"
+    );
 }

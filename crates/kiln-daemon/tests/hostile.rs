@@ -65,7 +65,10 @@ fn unknown_operations_and_bad_magic_close_only_their_connection() {
     c.write_all(&[nix_hello(), u64(99)].concat()).unwrap();
     let v = read_all(c);
     let msg = error_message(after_handshake(&v));
-    assert!(msg.contains("invalid operation 99"), "{msg}");
+    assert!(
+        msg.contains("invalid operation \x1b[35;1m99\x1b[0m"),
+        "{msg}"
+    );
 
     let mut c = d.raw();
     c.write_all(&u64(0xdead_beef)).unwrap();

@@ -198,7 +198,10 @@ fn removed_operations_are_invalid_at_1_38_and_kept_before() {
         assert_eq!(read_u64(&mut c), STDERR_LAST);
         c.write_all(&[u64(op), s(b"x")].concat()).unwrap();
         let text = String::from_utf8_lossy(&rest(&mut c)).into_owned();
-        assert!(text.contains(&format!("invalid operation {op}")), "{text}");
+        assert!(
+            text.contains(&format!("invalid operation \x1b[35;1m{op}\x1b[0m")),
+            "{text}"
+        );
     }
     // A 1.37 client still has it (Nix 2.20's daemon did).
     let mut c = Client::connect_as(&d.socket, d.store_dir(), Version(0x125)).unwrap();

@@ -436,7 +436,12 @@ pub fn serve<H: Handler>(
         summary.ops += 1;
         let Some(op) = Op::from_wire(n, p) else {
             let e = RemoteError {
-                message: format!("invalid operation {n}"),
+                // nix-daemon 2.34 colours the number as it colours every argument.
+                message: if p.nix_2_34_messages() {
+                    format!("invalid operation \x1b[35;1m{n}\x1b[0m")
+                } else {
+                    format!("invalid operation {n}")
+                },
                 status: 1,
             };
             write_error(&mut w, p, &e)?;

@@ -455,6 +455,14 @@ impl Proto {
     pub fn structured_errors(self) -> bool {
         self.nix_at_least(26)
     }
+    /// Failures are described as nix-daemon 2.34 describes them (`Cannot build '…'.
+    /// Reason: …`, `invalid operation N`, with its colours) rather than as Nix 2.8 did
+    /// (`builder for '…' failed …`). Not a wire change: the words of the daemon kiln
+    /// stands in for, which today's nix-daemon sends to every Nix client, old ones too
+    /// (recorded at 1.35, 1.37 and 1.38). Guix clients keep their own.
+    pub fn nix_2_34_messages(self) -> bool {
+        self.dialect == Dialect::Nix
+    }
 
     // --- Operations' layouts ---
 

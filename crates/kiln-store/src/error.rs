@@ -44,6 +44,10 @@ pub enum Error {
     /// A path cannot be deleted because something still needs it.
     #[error("{0}")]
     StillAlive(String),
+    /// A path cannot be deleted because a root reaches it (Nix's wording; callers add
+    /// how to find out why in their own commands' terms).
+    #[error("Cannot delete path '{path}' since it is still alive.")]
+    Alive { path: String },
 }
 
 impl Error {

@@ -136,6 +136,16 @@ pub fn remove_build_tree(path: &Path) -> Result<u64> {
     remove_tree_at(&pfd, &name, path)
 }
 
+/// What removing a non-directory frees, counted as Nix counts it (so that "N store paths
+/// deleted, X KiB freed" agrees): its size (a symlink's is its target's length) when it is
+/// the last link, or one of two (an optimised file whose other link is in `.links`).
+fn freed_by_unlinking(st: &rustix::fs::Stat) -> u64 {
+    match st.st_nlink {
+        1 | 2 => st.st_size as u64,
+        _ => 0,
+    }
+}
+
 /// [`remove_tree`] relative to a directory descriptor.
 pub fn remove_tree_at(parent: &OwnedFd, name: &CStr, path: &Path) -> Result<u64> {
     let st = match statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -145,9 +155,7 @@ pub fn remove_tree_at(parent: &OwnedFd, name: &CStr, path: &Path) -> Result<u64>
     };
     let mut freed = 0u64;
     if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
-        if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile && st.st_nlink == 1 {
-            freed += st.st_size as u64;
-        }
+        freed += freed_by_unlinking(&st);
         unlinkat(parent, name, AtFlags::empty()).map_err(|e| Error::io(path, "remove", e))?;
         return Ok(freed);
     }
@@ -206,12 +214,8 @@ pub fn remove_tree_at(parent: &OwnedFd, name: &CStr, path: &Path) -> Result<u64>
             let f = open(&top.fd, &n, p)?;
             stack.push(f);
         } else {
-            if ty == FileType::RegularFile {
-                if let Ok(st) = statat(&top.fd, &n, AtFlags::SYMLINK_NOFOLLOW) {
-                    if st.st_nlink == 1 {
-                        freed += st.st_size as u64;
-                    }
-                }
+            if let Ok(st) = statat(&top.fd, &n, AtFlags::SYMLINK_NOFOLLOW) {
+                freed += freed_by_unlinking(&st);
             }
             match unlinkat(&top.fd, &n, AtFlags::empty()) {
                 Ok(()) | Err(rustix::io::Errno::NOENT) => {}

@@ -388,11 +388,9 @@ fn choose_among(
                 tracing::debug!("cannot delete '{}' because it's still alive", sd.display(p));
                 continue;
             }
-            return Err(Error::StillAlive(format!(
-                "cannot delete path '{}' since it is still alive. To find out why, use: kiln store query --roots {}",
-                sd.display(p),
-                sd.display(p)
-            )));
+            return Err(Error::Alive {
+                path: sd.display(p),
+            });
         }
         // Its referrers, transitively: dead too, since it is.
         let mut closure = vec![i];

@@ -81,6 +81,94 @@ pub fn nix_or_skip(test: &str) -> bool {
     false
 }
 
+/// Today's Nix (2.34.8 from Debian sid) in the root `../shared/tools/sid-root.sh` makes:
+/// `$KILN_SID_ROOT`, default `/var/tmp/sid-root`. Its programs run on this machine through
+/// the root's own loader and libraries, so they see this machine's file system (stores,
+/// sockets and temporary directories at the same paths as kiln's) without a chroot.
+#[derive(Debug, Clone)]
+pub struct SidNix {
+    pub root: PathBuf,
+}
+
+impl SidNix {
+    /// The root, if it holds Nix.
+    pub fn find() -> Option<SidNix> {
+        let root = std::env::var_os("KILN_SID_ROOT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/tmp/sid-root"));
+        (root.join("usr/bin/nix").exists() && root.join("lib64/ld-linux-x86-64.so.2").exists())
+            .then_some(SidNix { root })
+    }
+
+    /// The root, or why a test needing it skips (a failure when `KILN_REQUIRE_NIX` is set:
+    /// CI makes the root).
+    pub fn or_skip(test: &str) -> Option<SidNix> {
+        if let Some(s) = SidNix::find() {
+            return Some(s);
+        }
+        if nix_required() {
+            panic!("{test}: KILN_REQUIRE_NIX is set but there is no sid root with Nix 2.34 (../shared/tools/sid-root.sh)");
+        }
+        eprintln!("{test}: skipped, no sid root with Nix 2.34 (../shared/tools/sid-root.sh)");
+        None
+    }
+
+    /// `program` (`nix`, `nix-build`, `nix-daemon`, …) of the root, run here.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new(self.root.join("lib64/ld-linux-x86-64.so.2"));
+        c.arg("--library-path")
+            .arg(self.library_path())
+            .arg("--argv0")
+            .arg(program)
+            .arg(self.root.join("usr/bin").join(program));
+        c
+    }
+
+    fn library_path(&self) -> String {
+        format!(
+            "{}:{}",
+            self.root.join("usr/lib/x86_64-linux-gnu").display(),
+            self.root.join("lib/x86_64-linux-gnu").display()
+        )
+    }
+
+    /// A directory of wrappers named like Nix's programs that run the root's, to put first
+    /// on `PATH` for scripts.
+    pub fn bin_dir(&self, dir: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = dir.join("nix-2.34-bin");
+        std::fs::create_dir_all(&bin).expect("create the wrapper directory");
+        for p in [
+            "nix",
+            "nix-build",
+            "nix-store",
+            "nix-instantiate",
+            "nix-collect-garbage",
+            "nix-daemon",
+            "nix-env",
+            "nix-hash",
+            "nix-shell",
+            "nix-copy-closure",
+        ] {
+            let w = bin.join(p);
+            std::fs::write(
+                &w,
+                format!(
+                    "#!/bin/sh
+exec {} --library-path {} --argv0 {p} {} \"$@\"\n",
+                    self.root.join("lib64/ld-linux-x86-64.so.2").display(),
+                    self.library_path(),
+                    self.root.join("usr/bin").join(p).display()
+                ),
+            )
+            .expect("write a wrapper");
+            std::fs::set_permissions(&w, std::fs::Permissions::from_mode(0o755))
+                .expect("make a wrapper executable");
+        }
+        bin
+    }
+}
+
 /// A throw-away Nix store rooted in a temporary directory: `NIX_STORE_DIR`, `NIX_STATE_DIR`,
 /// `NIX_LOG_DIR` and `NIX_CONF_DIR` under it, no substituters, sandbox off.
 #[derive(Debug)]

@@ -27,6 +27,21 @@ impl TestDaemon {
     pub fn with_settings(extra: &[(&str, &str)]) -> TestDaemon {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::under(dir.path()).unwrap();
+        TestDaemon::with_layout(dir, layout, extra)
+    }
+
+    /// A daemon whose store, state and logs are under `root` exactly (`root/store`,
+    /// `root/var`, `root/log`; removed first): to answer with the store paths of a
+    /// recording made at that path.
+    pub fn at(root: &std::path::Path, extra: &[(&str, &str)]) -> TestDaemon {
+        let _ = std::fs::remove_dir_all(root);
+        std::fs::create_dir_all(root).unwrap();
+        let layout = Layout::under(root).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        TestDaemon::with_layout(dir, layout, extra)
+    }
+
+    fn with_layout(dir: tempfile::TempDir, layout: Layout, extra: &[(&str, &str)]) -> TestDaemon {
         let mut settings = Settings::default();
         settings.set("sandbox", "false").unwrap();
         settings.set("fsync-store-paths", "false").unwrap();

@@ -80,6 +80,13 @@ pub enum StoreCmd {
     Delete {
         #[arg(required = true)]
         paths: Vec<String>,
+        /// Skip the paths that are still alive instead of failing (`nix store delete
+        /// --skip-alive`).
+        #[arg(long)]
+        skip_alive: bool,
+        /// Delete the paths' dead referrers too (`nix store delete --also-referrers`).
+        #[arg(long)]
+        also_referrers: bool,
     },
     /// Deduplicate identical files with hard links.
     Optimise,
@@ -463,7 +470,11 @@ pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        StoreCmd::Delete { paths } => {
+        StoreCmd::Delete {
+            paths,
+            skip_alive,
+            also_referrers,
+        } => {
             let ps: Vec<StorePath> = paths
                 .iter()
                 .map(|s| parse(&store, s))
@@ -471,10 +482,20 @@ pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
             let r = gc::collect_garbage(
                 &store,
                 &GcOptions {
-                    action: GcAction::DeleteSpecific(ps),
+                    action: GcAction::DeleteAmong {
+                        paths: ps,
+                        skip_alive,
+                        delete_referrers: also_referrers,
+                    },
                     max_freed: u64::MAX,
                 },
-            )?;
+            )
+            .map_err(|e| match e {
+                kiln_store::Error::Alive { ref path } => {
+                    anyhow::anyhow!("{e} To find out why, use: kiln store query --roots {path}")
+                }
+                e => e.into(),
+            })?;
             for p in &r.paths {
                 eprintln!("deleting '{p}'");
             }

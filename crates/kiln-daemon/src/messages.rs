@@ -1,0 +1,86 @@
+//! Failure messages in the words of the daemon each client knows.
+//!
+//! kiln's engine records what failed ([`FailureDetail`]) beside Nix 2.8's sentence. Clients
+//! at protocol 1.38 get nix-daemon 2.34's text instead, colours included (their client
+//! strips them when its output is not a terminal):
+//!
+//! ```text
+//! Cannot build '/nix/store/…-failing.drv'.
+//! Reason: builder failed with exit code 1.
+//! Output paths:
+//!   /nix/store/…-failing
+//! Last 1 log lines:
+//! > oops
+//! For full logs, run:
+//!   nix log /nix/store/…-failing.drv
+//! ```
+
+use kiln_build::{BuildResult, FailureDetail};
+use kiln_format::StorePath;
+use kiln_protocol::Proto;
+use kiln_store::LocalStore;
+
+const NORMAL: &str = "\x1b[0m";
+const BOLD: &str = "\x1b[1m";
+const RED: &str = "\x1b[31;1m";
+const MAGENTA: &str = "\x1b[35;1m";
+
+/// The message for `r`, a failed build of `drv`, as the client of `proto` expects it.
+/// `nix_command`: whether the daemon has the `nix-command` experimental feature (Nix then
+/// suggests `nix log`, else `nix-store -l`).
+pub(crate) fn failure_text(
+    proto: Proto,
+    store: &LocalStore,
+    drv: &StorePath,
+    r: &BuildResult,
+    nix_command: bool,
+) -> String {
+    let Some(detail) = r.detail.as_ref().filter(|_| proto.nix_2_34_messages()) else {
+        return r.error.clone();
+    };
+    let abs = store.print(drv);
+    let mut msg = format!("Cannot build '{MAGENTA}{abs}{NORMAL}'.\nReason: {RED}");
+    match detail {
+        FailureDetail::Builder { status, .. } => msg.push_str(&format!("builder {status}")),
+        FailureDetail::Dependencies(n) => msg.push_str(&format!(
+            "{n} {} failed",
+            if *n == 1 {
+                "dependency"
+            } else {
+                "dependencies"
+            }
+        )),
+    }
+    msg.push_str(NORMAL);
+    msg.push('.');
+    // The output paths the derivation names (none for floating outputs), in Nix's order.
+    if let Ok(d) = store.read_derivation(drv) {
+        let mut outs: Vec<&StorePath> =
+            d.outputs.values().filter_map(|o| o.path.as_ref()).collect();
+        outs.sort();
+        outs.dedup();
+        if !outs.is_empty() {
+            msg.push_str("\nOutput paths:");
+            for p in outs {
+                msg.push_str(&format!("\n  {MAGENTA}{}{NORMAL}", store.print(p)));
+            }
+        }
+    }
+    if let FailureDetail::Builder { log_tail, .. } = detail {
+        if !log_tail.is_empty() {
+            msg.push_str(&format!("\nLast {} log lines:\n", log_tail.len()));
+            for l in log_tail {
+                msg.push_str("> ");
+                msg.push_str(l);
+                msg.push('\n');
+            }
+            let cmd = if nix_command {
+                "nix log"
+            } else {
+                "nix-store -l"
+            };
+            msg.push_str(&format!("For full logs, run:\n  {BOLD}{cmd} {abs}{NORMAL}"));
+        }
+    }
+    msg
+}
