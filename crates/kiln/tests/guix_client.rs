@@ -1,0 +1,141 @@
+//! Guix 1.5's own client (`guix repl` with `(guix store)`, from Debian sid) against
+//! `kiln daemon`: adds, queries, builds, reads path info and logs, deletes and collects,
+//! as a Guix user's tools do. The client runs in the sid root (a chroot, so the test needs
+//! root); the daemon runs here, its directory bind-mounted into the root at the same path.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_testkit::{fixture, nix_required};
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `dir` seen at the same path inside `root` for as long as this lives.
+struct BindMount(PathBuf);
+
+impl BindMount {
+    fn new(root: &Path, dir: &Path) -> BindMount {
+        let target = root.join(dir.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(&target).unwrap();
+        let st = Command::new("mount")
+            .arg("--bind")
+            .arg(dir)
+            .arg(&target)
+            .status()
+            .unwrap();
+        assert!(st.success(), "bind-mounting {}", dir.display());
+        BindMount(target)
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn sid_guix(test: &str) -> Option<PathBuf> {
+    let root = std::env::var_os("KILN_SID_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/sid-root"));
+    let root_user = rustix::process::geteuid().is_root();
+    if root.join("usr/bin/guix").exists() && root_user {
+        return Some(root);
+    }
+    if nix_required() {
+        panic!("{test}: KILN_REQUIRE_NIX is set but there is no sid root with Guix 1.5, or this is not root");
+    }
+    eprintln!(
+        "{test}: skipped, needs root and the sid root with Guix 1.5 (../shared/tools/sid-root.sh)"
+    );
+    None
+}
+
+#[test]
+fn guix_1_5_client_adds_builds_queries_deletes_and_collects() {
+    let Some(root) = sid_guix("guix_1_5_client_adds_builds_queries_deletes_and_collects") else {
+        return;
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("kiln-guix-client-")
+        .tempdir()
+        .unwrap();
+    let d = dir.path();
+    let store = d.join("store");
+    let socket = d.join("socket");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--store-dir")
+        .arg(&store)
+        .arg("--state-dir")
+        .arg(d.join("state"))
+        .arg("--log-dir")
+        .arg(d.join("log"))
+        .args(["--option", "sandbox", "false"])
+        .arg("daemon")
+        .arg("--socket")
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !socket.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the daemon exited");
+        assert!(start.elapsed() < Duration::from_secs(30), "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _daemon = Daemon(child);
+    std::fs::copy(fixture("guix/client.scm"), d.join("client.scm")).unwrap();
+    let _mount = BindMount::new(&root, d);
+    let out = Command::new("chroot")
+        .arg(&root)
+        .arg("env")
+        .arg(format!("NIX_STORE_DIR={}", store.display()))
+        .arg(format!("GUIX_DAEMON_SOCKET={}", socket.display()))
+        .arg("HOME=/tmp")
+        .args(["guix", "repl", "--"])
+        .arg(d.join("client.scm"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "guix repl failed:\n{text}\n{err}");
+    let got: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once(' ')).collect();
+    // The text's path is the one kiln computes for it (and guix-daemon: its name and
+    // contents alone decide it).
+    let want = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--store-dir")
+        .arg(&store)
+        .args(["store-path", "text", "--name", "hello.txt"])
+        .arg(fixture("guix/hello.txt"))
+        .output()
+        .unwrap();
+    let want = String::from_utf8(want.stdout).unwrap();
+    assert_eq!(got["text"], want.trim(), "{text}");
+    assert_eq!(got["valid"], "#t");
+    assert_eq!(got["text-nar-size"], "128", "{text}");
+    assert_eq!(got["text-refs"], "()");
+    assert_eq!(got["built"], "#t");
+    assert_eq!(got["out-valid"], "#t");
+    assert_eq!(got["out-content"], "hi", "the builder's output");
+    assert_eq!(got["deriver"], got["drv"]);
+    assert_eq!(got["deleted"], format!("({})", got["text"]));
+    assert_eq!(got["valid-after-delete"], "#f");
+    // The collector took the build's output and derivation (nothing roots them).
+    let n: usize = got["gc-deleted"].parse().unwrap();
+    assert!(n >= 2, "{text}");
+    assert!(!Path::new(got["out"]).exists());
+    assert_eq!(got["failed-paths"], "()");
+}
