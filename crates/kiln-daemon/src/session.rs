@@ -413,6 +413,15 @@ impl<'d> Session<'d> {
                         .flatten()
                         .filter(|real| &real.out_path == p)
                         .unwrap_or_else(|| Realisation::new(id.clone(), p.clone()));
+                    let real = if self
+                        .proto
+                        .has_feature(kiln_protocol::Feature::RealisationWithPathNotHash)
+                    {
+                        // Its signatures sign the old form; the client checks the new one.
+                        Realisation::new(id.clone(), real.out_path)
+                    } else {
+                        real
+                    };
                     w.built_outputs.push((id.to_string(), real.to_json()));
                 }
             }
@@ -1124,6 +1133,55 @@ impl Session<'_> {
                 }
                 store.register_realisation(&r).map_err(remote)?;
                 Ok(Reply::Nothing)
+            }
+            // Nix 2.35's build traces, keyed by derivation path: kiln keys its
+            // realisations by the derivation's hash modulo, which the derivation in the
+            // store gives.
+            Request::RegisterBuildTrace {
+                drv,
+                output,
+                out_path,
+                signatures,
+            } => {
+                // As for realisations (below): from an untrusted client only with a
+                // trusted signature, here over Nix 2.35's build-trace fingerprint.
+                if !self.trusted()
+                    && self.settings.get_bool("require-sigs")
+                    && !Realisation::verify_build_trace(
+                        &drv,
+                        &output,
+                        &out_path,
+                        &self.trusted_keys(),
+                        &signatures,
+                    )
+                {
+                    return Err(remote(format!(
+                        "cannot register realisation '{}' because it lacks a valid signature",
+                        out_path
+                    )));
+                }
+                let d = store.read_derivation(&drv).map_err(remote)?;
+                let h = store.output_hash(&drv, &d).map_err(remote)?;
+                // The signatures sign the 2.35 form, not the record kiln keeps (whose
+                // fingerprint is the old JSON): kept, they would be invalid there.
+                let r = Realisation::new(DrvOutput::new(h, &output), out_path);
+                store.register_realisation(&r).map_err(remote)?;
+                Ok(Reply::Nothing)
+            }
+            Request::QueryBuildTrace { drv, output } => {
+                let found = match store.read_derivation(&drv) {
+                    Ok(d) => {
+                        let h = store.output_hash(&drv, &d).map_err(remote)?;
+                        store
+                            .query_realisation(&DrvOutput::new(h, &output))
+                            .map_err(remote)?
+                    }
+                    // A derivation kiln does not have has no recorded outputs.
+                    Err(_) => None,
+                };
+                Ok(Reply::BuildTrace(
+                    found.map(|r| (r.out_path, Default::default())),
+                ))
             }
             Request::QueryRealisation(id) => {
                 let id = DrvOutput::parse(&id).map_err(remote)?;

@@ -85,7 +85,7 @@ fn versions_are_negotiated_as_nix_does() {
     assert_eq!(c.trusted, Some(true));
     assert!(c.daemon_version_string.as_deref().unwrap().contains("kiln"));
     assert!(c.proto.has_feature(Feature::DeleteDeadSpecificReferrers));
-    assert!(!c.proto.has_feature(Feature::RealisationWithPathNotHash));
+    assert!(c.proto.has_feature(Feature::RealisationWithPathNotHash));
     // A client newer than 1.38 settles on 1.38 and works.
     let mut c = Client::connect_as(&d.socket, d.store_dir(), Version(0x12b)).unwrap();
     assert_eq!(c.daemon_version, Version(0x126));
@@ -191,8 +191,9 @@ fn removed_operations_are_invalid_at_1_38_and_kept_before() {
         read_u64(&mut c);
         read_u64(&mut c);
         // The daemon names its own features whatever the client named.
-        assert_eq!(read_u64(&mut c), 1);
+        assert_eq!(read_u64(&mut c), 2);
         assert_eq!(read_str(&mut c), "delete-dead-specific-referrers");
+        assert_eq!(read_str(&mut c), "realisation-with-path-not-hash");
         read_str(&mut c);
         read_u64(&mut c);
         assert_eq!(read_u64(&mut c), STDERR_LAST);
@@ -305,4 +306,84 @@ fn build_results_carry_cpu_times_from_1_37() {
         Reply::BuildResults(rs) => assert_eq!(rs[0].1.cpu_user, None),
         r => panic!("{r:?}"),
     }
+}
+
+#[test]
+fn build_traces_keyed_by_derivation_path_with_the_2_35_feature() {
+    let d = TestDaemon::start();
+    let greet = drv(&d, "greet", "echo hi > $out");
+    let req = Request::BuildPathsWithResults {
+        paths: vec![DerivedPath::Built {
+            drv: greet.clone(),
+            outputs: OutputSpec::All,
+        }],
+        mode: BuildMode::Normal,
+    };
+    // A 2.35 client: built outputs by name, with their paths.
+    let mut c = d.nix();
+    let out = match c.request(&req, None, &mut |_| {}).unwrap() {
+        Reply::BuildResults(rs) => {
+            let (id, json) = &rs[0].1.built_outputs[0];
+            assert!(id.ends_with("!out"), "{id}");
+            let v: serde_json::Value = serde_json::from_str(json).unwrap();
+            StorePath::from_base_name(v["outPath"].as_str().unwrap()).unwrap()
+        }
+        r => panic!("{r:?}"),
+    };
+    assert!(d.daemon.store().is_valid(&out).unwrap());
+    // Nothing recorded yet for this input-addressed output.
+    let query = Request::QueryBuildTrace {
+        drv: greet.clone(),
+        output: "out".into(),
+    };
+    assert!(matches!(
+        c.request(&query, None, &mut |_| {}).unwrap(),
+        Reply::BuildTrace(None)
+    ));
+    // Recorded by a trusted client, keyed by the derivation's path, then found.
+    c.request(
+        &Request::RegisterBuildTrace {
+            drv: greet.clone(),
+            output: "out".into(),
+            out_path: out.clone(),
+            signatures: BTreeSet::new(),
+        },
+        None,
+        &mut |_| {},
+    )
+    .unwrap();
+    match c.request(&query, None, &mut |_| {}).unwrap() {
+        Reply::BuildTrace(Some((p, sigs))) => {
+            assert_eq!(p, out);
+            assert!(sigs.is_empty());
+        }
+        r => panic!("{r:?}"),
+    }
+    // The same record, seen by a 1.37 client through the old, hash-keyed query.
+    let mut old = Client::connect_as(&d.socket, d.store_dir(), Version(0x125)).unwrap();
+    let id = match old.request(&req, None, &mut |_| {}).unwrap() {
+        Reply::BuildResults(rs) => rs[0].1.built_outputs[0].0.clone(),
+        r => panic!("{r:?}"),
+    };
+    match old
+        .request(&Request::QueryRealisation(id), None, &mut |_| {})
+        .unwrap()
+    {
+        Reply::Strings(s) => assert!(s[0].contains(out.base_name()), "{s:?}"),
+        r => panic!("{r:?}"),
+    }
+    // A derivation the store lacks has no recorded outputs.
+    let absent = StorePath::from_base_name(&format!("{:032}-absent.drv", 0)).unwrap();
+    assert!(matches!(
+        c.request(
+            &Request::QueryBuildTrace {
+                drv: absent,
+                output: "out".into()
+            },
+            None,
+            &mut |_| {}
+        )
+        .unwrap(),
+        Reply::BuildTrace(None)
+    ));
 }

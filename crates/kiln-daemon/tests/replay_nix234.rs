@@ -172,7 +172,10 @@ fn kiln_answers_nix_2_34_sessions_as_nix_daemon_does() {
             assert!(nix.strings("features").unwrap().is_empty());
             assert_eq!(
                 r.strings("features").unwrap(),
-                ["delete-dead-specific-referrers"]
+                [
+                    "delete-dead-specific-referrers",
+                    "realisation-with-path-not-hash"
+                ]
             );
         }
         nix.string(100, "version").unwrap();

@@ -124,6 +124,30 @@ impl Realisation {
         crate::signature::verify_any(keys, self.fingerprint().as_bytes(), &self.signatures)
     }
 
+    /// What Nix 2.35 signs for the output `output` of `drv` built as `out_path` (a "build
+    /// trace" entry, keyed by derivation path rather than by hash):
+    /// `{"key":{"drvPath":…,"outputName":…},"value":{"outPath":…}}`, keys sorted, paths as
+    /// base names.
+    pub fn build_trace_fingerprint(drv: &StorePath, output: &str, out_path: &StorePath) -> String {
+        serde_json::json!({
+            "key": { "drvPath": drv.base_name(), "outputName": output },
+            "value": { "outPath": out_path.base_name() },
+        })
+        .to_string()
+    }
+
+    /// Whether one of `sigs` signs that build trace entry for one of `keys`.
+    pub fn verify_build_trace<'a>(
+        drv: &StorePath,
+        output: &str,
+        out_path: &StorePath,
+        keys: &[PublicKey],
+        sigs: impl IntoIterator<Item = &'a String>,
+    ) -> bool {
+        let fp = Realisation::build_trace_fingerprint(drv, output, out_path);
+        crate::signature::verify_any(keys, fp.as_bytes(), sigs)
+    }
+
     /// Parses the JSON (`whence` names where it came from in errors). Bounded, and strict
     /// about the types of the fields it reads.
     pub fn from_json(text: &str, whence: &str) -> Result<Self, Error> {
@@ -182,6 +206,33 @@ mod tests {
     use super::*;
 
     const ID: &str = "sha256:ba16eb1ad5d8a8ff6bc1a03bd9c8dbb1d9b6ff3b5fbfbca5a8c2d6e6b1f4c3d2!out";
+
+    #[test]
+    fn build_trace_fingerprint_is_nix_2_35s() {
+        let drv = StorePath::from_base_name("g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-hello.drv").unwrap();
+        let out = StorePath::from_base_name("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello").unwrap();
+        assert_eq!(
+            Realisation::build_trace_fingerprint(&drv, "out", &out),
+            r#"{"key":{"drvPath":"g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-hello.drv","outputName":"out"},"value":{"outPath":"7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello"}}"#
+        );
+        let key = crate::signature::SecretKey::generate("test-1").unwrap();
+        let sig = key.sign(Realisation::build_trace_fingerprint(&drv, "out", &out).as_bytes());
+        let keys = [key.public()];
+        assert!(Realisation::verify_build_trace(
+            &drv,
+            "out",
+            &out,
+            &keys,
+            [&sig]
+        ));
+        assert!(!Realisation::verify_build_trace(
+            &drv,
+            "dev",
+            &out,
+            &keys,
+            [&sig]
+        ));
+    }
 
     #[test]
     fn json_round_trips_in_nix_key_order() {

@@ -345,6 +345,20 @@ pub enum Request {
         out_path: Option<String>,
     },
     QueryRealisation(String),
+    /// `RegisterDrvOutput` with the feature `realisation-with-path-not-hash` (Nix 2.35):
+    /// the output keyed by derivation path and name, its path and signatures (over Nix
+    /// 2.35's build-trace fingerprint).
+    RegisterBuildTrace {
+        drv: StorePath,
+        output: String,
+        out_path: StorePath,
+        signatures: BTreeSet<String>,
+    },
+    /// `QueryRealisation` with that feature: the output of `drv` named `output`.
+    QueryBuildTrace {
+        drv: StorePath,
+        output: String,
+    },
     AddMultipleToStore {
         repair: bool,
         dont_check_sigs: bool,
@@ -583,6 +597,14 @@ impl Request {
             }
             Op::QueryMissing => Q::QueryMissing(read_derived_paths(v, sd, r)?),
             Op::QueryDerivationOutputMap => Q::QueryDerivationOutputMap(r.path(sd, "path")?),
+            Op::RegisterDrvOutput if v.has_feature(Feature::RealisationWithPathNotHash) => {
+                Q::RegisterBuildTrace {
+                    drv: r.path(sd, "derivation")?,
+                    output: r.string(MAX_NAME, "output name")?,
+                    out_path: r.path(sd, "output path")?,
+                    signatures: r.strings("signatures")?.into_iter().collect(),
+                }
+            }
             Op::RegisterDrvOutput => {
                 let realisation = r.string(MAX_TEXT, "realisation")?;
                 let out_path = if v.realisation_json() {
@@ -593,6 +615,12 @@ impl Request {
                 Q::RegisterDrvOutput {
                     realisation,
                     out_path,
+                }
+            }
+            Op::QueryRealisation if v.has_feature(Feature::RealisationWithPathNotHash) => {
+                Q::QueryBuildTrace {
+                    drv: r.path(sd, "derivation")?,
+                    output: r.string(MAX_NAME, "output name")?,
                 }
             }
             Op::QueryRealisation => Q::QueryRealisation(r.string(MAX_NAME, "output id")?),
@@ -664,7 +692,8 @@ impl Request {
             Q::QueryMissing(_) => Op::QueryMissing,
             Q::QueryDerivationOutputMap(_) => Op::QueryDerivationOutputMap,
             Q::RegisterDrvOutput { .. } => Op::RegisterDrvOutput,
-            Q::QueryRealisation(_) => Op::QueryRealisation,
+            Q::QueryRealisation(_) | Q::QueryBuildTrace { .. } => Op::QueryRealisation,
+            Q::RegisterBuildTrace { .. } => Op::RegisterDrvOutput,
             Q::AddMultipleToStore { .. } => Op::AddMultipleToStore,
             Q::AddBuildLog(_) => Op::AddBuildLog,
             Q::BuildPathsWithResults { .. } => Op::BuildPathsWithResults,
@@ -824,6 +853,21 @@ impl Request {
                 }
             }
             Q::QueryRealisation(s) => w.str(s)?,
+            Q::RegisterBuildTrace {
+                drv,
+                output,
+                out_path,
+                signatures,
+            } => {
+                w.path(sd, drv)?;
+                w.str(output)?;
+                w.path(sd, out_path)?;
+                w.strs(signatures.iter().map(String::as_str))?;
+            }
+            Q::QueryBuildTrace { drv, output } => {
+                w.path(sd, drv)?;
+                w.str(output)?;
+            }
             Q::AddMultipleToStore {
                 repair,
                 dont_check_sigs,
@@ -1187,6 +1231,9 @@ pub enum Reply {
     /// Output name → path (or none), sorted by name.
     OutputMap(Vec<(String, Option<StorePath>)>),
     BuildDerivation(WireBuildResult),
+    /// `QueryRealisation` with `realisation-with-path-not-hash`: the output's path and
+    /// signatures, if it is known.
+    BuildTrace(Option<(StorePath, BTreeSet<String>)>),
     BuildResults(Vec<(DerivedPath, WireBuildResult)>),
     /// Raw bytes streamed after `STDERR_LAST` (`NarFromPath`).
     Stream(StreamFn),
@@ -1267,13 +1314,19 @@ impl Reply {
                     w.opt_path(sd, p.as_ref())?;
                 }
             }
-            Reply::BuildDerivation(r) => write_build_result(v, &r, w)?,
+            Reply::BuildDerivation(r) => write_build_result(v, sd, &r, w)?,
             Reply::BuildResults(rs) => {
                 w.u64(rs.len() as u64)?;
                 for (p, r) in &rs {
                     w.str(&p.to_wire(sd))?;
-                    write_build_result(v, r, w)?;
+                    write_build_result(v, sd, r, w)?;
                 }
+            }
+            Reply::BuildTrace(None) => w.u64(0)?,
+            Reply::BuildTrace(Some((p, sigs))) => {
+                w.u64(1)?;
+                w.path(sd, &p)?;
+                w.strs(sigs.iter().map(String::as_str))?;
             }
             Reply::Stream(f) => f(w)?,
             Reply::Encoded(bytes) => w.write_all(&bytes)?,
@@ -1304,6 +1357,16 @@ impl Reply {
             | QueryValidDerivers
             | QueryFailedPaths
             | ImportPaths => Reply::Paths(r.paths(sd, "paths")?.into_iter().collect()),
+            QueryRealisation if v.has_feature(Feature::RealisationWithPathNotHash) => {
+                Reply::BuildTrace(match r.u64("build trace tag")? {
+                    0 => None,
+                    1 => Some((
+                        r.path(sd, "output path")?,
+                        r.strings("signatures")?.into_iter().collect(),
+                    )),
+                    n => return Err(r.invalid(format!("invalid optional build trace tag {n}"))),
+                })
+            }
             QueryDerivationOutputNames | BuiltinBuilders | SubstituteUrls | QueryRealisation => {
                 Reply::Strings(r.strings("strings")?)
             }
@@ -1364,11 +1427,11 @@ impl Reply {
             QueryDerivationOutputMap => Reply::OutputMap(r.list("outputs", |r| {
                 Ok((r.string(MAX_NAME, "output")?, r.opt_path(sd, "path")?))
             })?),
-            BuildDerivation => Reply::BuildDerivation(read_build_result(v, r)?),
+            BuildDerivation => Reply::BuildDerivation(read_build_result(v, sd, r)?),
             BuildPathsWithResults => Reply::BuildResults(r.list("results", |r| {
                 let s = r.string(MAX_NAME, "derived path")?;
                 let p = DerivedPath::parse(sd, &s).map_err(|e| r.invalid(e.to_string()))?;
-                Ok((p, read_build_result(v, r)?))
+                Ok((p, read_build_result(v, sd, r)?))
             })?),
         })
     }
@@ -1388,7 +1451,12 @@ fn read_subst_info<R: BufRead>(
 
 /// A `BuildResult`: status, error, then what the version adds (1.29 times, 1.37 CPU
 /// times, 1.28 built outputs, in that order on the wire).
-fn write_build_result(v: Proto, r: &WireBuildResult, w: &mut dyn Write) -> io::Result<()> {
+fn write_build_result(
+    v: Proto,
+    sd: &StoreDir,
+    r: &WireBuildResult,
+    w: &mut dyn Write,
+) -> io::Result<()> {
     w.u64(r.status)?;
     w.str(&r.error_msg)?;
     if v.build_times() {
@@ -1401,14 +1469,80 @@ fn write_build_result(v: Proto, r: &WireBuildResult, w: &mut dyn Write) -> io::R
         write_opt_micros(r.cpu_user, w)?;
         write_opt_micros(r.cpu_system, w)?;
     }
-    if v.built_outputs() {
+    if v.has_feature(Feature::RealisationWithPathNotHash) {
+        write_built_outputs_by_name(sd, &r.built_outputs, w)?;
+    } else if v.built_outputs() {
         write_built_outputs(&r.built_outputs, w)?;
     }
     Ok(())
 }
 
+/// Built outputs as Nix 2.35 sends them with `realisation-with-path-not-hash`: output name
+/// → (path, signatures), from the `(id, realisation JSON)` pairs kiln keeps.
+fn write_built_outputs_by_name(
+    sd: &StoreDir,
+    outs: &[(String, String)],
+    w: &mut dyn Write,
+) -> io::Result<()> {
+    let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+    let mut by_name = BTreeMap::new();
+    for (id, json) in outs {
+        let name = id
+            .rsplit_once('!')
+            .map(|(_, n)| n)
+            .ok_or_else(|| bad(format!("output id '{id}' has no output name")))?;
+        let v: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| bad(format!("realisation of '{id}': {e}")))?;
+        let out = v
+            .get("outPath")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| bad(format!("realisation of '{id}' has no outPath")))?;
+        let out = StorePath::from_base_name(out).map_err(|e| bad(e.to_string()))?;
+        let sigs: BTreeSet<String> = v
+            .get("signatures")
+            .and_then(serde_json::Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(serde_json::Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        by_name.insert(name, (out, sigs));
+    }
+    w.u64(by_name.len() as u64)?;
+    for (name, (out, sigs)) in by_name {
+        w.str(name)?;
+        w.path(sd, &out)?;
+        w.strs(sigs.iter().map(String::as_str))?;
+    }
+    Ok(())
+}
+
+/// The inverse of [`write_built_outputs_by_name`]: ids with Nix's dummy hash, as Nix 2.35
+/// gives old clients (the derivation's hash no longer travels).
+fn read_built_outputs_by_name<R: BufRead>(
+    sd: &StoreDir,
+    r: &mut WireReader<R>,
+) -> Result<Vec<(String, String)>, Error> {
+    r.list("built outputs", |r| {
+        let name = r.string(MAX_NAME, "output name")?;
+        let out = r.path(sd, "output path")?;
+        let sigs = r.strings("signatures")?;
+        let id = format!("sha256:{}!{name}", "0".repeat(64));
+        let json = serde_json::json!({
+            "dependentRealisations": {},
+            "id": id,
+            "outPath": out.base_name(),
+            "signatures": sigs,
+        });
+        Ok((id, json.to_string()))
+    })
+}
+
 fn read_build_result<R: BufRead>(
     v: Proto,
+    sd: &StoreDir,
     r: &mut WireReader<R>,
 ) -> Result<WireBuildResult, Error> {
     let mut b = WireBuildResult {
@@ -1426,7 +1560,9 @@ fn read_build_result<R: BufRead>(
         b.cpu_user = read_opt_micros(r, "user CPU time")?;
         b.cpu_system = read_opt_micros(r, "system CPU time")?;
     }
-    if v.built_outputs() {
+    if v.has_feature(Feature::RealisationWithPathNotHash) {
+        b.built_outputs = read_built_outputs_by_name(sd, r)?;
+    } else if v.built_outputs() {
         b.built_outputs = read_built_outputs(r)?;
     }
     Ok(b)

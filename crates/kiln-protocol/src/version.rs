@@ -153,7 +153,10 @@ impl Features {
 
 /// The features kiln implements, both as a daemon and as a client: exactly those it
 /// advertises.
-pub const SUPPORTED_FEATURES: Features = Features(1 << Feature::DeleteDeadSpecificReferrers as u32);
+pub const SUPPORTED_FEATURES: Features = Features(
+    (1 << Feature::DeleteDeadSpecificReferrers as u32)
+        | (1 << Feature::RealisationWithPathNotHash as u32),
+);
 
 /// Where an operation exists: the Nix minor that introduced it and the one whose daemons
 /// (Nix 2.34 for 1.38) no longer have it, and whether Guix has it.

@@ -194,6 +194,18 @@ fn requests(v: Proto) -> Vec<Request> {
             root: "/home/u/result".into(),
         });
     }
+    if v.has_feature(Feature::RealisationWithPathNotHash) {
+        q.push(Request::RegisterBuildTrace {
+            drv: drv.clone(),
+            output: "out".into(),
+            out_path: p("o"),
+            signatures: BTreeSet::from(["k:c2ln".to_string()]),
+        });
+        q.push(Request::QueryBuildTrace {
+            drv: drv.clone(),
+            output: "dev".into(),
+        });
+    }
     if v.has_feature(Feature::DeleteDeadSpecificReferrers) {
         q.push(Request::CollectGarbage(GcRequest {
             action: GcAction::DeleteDead,
@@ -300,10 +312,24 @@ fn replies_round_trip_in_every_version() {
                         error_msg: "failed".into(),
                         times_built: 1,
                         cpu_user: v.cpu_times().then_some(1_500_000),
-                        built_outputs: vec![("sha256:00!out".into(), "{}".into())],
+                        built_outputs: vec![(
+                            "sha256:00!out".into(),
+                            format!(
+                                r#"{{"dependentRealisations":{{}},"id":"sha256:{}!out","outPath":"{}","signatures":["k:c2ln"]}}"#,
+                                "0".repeat(64),
+                                p("o").base_name()
+                            ),
+                        )],
                         ..Default::default()
                     },
                 )]),
+            ));
+        }
+        if v.has_feature(Feature::RealisationWithPathNotHash) {
+            cases.push((Op::QueryRealisation, Reply::BuildTrace(None)));
+            cases.push((
+                Op::QueryRealisation,
+                Reply::BuildTrace(Some((p("o"), BTreeSet::from(["k:c2ln".to_string()])))),
             ));
         }
         for (op, reply) in cases {

@@ -187,7 +187,16 @@ impl Session<'_> {
             Request::BuildDerivation { .. } => Err(unsupported("BuildDerivation")),
             // A builder is never trusted: the main dispatch refuses it as Nix does.
             req @ Request::AddPermRoot { .. } => self.dispatch(req, io),
-            Request::RegisterDrvOutput { .. } => Err(unsupported("RegisterDrvOutput")),
+            Request::RegisterDrvOutput { .. } | Request::RegisterBuildTrace { .. } => {
+                Err(unsupported("RegisterDrvOutput"))
+            }
+            Request::QueryBuildTrace { .. } => match self.dispatch(req, io)? {
+                // A recorded output the build may see.
+                Reply::BuildTrace(Some((p, sigs))) if rb.is_allowed(&p) => {
+                    Ok(Reply::BuildTrace(Some((p, sigs))))
+                }
+                _ => Ok(Reply::BuildTrace(None)),
+            },
             Request::ImportPaths => Err(unsupported("ImportPaths")),
             Request::QueryFailedPaths | Request::ClearFailedPaths(_) => {
                 Err(unsupported("failed-path cache"))
