@@ -11,6 +11,8 @@
 //!   its own requests only ([`client_settings`]); [`session`] performs its operations on
 //!   the store and the scheduler and turns build progress into the client's dialect
 //!   ([`progress`]).
+//! * [`serve_legacy`] speaks the serve protocol (`kiln store serve`, for `ssh://` stores) as
+//!   a front end over a trusted worker-protocol session of the same daemon.
 //! * Recursive builds (`recursive-nix`) get a socket of their own in the build, served by
 //!   the same daemon but restricted to what the build may see (`recursive`).
 //!
@@ -27,6 +29,7 @@ mod messages;
 pub mod peer;
 pub mod progress;
 mod recursive;
+pub mod serve_legacy;
 pub mod session;
 
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -333,27 +336,31 @@ impl Daemon {
     /// Serves one client on standard input and output (`kiln daemon --stdio`, as
     /// `nix-daemon --stdio` for `ssh-ng://`): the client is whoever started us, trusted.
     pub fn serve_stdio(&self) -> Result<(), Error> {
+        self.serve_trusted(Box::new(std::io::stdin()), Box::new(std::io::stdout()))
+    }
+
+    /// Serves one client, trusted as whoever started this process, on a reader and a
+    /// writer (standard input and output, or one end of a socket pair).
+    pub(crate) fn serve_trusted(
+        &self,
+        reader: Box<dyn std::io::Read + Send>,
+        writer: Box<dyn std::io::Write + Send>,
+    ) -> Result<(), Error> {
         let uid = rustix::process::getuid().as_raw();
         let gid = rustix::process::getgid().as_raw();
         let peer = Peer::from_ids(Some(std::process::id()), uid, gid);
         let backend = self.backend_for_connection()?;
         self.ensure_user_dirs(&backend, &peer);
-        let summary = kiln_protocol::serve(
-            Box::new(std::io::stdin()),
-            Box::new(std::io::stdout()),
-            None,
-            &self.protocol,
-            |hello| {
-                Ok(session::Session::new(
-                    self,
-                    backend.clone(),
-                    peer.clone(),
-                    Trust::Trusted,
-                    hello,
-                ))
-            },
-        )?;
-        tracing::debug!("{} operations on standard input", summary.ops);
+        let summary = kiln_protocol::serve(reader, writer, None, &self.protocol, |hello| {
+            Ok(session::Session::new(
+                self,
+                backend.clone(),
+                peer.clone(),
+                Trust::Trusted,
+                hello,
+            ))
+        })?;
+        tracing::debug!("{} operations from the trusted client", summary.ops);
         Ok(())
     }
 }

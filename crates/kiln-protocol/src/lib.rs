@@ -8,6 +8,7 @@
 //! * [`stderr`]: log lines, activities, results and errors sent while an operation runs.
 //! * [`server`]: the daemon side of a connection, generic over a [`server::Handler`].
 //! * [`client`]: the client side.
+//! * [`serve`]: the legacy serve protocol (`ssh://`, `nix-store --serve`).
 //!
 //! Reference: Nix 2.8.0 – 2.35's `worker-protocol.hh`, `daemon.cc` and `remote-store.cc`, and
 //! Guix's `nix-daemon.cc` and `guix/store.scm`; the exact layouts are noted where they are
@@ -19,6 +20,7 @@ pub mod client;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod ops;
+pub mod serve;
 pub mod server;
 pub mod stderr;
 pub mod version;

@@ -1077,7 +1077,7 @@ pub fn read_path_info<R: BufRead>(
 /// A `BasicDerivation` as `BuildDerivation` carries it: outputs as (name, path, method and
 /// algorithm, base16 hash), input sources, platform, builder, arguments, environment. No
 /// input derivations.
-fn read_basic_derivation<R: BufRead>(
+pub(crate) fn read_basic_derivation<R: BufRead>(
     sd: &StoreDir,
     name: String,
     r: &mut WireReader<R>,
@@ -1137,7 +1137,11 @@ fn read_basic_derivation<R: BufRead>(
     Ok(drv)
 }
 
-fn write_basic_derivation(sd: &StoreDir, drv: &Derivation, w: &mut impl Write) -> io::Result<()> {
+pub(crate) fn write_basic_derivation(
+    sd: &StoreDir,
+    drv: &Derivation,
+    w: &mut impl Write,
+) -> io::Result<()> {
     w.u64(drv.outputs.len() as u64)?;
     for (name, o) in &drv.outputs {
         w.str(name)?;
@@ -1587,7 +1591,7 @@ fn read_opt_micros<R: BufRead>(r: &mut WireReader<R>, what: &str) -> Result<Opti
     }
 }
 
-fn write_built_outputs(outs: &[(String, String)], w: &mut dyn Write) -> io::Result<()> {
+pub(crate) fn write_built_outputs(outs: &[(String, String)], w: &mut dyn Write) -> io::Result<()> {
     w.u64(outs.len() as u64)?;
     for (id, json) in outs {
         w.str(id)?;
@@ -1596,7 +1600,9 @@ fn write_built_outputs(outs: &[(String, String)], w: &mut dyn Write) -> io::Resu
     Ok(())
 }
 
-fn read_built_outputs<R: BufRead>(r: &mut WireReader<R>) -> Result<Vec<(String, String)>, Error> {
+pub(crate) fn read_built_outputs<R: BufRead>(
+    r: &mut WireReader<R>,
+) -> Result<Vec<(String, String)>, Error> {
     r.list("built outputs", |r| {
         Ok((
             r.string(MAX_NAME, "output id")?,

@@ -82,3 +82,15 @@ pub fn run(args: &StoreArgs, a: DaemonArgs) -> anyhow::Result<ExitCode> {
     daemon.run(listener)?;
     Ok(ExitCode::SUCCESS)
 }
+
+/// `kiln store serve [--write]`: the serve protocol on standard input and output.
+pub fn serve_legacy(args: &StoreArgs, write: bool) -> anyhow::Result<ExitCode> {
+    let (store, settings) = args.open()?;
+    let daemon = Daemon::new(Arc::new(store), settings, DaemonConfig::default());
+    daemon.serve_legacy(
+        Box::new(std::io::stdin()),
+        Box::new(std::io::stdout()),
+        write,
+    )?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -88,6 +88,14 @@ pub enum StoreCmd {
         #[arg(long)]
         also_referrers: bool,
     },
+    /// Speak the serve protocol on standard input and output, as `nix-store --serve` does
+    /// for `ssh://` stores and remote builders (point a machines-file entry's
+    /// `remote-program` at a wrapper that runs this).
+    Serve {
+        /// Allow adding paths and building (`--write`).
+        #[arg(long)]
+        write: bool,
+    },
     /// Deduplicate identical files with hard links.
     Optimise,
     /// Check the store: missing paths, and with --check-contents, modified ones.
@@ -253,6 +261,9 @@ fn print_report(r: &VerifyReport) {
 }
 
 pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
+    if let StoreCmd::Serve { write } = cmd {
+        return super::daemon::serve_legacy(args, write);
+    }
     let (store, _settings) = args.open()?;
     let mut out = BufWriter::new(std::io::stdout().lock());
     match cmd {
@@ -506,6 +517,7 @@ pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                 r.bytes_freed as f64 / (1 << 20) as f64
             )?;
         }
+        StoreCmd::Serve { .. } => unreachable!("served above"),
         StoreCmd::Optimise => {
             let s = optimise::optimise_store(&store)?;
             writeln!(

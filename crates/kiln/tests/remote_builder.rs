@@ -1,0 +1,320 @@
+//! kiln as a remote builder for Nix: a real `sshd` (Debian's openssh-server) on loopback
+//! with keys made for the run, Nix offloading a build to it through its machines setting,
+//! over `ssh://` (the serve protocol: `kiln store serve --write`) and `ssh-ng://` (the worker
+//! protocol: `kiln daemon --stdio`). Nix 2.8 runs here; Nix 2.34 runs in the sid root (a
+//! chroot, so that its build hook, which is Nix itself, can start). The remote's store is at
+//! the same logical path as the client's but elsewhere on disk (`--root`), as on another
+//! machine, and builds there in kiln's sandbox.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_testkit::{nix_or_skip, nix_required};
+
+struct Sshd {
+    child: Child,
+    port: u16,
+    key: PathBuf,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn have_sshd(test: &str) -> bool {
+    let ok = Path::new("/usr/sbin/sshd").exists() && rustix::process::geteuid().is_root();
+    if !ok {
+        assert!(
+            !nix_required(),
+            "{test}: KILN_REQUIRE_NIX is set but there is no /usr/sbin/sshd (openssh-server) or this is not root"
+        );
+        eprintln!("{test}: skipped, needs root and openssh-server");
+    }
+    ok
+}
+
+fn keygen(path: &Path) {
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", ""])
+        .arg("-f")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// An sshd on a free loopback port that lets the run's key log in as root.
+fn sshd(dir: &Path) -> Sshd {
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    keygen(&dir.join("hostkey"));
+    keygen(&dir.join("clientkey"));
+    std::fs::copy(dir.join("clientkey.pub"), dir.join("authorized_keys")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/hostkey\nAuthorizedKeysFile {d}/authorized_keys\n\
+             PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
+             PidFile {d}/sshd.pid\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("/usr/sbin/sshd")
+        .arg("-D")
+        .arg("-f")
+        .arg(&config)
+        .arg("-E")
+        .arg(dir.join("sshd.log"))
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "sshd did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Sshd {
+        child,
+        port,
+        key: dir.join("clientkey"),
+    }
+}
+
+/// The programs the machines' entries run on the remote: kiln on the remote's store, in
+/// its sandbox (the store's files are not at its logical path there).
+fn remote_programs(dir: &Path, remote_root: &Path, store: &Path) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let kiln = env!("CARGO_BIN_EXE_kiln");
+    let common = format!(
+        "{kiln} --root {} --store-dir {} --option sandbox true --option sandbox-paths '/bin /usr /lib /lib64?'",
+        remote_root.display(),
+        store.display()
+    );
+    let serve = dir.join("remote-serve");
+    std::fs::write(
+        &serve,
+        format!(
+            "#!/bin/sh\n# Run as 'remote-serve --serve --write' for ssh:// stores.\n\
+             w=; for a in \"$@\"; do [ \"$a\" = --write ] && w=--write; done\n\
+             exec {common} store serve $w\n"
+        ),
+    )
+    .unwrap();
+    let stdio = dir.join("remote-daemon");
+    std::fs::write(
+        &stdio,
+        format!("#!/bin/sh\n# Run as 'remote-daemon --stdio' for ssh-ng:// stores.\nexec {common} daemon --stdio\n"),
+    )
+    .unwrap();
+    for p in [&serve, &stdio] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    (serve, stdio)
+}
+
+const DRV: &str = r#"derivation {
+  name = "offloaded-TAG";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo TAG built remotely > $out; echo a line from the TAG builder" ];
+}"#;
+
+fn nix_conf(dir: &Path) -> PathBuf {
+    let conf = dir.join("conf");
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::write(
+        conf.join("nix.conf"),
+        "substituters =\nsandbox = false\nbuild-users-group =\nexperimental-features = nix-command\n",
+    )
+    .unwrap();
+    conf
+}
+
+/// Checks one offloaded build: the client has the output, the remote (kiln) built and
+/// holds it, the builder's output reached the client's terminal.
+fn check(out: &std::process::Output, tag: &str, remote_root: &Path, kiln_store: &Path) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{tag}: {stdout}\n{stderr}");
+    let path = stdout.trim();
+    assert!(path.ends_with(&format!("-offloaded-{tag}")), "{stdout}");
+    assert!(
+        stderr.contains(&format!("a line from the {tag} builder")),
+        "{stderr}"
+    );
+    let base = Path::new(path).file_name().unwrap();
+    let remote_copy = remote_root
+        .join(kiln_store.strip_prefix("/").unwrap())
+        .join(base);
+    assert_eq!(
+        std::fs::read_to_string(&remote_copy).unwrap(),
+        format!("{tag} built remotely\n")
+    );
+    // Registered in the remote's database, not only on its disk.
+    let st = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--root")
+        .arg(remote_root)
+        .arg("--store-dir")
+        .arg(kiln_store)
+        .args(["store", "path-info", path])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+}
+
+#[test]
+fn nix_2_8_offloads_to_kiln_over_ssh_and_ssh_ng() {
+    if !nix_or_skip("nix_2_8_offloads_to_kiln_over_ssh_and_ssh_ng")
+        || !have_sshd("nix_2_8_offloads_to_kiln_over_ssh_and_ssh_ng")
+    {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("kiln-remote-")
+        .tempdir()
+        .unwrap();
+    let d = dir.path();
+    let sshd = sshd(d);
+    let store = d.join("store");
+    let remote_root = d.join("remote");
+    let (serve, stdio) = remote_programs(d, &remote_root, &store);
+    let conf = nix_conf(d);
+    for (tag, uri) in [
+        (
+            "ssh",
+            format!("ssh://root@127.0.0.1?remote-program={}", serve.display()),
+        ),
+        (
+            "ssh-ng",
+            format!("ssh-ng://root@127.0.0.1?remote-program={}", stdio.display()),
+        ),
+    ] {
+        let file = d.join(format!("{tag}.nix"));
+        std::fs::write(&file, DRV.replace("TAG", tag)).unwrap();
+        let out = Command::new("nix-build")
+            .arg(&file)
+            .args(["--no-out-link", "--max-jobs", "0", "--builders"])
+            .arg(format!("{uri} x86_64-linux {} 1", sshd.key.display()))
+            .env("NIX_STORE_DIR", &store)
+            .env("NIX_STATE_DIR", d.join("state"))
+            .env("NIX_LOG_DIR", d.join("log"))
+            .env("NIX_CONF_DIR", &conf)
+            .env("NIX_REMOTE", "local")
+            .env(
+                "NIX_SSHOPTS",
+                format!(
+                    "-p {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+                    sshd.port
+                ),
+            )
+            .env_remove("NIX_PATH")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        check(&out, tag, &remote_root, &store);
+    }
+}
+
+/// `dir` seen at the same path inside `root` for as long as this lives.
+struct BindMount(PathBuf);
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn nix_2_34_offloads_to_kiln_over_ssh_and_ssh_ng() {
+    let test = "nix_2_34_offloads_to_kiln_over_ssh_and_ssh_ng";
+    if !have_sshd(test) {
+        return;
+    }
+    let root = std::env::var_os("KILN_SID_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/sid-root"));
+    if !root.join("usr/bin/nix-build").exists() || !root.join("usr/bin/ssh").exists() {
+        assert!(
+            !nix_required(),
+            "{test}: KILN_REQUIRE_NIX is set but the sid root lacks Nix 2.34 or ssh"
+        );
+        eprintln!("{test}: skipped, no sid root with Nix 2.34 and ssh");
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("kiln-remote-234-")
+        .tempdir()
+        .unwrap();
+    let d = dir.path();
+    let sshd = sshd(d);
+    // The client's store is this directory's `store` (seen inside the root through the
+    // bind mount); kiln's is at the same logical path but on disk under `remote`.
+    let store = d.join("store");
+    let remote_root = d.join("remote");
+    let (serve, stdio) = remote_programs(d, &remote_root, &store);
+    let conf = nix_conf(d);
+    let inside = root.join(d.strip_prefix("/").unwrap());
+    std::fs::create_dir_all(&inside).unwrap();
+    let mount = BindMount(inside.clone());
+    assert!(Command::new("mount")
+        .arg("--bind")
+        .arg(d)
+        .arg(&inside)
+        .status()
+        .unwrap()
+        .success());
+    for (tag, uri) in [
+        (
+            "ssh",
+            format!("ssh://root@127.0.0.1?remote-program={}", serve.display()),
+        ),
+        (
+            "ssh-ng",
+            format!("ssh-ng://root@127.0.0.1?remote-program={}", stdio.display()),
+        ),
+    ] {
+        let file = d.join(format!("{tag}-234.nix"));
+        std::fs::write(&file, DRV.replace("TAG", &format!("{tag}-234"))).unwrap();
+        let out = Command::new("chroot")
+            .arg(&root)
+            .arg("env")
+            .arg(format!("NIX_STORE_DIR={}", store.display()))
+            .arg(format!("NIX_STATE_DIR={}", d.join("state").display()))
+            .arg(format!("NIX_LOG_DIR={}", d.join("log").display()))
+            .arg(format!("NIX_CONF_DIR={}", conf.display()))
+            .arg("NIX_REMOTE=local")
+            .arg(format!("HOME={}", d.display()))
+            .arg(format!(
+                "NIX_SSHOPTS=-p {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+                sshd.port
+            ))
+            .arg("nix-build")
+            .arg(&file)
+            .args(["--no-out-link", "--max-jobs", "0", "--builders"])
+            .arg(format!("{uri} x86_64-linux {} 1", sshd.key.display()))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        check(&out, &format!("{tag}-234"), &remote_root, &store);
+    }
+    drop(mount);
+}
