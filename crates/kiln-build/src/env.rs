@@ -20,6 +20,8 @@ pub struct BuildFile {
 pub struct PreparedEnv {
     pub env: BTreeMap<String, String>,
     pub files: Vec<BuildFile>,
+    /// What the client should be warned about (attributes ignored, as Nix warns).
+    pub warnings: Vec<String>,
 }
 
 /// A closure (each path's info, references included), as `exportReferencesGraph` writes
@@ -172,6 +174,7 @@ pub fn prepare_env(i: &EnvInputs<'_>) -> Result<PreparedEnv> {
     env.insert("NIX_STORE".into(), i.store_dir.as_str().into());
     env.insert("NIX_BUILD_CORES".into(), i.cores.to_string());
     let mut files = Vec::new();
+    let mut warnings = Vec::new();
     let structured = drv.env.get("__json");
     match structured {
         None => {
@@ -217,6 +220,13 @@ pub fn prepare_env(i: &EnvInputs<'_>) -> Result<PreparedEnv> {
             // With structured attributes, `exportReferencesGraph` maps a name to paths, and
             // the name receives the closure's path information (as `nix path-info --json`
             // with closure sizes).
+            match m.get("exportReferencesGraph") {
+                None | Some(Value::Object(_)) => {}
+                Some(_) => warnings.push(
+                    "'exportReferencesGraph' in structured attrs is not a JSON object, ignoring"
+                        .into(),
+                ),
+            }
             if let Some(Value::Object(graphs)) = m.get("exportReferencesGraph").cloned() {
                 for (name, paths) in graphs {
                     let paths: Vec<&str> = match &paths {
@@ -267,6 +277,10 @@ pub fn prepare_env(i: &EnvInputs<'_>) -> Result<PreparedEnv> {
             }
         }
     }
+    // As Nix (2.8 and 2.34 alike): where builders send structured `@nix` log lines, and
+    // coloured output from the tools they run.
+    env.insert("NIX_LOG_FD".into(), "2".into());
+    env.insert("TERM".into(), "xterm-256color".into());
     if let Some(s) = drv
         .env
         .get("exportReferencesGraph")
@@ -314,7 +328,11 @@ pub fn prepare_env(i: &EnvInputs<'_>) -> Result<PreparedEnv> {
             });
         }
     }
-    Ok(PreparedEnv { env, files })
+    Ok(PreparedEnv {
+        env,
+        files,
+        warnings,
+    })
 }
 
 #[cfg(test)]

@@ -44,6 +44,8 @@ pub enum BuildMode {
 /// What a job reports while it runs.
 #[derive(Debug, Clone)]
 pub enum JobEvent {
+    /// A warning for the clients waiting for the build (not part of its log).
+    Warning(String),
     Started {
         pid: i32,
         log_file: String,
@@ -884,7 +886,25 @@ fn build_round(
                 sd.display(&p.path),
             );
         }
-        let impure = |v: &str| std::env::var(v).ok();
+        if !spec.settings.impure_env.is_empty()
+            && !drv.is_sandboxed()
+            && !spec
+                .settings
+                .experimental_features
+                .contains("configurable-impure-env")
+        {
+            return Err(Failure::new(
+                BuildStatus::MiscFailure,
+                "experimental Nix feature 'configurable-impure-env' is disabled; use '--extra-experimental-features configurable-impure-env' to override",
+            ));
+        }
+        let impure = |v: &str| {
+            spec.settings
+                .impure_env
+                .get(v)
+                .cloned()
+                .or_else(|| std::env::var(v).ok())
+        };
         let graph = |p: &StorePath| export_graph(store, p);
         let prepared = prepare_env(&EnvInputs {
             drv,
@@ -900,6 +920,9 @@ fn build_round(
             f.kinds.permanent = true;
             f
         })?;
+        for w in &prepared.warnings {
+            (spec.events)(JobEvent::Warning(w.clone()));
+        }
         for f in &prepared.files {
             let contents =
                 rewrite::rewrite_str(&String::from_utf8_lossy(&f.contents), &rw).into_bytes();
@@ -934,6 +957,18 @@ fn build_round(
             }
             None => None,
         };
+        // `builtin:fetchurl` refuses to fetch for a derivation whose output nothing checks
+        // (neither fixed-output nor impure), as Nix's does; it learns which from here.
+        if drv.builder.starts_with("builtin:") {
+            let kind = if drv.is_fixed_output() {
+                "fixed-output"
+            } else if drv.is_impure() {
+                "impure"
+            } else {
+                "input-addressed"
+            };
+            env.insert("KILN_DERIVATION_KIND".into(), kind.into());
+        }
         // `builtin:fetchurl` (kiln's own code) learns the hashed mirrors from the daemon.
         if drv.builder.starts_with("builtin:") && !spec.settings.hashed_mirrors.is_empty() {
             env.insert(
@@ -975,7 +1010,7 @@ fn build_round(
         let personality = (drv.platform == "i686-linux" && spec.settings.system == "x86_64-linux"
             || drv.platform == "armhf-linux" && spec.settings.system == "aarch64-linux")
             .then_some(0x0008u64);
-        let log = if spec.settings.keep_build_log {
+        let mut log = if spec.settings.keep_build_log {
             Some(
                 LogWriter::create(
                     &store.layout().log_dir,
@@ -1024,8 +1059,31 @@ fn build_round(
             cgroup: cgroup_procs,
             seccomp: spec.settings.filter_syscalls,
             no_new_privs: !spec.settings.allow_new_privileges,
-        })
-        .map_err(Failure::misc)?;
+        });
+        let child = match child {
+            Ok(c) => c,
+            // As Nix: a builder that cannot be executed is a builder that failed (exit
+            // code 1, the reason in its log), not a fault of the daemon's set-up.
+            Err(kiln_sandbox::Error::Setup { step, source }) if step == "executing the builder" => {
+                let why = source.to_string();
+                let why = why.split(" (os error").next().unwrap_or(&why).to_string();
+                let line = format!("error: executing '{}': {why}", drv.builder);
+                if let Some((w, _)) = log.as_mut() {
+                    let _ = w.write(format!("{line}\n").as_bytes());
+                }
+                (spec.events)(JobEvent::Log(Arc::from(format!("{line}\n").into_bytes())));
+                keep_dir = spec.settings.keep_failed;
+                let status = "failed with exit code 1".to_string();
+                let log_tail = vec![line];
+                let mut f = Failure::new(
+                    BuildStatus::PermanentFailure,
+                    format!("builder for '{drv_abs}' {status}{}", suffix(&log_tail)),
+                );
+                f.detail = Some(crate::result::FailureDetail::Builder { status, log_tail });
+                return Err(f);
+            }
+            Err(e) => return Err(Failure::misc(e)),
+        };
         ctl.pid.store(child.pid, Ordering::SeqCst);
         let serving = match (recursive, recursive_socket, &spec.recursive) {
             (Some(rb), Some(listener), Some(server)) => serve_recursive(
@@ -1700,6 +1758,19 @@ fn register_output(
             }
         };
         if got != f.hash {
+            // Nix makes the output's path from what was built, references included, before
+            // it compares hashes, and only `sha256` recursive outputs may have references:
+            // an output that refers to store paths is that error, not a hash mismatch.
+            if !(f.method == FileIngestionMethod::Recursive && f.hash.algo() == HashAlgo::Sha256) {
+                let mut refs = RefScanner::new(all_paths.iter().map(|p| p.hash_part()));
+                nar::dump(&actual, &mut refs).map_err(Failure::misc)?;
+                if refs.found().next().is_some() {
+                    return Err(rejected(format!(
+                        "fixed output derivation '{}' is not allowed to refer to other store paths.\nYou may need to use the 'unsafeDiscardReferences' derivation attribute, see the manual for more details.",
+                        plan.path.name()
+                    )));
+                }
+            }
             keep_mismatched_fixed_output(spec, plan, &actual, f.method, &got);
             let mut fl = rejected(format!(
                 "hash mismatch in fixed-output derivation '{drv_abs}':\n  specified: {}\n     got:    {}",

@@ -1940,6 +1940,10 @@ impl Worker {
                 let pid = 0;
                 Event::BuildLog { drv, pid, data }
             }
+            JobEvent::Warning(text) => Event::Message {
+                level: 1,
+                text: format!("warning: {text}"),
+            },
         };
         self.emit(id, ev);
     }

@@ -85,6 +85,9 @@ pub struct BuildSettings {
     pub auto_optimise: bool,
     /// Mirrors `builtin:fetchurl` tries first for a fixed-output hash.
     pub hashed_mirrors: Vec<String>,
+    /// `impure-env`: values for the `impureEnvVars` of fixed-output builds, before the
+    /// daemon's own environment.
+    pub impure_env: std::collections::BTreeMap<String, String>,
     /// Who asked (for `keep-failed` ownership): never root.
     pub client: Option<(u32, u32)>,
     /// The caches this request substitutes from and the keys it trusts.
@@ -189,6 +192,12 @@ impl BuildSettings {
             secret_key_files: s.get_list("secret-key-files"),
             auto_optimise: s.get_bool("auto-optimise-store"),
             hashed_mirrors: s.get_list("hashed-mirrors"),
+            impure_env: s
+                .get_list("impure-env")
+                .iter()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             client: None,
             subst: std::sync::Arc::new(subst_config(s)),
         }

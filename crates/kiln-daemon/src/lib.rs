@@ -73,11 +73,10 @@ impl Default for DaemonConfig {
     fn default() -> Self {
         DaemonConfig {
             max_connections: 1024,
-            version_string: format!(
-                "{} (kiln {})",
-                kiln_protocol::version::NIX_COMPAT_VERSION,
-                env!("CARGO_PKG_VERSION")
-            ),
+            // The Nix version whose protocol and behaviour kiln reproduces, as one word:
+            // clients and Nix's own tests read it as a version (`nix store info --json`);
+            // kiln names itself in its log and in `kiln --version`.
+            version_string: kiln_protocol::version::NIX_COMPAT_VERSION.to_string(),
         }
     }
 }

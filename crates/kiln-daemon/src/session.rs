@@ -232,18 +232,35 @@ impl<'d> Session<'d> {
         )))
     }
 
-    fn to_targets(&self, paths: &[DerivedPath]) -> Vec<Target> {
+    /// What a build request names, checked as Nix checks it when it makes the goals: a
+    /// derivation in the store must have every output named.
+    fn to_targets(&self, paths: &[DerivedPath]) -> Result<Vec<Target>, RemoteError> {
+        let sd = self.store().store_dir();
         paths
             .iter()
             .map(|p| match p {
-                DerivedPath::Opaque(p) => Target::Path(p.clone()),
-                DerivedPath::Built { drv, outputs } => Target::Derivation {
-                    drv: drv.clone(),
-                    outputs: match outputs {
+                DerivedPath::Opaque(p) => Ok(Target::Path(p.clone())),
+                DerivedPath::Built { drv, outputs } => {
+                    let outputs = match outputs {
                         OutputSpec::All => BTreeSet::new(),
                         OutputSpec::Names(n) => n.clone(),
-                    },
-                },
+                    };
+                    if !outputs.is_empty() {
+                        // One that is not there yet is the scheduler's to report.
+                        if let Ok(d) = self.store().read_derivation(drv) {
+                            if let Some(o) = outputs.iter().find(|o| !d.outputs.contains_key(*o)) {
+                                return Err(remote(format!(
+                                    "derivation '{}' does not have output '{o}'",
+                                    sd.display(drv)
+                                )));
+                            }
+                        }
+                    }
+                    Ok(Target::Derivation {
+                        drv: drv.clone(),
+                        outputs,
+                    })
+                }
             })
             .collect()
     }
@@ -942,7 +959,7 @@ impl Session<'_> {
                         "repairing is not allowed because you are not in 'trusted-users'",
                     ));
                 }
-                let targets = self.to_targets(&paths);
+                let targets = self.to_targets(&paths)?;
                 let r = self.realise(targets, mode, io)?;
                 if r.success() {
                     Ok(Reply::Int(1))
@@ -956,7 +973,7 @@ impl Session<'_> {
                         "repairing is not allowed because you are not in 'trusted-users'",
                     ));
                 }
-                let targets = self.to_targets(&paths);
+                let targets = self.to_targets(&paths)?;
                 let r = self.realise(targets, mode, io)?;
                 Ok(Reply::BuildResults(
                     paths

@@ -99,11 +99,18 @@ fn untrusted_client_side() {
         Reply::Bool(false)
     ));
     // An unsigned realisation would decide which path another user's content-addressed
-    // build uses: refused (Nix 2.8 would record it).
+    // build uses: refused (Nix 2.8 would record it), in the hash-keyed form (1.37) and in
+    // Nix 2.35's form keyed by derivation path.
+    let mut old = kiln_protocol::Client::connect_as(
+        Path::new(&socket),
+        sd.clone(),
+        kiln_protocol::Version(0x125),
+    )
+    .unwrap();
     let id = kiln_format::realisation::DrvOutput::new(Hash::sha256(b"some drv"), "out");
     let r = kiln_format::realisation::Realisation::new(id.clone(), drv_path.clone());
     let e = err(
-        &mut c,
+        &mut old,
         Request::RegisterDrvOutput {
             realisation: r.to_json(),
             out_path: None,
@@ -112,10 +119,21 @@ fn untrusted_client_side() {
     );
     assert!(e.contains("lacks a valid signature"), "{e}");
     assert!(matches!(
-        c.request(&Request::QueryRealisation(id.to_string()), None, &mut |_| {})
+        old.request(&Request::QueryRealisation(id.to_string()), None, &mut |_| {})
             .unwrap(),
         Reply::Strings(v) if v.is_empty()
     ));
+    let e = err(
+        &mut c,
+        Request::RegisterBuildTrace {
+            drv: drv_path.clone(),
+            output: "out".into(),
+            out_path: drv_path.clone(),
+            signatures: Default::default(),
+        },
+        None,
+    );
+    assert!(e.contains("lacks a valid signature"), "{e}");
     // Building is allowed, and so is asking for roots, which come censored.
     assert!(matches!(
         c.request(&build_req(&drv_path, BuildMode::Normal), None, &mut |_| {})

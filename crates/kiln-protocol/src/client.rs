@@ -157,6 +157,26 @@ impl Client {
                 self.proto
             )));
         }
+        // Realisations travel in one of two forms, decided by the feature negotiated.
+        let keyed_by_path = self
+            .proto
+            .has_feature(crate::version::Feature::RealisationWithPathNotHash);
+        let path_form = matches!(
+            req,
+            Request::RegisterBuildTrace { .. } | Request::QueryBuildTrace { .. }
+        );
+        let hash_form = matches!(
+            req,
+            Request::RegisterDrvOutput { .. } | Request::QueryRealisation(_)
+        );
+        if (path_form && !keyed_by_path) || (hash_form && keyed_by_path) {
+            return Err(Error::Protocol(format!(
+                "{} in this form needs a connection {} realisation-with-path-not-hash ({})",
+                req.op().name(),
+                if path_form { "with" } else { "without" },
+                self.proto
+            )));
+        }
         req.write(self.proto, &self.store_dir, &mut self.w)?;
         let kind = req.data_stream(self.proto);
         let mut data = data;

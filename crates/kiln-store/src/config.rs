@@ -632,6 +632,13 @@ pub const SETTINGS: &[Def] = &[
         help: "keys to sign locally built paths with",
     },
     Def {
+        name: "impure-env",
+        aliases: &[],
+        kind: Kind::List,
+        default: "",
+        help: "NAME=VALUE pairs given to fixed-output builds that list NAME in impureEnvVars (experimental configurable-impure-env)",
+    },
+    Def {
         name: "hashed-mirrors",
         aliases: &[],
         kind: Kind::List,

@@ -86,6 +86,13 @@ pub fn run(name: &str) -> anyhow::Result<ExitCode> {
         "unpack-channel" => return super::unpack_channel::run(),
         other => bail!("unsupported builtin function '{other}'"),
     }
+    // What it fetches is trusted only because a hash checks it afterwards (or the
+    // derivation is impure, so nothing depends on its being reproducible).
+    if let Ok(kind) = std::env::var("KILN_DERIVATION_KIND") {
+        if kind != "fixed-output" && kind != "impure" {
+            bail!("'builtin:fetchurl' must be a fixed-output or impure derivation");
+        }
+    }
     let out = std::env::var("out").context("the derivation has no 'out'")?;
     let mut last = None;
     let mirrors = hashed_mirror_urls();

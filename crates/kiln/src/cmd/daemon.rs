@@ -76,7 +76,12 @@ pub fn run(args: &StoreArgs, a: DaemonArgs) -> anyhow::Result<ExitCode> {
             .context("starting the signal thread")?;
     }
     match &socket {
-        Some(s) => tracing::info!("listening on {}", s.display()),
+        Some(s) => tracing::info!(
+            "kiln {} listening on {} (Nix clients see {})",
+            env!("CARGO_PKG_VERSION"),
+            s.display(),
+            kiln_protocol::version::NIX_COMPAT_VERSION
+        ),
         None => tracing::info!("listening on the socket passed by the service manager"),
     }
     daemon.run(listener)?;
