@@ -8,17 +8,22 @@ Nix 2.34.8 client of a Debian sid root and a chosen daemon behind it:
 How it runs
 -----------
 The 2.34 client and its tools (bash, coreutils, git, jq, busybox, ...) come from the Debian
-sid root made by shared/tools/sid-root.sh (default /var/tmp/sid-root, or $SID_ROOT). Each test
-runs in a fresh mount and PID namespace whose root is that tree, entered with pivot_root
-rather than chroot: the kernel refuses user namespaces to a chrooted process (the test
-scripts' own `unshare --user`, Nix's sandbox, kiln's builds), but not to one whose root is
-the root of its mount namespace. So both daemons run inside the same tree as the client,
+sid root made by .ci/sid-root.sh (default /var/tmp/sid-root, or $SID_ROOT or $KILN_SID_ROOT;
+made if missing). Each test runs in a fresh mount and PID namespace whose root is that tree,
+entered with pivot_root rather than chroot: the kernel refuses user namespaces to a chrooted
+process (the test scripts' own `unshare --user`, Nix's sandbox, kiln's builds), but not to one
+whose root is the root of its mount namespace. So both daemons run inside the same tree as the client,
 with every path (store, state, logs, socket) the same for both sides and no bind mount on
 the host: everything mounted for a test (the root bound on itself, a /proc for its PID
 namespace, /sys, /dev) is private to its namespace and vanishes with it, and so does every
 process the test leaves behind (the PID namespace dies with its first process). kiln is a
-copy of target/release/kiln (or $KILN_BIN) placed in the work directory; it is linked only
-against glibc, which sid's is newer than.
+copy of target/release/kiln (or $KILN_BIN) placed in the work directory (so a rebuild during
+a run changes nothing); the libraries it links (glibc, libgcc_s, liblzma) are in the sid root
+in newer versions. Running kiln outside the root instead would need its socket, store, state
+and log directories bind-mounted into the root at the same paths, and a way for the test
+(which starts and restarts the daemon itself, e.g. after editing nix.conf) to start a process
+outside; running the client outside through sid's loader breaks whatever Nix re-executes
+through /proc/self/exe (the build hook, nix-shell, nix develop).
 
 The suite starts the daemon itself when NIX_DAEMON_PACKAGE is set (common.sh): it runs
 `$NIX_DAEMON_PACKAGE/bin/nix daemon` on $NIX_DAEMON_SOCKET_PATH after init.sh has made the
@@ -34,15 +39,26 @@ would generate (common/subst-vars.sh, config.nix, ca/config.nix, dyn-drv/config.
 written into a build directory next to a copy of the sources. Exit 0 is PASS, 77 SKIP, any
 other FAIL.
 
+As in upstream's test derivation, the environment has NIX_STORE, stdenv's $shell and $out
+(some tests use them), and $busybox (the sandbox shell, which hermetic.nix and build-hook.nix use as
+builder) is a static busybox with only ash that runs when called as <hash>-busybox: it is built
+from Debian's busybox source with nixpkgs' one-line change (see sandbox_shell()), as Debian's
+busybox-static answers "applet not found" there.
+
+The suite should come from Debian's source package of the client (nix 2.34.8+dfsg-1). Where
+the package archive no longer serves it (its sid index still lists it, its pool answers 404),
+upstream's tag 2.34.8 does the same job: pass --src with that tree or a tarball of it.
+
     --tests T ...           run these (names as listed: build.sh, ca/build.sh, flakes/run.sh)
     --baseline FILE         compare with the tests that passed with nix-daemon 2.34.8 (only
                             those are run unless --tests is given; exit 1 if one fails that
                             is not in --known-failures)
     --write-baseline FILE   record the tests that passed, and those not passing with the reason
     --logs DIR              where each test's log goes (default target/nix-2.34-logs/DAEMON)
-    --src DIR               an unpacked Nix 2.34.8 source tree (default target/nix-2.34-src/
-                            nix-2.34.8, fetched with `apt-get source nix` inside the sid root,
-                            which gets a deb-src line mirroring its deb line)
+    --src DIR|TARBALL       Nix 2.34.8's source tree, or a tarball of it (default target/
+                            nix-2.34-src/nix-2.34.8, fetched with `apt-get source nix` inside the
+                            sid root, which gets a deb-src line mirroring its deb line); only
+                            tests/functional, scripts/ and .version are used
 
 Needs root (namespaces, pivot_root, apt in the sid root). Nix's files are used in place and
 never committed.
@@ -60,7 +76,7 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SID = os.environ.get("SID_ROOT", "/var/tmp/sid-root")
+SID = os.environ.get("SID_ROOT") or os.environ.get("KILN_SID_ROOT") or "/var/tmp/sid-root"
 VERSION = "2.34.8"
 APT = ["apt-get", "-q", "-o", "Acquire::Check-Valid-Until=false"]
 # What the suite calls beyond Nix, bash and coreutils (upstream's test derivation has jq, git,
@@ -79,18 +95,34 @@ NOT_BUILT = {
     "plugins.sh": "needs libplugintest, a plugin meson builds against libnixexpr (not built here)",
 }
 
+# Why tests that fail with nix-daemon 2.34.8 here do (for the baseline's comments).
+ENVIRONMENT = {
+    "nested-sandboxing.sh": "it runs nix inside a sandbox given only /nix/store and "
+        "$(dirname $bindir)=/usr, assuming Nix and its closure live in /nix/store (upstream skips it "
+        "without /nix/store; sid's root has an empty one): there Debian's dynamically linked "
+        "/usr/bin/bash finds no /lib64/ld-linux-x86-64.so.2 (\"error: executing '/usr/bin/bash': No "
+        "such file or directory\")",
+}
+# More about tests the suite skips here.
+SKIP_NOTES = {
+    "help.sh": "; past that check it skips anyway: \"we don't know whether we built the manpages, so "
+               "we can't reliably test them here\"",
+}
+
 
 def chroot(*cmd, **kw):
     return subprocess.run(["chroot", SID, *cmd], **kw)
 
 
 def prepare_root():
-    """Makes the sid root if missing (shared/tools/sid-root.sh), then adds what the tests
-    need into it: the tools above and the user `nixtest`. Returns that user's uid and gid."""
+    """Makes the sid root if missing (.ci/sid-root.sh, a copy of shared/tools/sid-root.sh),
+    then adds what the tests need into it: the tools above and the user `nixtest`. Returns
+    that user's uid and gid."""
     if not os.access(os.path.join(SID, "usr/bin/nix-daemon"), os.X_OK):
-        tool = os.environ.get("SID_ROOT_SCRIPT") or os.path.join(ROOT, "..", "shared", "tools", "sid-root.sh")
-        if not os.path.exists(tool):
-            raise SystemExit(f"no Debian sid root at {SID} and no {tool} to make one")
+        tools = [os.path.join(ROOT, ".ci", "sid-root.sh"), os.path.join(ROOT, "..", "shared", "tools", "sid-root.sh")]
+        tool = next((t for t in tools if os.path.exists(t)), None)
+        if tool is None:
+            raise SystemExit(f"no Debian sid root at {SID} and no sid-root.sh to make one")
         subprocess.run(["bash", tool], check=True, env=dict(os.environ, SID_ROOT=SID), stdout=subprocess.DEVNULL)
     missing = sorted({pkg for cmd, pkg in ROOT_PACKAGES.items()
                       if not any(os.path.exists(os.path.join(SID, d, cmd)) for d in ["usr/bin", "usr/sbin", "bin"])})
@@ -200,6 +232,20 @@ def sandbox_shell():
     return out
 
 
+def unpack(src):
+    """--src: a source tree, or a tarball of one (its top directory nix-2.34.8/ holding at least
+    tests/functional, scripts and .version), unpacked into target/nix-2.34-src/."""
+    src = os.path.abspath(src)
+    if os.path.isdir(src):
+        return src
+    dest = os.path.join(ROOT, "target", "nix-2.34-src")
+    os.makedirs(dest, exist_ok=True)
+    top = subprocess.run(["tar", "tf", src], capture_output=True, text=True, check=True).stdout.split("/", 1)[0]
+    shutil.rmtree(os.path.join(dest, top), ignore_errors=True)
+    subprocess.run(["tar", "xf", src, "-C", dest], check=True)
+    return os.path.join(dest, top)
+
+
 def test_list(src):
     """The tests meson would run: every suite of tests/functional/meson.build and its subdirs,
     as (name relative to tests/functional, suite, directory relative to tests/functional)."""
@@ -280,6 +326,9 @@ def prepare(src, work, daemon, uid, gid, busybox):
             raise SystemExit(f"no {kiln}: cargo build --release -p kiln")
         os.makedirs(os.path.join(pkg, "libexec"))
         shutil.copy(kiln, os.path.join(pkg, "libexec", "kiln"))
+        if chroot(os.path.join(inside, "daemon-package", "libexec", "kiln"), "--version",
+                  capture_output=True).returncode != 0:
+            raise SystemExit(f"{kiln} does not run inside {SID} (missing libraries?)")
         open(nix, "w").write(KILN_WRAPPER.replace("{version}", VERSION)
                              .replace("{kiln}", os.path.join(inside, "daemon-package", "libexec", "kiln")))
         os.chmod(nix, 0o755)
@@ -316,9 +365,10 @@ def run_one(inside, test, timeout, uid, gid):
         "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
         "HOME": "/home/nixtest", "USER": "nixtest", "LOGNAME": "nixtest", "LANG": "C.UTF-8",
         "TMPDIR": f"{inside}/tmp",
-        # What a Nix build environment (where upstream runs the suite) always has; some tests
-        # use stdenv's $shell.
-        "NIX_STORE": "/nix/store", "shell": "/usr/bin/bash",
+        # What the Nix build environment upstream runs the suite in always has: some tests use
+        # stdenv's $shell, and structured-attrs.sh expects `nix develop` to pass on the
+        # caller's $out (upstream marks that line TODO_NixOS, where $out is unset).
+        "NIX_STORE": "/nix/store", "shell": "/usr/bin/bash", "out": f"{inside}/out",
         # What meson sets (tests/functional/meson.build).
         "_NIX_TEST_SOURCE_DIR": src, "_NIX_TEST_BUILD_DIR": f"{inside}/build",
         "TEST_SUITE_NAME": suite, "TEST_NAME": os.path.relpath(name, d)[:-3], "NIX_REMOTE": "",
@@ -355,16 +405,40 @@ def run_one(inside, test, timeout, uid, gid):
 
 
 def reason(status, log):
-    """One line saying why a test did not pass, from its log."""
-    lines = [l for l in log.splitlines() if not l.startswith("+")]
+    """One line saying why a test did not pass, from its log: the skip message, or where it
+    failed (onError's innermost frame), the command there, and the error printed after it."""
+    lines = log.splitlines()
+    plain = [l for l in lines if not l.startswith("+")]
     if status == "SKIP":
-        hits = [l for l in lines if "skipping this test" in l]
+        hits = [l for l in plain if "skipping this test" in l]
         return hits[-1].replace(", skipping this test...", "") if hits else "skipped"
-    for pat in [r"timed out after", r"^test failed", r"^error:|\berror:", r"Expected exit code", r"FAIL|fail"]:
-        hits = [l.strip() for l in lines if re.search(pat, l)]
-        if hits:
-            return hits[-1][:200]
-    return (lines[-1] if lines else "no output")[:200]
+    if "timed out after" in log:
+        return [l for l in lines if "timed out after" in l][-1].strip()
+    at = [i for i, l in enumerate(lines) if l.endswith("test failed at:")]
+    if not at or at[-1] + 1 >= len(lines):
+        errs = [l.strip() for l in plain if re.search(r"error:|^test failed|Expected exit code", l)]
+        return (errs or plain or ["no output"])[-1][:300]
+    end = at[-1]
+    loc = lines[end + 1].strip().split(" in ")[-1]
+    # The trace lines of that line (a pipeline has several), back to one of another line
+    # of the same file.
+    file = loc.rsplit(":", 1)[0]
+    cmds, cmd_at = [], 0
+    for i in range(end - 1, -1, -1):
+        m = re.match(r"\+*\(([^)]*):(\d+)\) (.*)", lines[i])
+        if not m or m.group(3) == "onError" or not (m.group(1) == file or m.group(1).endswith("/" + file)):
+            continue
+        if f"{m.group(1)}:{m.group(2)}".endswith(loc):
+            cmds.insert(0, m.group(3))
+            cmd_at = i
+        elif cmds:
+            break
+    cmd = " | ".join(dict.fromkeys(cmds))
+    errs = [l.strip() for l in lines[cmd_at:end]
+            if not l.startswith("+") and re.search(r"error:|^test failed|Expected exit code", l)
+            and "error (ignored)" not in l]
+    out = f"{loc}: {cmd[:160]}"
+    return out + (f" -> {errs[-1][:240]}" if errs else "")
 
 
 def main():
@@ -380,11 +454,20 @@ def main():
                    "with the reason after '#': reported, not fatal")
     p.add_argument("--logs")
     p.add_argument("--verbose", action="store_true", help="print the log of every failing test")
+    p.add_argument("--if-source-available", action="store_true",
+                   help="when Nix's source cannot be had (Debian's archive has answered 404 for "
+                   "nix 2.34.8's source here), say so and exit 0 instead of failing")
     a = p.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root: each test runs in its own mount and PID namespace")
     uid, gid = prepare_root()
-    src = os.path.abspath(a.src) if a.src else fetch_source()
+    try:
+        src = unpack(a.src) if a.src else fetch_source()
+    except SystemExit as e:
+        if not a.if_source_available:
+            raise
+        print(f"NOT RUN: Nix {VERSION}'s functional suite: {e}", flush=True)
+        return 0
     client = chroot("nix", "--version", capture_output=True, text=True).stdout.strip()
     if not client.endswith(open(os.path.join(src, ".version")).read().strip()):
         print(f"warning: the client is {client!r}, the suite is {src}", file=sys.stderr)
@@ -436,11 +519,21 @@ def main():
     if a.write_baseline:
         with open(a.write_baseline, "w") as f:
             f.write(f"# Tests of Nix {VERSION}'s functional suite that pass with nix-daemon {VERSION} here\n"
-                    f"# (tests/nix-functional/run-2.34.py --daemon nix --write-baseline FILE).\n#\n")
+                    f"# (tests/nix-functional/run-2.34.py --daemon nix --write-baseline FILE), the suite being\n"
+                    + ("# Debian's source package.\n#\n" if os.path.isdir(os.path.join(src, "debian")) else
+                       f"# upstream's tree at tag {VERSION} (Debian's source package was not to be had).\n#\n"))
             for n in not_built:
                 f.write(f"# not run here: {n} — {NOT_BUILT[os.path.basename(n)]}\n")
             for n in sorted(why):
-                f.write(f"# not run here: {n} — {results[n].lower()}s with nix-daemon {VERSION}: {why[n]}\n")
+                if n in ENVIRONMENT:
+                    w = f"fails with nix-daemon {VERSION} too: {ENVIRONMENT[n]} ({why[n]})"
+                elif results[n] == "SKIP" and why[n].startswith("Can't run through the daemon"):
+                    w = "the suite skips it when testing a daemon: " + why[n]
+                elif results[n] == "SKIP":
+                    w = "the suite skips it: " + why[n] + SKIP_NOTES.get(n, "")
+                else:
+                    w = f"fails with nix-daemon {VERSION}: {why[n]}"
+                f.write(f"# not run here: {n} — {w}\n")
             f.write("\n".join(passed) + "\n")
     if a.baseline:
         known = {}
