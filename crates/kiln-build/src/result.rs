@@ -110,6 +110,8 @@ pub enum FailureDetail {
     },
     /// This many of its inputs could not be built or substituted.
     Dependencies(usize),
+    /// It could only be built here, and `max-jobs` is 0.
+    LocalBuildsDisabled,
 }
 
 /// The result of building (or substituting) one derivation or path.
@@ -127,6 +129,9 @@ pub struct BuildResult {
     pub failure: FailureKinds,
     /// What failed, when the message above has a structure clients render.
     pub detail: Option<FailureDetail>,
+    /// Never finished: its request was given up (another build failed, without
+    /// `keep-going`), so there is nothing to report of it.
+    pub cancelled: bool,
     /// CPU time of the build's processes (sent to Nix clients from protocol 1.37 on).
     pub cpu_user: Option<std::time::Duration>,
     pub cpu_system: Option<std::time::Duration>,
@@ -147,6 +152,7 @@ impl BuildResult {
             outputs: BTreeMap::new(),
             failure: FailureKinds::default(),
             detail: None,
+            cancelled: false,
             cpu_user: None,
             cpu_system: None,
             memory_peak: None,

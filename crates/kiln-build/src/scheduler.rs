@@ -623,10 +623,13 @@ impl Worker {
         }
         if let Some(r) = self.requests.get_mut(&id) {
             for res in r.results.iter_mut().filter(|x| x.is_none()) {
-                *res = Some(BuildResult::failed(
-                    BuildStatus::MiscFailure,
-                    reason.unwrap_or("build was cancelled"),
-                ));
+                *res = Some(BuildResult {
+                    cancelled: true,
+                    ..BuildResult::failed(
+                        BuildStatus::MiscFailure,
+                        reason.unwrap_or("build was cancelled"),
+                    )
+                });
             }
         }
         self.finish_request(id);
@@ -995,9 +998,20 @@ impl Worker {
             return;
         }
         let stuck: Vec<GoalId> = self.wanting_to_build.iter().map(|(_, id)| *id).collect();
+        let disabled = self.max_jobs() == 0;
         for id in stuck {
             self.wanting_to_build.retain(|(_, g)| *g != id);
-            self.fail_drv(id, BuildStatus::MiscFailure, "unable to start any build; either increase '--max-jobs' or enable distributed builds".into());
+            let msg = "unable to start any build; either increase '--max-jobs' or enable distributed builds";
+            if disabled {
+                self.fail_drv_with(
+                    id,
+                    BuildStatus::MiscFailure,
+                    msg.into(),
+                    Some(crate::result::FailureDetail::LocalBuildsDisabled),
+                );
+            } else {
+                self.fail_drv(id, BuildStatus::MiscFailure, msg.into());
+            }
         }
         let waiting: Vec<GoalId> = std::mem::take(&mut self.waiting_for_any_goal);
         for id in waiting {
@@ -1044,6 +1058,16 @@ impl Worker {
     }
 
     fn fail_drv(&mut self, id: GoalId, status: BuildStatus, msg: String) {
+        self.fail_drv_with(id, status, msg, None)
+    }
+
+    fn fail_drv_with(
+        &mut self,
+        id: GoalId,
+        status: BuildStatus,
+        msg: String,
+        detail: Option<crate::result::FailureDetail>,
+    ) {
         if let Some(d) = self.drv_mut(id) {
             d.locks.clear();
             let drv = d.drv_path.clone();
@@ -1057,7 +1081,10 @@ impl Worker {
             );
             tracing::debug!("{abs}: {msg}");
         }
-        let r = BuildResult::failed(status, msg);
+        let r = BuildResult {
+            detail,
+            ..BuildResult::failed(status, msg)
+        };
         self.done(id, Exit::Failed, r);
     }
 
@@ -1704,6 +1731,19 @@ impl Worker {
         }
         if let Err(msg) = settings.check_can_build(&drv, &abs) {
             return self.fail_drv(id, BuildStatus::MiscFailure, msg);
+        }
+        // A request that asked for no local builds (`--max-jobs 0`), and no machine took
+        // it: it cannot be built (slots are the daemon's, shared by every client; a
+        // client's own max-jobs only ever forbids local builds).
+        if settings.max_jobs == 0 && !prefer_local {
+            let d = self.drv_mut(id).expect("goal exists");
+            d.locks.clear();
+            return self.fail_drv_with(
+                id,
+                BuildStatus::MiscFailure,
+                "unable to start any build; either increase '--max-jobs' or enable distributed builds".into(),
+                Some(crate::result::FailureDetail::LocalBuildsDisabled),
+            );
         }
         let busy = self.building.len();
         if busy >= self.max_jobs() && !(prefer_local && busy == 0) {

@@ -56,6 +56,11 @@ pub fn apply(base: &Settings, o: &ClientOptions, trust: Trust, guix: bool) -> Ap
     if let Some(t) = o.max_silent_time {
         set(&mut s, "max-silent-time", &t.to_string(), &mut warnings);
     }
+    // Any client's, as Nix applies it; it decides only whether its builds may run here at
+    // all (0), since the daemon's slots are shared by every client.
+    if let Some(j) = o.max_build_jobs.filter(|_| !guix) {
+        set(&mut s, "max-jobs", &j.to_string(), &mut warnings);
+    }
     if let Some(c) = o.build_cores {
         set(&mut s, "cores", &c.to_string(), &mut warnings);
     }

@@ -39,6 +39,11 @@ pub(crate) fn failure_text(
         return r.error.clone();
     };
     let abs = store.print(drv);
+    if let FailureDetail::LocalBuildsDisabled = detail {
+        return format!(
+            "Cannot build '{MAGENTA}{abs}{NORMAL}'.\nReason: {RED}local builds are disabled{NORMAL} (max-jobs = 0)\nHint: set 'max-jobs' to a non-zero value to enable local builds, or configure remote builders via 'builders'"
+        );
+    }
     let mut msg = format!("Cannot build '{MAGENTA}{abs}{NORMAL}'.\nReason: {RED}");
     match detail {
         FailureDetail::Builder { status, .. } => msg.push_str(&format!("builder {status}")),
@@ -50,6 +55,7 @@ pub(crate) fn failure_text(
                 "dependencies"
             }
         )),
+        FailureDetail::LocalBuildsDisabled => {}
     }
     msg.push_str(NORMAL);
     msg.push('.');

@@ -109,6 +109,12 @@ impl<'d> Progress<'d> {
                     }
                 }
                 for l in done {
+                    // Structured messages from the builder (`@nix {json}` on $NIX_LOG_FD)
+                    // are not log lines.
+                    if let Some(json) = l.strip_prefix(b"@nix ") {
+                        builder_message(io, json)?;
+                        continue;
+                    }
                     io.result(
                         id,
                         result::BUILD_LOG_LINE,
@@ -127,7 +133,7 @@ impl<'d> Progress<'d> {
                     }
                     io.stop_activity(id)?;
                 }
-                if !r.success() {
+                if !r.success() && !r.cancelled {
                     let text = match self.daemon.store().store_dir().parse_path(drv) {
                         Ok(p) => crate::messages::failure_text(
                             io.proto(),
@@ -200,5 +206,54 @@ impl<'d> Progress<'d> {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// A builder's `@nix` message. Its messages (`msg`) reach the client at their level; the
+/// activities it reports are not relayed yet; anything else is warned about, in Nix's
+/// words, and the build goes on.
+fn builder_message(io: &mut OpIo<'_>, json: &[u8]) -> std::io::Result<()> {
+    use serde_json::Value;
+    let problem = match serde_json::from_slice::<Value>(json) {
+        Err(e) => Some(e.to_string()),
+        Ok(Value::Object(m)) => match m.get("action") {
+            Some(Value::String(a)) if a == "msg" => {
+                let level = m
+                    .get("level")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(level::INFO);
+                match m.get("msg").and_then(Value::as_str) {
+                    Some(text) => return io.log(level, text),
+                    None => Some("'msg' is not a string".to_string()),
+                }
+            }
+            Some(Value::String(a))
+                if matches!(a.as_str(), "start" | "stop" | "result" | "setPhase") =>
+            {
+                None
+            }
+            Some(Value::String(a)) => Some(format!("unknown action '{a}'")),
+            Some(other) => Some(format!("type must be string, but is {}", json_kind(other))),
+            None => Some("it has no 'action'".to_string()),
+        },
+        Ok(other) => Some(format!("type must be object, but is {}", json_kind(&other))),
+    };
+    match problem {
+        Some(why) => io.log(
+            level::WARN,
+            &format!("warning: Unable to handle a JSON message from the derivation builder: {why}"),
+        ),
+        None => Ok(()),
+    }
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
     }
 }

@@ -975,10 +975,14 @@ impl Session<'_> {
                 }
                 let targets = self.to_targets(&paths)?;
                 let r = self.realise(targets, mode, io)?;
+                // As nix-daemon 2.34: goals given up after another failed (no keep-going)
+                // have no result, so the client reports the failure that happened, not a
+                // "cancelled" error for each of the others.
                 Ok(Reply::BuildResults(
                     paths
                         .into_iter()
                         .zip(r.results.iter())
+                        .filter(|(_, (_, res))| !(res.cancelled && self.proto.nix_2_34_messages()))
                         .map(|(p, (t, res))| (p, self.wire_result(t, res)))
                         .collect(),
                 ))
