@@ -447,6 +447,21 @@ impl HashModuloSink {
         self.held = s[consumed..].to_vec();
     }
 
+    /// The hash as Nix 2.8 computes it (self-references' positions hashed after the
+    /// stream) and as Nix ≥ 2.17 does (their positions no longer recorded: since Nix's
+    /// `RewritingSink` took a map of rewrites, its `matches` stay empty), and the length.
+    /// They differ only when the modulus occurs.
+    pub fn finish_both(mut self) -> (Hash, Hash, u64) {
+        let rest = std::mem::take(&mut self.held);
+        self.hasher.update(&rest);
+        self.pos += rest.len() as u64;
+        let without_positions = self.hasher.clone().finish();
+        for m in &self.matches {
+            self.hasher.update(format!("|{m}").as_bytes());
+        }
+        (self.hasher.finish(), without_positions, self.pos)
+    }
+
     /// The hash, and the length of the stream.
     pub fn finish(mut self) -> (Hash, u64) {
         let rest = std::mem::take(&mut self.held);
@@ -619,6 +634,13 @@ mod tests {
         let mut h = HashModuloSink::new(HashAlgo::Sha256, m);
         h.update(b"abc");
         assert_eq!(h.finish().0, Hash::sha256(b"abc"));
+        // Nix ≥ 2.17's form: the same zeroed stream, no positions after it.
+        let mut h = HashModuloSink::new(HashAlgo::Sha256, m);
+        h.update(data);
+        let (with, without, len) = h.finish_both();
+        assert_eq!(with, want);
+        assert_eq!(without, Hash::sha256(b"xx\0\0\0\0yy\0\0\0\0zz"));
+        assert_eq!(len, data.len() as u64);
     }
 
     use super::*;
