@@ -7,38 +7,14 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use common::*;
-use kiln_format::derivation::DerivationOutput;
-use kiln_format::{Derivation, FileIngestionMethod, HashAlgo, StorePath};
+use kiln_format::{FileIngestionMethod, HashAlgo, StorePath};
 use kiln_protocol::ops::AddToStore;
 use kiln_protocol::{
     BuildMode, ClientOptions, DerivedPath, Error, Message, OutputSpec, Reply, Request,
 };
-
-fn drv(d: &TestDaemon, name: &str, script: &str) -> (String, Vec<u8>) {
-    let mut env = BTreeMap::new();
-    env.insert("PATH".to_string(), "/bin:/usr/bin".to_string());
-    let drv = Derivation {
-        name: name.into(),
-        outputs: BTreeMap::from([(
-            "out".to_string(),
-            DerivationOutput {
-                path: None,
-                fixed: None,
-                floating: None,
-            },
-        )]),
-        platform: kiln_build::settings::native_system(),
-        builder: "/bin/sh".into(),
-        args: vec!["-c".into(), script.into()],
-        env,
-        ..Default::default()
-    };
-    let drv = d.daemon.store().finalize_derivation(drv).unwrap();
-    (format!("{name}.drv"), drv.to_aterm(&d.store_dir()))
-}
 
 fn add_text(c: &mut kiln_protocol::Client, name: &str, text: Vec<u8>) -> StorePath {
     match c
@@ -84,7 +60,7 @@ fn a_guix_client_builds_with_traces() {
         Reply::Strings(s) if s == vec!["download".to_string()]
     ));
 
-    let (name, text) = drv(&d, "hello", "echo guix was here; echo hi > $out");
+    let (name, text) = drv_text(&d, "hello", "echo guix was here; echo hi > $out");
     let drv_path = add_text(&mut c, &name, text);
     let mut said = Vec::new();
     let r = c
@@ -188,7 +164,7 @@ fn guix_adds_archives_inline_and_caches_failures() {
         }
     }
     // A failing build is cached; Guix's own operations list and clear it.
-    let (name, text) = drv(&d, "broken", "exit 1");
+    let (name, text) = drv_text(&d, "broken", "exit 1");
     let drv_path = add_text(&mut c, &name, text);
     let e = c
         .request(

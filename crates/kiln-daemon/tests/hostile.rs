@@ -47,17 +47,6 @@ fn error_message(v: &[u8]) -> String {
     next_str(&mut off)
 }
 
-/// The daemon still answers a well-behaved client.
-fn still_serving(d: &TestDaemon) {
-    let mut c = d.nix();
-    let p = StorePath::from_base_name(&format!("{:032}-x", 0)).unwrap();
-    assert!(matches!(
-        c.request(&Request::IsValidPath(p), None, &mut |_| {})
-            .unwrap(),
-        Reply::Bool(false)
-    ));
-}
-
 #[test]
 fn unknown_operations_and_bad_magic_close_only_their_connection() {
     let d = TestDaemon::start();

@@ -52,16 +52,6 @@ fn old_error(v: &[u8]) -> String {
     String::from_utf8_lossy(&v[16..16 + n]).into_owned()
 }
 
-fn still_serving(d: &TestDaemon) {
-    let mut c = d.nix();
-    let p = StorePath::from_base_name(&format!("{:032}-x", 0)).unwrap();
-    assert!(matches!(
-        c.request(&Request::IsValidPath(p), None, &mut |_| {})
-            .unwrap(),
-        Reply::Bool(false)
-    ));
-}
-
 #[test]
 fn versions_are_negotiated_as_nix_does() {
     let d = TestDaemon::start();

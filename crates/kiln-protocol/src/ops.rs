@@ -568,12 +568,7 @@ impl Request {
                 repair: r.bool("repair")?,
             },
             Op::BuildDerivation => {
-                let drv_path = r.path(sd, "derivation path")?;
-                let name = drv_path
-                    .derivation_name()
-                    .ok_or_else(|| r.invalid("the derivation path does not end in .drv"))?
-                    .to_string();
-                let drv = read_basic_derivation(sd, name, r)?;
+                let (drv_path, drv) = read_derivation_to_build(sd, r)?;
                 let mode = BuildMode::read(r)?;
                 Q::BuildDerivation {
                     drv_path,
@@ -1072,6 +1067,21 @@ pub fn read_path_info<R: BufRead>(
         None => r.path(sd, "path")?,
     };
     read_path_info_rest(path, v, sd, r)
+}
+
+/// What `BuildDerivation` names (in the worker and the serve protocol alike): the
+/// derivation's path, then the derivation itself, named after the path.
+pub(crate) fn read_derivation_to_build<R: BufRead>(
+    sd: &StoreDir,
+    r: &mut WireReader<R>,
+) -> Result<(StorePath, Derivation), Error> {
+    let drv_path = r.path(sd, "derivation path")?;
+    let name = drv_path
+        .derivation_name()
+        .ok_or_else(|| r.invalid("the derivation path does not end in .drv"))?
+        .to_string();
+    let drv = read_basic_derivation(sd, name, r)?;
+    Ok((drv_path, drv))
 }
 
 /// A `BasicDerivation` as `BuildDerivation` carries it: outputs as (name, path, method and

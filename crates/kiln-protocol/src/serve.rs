@@ -16,7 +16,7 @@ use std::io::{self, BufRead, Write};
 
 use kiln_format::{ContentAddress, Derivation, Hash, HashAlgo, StoreDir, StorePath, ValidPathInfo};
 
-use crate::ops::{read_basic_derivation, write_basic_derivation, DerivedPath, WireBuildResult};
+use crate::ops::{read_derivation_to_build, write_basic_derivation, DerivedPath, WireBuildResult};
 use crate::wire::{WireReader, WireWrite, MAX_NAME, MAX_TEXT};
 use crate::Error;
 
@@ -156,12 +156,7 @@ impl ServeCommand {
                 paths: r.paths(sd, "paths")?,
             },
             8 => {
-                let drv_path = r.path(sd, "derivation path")?;
-                let name = drv_path
-                    .derivation_name()
-                    .ok_or_else(|| r.invalid("the derivation path does not end in .drv"))?
-                    .to_string();
-                let drv = read_basic_derivation(sd, name, r)?;
+                let (drv_path, drv) = read_derivation_to_build(sd, r)?;
                 ServeCommand::BuildDerivation {
                     drv_path,
                     drv,

@@ -7,7 +7,7 @@
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command};
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -79,6 +79,56 @@ pub fn nix_or_skip(test: &str) -> bool {
     }
     eprintln!("{test}: skipped, Nix 2.8 (nix-bin) is not installed");
     false
+}
+
+/// A daemon process (kiln's or Nix's) serving a Unix socket; killed when dropped.
+#[derive(Debug)]
+pub struct DaemonProcess {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl DaemonProcess {
+    /// Starts `cmd` and waits for `socket` to appear (at most 30 s; panics if the process
+    /// exits first).
+    pub fn start(mut cmd: Command, socket: PathBuf) -> DaemonProcess {
+        let child = cmd.spawn().expect("start the daemon");
+        let mut d = DaemonProcess { child, socket };
+        let start = std::time::Instant::now();
+        let mut delay = std::time::Duration::from_millis(2);
+        while !d.socket.exists() {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                panic!("the daemon exited early: {st}");
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(30),
+                "no daemon socket at {}",
+                d.socket.display()
+            );
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(std::time::Duration::from_millis(100));
+        }
+        d
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The steps of a scenario script's output (`=== command` headings, each followed by what
+/// it printed): (heading, body) pairs.
+pub fn scenario_steps(out: &str) -> Vec<(String, String)> {
+    out.split("=== ")
+        .filter(|x| !x.is_empty())
+        .map(|x| {
+            let (head, body) = x.split_once('\n').unwrap_or((x, ""));
+            (head.to_string(), body.to_string())
+        })
+        .collect()
 }
 
 /// Today's Nix (2.34.8 from Debian sid) in the root `../shared/tools/sid-root.sh` makes:

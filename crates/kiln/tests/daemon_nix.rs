@@ -5,73 +5,35 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
-use kiln_testkit::{fixture, nix_or_skip, NixEnv};
+use kiln_testkit::{fixture, nix_or_skip, scenario_steps, DaemonProcess, NixEnv};
 
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for_socket(d: &mut Daemon) {
-    let start = Instant::now();
-    let mut delay = Duration::from_millis(2);
-    while !d.socket.exists() {
-        if let Ok(Some(st)) = d.child.try_wait() {
-            panic!("the daemon exited early: {st}");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no daemon socket"
-        );
-        std::thread::sleep(delay);
-        delay = (delay * 2).min(Duration::from_millis(100));
-    }
-}
-
-fn nix_daemon(env: &NixEnv) -> Daemon {
+fn nix_daemon(env: &NixEnv) -> DaemonProcess {
     let socket = env.dir.path().join("nix-daemon.sock");
-    let child = env
-        .cmd("nix-daemon")
-        .env("NIX_DAEMON_SOCKET_PATH", &socket)
+    let mut c = env.cmd("nix-daemon");
+    c.env("NIX_DAEMON_SOCKET_PATH", &socket)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut d = Daemon { child, socket };
-    wait_for_socket(&mut d);
-    d
+        .stderr(Stdio::null());
+    DaemonProcess::start(c, socket)
 }
 
-fn kiln_daemon(env: &NixEnv) -> Daemon {
+fn kiln_daemon(env: &NixEnv) -> DaemonProcess {
     let socket = env.dir.path().join("kiln-daemon.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(env.kiln_args())
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.args(env.kiln_args())
         .arg("--nix-conf")
         .arg(env.nix_conf())
         .arg("daemon")
         .arg("--socket")
         .arg(&socket)
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut d = Daemon { child, socket };
-    wait_for_socket(&mut d);
-    d
+        .stderr(Stdio::inherit());
+    DaemonProcess::start(c, socket)
 }
 
-fn run_scenario(env: &NixEnv, d: &Daemon, work: &Path) -> String {
+fn run_scenario(env: &NixEnv, d: &DaemonProcess, work: &Path) -> String {
     std::fs::create_dir_all(work).unwrap();
     let out = env
         .cmd("bash")
@@ -117,16 +79,7 @@ fn nix_clients_see_the_same_daemon() {
             .status();
         out
     };
-    let steps = |s: &str| -> Vec<(String, String)> {
-        s.split("=== ")
-            .filter(|x| !x.is_empty())
-            .map(|x| {
-                let (head, body) = x.split_once('\n').unwrap_or((x, ""));
-                (head.to_string(), body.to_string())
-            })
-            .collect()
-    };
-    let (n, k) = (steps(&nix_out), steps(&kiln_out));
+    let (n, k) = (scenario_steps(&nix_out), scenario_steps(&kiln_out));
     assert!(n.len() > 40, "the scenario did not run: {nix_out}");
     let mut diffs = Vec::new();
     let mut first_gc = true;

@@ -6,39 +6,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
-use kiln_testkit::{fixture, NixEnv, SidNix};
-
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for_socket(d: &mut Daemon) {
-    let start = Instant::now();
-    let mut delay = Duration::from_millis(2);
-    while !d.socket.exists() {
-        if let Ok(Some(st)) = d.child.try_wait() {
-            panic!("the daemon exited early: {st}");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no daemon socket"
-        );
-        std::thread::sleep(delay);
-        delay = (delay * 2).min(Duration::from_millis(100));
-    }
-}
+use kiln_testkit::{fixture, scenario_steps, DaemonProcess, NixEnv, SidNix};
 
 /// `cmd` with the environment's store, state, log and configuration directories.
 fn with_env(mut c: Command, env: &NixEnv) -> Command {
@@ -53,42 +24,34 @@ fn with_env(mut c: Command, env: &NixEnv) -> Command {
     c
 }
 
-fn nix_daemon(sid: &SidNix, env: &NixEnv) -> Daemon {
+fn nix_daemon(sid: &SidNix, env: &NixEnv) -> DaemonProcess {
     let socket = env.dir.path().join("daemon.sock");
-    let child = with_env(sid.cmd("nix-daemon"), env)
-        .env("NIX_REMOTE", "local")
+    let mut c = with_env(sid.cmd("nix-daemon"), env);
+    c.env("NIX_REMOTE", "local")
         .env("NIX_DAEMON_SOCKET_PATH", &socket)
         // Run through the sid root's loader, Nix cannot start itself again as its build
         // hook (`/proc/self/exe` is the loader); with no remote builders it needs none.
         .env("NIX_CONFIG", "build-hook =")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut d = Daemon { child, socket };
-    wait_for_socket(&mut d);
-    d
+        .stderr(Stdio::null());
+    DaemonProcess::start(c, socket)
 }
 
-fn kiln_daemon(env: &NixEnv) -> Daemon {
+fn kiln_daemon(env: &NixEnv) -> DaemonProcess {
     let socket = env.dir.path().join("daemon.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(env.kiln_args())
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.args(env.kiln_args())
         .arg("--nix-conf")
         .arg(env.nix_conf())
         .arg("daemon")
         .arg("--socket")
         .arg(&socket)
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut d = Daemon { child, socket };
-    wait_for_socket(&mut d);
-    d
+        .stderr(Stdio::inherit());
+    DaemonProcess::start(c, socket)
 }
 
-fn run_scenario(sid: &SidNix, env: &NixEnv, d: &Daemon, work: &Path) -> String {
+fn run_scenario(sid: &SidNix, env: &NixEnv, d: &DaemonProcess, work: &Path) -> String {
     std::fs::create_dir_all(work).unwrap();
     let path = format!(
         "{}:{}",
@@ -106,16 +69,6 @@ fn run_scenario(sid: &SidNix, env: &NixEnv, d: &Daemon, work: &Path) -> String {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn steps(s: &str) -> Vec<(String, String)> {
-    s.split("=== ")
-        .filter(|x| !x.is_empty())
-        .map(|x| {
-            let (head, body) = x.split_once('\n').unwrap_or((x, ""));
-            (head.to_string(), body.to_string())
-        })
-        .collect()
 }
 
 #[test]
@@ -143,7 +96,7 @@ fn nix_2_34_clients_see_the_same_daemon() {
         let _ = std::fs::remove_dir_all(&base);
         out
     };
-    let (n, k) = (steps(&nix_out), steps(&kiln_out));
+    let (n, k) = (scenario_steps(&nix_out), scenario_steps(&kiln_out));
     assert!(n.len() >= 25, "the scenario did not run: {nix_out}");
     assert!(
         n.iter()

@@ -7,19 +7,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
-use kiln_testkit::{fixture, nix_required};
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use kiln_testkit::{fixture, nix_required, DaemonProcess};
 
 /// `dir` seen at the same path inside `root` for as long as this lives.
 struct BindMount(PathBuf);
@@ -75,8 +65,8 @@ fn guix_1_5_client_adds_builds_queries_deletes_and_collects() {
     let d = dir.path();
     let store = d.join("store");
     let socket = d.join("socket");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .arg("--store-dir")
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.arg("--store-dir")
         .arg(&store)
         .arg("--state-dir")
         .arg(d.join("state"))
@@ -87,16 +77,8 @@ fn guix_1_5_client_adds_builds_queries_deletes_and_collects() {
         .arg("--socket")
         .arg(&socket)
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !socket.exists() {
-        assert!(child.try_wait().unwrap().is_none(), "the daemon exited");
-        assert!(start.elapsed() < Duration::from_secs(30), "no socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _daemon = Daemon(child);
+        .stderr(Stdio::inherit());
+    let _daemon = DaemonProcess::start(c, socket.clone());
     std::fs::copy(fixture("guix/client.scm"), d.join("client.scm")).unwrap();
     let _mount = BindMount::new(&root, d);
     let out = Command::new("chroot")

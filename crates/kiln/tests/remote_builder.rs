@@ -180,6 +180,63 @@ fn check(out: &std::process::Output, tag: &str, remote_root: &Path, kiln_store: 
     );
 }
 
+/// A client's machine and a kiln machine reached through sshd, in one temporary directory:
+/// the client's store at `store`, kiln's at the same logical path on disk under `remote`.
+struct Machines {
+    dir: tempfile::TempDir,
+    sshd: Sshd,
+    store: PathBuf,
+    remote_root: PathBuf,
+    conf: PathBuf,
+    serve: PathBuf,
+    stdio: PathBuf,
+}
+
+impl Machines {
+    fn new(prefix: &str) -> Machines {
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        let sshd = sshd(&d);
+        let store = d.join("store");
+        let remote_root = d.join("remote");
+        let (serve, stdio) = remote_programs(&d, &remote_root, &store);
+        let conf = nix_conf(&d);
+        Machines {
+            dir,
+            sshd,
+            store,
+            remote_root,
+            conf,
+            serve,
+            stdio,
+        }
+    }
+
+    fn sshopts(&self) -> String {
+        format!(
+            "-p {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+            self.sshd.port
+        )
+    }
+
+    /// Builds one derivation per transport (`ssh://` to `kiln store serve`, `ssh-ng://` to
+    /// `kiln daemon --stdio`) with `run(file, builders)`, and checks each was built by kiln.
+    fn offload_both(&self, suffix: &str, run: impl Fn(&Path, &str) -> std::process::Output) {
+        for (transport, program) in [("ssh", &self.serve), ("ssh-ng", &self.stdio)] {
+            let tag = format!("{transport}{suffix}");
+            let file = self.dir.path().join(format!("{tag}.nix"));
+            std::fs::write(&file, DRV.replace("TAG", &tag)).unwrap();
+            let builders = format!(
+                "{transport}://root@127.0.0.1?remote-program={} x86_64-linux {} 1",
+                program.display(),
+                self.sshd.key.display()
+            );
+            let out = run(&file, &builders);
+            check(&out, &tag, &self.remote_root, &self.store);
+        }
+    }
+}
+
 #[test]
 fn nix_2_8_offloads_to_kiln_over_ssh_and_ssh_ng() {
     if !nix_or_skip("nix_2_8_offloads_to_kiln_over_ssh_and_ssh_ng")
@@ -187,50 +244,23 @@ fn nix_2_8_offloads_to_kiln_over_ssh_and_ssh_ng() {
     {
         return;
     }
-    let dir = tempfile::Builder::new()
-        .prefix("kiln-remote-")
-        .tempdir()
-        .unwrap();
-    let d = dir.path();
-    let sshd = sshd(d);
-    let store = d.join("store");
-    let remote_root = d.join("remote");
-    let (serve, stdio) = remote_programs(d, &remote_root, &store);
-    let conf = nix_conf(d);
-    for (tag, uri) in [
-        (
-            "ssh",
-            format!("ssh://root@127.0.0.1?remote-program={}", serve.display()),
-        ),
-        (
-            "ssh-ng",
-            format!("ssh-ng://root@127.0.0.1?remote-program={}", stdio.display()),
-        ),
-    ] {
-        let file = d.join(format!("{tag}.nix"));
-        std::fs::write(&file, DRV.replace("TAG", tag)).unwrap();
-        let out = Command::new("nix-build")
-            .arg(&file)
-            .args(["--no-out-link", "--max-jobs", "0", "--builders"])
-            .arg(format!("{uri} x86_64-linux {} 1", sshd.key.display()))
-            .env("NIX_STORE_DIR", &store)
+    let m = Machines::new("kiln-remote-");
+    let d = m.dir.path();
+    m.offload_both("", |file, builders| {
+        Command::new("nix-build")
+            .arg(file)
+            .args(["--no-out-link", "--max-jobs", "0", "--builders", builders])
+            .env("NIX_STORE_DIR", &m.store)
             .env("NIX_STATE_DIR", d.join("state"))
             .env("NIX_LOG_DIR", d.join("log"))
-            .env("NIX_CONF_DIR", &conf)
+            .env("NIX_CONF_DIR", &m.conf)
             .env("NIX_REMOTE", "local")
-            .env(
-                "NIX_SSHOPTS",
-                format!(
-                    "-p {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
-                    sshd.port
-                ),
-            )
+            .env("NIX_SSHOPTS", m.sshopts())
             .env_remove("NIX_PATH")
             .stdin(Stdio::null())
             .output()
-            .unwrap();
-        check(&out, tag, &remote_root, &store);
-    }
+            .unwrap()
+    });
 }
 
 /// `dir` seen at the same path inside `root` for as long as this lives.
@@ -260,18 +290,11 @@ fn nix_2_34_offloads_to_kiln_over_ssh_and_ssh_ng() {
         eprintln!("{test}: skipped, no sid root with Nix 2.34 and ssh");
         return;
     }
-    let dir = tempfile::Builder::new()
-        .prefix("kiln-remote-234-")
-        .tempdir()
-        .unwrap();
-    let d = dir.path();
-    let sshd = sshd(d);
-    // The client's store is this directory's `store` (seen inside the root through the
-    // bind mount); kiln's is at the same logical path but on disk under `remote`.
-    let store = d.join("store");
-    let remote_root = d.join("remote");
-    let (serve, stdio) = remote_programs(d, &remote_root, &store);
-    let conf = nix_conf(d);
+    // Nix 2.34 runs in the root (its build hook is Nix itself, which must be able to start
+    // again); the directory is seen there at the same path, so the client's store is this
+    // directory's `store` and kiln's stays on disk under `remote`.
+    let m = Machines::new("kiln-remote-234-");
+    let d = m.dir.path();
     let inside = root.join(d.strip_prefix("/").unwrap());
     std::fs::create_dir_all(&inside).unwrap();
     let mount = BindMount(inside.clone());
@@ -282,39 +305,23 @@ fn nix_2_34_offloads_to_kiln_over_ssh_and_ssh_ng() {
         .status()
         .unwrap()
         .success());
-    for (tag, uri) in [
-        (
-            "ssh",
-            format!("ssh://root@127.0.0.1?remote-program={}", serve.display()),
-        ),
-        (
-            "ssh-ng",
-            format!("ssh-ng://root@127.0.0.1?remote-program={}", stdio.display()),
-        ),
-    ] {
-        let file = d.join(format!("{tag}-234.nix"));
-        std::fs::write(&file, DRV.replace("TAG", &format!("{tag}-234"))).unwrap();
-        let out = Command::new("chroot")
+    m.offload_both("-234", |file, builders| {
+        Command::new("chroot")
             .arg(&root)
             .arg("env")
-            .arg(format!("NIX_STORE_DIR={}", store.display()))
+            .arg(format!("NIX_STORE_DIR={}", m.store.display()))
             .arg(format!("NIX_STATE_DIR={}", d.join("state").display()))
             .arg(format!("NIX_LOG_DIR={}", d.join("log").display()))
-            .arg(format!("NIX_CONF_DIR={}", conf.display()))
+            .arg(format!("NIX_CONF_DIR={}", m.conf.display()))
             .arg("NIX_REMOTE=local")
             .arg(format!("HOME={}", d.display()))
-            .arg(format!(
-                "NIX_SSHOPTS=-p {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
-                sshd.port
-            ))
+            .arg(format!("NIX_SSHOPTS={}", m.sshopts()))
             .arg("nix-build")
-            .arg(&file)
-            .args(["--no-out-link", "--max-jobs", "0", "--builders"])
-            .arg(format!("{uri} x86_64-linux {} 1", sshd.key.display()))
+            .arg(file)
+            .args(["--no-out-link", "--max-jobs", "0", "--builders", builders])
             .stdin(Stdio::null())
             .output()
-            .unwrap();
-        check(&out, &format!("{tag}-234"), &remote_root, &store);
-    }
+            .unwrap()
+    });
     drop(mount);
 }

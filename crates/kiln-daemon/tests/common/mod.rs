@@ -115,8 +115,8 @@ pub fn nar_file(contents: &[u8]) -> Vec<u8> {
     .concat()
 }
 
-/// Adds a derivation whose builder runs `script` with `/bin/sh`.
-pub fn drv(d: &TestDaemon, name: &str, script: &str) -> StorePath {
+/// A derivation whose builder runs `script` with `/bin/sh`: its file name and text.
+pub fn drv_text(d: &TestDaemon, name: &str, script: &str) -> (String, Vec<u8>) {
     let mut env = BTreeMap::new();
     env.insert("PATH".to_string(), "/bin:/usr/bin".to_string());
     let drv = Derivation {
@@ -135,16 +135,27 @@ pub fn drv(d: &TestDaemon, name: &str, script: &str) -> StorePath {
         env,
         ..Default::default()
     };
-    let store = d.daemon.store();
-    let drv = store.finalize_derivation(drv).unwrap();
-    let text = drv.to_aterm(&d.store_dir());
-    let info = store
-        .add_text(
-            &format!("{name}.drv"),
-            &text,
-            &BTreeSet::new(),
-            Default::default(),
-        )
-        .unwrap();
-    info.path
+    let drv = d.daemon.store().finalize_derivation(drv).unwrap();
+    (format!("{name}.drv"), drv.to_aterm(&d.store_dir()))
+}
+
+/// Adds the derivation [`drv_text`] makes to the store.
+pub fn drv(d: &TestDaemon, name: &str, script: &str) -> StorePath {
+    let (file, text) = drv_text(d, name, script);
+    d.daemon
+        .store()
+        .add_text(&file, &text, &BTreeSet::new(), Default::default())
+        .unwrap()
+        .path
+}
+
+/// The daemon still answers a well-behaved client.
+pub fn still_serving(d: &TestDaemon) {
+    let mut c = d.nix();
+    let p = StorePath::from_base_name(&format!("{:032}-x", 0)).unwrap();
+    assert!(matches!(
+        c.request(&kiln_protocol::Request::IsValidPath(p), None, &mut |_| {})
+            .unwrap(),
+        kiln_protocol::Reply::Bool(false)
+    ));
 }
