@@ -1414,6 +1414,11 @@ impl LogTail {
         let line = String::from_utf8_lossy(&self.current).into_owned();
         self.current.clear();
         self.pos = 0;
+        // Structured messages (`@nix {json}` on $NIX_LOG_FD) are not log lines: Nix leaves
+        // them out of the tail it shows.
+        if line.starts_with("@nix ") {
+            return;
+        }
         self.lines.push_back(line);
         if self.lines.len() > self.max {
             self.lines.pop_front();
@@ -2090,7 +2095,12 @@ fn check_references(
     };
     let by_path: BTreeMap<&StorePath, &ValidPathInfo> =
         infos.iter().map(|i| (&i.path, i)).collect();
-    let spec_set = |attr: &str| -> Result<Option<BTreeSet<StorePath>>, Failure> {
+    let output_names: Vec<&str> = {
+        let mut v: Vec<&str> = plans.iter().map(|p| p.name.as_str()).collect();
+        v.sort_unstable();
+        v
+    };
+    let spec_set = |attr: &str, checked: &str| -> Result<Option<BTreeSet<StorePath>>, Failure> {
         let Some(v) = drv.env.get(attr) else {
             return Ok(None);
         };
@@ -2102,20 +2112,32 @@ fn check_references(
                 set.insert(o);
             } else {
                 return Err(rejected(format!(
-                    "derivation contains an invalid reference specifier '{tok}'"
+                    "derivation '{}' output check for '{checked}' contains output name '{tok}', but this is not a valid output of this derivation. (Valid outputs are [{}].)",
+                    sd.display(&spec.drv_path),
+                    output_names.join(", ")
                 )));
             }
         }
         Ok(Some(set))
     };
-    for info in infos {
+    // Outputs are checked in name order, as Nix does (its first complaint is the same).
+    // `infos` are the registered outputs, one per plan, in the plans' order.
+    let mut named: Vec<(&str, &ValidPathInfo)> = plans
+        .iter()
+        .map(|p| p.name.as_str())
+        .zip(infos.iter())
+        .collect();
+    named.sort_by_key(|(n, _)| *n);
+    for (checked, info) in named {
         for (attr, allowed, recursive) in [
             ("allowedReferences", true, false),
             ("allowedRequisites", true, true),
             ("disallowedReferences", false, false),
             ("disallowedRequisites", false, true),
         ] {
-            let Some(set) = spec_set(attr)? else { continue };
+            let Some(set) = spec_set(attr, checked)? else {
+                continue;
+            };
             let used: BTreeSet<StorePath> = if recursive {
                 // Requisites: the closure of the references; sibling outputs are expanded
                 // through their scanned references since they are not valid yet.

@@ -332,6 +332,8 @@ struct Req {
     keep_going: bool,
     failure: FailureKinds,
     nested: Option<u64>,
+    /// Whether its client allows local builds (a client's `max-jobs` 0 does not).
+    local_builds: bool,
 }
 
 struct Worker {
@@ -524,6 +526,7 @@ impl Worker {
                 keep_going: req.settings.keep_going,
                 failure: FailureKinds::default(),
                 nested: req.nested,
+                local_builds: req.settings.max_jobs != 0,
             },
         );
         if let Some(b) = req.nested {
@@ -1732,10 +1735,11 @@ impl Worker {
         if let Err(msg) = settings.check_can_build(&drv, &abs) {
             return self.fail_drv(id, BuildStatus::MiscFailure, msg);
         }
-        // A request that asked for no local builds (`--max-jobs 0`), and no machine took
-        // it: it cannot be built (slots are the daemon's, shared by every client; a
-        // client's own max-jobs only ever forbids local builds).
-        if settings.max_jobs == 0 && !prefer_local {
+        // Every request that wants it asked for no local builds (`--max-jobs 0`), and no
+        // machine took it: it cannot be built. (Slots are the daemon's, shared by every
+        // client, so a client's own max-jobs only ever forbids local builds; and it decides
+        // for its own requests only: one client's 0 must not fail another's build.)
+        if !prefer_local && !self.local_builds_wanted(id) {
             let d = self.drv_mut(id).expect("goal exists");
             d.locks.clear();
             return self.fail_drv_with(
@@ -1760,10 +1764,23 @@ impl Worker {
         self.start_job(id, valid);
     }
 
+    /// Whether some request that wants goal `id` (directly or through the goals waiting
+    /// for it) allows local builds.
+    fn local_builds_wanted(&self, id: GoalId) -> bool {
+        let Some(g) = self.goals.get(&id) else {
+            return true;
+        };
+        g.interested.is_empty()
+            || g.interested
+                .iter()
+                .any(|r| self.requests.get(r).is_none_or(|q| q.local_builds))
+    }
+
     fn offer_to_hook(&mut self, id: GoalId, program: String) {
         let store = self.store().clone();
         let settings = self.goals[&id].settings.clone();
-        let can_local = self.building.len() < self.max_jobs();
+        // Nix's `amWilling`: a machine that is busy is then waited for, not declined.
+        let can_local = self.local_builds_wanted(id) && self.building.len() < self.max_jobs();
         let tx = self.tx.clone();
         let slot = self.hook_agents.clone();
         let d = self.drv_mut(id).expect("goal exists");

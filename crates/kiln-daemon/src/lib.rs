@@ -335,7 +335,11 @@ impl Daemon {
     /// Serves one client on standard input and output (`kiln daemon --stdio`, as
     /// `nix-daemon --stdio` for `ssh-ng://`): the client is whoever started us, trusted.
     pub fn serve_stdio(&self) -> Result<(), Error> {
-        self.serve_trusted(Box::new(std::io::stdin()), Box::new(std::io::stdout()))
+        self.serve_trusted(
+            Box::new(std::io::stdin()),
+            Box::new(std::io::stdout()),
+            None,
+        )
     }
 
     /// Serves one client, trusted as whoever started this process, on a reader and a
@@ -344,13 +348,14 @@ impl Daemon {
         &self,
         reader: Box<dyn std::io::Read + Send>,
         writer: Box<dyn std::io::Write + Send>,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
     ) -> Result<(), Error> {
         let uid = rustix::process::getuid().as_raw();
         let gid = rustix::process::getgid().as_raw();
         let peer = Peer::from_ids(Some(std::process::id()), uid, gid);
         let backend = self.backend_for_connection()?;
         self.ensure_user_dirs(&backend, &peer);
-        let summary = kiln_protocol::serve(reader, writer, None, &self.protocol, |hello| {
+        let summary = kiln_protocol::serve(reader, writer, fd, &self.protocol, |hello| {
             Ok(session::Session::new(
                 self,
                 backend.clone(),

@@ -57,12 +57,16 @@ fn show(err: &mut dyn Write) -> impl FnMut(Message) + '_ {
 }
 
 impl Daemon {
-    /// Speaks the serve protocol on `input`/`output` until the client closes it.
+    /// Speaks the serve protocol on `input`/`output` until the client closes it. With
+    /// `hangup`, the descriptor `input` reads from: when the client goes away (ssh ended)
+    /// while a build runs, the build is cancelled at once, as `nix-store --serve` stops
+    /// its own.
     pub fn serve_legacy(
         &self,
         input: Box<dyn Read + Send>,
         output: Box<dyn Write + Send>,
         write_allowed: bool,
+        hangup: Option<std::os::fd::BorrowedFd<'_>>,
     ) -> Result<(), Error> {
         let io = |action: &'static str| {
             move |e: io::Error| Error::Io {
@@ -73,11 +77,21 @@ impl Daemon {
         };
         let (ours, theirs) = UnixStream::pair().map_err(io("create"))?;
         let sd = self.store().store_dir().clone();
+        let (stop_r, stop_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(|e| io("create a pipe for")(e.into()))?;
         std::thread::scope(|scope| {
             let served = scope.spawn(|| {
                 let r = theirs.try_clone().map_err(io("duplicate"))?;
-                self.serve_trusted(Box::new(r), Box::new(theirs))
+                let w = theirs.try_clone().map_err(io("duplicate"))?;
+                use std::os::fd::AsFd;
+                self.serve_trusted(Box::new(r), Box::new(w), Some(theirs.as_fd()))
             });
+            // The client hanging up ends the session's side of the pair, which the session
+            // watches while it builds.
+            if let (Some(fd), Ok(end)) = (hangup, ours.try_clone()) {
+                let stop_r = &stop_r;
+                scope.spawn(move || watch_hangup(fd, stop_r, &end));
+            }
             let result = (|| {
                 let r = ours.try_clone().map_err(io("duplicate"))?;
                 let client = Client::handshake(
@@ -97,9 +111,34 @@ impl Daemon {
             })();
             // Ends the session: the daemon's side sees the end of its stream.
             let _ = ours.shutdown(std::net::Shutdown::Both);
+            let _ = rustix::io::write(&stop_w, b"x");
             let _ = served.join();
             result
         })
+    }
+}
+
+/// Waits until `fd` reports a hang-up (then shuts `end` down) or `stop` is readable.
+fn watch_hangup(fd: std::os::fd::BorrowedFd<'_>, stop: &std::os::fd::OwnedFd, end: &UnixStream) {
+    use rustix::event::{poll, PollFd, PollFlags};
+    loop {
+        let mut fds = [
+            PollFd::new(&fd, PollFlags::RDHUP),
+            PollFd::new(stop, PollFlags::IN),
+        ];
+        if poll(&mut fds, None).is_err() {
+            continue;
+        }
+        if !fds[1].revents().is_empty() {
+            return;
+        }
+        if fds[0]
+            .revents()
+            .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR)
+        {
+            let _ = end.shutdown(std::net::Shutdown::Both);
+            return;
+        }
     }
 }
 
@@ -213,19 +252,26 @@ impl Bridge {
                 sp::write_path_infos(minor, &sd, &infos, w).map_err(wr)?;
             }
             ServeCommand::DumpStorePath(p) => {
+                // The archive follows the reply, `nar_size` bytes of it (the session is
+                // trusted, the archive already checked when the path was added).
+                let size = match self.path_info(&p)? {
+                    Some(i) => i.nar_size,
+                    None => {
+                        return Err(Error::Protocol(kiln_protocol::Error::Protocol(format!(
+                            "path '{}' is not valid",
+                            sd.display(&p)
+                        ))))
+                    }
+                };
                 self.request(&Request::NarFromPath(p.clone()), None)
                     .map_err(remote)?;
-                // The archive follows the reply; copy exactly one, checking it as it goes.
-                let mut tee = Tee {
-                    inner: self.client.stream(),
-                    out: w,
-                };
-                kiln_format::nar::parse(&mut tee, &mut (), Default::default()).map_err(|e| {
-                    Error::Protocol(kiln_protocol::Error::Protocol(format!(
-                        "the archive of '{}': {e}",
+                let copied = io::copy(&mut self.client.stream().take(size), w).map_err(wr)?;
+                if copied != size {
+                    return Err(Error::Protocol(kiln_protocol::Error::Protocol(format!(
+                        "the archive of '{}' ended after {copied} of its {size} bytes",
                         sd.display(&p)
-                    )))
-                })?;
+                    ))));
+                }
             }
             ServeCommand::ImportPaths => {
                 if !self.write_allowed {
@@ -408,18 +454,4 @@ fn unexpected(op: &str) -> Error {
     Error::Protocol(kiln_protocol::Error::Protocol(format!(
         "unexpected reply to {op}"
     )))
-}
-
-/// A reader that writes what it reads to `out`: one archive copied while it is checked.
-struct Tee<'a, R, W> {
-    inner: &'a mut R,
-    out: &'a mut W,
-}
-
-impl<R: Read, W: Write> Read for Tee<'_, R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.out.write_all(&buf[..n])?;
-        Ok(n)
-    }
 }

@@ -1037,6 +1037,11 @@ impl Session<'_> {
                         "you are not privileged to create perm roots\n\nhint: you can just do this client-side without special privileges, and probably want to do that instead.",
                     ));
                 }
+                // A temporary root first, as Nix's `addPermRoot` does: a collection already
+                // running read the permanent roots at its start and would not see the new
+                // one, but it does see temporary roots added meanwhile.
+                store.add_temp_root(&path).map_err(remote)?;
+                self.keep(&path);
                 let link = kiln_store::roots::add_perm_root(
                     store.layout(),
                     &path,

@@ -67,6 +67,16 @@ fn untrusted_client_side() {
         None,
     );
     assert!(e.contains("not privileged to add signatures"), "{e}");
+    let e = err(
+        &mut c,
+        Request::AddPermRoot {
+            path: drv_path.clone(),
+            root: "/tmp/kiln-untrusted-perm-root".into(),
+        },
+        None,
+    );
+    assert!(e.contains("not privileged to create perm roots"), "{e}");
+    assert!(!Path::new("/tmp/kiln-untrusted-perm-root").exists());
     let e = err(&mut c, build_req(&drv_path, BuildMode::Repair), None);
     assert!(e.contains("not in 'trusted-users'"), "{e}");
     let e = err(

@@ -119,6 +119,21 @@ fn too_old_and_foreign_clients_are_told_why() {
 }
 
 #[test]
+fn a_newer_client_that_did_not_send_its_version_with_its_greeting_is_refused() {
+    let d = TestDaemon::start();
+    // It waited for the daemon, saw Guix's 0x164, and would use 1.39 layouts.
+    let mut c = raw(&d);
+    c.write_all(&u64(0x6e69_7863)).unwrap();
+    assert_eq!(read_u64(&mut c), 0x6478_696f);
+    assert_eq!(read_u64(&mut c), 0x164);
+    c.write_all(&[u64(0x127), u64(0), u64(0), u64(0)].concat())
+        .unwrap();
+    let text = String::from_utf8_lossy(&rest(&mut c)).into_owned();
+    assert!(text.contains("kiln speaks up to 1.38"), "{text}");
+    still_serving(&d);
+}
+
+#[test]
 fn nix_2_23_sends_its_version_twice() {
     let d = TestDaemon::start();
     let mut c = raw(&d);

@@ -121,8 +121,11 @@ fn essence(a: &Answer) -> String {
 
 #[test]
 fn kiln_answers_nix_2_34_sessions_as_nix_daemon_does() {
-    // The recordings' store, which kiln must use to print the same paths.
+    // The recordings' store, which kiln must use to print the same paths; one run of this
+    // test at a time uses it (concurrent runs of the suite wait here).
     let root = std::path::Path::new("/tmp/kiln-protocol-fixtures-234");
+    let lock = std::fs::File::create("/tmp/kiln-protocol-fixtures-234.lock").unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
     for (name, op_of) in [
         ("nix-2.34-at-1.35", 35u64),
         ("nix-2.34-at-1.37", 37),

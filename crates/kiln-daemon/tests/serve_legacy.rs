@@ -26,7 +26,7 @@ fn session(
     let daemon = d.daemon.clone();
     let h = std::thread::spawn(move || {
         let r = theirs.try_clone().unwrap();
-        daemon.serve_legacy(Box::new(r), Box::new(theirs), write)
+        daemon.serve_legacy(Box::new(r), Box::new(theirs), write, None)
     });
     let mut c = ours;
     c.write_all(&[u64(sp::SERVE_MAGIC_1), u64(0x207)].concat())
@@ -103,6 +103,27 @@ fn writes_need_write_and_bad_input_adds_nothing() {
     c.write_all(&b).unwrap();
     let e = h.join().unwrap().unwrap_err();
     assert!(e.to_string().contains("not allowed"), "{e}");
+    // Nor importing or building.
+    let drv_path = drv(&d, "never-built", "echo x > $out");
+    for cmd in [
+        sp::ServeCommand::ImportPaths,
+        sp::ServeCommand::BuildPaths {
+            paths: vec![kiln_protocol::DerivedPath::Opaque(drv_path.clone())],
+            options: Default::default(),
+        },
+        sp::ServeCommand::BuildDerivation {
+            drv_path: drv_path.clone(),
+            drv: d.daemon.store().read_derivation(&drv_path).unwrap(),
+            options: Default::default(),
+        },
+    ] {
+        let (mut c, h) = session(&d, false);
+        let mut b = Vec::new();
+        cmd.write(7, &sd, &mut b).unwrap();
+        c.write_all(&b).unwrap();
+        let e = h.join().unwrap().unwrap_err();
+        assert!(e.to_string().contains("not allowed"), "{e}");
+    }
     // A NAR whose hash is not the one claimed: an error naming it; nothing registered.
     let mut bad = info.clone();
     bad.nar_hash = Hash::sha256(b"something else");

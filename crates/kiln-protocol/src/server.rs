@@ -339,17 +339,21 @@ pub fn serve<H: Handler>(
     w.u64(advertised)?;
     w.flush()?;
     let client = Version(r.u64("client version")?);
-    let negotiated = Proto::for_client(client);
+    let mut negotiated = Proto::for_client(client);
     if let Ok(p) = negotiated {
         if p.dialect() == Dialect::Nix
             && client.minor() > p.version().minor()
             && advertised != NIX_VERSION
         {
-            // It saw 0x164 and believes its own version; nothing kiln can do but say so.
-            tracing::warn!(
-                "a Nix client announced protocol {client} without pipelining its handshake; serving it as {}",
-                p.version()
-            );
+            // It saw 0x164, so it takes its own version for the connection's, which kiln
+            // does not speak: refused, rather than misread from here on. (Every Nix that
+            // announces more than 1.38 sends its version with its greeting, so it is
+            // answered with 1.38; this is a client that split the two.)
+            negotiated = Err(format!(
+                "the client announced Nix protocol {client} after kiln had offered {}: kiln speaks up to 1.{}; send the version with the greeting (as Nix does) to settle on that",
+                Version(advertised),
+                crate::version::NIX_MAX_MINOR
+            ));
         }
     }
     // The rest of the handshake in the layout the client will use, so that a refused

@@ -615,7 +615,10 @@ pub fn collect_garbage(store: &LocalStore, opts: &GcOptions) -> Result<GcResults
     if opts.action == GcAction::DeleteDead && results.bytes_freed < opts.max_freed {
         let valid: HashSet<&StorePath> = graph.paths.iter().collect();
         results.bytes_freed += sweep_invalid(store, &valid)?;
-        results.bytes_freed += crate::optimise::remove_unused_links(store)?;
+        // Not counted: deleting the paths counted each file with two links (the other in
+        // `.links`) already, as Nix counts it; counting the `.links` entry again would
+        // report twice what was freed.
+        crate::optimise::remove_unused_links(store)?;
     }
     deleted.sort();
     results.paths = deleted;

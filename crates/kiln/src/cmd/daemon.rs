@@ -92,10 +92,13 @@ pub fn run(args: &StoreArgs, a: DaemonArgs) -> anyhow::Result<ExitCode> {
 pub fn serve_legacy(args: &StoreArgs, write: bool) -> anyhow::Result<ExitCode> {
     let (store, settings) = args.open()?;
     let daemon = Daemon::new(Arc::new(store), settings, DaemonConfig::default());
+    use std::os::fd::AsFd;
+    let stdin = std::io::stdin();
     daemon.serve_legacy(
         Box::new(std::io::stdin()),
         Box::new(std::io::stdout()),
         write,
+        Some(stdin.as_fd()),
     )?;
     Ok(ExitCode::SUCCESS)
 }
