@@ -53,7 +53,10 @@ fn serve(
             let mut skip = vec![0u8; (n as usize).div_ceil(8) * 8];
             s.read_exact(&mut skip)?;
         }
-        out.u64(0)?;
+        // The client waits for this list before it sends the rest of its handshake.
+        let mut none = Vec::new();
+        none.u64(0)?;
+        s.write_all(&none)?;
     }
     if v.cpu_affinity() && read_u64(&mut s)? != 0 {
         read_u64(&mut s)?;
