@@ -1474,10 +1474,7 @@ fn write_build_result(
     w.u64(r.status)?;
     w.str(&r.error_msg)?;
     if v.build_times() {
-        w.u64(r.times_built)?;
-        w.bool(r.is_non_deterministic)?;
-        w.u64(r.start_time)?;
-        w.u64(r.stop_time)?;
+        write_build_times(r, w)?;
     }
     if v.cpu_times() {
         write_opt_micros(r.cpu_user, w)?;
@@ -1565,10 +1562,7 @@ fn read_build_result<R: BufRead>(
         ..Default::default()
     };
     if v.build_times() {
-        b.times_built = r.u64("times built")?;
-        b.is_non_deterministic = r.bool("non-deterministic")?;
-        b.start_time = r.u64("start time")?;
-        b.stop_time = r.u64("stop time")?;
+        read_build_times(&mut b, r)?;
     }
     if v.cpu_times() {
         b.cpu_user = read_opt_micros(r, "user CPU time")?;
@@ -1580,6 +1574,26 @@ fn read_build_result<R: BufRead>(
         b.built_outputs = read_built_outputs(r)?;
     }
     Ok(b)
+}
+
+/// Times built, non-determinism, start and stop: what both protocols add to a build result
+/// (worker 1.29, serve 2.3).
+pub(crate) fn write_build_times(r: &WireBuildResult, w: &mut dyn Write) -> io::Result<()> {
+    w.u64(r.times_built)?;
+    w.bool(r.is_non_deterministic)?;
+    w.u64(r.start_time)?;
+    w.u64(r.stop_time)
+}
+
+pub(crate) fn read_build_times<R: BufRead>(
+    b: &mut WireBuildResult,
+    r: &mut WireReader<R>,
+) -> Result<(), Error> {
+    b.times_built = r.u64("times built")?;
+    b.is_non_deterministic = r.bool("non-deterministic")?;
+    b.start_time = r.u64("start time")?;
+    b.stop_time = r.u64("stop time")?;
+    Ok(())
 }
 
 /// An optional duration in microseconds: a tag (0 none, 1 some), then the value.

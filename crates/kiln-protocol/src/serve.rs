@@ -16,7 +16,11 @@ use std::io::{self, BufRead, Write};
 
 use kiln_format::{ContentAddress, Derivation, Hash, HashAlgo, StoreDir, StorePath, ValidPathInfo};
 
-use crate::ops::{read_derivation_to_build, write_basic_derivation, DerivedPath, WireBuildResult};
+use crate::ops::{
+    read_build_times, read_derivation_to_build, read_path_info, write_basic_derivation,
+    write_build_times, write_path_info, DerivedPath, WireBuildResult,
+};
+use crate::version::Proto;
 use crate::wire::{WireReader, WireWrite, MAX_NAME, MAX_TEXT};
 use crate::Error;
 
@@ -164,29 +168,11 @@ impl ServeCommand {
                 }
             }
             9 => {
-                let path = r.path(sd, "path")?;
-                let deriver = r.opt_path(sd, "deriver")?;
-                let hash_s = r.string(MAX_NAME, "NAR hash")?;
-                let nar_hash = Hash::parse_any(&hash_s, Some(HashAlgo::Sha256))
-                    .map_err(|e| r.invalid(e.to_string()))?;
-                let references = r.paths(sd, "references")?;
-                let registration_time = r.u64("registration time")? as i64;
-                let nar_size = r.u64("NAR size")?;
-                let ultimate = r.bool("ultimate")?;
-                let sigs = r.strings("signatures")?;
-                let ca = r.string(MAX_NAME, "content address")?;
-                if nar_size == 0 {
+                // A path info in the worker protocol's own layout (with ultimate,
+                // signatures and content address); the NAR follows.
+                let info = read_path_info(path_info_layout(), sd, None, r)?;
+                if info.nar_size == 0 {
                     return Err(r.invalid("narInfo is too old and missing the narSize field"));
-                }
-                let mut info = ValidPathInfo::new(path, nar_hash, nar_size);
-                info.deriver = deriver;
-                info.references = references;
-                info.registration_time = registration_time;
-                info.ultimate = ultimate;
-                info.sigs = sigs.into_iter().collect();
-                if !ca.is_empty() {
-                    info.ca =
-                        Some(ContentAddress::parse(&ca).map_err(|e| r.invalid(e.to_string()))?);
                 }
                 ServeCommand::AddToStoreNar(info)
             }
@@ -238,19 +224,17 @@ impl ServeCommand {
                 options.write(minor, w)?;
             }
             ServeCommand::AddToStoreNar(info) => {
-                w.path(sd, &info.path)?;
-                w.opt_path(sd, info.deriver.as_ref())?;
-                w.str(&info.nar_hash.to_base16())?;
-                w.paths(sd, &info.references)?;
-                w.u64(info.registration_time.max(0) as u64)?;
-                w.u64(info.nar_size)?;
-                w.bool(info.ultimate)?;
-                w.strs(info.sigs.iter().map(String::as_str))?;
-                w.str(&info.ca.map(|c| c.to_string()).unwrap_or_default())?;
+                write_path_info(path_info_layout(), sd, info, true, w)?
             }
         }
         Ok(())
     }
+}
+
+/// `AddToStoreNar` carries a `ValidPathInfo` laid out as the worker protocol (≥ 1.16) lays
+/// it out.
+fn path_info_layout() -> Proto {
+    Proto::nix(crate::version::NIX_VERSION)
 }
 
 /// `path` or `drv!out1,out2` (all outputs: the bare `.drv`), as the serve protocol names
@@ -341,10 +325,7 @@ pub fn write_build_result(minor: u64, r: &WireBuildResult, w: &mut dyn Write) ->
     w.u64(r.status)?;
     w.str(&r.error_msg)?;
     if minor >= 3 {
-        w.u64(r.times_built)?;
-        w.bool(r.is_non_deterministic)?;
-        w.u64(r.start_time)?;
-        w.u64(r.stop_time)?;
+        write_build_times(r, w)?;
     }
     if minor >= 6 {
         crate::ops::write_built_outputs(&r.built_outputs, w)?;
@@ -363,10 +344,7 @@ pub fn read_build_result<R: BufRead>(
         ..Default::default()
     };
     if minor >= 3 {
-        b.times_built = r.u64("times built")?;
-        b.is_non_deterministic = r.bool("non-deterministic")?;
-        b.start_time = r.u64("start time")?;
-        b.stop_time = r.u64("stop time")?;
+        read_build_times(&mut b, r)?;
     }
     if minor >= 6 {
         b.built_outputs = crate::ops::read_built_outputs(r)?;

@@ -131,6 +131,41 @@ pub fn scenario_steps(out: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Where the Debian sid root with today's Nix and Guix is (whether or not it exists):
+/// `$KILN_SID_ROOT`, default `/var/tmp/sid-root` (`.ci/sid-root.sh` makes it).
+pub fn sid_root() -> PathBuf {
+    std::env::var_os("KILN_SID_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/sid-root"))
+}
+
+/// `dir` bind-mounted into `root` at the same path, for as long as this lives (a chroot's
+/// programs then see the test's files where the test sees them).
+#[derive(Debug)]
+pub struct BindMount(PathBuf);
+
+impl BindMount {
+    pub fn new(root: &Path, dir: &Path) -> BindMount {
+        let target = root.join(dir.strip_prefix("/").expect("an absolute directory"));
+        std::fs::create_dir_all(&target).expect("create the mount point");
+        let st = Command::new("mount")
+            .arg("--bind")
+            .arg(dir)
+            .arg(&target)
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "bind-mounting {}", dir.display());
+        BindMount(target)
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 /// Today's Nix (2.34.8 from Debian sid) in the root `../shared/tools/sid-root.sh` makes:
 /// `$KILN_SID_ROOT`, default `/var/tmp/sid-root`. Its programs run on this machine through
 /// the root's own loader and libraries, so they see this machine's file system (stores,
@@ -143,9 +178,7 @@ pub struct SidNix {
 impl SidNix {
     /// The root, if it holds Nix.
     pub fn find() -> Option<SidNix> {
-        let root = std::env::var_os("KILN_SID_ROOT")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/tmp/sid-root"));
+        let root = sid_root();
         (root.join("usr/bin/nix").exists() && root.join("lib64/ld-linux-x86-64.so.2").exists())
             .then_some(SidNix { root })
     }
@@ -297,6 +330,21 @@ impl NixEnv {
             "--log-dir".into(),
             self.log_dir().into(),
         ]
+    }
+
+    /// `kiln daemon` (the binary `kiln`) on this environment's store, settings from its
+    /// `nix.conf`, serving `socket`.
+    pub fn kiln_daemon(&self, kiln: &str, socket: PathBuf) -> DaemonProcess {
+        let mut c = Command::new(kiln);
+        c.args(self.kiln_args())
+            .arg("--nix-conf")
+            .arg(self.nix_conf())
+            .arg("daemon")
+            .arg("--socket")
+            .arg(&socket)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit());
+        DaemonProcess::start(c, socket)
     }
 
     /// A command with the environment pointing at this store.

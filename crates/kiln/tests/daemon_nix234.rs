@@ -38,17 +38,10 @@ fn nix_daemon(sid: &SidNix, env: &NixEnv) -> DaemonProcess {
 }
 
 fn kiln_daemon(env: &NixEnv) -> DaemonProcess {
-    let socket = env.dir.path().join("daemon.sock");
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    c.args(env.kiln_args())
-        .arg("--nix-conf")
-        .arg(env.nix_conf())
-        .arg("daemon")
-        .arg("--socket")
-        .arg(&socket)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    DaemonProcess::start(c, socket)
+    env.kiln_daemon(
+        env!("CARGO_BIN_EXE_kiln"),
+        env.dir.path().join("daemon.sock"),
+    )
 }
 
 fn run_scenario(sid: &SidNix, env: &NixEnv, d: &DaemonProcess, work: &Path) -> String {

@@ -9,37 +9,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use kiln_testkit::{fixture, nix_required, DaemonProcess};
-
-/// `dir` seen at the same path inside `root` for as long as this lives.
-struct BindMount(PathBuf);
-
-impl BindMount {
-    fn new(root: &Path, dir: &Path) -> BindMount {
-        let target = root.join(dir.strip_prefix("/").unwrap());
-        std::fs::create_dir_all(&target).unwrap();
-        let st = Command::new("mount")
-            .arg("--bind")
-            .arg(dir)
-            .arg(&target)
-            .status()
-            .unwrap();
-        assert!(st.success(), "bind-mounting {}", dir.display());
-        BindMount(target)
-    }
-}
-
-impl Drop for BindMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
+use kiln_testkit::{fixture, nix_required, sid_root, BindMount, DaemonProcess};
 
 fn sid_guix(test: &str) -> Option<PathBuf> {
-    let root = std::env::var_os("KILN_SID_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/sid-root"));
+    let root = sid_root();
     let root_user = rustix::process::geteuid().is_root();
     if root.join("usr/bin/guix").exists() && root_user {
         return Some(root);

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_testkit::{nix_or_skip, nix_required};
+use kiln_testkit::{nix_or_skip, nix_required, sid_root, BindMount};
 
 struct Sshd {
     child: Child,
@@ -263,25 +263,13 @@ fn nix_2_8_offloads_to_kiln_over_ssh_and_ssh_ng() {
     });
 }
 
-/// `dir` seen at the same path inside `root` for as long as this lives.
-struct BindMount(PathBuf);
-
-impl Drop for BindMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 #[test]
 fn nix_2_34_offloads_to_kiln_over_ssh_and_ssh_ng() {
     let test = "nix_2_34_offloads_to_kiln_over_ssh_and_ssh_ng";
     if !have_sshd(test) {
         return;
     }
-    let root = std::env::var_os("KILN_SID_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/sid-root"));
+    let root = sid_root();
     if !root.join("usr/bin/nix-build").exists() || !root.join("usr/bin/ssh").exists() {
         assert!(
             !nix_required(),
@@ -295,16 +283,7 @@ fn nix_2_34_offloads_to_kiln_over_ssh_and_ssh_ng() {
     // directory's `store` and kiln's stays on disk under `remote`.
     let m = Machines::new("kiln-remote-234-");
     let d = m.dir.path();
-    let inside = root.join(d.strip_prefix("/").unwrap());
-    std::fs::create_dir_all(&inside).unwrap();
-    let mount = BindMount(inside.clone());
-    assert!(Command::new("mount")
-        .arg("--bind")
-        .arg(d)
-        .arg(&inside)
-        .status()
-        .unwrap()
-        .success());
+    let mount = BindMount::new(&root, d);
     m.offload_both("-234", |file, builders| {
         Command::new("chroot")
             .arg(&root)
