@@ -314,6 +314,56 @@ fn a_build_another_client_waits_for_survives_a_hang_up() {
         .unwrap());
 }
 
+/// Goals are shared between clients: one client asking for no local builds
+/// (`--max-jobs 0`) must not fail another client's build of the same derivation.
+#[test]
+fn one_clients_max_jobs_0_does_not_fail_anothers_build() {
+    let d = TestDaemon::start();
+    let (slow, marker, go) = waiting_builder(&d, "slow-input");
+    let top = drv_on(&d, "on-top", "echo top > $out", &[&slow]);
+    let request = |drv: StorePath, max_jobs: Option<u64>| {
+        let (sd, socket) = (d.store_dir(), d.socket.clone());
+        std::thread::spawn(move || {
+            let mut c = kiln_protocol::Client::connect(&socket, sd).unwrap();
+            if let Some(j) = max_jobs {
+                let o = kiln_protocol::ClientOptions {
+                    max_build_jobs: Some(j),
+                    ..Default::default()
+                };
+                c.request(&Request::SetOptions(o), None, &mut |_| {})
+                    .unwrap();
+            }
+            c.request(&build_req(&drv, BuildMode::Normal), None, &mut |_| {})
+                .map_err(|e| e.to_string())
+        })
+    };
+    // Someone builds the input; it waits until told to finish.
+    let input = request(slow.clone(), None);
+    wait_until("input builder started", || {
+        pid_of_builder(&marker).is_some()
+    });
+    // A client that allows no local builds asks for `top` first: its goal waits for the
+    // input. (Its request is given time to arrive before the next; were it later, the
+    // goal would be the other client's and this test would check less.)
+    let no_local = request(top.clone(), Some(0));
+    std::thread::sleep(Duration::from_millis(300));
+    // Another client, allowing local builds, asks for the same `top`.
+    let local = request(top.clone(), None);
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(&go, b"").unwrap();
+    assert!(input.join().unwrap().is_ok());
+    let r = local.join().unwrap();
+    assert!(matches!(r, Ok(Reply::Int(1))), "{r:?}");
+    let built = d.daemon.store().read_derivation(&top).unwrap();
+    assert!(d
+        .daemon
+        .store()
+        .is_valid(built.output_path("out").unwrap())
+        .unwrap());
+    // The first client shared the build it was waiting on.
+    let _ = no_local.join().unwrap();
+}
+
 /// A connection's cached path info never outlives a change: after another client deletes
 /// the path, and after it is added again, the first connection sees the store as it is.
 #[test]

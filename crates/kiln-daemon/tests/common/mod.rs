@@ -117,6 +117,16 @@ pub fn nar_file(contents: &[u8]) -> Vec<u8> {
 
 /// A derivation whose builder runs `script` with `/bin/sh`: its file name and text.
 pub fn drv_text(d: &TestDaemon, name: &str, script: &str) -> (String, Vec<u8>) {
+    drv_text_on(d, name, script, &[])
+}
+
+/// [`drv_text`] for a derivation with the `out` outputs of `inputs` as its inputs.
+fn drv_text_on(
+    d: &TestDaemon,
+    name: &str,
+    script: &str,
+    inputs: &[&StorePath],
+) -> (String, Vec<u8>) {
     let mut env = BTreeMap::new();
     env.insert("PATH".to_string(), "/bin:/usr/bin".to_string());
     let drv = Derivation {
@@ -133,6 +143,10 @@ pub fn drv_text(d: &TestDaemon, name: &str, script: &str) -> (String, Vec<u8>) {
         builder: "/bin/sh".into(),
         args: vec!["-c".into(), script.into()],
         env,
+        input_drvs: inputs
+            .iter()
+            .map(|i| ((*i).clone(), BTreeSet::from(["out".to_string()])))
+            .collect(),
         ..Default::default()
     };
     let drv = d.daemon.store().finalize_derivation(drv).unwrap();
@@ -141,10 +155,16 @@ pub fn drv_text(d: &TestDaemon, name: &str, script: &str) -> (String, Vec<u8>) {
 
 /// Adds the derivation [`drv_text`] makes to the store.
 pub fn drv(d: &TestDaemon, name: &str, script: &str) -> StorePath {
-    let (file, text) = drv_text(d, name, script);
+    drv_on(d, name, script, &[])
+}
+
+/// Adds a derivation whose inputs are the `out` outputs of the derivations `inputs`.
+pub fn drv_on(d: &TestDaemon, name: &str, script: &str, inputs: &[&StorePath]) -> StorePath {
+    let (file, text) = drv_text_on(d, name, script, inputs);
+    let refs: BTreeSet<StorePath> = inputs.iter().map(|i| (*i).clone()).collect();
     d.daemon
         .store()
-        .add_text(&file, &text, &BTreeSet::new(), Default::default())
+        .add_text(&file, &text, &refs, Default::default())
         .unwrap()
         .path
 }
