@@ -15,6 +15,8 @@ pub enum Event {
         pid: i32,
         round: u32,
         rounds: u32,
+        /// The build machine's URI (empty: this machine).
+        machine: String,
     },
     /// A chunk of a builder's output.
     BuildLog {

@@ -51,6 +51,8 @@ pub enum JobEvent {
         log_file: String,
         round: u32,
         rounds: u32,
+        /// The build machine's URI (empty: this machine).
+        machine: String,
     },
     Log(Arc<[u8]>),
 }
@@ -96,6 +98,14 @@ impl JobControl {
     }
     pub fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::SeqCst)
+    }
+    /// Records the process group that stands for a job run elsewhere (a remote build's
+    /// `ssh`), killed on cancellation like a builder's; 0 when it has ended.
+    pub fn set_process_group(&self, pid: i32) {
+        self.pid.store(pid, Ordering::SeqCst);
+        if pid > 0 && self.is_cancelled() {
+            kiln_sandbox::spawn::kill_group(pid, SIGKILL);
+        }
     }
 }
 
@@ -1105,6 +1115,7 @@ fn build_round(
             log_file,
             round,
             rounds,
+            machine: String::new(),
         });
         let (outcome, rusage) = monitor(spec, ctl, child.pid, read_end, log.map(|(w, _)| w));
         ctl.pid.store(0, Ordering::SeqCst);

@@ -130,11 +130,39 @@ pub struct SchedulerConfig {
     /// Serves the daemon socket of recursive builds (`kiln daemon` provides it); without
     /// one, derivations requiring `recursive-nix` fail.
     pub recursive: Option<Arc<dyn crate::recursive::RecursiveServer>>,
+    /// Build machines (`builders`), shared by every request, and what builds on them
+    /// (kiln-remote's SSH builder in the daemon); without a builder they are not used.
+    pub machines: Vec<crate::machines::Machine>,
+    pub remote: Option<Arc<dyn crate::remote::RemoteBuilder>>,
+    /// This machine's speed factor against the machines' (`local-speed-factor`).
+    pub local_speed_factor: f64,
+}
+
+impl SchedulerConfig {
+    /// A scheduler for `store` with `max_jobs` local slots and nothing else: no
+    /// substituter, no recursive builds, no machines.
+    pub fn local(store: Arc<LocalStore>, max_jobs: usize) -> Self {
+        SchedulerConfig {
+            store,
+            max_jobs,
+            max_substitution_jobs: 1,
+            substituter: None,
+            recursive: None,
+            machines: Vec::new(),
+            remote: None,
+            local_speed_factor: 1.0,
+        }
+    }
 }
 
 impl std::fmt::Debug for SchedulerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SchedulerConfig(max_jobs = {})", self.max_jobs)
+        write!(
+            f,
+            "SchedulerConfig(max_jobs = {}, {} machines)",
+            self.max_jobs,
+            self.machines.len()
+        )
     }
 }
 
@@ -150,6 +178,8 @@ enum Msg {
     ),
     Fetched(GoalId, std::result::Result<(), String>),
     Hook(GoalId, HookMsg),
+    /// A build on machine (index) ended.
+    RemoteDone(GoalId, usize, crate::remote::RemoteOutcome),
     Wake(GoalId),
     Shutdown,
 }
@@ -280,6 +310,9 @@ struct DrvGoal {
     /// What the input derivations' goals reported their outputs to be, by input and output
     /// name (the only record of an impure input's outputs).
     input_outputs: BTreeMap<(StorePath, String), StorePath>,
+    /// Build machines that failed this goal (by index), and how many attempts failed.
+    failed_machines: BTreeSet<usize>,
+    remote_attempts: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -353,6 +386,16 @@ struct Worker {
     waiting_for_any_goal: Vec<GoalId>,
     /// Jobs in build slots, by goal (kept until the job thread reports, even if cancelled).
     building: HashSet<GoalId>,
+    /// Builds on build machines, by goal: the machine's index (kept until the build's
+    /// thread reports, as `building`).
+    remote_building: HashMap<GoalId, usize>,
+    /// Where builds go, and the machines' busy slots.
+    placement: crate::placement::Placement,
+    /// What each goal waiting for a slot needs (to wake one that can start).
+    wait_needs: HashMap<GoalId, crate::placement::Needs>,
+    /// A slot was freed or a goal began waiting since the waiting goals were last looked
+    /// at (with machines, finding one that can start is a scan, not done on every turn).
+    slots_changed: bool,
     /// Threads that run build jobs, reused from one build to the next.
     jobs: crate::pool::Pool,
     substituting: HashSet<GoalId>,
@@ -371,6 +414,9 @@ struct Worker {
     lenders: HashMap<u64, usize>,
 }
 
+/// How many build machines a build is tried on when machines fail (not the build).
+const MAX_REMOTE_ATTEMPTS: u32 = 3;
+
 fn drv_key(p: &StorePath, abs: &str) -> String {
     format!("b${}${abs}", p.derivation_name().unwrap_or(p.name()))
 }
@@ -381,6 +427,14 @@ fn subst_key(p: &StorePath, abs: &str) -> String {
 
 impl Worker {
     fn new(cfg: SchedulerConfig, tx: Sender<Msg>) -> Self {
+        let placement = crate::placement::Placement::new(
+            if cfg.remote.is_some() {
+                cfg.machines.clone()
+            } else {
+                Vec::new()
+            },
+            cfg.local_speed_factor,
+        );
         Worker {
             cfg,
             tx,
@@ -395,6 +449,10 @@ impl Worker {
             wanting_to_substitute: BTreeSet::new(),
             waiting_for_any_goal: Vec::new(),
             building: HashSet::new(),
+            remote_building: HashMap::new(),
+            placement,
+            wait_needs: HashMap::new(),
+            slots_changed: false,
             jobs: crate::pool::Pool::new("kiln-build"),
             substituting: HashSet::new(),
             in_flight: 0,
@@ -462,8 +520,10 @@ impl Worker {
             Msg::JobEvent(g, e) => self.job_event(g, e),
             Msg::JobDone(g, r, infos) => {
                 self.building.remove(&g);
+                self.slots_changed = true;
                 self.build_done(g, r, infos);
             }
+            Msg::RemoteDone(g, machine, outcome) => self.remote_done(g, machine, outcome),
             Msg::Locks(g, r) => {
                 self.in_flight -= 1;
                 self.locks_acquired(g, r);
@@ -742,6 +802,8 @@ impl Worker {
             resolved: None,
             resolved_result: None,
             input_outputs: BTreeMap::new(),
+            failed_machines: BTreeSet::new(),
+            remote_attempts: 0,
         };
         let id = self.new_goal(key, Kind::Drv(Box::new(goal)), settings);
         self.drv_goals.insert(drv.clone(), id);
@@ -803,6 +865,7 @@ impl Worker {
         self.wanting_to_build.remove(&(g.key.clone(), id));
         self.wanting_local.remove(&(g.key.clone(), id));
         self.wanting_to_substitute.remove(&(g.key.clone(), id));
+        self.wait_needs.remove(&id);
         match &g.kind {
             Kind::Drv(d) => {
                 if self.drv_goals.get(&d.drv_path) == Some(&id) {
@@ -960,23 +1023,35 @@ impl Worker {
 
     /// Wakes a goal waiting for a free slot, if any. Returns whether one was woken.
     fn dispatch_slots(&mut self) -> bool {
-        let max = self.max_jobs();
-        if self.building.len() < max {
-            // The next goal in key order, whichever queue it is in.
-            let next = match (self.wanting_to_build.first(), self.wanting_local.first()) {
-                (Some(a), Some(b)) if b < a => self.wanting_local.pop_first(),
-                (Some(_), _) => self.wanting_to_build.pop_first(),
-                (None, Some(_)) => self.wanting_local.pop_first(),
-                (None, None) => None,
-            };
-            if let Some((_, id)) = next {
-                self.wake(id);
-                return true;
+        if self.placement.has_machines() {
+            if self.slots_changed {
+                if let Some(id) = self.next_placeable() {
+                    self.wake(id);
+                    return true;
+                }
+                self.slots_changed = false;
             }
-        } else if self.building.is_empty() {
-            if let Some((_, id)) = self.wanting_local.pop_first() {
-                self.wake(id);
-                return true;
+        } else {
+            let max = self.max_jobs();
+            if self.building.len() < max {
+                // The next goal in key order, whichever queue it is in.
+                let next = match (self.wanting_to_build.first(), self.wanting_local.first()) {
+                    (Some(a), Some(b)) if b < a => self.wanting_local.pop_first(),
+                    (Some(_), _) => self.wanting_to_build.pop_first(),
+                    (None, Some(_)) => self.wanting_local.pop_first(),
+                    (None, None) => None,
+                };
+                if let Some((_, id)) = next {
+                    self.wait_needs.remove(&id);
+                    self.wake(id);
+                    return true;
+                }
+            } else if self.building.is_empty() {
+                if let Some((_, id)) = self.wanting_local.pop_first() {
+                    self.wait_needs.remove(&id);
+                    self.wake(id);
+                    return true;
+                }
             }
         }
         if !self.wanting_to_substitute.is_empty()
@@ -990,11 +1065,37 @@ impl Worker {
         false
     }
 
+    /// With build machines: the first waiting goal, in key order, that some machine (this
+    /// one included) can take now, taken out of its queue.
+    fn next_placeable(&mut self) -> Option<GoalId> {
+        let local_running = self.building.len();
+        let slots = self.max_jobs();
+        let first = |q: &BTreeSet<(String, GoalId)>| {
+            q.iter()
+                .find(|(_, id)| {
+                    self.wait_needs.get(id).is_none_or(|n| {
+                        self.placement.choose(n, local_running, slots)
+                            != crate::placement::Choice::Wait
+                    })
+                })
+                .cloned()
+        };
+        let next = match (first(&self.wanting_to_build), first(&self.wanting_local)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }?;
+        self.wanting_to_build.remove(&next);
+        self.wanting_local.remove(&next);
+        self.wait_needs.remove(&next.1);
+        Some(next.1)
+    }
+
     /// Nothing runs and nothing can start: fail the goals that wait for a build slot
     /// (the reference's "unable to start any build").
     fn detect_stall(&mut self) {
         if !self.awake.is_empty()
             || !self.building.is_empty()
+            || !self.remote_building.is_empty()
             || !self.substituting.is_empty()
             || self.in_flight > 0
         {
@@ -1004,6 +1105,7 @@ impl Worker {
         let disabled = self.max_jobs() == 0;
         for id in stuck {
             self.wanting_to_build.retain(|(_, g)| *g != id);
+            self.wait_needs.remove(&id);
             let msg = "unable to start any build; either increase '--max-jobs' or enable distributed builds";
             if disabled {
                 self.fail_drv_with(
@@ -1732,36 +1834,58 @@ impl Worker {
                 return self.offer_to_hook(id, program);
             }
         }
-        if let Err(msg) = settings.check_can_build(&drv, &abs) {
-            return self.fail_drv(id, BuildStatus::MiscFailure, msg);
-        }
-        // Every request that wants it asked for no local builds (`--max-jobs 0`), and no
-        // machine took it: it cannot be built. (Slots are the daemon's, shared by every
-        // client, so a client's own max-jobs only ever forbids local builds; and it decides
-        // for its own requests only: one client's 0 must not fail another's build.)
-        if !prefer_local && !self.local_builds_wanted(id) {
-            let d = self.drv_mut(id).expect("goal exists");
-            d.locks.clear();
-            return self.fail_drv_with(
-                id,
-                BuildStatus::MiscFailure,
-                "unable to start any build; either increase '--max-jobs' or enable distributed builds".into(),
-                Some(crate::result::FailureDetail::LocalBuildsDisabled),
-            );
-        }
-        let busy = self.building.len();
-        if busy >= self.max_jobs() && !(prefer_local && busy == 0) {
-            let d = self.drv_mut(id).expect("goal exists");
-            d.locks.clear();
-            let key = self.goals[&id].key.clone();
-            if prefer_local {
-                self.wanting_local.insert((key, id));
-            } else {
-                self.wanting_to_build.insert((key, id));
+        // Where it builds: here, or on a build machine (normal builds only: checks and
+        // repairs compare with or replace what is here). Slots are the daemon's, shared by
+        // every client, so a client's own max-jobs only ever forbids local builds; and it
+        // decides for its own requests only: one client's 0 must not fail another's build.
+        let local_error = settings.check_can_build(&drv, &abs).err();
+        let local_allowed = prefer_local || self.local_builds_wanted(id);
+        let d = self.drv_mut(id).expect("goal exists");
+        let needs = crate::placement::Needs {
+            system: drv.platform.clone(),
+            features: crate::settings::required_system_features(&drv),
+            local: local_error.is_none() && local_allowed,
+            prefer_local: prefer_local && local_error.is_none(),
+            remote: mode == BuildMode::Normal,
+            excluded: d.failed_machines.clone(),
+        };
+        match self
+            .placement
+            .choose(&needs, self.building.len(), self.max_jobs())
+        {
+            crate::placement::Choice::Local => self.start_job(id, valid),
+            crate::placement::Choice::Remote(i) => self.start_remote(id, i),
+            crate::placement::Choice::Wait => {
+                let d = self.drv_mut(id).expect("goal exists");
+                d.locks.clear();
+                let key = self.goals[&id].key.clone();
+                if needs.prefer_local {
+                    self.wanting_local.insert((key, id));
+                } else {
+                    self.wanting_to_build.insert((key, id));
+                }
+                self.wait_needs.insert(id, needs);
+                self.slots_changed = true;
             }
-            return;
+            crate::placement::Choice::Nowhere => {
+                let d = self.drv_mut(id).expect("goal exists");
+                d.locks.clear();
+                let machines = self.placement.why_nowhere(&needs);
+                let with_machines = |msg: String| match &machines {
+                    Some(why) => format!("{msg}\nNo build machine can build it either: {why}."),
+                    None => msg,
+                };
+                match local_error {
+                    Some(msg) => self.fail_drv(id, BuildStatus::MiscFailure, with_machines(msg)),
+                    None => self.fail_drv_with(
+                        id,
+                        BuildStatus::MiscFailure,
+                        with_machines("unable to start any build; either increase '--max-jobs' or enable distributed builds".into()),
+                        Some(crate::result::FailureDetail::LocalBuildsDisabled),
+                    ),
+                }
+            }
         }
-        self.start_job(id, valid);
     }
 
     /// Whether some request that wants goal `id` (directly or through the goals waiting
@@ -1827,6 +1951,7 @@ impl Worker {
                             log_file: String::new(),
                             round: 1,
                             rounds: 1,
+                            machine: String::new(),
                         },
                     ));
                     let outputs: Vec<String> =
@@ -1959,6 +2084,88 @@ impl Worker {
         }
     }
 
+    /// Sends the build to machine `i` (see [`crate::remote`]); it holds the output locks
+    /// here meanwhile, as a local build does.
+    fn start_remote(&mut self, id: GoalId, i: usize) {
+        let Some(remote) = self.cfg.remote.clone() else {
+            return self.fail_drv(id, BuildStatus::MiscFailure, "no remote builder".into());
+        };
+        let store = self.store().clone();
+        let settings = self.goals[&id].settings.clone();
+        let machine = self.placement.machine(i).clone();
+        let tx = self.tx.clone();
+        let tx2 = tx.clone();
+        let d = self.drv_mut(id).expect("goal exists");
+        d.state = DrvState::Building;
+        let ctl = Arc::new(JobControl::default());
+        d.job = Some(ctl.clone());
+        let job = crate::remote::RemoteJob {
+            store,
+            drv_path: d.drv_path.clone(),
+            drv: d.drv.clone().expect("loaded"),
+            inputs: d.input_paths.clone(),
+            settings,
+            events: Arc::new(move |e| {
+                let _ = tx2.send(Msg::JobEvent(id, e));
+            }),
+        };
+        self.placement.start(i);
+        self.remote_building.insert(id, i);
+        let tx3 = tx.clone();
+        let started = self.jobs.execute(move || {
+            let outcome = remote.build(&machine, job, &ctl);
+            let _ = tx.send(Msg::RemoteDone(id, i, outcome));
+        });
+        if let Err(e) = started {
+            let outcome = crate::remote::RemoteOutcome::MachineFailed(format!(
+                "cannot start a thread for the remote build: {e}"
+            ));
+            let _ = tx3.send(Msg::RemoteDone(id, i, outcome));
+        }
+    }
+
+    /// A build on machine `i` ended. When the machine failed (not the build), the build is
+    /// placed again without it, at most [`MAX_REMOTE_ATTEMPTS`] times.
+    fn remote_done(&mut self, id: GoalId, i: usize, outcome: crate::remote::RemoteOutcome) {
+        self.remote_building.remove(&id);
+        self.slots_changed = true;
+        let failed = matches!(outcome, crate::remote::RemoteOutcome::MachineFailed(_));
+        let left_out = self.placement.finish(i, failed);
+        let (r, infos) = match outcome {
+            crate::remote::RemoteOutcome::Finished(r, infos) => (r, infos),
+            crate::remote::RemoteOutcome::MachineFailed(e) => {
+                let uri = self.placement.machine(i).uri.clone();
+                let secs = left_out.map(|d| d.as_secs()).unwrap_or(0);
+                tracing::warn!("cannot build on '{uri}': {e}");
+                let store = self.store().clone();
+                let Some(d) = self.drv_mut(id) else { return };
+                d.job = None;
+                d.failed_machines.insert(i);
+                d.remote_attempts += 1;
+                let attempts = d.remote_attempts;
+                let drv = store.print(&d.drv_path);
+                if attempts >= MAX_REMOTE_ATTEMPTS {
+                    let msg = format!(
+                        "building '{drv}' failed on {attempts} build machines; the last, '{uri}': {e}"
+                    );
+                    return self.fail_drv(id, BuildStatus::MiscFailure, msg);
+                }
+                self.emit(
+                    id,
+                    Event::Message {
+                        level: 1,
+                        text: format!(
+                            "warning: cannot build '{drv}' on '{uri}': {e}; trying elsewhere (the machine is left out for {secs} s)"
+                        ),
+                    },
+                );
+                self.set_state(id, DrvState::TryToBuild);
+                return self.try_to_build_locked(id);
+            }
+        };
+        self.build_done(id, r, infos);
+    }
+
     fn job_event(&mut self, id: GoalId, e: JobEvent) {
         // A substitution's lines are messages (an unsigned or unreachable cache).
         if let (Some(Kind::Subst(_)), JobEvent::Log(data)) =
@@ -1985,6 +2192,7 @@ impl Worker {
                 log_file,
                 round,
                 rounds,
+                machine,
             } => Event::BuildStarted {
                 drv,
                 system,
@@ -1992,6 +2200,7 @@ impl Worker {
                 pid,
                 round,
                 rounds,
+                machine,
             },
             JobEvent::Log(data) => {
                 let pid = 0;

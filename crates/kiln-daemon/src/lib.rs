@@ -98,6 +98,15 @@ impl Backend {
         daemon: Weak<Daemon>,
     ) -> Arc<Backend> {
         let caches = kiln_substitute::for_store(&store, settings);
+        // The daemon's start checked the machines already (`check_machines`).
+        let machines = kiln_remote::setup(settings, &base.system).unwrap_or_else(|e| {
+            tracing::error!("build machines: {e}; building here only");
+            kiln_remote::Setup {
+                machines: Vec::new(),
+                remote: None,
+                local_speed_factor: 1.0,
+            }
+        });
         Arc::new_cyclic(|backend| {
             let scheduler = Scheduler::start(SchedulerConfig {
                 store: store.clone(),
@@ -109,6 +118,9 @@ impl Backend {
                     daemon,
                     backend: backend.clone(),
                 })),
+                machines: machines.machines,
+                remote: machines.remote,
+                local_speed_factor: machines.local_speed_factor,
             });
             Backend {
                 store,

@@ -70,10 +70,17 @@ impl<'d> Progress<'d> {
     fn nix(&mut self, io: &mut OpIo<'_>, e: &Event) -> std::io::Result<()> {
         match e {
             Event::BuildStarted {
-                drv, round, rounds, ..
+                drv,
+                round,
+                rounds,
+                machine,
+                ..
             } => {
                 let id = self.daemon.next_activity();
-                let text = if *rounds > 1 {
+                // As nix-daemon words them; the machine is the activity's second field.
+                let text = if !machine.is_empty() {
+                    format!("building '{drv}' on '{machine}'")
+                } else if *rounds > 1 {
                     format!("building '{drv}' (round {round}/{rounds})")
                 } else {
                     format!("building '{drv}'")
@@ -85,7 +92,7 @@ impl<'d> Progress<'d> {
                     &text,
                     &[
                         Field::from(drv.as_str()),
-                        Field::from(""),
+                        Field::from(machine.as_str()),
                         Field::Int(*round as u64),
                         Field::Int(*rounds as u64),
                     ],

@@ -456,7 +456,10 @@ impl<'d> Session<'d> {
                 refs,
                 repair,
             } => {
-                let opts = AddOptions { repair };
+                let opts = AddOptions {
+                    repair,
+                    ..Default::default()
+                };
                 let info = match method {
                     ContentAddressMethod::Text => {
                         if algo != HashAlgo::Sha256 {
@@ -669,7 +672,14 @@ impl<'d> Session<'d> {
             }
             self.check_signatures(&info, check_sigs)?;
             let added = store
-                .add_nar(&info, &mut r, AddOptions { repair })
+                .add_nar(
+                    &info,
+                    &mut r,
+                    AddOptions {
+                        repair,
+                        ..Default::default()
+                    },
+                )
                 .map_err(remote)?;
             self.roots.push(added.path);
         }
@@ -912,7 +922,14 @@ impl Session<'_> {
                     return Err(e);
                 }
                 let added = store
-                    .add_nar(&info, &mut io.data(), AddOptions { repair })
+                    .add_nar(
+                        &info,
+                        &mut io.data(),
+                        AddOptions {
+                            repair,
+                            ..Default::default()
+                        },
+                    )
                     .map_err(remote)?;
                 self.keep(&added.path);
                 Ok(Reply::Nothing)

@@ -537,7 +537,21 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Str,
         default: "",
-        help: "remote build machines",
+        help: "build machines: machines-file entries separated by ';' or newlines, '@FILE' to read a file (default with the nix layout: @$NIX_CONF_DIR/machines)",
+    },
+    Def {
+        name: "builders-use-substitutes",
+        aliases: &[],
+        kind: Kind::Bool,
+        default: "false",
+        help: "let build machines substitute the inputs they lack before kiln copies them",
+    },
+    Def {
+        name: "local-speed-factor",
+        aliases: &[],
+        kind: Kind::Str,
+        default: "1",
+        help: "this machine's speed factor against the build machines' (kiln)",
     },
     Def {
         name: "build-hook",
@@ -948,6 +962,8 @@ pub fn load_default_nix_conf(settings: &mut Settings) -> Result<()> {
     let dir = std::env::var_os("NIX_CONF_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/etc/nix"));
+    // nix-daemon's default machines file, unless the configuration names others.
+    settings.set("builders", &format!("@{}", dir.join("machines").display()))?;
     let file = dir.join("nix.conf");
     if file.exists() {
         settings.load_nix_conf(&file)?;

@@ -75,6 +75,9 @@ impl StoreOptions {
 pub struct AddOptions {
     /// Replace the path even if it is valid (after checking the new contents).
     pub repair: bool,
+    /// The caller holds the path's lock already (a build goal whose output arrives from a
+    /// build machine): taking it again would wait for ourselves.
+    pub caller_holds_lock: bool,
 }
 
 /// Reads `.drv` files from the physical store directory.
@@ -928,12 +931,19 @@ impl LocalStore {
     ) -> Result<ValidPathInfo> {
         let final_real = self.real_path(&info.path);
         self.add_temp_root(&info.path)?;
-        let mut lock = self
-            .lock_path(&info.path, true)?
-            .ok_or_else(|| Error::Corrupt("blocking lock returned nothing".into()))?;
+        let mut lock = if opts.caller_holds_lock {
+            None
+        } else {
+            Some(
+                self.lock_path(&info.path, true)?
+                    .ok_or_else(|| Error::Corrupt("blocking lock returned nothing".into()))?,
+            )
+        };
         let valid = self.is_valid(&info.path)?;
         if valid && !opts.repair {
-            lock.set_delete(true);
+            if let Some(l) = lock.as_mut() {
+                l.set_delete(true);
+            }
             return self.path_info(&info.path);
         }
         if valid {
@@ -957,7 +967,9 @@ impl LocalStore {
             tmp.armed = false;
         }
         self.register_valid_paths(std::slice::from_ref(&info))?;
-        lock.set_delete(true);
+        if let Some(l) = lock.as_mut() {
+            l.set_delete(true);
+        }
         drop(lock);
         drop(tmp);
         Ok(info)

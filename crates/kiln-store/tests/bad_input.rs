@@ -84,7 +84,14 @@ fn repair_verifies_before_replacing() {
         .unwrap();
     let wrong = Node::file("evil").to_nar();
     assert!(s
-        .add_nar(&info, &mut wrong.as_slice(), AddOptions { repair: true })
+        .add_nar(
+            &info,
+            &mut wrong.as_slice(),
+            AddOptions {
+                repair: true,
+                ..Default::default()
+            }
+        )
         .is_err());
     assert_eq!(
         std::fs::read_to_string(s.real_path(&info.path)).unwrap(),
@@ -97,8 +104,15 @@ fn repair_verifies_before_replacing() {
         .arg(&real)
         .status();
     std::fs::write(&real, "damaged!").unwrap();
-    s.add_nar(&info, &mut nar.as_slice(), AddOptions { repair: true })
-        .unwrap();
+    s.add_nar(
+        &info,
+        &mut nar.as_slice(),
+        AddOptions {
+            repair: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(std::fs::read_to_string(&real).unwrap(), "original");
 }
 

@@ -289,7 +289,14 @@ impl Substituter for Agent {
         vi.references = info.references;
         vi.deriver = info.deriver;
         vi.ca = ca.copied();
-        store.add_restored(tmp, &vi, AddOptions { repair })?;
+        store.add_restored(
+            tmp,
+            &vi,
+            AddOptions {
+                repair,
+                ..Default::default()
+            },
+        )?;
         Ok(())
     }
 }

@@ -207,7 +207,10 @@ impl Caches {
         store.add_nar_checked(
             &offer.info,
             &mut stream,
-            AddOptions { repair },
+            AddOptions {
+                repair,
+                ..Default::default()
+            },
             &mut |rest| {
                 compression::expect_end(rest, &what)
                     .and_then(|()| check.verify(&offer.narinfo))

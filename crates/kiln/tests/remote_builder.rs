@@ -304,3 +304,218 @@ fn nix_2_34_offloads_to_kiln_over_ssh_and_ssh_ng() {
     });
     drop(mount);
 }
+
+// ---- kiln offloading to build machines ------------------------------------------------
+
+/// A derivation built on a machine whose input was built here (`preferLocalBuild`) and a
+/// source: kiln must copy both there, build, and copy the output back.
+const DRV_WITH_INPUTS: &str = r#"let
+  dep = derivation {
+    name = "dep-TAG";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    preferLocalBuild = true;
+    args = [ "-c" "echo dep of TAG > $out" ];
+  };
+  src = builtins.toFile "src-TAG" "a source of TAG";
+in derivation {
+  name = "offloaded-TAG";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "/bin/cat ${dep} ${src} > $out; echo; echo a line from the TAG builder" ];
+}"#;
+
+/// Programs that run Nix 2.8 as a build machine: in its own mount namespace, with its own
+/// store (under `dir/nix-machine`) mounted at the shared logical store path, as on another
+/// machine. `(serve, stdio)` as for kiln.
+fn nix_machine_programs(dir: &Path, store: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let m = dir.join("nix-machine");
+    for sub in ["store", "state", "log", "conf"] {
+        std::fs::create_dir_all(m.join(sub)).unwrap();
+    }
+    std::fs::write(
+        m.join("conf/nix.conf"),
+        "substituters =\nsandbox = false\nbuild-users-group =\n",
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    for (name, prog) in [
+        ("nix-machine-serve", "nix-store"),
+        ("nix-machine-daemon", "nix-daemon"),
+    ] {
+        let p = dir.join(name);
+        std::fs::write(
+            &p,
+            format!(
+                "#!/bin/sh\nexec unshare -m --propagation private sh -c 'mount --bind {m}/store {store} && \
+                 exec env NIX_STORE_DIR={store} NIX_STATE_DIR={m}/state NIX_LOG_DIR={m}/log \
+                 NIX_CONF_DIR={m}/conf NIX_REMOTE=local {prog} \"$@\"' {prog} \"$@\"\n",
+                m = m.display(),
+                store = store.display(),
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        out.push(p);
+    }
+    (out[0].clone(), out[1].clone(), m)
+}
+
+impl Machines {
+    /// The machines-file entry for a program reached through this run's sshd, with its
+    /// identity file and the host key (so ssh accepts that key and no other).
+    fn entry(&self, transport: &str, program: &Path, host: &str, jobs: u32, speed: u32) -> String {
+        use base64::Engine as _;
+        let pubkey = std::fs::read_to_string(self.dir.path().join("hostkey.pub")).unwrap();
+        let key = base64::engine::general_purpose::STANDARD.encode(pubkey.trim());
+        format!(
+            "{transport}://root@{host}?remote-program={} x86_64-linux {} {jobs} {speed} - - {key}",
+            program.display(),
+            self.sshd.key.display()
+        )
+    }
+
+    /// A kiln daemon on the client's store whose builds go to `builders` (`max-jobs` here
+    /// as given), with `NIX_SSHOPTS` giving sshd's port only.
+    fn kiln_daemon(&self, builders: &str, max_jobs: u32) -> kiln_testkit::DaemonProcess {
+        let d = self.dir.path();
+        let conf = d.join("kiln-local.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "substituters =\nsandbox = false\nbuild-users-group =\nmax-jobs = {max_jobs}\nbuilders = {builders}\n"
+            ),
+        )
+        .unwrap();
+        let socket = d.join("kiln.sock");
+        let _ = std::fs::remove_file(&socket);
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        c.arg("--store-dir")
+            .arg(&self.store)
+            .arg("--state-dir")
+            .arg(d.join("state"))
+            .arg("--log-dir")
+            .arg(d.join("log"))
+            .arg("--nix-conf")
+            .arg(&conf)
+            .arg("daemon")
+            .arg("--socket")
+            .arg(&socket)
+            .env("NIX_SSHOPTS", format!("-p {}", self.sshd.port))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("kiln-daemon.log")).unwrap());
+        kiln_testkit::DaemonProcess::start(c, socket)
+    }
+
+    /// `nix-build` (Nix 2.8) of `DRV_WITH_INPUTS` tagged `tag` through `daemon`.
+    fn nix_build(&self, daemon: &kiln_testkit::DaemonProcess, tag: &str) -> std::process::Output {
+        let d = self.dir.path();
+        let file = d.join(format!("{tag}.nix"));
+        std::fs::write(&file, DRV_WITH_INPUTS.replace("TAG", tag)).unwrap();
+        Command::new("nix-build")
+            .arg(&file)
+            .arg("--no-out-link")
+            .env("NIX_REMOTE", format!("unix://{}", daemon.socket.display()))
+            .env("NIX_STORE_DIR", &self.store)
+            .env("NIX_STATE_DIR", d.join("state"))
+            .env("NIX_LOG_DIR", d.join("log"))
+            .env("NIX_CONF_DIR", &self.conf)
+            .env_remove("NIX_PATH")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+}
+
+/// The client's side of an offloaded build: it succeeded, its output is here with the
+/// contents only its inputs give, and its log and the machine reached the client.
+fn check_offloaded(out: &std::process::Output, tag: &str, machine: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{tag}: {stdout}\n{stderr}");
+    let path = stdout.trim().to_string();
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        format!("dep of {tag}\na source of {tag}"),
+        "{tag}"
+    );
+    assert!(
+        stderr.contains(&format!("a line from the {tag} builder")),
+        "{tag}: the build log did not reach the client:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("on '{machine}")),
+        "{tag}: the client was not told where it built:\n{stderr}"
+    );
+    path
+}
+
+#[test]
+fn kiln_offloads_to_kiln_and_nix_machines_over_ssh_and_ssh_ng() {
+    let test = "kiln_offloads_to_kiln_and_nix_machines_over_ssh_and_ssh_ng";
+    if !nix_or_skip(test) || !have_sshd(test) || !Path::new("/usr/bin/unshare").exists() {
+        return;
+    }
+    let m = Machines::new("kiln-offload-");
+    let d = m.dir.path().to_path_buf();
+    let (nix_serve, nix_stdio, nix_machine) = nix_machine_programs(&d, &m.store);
+    let kiln_path_info = |path: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--root")
+            .arg(&m.remote_root)
+            .arg("--store-dir")
+            .arg(&m.store)
+            .args(["store", "path-info", path])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    for (transport, program, far) in [
+        ("ssh-ng", &m.stdio, "kiln"),
+        ("ssh", &m.serve, "kiln"),
+        ("ssh-ng", &nix_stdio, "nix"),
+        ("ssh", &nix_serve, "nix"),
+    ] {
+        let tag = format!("{far}-{transport}");
+        let entry = m.entry(transport, program, "127.0.0.1", 2, 1);
+        // max-jobs 0: everything builds on the machine, but `preferLocalBuild` here.
+        let daemon = m.kiln_daemon(&entry, 0);
+        let out = m.nix_build(&daemon, &tag);
+        let path = check_offloaded(&out, &tag, &format!("{transport}://root@127.0.0.1"));
+        let base = Path::new(&path).file_name().unwrap();
+        match far {
+            "kiln" => assert!(
+                kiln_path_info(&path),
+                "{tag}: not registered on the kiln machine"
+            ),
+            _ => {
+                let on_machine = nix_machine.join("store").join(base);
+                assert!(on_machine.exists(), "{tag}: not built on the Nix machine");
+            }
+        }
+        drop(daemon);
+    }
+}
+
+#[test]
+fn an_unreachable_machine_is_skipped_for_the_next() {
+    let test = "an_unreachable_machine_is_skipped_for_the_next";
+    if !nix_or_skip(test) || !have_sshd(test) {
+        return;
+    }
+    let m = Machines::new("kiln-offload-fault-");
+    // sshd listens on 127.0.0.1 only: 127.0.0.2 refuses. It is the faster machine, so it
+    // is tried first.
+    let dead = m.entry("ssh-ng", &m.stdio, "127.0.0.2", 1, 10);
+    let good = m.entry("ssh-ng", &m.stdio, "127.0.0.1", 1, 1);
+    let daemon = m.kiln_daemon(&format!("{dead} ; {good}"), 0);
+    let out = m.nix_build(&daemon, "fault");
+    check_offloaded(&out, "fault", "ssh-ng://root@127.0.0.1");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot build") && stderr.contains("ssh-ng://root@127.0.0.2"),
+        "no warning naming the unreachable machine:\n{stderr}"
+    );
+}

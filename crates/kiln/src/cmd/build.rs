@@ -105,8 +105,9 @@ impl kiln_build::EventSink for Reporter {
                     pid,
                     round,
                     rounds,
+                    machine,
                 } => serde_json::json!({
-                    "event": "build-started", "drv": drv, "system": system, "log": log_file, "pid": pid, "round": round, "rounds": rounds
+                    "event": "build-started", "drv": drv, "system": system, "log": log_file, "pid": pid, "round": round, "rounds": rounds, "machine": machine
                 }),
                 Event::BuildLog { drv, data, .. } => serde_json::json!({
                     "event": "log", "drv": drv, "bytes": data.len(), "text": String::from_utf8_lossy(data)
@@ -146,9 +147,15 @@ impl kiln_build::EventSink for Reporter {
         }
         match e {
             Event::BuildStarted {
-                drv, round, rounds, ..
+                drv,
+                round,
+                rounds,
+                machine,
+                ..
             } => {
-                if *rounds > 1 {
+                if !machine.is_empty() {
+                    let _ = writeln!(err, "building '{drv}' on '{machine}'...");
+                } else if *rounds > 1 {
                     let _ = writeln!(err, "building '{drv}' (round {round}/{rounds})...");
                 } else {
                     let _ = writeln!(err, "building '{drv}'...");
@@ -191,6 +198,7 @@ pub(super) fn realise(
     mode: BuildMode,
     reporter: Reporter,
 ) -> anyhow::Result<kiln_build::RequestResult> {
+    let machines = kiln_remote::setup(settings, &bs.system)?;
     let sched = Scheduler::start(SchedulerConfig {
         store: store.clone(),
         max_jobs: bs.max_jobs,
@@ -198,6 +206,9 @@ pub(super) fn realise(
         substituter: Some(kiln_substitute::for_store(store, settings)),
         // Recursive Nix needs a daemon: `kiln build` refuses such derivations, saying so.
         recursive: None,
+        machines: machines.machines,
+        remote: machines.remote,
+        local_speed_factor: machines.local_speed_factor,
     });
     let result = sched.build(Request {
         targets,

@@ -28,6 +28,14 @@ pub struct DaemonArgs {
 pub fn run(args: &StoreArgs, a: DaemonArgs) -> anyhow::Result<ExitCode> {
     let (store, settings) = args.open()?;
     let layout = store.layout().clone();
+    // A machines entry that cannot be used stops the daemon here, naming it.
+    let machines = kiln_remote::setup(
+        &settings,
+        &kiln_build::BuildSettings::from_settings(&settings).system,
+    )?;
+    if !machines.machines.is_empty() {
+        tracing::info!("{} build machines", machines.machines.len());
+    }
     let daemon = Daemon::new(
         Arc::new(store),
         settings,

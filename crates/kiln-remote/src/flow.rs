@@ -1,0 +1,228 @@
+//! One remote build, whichever protocol carries it: inputs there, build, outputs back.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use kiln_build::job::JobEvent;
+use kiln_build::machines::Machine;
+use kiln_build::remote::RemoteJob;
+use kiln_build::{BuildResult, BuildStatus};
+use kiln_format::realisation::Realisation;
+use kiln_format::{Derivation, StorePath, ValidPathInfo};
+use kiln_protocol::ops::WireBuildResult;
+use kiln_store::LocalStore;
+
+use crate::{Conn, Error, Result};
+
+/// Where a build's log goes.
+pub(crate) type LogFn = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
+/// What a protocol offers a build.
+pub(crate) trait Remote {
+    /// Which of `paths` the machine has (after substituting, with `substitute`).
+    fn valid(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+        substitute: bool,
+    ) -> Result<BTreeSet<StorePath>>;
+    /// Sends `info.path` from `store`.
+    fn add(&mut self, store: &LocalStore, info: &ValidPathInfo) -> Result<()>;
+    /// Builds; `log` gets the build's output as it comes.
+    fn build(&mut self, job: &RemoteJob, drv: &Derivation, log: LogFn) -> Result<WireBuildResult>;
+    /// The infos of `paths` on the machine.
+    fn infos(&mut self, paths: &BTreeSet<StorePath>) -> Result<Vec<ValidPathInfo>>;
+    /// Copies `info.path` here, checked against `info`, registered as valid.
+    fn fetch(&mut self, store: &LocalStore, info: &ValidPathInfo) -> Result<ValidPathInfo>;
+}
+
+fn remote(c: &mut Conn) -> &mut dyn Remote {
+    match c {
+        Conn::Worker(w) => w,
+        Conn::Serve(s) => s,
+    }
+}
+
+fn status(n: u64) -> BuildStatus {
+    use BuildStatus::*;
+    [
+        Built,
+        Substituted,
+        AlreadyValid,
+        PermanentFailure,
+        InputRejected,
+        OutputRejected,
+        TransientFailure,
+        CachedFailure,
+        TimedOut,
+        MiscFailure,
+        DependencyFailed,
+        LogLimitExceeded,
+        NotDeterministic,
+        ResolvesToAlreadyValid,
+        NoSubstituters,
+    ]
+    .get(n as usize)
+    .copied()
+    .unwrap_or(MiscFailure)
+}
+
+/// Runs `job` on the connection. Errors are the machine's unless they are
+/// [`Error::Local`].
+pub(crate) fn run(
+    conn: &mut Conn,
+    machine: &Machine,
+    job: &RemoteJob,
+    use_substitutes: bool,
+) -> Result<(BuildResult, Vec<ValidPathInfo>)> {
+    let store = &job.store;
+    let r = remote(conn);
+    // 1. The input closure the machine lacks, dependencies first.
+    let have = r.valid(&job.inputs, use_substitutes)?;
+    let order = store.closure_in_order(job.inputs.iter(), false)?;
+    let mut sent = 0usize;
+    for abs in order {
+        let p = store.parse_path(&abs)?;
+        if have.contains(&p) || !job.inputs.contains(&p) {
+            continue;
+        }
+        let info = store.path_info(&p)?;
+        r.add(store, &info)?;
+        sent += 1;
+    }
+    tracing::debug!(
+        "sent {sent} of {} input paths of '{}' to '{}'",
+        job.inputs.len(),
+        store.print(&job.drv_path),
+        machine.uri
+    );
+    // 2. Build it as a basic derivation: the inputs' outputs stand for its input
+    //    derivations (left alone when it has none: that would change a content-addressed
+    //    derivation's output ids).
+    let mut drv = (*job.drv).clone();
+    if !drv.input_drvs.is_empty() {
+        drv.input_srcs = job.inputs.clone();
+        drv.input_drvs.clear();
+    }
+    let events = job.events.clone();
+    let log: LogFn = Arc::new(move |b: &[u8]| events(JobEvent::Log(Arc::from(b))));
+    let w = r.build(job, &drv, log)?;
+    let mut result = BuildResult::new(status(w.status));
+    result.error = w.error_msg.clone();
+    result.times_built = w.times_built as u32;
+    result.non_deterministic = w.is_non_deterministic;
+    result.start_time = w.start_time;
+    result.stop_time = w.stop_time;
+    let micros = |v: i64| std::time::Duration::from_micros(v.max(0) as u64);
+    result.cpu_user = w.cpu_user.map(micros);
+    result.cpu_system = w.cpu_system.map(micros);
+    if !result.success() {
+        if result.error.is_empty() {
+            result.error = format!(
+                "build of '{}' on '{}' failed",
+                store.print(&job.drv_path),
+                machine.uri
+            );
+        }
+        return Ok((result, Vec::new()));
+    }
+    // 3. The outputs: their paths (from the built outputs' realisations when the
+    //    derivation's outputs are floating), then the ones missing here, copied back.
+    let mut outputs: BTreeMap<String, StorePath> = BTreeMap::new();
+    let mut realisations = Vec::new();
+    if job.drv.is_floating() {
+        for (id, json) in &w.built_outputs {
+            let real = Realisation::from_json(json, &machine.uri).map_err(|e| Error::Machine {
+                machine: machine.uri.clone(),
+                message: format!("its built output '{id}' is invalid: {e}"),
+            })?;
+            outputs.insert(real.id.output.clone(), real.out_path.clone());
+            realisations.push(real);
+        }
+    } else {
+        for (name, p) in job.drv.output_paths() {
+            outputs.insert(name.to_string(), p.clone());
+        }
+    }
+    for name in job.drv.outputs.keys() {
+        if !outputs.contains_key(name) {
+            return Err(Error::Machine {
+                machine: machine.uri.clone(),
+                message: format!(
+                    "it built '{}' but did not report its output '{name}'",
+                    store.print(&job.drv_path)
+                ),
+            });
+        }
+    }
+    let missing: BTreeSet<StorePath> = outputs
+        .values()
+        .filter(|p| !store.is_valid(p).unwrap_or(false))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        let infos = r.infos(&missing)?;
+        if infos.len() != missing.len() {
+            return Err(Error::Machine {
+                machine: machine.uri.clone(),
+                message: format!(
+                    "it built '{}' but has only {} of its {} outputs",
+                    store.print(&job.drv_path),
+                    infos.len(),
+                    missing.len()
+                ),
+            });
+        }
+        // Outputs that refer to each other: the referenced first.
+        let infos = references_first(infos, &missing);
+        for info in infos {
+            if !missing.contains(&info.path) {
+                return Err(Error::Machine {
+                    machine: machine.uri.clone(),
+                    message: format!("it sent '{}', which was not asked for", info.path),
+                });
+            }
+            r.fetch(store, &info)?;
+        }
+    }
+    for real in &realisations {
+        store.register_realisation(real)?;
+    }
+    let mut infos = Vec::new();
+    for p in outputs.values() {
+        infos.push(store.path_info(p)?);
+    }
+    result.outputs = outputs;
+    Ok((result, infos))
+}
+
+/// `infos` ordered so that each comes after the others of `set` it refers to (outputs
+/// cannot refer to each other in a cycle; any left over keep their order).
+fn references_first(
+    mut infos: Vec<ValidPathInfo>,
+    set: &BTreeSet<StorePath>,
+) -> Vec<ValidPathInfo> {
+    let mut done: BTreeSet<StorePath> = BTreeSet::new();
+    let mut out = Vec::with_capacity(infos.len());
+    while !infos.is_empty() {
+        let before = infos.len();
+        let mut rest = Vec::new();
+        for i in infos {
+            let ready = i
+                .references
+                .iter()
+                .all(|r| *r == i.path || !set.contains(r) || done.contains(r));
+            if ready {
+                done.insert(i.path.clone());
+                out.push(i);
+            } else {
+                rest.push(i);
+            }
+        }
+        if rest.len() == before {
+            out.extend(rest);
+            break;
+        }
+        infos = rest;
+    }
+    out
+}

@@ -1,0 +1,209 @@
+//! `ssh-ng://`: the worker protocol to a daemon run on the machine with `--stdio`.
+
+use std::collections::BTreeSet;
+use std::io::Read;
+
+use kiln_build::machines::Machine;
+use kiln_build::remote::RemoteJob;
+use kiln_format::{Derivation, StoreDir, StorePath, ValidPathInfo};
+use kiln_protocol::ops::{BuildMode, ClientOptions, Reply, Request, WireBuildResult};
+use kiln_protocol::version::NIX_VERSION;
+use kiln_protocol::{Client, Field, Message, Version};
+use kiln_store::{AddOptions, LocalStore};
+
+use crate::flow::{LogFn, Remote};
+use crate::ssh::Session;
+use crate::{Error, Result};
+
+/// Nix's result type of a build log line, and of a post-build hook's.
+const RES_BUILD_LOG_LINE: u64 = 101;
+const RES_POST_BUILD_LOG_LINE: u64 = 107;
+
+pub(crate) struct WorkerConn {
+    pub client: Client,
+    pub session: Session,
+}
+
+impl WorkerConn {
+    /// Greets the daemon and sends the options builds need.
+    pub fn handshake(
+        mut session: Session,
+        sd: StoreDir,
+        machine: &Machine,
+    ) -> std::result::Result<WorkerConn, crate::Failed> {
+        let (Some(stdout), Some(stdin)) = (session.stdout.take(), session.stdin.take()) else {
+            return Err(Box::new((
+                Error::Machine {
+                    machine: machine.uri.clone(),
+                    message: "ssh has no pipes".into(),
+                },
+                session,
+            )));
+        };
+        let mut client =
+            match Client::handshake(Box::new(stdout), Box::new(stdin), sd, Version(NIX_VERSION)) {
+                Ok(c) => c,
+                Err(e) => return Err(Box::new((e.into(), session))),
+            };
+        tracing::debug!(
+            "connected to '{}': {:?} ({:?}, trusted: {:?})",
+            machine.uri,
+            client,
+            client.daemon_version_string,
+            client.trusted
+        );
+        // As Nix's remote store sends them. Its max-jobs is the machine's slots (sending
+        // this machine's, which may be 0 with remote-only building, would forbid the build
+        // there); no build hook there, so that a build never travels on from machine to
+        // machine (or back).
+        let opts = ClientOptions {
+            keep_failed: false,
+            keep_going: false,
+            try_fallback: false,
+            verbosity: 3,
+            max_build_jobs: Some(machine.max_jobs.max(1) as u64),
+            max_silent_time: Some(0),
+            use_build_hook: false,
+            build_verbosity: 0,
+            print_build_trace: false,
+            build_cores: Some(0),
+            use_substitutes: false,
+            overrides: Vec::new(),
+        };
+        if let Err(e) = client.request(&Request::SetOptions(opts), None, &mut |_| {}) {
+            return Err(Box::new((e.into(), session)));
+        }
+        Ok(WorkerConn { client, session })
+    }
+}
+
+/// A NAR of `path` as a reader, written by a thread as it is read (no whole archive in
+/// memory).
+pub(crate) fn nar_reader(
+    real: std::path::PathBuf,
+) -> std::io::Result<(std::io::PipeReader, std::thread::JoinHandle<()>)> {
+    let (r, mut w) = std::io::pipe()?;
+    let t = std::thread::spawn(move || {
+        if let Err(e) = kiln_format::nar::dump(&real, &mut w) {
+            tracing::warn!("cannot send '{}': {e}", real.display());
+        }
+    });
+    Ok((r, t))
+}
+
+/// How adding an output from the machine failed: the machine's fault (a corrupt or
+/// mislabelled archive) or this store's.
+pub(crate) fn output_error(path: &str, e: kiln_store::Error) -> Error {
+    use kiln_store::Error as E;
+    match e {
+        E::HashMismatch { .. } | E::Invalid(_) | E::Format(_) => Error::BadOutput {
+            path: path.to_string(),
+            message: e.to_string(),
+        },
+        e => Error::Local(e),
+    }
+}
+
+impl Remote for WorkerConn {
+    fn valid(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+        substitute: bool,
+    ) -> Result<BTreeSet<StorePath>> {
+        let req = Request::QueryValidPaths {
+            paths: paths.clone(),
+            substitute,
+        };
+        match self.client.request(&req, None, &mut |_| {})? {
+            Reply::Paths(v) => Ok(v.into_iter().collect()),
+            other => Err(unexpected("QueryValidPaths", &other)),
+        }
+    }
+
+    fn add(&mut self, store: &LocalStore, info: &ValidPathInfo) -> Result<()> {
+        let (mut nar, writer) = nar_reader(store.real_path(&info.path))?;
+        let req = Request::AddToStoreNar {
+            info: info.clone(),
+            repair: false,
+            dont_check_sigs: true,
+        };
+        let r = self
+            .client
+            .request(&req, Some(&mut nar as &mut dyn Read), &mut |_| {});
+        drop(nar);
+        let _ = writer.join();
+        r?;
+        Ok(())
+    }
+
+    fn build(&mut self, job: &RemoteJob, drv: &Derivation, log: LogFn) -> Result<WireBuildResult> {
+        let req = Request::BuildDerivation {
+            drv_path: job.drv_path.clone(),
+            drv: drv.clone(),
+            mode: BuildMode::Normal,
+        };
+        let mut on_message = |m: Message| match m {
+            Message::Next(s) => log(s.as_bytes()),
+            Message::Result { kind, fields, .. }
+                if kind == RES_BUILD_LOG_LINE || kind == RES_POST_BUILD_LOG_LINE =>
+            {
+                if let Some(Field::String(line)) = fields.first() {
+                    let mut b = line.clone().into_bytes();
+                    b.push(b'\n');
+                    log(&b);
+                }
+            }
+            _ => {}
+        };
+        match self.client.request(&req, None, &mut on_message)? {
+            Reply::BuildDerivation(w) => Ok(w),
+            other => Err(unexpected("BuildDerivation", &other)),
+        }
+    }
+
+    fn infos(&mut self, paths: &BTreeSet<StorePath>) -> Result<Vec<ValidPathInfo>> {
+        let mut out = Vec::new();
+        for p in paths {
+            match self
+                .client
+                .request(&Request::QueryPathInfo(p.clone()), None, &mut |_| {})?
+            {
+                // The reply leaves the path out: it is the one asked for.
+                Reply::PathInfo(Some(mut info)) => {
+                    info.path = p.clone();
+                    out.push(info)
+                }
+                Reply::PathInfo(_) => {}
+                other => return Err(unexpected("QueryPathInfo", &other)),
+            }
+        }
+        Ok(out)
+    }
+
+    fn fetch(&mut self, store: &LocalStore, info: &ValidPathInfo) -> Result<ValidPathInfo> {
+        if info.nar_size == 0 {
+            return Err(Error::BadOutput {
+                path: store.print(&info.path),
+                message: "the machine gave no NAR size".into(),
+            });
+        }
+        self.client
+            .request(&Request::NarFromPath(info.path.clone()), None, &mut |_| {})?;
+        // The archive follows, as long as the info says: read no more (a machine that
+        // lies about the size fails the hash check, and the connection is dropped).
+        let mut nar = self.client.stream().take(info.nar_size);
+        let opts = AddOptions {
+            caller_holds_lock: store.is_locked_by_me(&info.path),
+            ..Default::default()
+        };
+        store
+            .add_nar(info, &mut nar, opts)
+            .map_err(|e| output_error(&store.print(&info.path), e))
+    }
+}
+
+fn unexpected(op: &str, r: &Reply) -> Error {
+    Error::Protocol(kiln_protocol::Error::Protocol(format!(
+        "unexpected reply to {op}: {r:?}"
+    )))
+}
