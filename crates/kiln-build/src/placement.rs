@@ -29,6 +29,8 @@ pub(crate) struct Needs {
     pub prefer_local: bool,
     /// Build machines may build it (normal builds; checks and repairs are local).
     pub remote: bool,
+    /// The machines its request names (`builders`), by index.
+    pub allowed: BTreeSet<usize>,
     /// Machines that failed this derivation already (by index).
     pub excluded: BTreeSet<usize>,
 }
@@ -67,21 +69,30 @@ fn backoff(failures: u32) -> Duration {
 }
 
 impl Placement {
-    pub fn new(machines: Vec<Machine>, local_speed: f64) -> Self {
+    pub fn new(local_speed: f64) -> Self {
         Placement {
-            machines: machines
-                .into_iter()
-                .map(|machine| Slots {
-                    machine,
-                    running: 0,
-                    failures: 0,
-                    down_until: None,
-                })
-                .collect(),
+            machines: Vec::new(),
             local_speed: if local_speed > 0.0 { local_speed } else { 1.0 },
         }
     }
 
+    /// The index of machine `m` (by URI), added if new; its description is updated
+    /// (slots, features, … may have been edited), its busy slots and failures are kept.
+    pub fn register(&mut self, m: Machine) -> usize {
+        if let Some(i) = self.machines.iter().position(|s| s.machine.uri == m.uri) {
+            self.machines[i].machine = m;
+            return i;
+        }
+        self.machines.push(Slots {
+            machine: m,
+            running: 0,
+            failures: 0,
+            down_until: None,
+        });
+        self.machines.len() - 1
+    }
+
+    /// Whether any machine was ever named.
     pub fn has_machines(&self) -> bool {
         !self.machines.is_empty()
     }
@@ -98,6 +109,7 @@ impl Placement {
     ) -> impl Iterator<Item = usize> + 'a {
         self.machines.iter().enumerate().filter_map(move |(i, s)| {
             (needs.remote
+                && needs.allowed.contains(&i)
                 && !needs.excluded.contains(&i)
                 && s.machine.max_jobs > 0
                 && s.down_until.is_none_or(|t| t <= now)
@@ -144,12 +156,17 @@ impl Placement {
 
     /// Why no machine can build `needs` (for the error), or `None` without machines.
     pub fn why_nowhere(&self, needs: &Needs) -> Option<String> {
-        if self.machines.is_empty() || !needs.remote {
+        if needs.allowed.is_empty() || !needs.remote {
             return None;
         }
         let now = Instant::now();
         let mut reasons = Vec::new();
-        for (i, s) in self.machines.iter().enumerate() {
+        for (i, s) in self
+            .machines
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| needs.allowed.contains(i))
+        {
             let m = &s.machine;
             let why = if needs.excluded.contains(&i) {
                 "failed this build".to_string()
@@ -205,18 +222,22 @@ mod tests {
             local,
             prefer_local: false,
             remote: true,
+            allowed: (0..8).collect(),
             excluded: BTreeSet::new(),
         }
     }
 
+    fn placement(builders: &str) -> Placement {
+        let mut p = Placement::new(1.0);
+        for m in parse_builders(builders, "x86_64-linux").unwrap() {
+            p.register(m);
+        }
+        p
+    }
+
     #[test]
     fn free_slots_times_speed_then_local_first() {
-        let ms = parse_builders(
-            "ssh://slow x86_64-linux - 2 1; ssh://fast x86_64-linux - 1 4",
-            "x86_64-linux",
-        )
-        .unwrap();
-        let mut p = Placement::new(ms, 1.0);
+        let mut p = placement("ssh://slow x86_64-linux - 2 1; ssh://fast x86_64-linux - 1 4");
         let n = needs("x86_64-linux", &[], true);
         // fast: 1 × 4 beats local 2 × 1 and slow 2 × 1.
         assert_eq!(p.choose(&n, 0, 2), Choice::Remote(1));
@@ -234,12 +255,7 @@ mod tests {
 
     #[test]
     fn systems_features_and_remote_only() {
-        let ms = parse_builders(
-            "ssh://arm aarch64-linux - 1; ssh://kvm x86_64-linux - 1 1 kvm big",
-            "x86_64-linux",
-        )
-        .unwrap();
-        let p = Placement::new(ms, 1.0);
+        let p = placement("ssh://arm aarch64-linux - 1; ssh://kvm x86_64-linux - 1 1 kvm big");
         assert_eq!(
             p.choose(&needs("aarch64-linux", &[], false), 0, 1),
             Choice::Remote(0)
@@ -271,8 +287,7 @@ mod tests {
 
     #[test]
     fn prefer_local_stays_local() {
-        let ms = parse_builders("ssh://r x86_64-linux - 8 10", "x86_64-linux").unwrap();
-        let p = Placement::new(ms, 1.0);
+        let p = placement("ssh://r x86_64-linux - 8 10");
         let mut n = needs("x86_64-linux", &[], true);
         n.prefer_local = true;
         assert_eq!(p.choose(&n, 0, 1), Choice::Local);
@@ -283,8 +298,7 @@ mod tests {
 
     #[test]
     fn a_failed_machine_is_left_out_then_retried() {
-        let ms = parse_builders("ssh://a; ssh://b", "x86_64-linux").unwrap();
-        let mut p = Placement::new(ms, 1.0);
+        let mut p = placement("ssh://a; ssh://b");
         let mut n = needs("x86_64-linux", &[], false);
         assert_eq!(p.choose(&n, 0, 0), Choice::Remote(0));
         p.start(0);

@@ -130,9 +130,9 @@ pub struct SchedulerConfig {
     /// Serves the daemon socket of recursive builds (`kiln daemon` provides it); without
     /// one, derivations requiring `recursive-nix` fail.
     pub recursive: Option<Arc<dyn crate::recursive::RecursiveServer>>,
-    /// Build machines (`builders`), shared by every request, and what builds on them
-    /// (kiln-remote's SSH builder in the daemon); without a builder they are not used.
-    pub machines: Vec<crate::machines::Machine>,
+    /// What builds on build machines (kiln-remote's SSH builder); without one, builds
+    /// stay here. The machines are each request's `builders`; their slots are counted
+    /// here, across every request.
     pub remote: Option<Arc<dyn crate::remote::RemoteBuilder>>,
     /// This machine's speed factor against the machines' (`local-speed-factor`).
     pub local_speed_factor: f64,
@@ -148,7 +148,6 @@ impl SchedulerConfig {
             max_substitution_jobs: 1,
             substituter: None,
             recursive: None,
-            machines: Vec::new(),
             remote: None,
             local_speed_factor: 1.0,
         }
@@ -159,9 +158,9 @@ impl std::fmt::Debug for SchedulerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "SchedulerConfig(max_jobs = {}, {} machines)",
+            "SchedulerConfig(max_jobs = {}, remote builds: {})",
             self.max_jobs,
-            self.machines.len()
+            self.remote.is_some()
         )
     }
 }
@@ -427,14 +426,7 @@ fn subst_key(p: &StorePath, abs: &str) -> String {
 
 impl Worker {
     fn new(cfg: SchedulerConfig, tx: Sender<Msg>) -> Self {
-        let placement = crate::placement::Placement::new(
-            if cfg.remote.is_some() {
-                cfg.machines.clone()
-            } else {
-                Vec::new()
-            },
-            cfg.local_speed_factor,
-        );
+        let placement = crate::placement::Placement::new(cfg.local_speed_factor);
         Worker {
             cfg,
             tx,
@@ -1830,7 +1822,11 @@ impl Worker {
         // modes, `preferLocalBuild`) or the hook already declined it: another machine may
         // have the platform or the features this one lacks.
         if let Some(program) = settings.build_hook.clone() {
-            if mode == BuildMode::Normal && !prefer_local && !self.hook_declined.contains(&id) {
+            if mode == BuildMode::Normal
+                && settings.use_build_hook
+                && !prefer_local
+                && !self.hook_declined.contains(&id)
+            {
                 return self.offer_to_hook(id, program);
             }
         }
@@ -1840,13 +1836,29 @@ impl Worker {
         // decides for its own requests only: one client's 0 must not fail another's build.
         let local_error = settings.check_can_build(&drv, &abs).err();
         let local_allowed = prefer_local || self.local_builds_wanted(id);
+        let remote = mode == BuildMode::Normal
+            && settings.use_build_hook
+            && self.cfg.remote.is_some()
+            && !settings.builders.trim().is_empty();
+        let mut allowed = BTreeSet::new();
+        if remote {
+            match crate::machines::parse_builders(&settings.builders, &settings.system) {
+                Ok(ms) => {
+                    for m in ms {
+                        allowed.insert(self.placement.register(m));
+                    }
+                }
+                Err(e) => return self.fail_drv(id, BuildStatus::MiscFailure, e.to_string()),
+            }
+        }
         let d = self.drv_mut(id).expect("goal exists");
         let needs = crate::placement::Needs {
             system: drv.platform.clone(),
             features: crate::settings::required_system_features(&drv),
             local: local_error.is_none() && local_allowed,
             prefer_local: prefer_local && local_error.is_none(),
-            remote: mode == BuildMode::Normal,
+            remote,
+            allowed,
             excluded: d.failed_machines.clone(),
         };
         match self

@@ -76,6 +76,13 @@ pub struct BuildSettings {
     pub print_build_trace: bool,
     pub multiplexed_build_output: bool,
     pub build_hook: Option<String>,
+    /// Build machines (`builders`: entries, `@FILE`s), read each time a build is placed,
+    /// so that an edited machines file counts without a restart.
+    pub builders: String,
+    /// Builds may go to build machines and the build hook (a client's `useBuildHook`;
+    /// kiln's own remote client turns it off, so that a build never travels on from a
+    /// machine).
+    pub use_build_hook: bool,
     pub post_build_hook: Option<String>,
     pub build_dir: Option<PathBuf>,
     /// Keys (files holding `name:base64` secret keys) locally built outputs are signed with.
@@ -187,6 +194,8 @@ impl BuildSettings {
             print_build_trace: s.get_bool("print-build-trace"),
             multiplexed_build_output: s.get_bool("multiplexed-build-output"),
             build_hook: opt("build-hook"),
+            builders: s.get("builders").to_string(),
+            use_build_hook: true,
             post_build_hook: opt("post-build-hook"),
             build_dir: opt("build-dir").map(PathBuf::from),
             secret_key_files: s.get_list("secret-key-files"),

@@ -176,17 +176,43 @@ impl RemoteBuilder for FakeMachines {
     }
 }
 
-fn scheduler(e: &Env, local_jobs: usize, builders: &str, fake: &Arc<FakeMachines>) -> Scheduler {
+/// A scheduler with `local_jobs` slots here whose requests' machines are `builders`
+/// (see [`settings`]).
+fn scheduler(e: &Env, local_jobs: usize, builders: &str, fake: &Arc<FakeMachines>) -> Farm {
+    parse_builders(builders, &kiln_build::settings::native_system()).unwrap();
     let mut cfg = SchedulerConfig::local(e.store.clone(), local_jobs);
-    cfg.machines = parse_builders(builders, &kiln_build::settings::native_system()).unwrap();
     cfg.remote = Some(fake.clone());
-    Scheduler::start(cfg)
+    Farm {
+        sched: Scheduler::start(cfg),
+        builders: builders.to_string(),
+    }
 }
 
-fn settings(max_jobs: usize) -> Arc<BuildSettings> {
+/// A scheduler and the machines its requests name.
+struct Farm {
+    sched: Scheduler,
+    builders: String,
+}
+
+impl std::ops::Deref for Farm {
+    type Target = Scheduler;
+    fn deref(&self) -> &Scheduler {
+        &self.sched
+    }
+}
+
+impl Farm {
+    fn settings(&self, max_jobs: usize) -> Arc<BuildSettings> {
+        settings_with(max_jobs, &self.builders)
+    }
+}
+
+/// A request's settings: its client's max-jobs (0: no local builds) and machines.
+fn settings_with(max_jobs: usize, builders: &str) -> Arc<BuildSettings> {
     let mut s = BuildSettings::from_settings(&kiln_store::Settings::default());
     s.max_jobs = max_jobs;
     s.sandbox = kiln_build::SandboxMode::Off;
+    s.builders = builders.to_string();
     Arc::new(s)
 }
 
@@ -238,14 +264,14 @@ fn builds_go_to_the_machine_whose_system_and_features_fit() {
     let riscv = drv(&e, "riscv", "riscv64-linux", "", &[]);
     let msgs = Arc::new(Mutex::new(Vec::new()));
     let r = s
-        .build(request(&[&arm, &kvm, &big], settings(1), msgs.clone()))
+        .build(request(&[&arm, &kvm, &big], s.settings(1), msgs.clone()))
         .unwrap();
     assert!(r.success(), "{:?}", r.results);
     assert_eq!(output(&e, &arm), "built on ssh://arm");
     assert_eq!(output(&e, &kvm), "built on ssh://kvm");
     assert_eq!(output(&e, &big), "built on ssh://big");
     // Nowhere to build it: the error says why each machine would not.
-    let r = s.build(request(&[&riscv], settings(1), msgs)).unwrap();
+    let r = s.build(request(&[&riscv], s.settings(1), msgs)).unwrap();
     assert!(!r.success());
     let err = &r.results[0].1.error;
     assert!(
@@ -265,11 +291,15 @@ fn slots_are_counted_across_requests_and_a_goal_is_built_once() {
     let b = drv(&e, "b", X86, "", &[]);
     let msgs = Arc::new(Mutex::new(Vec::new()));
     // Two clients, three requests: one wants a, one wants a and b, one wants b.
-    let t1 = s.submit(request(&[&a], settings(1), msgs.clone())).unwrap();
-    let t2 = s
-        .submit(request(&[&a, &b], settings(1), msgs.clone()))
+    let t1 = s
+        .submit(request(&[&a], s.settings(1), msgs.clone()))
         .unwrap();
-    let t3 = s.submit(request(&[&b], settings(1), msgs.clone())).unwrap();
+    let t2 = s
+        .submit(request(&[&a, &b], s.settings(1), msgs.clone()))
+        .unwrap();
+    let t3 = s
+        .submit(request(&[&b], s.settings(1), msgs.clone()))
+        .unwrap();
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         fake.running.load(Ordering::SeqCst),
@@ -294,7 +324,7 @@ fn inputs_are_valid_here_before_a_build_is_sent() {
     let dep = drv(&e, "dep", X86, "", &[]);
     let top = drv(&e, "top", X86, "", &[&dep]);
     let r = s
-        .build(request(&[&top], settings(1), Arc::default()))
+        .build(request(&[&top], s.settings(1), Arc::default()))
         .unwrap();
     assert!(r.success(), "{:?}", r.results);
     // (The fake machine asserts that every input is valid before it "builds".)
@@ -318,7 +348,7 @@ fn this_machine_takes_part_with_its_own_slots() {
     let a = drv(&e, "a", X86, "", &[]);
     let b = drv(&e, "b", X86, "", &[]);
     let t = s
-        .submit(request(&[&a, &b], settings(1), Arc::default()))
+        .submit(request(&[&a, &b], s.settings(1), Arc::default()))
         .unwrap();
     let start = std::time::Instant::now();
     while fake.running.load(Ordering::SeqCst) == 0 {
@@ -348,7 +378,9 @@ fn a_failed_machine_is_left_out_and_the_build_retried_elsewhere() {
     let a = drv(&e, "a", X86, "", &[]);
     let b = drv(&e, "b", X86, "", &[&a]);
     let msgs = Arc::new(Mutex::new(Vec::new()));
-    let r = s.build(request(&[&b], settings(1), msgs.clone())).unwrap();
+    let r = s
+        .build(request(&[&b], s.settings(1), msgs.clone()))
+        .unwrap();
     assert!(r.success(), "{:?}", r.results);
     assert_eq!(output(&e, &a), "built on ssh://good");
     // dead was tried once (for a), then left out (b went straight to good).
@@ -379,7 +411,7 @@ fn retries_on_other_machines_are_bounded() {
     let s = scheduler(&e, 0, "ssh://d1; ssh://d2; ssh://d3; ssh://d4", &fake);
     let a = drv(&e, "a", X86, "", &[]);
     let r = s
-        .build(request(&[&a], settings(1), Arc::default()))
+        .build(request(&[&a], s.settings(1), Arc::default()))
         .unwrap();
     assert!(!r.success());
     assert_eq!(
@@ -399,7 +431,7 @@ fn a_remote_build_nobody_wants_is_cancelled() {
     let s = scheduler(&e, 0, "ssh://one x86_64-linux - 1", &fake);
     let a = drv(&e, "a", X86, "", &[]);
     let t = s
-        .submit(request(&[&a], settings(1), Arc::default()))
+        .submit(request(&[&a], s.settings(1), Arc::default()))
         .unwrap();
     let start = std::time::Instant::now();
     while fake.running.load(Ordering::SeqCst) == 0 {
@@ -426,13 +458,64 @@ fn checks_stay_local() {
     let s = scheduler(&e, 0, "ssh://one", &fake);
     let a = drv(&e, "a", X86, "", &[]);
     assert!(s
-        .build(request(&[&a], settings(1), Arc::default()))
+        .build(request(&[&a], s.settings(1), Arc::default()))
         .unwrap()
         .success());
-    let mut req = request(&[&a], settings(1), Arc::default());
+    let mut req = request(&[&a], s.settings(1), Arc::default());
     req.mode = BuildMode::Check;
     let r = s.build(req).unwrap();
     // With no local slots a check cannot run; it is not sent to the machine.
     assert!(!r.success());
     assert_eq!(fake.builds().len(), 1);
+}
+
+#[test]
+fn each_request_uses_the_machines_it_names() {
+    let e = env();
+    let fake = Arc::new(FakeMachines::default());
+    let s = scheduler(&e, 1, "", &fake);
+    let a = drv(&e, "a", X86, "", &[]);
+    let b = drv(&e, "b", X86, "", &[]);
+    let c = drv(&e, "c", X86, "", &[]);
+    // A trusted client's own machines (four times as fast as here: preferred).
+    let r = s
+        .build(request(
+            &[&a],
+            settings_with(1, "ssh://mine - - 1 4"),
+            Arc::default(),
+        ))
+        .unwrap();
+    assert!(r.success(), "{:?}", r.results);
+    assert_eq!(output(&e, &a), "built on ssh://mine");
+    // None named (an untrusted client may clear them): here.
+    let r = s
+        .build(request(&[&b], settings_with(1, ""), Arc::default()))
+        .unwrap();
+    assert!(r.success(), "{:?}", r.results);
+    assert_eq!(output(&e, &b), "built here");
+    // A client that turned the build hook off (kiln's own remote client does, so that a
+    // build does not travel on): here, whatever the machines.
+    let mut st = (*settings_with(1, "ssh://mine - - 1 4")).clone();
+    st.use_build_hook = false;
+    let r = s
+        .build(request(&[&c], Arc::new(st), Arc::default()))
+        .unwrap();
+    assert!(r.success(), "{:?}", r.results);
+    assert_eq!(output(&e, &c), "built here");
+    assert_eq!(fake.builds().len(), 1);
+    // A malformed entry fails the build, naming the field.
+    let d = drv(&e, "d", X86, "", &[]);
+    let r = s
+        .build(request(
+            &[&d],
+            settings_with(1, "ssh://x - - lots"),
+            Arc::default(),
+        ))
+        .unwrap();
+    assert!(!r.success());
+    assert!(
+        r.results[0].1.error.contains("field 4 (maximum jobs)"),
+        "{:?}",
+        r.results
+    );
 }

@@ -120,7 +120,8 @@ pub fn apply(base: &Settings, o: &ClientOptions, trust: Trust, guix: bool) -> Ap
             "ignoring the client-specified setting '{name}', because it is a restricted setting and you are not a trusted user"
         ));
     }
-    let build = BuildSettings::from_settings(&s);
+    let mut build = BuildSettings::from_settings(&s);
+    build.use_build_hook = o.use_build_hook;
     Applied {
         settings: s,
         build,

@@ -98,12 +98,12 @@ impl Backend {
         daemon: Weak<Daemon>,
     ) -> Arc<Backend> {
         let caches = kiln_substitute::for_store(&store, settings);
-        // The daemon's start checked the machines already (`check_machines`).
+        // `kiln daemon` checked the machines and the speed factor as it started.
         let machines = kiln_remote::setup(settings, &base.system).unwrap_or_else(|e| {
-            tracing::error!("build machines: {e}; building here only");
+            tracing::error!("build machines: {e}");
             kiln_remote::Setup {
                 machines: Vec::new(),
-                remote: None,
+                remote: Some(Arc::new(kiln_remote::SshBuilder::from_env(settings))),
                 local_speed_factor: 1.0,
             }
         });
@@ -118,7 +118,6 @@ impl Backend {
                     daemon,
                     backend: backend.clone(),
                 })),
-                machines: machines.machines,
                 remote: machines.remote,
                 local_speed_factor: machines.local_speed_factor,
             });

@@ -60,8 +60,9 @@ pub enum Error {
     Config(String),
 }
 
-/// What a scheduler needs to build on machines: the machines the settings name, and a
-/// builder for them (none without machines).
+/// What a scheduler needs to build on machines: a builder (each request's `builders`
+/// name the machines: a trusted client may name its own), this machine's speed factor,
+/// and the machines the settings name now (checked, for the daemon's start).
 pub struct Setup {
     pub machines: Vec<Machine>,
     pub remote: Option<std::sync::Arc<dyn RemoteBuilder>>,
@@ -89,17 +90,9 @@ pub fn setup(settings: &kiln_store::Settings, system: &str) -> Result<Setup> {
                 "local-speed-factor is '{speed}', not a number greater than 0"
             ))
         })?;
-    let remote: Option<std::sync::Arc<dyn RemoteBuilder>> = if machines.is_empty() {
-        None
-    } else {
-        Some(std::sync::Arc::new(SshBuilder::new(
-            std::env::var("NIX_SSHOPTS").unwrap_or_default(),
-            settings.get_bool("builders-use-substitutes"),
-        )))
-    };
     Ok(Setup {
         machines,
-        remote,
+        remote: Some(std::sync::Arc::new(SshBuilder::from_env(settings))),
         local_speed_factor,
     })
 }
@@ -159,6 +152,15 @@ impl SshBuilder {
             use_substitutes,
             idle: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// With `NIX_SSHOPTS` from the environment and `builders-use-substitutes` from
+    /// `settings`.
+    pub fn from_env(settings: &kiln_store::Settings) -> Self {
+        SshBuilder::new(
+            std::env::var("NIX_SSHOPTS").unwrap_or_default(),
+            settings.get_bool("builders-use-substitutes"),
+        )
     }
 
     fn take_idle(&self, m: &Machine) -> Option<Conn> {

@@ -408,14 +408,21 @@ impl Machines {
         kiln_testkit::DaemonProcess::start(c, socket)
     }
 
-    /// `nix-build` (Nix 2.8) of `DRV_WITH_INPUTS` tagged `tag` through `daemon`.
-    fn nix_build(&self, daemon: &kiln_testkit::DaemonProcess, tag: &str) -> std::process::Output {
+    /// `nix-build` (Nix 2.8) of `DRV_WITH_INPUTS` tagged `tag` through `daemon`, with
+    /// `args`.
+    fn nix_build(
+        &self,
+        daemon: &kiln_testkit::DaemonProcess,
+        tag: &str,
+        args: &[&str],
+    ) -> std::process::Output {
         let d = self.dir.path();
         let file = d.join(format!("{tag}.nix"));
         std::fs::write(&file, DRV_WITH_INPUTS.replace("TAG", tag)).unwrap();
         Command::new("nix-build")
             .arg(&file)
             .arg("--no-out-link")
+            .args(args)
             .env("NIX_REMOTE", format!("unix://{}", daemon.socket.display()))
             .env("NIX_STORE_DIR", &self.store)
             .env("NIX_STATE_DIR", d.join("state"))
@@ -480,9 +487,15 @@ fn kiln_offloads_to_kiln_and_nix_machines_over_ssh_and_ssh_ng() {
     ] {
         let tag = format!("{far}-{transport}");
         let entry = m.entry(transport, program, "127.0.0.1", 2, 1);
-        // max-jobs 0: everything builds on the machine, but `preferLocalBuild` here.
-        let daemon = m.kiln_daemon(&entry, 0);
-        let out = m.nix_build(&daemon, &tag);
+        // max-jobs 0: everything builds on the machine, but `preferLocalBuild` here. Once
+        // the machine is the (trusted) client's own `--builders` and its `--max-jobs 0`.
+        let out = if far == "nix" && transport == "ssh-ng" {
+            let daemon = m.kiln_daemon("", 1);
+            m.nix_build(&daemon, &tag, &["--builders", &entry, "--max-jobs", "0"])
+        } else {
+            let daemon = m.kiln_daemon(&entry, 0);
+            m.nix_build(&daemon, &tag, &[])
+        };
         let path = check_offloaded(&out, &tag, &format!("{transport}://root@127.0.0.1"));
         let base = Path::new(&path).file_name().unwrap();
         match far {
@@ -495,7 +508,6 @@ fn kiln_offloads_to_kiln_and_nix_machines_over_ssh_and_ssh_ng() {
                 assert!(on_machine.exists(), "{tag}: not built on the Nix machine");
             }
         }
-        drop(daemon);
     }
 }
 
@@ -511,7 +523,7 @@ fn an_unreachable_machine_is_skipped_for_the_next() {
     let dead = m.entry("ssh-ng", &m.stdio, "127.0.0.2", 1, 10);
     let good = m.entry("ssh-ng", &m.stdio, "127.0.0.1", 1, 1);
     let daemon = m.kiln_daemon(&format!("{dead} ; {good}"), 0);
-    let out = m.nix_build(&daemon, "fault");
+    let out = m.nix_build(&daemon, "fault", &[]);
     check_offloaded(&out, "fault", "ssh-ng://root@127.0.0.1");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

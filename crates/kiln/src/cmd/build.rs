@@ -206,7 +206,6 @@ pub(super) fn realise(
         substituter: Some(kiln_substitute::for_store(store, settings)),
         // Recursive Nix needs a daemon: `kiln build` refuses such derivations, saying so.
         recursive: None,
-        machines: machines.machines,
         remote: machines.remote,
         local_speed_factor: machines.local_speed_factor,
     });
