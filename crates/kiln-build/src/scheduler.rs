@@ -1887,12 +1887,20 @@ impl Worker {
                     Some(why) => format!("{msg}\nNo build machine can build it either: {why}."),
                     None => msg,
                 };
-                match local_error {
-                    Some(msg) => self.fail_drv(id, BuildStatus::MiscFailure, with_machines(msg)),
-                    None => self.fail_drv_with(
+                let disabled = "unable to start any build; either increase '--max-jobs' or enable distributed builds";
+                match (local_error, machines.is_some()) {
+                    (Some(msg), _) => {
+                        self.fail_drv(id, BuildStatus::MiscFailure, with_machines(msg))
+                    }
+                    // Machines were named but none can take it: say why, rather than
+                    // Nix's "local builds are disabled" alone.
+                    (None, true) => {
+                        self.fail_drv(id, BuildStatus::MiscFailure, with_machines(disabled.into()))
+                    }
+                    (None, false) => self.fail_drv_with(
                         id,
                         BuildStatus::MiscFailure,
-                        with_machines("unable to start any build; either increase '--max-jobs' or enable distributed builds".into()),
+                        disabled.into(),
                         Some(crate::result::FailureDetail::LocalBuildsDisabled),
                     ),
                 }

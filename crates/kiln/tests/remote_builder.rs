@@ -531,3 +531,86 @@ fn an_unreachable_machine_is_skipped_for_the_next() {
         "no warning naming the unreachable machine:\n{stderr}"
     );
 }
+
+/// A machines entry for the lying machine (`tests/fixtures/remote/lying-machine.py MODE`,
+/// the serve protocol with a twist) reached through this run's sshd.
+fn lying_entry(m: &Machines, mode: &str, speed: u32) -> String {
+    let program = kiln_testkit::fixture("remote/lying-machine.py");
+    // `remote-program` is words: the script and its mode.
+    let e = m.entry("ssh", &program, "127.0.0.1", 1, speed);
+    e.replacen(
+        &program.display().to_string(),
+        &format!("{}%20{mode}", program.display()),
+        1,
+    )
+}
+
+#[test]
+fn a_machine_that_lies_or_dies_is_left_out_and_its_output_never_registered() {
+    let test = "a_machine_that_lies_or_dies_is_left_out_and_its_output_never_registered";
+    if !nix_or_skip(test) || !have_sshd(test) {
+        return;
+    }
+    let m = Machines::new("kiln-offload-liar-");
+    let good = m.entry("ssh-ng", &m.stdio, "127.0.0.1", 1, 1);
+    for (mode, said) in [("hash", "hash mismatch"), ("die", "dies mid-build")] {
+        // The liar is faster: tried first.
+        let liar = lying_entry(&m, mode, 10);
+        let daemon = m.kiln_daemon(&format!("{liar} ; {good}"), 0);
+        let tag = format!("liar-{mode}");
+        let out = m.nix_build(&daemon, &tag, &[]);
+        // The good machine's output, not the liar's.
+        check_offloaded(&out, &tag, "ssh-ng://root@127.0.0.1");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("cannot build")
+                && stderr.contains(said)
+                && stderr.contains("lying-machine.py"),
+            "{mode}: no warning naming the machine and what it did:\n{stderr}"
+        );
+    }
+    // The liar alone: the build fails, and the path it sent is not valid here.
+    let daemon = m.kiln_daemon(&lying_entry(&m, "hash", 1), 0);
+    let out = m.nix_build(&daemon, "liar-alone", &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("hash mismatch"), "{stderr}");
+    assert!(
+        stderr.contains("No build machine can build it either")
+            && stderr.contains("failed this build"),
+        "{stderr}"
+    );
+    let d = m.dir.path();
+    let names: Vec<String> = std::fs::read_dir(&m.store)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with("-offloaded-liar-alone"))
+        .collect();
+    assert!(names.is_empty(), "the liar's output is on disk: {names:?}");
+    let drv = std::fs::read_dir(&m.store)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with("-offloaded-liar-alone.drv"))
+        .unwrap();
+    let q = Command::new("nix-store")
+        .args(["-q", "--outputs"])
+        .arg(&drv)
+        .env("NIX_REMOTE", format!("unix://{}", daemon.socket.display()))
+        .env("NIX_STORE_DIR", &m.store)
+        .env("NIX_STATE_DIR", d.join("state"))
+        .env("NIX_CONF_DIR", &m.conf)
+        .output()
+        .unwrap();
+    let output = String::from_utf8_lossy(&q.stdout).trim().to_string();
+    assert!(output.ends_with("-offloaded-liar-alone"), "{q:?}");
+    let valid = Command::new("nix-store")
+        .arg("--check-validity")
+        .arg(&output)
+        .env("NIX_REMOTE", format!("unix://{}", daemon.socket.display()))
+        .env("NIX_STORE_DIR", &m.store)
+        .env("NIX_STATE_DIR", d.join("state"))
+        .env("NIX_CONF_DIR", &m.conf)
+        .output()
+        .unwrap();
+    assert!(!valid.status.success(), "the liar's output is valid here");
+}
