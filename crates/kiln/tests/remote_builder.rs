@@ -325,32 +325,41 @@ in derivation {
   args = [ "-c" "/bin/cat ${dep} ${src} > $out; echo; echo a line from the TAG builder" ];
 }"#;
 
-/// Programs that run Nix 2.8 as a build machine: in its own mount namespace, with its own
-/// store (under `dir/nix-machine`) mounted at the shared logical store path, as on another
-/// machine. `(serve, stdio)` as for kiln.
-fn nix_machine_programs(dir: &Path, store: &Path) -> (PathBuf, PathBuf, PathBuf) {
+/// Programs that run Nix as a build machine: in its own mount namespace, with its own
+/// store (under `dir/NAME`) mounted at the shared logical store path, as on another
+/// machine. `bin` holds Nix's programs (none: Nix 2.8 from `PATH`). Returns `(serve, stdio,
+/// the machine's directory)` as for kiln.
+fn nix_machine_programs(
+    dir: &Path,
+    store: &Path,
+    name: &str,
+    bin: Option<&Path>,
+) -> (PathBuf, PathBuf, PathBuf) {
     use std::os::unix::fs::PermissionsExt;
-    let m = dir.join("nix-machine");
+    let m = dir.join(name);
     for sub in ["store", "state", "log", "conf"] {
         std::fs::create_dir_all(m.join(sub)).unwrap();
     }
+    // No build hook on the machine (it would offload again, and Nix 2.34's hook is Nix
+    // itself, which cannot start again through the sid root's loader).
     std::fs::write(
         m.join("conf/nix.conf"),
-        "substituters =\nsandbox = false\nbuild-users-group =\n",
+        "substituters =\nsandbox = false\nbuild-users-group =\nbuild-hook =\n",
     )
     .unwrap();
     let mut out = Vec::new();
-    for (name, prog) in [
-        ("nix-machine-serve", "nix-store"),
-        ("nix-machine-daemon", "nix-daemon"),
-    ] {
-        let p = dir.join(name);
+    for (suffix, prog) in [("serve", "nix-store"), ("daemon", "nix-daemon")] {
+        let prog = match bin {
+            Some(b) => b.join(prog).display().to_string(),
+            None => prog.to_string(),
+        };
+        let p = dir.join(format!("{name}-{suffix}"));
         std::fs::write(
             &p,
             format!(
                 "#!/bin/sh\nexec unshare -m --propagation private sh -c 'mount --bind {m}/store {store} && \
                  exec env NIX_STORE_DIR={store} NIX_STATE_DIR={m}/state NIX_LOG_DIR={m}/log \
-                 NIX_CONF_DIR={m}/conf NIX_REMOTE=local {prog} \"$@\"' {prog} \"$@\"\n",
+                 NIX_CONF_DIR={m}/conf NIX_REMOTE=local HOME={m} {prog} \"$@\"' {prog} \"$@\"\n",
                 m = m.display(),
                 store = store.display(),
             ),
@@ -466,7 +475,8 @@ fn kiln_offloads_to_kiln_and_nix_machines_over_ssh_and_ssh_ng() {
     }
     let m = Machines::new("kiln-offload-");
     let d = m.dir.path().to_path_buf();
-    let (nix_serve, nix_stdio, nix_machine) = nix_machine_programs(&d, &m.store);
+    let (nix_serve, nix_stdio, nix_machine) =
+        nix_machine_programs(&d, &m.store, "nix-machine", None);
     let kiln_path_info = |path: &str| {
         Command::new(env!("CARGO_BIN_EXE_kiln"))
             .arg("--root")
@@ -613,4 +623,30 @@ fn a_machine_that_lies_or_dies_is_left_out_and_its_output_never_registered() {
         .output()
         .unwrap();
     assert!(!valid.status.success(), "the liar's output is valid here");
+}
+
+#[test]
+fn kiln_offloads_to_nix_2_34_machines_over_ssh_and_ssh_ng() {
+    let test = "kiln_offloads_to_nix_2_34_machines_over_ssh_and_ssh_ng";
+    if !nix_or_skip(test) || !have_sshd(test) || !Path::new("/usr/bin/unshare").exists() {
+        return;
+    }
+    let Some(sid) = kiln_testkit::SidNix::or_skip(test) else {
+        return;
+    };
+    let m = Machines::new("kiln-offload-234-");
+    let d = m.dir.path().to_path_buf();
+    let bin = sid.bin_dir(&d.join("sid-bin"));
+    let (serve, stdio, machine) = nix_machine_programs(&d, &m.store, "nix234-machine", Some(&bin));
+    for (transport, program) in [("ssh-ng", &stdio), ("ssh", &serve)] {
+        let tag = format!("nix234-{transport}");
+        let daemon = m.kiln_daemon(&m.entry(transport, program, "127.0.0.1", 2, 1), 0);
+        let out = m.nix_build(&daemon, &tag, &[]);
+        let path = check_offloaded(&out, &tag, &format!("{transport}://root@127.0.0.1"));
+        let base = Path::new(&path).file_name().unwrap();
+        assert!(
+            machine.join("store").join(base).exists(),
+            "{tag}: not built on the Nix 2.34 machine"
+        );
+    }
 }
