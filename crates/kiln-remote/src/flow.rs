@@ -103,9 +103,39 @@ pub(crate) fn run(
         drv.input_srcs = job.inputs.clone();
         drv.input_drvs.clear();
     }
+    // The log is kept here as for a local build (`nix log` reads it), and goes to the
+    // waiting clients as it comes.
+    let file = if job.settings.keep_build_log {
+        match kiln_build::log::LogWriter::create(
+            &store.layout().log_dir,
+            &job.drv_path,
+            job.settings.log_compression,
+        ) {
+            Ok((w, _)) => Some(w),
+            Err(e) => {
+                tracing::warn!("cannot keep the log of '{}': {e}", store.print(&job.drv_path));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let file = Arc::new(std::sync::Mutex::new(file));
     let events = job.events.clone();
-    let log: LogFn = Arc::new(move |b: &[u8]| events(JobEvent::Log(Arc::from(b))));
-    let w = r.build(job, &drv, log)?;
+    let file2 = file.clone();
+    let log: LogFn = Arc::new(move |b: &[u8]| {
+        if let Ok(mut f) = file2.lock() {
+            if let Some(w) = f.as_mut() {
+                let _ = w.write(b);
+            }
+        }
+        events(JobEvent::Log(Arc::from(b)))
+    });
+    let built = r.build(job, &drv, log);
+    if let Some(w) = file.lock().ok().and_then(|mut f| f.take()) {
+        let _ = w.finish();
+    }
+    let w = built?;
     let mut result = BuildResult::new(status(w.status));
     result.error = w.error_msg.clone();
     result.times_built = w.times_built as u32;

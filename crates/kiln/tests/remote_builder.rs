@@ -417,6 +417,22 @@ impl Machines {
         kiln_testkit::DaemonProcess::start(c, socket)
     }
 
+    /// `nix-store ARGS` (Nix 2.8) on the client's store, read directly (no daemon needed).
+    fn nix_store(&self, args: &[&str]) -> String {
+        let d = self.dir.path();
+        let out = Command::new("nix-store")
+            .args(args)
+            .env("NIX_REMOTE", "local")
+            .env("NIX_STORE_DIR", &self.store)
+            .env("NIX_STATE_DIR", d.join("state"))
+            .env("NIX_LOG_DIR", d.join("log"))
+            .env("NIX_CONF_DIR", &self.conf)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "nix-store {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     /// `nix-build` (Nix 2.8) of `DRV_WITH_INPUTS` tagged `tag` through `daemon`, with
     /// `args`.
     fn nix_build(
@@ -507,6 +523,10 @@ fn kiln_offloads_to_kiln_and_nix_machines_over_ssh_and_ssh_ng() {
             m.nix_build(&daemon, &tag, &[])
         };
         let path = check_offloaded(&out, &tag, &format!("{transport}://root@127.0.0.1"));
+        // The machine's build log is kept here too.
+        let drv = m.nix_store(&["-q", "--deriver", &path]);
+        let log = m.nix_store(&["-l", drv.trim()]);
+        assert!(log.contains(&format!("a line from the {tag} builder")), "{tag}: log {log:?}");
         let base = Path::new(&path).file_name().unwrap();
         match far {
             "kiln" => assert!(
