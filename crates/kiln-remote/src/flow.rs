@@ -113,7 +113,10 @@ pub(crate) fn run(
         ) {
             Ok((w, _)) => Some(w),
             Err(e) => {
-                tracing::warn!("cannot keep the log of '{}': {e}", store.print(&job.drv_path));
+                tracing::warn!(
+                    "cannot keep the log of '{}': {e}",
+                    store.print(&job.drv_path)
+                );
                 None
             }
         }
@@ -190,27 +193,43 @@ pub(crate) fn run(
         .cloned()
         .collect();
     if !missing.is_empty() {
-        let infos = r.infos(&missing)?;
-        if infos.len() != missing.len() {
-            return Err(Error::Machine {
-                machine: machine.uri.clone(),
-                message: format!(
-                    "it built '{}' but has only {} of its {} outputs",
-                    store.print(&job.drv_path),
-                    infos.len(),
-                    missing.len()
-                ),
-            });
-        }
-        // Outputs that refer to each other: the referenced first.
-        let infos = references_first(infos, &missing);
-        for info in infos {
-            if !missing.contains(&info.path) {
+        // The outputs, and whatever they refer to that is not here (a path the machine
+        // substituted, say): the closure of what is missing, fetched dependencies first.
+        let mut wanted = missing.clone();
+        let mut infos: Vec<ValidPathInfo> = Vec::new();
+        let mut ask = missing.clone();
+        while !ask.is_empty() {
+            let got = r.infos(&ask)?;
+            if got.len() != ask.len() {
                 return Err(Error::Machine {
                     machine: machine.uri.clone(),
-                    message: format!("it sent '{}', which was not asked for", info.path),
+                    message: format!(
+                        "it built '{}' but lacks {} of the {} paths of its outputs' closure that are not here",
+                        store.print(&job.drv_path),
+                        ask.len() - got.len(),
+                        ask.len()
+                    ),
                 });
             }
+            let mut next = BTreeSet::new();
+            for i in &got {
+                if !ask.contains(&i.path) {
+                    return Err(Error::Machine {
+                        machine: machine.uri.clone(),
+                        message: format!("it sent '{}', which was not asked for", i.path),
+                    });
+                }
+                for r in &i.references {
+                    if !wanted.contains(r) && !store.is_valid(r)? {
+                        next.insert(r.clone());
+                    }
+                }
+            }
+            wanted.extend(next.iter().cloned());
+            infos.extend(got);
+            ask = next;
+        }
+        for info in references_first(infos, &wanted) {
             r.fetch(store, &info)?;
         }
     }

@@ -96,10 +96,13 @@ pub(crate) fn nar_reader(
 pub(crate) fn output_error(path: &str, e: kiln_store::Error) -> Error {
     use kiln_store::Error as E;
     match e {
-        E::HashMismatch { .. } | E::Invalid(_) | E::Format(_) => Error::BadOutput {
-            path: path.to_string(),
-            message: e.to_string(),
-        },
+        // A reference the machine claims but did not send is its fault too.
+        E::HashMismatch { .. } | E::Invalid(_) | E::Format(_) | E::NotValid(_) => {
+            Error::BadOutput {
+                path: path.to_string(),
+                message: e.to_string(),
+            }
+        }
         e => Error::Local(e),
     }
 }

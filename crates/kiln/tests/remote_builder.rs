@@ -526,7 +526,10 @@ fn kiln_offloads_to_kiln_and_nix_machines_over_ssh_and_ssh_ng() {
         // The machine's build log is kept here too.
         let drv = m.nix_store(&["-q", "--deriver", &path]);
         let log = m.nix_store(&["-l", drv.trim()]);
-        assert!(log.contains(&format!("a line from the {tag} builder")), "{tag}: log {log:?}");
+        assert!(
+            log.contains(&format!("a line from the {tag} builder")),
+            "{tag}: log {log:?}"
+        );
         let base = Path::new(&path).file_name().unwrap();
         match far {
             "kiln" => assert!(
@@ -669,4 +672,34 @@ fn kiln_offloads_to_nix_2_34_machines_over_ssh_and_ssh_ng() {
             "{tag}: not built on the Nix 2.34 machine"
         );
     }
+}
+
+#[test]
+fn outputs_come_back_with_what_they_refer_to() {
+    let test = "outputs_come_back_with_what_they_refer_to";
+    if !nix_or_skip(test) || !have_sshd(test) {
+        return;
+    }
+    let m = Machines::new("kiln-offload-refs-");
+    // A machine whose output refers to a path this store lacks.
+    let daemon = m.kiln_daemon(&lying_entry(&m, "refs", 1), 0);
+    let out = m.nix_build(&daemon, "refs", &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        "built by the machine\n"
+    );
+    let refs = m.nix_store(&["-q", "--references", &path]);
+    let extra = format!(
+        "{}/00000000000000000000000000000000-extra-dep",
+        m.store.display()
+    );
+    assert_eq!(refs.trim(), extra);
+    assert_eq!(
+        std::fs::read_to_string(&extra).unwrap(),
+        "an extra dependency\n"
+    );
+    m.nix_store(&["--check-validity", &extra]);
 }
