@@ -519,3 +519,19 @@ fn each_request_uses_the_machines_it_names() {
         r.results
     );
 }
+
+#[test]
+fn with_nowhere_left_the_error_names_each_machine() {
+    let e = env();
+    let fake = Arc::new(FakeMachines::default());
+    fake.set("ssh://dead", Behaviour::Dead);
+    let s = scheduler(&e, 0, "ssh://dead", &fake);
+    let a = drv(&e, "a", X86, "", &[]);
+    let r = s.build(request(&[&a], s.settings(1), Arc::default())).unwrap();
+    assert!(!r.success());
+    let err = &r.results[0].1.error;
+    assert!(
+        err.contains("No build machine can build it either: 'ssh://dead' failed this build"),
+        "{err}"
+    );
+}

@@ -29,6 +29,18 @@ pub(crate) trait Remote {
     fn add(&mut self, store: &LocalStore, info: &ValidPathInfo) -> Result<()>;
     /// Builds; `log` gets the build's output as it comes.
     fn build(&mut self, job: &RemoteJob, drv: &Derivation, log: LogFn) -> Result<WireBuildResult>;
+    /// Whether the machine builds only derivations it has as `.drv` files: a daemon builds
+    /// a basic derivation (whose output paths it cannot check) for trusted clients only.
+    fn needs_drv_files(&self) -> bool {
+        false
+    }
+    /// Builds `job.drv_path` from its `.drv` file there (which must be valid there).
+    fn build_drv(&mut self, job: &RemoteJob, log: LogFn) -> Result<WireBuildResult> {
+        let _ = (job, log);
+        Err(Error::Protocol(kiln_protocol::Error::Protocol(
+            "this protocol builds basic derivations only".into(),
+        )))
+    }
     /// The infos of `paths` on the machine.
     fn infos(&mut self, paths: &BTreeSet<StorePath>) -> Result<Vec<ValidPathInfo>>;
     /// Copies `info.path` here, checked against `info`, registered as valid.
@@ -76,13 +88,23 @@ pub(crate) fn run(
 ) -> Result<(BuildResult, Vec<ValidPathInfo>)> {
     let store = &job.store;
     let r = remote(conn);
-    // 1. The input closure the machine lacks, dependencies first.
-    let have = r.valid(&job.inputs, use_substitutes)?;
-    let order = store.closure_in_order(job.inputs.iter(), false)?;
+    // An untrusted connection builds from `.drv` files only, unless the derivation is
+    // content-addressed (its outputs check themselves), as Nix decides.
+    let content_addressed =
+        job.drv.is_fixed_output() || job.drv.is_floating() || job.drv.is_impure();
+    let from_drv_files = r.needs_drv_files() && !content_addressed;
+    // 1. The input closure the machine lacks (and with `.drv` files, the derivation's own
+    //    closure), dependencies first.
+    let mut to_send = job.inputs.clone();
+    if from_drv_files {
+        to_send.extend(store.closure([&job.drv_path], false)?);
+    }
+    let have = r.valid(&to_send, use_substitutes)?;
+    let order = store.closure_in_order(to_send.iter(), false)?;
     let mut sent = 0usize;
     for abs in order {
         let p = store.parse_path(&abs)?;
-        if have.contains(&p) || !job.inputs.contains(&p) {
+        if have.contains(&p) || !to_send.contains(&p) {
             continue;
         }
         let info = store.path_info(&p)?;
@@ -90,8 +112,8 @@ pub(crate) fn run(
         sent += 1;
     }
     tracing::debug!(
-        "sent {sent} of {} input paths of '{}' to '{}'",
-        job.inputs.len(),
+        "sent {sent} of {} paths for '{}' to '{}'",
+        to_send.len(),
         store.print(&job.drv_path),
         machine.uri
     );
@@ -134,7 +156,11 @@ pub(crate) fn run(
         }
         events(JobEvent::Log(Arc::from(b)))
     });
-    let built = r.build(job, &drv, log);
+    let built = if from_drv_files {
+        r.build_drv(job, log)
+    } else {
+        r.build(job, &drv, log)
+    };
     if let Some(w) = file.lock().ok().and_then(|mut f| f.take()) {
         let _ = w.finish();
     }

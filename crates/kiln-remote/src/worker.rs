@@ -6,7 +6,9 @@ use std::io::Read;
 use kiln_build::machines::Machine;
 use kiln_build::remote::RemoteJob;
 use kiln_format::{Derivation, StoreDir, StorePath, ValidPathInfo};
-use kiln_protocol::ops::{BuildMode, ClientOptions, Reply, Request, WireBuildResult};
+use kiln_protocol::ops::{
+    BuildMode, ClientOptions, DerivedPath, OutputSpec, Reply, Request, WireBuildResult,
+};
 use kiln_protocol::version::NIX_VERSION;
 use kiln_protocol::{Client, Field, Message, Version};
 use kiln_store::{AddOptions, LocalStore};
@@ -22,6 +24,25 @@ const RES_POST_BUILD_LOG_LINE: u64 = 107;
 pub(crate) struct WorkerConn {
     pub client: Client,
     pub session: Session,
+}
+
+impl WorkerConn {
+    /// A log callback for the daemon's messages during a build.
+    fn on_log(log: &LogFn) -> impl FnMut(Message) + '_ {
+        move |m: Message| match m {
+            Message::Next(s) => log(s.as_bytes()),
+            Message::Result { kind, fields, .. }
+                if kind == RES_BUILD_LOG_LINE || kind == RES_POST_BUILD_LOG_LINE =>
+            {
+                if let Some(Field::String(line)) = fields.first() {
+                    let mut b = line.clone().into_bytes();
+                    b.push(b'\n');
+                    log(&b);
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 impl WorkerConn {
@@ -145,22 +166,27 @@ impl Remote for WorkerConn {
             drv: drv.clone(),
             mode: BuildMode::Normal,
         };
-        let mut on_message = |m: Message| match m {
-            Message::Next(s) => log(s.as_bytes()),
-            Message::Result { kind, fields, .. }
-                if kind == RES_BUILD_LOG_LINE || kind == RES_POST_BUILD_LOG_LINE =>
-            {
-                if let Some(Field::String(line)) = fields.first() {
-                    let mut b = line.clone().into_bytes();
-                    b.push(b'\n');
-                    log(&b);
-                }
-            }
-            _ => {}
-        };
-        match self.client.request(&req, None, &mut on_message)? {
+        match self.client.request(&req, None, &mut Self::on_log(&log))? {
             Reply::BuildDerivation(w) => Ok(w),
             other => Err(unexpected("BuildDerivation", &other)),
+        }
+    }
+
+    fn needs_drv_files(&self) -> bool {
+        self.client.trusted == Some(false)
+    }
+
+    fn build_drv(&mut self, job: &RemoteJob, log: LogFn) -> Result<WireBuildResult> {
+        let req = Request::BuildPathsWithResults {
+            paths: vec![DerivedPath::Built {
+                drv: job.drv_path.clone(),
+                outputs: OutputSpec::All,
+            }],
+            mode: BuildMode::Normal,
+        };
+        match self.client.request(&req, None, &mut Self::on_log(&log))? {
+            Reply::BuildResults(mut v) if v.len() == 1 => Ok(v.remove(0).1),
+            other => Err(unexpected("BuildPathsWithResults", &other)),
         }
     }
 

@@ -703,3 +703,96 @@ fn outputs_come_back_with_what_they_refer_to() {
     );
     m.nix_store(&["--check-validity", &extra]);
 }
+
+#[test]
+fn an_untrusted_connection_builds_from_drv_files() {
+    let test = "an_untrusted_connection_builds_from_drv_files";
+    if !nix_or_skip(test) || !have_sshd(test) || !Path::new("/usr/bin/setpriv").exists() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let m = Machines::new("kiln-offload-untrusted-");
+    let d = m.dir.path();
+    // The machine's daemon serves a socket; its ssh-ng program reaches it as nobody, whom
+    // it does not trust (as `nix-daemon --stdio` forwarding to a system daemon does for an
+    // ordinary user).
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = d.join("machine.sock");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.arg("--root")
+        .arg(&m.remote_root)
+        .arg("--store-dir")
+        .arg(&m.store)
+        .args(["--option", "sandbox", "true"])
+        .args(["--option", "sandbox-paths", "/bin /usr /lib /lib64?"])
+        .args(["--option", "build-users-group", ""])
+        .args(["daemon", "--socket"])
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let machine = kiln_testkit::DaemonProcess::start(c, sock.clone());
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let proxy = d.join("as-nobody");
+    std::fs::write(
+        &proxy,
+        format!(
+            "#!/bin/sh\n# Run as 'as-nobody --stdio'.\nexec setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3 {} {}\n",
+            kiln_testkit::fixture("remote/socket-proxy.py").display(),
+            sock.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&proxy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let daemon = m.kiln_daemon(&m.entry("ssh-ng", &proxy, "127.0.0.1", 1, 1), 0);
+    // Only content-addressed inputs (a source): an untrusted client may add those.
+    let file = d.join("untrusted.nix");
+    std::fs::write(
+        &file,
+        r#"derivation {
+  name = "offloaded-untrusted";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "/bin/cat ${builtins.toFile "src-untrusted" "a source"} > $out; echo a line from the untrusted builder" ];
+}"#,
+    )
+    .unwrap();
+    let out = Command::new("nix-build")
+        .arg(&file)
+        .arg("--no-out-link")
+        .env("NIX_REMOTE", format!("unix://{}", daemon.socket.display()))
+        .env("NIX_STORE_DIR", &m.store)
+        .env("NIX_STATE_DIR", d.join("state"))
+        .env("NIX_CONF_DIR", &m.conf)
+        .env_remove("NIX_PATH")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("a line from the untrusted builder"),
+        "{stderr}"
+    );
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "a source");
+    // Built there from its .drv file, which the machine now has.
+    let drv = m.nix_store(&["-q", "--deriver", &path]);
+    let on_machine = |p: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--root")
+            .arg(&m.remote_root)
+            .arg("--store-dir")
+            .arg(&m.store)
+            .args(["store", "path-info", p])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(
+        on_machine(drv.trim()),
+        "the .drv was not sent to the machine"
+    );
+    assert!(on_machine(&path), "not built on the machine");
+    drop(machine);
+}
