@@ -9,6 +9,9 @@
                                     # sid root of .ci/sid-root.sh) side by side: QueryPathInfo,
                                     # connections, and builds through each socket driven by the
                                     # Nix 2.34.8 client and by the Nix 2.8 client
+    bench/run.py remote             # remote builds (`builders`): a kiln daemon offloading to kiln machines
+                                    # through sshd on loopback (ssh-ng:// and ssh://), 1 GiB out and in,
+                                    # and nix-daemon 2.34 offloading to the same machines
     bench/run.py all
 
 Every measurement reports wall time and CPU time (user + sys of the child processes),
@@ -870,10 +873,556 @@ def bench_subst(args):
     finally:
         server.kill()
 
+# ---- remote builds (`builders`) ------------------------------------------------------
+
+class Sshd:
+    """An sshd on a free loopback port that lets a key made for the run log in as root, as
+    crates/kiln/tests/remote_builder.rs sets it up."""
+
+    def __init__(self, d):
+        import base64, socket
+        os.makedirs("/run/sshd", exist_ok=True)
+        os.makedirs(d, exist_ok=True)
+        for k in ["hostkey", "clientkey"]:
+            for f in [k, k + ".pub"]:
+                if os.path.exists(os.path.join(d, f)):
+                    os.unlink(os.path.join(d, f))
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(d, k)], check=True)
+        shutil.copy(os.path.join(d, "clientkey.pub"), os.path.join(d, "authorized_keys"))
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        self.port = s.getsockname()[1]
+        s.close()
+        conf = os.path.join(d, "sshd_config")
+        with open(conf, "w") as f:
+            f.write(f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {d}/hostkey\nAuthorizedKeysFile {d}/authorized_keys\n"
+                    f"PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
+                    f"PidFile {d}/sshd.pid\n")
+        self.p = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", conf, "-E", os.path.join(d, "sshd.log")])
+        t = time.time()
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.p.poll() is not None or time.time() - t > 20:
+                    raise SystemExit(f"sshd did not start (see {d}/sshd.log)")
+                time.sleep(0.02)
+        self.key = os.path.join(d, "clientkey")
+        self.host_key = base64.b64encode(open(os.path.join(d, "hostkey.pub")).read().strip().encode()).decode()
+        # For clients other than kiln (ssh itself, Nix's nix copy): the port, the key, no host check.
+        self.opts = f"-p {self.port} -i {self.key} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
+
+    def cpu(self):
+        """sshd's CPU with that of its finished sessions (and their remote programs)."""
+        return proc_cpu(self.p.pid)
+
+    def wait_idle(self, timeout=60):
+        """Waits until every session has ended (their CPU is then in sshd's)."""
+        t = time.time()
+        while proc_children(self.p.pid):
+            if time.time() - t > timeout:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def stop(self):
+        self.p.terminate()
+        self.p.wait()
+
+
+def proc_cpu_split(pid):
+    """(own, reaped children's) CPU seconds of a process, from /proc/PID/stat."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(f[11]) + int(f[12])) / tick, (int(f[13]) + int(f[14])) / tick
+
+
+def proc_comm(pid):
+    try:
+        return open(f"/proc/{pid}/comm").read().strip()
+    except OSError:
+        return ""
+
+
+class KilnMachine:
+    """A kiln build machine reached through the run's sshd, with its own store at `root`.
+
+    mode "ns" (the default): the remote program runs kiln in its own mount namespace with
+    `root/store` bind-mounted over the shared logical store directory (as the remote-builder
+    test runs its Nix 2.8 machine), so builds run with the sandbox off, as everywhere else.
+    mode "root": `kiln --root ROOT` with the sandbox on, as the test runs its kiln machine
+    (kiln refuses to build with the sandbox off when the store's files are not at the
+    logical path)."""
+
+    def __init__(self, work, name, logical, mode="ns"):
+        self.root = os.path.join(work, name)
+        self.logical = logical
+        self.conf = os.path.join(work, f"{name}.nix.conf")
+        with open(self.conf, "w") as f:
+            f.write("substituters =\nbuild-users-group =\nbuilders =\nmax-jobs = 1\n"
+                    + ("sandbox = false\n" if mode == "ns" else ""))
+        kiln = kiln_bin()
+        if mode == "ns":
+            common = (f"{kiln} --store-dir {logical} --state-dir {self.root}/var --log-dir {self.root}/log "
+                      f"--nix-conf {self.conf} --option gc-runtime-roots false")
+            wrap = lambda cmd: (f"exec unshare -m --propagation private sh -c "
+                                f"'mount --bind {self.root}/store {logical} && exec {common} {cmd}'\n")
+        else:
+            common = (f"{kiln} --root {self.root} --store-dir {logical} --nix-conf {self.conf} "
+                      f"--option gc-runtime-roots false --option sandbox true --option sandbox-fallback false "
+                      f"--option sandbox-paths '/bin /usr /lib /lib64?'")
+            wrap = lambda cmd: f"exec {common} {cmd}\n"
+        self.serve = os.path.join(work, f"{name}-serve")
+        self.stdio = os.path.join(work, f"{name}-daemon")
+        with open(self.serve, "w") as f:
+            # Run as 'PROGRAM --serve --write' for ssh:// machines.
+            f.write("#!/bin/sh\n" + wrap("store serve --write"))
+        with open(self.stdio, "w") as f:
+            # Run as 'PROGRAM --stdio' for ssh-ng:// machines.
+            f.write("#!/bin/sh\n" + wrap("daemon --stdio"))
+        for p in [self.serve, self.stdio]:
+            os.chmod(p, 0o755)
+        self.fresh()
+
+    def fresh(self):
+        """An empty store, as a machine that has never built anything."""
+        subprocess.run(["chmod", "-R", "u+w", self.root], stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.root, ignore_errors=True)
+        os.makedirs(os.path.join(self.root, "store"), exist_ok=True)
+
+    def program(self, transport):
+        return self.stdio if transport == "ssh-ng" else self.serve
+
+    def entry(self, sshd, transport, jobs=1, speed=1):
+        """Its machines-file line: URI systems sshkey maxjobs speedfactor features mandatory hostkey."""
+        return (f"{transport}://root@127.0.0.1?remote-program={self.program(transport)} x86_64-linux "
+                f"{sshd.key} {jobs} {speed} - - {sshd.host_key}")
+
+    def holds(self, base):
+        """Whether `base` (a store path's base name) is in this machine's store on disk."""
+        if os.path.exists(os.path.join(self.root, "store", base)):
+            return True
+        return os.path.exists(os.path.join(self.root, self.logical.lstrip("/"), base))
+
+
+class KilnRemoteDaemon(Daemon):
+    """A kiln daemon on the store at `root` with `max-jobs` and `builders` (and NIX_SSHOPTS
+    giving sshd's port only, so the machines file's key and host key are what count)."""
+
+    def __init__(self, root, env, max_jobs, builders, port, log):
+        self.kind = "kiln"
+        self.socket = os.path.join(root, "kiln.sock")
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
+        conf = os.path.join(root, "conf", "kiln-remote.conf")
+        os.makedirs(os.path.dirname(conf), exist_ok=True)
+        with open(conf, "w") as f:
+            f.write(f"substituters =\nsandbox = false\nbuild-users-group =\nmax-jobs = {max_jobs}\nbuilders = {builders}\n")
+        self.log = log
+        self.p = subprocess.Popen([kiln_bin(), *kiln_store_args(root), "--nix-conf", conf,
+                                   "--option", "gc-runtime-roots", "false", "daemon", "--socket", self.socket],
+                                  env=dict(os.environ, NIX_SSHOPTS=f"-p {port}"),
+                                  stdout=subprocess.DEVNULL, stderr=open(log, "ab"))
+        t = time.time()
+        while not os.path.exists(self.socket):
+            if self.p.poll() is not None:
+                raise SystemExit(f"kiln daemon exited ({self.p.returncode}) before making its socket: see {log}")
+            if time.time() - t > 30:
+                self.stop()
+                raise SystemExit("kiln daemon did not start")
+            time.sleep(0.01)
+        self.env = dict(env, NIX_REMOTE=f"unix://{self.socket}")
+
+
+class Nix234Daemon:
+    """nix-daemon 2.34 of the sid root, in a chroot into it (its build hook is Nix itself,
+    started again through /proc/self/exe, which must be the real binary), serving the store
+    at `root` (a directory bind-mounted into the root at the same path) with `max-jobs` and
+    `builders`; its ssh is the root's."""
+
+    def __init__(self, root, max_jobs, builders, port, log):
+        self.socket = os.path.join(root, "nix234.sock")
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
+        conf = os.path.join(root, "conf234")
+        os.makedirs(conf, exist_ok=True)
+        with open(os.path.join(conf, "nix.conf"), "w") as f:
+            f.write(f"substituters =\nsandbox = false\nbuild-users-group =\nmax-jobs = {max_jobs}\nbuilders = {builders}\n")
+        e = [f"NIX_STORE_DIR={root}/store", f"NIX_STATE_DIR={root}/var", f"NIX_LOG_DIR={root}/log",
+             f"NIX_CONF_DIR={conf}", "NIX_REMOTE=local", f"NIX_DAEMON_SOCKET_PATH={self.socket}",
+             f"HOME={root}/home", f"NIX_SSHOPTS=-p {port}", "PATH=/usr/bin:/bin"]
+        self.p = subprocess.Popen(["chroot", SID_ROOT, "env", "-i", *e, "nix-daemon"],
+                                  stdout=subprocess.DEVNULL, stderr=open(log, "ab"))
+        t = time.time()
+        while not os.path.exists(self.socket):
+            if self.p.poll() is not None:
+                raise SystemExit(f"nix-daemon 2.34 exited ({self.p.returncode}) before making its socket: see {log}")
+            if time.time() - t > 30:
+                self.stop()
+                raise SystemExit("nix-daemon 2.34 did not start")
+            time.sleep(0.01)
+
+    def stop(self):
+        self.p.terminate()
+        self.p.wait()
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
+
+
+def bench_remote(args):
+    """Remote builds: a kiln daemon offloading through sshd on loopback to kiln machines
+    (separate stores on this machine: they share its CPUs, so only the overhead shows)."""
+    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/sshd"):
+        print("## remote: skipped (needs root and /usr/sbin/sshd)\n", flush=True)
+        return
+    parts = set(args.remote_parts.split(","))
+    runs = args.runs
+    work = os.path.join(args.dir, "remote-bench")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    logs = os.path.join(work, "logs")
+    os.makedirs(logs)
+    print("## remote builds: kiln daemon with `builders`, kiln machines through sshd on 127.0.0.1\n", flush=True)
+    print(f"kiln: {kiln_bin()}; {subprocess.run(['ssh', '-V'], capture_output=True, text=True).stderr.strip()}; "
+          f"{os.cpu_count()} cores shared by the client, the daemon, ssh, sshd and the \"machines\" (so offloading "
+          f"cannot be faster here: these figures are its overhead); sandbox off everywhere, no substituters, "
+          f"fresh stores (local and machines) for every run, best of {runs} (by wall), scenarios interleaved.\n", flush=True)
+    sshd = Sshd(os.path.join(work, "sshd"))
+    b = DrvBench(args, "remote-bench/drv", sandbox=False)
+    logical = os.path.join(b.root, "store")
+    machines = [KilnMachine(work, f"m{i}", logical, args.remote_machine_mode) for i in (1, 2)]
+    mount234 = None
+    try:
+        if "dag" in parts:
+            remote_dag(args, b, sshd, machines, work, logs, runs, nix234=False)
+        if "big" in parts:
+            remote_big(args, b, sshd, machines, work, logs, runs)
+        if "copy" in parts:
+            remote_copy(args, b, sshd, machines, work, logs, runs)
+        if "nix234" in parts:
+            if not (sid_nix_version() and os.path.exists(os.path.join(SID_ROOT, "usr/bin/ssh"))):
+                print(f"\n**Nix 2.34 offloading skipped**: no sid root with Nix and ssh at {SID_ROOT}\n", flush=True)
+            else:
+                # The work directory at the same path inside the root.
+                mount234 = os.path.join(SID_ROOT, work.lstrip("/"))
+                os.makedirs(mount234, exist_ok=True)
+                subprocess.run(["mount", "--bind", work, mount234], check=True)
+                remote_dag(args, b, sshd, machines, work, logs, runs, nix234=True)
+    finally:
+        if mount234:
+            subprocess.run(["umount", mount234])
+            try:
+                os.removedirs(mount234)
+            except OSError:
+                pass
+        sshd.stop()
+    if not args.remote_keep:
+        subprocess.run(["chmod", "-R", "u+w", work], stderr=subprocess.DEVNULL)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def remote_run(b, drvs, outputs, daemon, sshd, machines, client_jobs, check_remote=None):
+    """One realisation through `daemon` (just started, on a fresh store) with Nix 2.8's
+    nix-store: a dict of wall and CPU seconds (client, the daemon's own, its reaped
+    children, its live ssh processes, sshd and everything under it, whole machine)."""
+    p = daemon.p.pid
+    s0 = sshd.cpu()
+    own0, ch0 = proc_cpu_split(p)
+    m0 = machine_busy()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    r = subprocess.run(["nix-store", "--realise", "--max-jobs", str(client_jobs), *drvs],
+                       env=private_home(daemon.env, b.root), capture_output=True)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    err = None
+    if r.returncode != 0:
+        err = f"exit {r.returncode}: {r.stderr.decode()[-3000:]}"
+    elif len(r.stdout.split()) != outputs:
+        err = f"{len(r.stdout.split())} output paths, expected {outputs}"
+    # The daemon settles (its threads finish registering, builders are reaped); reaped
+    # Nix workers and their hooks count only once they have exited.
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        kids = [c for c in proc_children(p) if proc_comm(c) != "ssh"]
+        if not kids:
+            break
+        time.sleep(0.02)
+    last = proc_cpu_split(p)
+    for _ in range(20):
+        time.sleep(0.05)
+        now = proc_cpu_split(p)
+        if now == last:
+            break
+        last = now
+    own1, ch1 = last
+    ssh_pids = [c for c in proc_children(p) if proc_comm(c) == "ssh"]
+    ssh_cpu = 0.0
+    for c in ssh_pids:
+        try:
+            ssh_cpu += proc_cpu(c)
+        except OSError:
+            pass
+    daemon.stop()
+    # Sessions end when the daemon's ssh processes see their pipes close.
+    if not sshd.wait_idle(60):
+        for c in ssh_pids:
+            try:
+                os.kill(int(c), 15)
+            except OSError:
+                pass
+        sshd.wait_idle(30)
+    remote = sshd.cpu() - s0
+    busy = machine_busy() - m0
+    where = None
+    if check_remote and not err:
+        where = check_remote(r.stdout.decode().split())
+    res = dict(wall=wall, client=client, own=own1 - own0, reaped=ch1 - ch0, ssh=ssh_cpu, remote=remote,
+               err=err, where=where, nssh=len(ssh_pids))
+    res["daemon"] = res["own"] + res["reaped"]
+    res["total"] = client + res["daemon"] + ssh_cpu + remote
+    res["other"] = max(0.0, busy - res["total"])
+    return res
+
+
+def remote_where(machines, paths):
+    """How many of `paths` each machine holds (so, for outputs, built or received there)."""
+    return [sum(1 for x in paths if m.holds(os.path.basename(x))) for m in machines]
+
+
+def remote_dag(args, b, sshd, machines, work, logs, runs, nix234):
+    expr, names = dag_nix(args.remote_dag_layers, 100, 2)
+    n = len(names)
+    drvs = b.prepare(expr, names)
+    if not nix234:
+        scen = [
+            ("a", "local only (max-jobs 2, no builders)", "kiln", 2, 2, []),
+            ("b", "max-jobs 0 + 2 kiln machines, ssh-ng:// (1 job each)", "kiln", 0, 0, [("ssh-ng", machines)]),
+            ("c", "max-jobs 1 + 2 kiln machines, ssh-ng://", "kiln", 1, 1, [("ssh-ng", machines)]),
+            ("d", "max-jobs 0 + 2 kiln machines, ssh:// (1 job each)", "kiln", 0, 0, [("ssh", machines)]),
+        ]
+        title = f"### {n:,}-derivation DAG ({args.remote_dag_layers} layers × 100, 2 inputs each) through a kiln daemon, Nix 2.8 `nix-store --realise` client"
+    else:
+        scen = [
+            ("a234", "nix-daemon 2.34 local only (max-jobs 2, no builders)", "nix234", 2, 2, []),
+            ("b234", "nix-daemon 2.34, max-jobs 0 + the 2 kiln machines, ssh-ng://", "nix234", 0, 0, [("ssh-ng", machines)]),
+            ("d234", "nix-daemon 2.34, max-jobs 0 + the 2 kiln machines, ssh://", "nix234", 0, 0, [("ssh", machines)]),
+        ]
+        title = (f"### The same DAG through nix-daemon {sid_nix_version()} (in a chroot into {SID_ROOT}, its own ssh) "
+                 f"offloading to the same 2 kiln machines, Nix 2.8 `nix-store --realise` client")
+    only = set(args.remote_scenarios.split(",")) if args.remote_scenarios else None
+    scen = [s for s in scen if not only or s[0] in only]
+    print(f"\n{title}\n", flush=True)
+    res = {s[0]: [] for s in scen}
+    for run in range(runs):
+        order = scen[run % len(scen):] + scen[:run % len(scen)]
+        for key, label, kind, jobs, client_jobs, mach in order:
+            b.restore()
+            builders = " ; ".join(m.entry(sshd, t) for t, ms in mach for m in ms)
+            for t, ms in mach:
+                for m in ms:
+                    m.fresh()
+            log = os.path.join(logs, f"dag-{key}.log")
+            if kind == "kiln":
+                d = KilnRemoteDaemon(b.root, b.env, jobs, builders, sshd.port, log)
+            else:
+                d = Nix234Daemon(b.root, jobs, builders, sshd.port, log)
+                d.env = dict(b.env, NIX_REMOTE=f"unix://{d.socket}")
+            check = (lambda outs, ms=[m for _, ms in mach for m in ms]: remote_where(ms, outs)) if mach else None
+            try:
+                r = remote_run(b, drvs, n, d, sshd, machines, client_jobs, check)
+            except BaseException:
+                d.stop()
+                raise
+            r["run"] = run
+            res[key].append(r)
+            status = f"FAILED ({r['err'][:300]})" if r["err"] else "ok"
+            print(f"<!-- run {run + 1} {key}: {status}; wall {r['wall']:.3f} s, daemon own {r['own']:.3f} s, reaped {r['reaped']:.3f} s, "
+                  f"ssh {r['ssh']:.3f} s ({r['nssh']} sessions), sshd+machines {r['remote']:.3f} s, client {r['client']:.3f} s, "
+                  f"other {r['other']:.3f} s; outputs on machines {r['where']} -->", flush=True)
+            if r["err"]:
+                with open(os.path.join(logs, f"dag-{key}-run{run}.err"), "w") as f:
+                    f.write(r["err"])
+    print("\n| scenario | wall (per build) | total CPU | daemon CPU (own + reaped children) | daemon own | daemon's ssh clients | sshd + machines | client | vs (a) wall |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    best = {}
+    for key, label, kind, jobs, client_jobs, mach in scen:
+        ok = [r for r in res[key] if not r["err"]]
+        if not ok:
+            print(f"| ({key}) {label} | failed in all {runs} runs: {res[key][0]['err'][:200]!r} | | | | | | | |", flush=True)
+            continue
+        r = min(ok, key=lambda x: x["wall"])
+        best[key] = dict(r, min_daemon=min(x["daemon"] for x in ok), min_own=min(x["own"] for x in ok),
+                         min_ssh=min(x["ssh"] for x in ok), ok=len(ok))
+        ref = best.get("a") or best.get("a234")
+        vs = f"{r['wall'] / ref['wall']:.2f}x" if ref and ref is not best[key] else ""
+        print(f"| ({key}) {label} | {r['wall']:.3f} s ({fmt_ms(r['wall'], n)}) | {r['total']:.3f} s | {r['daemon']:.3f} s | "
+              f"{r['own']:.3f} s | {r['ssh']:.3f} s | {r['remote']:.3f} s | {r['client']:.3f} s | {vs} |", flush=True)
+    print(f"\nRanges over the {runs} runs: " + "; ".join(
+        f"({k}) wall {min(x['wall'] for x in res[k]):.3f}–{max(x['wall'] for x in res[k]):.3f} s, "
+        f"daemon {min(x['daemon'] for x in res[k]):.3f}–{max(x['daemon'] for x in res[k]):.3f} s, "
+        f"other processes {min(x['other'] for x in res[k]):.1f}–{max(x['other'] for x in res[k]):.1f} s"
+        + (f", outputs held by the machines {[x['where'] for x in res[k]]}" if res[k][0]['where'] else "")
+        + (f", {runs - best[k]['ok']} failed" if k in best and best[k]['ok'] < runs else "")
+        for k in res), flush=True)
+    a = best.get("a") or best.get("a234")
+    for k in ["b", "d", "b234", "d234"]:
+        if a and k in best:
+            x = best[k]
+            print(f"\nPer-build offload overhead ({k} vs {'a' if 'a' in best else 'a234'}, least CPU of the runs): daemon CPU "
+                  f"{(x['min_daemon'] - a['min_daemon']) / n * 1000:+.2f} ms/build (own + reaped children: in (a) that includes "
+                  f"the local builders); daemon's own CPU only {(x['min_own'] - a['min_own']) / n * 1000:+.2f} ms/build; "
+                  f"own + its ssh clients {(x['min_own'] + x['min_ssh'] - a['min_own']) / n * 1000:+.2f} ms/build", flush=True)
+
+
+def remote_single(b, sshd, machine, drvs, logs, runs, name, transports, size_mib, local=True, pre=None):
+    """One derivation (`drvs`) realised locally and on `machine` over each transport:
+    rows of wall, CPU and MiB/s of `size_mib`."""
+    scen = ([("local", "built here (max-jobs 1, no builders)", 1, None)] if local else []) + \
+           [(t, f"built on 1 kiln machine over {t}:// (max-jobs 0)", 0, t) for t in transports]
+    res = {s[0]: [] for s in scen}
+    for run in range(runs):
+        for key, label, jobs, t in scen[run % len(scen):] + scen[:run % len(scen)]:
+            b.restore()
+            machine.fresh()
+            if pre:
+                pre()
+            builders = machine.entry(sshd, t) if t else ""
+            d = KilnRemoteDaemon(b.root, b.env, jobs, builders, sshd.port, os.path.join(logs, f"{name}-{key}.log"))
+            try:
+                r = remote_run(b, drvs, 1, d, sshd, [machine], jobs,
+                               (lambda outs: remote_where([machine], outs)) if t else None)
+            except BaseException:
+                d.stop()
+                raise
+            res[key].append(r)
+            print(f"<!-- run {run + 1} {name} {key}: {'FAILED ' + r['err'][:300] if r['err'] else 'ok'}; wall {r['wall']:.3f} s, "
+                  f"total CPU {r['total']:.3f} s, daemon own {r['own']:.3f} s, ssh {r['ssh']:.3f} s, sshd+machine {r['remote']:.3f} s, "
+                  f"other {r['other']:.1f} s, on machine {r['where']} -->", flush=True)
+    out = {}
+    for key, label, jobs, t in scen:
+        ok = [r for r in res[key] if not r["err"]]
+        if not ok:
+            out[key] = (label, None, res[key][0]["err"])
+        else:
+            out[key] = (label, min(ok, key=lambda x: x["wall"]), None)
+    return out, res
+
+
+def remote_big(args, b, sshd, machines, work, logs, runs):
+    size = args.remote_big_mib
+    expr = ("{ big = derivation { name = \"big-out\"; system = builtins.currentSystem; builder = \"/bin/sh\"; "
+            f"args = [ \"-c\" \"/usr/bin/head -c {size * (1 << 20)} /dev/zero > $out\" ]; }}; }}\n")
+    drvs = b.prepare(expr, ["big"])
+    print(f"\n### One derivation with a {size} MiB output (`head -c {size * (1 << 20)} /dev/zero > $out`): built here vs on one kiln machine\n", flush=True)
+    # The wire's own rate: the same bytes through ssh alone (same cipher, same sshd).
+    w, c = measure(f"ssh {sshd.opts} root@127.0.0.1 '/usr/bin/head -c {size * (1 << 20)} /dev/zero' > /dev/null", runs=runs, shell=True)
+    out, _ = remote_single(b, sshd, machines[0], drvs, logs, runs, "big", ["ssh-ng", "ssh"], size)
+    print("| what | wall | total CPU | daemon own CPU | daemon's ssh | sshd + machine | MiB/s (size / wall) | MiB/s back (size / (wall − local wall)) | vs local wall |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| `ssh … head -c {size}M /dev/zero > /dev/null` (the wire alone) | {w:.3f} s | {c:.3f} s (client side only) | | | | {size / w:,.0f} | | |")
+    loc = out.get("local", (None, None, None))[1]
+    for key, (label, r, err) in out.items():
+        if r is None:
+            print(f"| {label} | FAILED: {err[:300]!r} | | | | | | | |")
+            continue
+        back = f"{size / (r['wall'] - loc['wall']):,.0f}" if loc and key != "local" and r["wall"] > loc["wall"] else ""
+        vs = f"{r['wall'] / loc['wall']:.2f}x" if loc and key != "local" else ""
+        print(f"| {label} | {r['wall']:.3f} s | {r['total']:.3f} s | {r['own']:.3f} s | {r['ssh']:.3f} s | {r['remote']:.3f} s | "
+              f"{size / r['wall']:,.0f} | {back} | {vs} |", flush=True)
+
+
+def remote_copy(args, b, sshd, machines, work, logs, runs):
+    size = args.remote_big_mib
+    m = machines[0]
+    # The input: random bytes, added to the local store through the kiln daemon.
+    src = os.path.join(work, "random.bin")
+    with open(src, "wb") as f:
+        for _ in range(size):
+            f.write(os.urandom(1 << 20))
+    shutil.rmtree(b.root, ignore_errors=True)
+    b.env = nix_env(b.root, False, b.features)
+    subprocess.run(["nix-store", "--init"], env=b.env, check=True)
+    d = KilnRemoteDaemon(b.root, b.env, 1, "", sshd.port, os.path.join(logs, "copy-add.log"))
+    try:
+        r = subprocess.run(["nix-store", "--add", src], env=private_home(d.env, b.root), capture_output=True, text=True)
+    finally:
+        d.stop()
+    if r.returncode != 0:
+        raise SystemExit(f"nix-store --add through the kiln daemon: {r.stderr[-1500:]}")
+    path = r.stdout.strip()
+    os.unlink(src)
+    expr = ("{ use = derivation { name = \"uses-big-input\"; system = builtins.currentSystem; builder = \"/bin/sh\"; "
+            f"src = builtins.storePath \"{path}\"; args = [ \"-c\" \"echo > $out\" ]; }}; }}\n")
+    f = os.path.join(b.work, "copy.nix")
+    open(f, "w").write(expr)
+    r = subprocess.run(["nix-instantiate", f, "-A", "use"], env=b.env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"nix-instantiate: {r.stderr[-1500:]}")
+    drvs = r.stdout.split()
+    shutil.rmtree(b.saved, ignore_errors=True)
+    shutil.copytree(b.root, b.saved, symlinks=True)
+    print(f"\n### Closure copy: a {size} MiB input (one file of random bytes, `nix-store --add` through the kiln daemon) "
+          f"that a derivation built on one kiln machine needs (builder `echo > $out`), vs Nix 2.8 copying the same path "
+          f"to a fresh kiln machine store over the same transport\n", flush=True)
+    out, _ = remote_single(b, sshd, m, drvs, logs, runs, "copy", ["ssh-ng", "ssh"], size, local=False)
+    def holds_input(where):
+        return m.holds(os.path.basename(path))
+    print("| what | wall | total CPU | local side CPU (daemon own + its ssh / nix client) | sshd + machine | MiB/s (size / wall) |")
+    print("|---|---|---|---|---|---|")
+    for key, (label, r, err) in out.items():
+        if r is None:
+            print(f"| remote build {label} | FAILED: {err[:300]!r} | | | | |")
+            continue
+        print(f"| remote build of a derivation needing it, {label} | {r['wall']:.3f} s | {r['total']:.3f} s | "
+              f"{r['own'] + r['ssh']:.3f} s | {r['remote']:.3f} s | {size / r['wall']:,.0f} |", flush=True)
+    # Nix 2.8 copying the path from the same (local, no daemon) store to a fresh kiln machine.
+    nenv = dict(private_home(b.env, b.root), NIX_SSHOPTS=sshd.opts)
+    copies = [
+        ("`nix copy --to ssh-ng://…` (Nix 2.8)",
+         ["nix", "--experimental-features", "nix-command", "copy", "--no-check-sigs", "--to",
+          f"ssh-ng://root@127.0.0.1?remote-program={m.stdio}", path]),
+        ("`nix copy --to ssh://…` (Nix 2.8, the serve protocol)",
+         ["nix", "--experimental-features", "nix-command", "copy", "--no-check-sigs", "--to",
+          f"ssh://root@127.0.0.1?remote-program={m.serve}", path]),
+        ("`nix-copy-closure --to 'root@127.0.0.1?remote-program=…'` (Nix 2.8)",
+         ["nix-copy-closure", "--to", f"root@127.0.0.1?remote-program={m.serve}", path]),
+    ]
+    for label, cmd in copies:
+        best = None
+        err = None
+        for run in range(runs):
+            b.restore()
+            m.fresh()
+            s0 = sshd.cpu()
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t = time.perf_counter()
+            r = subprocess.run(cmd, env=nenv, capture_output=True, text=True)
+            wall = time.perf_counter() - t
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            sshd.wait_idle(60)
+            remote = sshd.cpu() - s0
+            client = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            if r.returncode != 0:
+                err = r.stderr[-600:]
+                break
+            if not m.holds(os.path.basename(path)):
+                err = "exited 0 but the path is not in the machine's store"
+                break
+            if best is None or wall < best[0]:
+                best = (wall, client, remote)
+        if best is None:
+            print(f"| {label} | FAILED: {err!r} | | | | |", flush=True)
+            continue
+        w, c, rem = best
+        print(f"| {label} | {w:.3f} s | {c + rem:.3f} s | {c:.3f} s | {rem:.3f} s | {size / w:,.0f} |", flush=True)
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="+", choices=["formats", "store", "build", "ca", "sandbox", "daemon", "subst", "all"])
+    p.add_argument("what", nargs="+", choices=["formats", "store", "build", "ca", "sandbox", "daemon", "subst", "remote", "all"])
     p.add_argument("--jobs", type=int, default=2, help="max-jobs for the build benchmarks")
     p.add_argument("--dir", default="/tmp/kiln-bench", help="work directory (a tmpfs is mounted there if possible)")
     p.add_argument("--fs", choices=["tmpfs", "ext4"], default="tmpfs",
@@ -884,6 +1433,17 @@ def main():
     p.add_argument("--daemon-clients", default="2.34,2.8",
                    help="clients for the daemon section's builds through the socket, comma-separated: "
                         "2.34 (nix-store from the Debian sid root), 2.8 (Debian's nix-bin)")
+    p.add_argument("--remote-parts", default="dag,big,copy,nix234",
+                   help="parts of the remote section, comma-separated: dag (the 1,000-derivation DAG offloaded), "
+                        "big (a 1 GiB output brought back), copy (a 1 GiB input sent), nix234 (nix-daemon 2.34 offloading "
+                        "the DAG to the same machines)")
+    p.add_argument("--remote-scenarios", default="", help="only these DAG scenarios (a,b,c,d,a234,b234,d234)")
+    p.add_argument("--remote-dag-layers", type=int, default=10, help="layers of 100 derivations in the remote DAG")
+    p.add_argument("--remote-big-mib", type=int, default=1024, help="MiB of the remote section's big output and input")
+    p.add_argument("--remote-machine-mode", choices=["ns", "root"], default="ns",
+                   help="kiln machines: ns (own mount namespace with its store bind-mounted at the logical path, "
+                        "sandbox off) or root (`kiln --root`, sandbox on, as the remote-builder test)")
+    p.add_argument("--remote-keep", action="store_true", help="keep the remote section's work directory (logs, stores)")
     args = p.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     if os.geteuid() == 0 and subprocess.run(["mountpoint", "-q", args.dir]).returncode != 0:
@@ -920,6 +1480,8 @@ def main():
         bench_daemon(args)
     if "all" in whats or "subst" in whats:
         bench_subst(args)
+    if "all" in whats or "remote" in whats:
+        bench_remote(args)
 
 
 if __name__ == "__main__":

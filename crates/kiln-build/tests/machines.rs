@@ -527,7 +527,9 @@ fn with_nowhere_left_the_error_names_each_machine() {
     fake.set("ssh://dead", Behaviour::Dead);
     let s = scheduler(&e, 0, "ssh://dead", &fake);
     let a = drv(&e, "a", X86, "", &[]);
-    let r = s.build(request(&[&a], s.settings(1), Arc::default())).unwrap();
+    let r = s
+        .build(request(&[&a], s.settings(1), Arc::default()))
+        .unwrap();
     assert!(!r.success());
     let err = &r.results[0].1.error;
     assert!(

@@ -1,0 +1,618 @@
+//! Derivation goals up to the build: the derivation read, outputs substituted, inputs
+//! realised (and resolved, for content-addressed inputs), the input closure.
+
+use super::*;
+
+impl Worker {
+    // ---- derivation goals --------------------------------------------------------------
+
+    pub(super) fn work(&mut self, id: GoalId) {
+        let state = match self.goals.get(&id).map(|g| &g.kind) {
+            Some(Kind::Drv(d)) => Ok(d.state),
+            Some(Kind::Subst(s)) => Err(s.state),
+            None => return,
+        };
+        match state {
+            Ok(DrvState::Init) => self.drv_init(id),
+            Ok(DrvState::HaveDerivation) => self.have_derivation(id),
+            Ok(DrvState::OutputsSubstituted) => self.outputs_substituted(id),
+            Ok(DrvState::InputsRealised) => self.inputs_realised(id),
+            Ok(DrvState::TryToBuild) => self.try_to_build(id),
+            Ok(DrvState::Resolved) => self.resolved_finished(id),
+            Ok(DrvState::WaitingForLocks)
+            | Ok(DrvState::WaitingForHook)
+            | Ok(DrvState::Building) => {}
+            Err(SubstState::Init) => self.subst_init(id),
+            Err(SubstState::ReferencesValid) => self.references_valid(id),
+            Err(SubstState::TryToRun) => self.try_to_run(id),
+            Err(SubstState::Querying) | Err(SubstState::Fetching) => {}
+        }
+    }
+
+    pub(super) fn drv_mut(&mut self, id: GoalId) -> Option<&mut DrvGoal> {
+        match self.goals.get_mut(&id).map(|g| &mut g.kind) {
+            Some(Kind::Drv(d)) => Some(d),
+            _ => None,
+        }
+    }
+
+    pub(super) fn set_state(&mut self, id: GoalId, s: DrvState) {
+        if let Some(d) = self.drv_mut(id) {
+            d.state = s;
+        }
+    }
+
+    pub(super) fn fail_drv(&mut self, id: GoalId, status: BuildStatus, msg: String) {
+        self.fail_drv_with(id, status, msg, None)
+    }
+
+    pub(super) fn fail_drv_with(
+        &mut self,
+        id: GoalId,
+        status: BuildStatus,
+        msg: String,
+        detail: Option<crate::result::FailureDetail>,
+    ) {
+        if let Some(d) = self.drv_mut(id) {
+            d.locks.clear();
+            let drv = d.drv_path.clone();
+            let abs = self.store().print(&drv);
+            self.emit(
+                id,
+                Event::Message {
+                    level: 0,
+                    text: msg.clone(),
+                },
+            );
+            tracing::debug!("{abs}: {msg}");
+        }
+        let r = BuildResult {
+            detail,
+            ..BuildResult::failed(status, msg)
+        };
+        self.done(id, Exit::Failed, r);
+    }
+
+    pub(super) fn output_result(&self, id: GoalId, status: BuildStatus) -> BuildResult {
+        let mut r = BuildResult::new(status);
+        if let Some(Goal {
+            kind: Kind::Drv(d), ..
+        }) = self.goals.get(&id)
+        {
+            if let Some(drv) = &d.drv {
+                for (n, p) in self.output_map(&d.drv_path, drv) {
+                    if let Some(p) = p {
+                        r.outputs.insert(n, p);
+                    }
+                }
+            }
+        }
+        r
+    }
+
+    pub(super) fn drv_init(&mut self, id: GoalId) {
+        let store = self.store().clone();
+        let Some(d) = self.drv_mut(id) else { return };
+        let (drv_path, mode) = (d.drv_path.clone(), d.mode);
+        if store.db().is_read_only() {
+            let msg = format!(
+                "cannot build derivation '{}' - no write access to the store",
+                store.print(&drv_path)
+            );
+            return self.fail_drv(id, BuildStatus::MiscFailure, msg);
+        }
+        // Given in full (`Target::Basic`), or already in the store.
+        if d.drv.is_some()
+            || (mode == BuildMode::Normal && store.is_valid(&drv_path).unwrap_or(false))
+        {
+            return self.have_derivation(id);
+        }
+        let settings = self.goals[&id].settings.clone();
+        let sub = self.make_subst_goal(&drv_path, false, &settings);
+        self.add_waitee(id, sub);
+        self.set_state(id, DrvState::HaveDerivation);
+    }
+
+    /// Output name → path where known: the derivation's own paths, or for outputs known
+    /// only once built (floating content-addressed, deferred), their realisations.
+    pub(super) fn output_map(
+        &self,
+        drv_path: &StorePath,
+        drv: &Derivation,
+    ) -> BTreeMap<String, Option<StorePath>> {
+        if drv.outputs.values().all(|o| o.path.is_some()) {
+            return drv
+                .outputs
+                .iter()
+                .map(|(n, o)| (n.clone(), o.path.clone()))
+                .collect();
+        }
+        self.store()
+            .output_map_of(drv_path, drv)
+            .unwrap_or_else(|e| {
+                tracing::warn!(
+                    "looking up the outputs of '{}': {e}",
+                    self.store().print(drv_path)
+                );
+                drv.outputs.keys().map(|n| (n.clone(), None)).collect()
+            })
+    }
+
+    /// Invalid wanted outputs: their paths, or `None` for an output whose path is not known
+    /// before it is built.
+    pub(super) fn invalid_outputs(&self, d: &DrvGoal, drv: &Derivation) -> Vec<Option<StorePath>> {
+        let store = self.store();
+        self.output_map(&d.drv_path, drv)
+            .into_iter()
+            .filter(|(n, _)| d.wanted.is_empty() || d.wanted.contains(n))
+            .filter(|(_, p)| match p {
+                None => true,
+                Some(p) => {
+                    let valid = store.is_valid(p).unwrap_or(false);
+                    let good = valid && (d.mode != BuildMode::Repair || contents_good(store, p));
+                    !good
+                }
+            })
+            .map(|(_, p)| p)
+            .collect()
+    }
+
+    pub(super) fn have_derivation(&mut self, id: GoalId) {
+        let store = self.store().clone();
+        let nr_failed = self.goals.get(&id).map(|g| g.nr_failed).unwrap_or(0);
+        let Some(d) = self.drv_mut(id) else { return };
+        let drv_path = d.drv_path.clone();
+        let abs = store.print(&drv_path);
+        if nr_failed != 0 {
+            return self.fail_drv(
+                id,
+                BuildStatus::MiscFailure,
+                format!("cannot build missing derivation '{abs}'"),
+            );
+        }
+        if d.drv.is_none() {
+            match store.read_derivation(&drv_path) {
+                Ok(drv) => {
+                    // The derivation and its outputs must survive a concurrent collection.
+                    let mut roots = vec![drv_path.clone()];
+                    roots.extend(drv.output_paths().map(|(_, p)| p.clone()));
+                    if store.add_temp_roots(&roots).is_ok() {
+                        self.goals
+                            .get_mut(&id)
+                            .expect("goal exists")
+                            .roots
+                            .extend(roots);
+                    }
+                    let d = self.drv_mut(id).expect("goal exists");
+                    d.drv = Some(Arc::new(drv));
+                }
+                Err(e) => {
+                    return self.fail_drv(
+                        id,
+                        BuildStatus::MiscFailure,
+                        format!("cannot read derivation '{abs}': {e}"),
+                    )
+                }
+            }
+        }
+        let d = match self.goals.get(&id).map(|g| &g.kind) {
+            Some(Kind::Drv(d)) => d,
+            _ => return,
+        };
+        let drv = d.drv.clone().expect("loaded");
+        let invalid = self.invalid_outputs(d, &drv);
+        let mode = d.mode;
+        if invalid.is_empty() && mode == BuildMode::Normal {
+            let r = self.output_result(id, BuildStatus::AlreadyValid);
+            return self.done(id, Exit::Success, r);
+        }
+        let settings = self.goals[&id].settings.clone();
+        for p in invalid.iter().flatten() {
+            if self.path_failed(id, p) {
+                return;
+            }
+        }
+        let allow = drv
+            .env
+            .get("allowSubstitutes")
+            .map(|v| v == "1")
+            .unwrap_or(true);
+        if settings.use_substitutes
+            && allow
+            && self.cfg.substituter.is_some()
+            && !settings.subst.is_empty()
+            && mode != BuildMode::Check
+        {
+            let ca = drv
+                .fixed_output()
+                .map(|f| ContentAddress::Fixed(f.method, f.hash));
+            for p in invalid.into_iter().flatten() {
+                let sub = self.make_subst_goal(&p, mode == BuildMode::Repair, &settings);
+                if let (Some(ca), Some(s)) = (&ca, self.subst_mut(sub)) {
+                    s.ca.get_or_insert(*ca);
+                }
+                self.add_waitee(id, sub);
+            }
+        }
+        if self.goals[&id].waitees.is_empty() {
+            self.outputs_substituted(id);
+        } else {
+            self.set_state(id, DrvState::OutputsSubstituted);
+        }
+    }
+
+    /// Failure caching: an output that failed before fails again, without building.
+    pub(super) fn path_failed(&mut self, id: GoalId, p: &StorePath) -> bool {
+        let g = &self.goals[&id];
+        if !g.settings.cache_failures || !self.store().has_failed(p).unwrap_or(false) {
+            return false;
+        }
+        let msg = format!(
+            "builder for '{}' failed previously (cached)",
+            self.store().print(p)
+        );
+        let mut r = BuildResult::failed(BuildStatus::CachedFailure, msg.clone());
+        r.failure.permanent = true;
+        self.emit(
+            id,
+            Event::Message {
+                level: 0,
+                text: msg,
+            },
+        );
+        self.done(id, Exit::Failed, r);
+        true
+    }
+
+    pub(super) fn outputs_substituted(&mut self, id: GoalId) {
+        let store = self.store().clone();
+        let g = &self.goals[&id];
+        let (nr_failed, nr_ns, nr_ic, settings) = (
+            g.nr_failed,
+            g.nr_no_substituters,
+            g.nr_incomplete_closure,
+            g.settings.clone(),
+        );
+        let Some(d) = self.drv_mut(id) else { return };
+        let abs = store.print(&d.drv_path);
+        if nr_failed > 0 && nr_failed > nr_ns + nr_ic && !settings.fallback {
+            return self.fail_drv(
+                id,
+                BuildStatus::MiscFailure,
+                format!("some substitutes for the outputs of derivation '{abs}' failed (usually happens due to networking issues); try '--fallback' to build derivation from source "),
+            );
+        }
+        if nr_ic > 0 && !d.retry_substitution {
+            d.retry_substitution = true;
+        }
+        if let Some(g) = self.goals.get_mut(&id) {
+            g.nr_failed = 0;
+            g.nr_no_substituters = 0;
+            g.nr_incomplete_closure = 0;
+        }
+        let d = self.drv_mut(id).expect("goal exists");
+        if d.need_restart {
+            d.need_restart = false;
+            return self.have_derivation(id);
+        }
+        let drv = d.drv.clone().expect("loaded");
+        let mode = d.mode;
+        let d_ref = match self.goals.get(&id).map(|g| &g.kind) {
+            Some(Kind::Drv(d)) => d,
+            _ => return,
+        };
+        let nr_invalid = self.invalid_outputs(d_ref, &drv).len();
+        if mode == BuildMode::Normal && nr_invalid == 0 {
+            let r = self.output_result(id, BuildStatus::Substituted);
+            return self.done(id, Exit::Success, r);
+        }
+        if mode == BuildMode::Repair && nr_invalid == 0 {
+            let r = self.output_result(id, BuildStatus::AlreadyValid);
+            return self.done(id, Exit::Success, r);
+        }
+        if mode == BuildMode::Check && nr_invalid > 0 {
+            return self.fail_drv(
+                id,
+                BuildStatus::MiscFailure,
+                format!("'{abs}' is missing outputs; build it normally before using '--check'"),
+            );
+        }
+        // Build: all outputs from now on, after the inputs.
+        self.drv_mut(id).expect("goal exists").wanted.clear();
+        let input_mode = if mode == BuildMode::Repair {
+            BuildMode::Repair
+        } else {
+            BuildMode::Normal
+        };
+        // A pure derivation may not depend on an impure one, and that is refused before the
+        // impure one is built. Only a derivation whose outputs wait for its inputs can
+        // (an impure input's hash defers them), so no other derivation's inputs are read.
+        if drv.needs_resolution() && drv.is_sandboxed() {
+            for p in drv.input_drvs.keys() {
+                if store.read_derivation(p).is_ok_and(|i| i.is_impure()) {
+                    let msg = format!(
+                        "pure derivation '{abs}' depends on impure derivation '{}'",
+                        store.print(p)
+                    );
+                    return self.fail_drv(id, BuildStatus::MiscFailure, msg);
+                }
+            }
+        }
+        for (p, outs) in &drv.input_drvs {
+            let sub = self.make_drv_goal(p, outs, input_mode, &settings);
+            self.add_waitee(id, sub);
+        }
+        for p in &drv.input_srcs {
+            let sub = self.make_subst_goal(p, false, &settings);
+            self.add_waitee(id, sub);
+        }
+        if self.goals[&id].waitees.is_empty() {
+            self.inputs_realised(id);
+        } else {
+            self.set_state(id, DrvState::InputsRealised);
+        }
+    }
+
+    pub(super) fn inputs_realised(&mut self, id: GoalId) {
+        let store = self.store().clone();
+        let nr_failed = self.goals[&id].nr_failed;
+        let Some(d) = self.drv_mut(id) else { return };
+        let abs = store.print(&d.drv_path);
+        if nr_failed != 0 {
+            let msg = format!("{nr_failed} dependencies of derivation '{abs}' failed to build");
+            self.emit(
+                id,
+                Event::Message {
+                    level: 0,
+                    text: msg.clone(),
+                },
+            );
+            return self.done(
+                id,
+                Exit::Failed,
+                BuildResult {
+                    detail: Some(crate::result::FailureDetail::Dependencies(
+                        nr_failed as usize,
+                    )),
+                    ..BuildResult::failed(BuildStatus::DependencyFailed, msg)
+                },
+            );
+        }
+        if d.retry_substitution {
+            d.retry_substitution = false;
+            return self.have_derivation(id);
+        }
+        let drv = d.drv.clone().expect("loaded");
+        // The input closure: outputs the derivation asks for from each input, and sources.
+        let mut roots = Vec::new();
+        let mut realised: BTreeMap<(StorePath, String), StorePath> = BTreeMap::new();
+        let mut dynamic_inputs = false;
+        for (p, outs) in &drv.input_drvs {
+            // The input's goal has it parsed already, unless it was valid from the start.
+            let loaded = self
+                .drv_goals
+                .get(p)
+                .and_then(|g| match &self.goals.get(g)?.kind {
+                    Kind::Drv(d) => d.drv.clone(),
+                    Kind::Subst(_) => None,
+                });
+            let input = match loaded.map_or_else(|| store.read_derivation(p).map(Arc::new), Ok) {
+                Ok(x) => x,
+                Err(e) => return self.fail_drv(id, BuildStatus::MiscFailure, e.to_string()),
+            };
+            // A pure derivation's result must not depend on an impure one's (a fixed-output
+            // derivation's may: its hash is checked).
+            if input.is_impure() && !drv.is_impure() && !drv.is_fixed_output() {
+                let msg = format!(
+                    "pure derivation '{abs}' depends on impure derivation '{}'",
+                    store.print(p)
+                );
+                return self.fail_drv(id, BuildStatus::MiscFailure, msg);
+            }
+            let mut known = self.output_map(p, &input);
+            if known.values().any(Option::is_none) {
+                if let Some(Kind::Drv(d)) = self.goals.get(&id).map(|g| &g.kind) {
+                    for (o, path) in known.iter_mut().filter(|(_, x)| x.is_none()) {
+                        *path = d.input_outputs.get(&(p.clone(), o.clone())).cloned();
+                    }
+                }
+            }
+            // A fixed-output derivation holds placeholders for inputs known only once built.
+            dynamic_inputs |= outs
+                .iter()
+                .any(|o| input.outputs.get(o).is_some_and(|x| x.path.is_none()));
+            for o in outs {
+                match known.get(o).cloned().flatten() {
+                    Some(op) => {
+                        realised.insert((p.clone(), o.clone()), op.clone());
+                        roots.push(op);
+                    }
+                    None => {
+                        return self.fail_drv(
+                            id,
+                            BuildStatus::MiscFailure,
+                            format!("derivation '{abs}' requires non-existent output '{o}' from input derivation '{}'", store.print(p)),
+                        )
+                    }
+                }
+            }
+        }
+        if drv.needs_resolution() || (dynamic_inputs && drv.is_fixed_output()) {
+            return self.resolve(id, &drv, &realised);
+        }
+        roots.extend(drv.input_srcs.iter().cloned());
+        let closure = match self.closure(roots) {
+            Ok(c) => c,
+            Err(e) => return self.fail_drv(id, BuildStatus::MiscFailure, e.to_string()),
+        };
+        let d = self.drv_mut(id).expect("goal exists");
+        d.input_paths = closure;
+        d.state = DrvState::TryToBuild;
+        self.wake(id);
+    }
+
+    /// Builds, in this derivation's place, the derivation it resolves to now that its inputs
+    /// are built (their outputs' paths substituted for the input derivations), as Nix does
+    /// for content-addressed inputs. The resolved `.drv` is written to the store.
+    pub(super) fn resolve(
+        &mut self,
+        id: GoalId,
+        drv: &Derivation,
+        realised: &BTreeMap<(StorePath, String), StorePath>,
+    ) {
+        let store = self.store().clone();
+        let settings = self.goals[&id].settings.clone();
+        let Some(d) = self.drv_mut(id) else { return };
+        let abs = store.print(&d.drv_path);
+        let (mode, wanted) = (d.mode, d.wanted.clone());
+        let resolved = drv
+            .resolve(store.store_dir(), |p, o| {
+                realised.get(&(p.clone(), o.to_string())).cloned()
+            })
+            .map_err(|e| e.to_string())
+            .and_then(|r| {
+                let text = r.to_aterm(store.store_dir());
+                let path = store
+                    .add_text(
+                        &format!("{}.drv", r.name),
+                        &text,
+                        &r.references(),
+                        kiln_store::AddOptions::default(),
+                    )
+                    .map_err(|e| e.to_string())?
+                    .path;
+                Ok((path, r))
+            });
+        let (path, resolved) = match resolved {
+            Ok(x) => x,
+            Err(e) => return self.fail_drv(id, BuildStatus::MiscFailure, e),
+        };
+        self.emit(
+            id,
+            Event::Message {
+                level: 3,
+                text: format!("resolved derivation: '{abs}' -> '{}'", store.print(&path)),
+            },
+        );
+        // `add_text` made the resolved derivation a temporary root; it is this goal's, and
+        // goes when the goal ends.
+        if let Some(g) = self.goals.get_mut(&id) {
+            g.roots.push(path.clone());
+        }
+        let resolved = Arc::new(resolved);
+        let d = self.drv_mut(id).expect("goal exists");
+        d.resolved = Some((path.clone(), resolved.clone()));
+        d.state = DrvState::Resolved;
+        let sub = self.make_drv_goal(&path, &wanted, mode, &settings);
+        if let Some(rd) = self.drv_mut(sub) {
+            rd.drv.get_or_insert(resolved);
+        }
+        self.add_waitee(id, sub);
+    }
+
+    /// The resolved derivation is built: its outputs are this derivation's, recorded as
+    /// realisations of this derivation's outputs (with the input realisations they refer
+    /// to), so that the next build of it finds them without resolving again.
+    pub(super) fn resolved_finished(&mut self, id: GoalId) {
+        let store = self.store().clone();
+        let settings = self.goals[&id].settings.clone();
+        let Some(d) = self.drv_mut(id) else { return };
+        let (drv_path, drv) = (d.drv_path.clone(), d.drv.clone().expect("loaded"));
+        let Some((rpath, rdrv)) = d.resolved.clone() else {
+            return self.fail_drv(id, BuildStatus::MiscFailure, "resolution lost".into());
+        };
+        let result = d.resolved_result.take().unwrap_or_else(|| {
+            BuildResult::failed(
+                BuildStatus::MiscFailure,
+                format!("building '{}' failed", store.print(&rpath)),
+            )
+        });
+        if !result.success() {
+            return self.done(id, Exit::Failed, result);
+        }
+        // What the resolved build reported (impure outputs are recorded nowhere else).
+        let mut outputs: BTreeMap<String, Option<StorePath>> = self.output_map(&rpath, &rdrv);
+        for (name, p) in &result.outputs {
+            outputs.insert(name.clone(), Some(p.clone()));
+        }
+        let registered = (|| -> std::result::Result<BTreeMap<String, StorePath>, String> {
+            let h = store
+                .output_hash(&drv_path, &drv)
+                .map_err(|e| e.to_string())?;
+            let keys = crate::job::secret_keys(&settings)?;
+            // The resolved derivation's own outputs are recorded too when its build did not
+            // do it (it is not floating), as Nix does for every build once resolution is
+            // in play.
+            let rhash = (!rdrv.is_floating())
+                .then(|| store.output_hash(&rpath, &rdrv))
+                .transpose()
+                .map_err(|e| e.to_string())?;
+            let mut out = BTreeMap::new();
+            for (name, p) in outputs {
+                let Some(p) = p else { continue };
+                out.insert(name.clone(), p.clone());
+                // Impure outputs are never reused, so nothing records them.
+                if drv.is_impure() {
+                    continue;
+                }
+                if let Some(rh) = rhash {
+                    let id = DrvOutput::new(rh, &name);
+                    if store
+                        .query_realisation(&id)
+                        .map_err(|e| e.to_string())?
+                        .is_none()
+                    {
+                        job::record_realisation(&store, id, &p, None, &keys)?;
+                    }
+                }
+                let inputs_of = (!drv.is_fixed_output()).then_some(&*drv);
+                job::record_realisation(&store, DrvOutput::new(h, &name), &p, inputs_of, &keys)?;
+            }
+            Ok(out)
+        })();
+        match registered {
+            Ok(outputs) => {
+                let mut r = result;
+                if r.status == BuildStatus::AlreadyValid {
+                    r.status = BuildStatus::ResolvesToAlreadyValid;
+                }
+                r.outputs = outputs;
+                self.done(id, Exit::Success, r)
+            }
+            Err(e) => self.fail_drv(
+                id,
+                BuildStatus::MiscFailure,
+                format!(
+                    "registering the outputs of '{}': {e}",
+                    store.print(&drv_path)
+                ),
+            ),
+        }
+    }
+
+    /// The closure of valid `roots` (see `refs`); fails if one of them is not valid.
+    pub(super) fn closure(
+        &mut self,
+        roots: Vec<StorePath>,
+    ) -> kiln_store::Result<BTreeSet<StorePath>> {
+        let mut seen = BTreeSet::new();
+        let mut todo = roots;
+        while let Some(p) = todo.pop() {
+            if seen.contains(&p) {
+                continue;
+            }
+            let refs = match self.refs.get(&p) {
+                Some(r) => r.clone(),
+                None => {
+                    let r: Arc<[StorePath]> =
+                        self.store().query_references(&p)?.into_iter().collect();
+                    self.refs.insert(p.clone(), r.clone());
+                    r
+                }
+            };
+            todo.extend(refs.iter().filter(|r| !seen.contains(*r)).cloned());
+            seen.insert(p);
+        }
+        Ok(seen)
+    }
+}

@@ -1,0 +1,181 @@
+//! Substitution goals: query the caches, make the references valid, fetch.
+
+use super::*;
+
+impl Worker {
+    // ---- substitution goals ------------------------------------------------------------
+
+    pub(super) fn subst_mut(&mut self, id: GoalId) -> Option<&mut SubstGoal> {
+        match self.goals.get_mut(&id).map(|g| &mut g.kind) {
+            Some(Kind::Subst(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub(super) fn subst_fail(&mut self, id: GoalId, exit: Exit, msg: String) {
+        let status = if exit == Exit::NoSubstituters {
+            BuildStatus::NoSubstituters
+        } else {
+            BuildStatus::MiscFailure
+        };
+        let r = BuildResult::failed(status, msg);
+        self.done(id, exit, r);
+    }
+
+    pub(super) fn subst_init(&mut self, id: GoalId) {
+        let store = self.store().clone();
+        let settings = self.goals[&id].settings.clone();
+        let sub = self
+            .cfg
+            .substituter
+            .clone()
+            .filter(|_| settings.use_substitutes && !settings.subst.is_empty());
+        let Some(s) = self.subst_mut(id) else { return };
+        let (path, repair, ca) = (s.path.clone(), s.repair, s.ca);
+        if store.add_temp_root(&path).is_ok() {
+            self.goals
+                .get_mut(&id)
+                .expect("goal exists")
+                .roots
+                .push(path.clone());
+        }
+        if !repair && store.is_valid(&path).unwrap_or(false) {
+            return self.done(
+                id,
+                Exit::Success,
+                BuildResult::new(BuildStatus::AlreadyValid),
+            );
+        }
+        let Some(sub) = sub else {
+            let msg = format!(
+                "path '{}' is required, but there is no substituter that can build it",
+                store.print(&path)
+            );
+            return self.subst_fail(id, Exit::NoSubstituters, msg);
+        };
+        if let Some(s) = self.subst_mut(id) {
+            s.state = SubstState::Querying;
+        }
+        self.in_flight += 1;
+        let tx = self.tx.clone();
+        let log = line_logger(self.tx.clone(), id);
+        std::thread::spawn(move || {
+            let r = sub
+                .query(&settings.subst, &BTreeMap::from([(path.clone(), ca)]), &log)
+                .map(|mut m| m.remove(&path))
+                .map_err(|e| e.to_string());
+            let _ = tx.send(Msg::Queried(id, r));
+        });
+    }
+
+    pub(super) fn queried(
+        &mut self,
+        id: GoalId,
+        r: std::result::Result<Option<SubstitutableInfo>, String>,
+    ) {
+        let store = self.store().clone();
+        let settings = match self.goals.get(&id) {
+            Some(g) => g.settings.clone(),
+            None => return,
+        };
+        let Some(s) = self.subst_mut(id) else { return };
+        let path = s.path.clone();
+        let info = match r {
+            Ok(Some(i)) => i,
+            Ok(None) => {
+                let msg = format!(
+                    "path '{}' is required, but there is no substituter that can build it",
+                    store.print(&path)
+                );
+                return self.subst_fail(id, Exit::NoSubstituters, msg);
+            }
+            Err(e) => return self.subst_fail(id, Exit::Failed, e),
+        };
+        s.info = Some(info.clone());
+        s.state = SubstState::ReferencesValid;
+        for r in info.references.iter().filter(|r| **r != path) {
+            let sub = self.make_subst_goal(r, false, &settings);
+            self.add_waitee(id, sub);
+        }
+        if self.goals[&id].waitees.is_empty() {
+            self.references_valid(id);
+        }
+    }
+
+    pub(super) fn references_valid(&mut self, id: GoalId) {
+        let g = &self.goals[&id];
+        if g.nr_failed > 0 {
+            let exit = if g.nr_no_substituters > 0 || g.nr_incomplete_closure > 0 {
+                Exit::IncompleteClosure
+            } else {
+                Exit::Failed
+            };
+            let path = match &g.kind {
+                Kind::Subst(s) => self.store().print(&s.path),
+                _ => return,
+            };
+            return self.subst_fail(
+                id,
+                exit,
+                format!("some references of path '{path}' could not be realised"),
+            );
+        }
+        if let Some(s) = self.subst_mut(id) {
+            s.state = SubstState::TryToRun;
+        }
+        self.wake(id);
+    }
+
+    pub(super) fn try_to_run(&mut self, id: GoalId) {
+        let store = self.store().clone();
+        if self.substituting.len() >= self.cfg.max_substitution_jobs.max(1) {
+            let key = self.goals[&id].key.clone();
+            self.wanting_to_substitute.insert((key, id));
+            return;
+        }
+        let settings = self.goals[&id].settings.clone();
+        let Some(s) = self.subst_mut(id) else { return };
+        let (path, repair, ca) = (s.path.clone(), s.repair, s.ca);
+        if store.is_locked_by_me(&path) {
+            self.waiting_for_any_goal.push(id);
+            return;
+        }
+        if !repair && store.is_valid(&path).unwrap_or(false) {
+            return self.done(
+                id,
+                Exit::Success,
+                BuildResult::new(BuildStatus::AlreadyValid),
+            );
+        }
+        s.state = SubstState::Fetching;
+        let Some(sub) = self.cfg.substituter.clone() else {
+            return;
+        };
+        self.substituting.insert(id);
+        self.emit(
+            id,
+            Event::SubstitutionStarted {
+                path: store.print(&path),
+            },
+        );
+        let tx = self.tx.clone();
+        let log = line_logger(self.tx.clone(), id);
+        std::thread::spawn(move || {
+            let r = sub
+                .fetch(&settings.subst, &store, &path, ca.as_ref(), repair, &log)
+                .map_err(|e| e.to_string());
+            let _ = tx.send(Msg::Fetched(id, r));
+        });
+    }
+
+    pub(super) fn fetched(&mut self, id: GoalId, r: std::result::Result<(), String>) {
+        match r {
+            Ok(()) => self.done(
+                id,
+                Exit::Success,
+                BuildResult::new(BuildStatus::Substituted),
+            ),
+            Err(e) => self.subst_fail(id, Exit::Failed, e),
+        }
+    }
+}
