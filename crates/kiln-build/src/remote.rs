@@ -1,6 +1,6 @@
 //! The seam between the scheduler and the machines it sends builds to.
 //!
-//! The scheduler decides *where* a derivation builds ([`crate::placement`]); a
+//! The scheduler decides *where* a derivation builds (`placement`); a
 //! [`RemoteBuilder`] knows *how* to build on one of the `builders` machines (kiln-remote
 //! implements it over SSH with the worker and serve protocols). Local builds run as
 //! [`crate::job`]s; the build hook (`build-hook`, Guix's offload) stays a third way.

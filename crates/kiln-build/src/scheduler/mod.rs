@@ -13,9 +13,9 @@
 //! * builds, lock waits, queries and downloads run on their own threads and report back
 //!   with messages; nothing slow happens on the scheduler thread.
 //!
-//! The worker's methods live by concern: [`graph`] (requests and the goal graph),
-//! [`derivation`] (derivation goals up to the build), [`building`] (locks, where a build
-//! runs: slots here, build machines, the hook; the job and its end), [`substitution`].
+//! The worker's methods live by concern: `graph` (requests and the goal graph),
+//! `derivation` (derivation goals up to the build), `building` (locks, where a build
+//! runs: slots here, build machines, the hook; the job and its end), `substitution`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::mpsc::{channel, Receiver, Sender};
