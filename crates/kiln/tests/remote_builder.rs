@@ -563,6 +563,68 @@ fn an_unreachable_machine_is_skipped_for_the_next() {
         stderr.contains("cannot build") && stderr.contains("ssh-ng://root@127.0.0.2"),
         "no warning naming the unreachable machine:\n{stderr}"
     );
+    drop(daemon);
+    // A machine that presents another host key than its entry's is refused by ssh.
+    let other = m.dir.path().join("otherkey");
+    keygen(&other);
+    use base64::Engine as _;
+    let wrong = base64::engine::general_purpose::STANDARD.encode(
+        std::fs::read_to_string(other.with_extension("pub"))
+            .unwrap()
+            .trim(),
+    );
+    let good_key = good.rsplit(' ').next().unwrap().to_string();
+    let impostor = good
+        .replace(&good_key, &wrong)
+        .replace("?remote-program", "/?remote-program");
+    let daemon = m.kiln_daemon(
+        &format!("{} ; {good}", impostor.replace(" 1 1 ", " 1 10 ")),
+        0,
+    );
+    let out = m.nix_build(&daemon, "hostkey", &[]);
+    check_offloaded(&out, "hostkey", "ssh-ng://root@127.0.0.1?");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Host key verification failed"),
+        "no warning about the host key:\n{stderr}"
+    );
+}
+
+/// Lines of sshd's log saying a client logged in.
+fn logins(m: &Machines) -> usize {
+    std::fs::read_to_string(m.dir.path().join("sshd.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("Accepted publickey"))
+        .count()
+}
+
+#[test]
+fn one_ssh_session_serves_successive_builds() {
+    let test = "one_ssh_session_serves_successive_builds";
+    if !nix_or_skip(test) || !have_sshd(test) {
+        return;
+    }
+    let m = Machines::new("kiln-offload-kept-");
+    for transport in ["ssh-ng", "ssh"] {
+        let program = if transport == "ssh" {
+            &m.serve
+        } else {
+            &m.stdio
+        };
+        let daemon = m.kiln_daemon(&m.entry(transport, program, "127.0.0.1", 1, 1), 0);
+        let before = logins(&m);
+        for n in 0..3 {
+            let tag = format!("kept-{transport}-{n}");
+            let out = m.nix_build(&daemon, &tag, &[]);
+            check_offloaded(&out, &tag, &format!("{transport}://"));
+        }
+        assert_eq!(
+            logins(&m) - before,
+            1,
+            "{transport}: one login for three builds"
+        );
+    }
 }
 
 /// A machines entry for the lying machine (`tests/fixtures/remote/lying-machine.py MODE`,
