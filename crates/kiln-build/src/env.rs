@@ -162,6 +162,17 @@ fn closure_json(sd: &StoreDir, closure: &BTreeMap<StorePath, ValidPathInfo>) -> 
     )
 }
 
+/// `cores`, or with 0 the CPUs this process may use (its affinity and cgroup quota
+/// considered, as Nix's `getDefaultCores` considers the quota).
+pub fn effective_cores(cores: u64) -> u64 {
+    if cores != 0 {
+        return cores;
+    }
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u64)
+        .unwrap_or(1)
+}
+
 /// Builds the environment exactly as the reference does, plus Nix's `passAsFile` and
 /// structured attributes.
 pub fn prepare_env(i: &EnvInputs<'_>) -> Result<PreparedEnv> {
@@ -172,7 +183,11 @@ pub fn prepare_env(i: &EnvInputs<'_>) -> Result<PreparedEnv> {
     // A HOME that does not exist, so tools do not look up the real one in /etc/passwd.
     env.insert("HOME".into(), "/homeless-shelter".into());
     env.insert("NIX_STORE".into(), i.store_dir.as_str().into());
-    env.insert("NIX_BUILD_CORES".into(), i.cores.to_string());
+    // 0: this machine's CPUs (as Nix 2.34 counts them; Nix 2.8 passed "0" on).
+    env.insert(
+        "NIX_BUILD_CORES".into(),
+        effective_cores(i.cores).to_string(),
+    );
     let mut files = Vec::new();
     let mut warnings = Vec::new();
     let structured = drv.env.get("__json");

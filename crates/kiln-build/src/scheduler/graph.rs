@@ -380,6 +380,17 @@ impl Worker {
             return;
         };
         g.result = Some(result.clone());
+        // What failed counts for every request that wanted it, directly or through the goals
+        // waiting for it: a build failing because its dependency's builder failed exits
+        // 100, as Nix's worker-wide failure status does.
+        if !result.success() {
+            let interested: Vec<RequestId> = g.interested.iter().copied().collect();
+            for r in interested {
+                if let Some(q) = self.requests.get_mut(&r) {
+                    q.failure.merge(result.failure);
+                }
+            }
+        }
         self.hook_declined.remove(&id);
         let Some(g) = self.goals.get_mut(&id) else {
             return;
