@@ -232,6 +232,13 @@ pub fn prepare_env(i: &EnvInputs<'_>) -> Result<PreparedEnv> {
                 .map(|(k, v)| (k.clone(), Value::String(v.clone())))
                 .collect();
             m.insert("outputs".into(), Value::Object(outs));
+            // Top-level output checks do nothing with structured attributes (`outputChecks`
+            // holds them): Nix warns, and so does kiln.
+            for name in crate::attrs::Attrs::of(drv).ignored_top_level_checks() {
+                warnings.push(format!(
+                    "'structuredAttrs' disables the effect of the top-level attribute '{name}'; use 'outputChecks' instead"
+                ));
+            }
             // With structured attributes, `exportReferencesGraph` maps a name to paths, and
             // the name receives the closure's path information (as `nix path-info --json`
             // with closure sizes).
@@ -286,9 +293,10 @@ pub fn prepare_env(i: &EnvInputs<'_>) -> Result<PreparedEnv> {
     // Only fixed-output (and impure) derivations may see the caller's proxy settings and the like:
     // their output is checked against a known hash, so it stays pure.
     if !drv.is_sandboxed() {
-        if let Some(vars) = drv.env.get("impureEnvVars") {
-            for v in vars.split_whitespace() {
-                env.insert(v.into(), (i.impure)(v).unwrap_or_default());
+        if let Some(vars) = crate::attrs::Attrs::of(drv).strings("impureEnvVars") {
+            for v in vars {
+                let value = (i.impure)(&v).unwrap_or_default();
+                env.insert(v, value);
             }
         }
     }

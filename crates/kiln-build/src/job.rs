@@ -1848,7 +1848,18 @@ fn register_output(
         total_ms = t0.elapsed().as_secs_f64() * 1e3,
         "output canonicalised, hashed and scanned"
     );
-    let references: BTreeSet<StorePath> = scanner.found().map(|i| all_paths[i].clone()).collect();
+    // `unsafeDiscardReferences.<output> = true` (structured attributes): registered with no
+    // references, whatever the scan found (for outputs such as disk images whose bytes
+    // happen to contain store paths).
+    let discard = crate::attrs::Attrs::of(&spec.drv)
+        .discard_references(&plan.name)
+        .map_err(rejected)?;
+    let references: BTreeSet<StorePath> = if discard {
+        tracing::debug!("discarding references of output '{}'", plan.name);
+        BTreeSet::new()
+    } else {
+        scanner.found().map(|i| all_paths[i].clone()).collect()
+    };
     let mut info = ValidPathInfo::new(plan.path.clone(), nar_hash, nar_size);
     info.references = references;
     info.deriver = Some(spec.drv_path.clone());
@@ -2087,8 +2098,10 @@ fn replace_tree(
     Ok(())
 }
 
-/// `allowedReferences`, `allowedRequisites`, `disallowedReferences`, `disallowedRequisites`:
-/// each a list of store paths or output names.
+/// The output checks, as Nix 2.34's `checkOutputs`: `allowedReferences`,
+/// `allowedRequisites`, `disallowedReferences`, `disallowedRequisites` (each a list of
+/// store paths or output names), and with structured attributes, per output under
+/// `outputChecks`, also `maxSize` and `maxClosureSize` (see [`crate::attrs`]).
 fn check_references(
     spec: &JobSpec,
     plans: &[OutputPlan],
@@ -2096,7 +2109,9 @@ fn check_references(
 ) -> Result<(), Failure> {
     let store = &spec.store;
     let sd = store.store_dir();
-    let drv = &spec.drv;
+    let checks = crate::attrs::Attrs::of(&spec.drv)
+        .output_checks()
+        .map_err(rejected)?;
     // Output names stand for the paths the outputs were built at.
     let output_path = |name: &str| {
         plans
@@ -2111,25 +2126,26 @@ fn check_references(
         v.sort_unstable();
         v
     };
-    let spec_set = |attr: &str, checked: &str| -> Result<Option<BTreeSet<StorePath>>, Failure> {
-        let Some(v) = drv.env.get(attr) else {
-            return Ok(None);
-        };
-        let mut set = BTreeSet::new();
-        for tok in v.split_whitespace() {
-            if let Ok(p) = sd.parse_path(tok) {
-                set.insert(p);
-            } else if let Some(o) = output_path(tok) {
-                set.insert(o);
+    // An output's closure (itself included) and its size; sibling outputs are not valid
+    // yet: their registered infos stand in.
+    let closure = |start: &StorePath| -> Result<(BTreeSet<StorePath>, u64), Failure> {
+        let mut done = BTreeSet::new();
+        let mut size = 0u64;
+        let mut todo = vec![start.clone()];
+        while let Some(p) = todo.pop() {
+            if !done.insert(p.clone()) {
+                continue;
+            }
+            if let Some(i) = by_path.get(&p) {
+                size += i.nar_size;
+                todo.extend(i.references.iter().cloned());
             } else {
-                return Err(rejected(format!(
-                    "derivation '{}' output check for '{checked}' contains output name '{tok}', but this is not a valid output of this derivation. (Valid outputs are [{}].)",
-                    sd.display(&spec.drv_path),
-                    output_names.join(", ")
-                )));
+                let i = store.path_info(&p).map_err(Failure::misc)?;
+                size += i.nar_size;
+                todo.extend(i.references.iter().cloned());
             }
         }
-        Ok(Some(set))
+        Ok((done, size))
     };
     // Outputs are checked in name order, as Nix does (its first complaint is the same).
     // `infos` are the registered outputs, one per plan, in the plans' order.
@@ -2140,46 +2156,77 @@ fn check_references(
         .collect();
     named.sort_by_key(|(n, _)| *n);
     for (checked, info) in named {
-        for (attr, allowed, recursive) in [
-            ("allowedReferences", true, false),
-            ("allowedRequisites", true, true),
-            ("disallowedReferences", false, false),
-            ("disallowedRequisites", false, true),
-        ] {
-            let Some(set) = spec_set(attr, checked)? else {
-                continue;
-            };
-            let used: BTreeSet<StorePath> = if recursive {
-                // Requisites: the closure of the references; sibling outputs are expanded
-                // through their scanned references since they are not valid yet.
-                let mut used = BTreeSet::new();
-                let mut todo: Vec<StorePath> = info.references.iter().cloned().collect();
-                while let Some(p) = todo.pop() {
-                    if !used.insert(p.clone()) {
-                        continue;
-                    }
-                    if let Some(sib) = by_path.get(&p) {
-                        todo.extend(sib.references.iter().cloned());
-                    } else if let Ok(c) = store.closure([&p], false) {
-                        used.extend(c);
-                    }
+        let Some(c) = checks.for_output(checked) else {
+            continue;
+        };
+        if let Some(max) = c.max_size {
+            if info.nar_size > max {
+                return Err(rejected(format!(
+                    "path '{}' is too large at {} bytes; limit is {max} bytes",
+                    sd.display(&info.path),
+                    info.nar_size
+                )));
+            }
+        }
+        if let Some(max) = c.max_closure_size {
+            let (_, size) = closure(&info.path)?;
+            if size > max {
+                return Err(rejected(format!(
+                    "closure of path '{}' is too large at {size} bytes; limit is {max} bytes",
+                    sd.display(&info.path)
+                )));
+            }
+        }
+        let check = |tokens: &[String], allowed: bool, recursive: bool| -> Result<(), Failure> {
+            let mut set = BTreeSet::new();
+            for tok in tokens {
+                if let Ok(p) = sd.parse_path(tok) {
+                    set.insert(p);
+                } else if let Some(o) = output_path(tok) {
+                    set.insert(o);
+                } else {
+                    return Err(rejected(format!(
+                        "derivation '{}' output check for '{checked}' contains output name '{tok}', but this is not a valid output of this derivation. (Valid outputs are [{}].)",
+                        sd.display(&spec.drv_path),
+                        output_names.join(", ")
+                    )));
                 }
-                used
+            }
+            let mut used = if recursive {
+                closure(&info.path)?.0
             } else {
                 info.references.clone()
             };
-            // Every offending path is named, as Nix 2.8 does.
+            if recursive && c.ignore_self_refs {
+                used.remove(&info.path);
+            }
+            // Every offending path is named, as Nix does.
             let bad: String = used
                 .iter()
                 .filter(|u| set.contains(*u) != allowed)
                 .map(|u| format!("\n  {}", sd.display(u)))
                 .collect();
-            if !bad.is_empty() {
-                return Err(rejected(format!(
+            if bad.is_empty() {
+                Ok(())
+            } else {
+                Err(rejected(format!(
                     "output '{}' is not allowed to refer to the following paths:{bad}",
                     sd.display(&info.path),
-                )));
+                )))
             }
+        };
+        // An absent allow-list and an empty one differ; an empty deny-list checks nothing.
+        if let Some(l) = &c.allowed_references {
+            check(l, true, false)?;
+        }
+        if let Some(l) = &c.allowed_requisites {
+            check(l, true, true)?;
+        }
+        if !c.disallowed_references.is_empty() {
+            check(&c.disallowed_references, false, false)?;
+        }
+        if !c.disallowed_requisites.is_empty() {
+            check(&c.disallowed_requisites, false, true)?;
         }
     }
     Ok(())

@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod attrs;
 pub mod env;
 mod error;
 pub mod event;

@@ -21,7 +21,7 @@ use crate::settings::{BuildSettings, SandboxMode};
 
 /// Whether this derivation is built in the sandbox under these settings.
 pub fn wanted(settings: &BuildSettings, drv: &Derivation) -> Result<bool, String> {
-    let no_chroot = drv.env.get("__noChroot").map(String::as_str) == Some("1");
+    let no_chroot = crate::attrs::Attrs::of(drv).flag("__noChroot", false);
     match settings.sandbox {
         SandboxMode::Off => Ok(false),
         SandboxMode::Relaxed => Ok(!no_chroot),

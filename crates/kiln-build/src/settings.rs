@@ -116,22 +116,10 @@ pub fn native_system() -> String {
 pub fn required_system_features(
     drv: &kiln_format::Derivation,
 ) -> std::collections::BTreeSet<String> {
-    if let Some(json) = drv.env.get("__json") {
-        return serde_json::from_str::<serde_json::Value>(json)
-            .ok()
-            .and_then(|v| {
-                v.get("requiredSystemFeatures")?.as_array().map(|a| {
-                    a.iter()
-                        .filter_map(|f| f.as_str().map(str::to_string))
-                        .collect()
-                })
-            })
-            .unwrap_or_default();
-    }
-    drv.env_tokens("requiredSystemFeatures")
+    crate::attrs::Attrs::of(drv)
+        .strings("requiredSystemFeatures")
         .unwrap_or_default()
         .into_iter()
-        .map(str::to_string)
         .collect()
 }
 

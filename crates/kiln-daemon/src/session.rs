@@ -597,7 +597,8 @@ impl<'d> Session<'d> {
                         if missing.is_empty() && !unknown_output {
                             continue;
                         }
-                        let allowed = d.env.get("allowSubstitutes").is_none_or(|v| v == "1");
+                        let allowed =
+                            kiln_build::attrs::Attrs::of(&d).flag("allowSubstitutes", true);
                         if allowed && !unknown_output {
                             let ca = d
                                 .fixed_output()

@@ -211,7 +211,7 @@ impl Worker {
         }
         // Build slots: a derivation that prefers local building may take one even at
         // max-jobs 0 when nothing else runs.
-        let prefer_local = drv.env.get("preferLocalBuild").is_some_and(|v| v == "1");
+        let prefer_local = crate::attrs::Attrs::of(&drv).flag("preferLocalBuild", false);
         // Offer the build to the hook first, unless it must be local (check and repair
         // modes, `preferLocalBuild`) or the hook already declined it: another machine may
         // have the platform or the features this one lacks.

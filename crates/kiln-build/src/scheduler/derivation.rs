@@ -212,11 +212,7 @@ impl Worker {
                 return;
             }
         }
-        let allow = drv
-            .env
-            .get("allowSubstitutes")
-            .map(|v| v == "1")
-            .unwrap_or(true);
+        let allow = crate::attrs::Attrs::of(&drv).flag("allowSubstitutes", true);
         if settings.use_substitutes
             && allow
             && self.cfg.substituter.is_some()
