@@ -1045,6 +1045,30 @@ fn build_round(
             Some(c) => Some(c.procs_fd().map_err(Failure::misc)?),
             None => None,
         };
+        // guix-daemon 1.5 refuses a builder outside the store (resolving symbolic links
+        // first: `/bin/sh` is `/usr/bin/dash` there), as a failure of the builder's start.
+        if spec.settings.require_store_builder && !drv.builder.starts_with("builtin:") {
+            let real = std::fs::canonicalize(&drv.builder)
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| drv.builder.clone());
+            if !real.starts_with(&format!("{}/", store.store_dir().as_str())) {
+                let line = format!(
+                    "while setting up the child process: in phase exec: derivation builder `{real}' is outside the store"
+                );
+                if let Some((w, _)) = log.as_mut() {
+                    let _ = w.write(format!("{line}\n").as_bytes());
+                }
+                (spec.events)(JobEvent::Log(Arc::from(format!("{line}\n").into_bytes())));
+                let status = "failed with exit code 1".to_string();
+                let log_tail = vec![line];
+                let mut f = Failure::new(
+                    BuildStatus::PermanentFailure,
+                    format!("builder for '{drv_abs}' {status}{}", suffix(&log_tail)),
+                );
+                f.detail = Some(crate::result::FailureDetail::Builder { status, log_tail });
+                return Err(f);
+            }
+        }
         let child = kiln_sandbox::spawn(kiln_sandbox::ChildSpec {
             program: CString::new(program).map_err(|_| {
                 Failure::new(

@@ -76,6 +76,9 @@ pub struct BuildSettings {
     pub print_build_trace: bool,
     pub multiplexed_build_output: bool,
     pub build_hook: Option<String>,
+    /// Refuse builders outside the store (`require-store-builder`; guix-daemon 1.5's rule:
+    /// a build should depend on nothing of the host's).
+    pub require_store_builder: bool,
     /// Build machines (`builders`: entries, `@FILE`s), read each time a build is placed,
     /// so that an edited machines file counts without a restart.
     pub builders: String,
@@ -182,6 +185,7 @@ impl BuildSettings {
             print_build_trace: s.get_bool("print-build-trace"),
             multiplexed_build_output: s.get_bool("multiplexed-build-output"),
             build_hook: opt("build-hook"),
+            require_store_builder: s.get("require-store-builder") == "true",
             builders: s.get("builders").to_string(),
             use_build_hook: true,
             post_build_hook: opt("post-build-hook"),

@@ -352,6 +352,18 @@ impl<'d> Session<'d> {
         failed.dedup_by(|a, b| a.0.path() == b.0.path());
         let status = r.exit_code() as u64;
         let status = if status == 0 { 1 } else { status };
+        // guix-daemon names what failed, in its own quotes; why is in the build traces and
+        // the log it has sent already.
+        if self.proto.is_guix() {
+            let names: Vec<String> = failed
+                .iter()
+                .map(|(t, _)| format!("`{}'", sd.display(t.path())))
+                .collect();
+            return RemoteError {
+                message: format!("build of {} failed", names.join(", ")),
+                status,
+            };
+        }
         if let [(target, one)] = failed[..] {
             if !one.error.is_empty() {
                 return RemoteError {
@@ -1288,14 +1300,42 @@ impl Session<'_> {
             }
             WireGc::DeleteSpecific => among(false),
         };
+        // guix-daemon serves each connection from a process of its own, whose temporary
+        // roots its own deletion requests do not see: a Guix client may delete a path it
+        // added on this very connection. kiln's roots are the process's, shared by every
+        // connection, so this connection's claims on the named paths are dropped for the
+        // deletion (another connection's still protect them) and taken again for those
+        // that stay.
+        let released: Vec<StorePath> = if proto.is_guix()
+            && matches!(
+                action,
+                GcAction::DeleteAmong { .. } | GcAction::DeleteSpecific(_)
+            ) {
+            let named: std::collections::HashSet<&StorePath> = paths.iter().collect();
+            let (mine, keep): (Vec<StorePath>, Vec<StorePath>) =
+                self.roots.drain(..).partition(|p| named.contains(p));
+            self.roots = keep;
+            for p in &mine {
+                self.b.store.remove_temp_root(p);
+            }
+            mine
+        } else {
+            Vec::new()
+        };
         let r = gc::collect_garbage(
             &self.b.store,
             &GcOptions {
                 action,
                 max_freed: g.max_freed,
             },
-        )
-        .map_err(|e| match e {
+        );
+        for p in released {
+            if self.b.store.is_valid(&p).unwrap_or(false) && self.b.store.add_temp_root(&p).is_ok()
+            {
+                self.roots.push(p);
+            }
+        }
+        let r = r.map_err(|e| match e {
             // As nix-daemon says it, with the commands its clients have.
             kiln_store::Error::Alive { .. } => remote(format!(
                 "{e} To find out why, use: nix-store --query --roots and nix-store --query --referrers"

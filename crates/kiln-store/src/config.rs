@@ -540,6 +540,13 @@ pub const SETTINGS: &[Def] = &[
         help: "build machines: machines-file entries separated by ';' or newlines, '@FILE' to read a file (default with the nix layout: @$NIX_CONF_DIR/machines)",
     },
     Def {
+        name: "require-store-builder",
+        aliases: &[],
+        kind: Kind::Enum(&["auto", "true", "false"]),
+        default: "auto",
+        help: "refuse a builder outside the store, as guix-daemon 1.5 does (auto: with the guix layout)",
+    },
+    Def {
         name: "builders-use-substitutes",
         aliases: &[],
         kind: Kind::Bool,
@@ -758,6 +765,10 @@ fn def_of(name: &str) -> Option<&'static Def> {
 /// setting whose own name starts with `extra-` (`extra-platforms`) is itself, and
 /// `extra-extra-platforms` appends to it.
 fn split_extra(name: &str) -> (bool, &str) {
+    // guix-daemon's name for directories added to the chroot, beside `build-chroot-dirs`.
+    if name == "build-extra-chroot-dirs" {
+        return (true, "sandbox-paths");
+    }
     match name.strip_prefix("extra-") {
         Some(base) if def_of(name).is_none() => (true, base),
         _ => (false, name),
@@ -1103,6 +1114,11 @@ mod tests {
         s.set("chroot-dirs", "/bin  /usr=/x").unwrap();
         s.set("extra-sandbox-paths", "/etc").unwrap();
         assert_eq!(s.get_list("sandbox-paths"), vec!["/bin", "/usr=/x", "/etc"]);
+        s.set("build-extra-chroot-dirs", "/lib").unwrap();
+        assert_eq!(
+            s.get_list("sandbox-paths"),
+            vec!["/bin", "/usr=/x", "/etc", "/lib"]
+        );
         assert!(s
             .set("max-jobs", "many")
             .unwrap_err()

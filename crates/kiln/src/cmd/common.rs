@@ -101,6 +101,10 @@ impl StoreArgs {
         for (k, v) in every_option(&self.options) {
             settings.set(&k, &v)?;
         }
+        if settings.get("require-store-builder") == "auto" {
+            let guix = spec.preset == Some(Preset::Guix);
+            settings.set("require-store-builder", if guix { "true" } else { "false" })?;
+        }
         Ok((spec.resolve()?, settings))
     }
 
