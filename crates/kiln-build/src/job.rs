@@ -216,6 +216,59 @@ pub fn run(spec: JobSpec, ctl: &JobControl) -> (BuildResult, Vec<ValidPathInfo>)
     (res, Vec::new())
 }
 
+/// Runs `pre-build-hook` as Nix does: `HOOK DRV [SANDBOX-DIR]` (the directory only for a
+/// sandboxed build); its output may name sandbox paths for this build:
+///
+/// ```text
+/// extra-sandbox-paths      (or extra-chroot-dirs)
+/// /dev/kvm
+/// /run/secret=/etc/secret
+///                          (an empty line ends the list)
+/// ```
+///
+/// Anything else it prints is an error, as is its failure. It is the administrator's (or
+/// a trusted client's) program: only trusted settings name it.
+fn run_pre_build_hook(hook: &str, drv: &str, chroot: Option<&str>) -> Result<Vec<String>, Failure> {
+    let mut c = std::process::Command::new(hook);
+    c.arg(drv);
+    if let Some(dir) = chroot {
+        c.arg(dir);
+    }
+    let out = c
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| Failure::misc(format!("running pre-build-hook '{hook}': {e}")))?;
+    if !out.status.success() {
+        return Err(Failure::misc(format!(
+            "program '{hook}' {}",
+            match out.status.code() {
+                Some(c) => format!("failed with exit code {c}"),
+                None => "was killed by a signal".to_string(),
+            }
+        )));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut paths = Vec::new();
+    let mut in_list = false;
+    for line in text.split_terminator('\n') {
+        if in_list {
+            if line.is_empty() {
+                in_list = false;
+            } else {
+                paths.push(line.to_string());
+            }
+        } else if line == "extra-sandbox-paths" || line == "extra-chroot-dirs" {
+            in_list = true;
+        } else {
+            return Err(Failure::misc(format!(
+                "unknown pre-build hook command '{line}'"
+            )));
+        }
+    }
+    Ok(paths)
+}
+
 /// Runs `post-build-hook` (configured by the administrator or a trusted client) after a
 /// successful build, with `DRV_PATH` and `OUT_PATHS` (space-separated) in the daemon's
 /// environment; its output goes to the build log.
@@ -859,13 +912,28 @@ fn build_round(
     }
     let mut keep_dir = false;
     let result = (|| {
+        // `pre-build-hook`: its paths join the sandbox's for this build.
+        let with_hook;
+        let settings: &BuildSettings = match &spec.settings.pre_build_hook {
+            Some(hook) => {
+                let chroot = sandboxed
+                    .then(|| format!("{}.chroot", store.real_path(&spec.drv_path).display()));
+                let extra =
+                    run_pre_build_hook(hook, &store.print(&spec.drv_path), chroot.as_deref())?;
+                let mut s = (*spec.settings).clone();
+                s.sandbox_paths.extend(extra);
+                with_hook = s;
+                &with_hook
+            }
+            None => &spec.settings,
+        };
         let sandbox = if sandboxed {
             Some(
                 crate::sandbox::BuildSandbox::prepare(&crate::sandbox::Contents {
                     store,
                     drv_path: &spec.drv_path,
                     drv,
-                    settings: &spec.settings,
+                    settings,
                     inputs: &spec.input_paths,
                     build_dir: &build_dir,
                     fixed_output: fixed,

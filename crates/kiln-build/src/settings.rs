@@ -87,6 +87,9 @@ pub struct BuildSettings {
     /// machine).
     pub use_build_hook: bool,
     pub post_build_hook: Option<String>,
+    /// Run before each build with its derivation (and sandbox directory); may add sandbox
+    /// paths (`pre-build-hook`, as Nix).
+    pub pre_build_hook: Option<String>,
     pub build_dir: Option<PathBuf>,
     /// Keys (files holding `name:base64` secret keys) locally built outputs are signed with.
     pub secret_key_files: Vec<String>,
@@ -189,6 +192,7 @@ impl BuildSettings {
             builders: s.get("builders").to_string(),
             use_build_hook: true,
             post_build_hook: opt("post-build-hook"),
+            pre_build_hook: opt("pre-build-hook"),
             build_dir: opt("build-dir").map(PathBuf::from),
             secret_key_files: s.get_list("secret-key-files"),
             auto_optimise: s.get_bool("auto-optimise-store"),

@@ -1305,3 +1305,66 @@ fn sandboxed_builds_run_as_build_users() {
     let m = std::fs::metadata(&out).unwrap();
     assert_eq!((m.uid(), m.mode() & 0o7777), (0, 0o444));
 }
+
+#[test]
+fn a_pre_build_hook_adds_sandbox_paths_for_the_build() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = T::new();
+    let shared = t.p().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::write(shared.join("file"), "from the hook\n").unwrap();
+    let hook = t.p().join("hook");
+    let args = t.p().join("hook-args");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {args}\nprintf 'extra-sandbox-paths\\n/hooked={shared}\\n\\n'\n",
+            args = args.display(),
+            shared = shared.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let reader = drv("hooked", "cat /hooked/file > $out");
+    let h = hook.to_str().unwrap();
+    let o = t.build("h.toml", &reader, true, &["--option", "pre-build-hook", h]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = t.out_path(&o, "hooked");
+    assert_eq!(std::fs::read_to_string(out).unwrap(), "from the hook\n");
+    // It was given the derivation and the sandbox's directory.
+    let seen = std::fs::read_to_string(&args).unwrap();
+    let words: Vec<&str> = seen.split_whitespace().collect();
+    assert_eq!(words.len(), 2, "{seen}");
+    assert!(words[0].ends_with("-hooked.drv"), "{seen}");
+    assert!(words[1].ends_with("-hooked.drv.chroot"), "{seen}");
+    // Without the hook the path is not there.
+    let again = drv("unhooked", "cat /hooked/file > $out");
+    let o = t.build("u.toml", &again, true, &[]);
+    assert!(!o.status.success());
+    // A hook that fails, or says something it should not, fails the build.
+    std::fs::write(&hook, "#!/bin/sh\nexit 3\n").unwrap();
+    let o = t.build(
+        "f.toml",
+        &drv("failhook", "echo > $out"),
+        true,
+        &["--option", "pre-build-hook", h],
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("failed with exit code 3"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(&hook, "#!/bin/sh\necho make-coffee\n").unwrap();
+    let o = t.build(
+        "c.toml",
+        &drv("coffee", "echo > $out"),
+        true,
+        &["--option", "pre-build-hook", h],
+    );
+    assert!(
+        stderr(&o).contains("unknown pre-build hook command 'make-coffee'"),
+        "{}",
+        stderr(&o)
+    );
+}
