@@ -93,6 +93,13 @@ pub fn apply(base: &Settings, o: &ClientOptions, trust: Trust, guix: bool) -> Ap
         };
         if trusted || anyone {
             match s.set(name, value) {
+                Ok(())
+                    if kiln_store::config::NOT_IMPLEMENTED
+                        .iter()
+                        .any(|n| Settings::canonical_name(name) == Some(*n)) =>
+                {
+                    warnings.push(kiln_store::config::not_implemented_warning(name))
+                }
                 Ok(()) => {}
                 Err(e) if e.to_string().starts_with("unknown setting") && guix => {
                     notes.push(format!("ignoring unknown setting '{name}'"))
@@ -183,6 +190,14 @@ mod tests {
         let t = apply(&base, &o, Trust::Trusted, false);
         assert_eq!(t.settings.get("sandbox"), "false");
         assert!(t.warnings.iter().any(|w| w.contains("no-such-setting")));
+        // A setting kiln accepts but does not implement is not taken in silence.
+        let m = apply(&base, &opts(&[("min-free", "1000")]), Trust::Trusted, false);
+        assert_eq!(
+            m.warnings,
+            ["kiln does not implement the setting 'min-free' yet: it has no effect"]
+        );
+        assert_eq!(m.settings.not_implemented_in_use(), ["min-free"]);
+        assert!(base.not_implemented_in_use().is_empty());
     }
 
     #[test]

@@ -671,14 +671,14 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Int,
         default: "0",
-        help: "(accepted for compatibility)",
+        help: "(not implemented: setting it draws a warning)",
     },
     Def {
         name: "max-free",
         aliases: &[],
         kind: Kind::Int,
         default: "18446744073709551615",
-        help: "(accepted for compatibility)",
+        help: "(not implemented: setting it draws a warning)",
     },
     Def {
         name: "experimental-features",
@@ -692,7 +692,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Str,
         default: "",
-        help: "credentials for downloads",
+        help: "credentials for downloads (not implemented: setting it draws a warning)",
     },
     Def {
         name: "connect-timeout",
@@ -764,6 +764,16 @@ fn def_of(name: &str) -> Option<&'static Def> {
 /// Whether `name` appends to a list setting (`extra-NAME`), and the setting's name. A
 /// setting whose own name starts with `extra-` (`extra-platforms`) is itself, and
 /// `extra-extra-platforms` appends to it.
+/// Settings accepted but not implemented (see [`Settings::not_implemented_in_use`]):
+/// automatic collection while building (`min-free`, `max-free`) and credentials for
+/// downloads (`netrc-file`).
+pub const NOT_IMPLEMENTED: &[&str] = &["min-free", "max-free", "netrc-file"];
+
+/// The warning for a setting in [`NOT_IMPLEMENTED`].
+pub fn not_implemented_warning(name: &str) -> String {
+    format!("kiln does not implement the setting '{name}' yet: it has no effect")
+}
+
 fn split_extra(name: &str) -> (bool, &str) {
     // guix-daemon's name for directories added to the chroot, beside `build-chroot-dirs`.
     if name == "build-extra-chroot-dirs" {
@@ -857,6 +867,16 @@ impl Settings {
     /// The text value (as set or default).
     pub fn get(&self, name: &str) -> &str {
         self.raw(name)
+    }
+
+    /// Settings kiln accepts (Nix's configurations name them) but does not implement, set
+    /// here to something other than their default: each deserves a warning, not silence.
+    pub fn not_implemented_in_use(&self) -> Vec<&'static str> {
+        NOT_IMPLEMENTED
+            .iter()
+            .copied()
+            .filter(|n| def_of(n).is_some_and(|d| self.raw(n) != d.default))
+            .collect()
     }
 
     pub fn get_bool(&self, name: &str) -> bool {

@@ -101,6 +101,9 @@ impl StoreArgs {
         for (k, v) in every_option(&self.options) {
             settings.set(&k, &v)?;
         }
+        for name in settings.not_implemented_in_use() {
+            tracing::warn!("{}", kiln_store::config::not_implemented_warning(name));
+        }
         if settings.get("require-store-builder") == "auto" {
             let guix = spec.preset == Some(Preset::Guix);
             settings.set("require-store-builder", if guix { "true" } else { "false" })?;
