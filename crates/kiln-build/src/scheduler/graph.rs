@@ -46,6 +46,8 @@ impl Worker {
         );
         if let Some(b) = req.nested {
             *self.lenders.entry(b).or_default() += 1;
+            // A lent slot is a free slot for a waiting goal.
+            self.slots_changed = true;
         }
         for (_, gid) in &targets {
             if let Some(g) = self.goals.get_mut(gid) {
@@ -101,6 +103,7 @@ impl Worker {
                 *n -= 1;
                 if *n == 0 {
                     self.lenders.remove(&b);
+                    self.slots_changed = true;
                 }
             }
         }
