@@ -213,7 +213,8 @@ impl SshBuilder {
         }
         let session = ssh::Session::open(m, &self.ssh_opts, &command)?;
         let started = if m.scheme() == "ssh-ng" {
-            worker::WorkerConn::handshake(session, sd, m).map(Conn::Worker)
+            worker::WorkerConn::handshake(session, sd, m, self.use_substitutes)
+                .map(Conn::Worker)
         } else {
             serve::ServeConn::handshake(session, sd).map(Conn::Serve)
         };

@@ -51,6 +51,7 @@ impl WorkerConn {
         mut session: Session,
         sd: StoreDir,
         machine: &Machine,
+        use_substitutes: bool,
     ) -> std::result::Result<WorkerConn, crate::Failed> {
         let (Some(stdout), Some(stdin)) = (session.stdout.take(), session.stdin.take()) else {
             return Err(Box::new((
@@ -88,7 +89,9 @@ impl WorkerConn {
             build_verbosity: 0,
             print_build_trace: false,
             build_cores: Some(0),
-            use_substitutes: false,
+            // What it may substitute is `builders-use-substitutes`' to say: with it off,
+            // the machine gets every input from here.
+            use_substitutes,
             overrides: Vec::new(),
         };
         if let Err(e) = client.request(&Request::SetOptions(opts), None, &mut |_| {}) {

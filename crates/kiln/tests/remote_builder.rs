@@ -388,12 +388,22 @@ impl Machines {
     /// A kiln daemon on the client's store whose builds go to `builders` (`max-jobs` here
     /// as given), with `NIX_SSHOPTS` giving sshd's port only.
     fn kiln_daemon(&self, builders: &str, max_jobs: u32) -> kiln_testkit::DaemonProcess {
+        self.kiln_daemon_with(builders, max_jobs, "")
+    }
+
+    /// [`Machines::kiln_daemon`] with more `nix.conf` lines.
+    fn kiln_daemon_with(
+        &self,
+        builders: &str,
+        max_jobs: u32,
+        more: &str,
+    ) -> kiln_testkit::DaemonProcess {
         let d = self.dir.path();
         let conf = d.join("kiln-local.conf");
         std::fs::write(
             &conf,
             format!(
-                "substituters =\nsandbox = false\nbuild-users-group =\nmax-jobs = {max_jobs}\nbuilders = {builders}\n"
+                "substituters =\nsandbox = false\nbuild-users-group =\nmax-jobs = {max_jobs}\nbuilders = {builders}\n{more}"
             ),
         )
         .unwrap();
@@ -412,6 +422,7 @@ impl Machines {
             .arg("--socket")
             .arg(&socket)
             .env("NIX_SSHOPTS", format!("-p {}", self.sshd.port))
+            .env("KILN_LOG", "info,kiln_remote=debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(d.join("kiln-daemon.log")).unwrap());
         kiln_testkit::DaemonProcess::start(c, socket)
@@ -857,4 +868,93 @@ fn an_untrusted_connection_builds_from_drv_files() {
     );
     assert!(on_machine(&path), "not built on the machine");
     drop(machine);
+}
+
+#[test]
+fn with_builders_use_substitutes_the_machine_substitutes_inputs_itself() {
+    use std::os::unix::fs::PermissionsExt;
+    let test = "with_builders_use_substitutes_the_machine_substitutes_inputs_itself";
+    if !nix_or_skip(test) || !have_sshd(test) {
+        return;
+    }
+    let m = Machines::new("kiln-offload-subst-");
+    let d = m.dir.path();
+    // The machine's daemon substitutes from a file:// cache (unsigned paths accepted).
+    let cache = d.join("cache");
+    let program = d.join("remote-daemon-subst");
+    let wrapper = std::fs::read_to_string(&m.stdio).unwrap().replace(
+        " daemon --stdio",
+        &format!(
+            " --option substituters file://{} --option require-sigs false daemon --stdio",
+            cache.display()
+        ),
+    );
+    std::fs::write(&program, wrapper).unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let daemon = m.kiln_daemon_with(
+        &m.entry("ssh-ng", &program, "127.0.0.1", 1, 1),
+        0,
+        "builders-use-substitutes = true\n",
+    );
+    // An input here that the cache has too.
+    std::fs::write(d.join("input.txt"), "an input from the cache\n").unwrap();
+    let add = Command::new("nix-store")
+        .arg("--add")
+        .arg(d.join("input.txt"))
+        .env("NIX_REMOTE", format!("unix://{}", daemon.socket.display()))
+        .env("NIX_STORE_DIR", &m.store)
+        .env("NIX_STATE_DIR", d.join("state"))
+        .env("NIX_CONF_DIR", &m.conf)
+        .output()
+        .unwrap();
+    assert!(add.status.success(), "{add:?}");
+    let input = String::from_utf8(add.stdout).unwrap().trim().to_string();
+    let copy = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--store-dir")
+        .arg(&m.store)
+        .arg("--state-dir")
+        .arg(d.join("state"))
+        .args(["copy", "--to"])
+        .arg(format!("file://{}", cache.display()))
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(copy.status.success(), "{copy:?}");
+    let file = d.join("subst.nix");
+    std::fs::write(
+        &file,
+        format!(
+            r#"derivation {{
+  name = "offloaded-subst";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "/bin/cat ${{builtins.storePath "{input}"}} > $out" ];
+}}"#
+        ),
+    )
+    .unwrap();
+    let out = Command::new("nix-build")
+        .arg(&file)
+        .arg("--no-out-link")
+        .env("NIX_REMOTE", format!("unix://{}", daemon.socket.display()))
+        .env("NIX_STORE_DIR", &m.store)
+        .env("NIX_STATE_DIR", d.join("state"))
+        .env("NIX_CONF_DIR", &m.conf)
+        .env_remove("NIX_PATH")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        "an input from the cache\n"
+    );
+    drop(daemon);
+    // kiln sent none of the input closure: the machine had it from the cache.
+    let log = std::fs::read_to_string(d.join("kiln-daemon.log")).unwrap();
+    assert!(log.contains("sent 0 of 1 paths"), "{log}");
 }
