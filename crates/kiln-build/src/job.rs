@@ -1910,14 +1910,6 @@ fn register_output(
     let ((canonical, canonicalised), hashed) = if meta.is_dir() && me.0 == 0 {
         std::thread::scope(|sc| {
             let c = sc.spawn(canonicalise);
-            // With fsync-store-paths, registration waits for the output to reach the disk:
-            // start that write-back now so that it overlaps the hashing pass instead of
-            // following it (the sync at registration then has little left to do).
-            if store.options().fsync {
-                sc.spawn(|| {
-                    let _ = store.sync();
-                });
-            }
             let h = hash(&mut scanner);
             let c = c.join().unwrap_or_else(|_| {
                 (

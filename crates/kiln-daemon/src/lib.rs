@@ -221,7 +221,13 @@ impl Daemon {
 
     /// Stops building: running builders are killed, waiting clients get errors.
     pub fn stop(&self) {
-        self.current().scheduler.stop();
+        let b = self.current();
+        b.scheduler.stop();
+        // What was registered is made durable before the process ends (the next start
+        // would otherwise check those paths' contents again).
+        if let Err(e) = b.store.flush_durability() {
+            tracing::error!("{e}");
+        }
     }
 
     /// A fresh activity id (unique within this daemon, like Nix's pid-prefixed ids).

@@ -213,8 +213,7 @@ impl SshBuilder {
         }
         let session = ssh::Session::open(m, &self.ssh_opts, &command)?;
         let started = if m.scheme() == "ssh-ng" {
-            worker::WorkerConn::handshake(session, sd, m, self.use_substitutes)
-                .map(Conn::Worker)
+            worker::WorkerConn::handshake(session, sd, m, self.use_substitutes).map(Conn::Worker)
         } else {
             serve::ServeConn::handshake(session, sd).map(Conn::Serve)
         };

@@ -19,6 +19,7 @@
 
 pub mod config;
 pub mod db;
+mod durability;
 mod error;
 pub mod export;
 pub mod fsutil;

@@ -172,6 +172,11 @@ pub struct LocalStore {
     _big_lock: Option<FdLock>,
     /// Device and inode of `db.sqlite` when it was opened (see `database_replaced`).
     db_identity: Option<(u64, u64)>,
+    /// Makes registered paths durable in the background (see [`crate::durability`]);
+    /// dropped before the lock below.
+    syncer: Option<crate::durability::Syncer>,
+    /// `kiln-durability.lock`, held shared while this store may write marks.
+    _durability_lock: Option<FdLock>,
 }
 
 /// Creates the store's directories that are missing (as Nix does each time it opens a
@@ -266,9 +271,14 @@ impl LocalStore {
             store_fd,
             _big_lock: big_lock,
             db_identity: None,
+            syncer: None,
+            _durability_lock: None,
         };
         let mut store = store;
         store.db_identity = file_identity(&store.layout.db_dir().join("db.sqlite"));
+        if !store.opts.read_only {
+            store.start_durability()?;
+        }
         Ok(store)
     }
 
@@ -754,6 +764,124 @@ impl LocalStore {
     // ---- registration ---------------------------------------------------------------------
 
     /// Makes the contents of everything written so far durable.
+    /// Sets up durability marks (see [`crate::durability`]): the marks' table, recovery
+    /// of marks an unclean end left (when no live process owns them), the shared lock that
+    /// says this process owns marks, and the syncer.
+    fn start_durability(&mut self) -> Result<()> {
+        self.db.write("creating the durability marks' table", |c| {
+            c.execute_batch(crate::durability::MARKS_SCHEMA)
+                .map_err(Error::db("creating KilnUnsynced"))
+        })?;
+        let p = self.layout.db_dir().join("kiln-durability.lock");
+        if let Ok(exclusive) = FdLock::acquire(open_lock_file(&p)?, LockKind::Exclusive, false, &p)?
+        {
+            // Nobody else may own marks: those left are an unclean end's.
+            let r = self.recover_unsynced();
+            drop(exclusive);
+            r?;
+        }
+        self._durability_lock =
+            FdLock::acquire(open_lock_file(&p)?, LockKind::Shared, true, &p)?.ok();
+        if self.opts.fsync {
+            let fd = self
+                .store_fd
+                .try_clone()
+                .map_err(|e| Error::io(&self.layout.real_store_dir, "duplicate", e))?;
+            self.syncer = Some(crate::durability::Syncer::start(
+                fd,
+                self.layout.db_dir().join("db.sqlite"),
+                self.layout.real_store_dir.clone(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// After an unclean end: makes what is on disk durable, checks every still-marked
+    /// valid path against its NAR hash, invalidates (and removes) those that do not match
+    /// and everything that refers to them, and clears the marks. Returns how many paths
+    /// were invalidated.
+    pub(crate) fn recover_unsynced(&self) -> Result<usize> {
+        let marked: Vec<String> = self.db.read(|c| {
+            let mut st = c
+                .prepare("select distinct path from KilnUnsynced")
+                .map_err(Error::db("reading durability marks"))?;
+            let rows = st
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(Error::db("reading durability marks"))?;
+            rows.collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(Error::db("reading durability marks"))
+        })?;
+        if marked.is_empty() {
+            return Ok(0);
+        }
+        tracing::warn!(
+            "the store was not closed cleanly: checking the {} paths registered since it was last made durable",
+            marked.len()
+        );
+        rustix::fs::syncfs(&self.store_fd)
+            .map_err(|e| Error::io(&self.layout.real_store_dir, "sync", e))?;
+        let mut bad = Vec::new();
+        for abs in &marked {
+            let Ok(p) = self.parse_path(abs) else {
+                continue;
+            };
+            let Some(info) = self.query_path_info(&p)? else {
+                continue;
+            };
+            let good = crate::verify::hash_path(self, &p).is_ok_and(|(h, n)| {
+                h == info.nar_hash && (info.nar_size == 0 || n == info.nar_size)
+            });
+            if !good {
+                tracing::error!("'{abs}' was registered but its contents did not reach the disk: it is no longer valid");
+                bad.push(p);
+            }
+        }
+        let mut gone = 0;
+        if !bad.is_empty() {
+            // Referrers first (a reference cannot go while a valid path refers to it).
+            let mut doomed: Vec<StorePath> = self.closure(bad.iter(), true)?.into_iter().collect();
+            while !doomed.is_empty() {
+                let before = doomed.len();
+                let mut rest = Vec::new();
+                for p in doomed {
+                    let referrers = self.query_referrers(&p)?;
+                    if referrers.iter().any(|r| *r != p) {
+                        rest.push(p);
+                        continue;
+                    }
+                    let abs = self.print(&p);
+                    self.db
+                        .write("invalidating a path that did not reach the disk", |c| {
+                            Db::invalidate(c, &abs)
+                        })?;
+                    let _ = fsutil::remove_tree(&self.real_path(&p));
+                    gone += 1;
+                }
+                if rest.len() == before {
+                    return Err(Error::Corrupt(format!(
+                        "cannot invalidate {} paths whose contents did not reach the disk: they refer to each other",
+                        rest.len()
+                    )));
+                }
+                doomed = rest;
+            }
+        }
+        self.db.write("clearing durability marks", |c| {
+            c.execute("delete from KilnUnsynced", [])
+                .map_err(Error::db("clearing durability marks"))
+                .map(|_| ())
+        })?;
+        Ok(gone)
+    }
+
+    /// Waits until every path registered so far is durable (with `fsync-store-paths`).
+    pub fn flush_durability(&self) -> Result<()> {
+        match &self.syncer {
+            Some(s) => s.flush(),
+            None => Ok(()),
+        }
+    }
+
     pub fn sync(&self) -> Result<()> {
         if self.opts.fsync {
             rustix::fs::syncfs(&self.store_fd)
@@ -785,10 +913,25 @@ impl LocalStore {
                 self.check_derivation_outputs(d)?;
             }
         }
-        self.sync()?;
+        // Durable before valid: with the syncer, a mark in the same transaction (cleared
+        // once a sync has covered the contents); without one, a sync now.
+        if self.syncer.is_none() {
+            self.sync()?;
+        }
         let t = now();
+        let mut last_mark = 0i64;
         self.db.write("registering valid paths", |c| {
             let mut ids: HashMap<&StorePath, i64> = HashMap::new();
+            if self.syncer.is_some() {
+                let mut st = c
+                    .prepare_cached("insert into KilnUnsynced (path) values (?)")
+                    .map_err(Error::db("marking paths to sync"))?;
+                for info in infos {
+                    st.execute([sd.display(&info.path)])
+                        .map_err(Error::db("marking paths to sync"))?;
+                }
+                last_mark = c.last_insert_rowid();
+            }
             for info in infos {
                 let abs = sd.display(&info.path);
                 let id = match Db::path_id(c, &abs)? {
@@ -823,6 +966,9 @@ impl LocalStore {
             }
             Ok(())
         })?;
+        if let Some(sy) = &self.syncer {
+            sy.marked(last_mark);
+        }
         for d in drvs.values() {
             if d.input_drvs.keys().any(|p| batch.contains(p)) {
                 if let Err(e) = self.check_derivation_outputs(d) {
