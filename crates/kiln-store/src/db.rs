@@ -134,6 +134,19 @@ create index if not exists IndexRealisationsRefs on RealisationsRefs(referrer);
 create index if not exists IndexRealisationsRefsOnOutputPath on Realisations(outputPath);
 "#;
 
+/// What Nix 2.34's migration `20220326-ca-derivations` leaves beyond [`CA_SCHEMA`] (its
+/// `ca-specific-schema.sql`), and its record of having run.
+const CA_MIGRATION_2_34: &str = r#"create trigger if not exists DeleteSelfRefsViaRealisations before delete on ValidPaths
+  begin
+    delete from RealisationsRefs where realisationReference in (
+      select id from Realisations where outputPath = old.id
+    );
+  end;
+create index if not exists IndexRealisationsRefsRealisationReference on RealisationsRefs(realisationReference);
+create table if not exists SchemaMigrations (migration text primary key not null);
+insert or ignore into SchemaMigrations values ('20220326-ca-derivations');
+"#;
+
 /// The version Nix 2.8 writes to `ca-schema` once [`CA_SCHEMA`] is in place.
 const CA_SCHEMA_VERSION: u32 = 3;
 
@@ -352,6 +365,15 @@ impl Db {
         } else {
             false
         };
+        // Nix 2.34's own record of the same schema (its `SchemaMigrations`), with what it
+        // added since 2.8: a trigger that breaks the loop a self-referencing
+        // content-addressed output makes through its realisations (without it, collecting
+        // such a path fails: "other valid paths refer to it"), and that trigger's index.
+        if ca && !read_only {
+            conn.execute_batch(CA_MIGRATION_2_34).map_err(Error::db(
+                "migrating the realisations tables as Nix 2.34 does",
+            ))?;
+        }
         let version = version.unwrap_or(10);
         let flavor = if cols.ca { Flavor::Nix } else { Flavor::Guix };
         Ok(Db {

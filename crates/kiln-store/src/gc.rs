@@ -559,8 +559,20 @@ pub fn collect_garbage(store: &LocalStore, opts: &GcOptions) -> Result<GcResults
                 if batch.is_empty() {
                     return Ok(());
                 }
-                let paths: Vec<StorePath> = batch.iter().map(|&i| graph.paths[i].clone()).collect();
-                let abs = invalidate_batch(store, &paths)?;
+                let batch_paths: Vec<StorePath> =
+                    batch.iter().map(|&i| graph.paths[i].clone()).collect();
+                let gone = invalidate_batch(store, &batch_paths)?;
+                // Those that stayed are no longer the collector's to delete.
+                if gone.len() != batch_paths.len() {
+                    let went: HashSet<&StorePath> = gone.iter().map(|(p, _)| p).collect();
+                    let kept: Vec<StorePath> = batch_paths
+                        .iter()
+                        .filter(|p| !went.contains(p))
+                        .cloned()
+                        .collect();
+                    store.gc.release(&kept);
+                }
+                let (paths, abs): (Vec<StorePath>, Vec<String>) = gone.into_iter().unzip();
                 if limited {
                     for p in &paths {
                         results.bytes_freed += store.remove_path_files(p)?;
@@ -657,18 +669,41 @@ fn topo_referrers_first(graph: &Graph, set: Vec<usize>) -> Vec<usize> {
 }
 
 /// Removes a batch of dead paths from the database in one transaction; returns their names.
-fn invalidate_batch(store: &LocalStore, paths: &[StorePath]) -> Result<Vec<String>> {
+/// Invalidates a batch (referrers first) in one transaction, returning the paths that went.
+/// A path that a path outside the collection refers to by now (a build registered it after
+/// the collector judged the path dead) is skipped, not an error: the collection goes on
+/// and the path stays, as does anything later in the batch that it refers to.
+fn invalidate_batch(store: &LocalStore, paths: &[StorePath]) -> Result<Vec<(StorePath, String)>> {
     let abs: Vec<String> = paths.iter().map(|p| store.print(p)).collect();
-    store.db.write("deleting dead paths", |c| {
-        for a in &abs {
+    let gone = store.db.write("deleting dead paths", |c| {
+        let mut gone = Vec::new();
+        let mut referred = c
+            .prepare_cached(
+                "select 1 from Refs r join ValidPaths v on v.id = r.reference \
+                 where v.path = ? and r.referrer != r.reference limit 1",
+            )
+            .map_err(Error::db("looking for referrers"))?;
+        for (i, a) in abs.iter().enumerate() {
+            let alive = referred
+                .exists([a])
+                .map_err(Error::db("looking for referrers"))?;
+            if alive {
+                tracing::info!("not deleting '{a}': a path registered meanwhile refers to it");
+                continue;
+            }
             Db::invalidate(c, a)?;
+            gone.push(i);
         }
-        Ok(())
+        Ok(gone)
     })?;
-    for a in &abs {
+    let out: Vec<(StorePath, String)> = gone
+        .into_iter()
+        .map(|i| (paths[i].clone(), abs[i].clone()))
+        .collect();
+    for (_, a) in &out {
         tracing::debug!("deleting '{a}'");
     }
-    Ok(abs)
+    Ok(out)
 }
 
 /// Deletes an invalid leftover if nobody is working on it (its lock is free).
@@ -728,4 +763,39 @@ fn sweep_invalid(store: &LocalStore, valid: &HashSet<&StorePath>) -> Result<u64>
         freed += delete_invalid(store, &p)?;
     }
     Ok(freed)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::{AddOptions, Layout, StoreOptions};
+    use kiln_format::StoreDir;
+
+    /// A build registers a referrer of a path after the collector judged it dead: the
+    /// collector skips that path (and goes on) instead of failing.
+    #[test]
+    fn a_path_referred_to_since_it_was_judged_dead_is_skipped() {
+        let d = tempfile::tempdir().unwrap();
+        let sd = StoreDir::new(d.path().join("store").to_str().unwrap()).unwrap();
+        let layout = Layout::new(sd, d.path().join("state"), d.path().join("log"));
+        let s = LocalStore::open(layout, StoreOptions::default()).unwrap();
+        let add = |name: &str, refs: &[&StorePath]| {
+            let refs: BTreeSet<StorePath> = refs.iter().map(|r| (*r).clone()).collect();
+            s.add_text(name, name.as_bytes(), &refs, AddOptions::default())
+                .unwrap()
+                .path
+        };
+        let dead = add("dead", &[]);
+        let judged = add("judged-dead", &[]);
+        let other = add("also-dead", &[]);
+        // Registered after the judgement, by a build: it refers to `judged`.
+        let late = add("late-referrer", &[&judged]);
+        let gone = invalidate_batch(&s, &[dead.clone(), judged.clone(), other.clone()]).unwrap();
+        let gone: Vec<&StorePath> = gone.iter().map(|(p, _)| p).collect();
+        assert_eq!(gone, [&dead, &other]);
+        assert!(s.is_valid(&judged).unwrap());
+        assert!(s.is_valid(&late).unwrap());
+        assert!(!s.is_valid(&dead).unwrap());
+    }
 }
