@@ -24,6 +24,18 @@ pub enum Event {
         pid: i32,
         data: Arc<[u8]>,
     },
+    /// A derivation will be built (its outputs are missing and cannot be substituted):
+    /// for progress counters ("N/M built").
+    BuildQueued {
+        drv: String,
+    },
+    /// A path will be substituted, with the sizes its cache announced (for "copied (X
+    /// MiB)" and download counters).
+    SubstitutionQueued {
+        path: String,
+        download_size: u64,
+        nar_size: u64,
+    },
     /// A derivation goal finished (successfully or not).
     BuildFinished {
         drv: String,
@@ -105,7 +117,10 @@ impl Event {
                 expected,
                 actual,
             } => Some(format!("@ hash-mismatch {path} {algo} {expected} {actual}")),
-            Event::BuildLog { .. } | Event::Message { .. } => None,
+            Event::BuildLog { .. }
+            | Event::Message { .. }
+            | Event::BuildQueued { .. }
+            | Event::SubstitutionQueued { .. } => None,
         }
     }
 }

@@ -31,6 +31,25 @@ pub struct Progress<'d> {
     pub build_verbosity: u64,
     /// Whether the daemon has `nix-command` (failure messages suggest `nix log`).
     pub nix_command: bool,
+    /// Nix's counters (`[N/M built, K copied (X MiB)]`), once started.
+    counters: Option<Counters>,
+}
+
+/// What nix-daemon's worker counts for a client's progress bar: its `Realise`, `Builds` and
+/// `CopyPaths` activities, with `Progress` results (done, expected, running, failed) and
+/// the expected download and unpacked sizes (`SetExpected` of `FileTransfer` and
+/// `CopyPath` on `Realise`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Counters {
+    ids: (u64, u64, u64),
+    builds: [u64; 4],
+    copies: [u64; 4],
+    download: u64,
+    nar: u64,
+    queued_builds: BTreeSet<String>,
+    started_builds: BTreeSet<String>,
+    queued_copies: BTreeSet<String>,
+    started_copies: BTreeSet<String>,
 }
 
 impl<'d> Progress<'d> {
@@ -44,7 +63,95 @@ impl<'d> Progress<'d> {
             multiplexed: false,
             build_verbosity: 0,
             nix_command: false,
+            counters: None,
         }
+    }
+
+    /// Starts the counters' activities (Nix clients), as nix-daemon's worker does for
+    /// every operation that builds or substitutes.
+    pub fn begin(&mut self, io: &mut OpIo<'_>) -> std::io::Result<()> {
+        if io.proto().is_guix() {
+            return Ok(());
+        }
+        let mut c = Counters {
+            ids: (
+                self.daemon.next_activity(),
+                self.daemon.next_activity(),
+                self.daemon.next_activity(),
+            ),
+            ..Default::default()
+        };
+        io.start_activity(c.ids.0, level::ERROR, activity::REALISE, "", &[], 0)?;
+        io.start_activity(c.ids.1, level::ERROR, activity::BUILDS, "", &[], 0)?;
+        io.start_activity(c.ids.2, level::ERROR, activity::COPY_PATHS, "", &[], 0)?;
+        send_counters(io, &mut c)?;
+        self.counters = Some(c);
+        Ok(())
+    }
+
+    /// Stops the counters' activities.
+    pub fn end(&mut self, io: &mut OpIo<'_>) -> std::io::Result<()> {
+        if let Some(c) = self.counters.take() {
+            io.stop_activity(c.ids.2)?;
+            io.stop_activity(c.ids.1)?;
+            io.stop_activity(c.ids.0)?;
+        }
+        Ok(())
+    }
+
+    /// Counts `e`; sends the counters if they changed.
+    fn count(&mut self, io: &mut OpIo<'_>, e: &Event) -> std::io::Result<()> {
+        let Some(c) = self.counters.as_mut() else {
+            return Ok(());
+        };
+        let before = (c.builds, c.copies, c.download, c.nar);
+        match e {
+            Event::BuildQueued { drv } if c.queued_builds.insert(drv.clone()) => {
+                c.builds[1] += 1;
+            }
+            Event::BuildStarted { drv, round, .. }
+                if *round <= 1 && c.started_builds.insert(drv.clone()) =>
+            {
+                c.builds[2] += 1;
+            }
+            Event::BuildFinished { drv, result } => {
+                if c.started_builds.remove(drv) {
+                    c.builds[2] -= 1;
+                }
+                if c.queued_builds.remove(drv) {
+                    if result.success() {
+                        c.builds[0] += 1;
+                    } else if !result.cancelled {
+                        c.builds[3] += 1;
+                    }
+                }
+            }
+            Event::SubstitutionQueued {
+                path,
+                download_size,
+                nar_size,
+            } if c.queued_copies.insert(path.clone()) => {
+                c.copies[1] += 1;
+                c.download += download_size;
+                c.nar += nar_size;
+            }
+            Event::SubstitutionStarted { path } if c.started_copies.insert(path.clone()) => {
+                c.copies[2] += 1;
+            }
+            Event::SubstitutionFinished { path, ok, .. } => {
+                if c.started_copies.remove(path) {
+                    c.copies[2] -= 1;
+                }
+                if c.queued_copies.remove(path) {
+                    c.copies[if *ok { 0 } else { 3 }] += 1;
+                }
+            }
+            _ => {}
+        }
+        if (c.builds, c.copies, c.download, c.nar) != before {
+            send_counters(io, c)?;
+        }
+        Ok(())
     }
 
     /// Relays one event. Errors mean the client is gone.
@@ -68,6 +175,7 @@ impl<'d> Progress<'d> {
     }
 
     fn nix(&mut self, io: &mut OpIo<'_>, e: &Event) -> std::io::Result<()> {
+        self.count(io, e)?;
         match e {
             Event::BuildStarted {
                 drv,
@@ -177,7 +285,9 @@ impl<'d> Progress<'d> {
             // Level-0 messages repeat goal failures, reported above.
             Event::Message { level: 0, .. } => {}
             Event::Message { level, text } => io.log(*level as u64, text)?,
-            Event::HashMismatch { .. } => {}
+            Event::HashMismatch { .. }
+            | Event::BuildQueued { .. }
+            | Event::SubstitutionQueued { .. } => {}
         }
         Ok(())
     }
@@ -214,6 +324,22 @@ impl<'d> Progress<'d> {
         }
         Ok(())
     }
+}
+
+fn send_counters(io: &mut OpIo<'_>, c: &mut Counters) -> std::io::Result<()> {
+    let ints = |v: &[u64]| v.iter().map(|n| Field::Int(*n)).collect::<Vec<_>>();
+    io.result(c.ids.1, result::PROGRESS, &ints(&c.builds))?;
+    io.result(c.ids.2, result::PROGRESS, &ints(&c.copies))?;
+    io.result(
+        c.ids.0,
+        result::SET_EXPECTED,
+        &ints(&[activity::FILE_TRANSFER, c.download]),
+    )?;
+    io.result(
+        c.ids.0,
+        result::SET_EXPECTED,
+        &ints(&[activity::COPY_PATH, c.nar]),
+    )
 }
 
 /// A builder's `@nix` message. Its messages (`msg`) reach the client at their level; the

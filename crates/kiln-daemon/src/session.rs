@@ -306,7 +306,12 @@ impl<'d> Session<'d> {
         progress.trace = self.build.print_build_trace;
         progress.multiplexed = self.build.multiplexed_build_output;
         progress.build_verbosity = self.options.build_verbosity;
+        let mut gone = progress.begin(io).is_err();
         let outcome = loop {
+            if gone {
+                self.b.scheduler.cancel(id);
+                break Err(remote("the client disconnected"));
+            }
             match rx.recv() {
                 Ok(ConnMsg::Event(e)) => {
                     if progress.event(io, &e).is_err() {
@@ -324,7 +329,13 @@ impl<'d> Session<'d> {
             }
         };
         drop(watch);
+        if outcome.is_ok() {
+            gone = progress.end(io).is_err();
+        }
         let r = outcome?;
+        if gone {
+            return Err(remote("the client disconnected"));
+        }
         // A built output stays alive for this client until it disconnects, as Nix's
         // worker process kept its temp roots.
         for (_, res) in &r.results {
@@ -1055,7 +1066,26 @@ impl Session<'_> {
                     })
                 }
             }
-            Request::QueryMissing(paths) => Ok(Reply::Missing(self.query_missing(&paths, io)?)),
+            Request::QueryMissing(paths) => {
+                // As nix-daemon: an activity (shown with -vvv) while it looks.
+                let act = (!io.proto().is_guix()).then(|| self.d.next_activity());
+                if let Some(a) = act {
+                    io.start_activity(
+                        a,
+                        kiln_protocol::stderr::level::DEBUG,
+                        kiln_protocol::stderr::activity::UNKNOWN,
+                        "querying info about missing paths",
+                        &[],
+                        0,
+                    )
+                    .map_err(remote)?;
+                }
+                let m = self.query_missing(&paths, io);
+                if let Some(a) = act {
+                    io.stop_activity(a).map_err(remote)?;
+                }
+                Ok(Reply::Missing(m?))
+            }
             Request::AddTempRoot(p) => {
                 store.add_temp_root(&p).map_err(remote)?;
                 self.keep(&p);

@@ -314,6 +314,7 @@ impl Worker {
             );
         }
         // Build: all outputs from now on, after the inputs.
+        self.emit(id, Event::BuildQueued { drv: abs.clone() });
         self.drv_mut(id).expect("goal exists").wanted.clear();
         let input_mode = if mode == BuildMode::Repair {
             BuildMode::Repair

@@ -93,6 +93,12 @@ impl Worker {
         };
         s.info = Some(info.clone());
         s.state = SubstState::ReferencesValid;
+        let queued = Event::SubstitutionQueued {
+            path: store.print(&path),
+            download_size: info.download_size,
+            nar_size: info.nar_size,
+        };
+        self.emit(id, queued);
         for r in info.references.iter().filter(|r| **r != path) {
             let sub = self.make_subst_goal(r, false, &settings);
             self.add_waitee(id, sub);

@@ -122,6 +122,16 @@ impl kiln_build::EventSink for Reporter {
                 Event::SubstitutionStarted { path } => {
                     serde_json::json!({"event": "substitution-started", "path": path})
                 }
+                Event::BuildQueued { drv } => {
+                    serde_json::json!({"event": "build-queued", "drv": drv})
+                }
+                Event::SubstitutionQueued {
+                    path,
+                    download_size,
+                    nar_size,
+                } => serde_json::json!({
+                    "event": "substitution-queued", "path": path, "downloadSize": download_size, "narSize": nar_size
+                }),
                 Event::SubstitutionFinished { path, ok, error } => {
                     serde_json::json!({"event": "substitution-finished", "path": path, "ok": ok, "error": error})
                 }
@@ -183,7 +193,9 @@ impl kiln_build::EventSink for Reporter {
             }
             Event::BuildFinished { .. }
             | Event::SubstitutionFinished { .. }
-            | Event::HashMismatch { .. } => {}
+            | Event::HashMismatch { .. }
+            | Event::BuildQueued { .. }
+            | Event::SubstitutionQueued { .. } => {}
         }
     }
 }
