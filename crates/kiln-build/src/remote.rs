@@ -26,6 +26,18 @@ pub struct RemoteJob {
     pub settings: Arc<BuildSettings>,
     /// Progress for the scheduler (started, log lines, warnings).
     pub events: Arc<dyn Fn(JobEvent) + Send + Sync>,
+    /// The output paths whose locks the build goal holds while the job runs (its
+    /// input-addressed and fixed outputs; floating outputs' paths are not known before).
+    pub locked: BTreeSet<StorePath>,
+    /// Set when nobody wants the build any more (its goal's locks may be gone).
+    pub control: Arc<JobControl>,
+}
+
+impl RemoteJob {
+    /// Whether the build was cancelled.
+    pub fn cancelled(&self) -> bool {
+        self.control.is_cancelled()
+    }
 }
 
 impl std::fmt::Debug for RemoteJob {

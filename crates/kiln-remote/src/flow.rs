@@ -43,8 +43,14 @@ pub(crate) trait Remote {
     }
     /// The infos of `paths` on the machine.
     fn infos(&mut self, paths: &BTreeSet<StorePath>) -> Result<Vec<ValidPathInfo>>;
-    /// Copies `info.path` here, checked against `info`, registered as valid.
-    fn fetch(&mut self, store: &LocalStore, info: &ValidPathInfo) -> Result<ValidPathInfo>;
+    /// Copies `info.path` here, checked against `info`, registered as valid; `locked`: the
+    /// build goal holds the path's lock (its own output), so it is not taken again.
+    fn fetch(
+        &mut self,
+        store: &LocalStore,
+        info: &ValidPathInfo,
+        locked: bool,
+    ) -> Result<ValidPathInfo>;
 }
 
 fn remote(c: &mut Conn) -> &mut dyn Remote {
@@ -186,15 +192,39 @@ pub(crate) fn run(
     }
     // 3. The outputs: their paths (from the built outputs' realisations when the
     //    derivation's outputs are floating), then the ones missing here, copied back.
+    let bad = |message: String| Error::Machine {
+        machine: machine.uri.clone(),
+        message,
+    };
+    let shown = store.print(&job.drv_path);
     let mut outputs: BTreeMap<String, StorePath> = BTreeMap::new();
     let mut realisations = Vec::new();
     if job.drv.is_floating() {
+        // A realisation must be of this derivation's output (its hash modulo and the
+        // output's name), and name a path of that output's name: a machine cannot make
+        // this store believe another derivation resolved to a path of its choosing.
+        let modulo = store.output_hash(&job.drv_path, &job.drv)?;
         for (id, json) in &w.built_outputs {
-            let real = Realisation::from_json(json, &machine.uri).map_err(|e| Error::Machine {
-                machine: machine.uri.clone(),
-                message: format!("its built output '{id}' is invalid: {e}"),
-            })?;
-            outputs.insert(real.id.output.clone(), real.out_path.clone());
+            let real = Realisation::from_json(json, &machine.uri)
+                .map_err(|e| bad(format!("its built output '{id}' is invalid: {e}")))?;
+            let name = real.id.output.clone();
+            let expected = kiln_format::realisation::DrvOutput::new(modulo, &name);
+            let suffix = if name == "out" {
+                job.drv.name.clone()
+            } else {
+                format!("{}-{name}", job.drv.name)
+            };
+            if real.id != expected
+                || !job.drv.outputs.contains_key(&name)
+                || real.out_path.name() != suffix
+                || outputs
+                    .insert(name.clone(), real.out_path.clone())
+                    .is_some()
+            {
+                return Err(bad(format!(
+                    "its built output '{id}' is not one of '{shown}''s outputs"
+                )));
+            }
             realisations.push(real);
         }
     } else {
@@ -204,13 +234,9 @@ pub(crate) fn run(
     }
     for name in job.drv.outputs.keys() {
         if !outputs.contains_key(name) {
-            return Err(Error::Machine {
-                machine: machine.uri.clone(),
-                message: format!(
-                    "it built '{}' but did not report its output '{name}'",
-                    store.print(&job.drv_path)
-                ),
-            });
+            return Err(bad(format!(
+                "it built '{shown}' but did not report its output '{name}'"
+            )));
         }
     }
     let missing: BTreeSet<StorePath> = outputs
@@ -219,44 +245,49 @@ pub(crate) fn run(
         .cloned()
         .collect();
     if !missing.is_empty() {
-        // The outputs, and whatever they refer to that is not here (a path the machine
-        // substituted, say): the closure of what is missing, fetched dependencies first.
-        let mut wanted = missing.clone();
-        let mut infos: Vec<ValidPathInfo> = Vec::new();
-        let mut ask = missing.clone();
-        while !ask.is_empty() {
-            let got = r.infos(&ask)?;
-            if got.len() != ask.len() {
-                return Err(Error::Machine {
-                    machine: machine.uri.clone(),
-                    message: format!(
-                        "it built '{}' but lacks {} of the {} paths of its outputs' closure that are not here",
-                        store.print(&job.drv_path),
-                        ask.len() - got.len(),
-                        ask.len()
-                    ),
-                });
+        let mut infos: BTreeMap<StorePath, ValidPathInfo> = BTreeMap::new();
+        for i in r.infos(&missing)? {
+            if !missing.contains(&i.path) {
+                return Err(bad(format!(
+                    "it sent '{}', which was not asked for",
+                    i.path
+                )));
             }
-            let mut next = BTreeSet::new();
-            for i in &got {
-                if !ask.contains(&i.path) {
-                    return Err(Error::Machine {
-                        machine: machine.uri.clone(),
-                        message: format!("it sent '{}', which was not asked for", i.path),
-                    });
-                }
-                for r in &i.references {
-                    if !wanted.contains(r) && !store.is_valid(r)? {
-                        next.insert(r.clone());
-                    }
-                }
+            // An output refers to its inputs and its siblings, nothing else: a path it
+            // claims beyond those would arrive unchecked (its hash is the machine's word).
+            if let Some(r) = i
+                .references
+                .iter()
+                .find(|r| !job.inputs.contains(*r) && !outputs.values().any(|o| o == *r))
+            {
+                return Err(bad(format!(
+                    "its output '{}' refers to '{}', which is neither an input nor an output of '{shown}'",
+                    store.print(&i.path),
+                    store.print(r)
+                )));
             }
-            wanted.extend(next.iter().cloned());
-            infos.extend(got);
-            ask = next;
+            // Floating outputs are content-addressed: their address is checked as they
+            // are added.
+            if job.drv.is_floating() && i.ca.is_none() {
+                return Err(bad(format!(
+                    "its output '{}' of floating derivation '{shown}' has no content address",
+                    store.print(&i.path)
+                )));
+            }
+            infos.insert(i.path.clone(), i);
         }
-        for info in references_first(infos, &wanted) {
-            r.fetch(store, &info)?;
+        if infos.len() != missing.len() {
+            return Err(bad(format!(
+                "it built '{shown}' but has only {} of its {} outputs",
+                infos.len(),
+                missing.len()
+            )));
+        }
+        for info in references_first(infos.into_values().collect(), &missing) {
+            if job.cancelled() {
+                return Err(bad("the build was cancelled".into()));
+            }
+            r.fetch(store, &info, job.locked.contains(&info.path))?;
         }
     }
     for real in &realisations {

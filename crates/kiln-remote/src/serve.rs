@@ -151,6 +151,7 @@ impl Remote for ServeConn {
             *g = Some(Box::new(move |b: &[u8]| log(b)));
         }
         let r = read_build_result(self.minor, &mut self.r);
+        self.session.settle_log();
         if let Ok(mut g) = self.session.log.lock() {
             *g = None;
         }
@@ -167,7 +168,12 @@ impl Remote for ServeConn {
             .collect())
     }
 
-    fn fetch(&mut self, store: &LocalStore, info: &ValidPathInfo) -> Result<ValidPathInfo> {
+    fn fetch(
+        &mut self,
+        store: &LocalStore,
+        info: &ValidPathInfo,
+        locked: bool,
+    ) -> Result<ValidPathInfo> {
         if info.nar_size == 0 {
             return Err(Error::BadOutput {
                 path: store.print(&info.path),
@@ -179,7 +185,7 @@ impl Remote for ServeConn {
         self.w.flush()?;
         let mut nar = (&mut self.r).take(info.nar_size);
         let opts = AddOptions {
-            caller_holds_lock: store.is_locked_by_me(&info.path),
+            caller_holds_lock: locked,
             ..Default::default()
         };
         store

@@ -32,6 +32,8 @@ pub(crate) struct Session {
     pub stdout: Option<ChildStdout>,
     tail: Arc<Mutex<VecDeque<String>>>,
     pub log: LogSink,
+    /// When ssh last wrote to its standard error (see [`Session::settle_log`]).
+    last_stderr: Arc<Mutex<std::time::Instant>>,
     stderr_thread: Option<std::thread::JoinHandle<()>>,
     /// Holds the known-hosts file with the machine's host key while ssh runs.
     _known_hosts: Option<tempfile::NamedTempFile>,
@@ -141,7 +143,8 @@ impl Session {
         let tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
         let log: LogSink = Arc::default();
         let stderr = child.stderr.take();
-        let (t2, l2) = (tail.clone(), log.clone());
+        let last_stderr = Arc::new(Mutex::new(std::time::Instant::now()));
+        let (t2, l2, w2) = (tail.clone(), log.clone(), last_stderr.clone());
         let stderr_thread = stderr.map(|e| {
             std::thread::spawn(move || {
                 let mut r = BufReader::new(e);
@@ -156,6 +159,9 @@ impl Session {
                         if let Some(f) = g.as_ref() {
                             f(&line);
                         }
+                    }
+                    if let Ok(mut w) = w2.lock() {
+                        *w = std::time::Instant::now();
                     }
                     if let Ok(mut t) = t2.lock() {
                         if t.len() == TAIL_LINES {
@@ -172,9 +178,33 @@ impl Session {
             child,
             tail,
             log,
+            last_stderr,
             stderr_thread,
             _known_hosts: known_hosts,
         })
+    }
+
+    /// Waits, up to half a second, until ssh's standard error has been quiet for 20 ms
+    /// since the call: the serve protocol's build log arrives there, on another pipe than
+    /// the result, so its last lines may still be on their way when the result is read
+    /// (the serve protocol has no marker for the log's end; ssh-ng:// does not need this).
+    pub fn settle_log(&self) {
+        use std::time::{Duration, Instant};
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(500);
+        loop {
+            let last = self
+                .last_stderr
+                .lock()
+                .map(|w| *w)
+                .unwrap_or(start)
+                .max(start);
+            let now = Instant::now();
+            if now.duration_since(last) >= Duration::from_millis(20) || now >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     pub fn pid(&self) -> i32 {

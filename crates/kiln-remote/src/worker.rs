@@ -212,7 +212,12 @@ impl Remote for WorkerConn {
         Ok(out)
     }
 
-    fn fetch(&mut self, store: &LocalStore, info: &ValidPathInfo) -> Result<ValidPathInfo> {
+    fn fetch(
+        &mut self,
+        store: &LocalStore,
+        info: &ValidPathInfo,
+        locked: bool,
+    ) -> Result<ValidPathInfo> {
         if info.nar_size == 0 {
             return Err(Error::BadOutput {
                 path: store.print(&info.path),
@@ -225,7 +230,7 @@ impl Remote for WorkerConn {
         // lies about the size fails the hash check, and the connection is dropped).
         let mut nar = self.client.stream().take(info.nar_size);
         let opts = AddOptions {
-            caller_holds_lock: store.is_locked_by_me(&info.path),
+            caller_holds_lock: locked,
             ..Default::default()
         };
         store

@@ -522,6 +522,12 @@ impl Worker {
             events: Arc::new(move |e| {
                 let _ = tx2.send(Msg::JobEvent(id, e));
             }),
+            locked: d
+                .drv
+                .as_ref()
+                .map(|drv| drv.output_paths().map(|(_, p)| p.clone()).collect())
+                .unwrap_or_default(),
+            control: ctl.clone(),
         };
         self.placement.start(i);
         self.remote_building.insert(id, i);
