@@ -54,6 +54,9 @@ pub struct MachinesError {
 /// must not recurse forever).
 const MAX_INCLUDE_DEPTH: usize = 8;
 
+/// The largest machines file read (1 MiB: thousands of entries).
+const MAX_MACHINES_FILE: u64 = 1 << 20;
+
 impl Machine {
     /// Whether this machine builds `system` (every machine builds `builtin`).
     pub fn supports_system(&self, system: &str) -> bool {
@@ -68,6 +71,13 @@ impl Machine {
                 .iter()
                 .all(|f| self.supported_features.contains(f) || self.mandatory_features.contains(f))
             && self.mandatory_features.is_subset(features)
+    }
+
+    /// What tells machines apart: the URI with the identity file and host key (two entries
+    /// for one host with other keys are two machines: a client's `--builders` must not
+    /// change the key or the slots the daemon's entry has).
+    pub fn identity(&self) -> String {
+        format!("{} {} {}", self.uri, self.ssh_key, self.host_key)
     }
 
     /// The host part of the URI (`user@host`), for ssh.
@@ -101,7 +111,8 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
                 out.push(v);
                 i += 3;
                 continue;
@@ -141,6 +152,18 @@ fn include(
             entry: format!("@{}", path.display()),
             problem: format!("machines files are included more than {MAX_INCLUDE_DEPTH} deep"),
         });
+    }
+    // Only a regular file, and a machines file's size at most: the daemon reads it as it
+    // places builds, and a FIFO or /dev/zero must not stall or exhaust it.
+    let meta = std::fs::metadata(path);
+    if let Ok(m) = &meta {
+        if !m.is_file() || m.len() > MAX_MACHINES_FILE {
+            return Err(MachinesError {
+                origin,
+                entry: format!("@{}", path.display()),
+                problem: format!("not a regular file of at most {MAX_MACHINES_FILE} bytes"),
+            });
+        }
     }
     match std::fs::read_to_string(path) {
         Ok(text) => expand(&text, &origin, system, depth + 1, out),
@@ -236,6 +259,13 @@ fn parse_entry(entry: &str, origin: &str, system: &str) -> Result<Machine, Machi
     } else {
         uri.to_string()
     };
+    // ssh would read a host starting with '-' as an option (`-oProxyCommand=…`).
+    if uri
+        .split_once("://")
+        .is_some_and(|(_, rest)| rest.starts_with('-'))
+    {
+        return Err(err("the host of the store URI starts with '-'".into()));
+    }
     let max_jobs = match field(3) {
         None => 1,
         Some(t) => t.parse::<u32>().map_err(|_| {
@@ -366,6 +396,7 @@ mod tests {
             ("h - - 1 1 - - not*base64", "field 8 (SSH host key)"),
             ("h a b c d e f g extra", "the extra one is 'extra'"),
             ("- x86_64-linux", "store URI"),
+            ("ssh://-oProxyCommand=x", "starts with '-'"),
         ] {
             let e = parse_builders(line, "x86_64-linux").unwrap_err();
             assert!(e.to_string().contains(want), "{line}: {e}");
@@ -396,5 +427,8 @@ mod tests {
         assert_eq!(m.param("remote-program").as_deref(), Some("/opt/kiln x"));
         assert_eq!(m.param("remote-store").as_deref(), Some("/s"));
         assert_eq!(m.param("absent"), None);
+        // A percent sign before a multi-byte character is taken as it is.
+        let m = &parse_builders("ssh://h?remote-program=%a\u{20ac}", "x").unwrap()[0];
+        assert_eq!(m.param("remote-program").as_deref(), Some("%a\u{20ac}"));
     }
 }

@@ -79,7 +79,11 @@ impl Placement {
     /// The index of machine `m` (by URI), added if new; its description is updated
     /// (slots, features, … may have been edited), its busy slots and failures are kept.
     pub fn register(&mut self, m: Machine) -> usize {
-        if let Some(i) = self.machines.iter().position(|s| s.machine.uri == m.uri) {
+        if let Some(i) = self
+            .machines
+            .iter()
+            .position(|s| s.machine.identity() == m.identity())
+        {
             self.machines[i].machine = m;
             return i;
         }

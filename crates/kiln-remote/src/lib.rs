@@ -29,7 +29,8 @@ mod ssh;
 mod worker;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use kiln_build::job::{JobControl, JobEvent};
 use kiln_build::machines::Machine;
@@ -120,7 +121,9 @@ impl Conn {
         match self {
             Conn::Worker(c) => {
                 // The client owns ssh's pipes: dropped first, so that ssh sees the end.
-                let worker::WorkerConn { client, session } = c;
+                let worker::WorkerConn {
+                    client, session, ..
+                } = c;
                 drop(client);
                 session.close()
             }
@@ -136,7 +139,10 @@ pub struct SshBuilder {
     /// `builders-use-substitutes`: machines substitute inputs they lack before kiln sends
     /// them.
     use_substitutes: bool,
-    idle: Mutex<HashMap<String, Vec<Conn>>>,
+    /// Kept sessions by machine (its identity: URI, key, host key), with when each went
+    /// idle.
+    idle: Arc<IdlePool>,
+    reaper: std::sync::Once,
 }
 
 impl std::fmt::Debug for SshBuilder {
@@ -150,7 +156,8 @@ impl SshBuilder {
         SshBuilder {
             ssh_opts,
             use_substitutes,
-            idle: Mutex::new(HashMap::new()),
+            idle: Arc::default(),
+            reaper: std::sync::Once::new(),
         }
     }
 
@@ -164,14 +171,21 @@ impl SshBuilder {
     }
 
     fn take_idle(&self, m: &Machine) -> Option<Conn> {
-        self.idle.lock().ok()?.get_mut(&m.uri)?.pop()
+        self.idle
+            .lock()
+            .ok()?
+            .get_mut(&m.identity())?
+            .pop()
+            .map(|(_, c)| c)
     }
 
     fn put_idle(&self, m: &Machine, c: Conn) {
+        self.reaper
+            .call_once(|| start_reaper(Arc::downgrade(&self.idle)));
         if let Ok(mut idle) = self.idle.lock() {
-            let list = idle.entry(m.uri.clone()).or_default();
+            let list = idle.entry(m.identity()).or_default();
             if list.len() < m.max_jobs.max(1) {
-                list.push(c);
+                list.push((Instant::now(), c));
                 return;
             }
         }
@@ -225,7 +239,7 @@ impl SshBuilder {
             let message = if said.is_empty() {
                 format!("cannot connect: {e}")
             } else {
-                format!("cannot connect: {said}")
+                format!("cannot connect: {said} ({e})")
             };
             Error::Machine {
                 machine: m.uri.clone(),
@@ -233,6 +247,38 @@ impl SshBuilder {
             }
         })
     }
+}
+
+/// How long a kept session may sit idle: the machine's daemon holds temporary roots for
+/// what was sent and built through it while it lives (its collector cannot take them), and
+/// a machine dropped from the machines file should not keep a session.
+const IDLE_LIMIT: Duration = Duration::from_secs(60);
+
+type IdlePool = Mutex<HashMap<String, Vec<(Instant, Conn)>>>;
+
+/// Closes sessions idle for longer than [`IDLE_LIMIT`], until the builder is gone.
+fn start_reaper(pool: Weak<IdlePool>) {
+    let _ = std::thread::Builder::new()
+        .name("kiln-ssh-reaper".into())
+        .spawn(move || loop {
+            std::thread::sleep(IDLE_LIMIT / 4);
+            let Some(pool) = pool.upgrade() else { return };
+            let mut old = Vec::new();
+            if let Ok(mut idle) = pool.lock() {
+                for list in idle.values_mut() {
+                    let (keep, expired): (Vec<_>, Vec<_>) = std::mem::take(list)
+                        .into_iter()
+                        .partition(|(t, _)| t.elapsed() < IDLE_LIMIT);
+                    *list = keep;
+                    old.extend(expired.into_iter().map(|(_, c)| c));
+                }
+                idle.retain(|_, l| !l.is_empty());
+            }
+            // Closed outside the lock: closing waits for ssh.
+            for c in old {
+                let _ = c.close();
+            }
+        });
 }
 
 fn with_tail(msg: String, said: &str) -> String {
@@ -295,7 +341,7 @@ impl RemoteBuilder for SshBuilder {
                     match e {
                         Error::Local(e) => {
                             let msg = format!(
-                                "cannot register the outputs of '{}' built on '{}': {e}",
+                                "building '{}' on '{}' failed here: {e}",
                                 job.store.print(&job.drv_path),
                                 machine.uri
                             );

@@ -90,10 +90,31 @@ fn shell_quote(s: &str) -> String {
 impl Session {
     /// Starts `ssh` to `machine` running `command` (words) there.
     pub fn open(machine: &Machine, ssh_opts: &str, command: &[String]) -> Result<Session, Error> {
-        let host = machine.host().to_string();
+        // `user@host:port`: ssh takes the port apart, as Nix passes it.
+        let full = machine.host();
+        let (host, port) = match full.rsplit_once(':') {
+            Some((h, p))
+                if !h.contains(':') && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                (h.to_string(), Some(p.to_string()))
+            }
+            _ => (full.to_string(), None),
+        };
         let mut cmd = Command::new("ssh");
         cmd.args(split_opts(ssh_opts));
+        // No forwarding; no prompts (a daemon has no terminal: a machine asking for a
+        // password is refused at once); an unreachable machine is given up on in seconds,
+        // and a connection that dies during a long, silent build is noticed.
         cmd.args(["-x", "-a", "-o", "BatchMode=yes", "-o", "ConnectTimeout=15"]);
+        cmd.args([
+            "-o",
+            "ServerAliveInterval=30",
+            "-o",
+            "ServerAliveCountMax=4",
+        ]);
+        if let Some(p) = &port {
+            cmd.arg("-p").arg(p);
+        }
         if !machine.ssh_key.is_empty() {
             cmd.arg("-i").arg(&machine.ssh_key);
         }
@@ -128,7 +149,8 @@ impl Session {
             known_hosts = Some(f);
         }
         let remote: Vec<String> = command.iter().map(|w| shell_quote(w)).collect();
-        cmd.arg(&host).arg(remote.join(" "));
+        // `--`: nothing after it is an option, whatever the host is called.
+        cmd.arg("--").arg(&host).arg(remote.join(" "));
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -224,10 +246,22 @@ impl Session {
                 Ok(None) => std::thread::sleep(std::time::Duration::from_millis(10)),
             }
         }
+        // The whole group: a ProxyCommand or a control master holding ssh's stderr must
+        // not keep the reader below waiting.
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         if let Some(t) = self.stderr_thread.take() {
-            let _ = t.join();
+            // Joined only once it has ended (bounded): what it read so far is in the tail.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
         }
         let tail = self.tail.lock().map(|t| t.clone()).unwrap_or_default();
         tail.into_iter()

@@ -24,9 +24,27 @@ const RES_POST_BUILD_LOG_LINE: u64 = 107;
 pub(crate) struct WorkerConn {
     pub client: Client,
     pub session: Session,
+    /// The options sent at the handshake (each build sends them again with its limits).
+    options: ClientOptions,
 }
 
 impl WorkerConn {
+    /// Sends the build's limits (`max-silent-time`, `timeout`, `max-log-size`) before it
+    /// starts: the machine enforces them, as for a client of its own.
+    fn send_limits(&mut self, job: &RemoteJob) -> Result<()> {
+        let s = &job.settings;
+        let mut o = self.options.clone();
+        o.max_silent_time = Some(s.max_silent_time);
+        for (name, v) in [("timeout", s.timeout), ("max-log-size", s.max_log_size)] {
+            if v != 0 {
+                o.overrides.push((name.to_string(), v.to_string()));
+            }
+        }
+        self.client
+            .request(&Request::SetOptions(o), None, &mut |_| {})?;
+        Ok(())
+    }
+
     /// A log callback for the daemon's messages during a build.
     fn on_log(log: &LogFn) -> impl FnMut(Message) + '_ {
         move |m: Message| match m {
@@ -94,10 +112,14 @@ impl WorkerConn {
             use_substitutes,
             overrides: Vec::new(),
         };
-        if let Err(e) = client.request(&Request::SetOptions(opts), None, &mut |_| {}) {
+        if let Err(e) = client.request(&Request::SetOptions(opts.clone()), None, &mut |_| {}) {
             return Err(Box::new((e.into(), session)));
         }
-        Ok(WorkerConn { client, session })
+        Ok(WorkerConn {
+            client,
+            session,
+            options: opts,
+        })
     }
 }
 
@@ -105,12 +127,14 @@ impl WorkerConn {
 /// memory).
 pub(crate) fn nar_reader(
     real: std::path::PathBuf,
-) -> std::io::Result<(std::io::PipeReader, std::thread::JoinHandle<()>)> {
+) -> std::io::Result<(
+    std::io::PipeReader,
+    std::thread::JoinHandle<Result<(), String>>,
+)> {
     let (r, mut w) = std::io::pipe()?;
     let t = std::thread::spawn(move || {
-        if let Err(e) = kiln_format::nar::dump(&real, &mut w) {
-            tracing::warn!("cannot send '{}': {e}", real.display());
-        }
+        kiln_format::nar::dump(&real, &mut w)
+            .map_err(|e| format!("cannot read '{}' to send it: {e}", real.display()))
     });
     Ok((r, t))
 }
@@ -158,12 +182,16 @@ impl Remote for WorkerConn {
             .client
             .request(&req, Some(&mut nar as &mut dyn Read), &mut |_| {});
         drop(nar);
-        let _ = writer.join();
+        // This store failing to read the path is not the machine's fault.
+        if let Ok(Err(e)) = writer.join() {
+            return Err(Error::Local(kiln_store::Error::Invalid(e)));
+        }
         r?;
         Ok(())
     }
 
     fn build(&mut self, job: &RemoteJob, drv: &Derivation, log: LogFn) -> Result<WireBuildResult> {
+        self.send_limits(job)?;
         let req = Request::BuildDerivation {
             drv_path: job.drv_path.clone(),
             drv: drv.clone(),
@@ -180,6 +208,7 @@ impl Remote for WorkerConn {
     }
 
     fn build_drv(&mut self, job: &RemoteJob, log: LogFn) -> Result<WireBuildResult> {
+        self.send_limits(job)?;
         let req = Request::BuildPathsWithResults {
             paths: vec![DerivedPath::Built {
                 drv: job.drv_path.clone(),

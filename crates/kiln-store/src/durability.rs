@@ -59,6 +59,10 @@ struct State {
     stop: bool,
     /// The last sync's error, if it failed (the marks then stay: recovery checks them).
     failed: Option<String>,
+    /// Marks up to this one were pending when a sync failed: a later sync that succeeds
+    /// says nothing of them (the kernel reports a write-back error once), so this process
+    /// never clears them; the next opening after this process ends checks their paths.
+    failed_upto: i64,
 }
 
 #[derive(Debug, Default)]
@@ -109,9 +113,6 @@ impl Syncer {
             .map_err(|_| Error::Corrupt("syncer lock poisoned".into()))?;
         let target = st.marked;
         while st.cleared < target {
-            if let Some(e) = &st.failed {
-                return Err(Error::Corrupt(format!("syncing the store failed: {e}")));
-            }
             if self.thread.lock().map(|t| t.is_none()).unwrap_or(true) {
                 return Err(Error::Corrupt("the store's syncer is not running".into()));
             }
@@ -121,6 +122,12 @@ impl Syncer {
                 .wait_timeout(st, Duration::from_millis(100))
                 .map_err(|_| Error::Corrupt("syncer lock poisoned".into()))?
                 .0;
+        }
+        if target > 0 && st.failed_upto >= target {
+            let e = st.failed.clone().unwrap_or_default();
+            return Err(Error::Corrupt(format!(
+                "syncing the store failed: {e} (the paths registered since are checked when the store is next opened)"
+            )));
         }
         Ok(())
     }
@@ -173,9 +180,10 @@ fn run(s: &Shared, fd: &std::os::fd::OwnedFd, db_path: &Path, store_dir: &Path) 
             }
             st.marked
         };
+        let keep_upto = s.state.lock().map(|st| st.failed_upto).unwrap_or(i64::MAX);
         let r = rustix::fs::syncfs(fd)
             .map_err(|e| Error::io(store_dir, "sync", e))
-            .and_then(|()| clear(&mut conn, db_path, target));
+            .and_then(|()| clear(&mut conn, db_path, keep_upto, target));
         let Ok(mut st) = s.state.lock() else { return };
         match r {
             Ok(()) => {
@@ -186,6 +194,8 @@ fn run(s: &Shared, fd: &std::os::fd::OwnedFd, db_path: &Path, store_dir: &Path) 
                 // The marks stay (recovery will check those paths); try again later.
                 tracing::error!("making the store durable: {e}");
                 st.failed = Some(e.to_string());
+                st.failed_upto = st.failed_upto.max(target);
+                st.cleared = st.cleared.max(target);
                 if st.stop {
                     s.cv.notify_all();
                     return;
@@ -200,8 +210,9 @@ fn run(s: &Shared, fd: &std::os::fd::OwnedFd, db_path: &Path, store_dir: &Path) 
     }
 }
 
-/// Deletes the marks up to `target`, on a connection of the syncer's own.
-fn clear(conn: &mut Option<Connection>, db_path: &Path, target: i64) -> Result<()> {
+/// Deletes the marks after `keep_upto` up to `target`, on a connection of the syncer's
+/// own.
+fn clear(conn: &mut Option<Connection>, db_path: &Path, keep_upto: i64, target: i64) -> Result<()> {
     let ctx = || Error::db("clearing durability marks");
     let c = match conn {
         Some(c) => c,
@@ -213,7 +224,10 @@ fn clear(conn: &mut Option<Connection>, db_path: &Path, target: i64) -> Result<(
             conn.insert(c)
         }
     };
-    c.execute("delete from KilnUnsynced where id <= ?", [target])
-        .map_err(ctx())?;
+    c.execute(
+        "delete from KilnUnsynced where id > ? and id <= ?",
+        [keep_upto, target],
+    )
+    .map_err(ctx())?;
     Ok(())
 }

@@ -537,6 +537,8 @@ pub fn collect_garbage(store: &LocalStore, opts: &GcOptions) -> Result<GcResults
     let batch_size = if limited { 64 } else { 4096 };
     let mut deleted: Vec<String> = Vec::new();
     let mut pending: Vec<usize> = Vec::new();
+    // Paths spared at the last moment (a referrer registered meanwhile).
+    let mut spared: Vec<StorePath> = Vec::new();
     std::thread::scope(|scope| -> Result<()> {
         // Files are removed on a second thread while the next batch is invalidated: a crash
         // between the two steps leaves invalid paths on disk (swept later), never valid paths
@@ -571,6 +573,7 @@ pub fn collect_garbage(store: &LocalStore, opts: &GcOptions) -> Result<GcResults
                         .cloned()
                         .collect();
                     store.gc.release(&kept);
+                    spared.extend(kept);
                 }
                 let (paths, abs): (Vec<StorePath>, Vec<String>) = gone.into_iter().unzip();
                 if limited {
@@ -631,6 +634,22 @@ pub fn collect_garbage(store: &LocalStore, opts: &GcOptions) -> Result<GcResults
         // `.links`) already, as Nix counts it; counting the `.links` entry again would
         // report twice what was freed.
         crate::optimise::remove_unused_links(store)?;
+    }
+    // A path the caller named and could not have deleted is an error, as when it was alive
+    // from the start (unless the caller asked to skip those).
+    let named: Option<&Vec<StorePath>> = match &opts.action {
+        GcAction::DeleteSpecific(ps) => Some(ps),
+        GcAction::DeleteAmong {
+            paths,
+            skip_alive: false,
+            ..
+        } => Some(paths),
+        _ => None,
+    };
+    if let Some(p) = named.and_then(|ps| spared.iter().find(|s| ps.contains(s))) {
+        return Err(Error::Alive {
+            path: sd.display(p),
+        });
     }
     deleted.sort();
     results.paths = deleted;

@@ -483,7 +483,18 @@ impl Worker {
         self.building.insert(id);
         let tx3 = tx.clone();
         let started = self.jobs.execute(move || {
-            let (r, infos) = job::run(spec, &ctl);
+            // A panic must still end the goal and free the slot (or the build would hang).
+            let (r, infos) =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job::run(spec, &ctl)))
+                    .unwrap_or_else(|_| {
+                        (
+                            BuildResult::failed(
+                                BuildStatus::MiscFailure,
+                                "the build's thread panicked",
+                            ),
+                            Vec::new(),
+                        )
+                    });
             let _ = tx.send(Msg::JobDone(id, r, infos));
         });
         if let Err(e) = started {
@@ -533,7 +544,15 @@ impl Worker {
         self.remote_building.insert(id, i);
         let tx3 = tx.clone();
         let started = self.jobs.execute(move || {
-            let outcome = remote.build(&machine, job, &ctl);
+            // A panic must still end the goal and free the slot (or the build would hang).
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                remote.build(&machine, job, &ctl)
+            }))
+            .unwrap_or_else(|_| {
+                crate::remote::RemoteOutcome::MachineFailed(
+                    "the remote build's thread panicked".into(),
+                )
+            });
             let _ = tx.send(Msg::RemoteDone(id, i, outcome));
         });
         if let Err(e) = started {
