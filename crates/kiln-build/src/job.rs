@@ -276,23 +276,41 @@ fn run_post_build_hook(
     spec: &JobSpec,
     outputs: &BTreeMap<String, StorePath>,
 ) -> Result<(), String> {
-    let Some(hook) = &spec.settings.post_build_hook else {
+    post_build_hook(
+        &spec.settings,
+        &spec.store,
+        &spec.drv_path,
+        outputs,
+        &*spec.events,
+    )
+}
+
+/// `post-build-hook` for a build of `drv_path` that produced `outputs` (here or on a build
+/// machine: Nix runs it for both).
+pub fn post_build_hook(
+    settings: &BuildSettings,
+    store: &LocalStore,
+    drv_path: &StorePath,
+    outputs: &BTreeMap<String, StorePath>,
+    events: &dyn Fn(JobEvent),
+) -> Result<(), String> {
+    let Some(hook) = &settings.post_build_hook else {
         return Ok(());
     };
-    let sd = spec.store.store_dir();
+    let sd = store.store_dir();
     let outs: Vec<String> = outputs.values().map(|p| sd.display(p)).collect();
-    (spec.events)(JobEvent::Log(Arc::from(
+    events(JobEvent::Log(Arc::from(
         format!("running post-build-hook '{hook}'\n").into_bytes(),
     )));
     let out = std::process::Command::new(hook)
-        .env("DRV_PATH", sd.display(&spec.drv_path))
+        .env("DRV_PATH", sd.display(drv_path))
         .env("OUT_PATHS", outs.join(" "))
         .stdin(std::process::Stdio::null())
         .output()
         .map_err(|e| format!("running post-build-hook '{hook}': {e}"))?;
     for chunk in [&out.stdout, &out.stderr] {
         if !chunk.is_empty() {
-            (spec.events)(JobEvent::Log(Arc::from(chunk.as_slice())));
+            events(JobEvent::Log(Arc::from(chunk.as_slice())));
         }
     }
     if !out.status.success() {

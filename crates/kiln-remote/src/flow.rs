@@ -297,6 +297,19 @@ pub(crate) fn run(
     for p in outputs.values() {
         infos.push(store.path_info(p)?);
     }
+    // As for a local build (and as Nix does for builds done elsewhere): the outputs stay
+    // valid, a failing hook fails the build.
+    let events = job.events.clone();
+    if let Err(msg) =
+        kiln_build::job::post_build_hook(&job.settings, store, &job.drv_path, &outputs, &move |e| {
+            events(e)
+        })
+    {
+        let mut r = BuildResult::failed(BuildStatus::MiscFailure, msg);
+        r.start_time = result.start_time;
+        r.stop_time = result.stop_time;
+        return Ok((r, infos));
+    }
     result.outputs = outputs;
     Ok((result, infos))
 }

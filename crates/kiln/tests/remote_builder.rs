@@ -955,3 +955,44 @@ fn with_builders_use_substitutes_the_machine_substitutes_inputs_itself() {
     let log = std::fs::read_to_string(d.join("kiln-daemon.log")).unwrap();
     assert!(log.contains("sent 0 of 1 paths"), "{log}");
 }
+
+#[test]
+fn post_build_hook_runs_for_builds_done_elsewhere() {
+    use std::os::unix::fs::PermissionsExt;
+    let test = "post_build_hook_runs_for_builds_done_elsewhere";
+    if !nix_or_skip(test) || !have_sshd(test) {
+        return;
+    }
+    let m = Machines::new("kiln-offload-hook-");
+    let d = m.dir.path();
+    let hook = d.join("post-hook");
+    let seen = d.join("hook-saw");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\necho \"$DRV_PATH $OUT_PATHS\" >> {}\necho the hook ran\n",
+            seen.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let daemon = m.kiln_daemon_with(
+        &m.entry("ssh-ng", &m.stdio, "127.0.0.1", 1, 1),
+        0,
+        &format!("post-build-hook = {}\n", hook.display()),
+    );
+    let out = m.nix_build(&daemon, "hooked", &[]);
+    let path = check_offloaded(&out, "hooked", "ssh-ng://root@127.0.0.1");
+    let saw = std::fs::read_to_string(&seen).unwrap();
+    // Once for the dependency built here, once for the derivation built on the machine.
+    let remote_line = saw
+        .lines()
+        .find(|l| l.ends_with(&path))
+        .unwrap_or_else(|| panic!("the hook did not see {path}: {saw}"));
+    assert!(remote_line
+        .split(' ')
+        .next()
+        .unwrap()
+        .ends_with("-offloaded-hooked.drv"));
+    assert_eq!(saw.lines().count(), 2, "{saw}");
+}
