@@ -57,12 +57,40 @@ struct State {
     /// Marks up to this one are cleared (their paths are durable).
     cleared: i64,
     stop: bool,
+    /// Someone waits for the marks to clear (`flush`): no group window.
+    hurry: bool,
     /// The last sync's error, if it failed (the marks then stay: recovery checks them).
     failed: Option<String>,
     /// Marks up to this one were pending when a sync failed: a later sync that succeeds
     /// says nothing of them (the kernel reports a write-back error once), so this process
     /// never clears them; the next opening after this process ends checks their paths.
     failed_upto: i64,
+}
+
+/// Every syncer of this process (see [`flush_all`]).
+static ALL: Mutex<Vec<std::sync::Weak<Shared>>> = Mutex::new(Vec::new());
+
+/// Makes everything this process registered durable and clears its marks: for a command
+/// that ends without dropping its store (a thread may still hold it), so that the next
+/// opening has nothing to check. Waits at most 10 s per store.
+pub fn flush_all() {
+    let all: Vec<Arc<Shared>> = ALL
+        .lock()
+        .map(|a| a.iter().filter_map(std::sync::Weak::upgrade).collect())
+        .unwrap_or_default();
+    for s in all {
+        let Ok(mut st) = s.state.lock() else { continue };
+        st.hurry = true;
+        s.cv.notify_all();
+        let target = st.marked;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while st.cleared < target && std::time::Instant::now() < deadline {
+            st = match s.cv.wait_timeout(st, Duration::from_millis(50)) {
+                Ok((g, _)) => g,
+                Err(_) => break,
+            };
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -83,6 +111,10 @@ impl Syncer {
     /// database at `db_path`.
     pub fn start(store_fd: std::os::fd::OwnedFd, db_path: PathBuf, store_dir: PathBuf) -> Syncer {
         let shared = Arc::new(Shared::default());
+        if let Ok(mut all) = ALL.lock() {
+            all.retain(|w| w.strong_count() > 0);
+            all.push(Arc::downgrade(&shared));
+        }
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("kiln-syncer".into())
@@ -111,6 +143,8 @@ impl Syncer {
             .state
             .lock()
             .map_err(|_| Error::Corrupt("syncer lock poisoned".into()))?;
+        st.hurry = true;
+        self.shared.cv.notify_all();
         let target = st.marked;
         while st.cleared < target {
             if self.thread.lock().map(|t| t.is_none()).unwrap_or(true) {
@@ -168,7 +202,7 @@ fn run(s: &Shared, fd: &std::os::fd::OwnedFd, db_path: &Path, store_dir: &Path) 
             // Group commit: registrations arriving within a moment share the flush (off
             // every client's path: nobody waits for it). Stopping cuts the moment short.
             let deadline = std::time::Instant::now() + GROUP_WINDOW;
-            while !st.stop {
+            while !st.stop && !st.hurry {
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
                 if left.is_zero() {
                     break;
@@ -189,6 +223,7 @@ fn run(s: &Shared, fd: &std::os::fd::OwnedFd, db_path: &Path, store_dir: &Path) 
             Ok(()) => {
                 st.cleared = st.cleared.max(target);
                 st.failed = None;
+                st.hurry = false;
             }
             Err(e) => {
                 // The marks stay (recovery will check those paths); try again later.

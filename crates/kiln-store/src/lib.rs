@@ -31,5 +31,6 @@ mod store;
 pub mod verify;
 
 pub use config::{Layout, LayoutSpec, Preset, Settings};
+pub use durability::flush_all as flush_durability;
 pub use error::{Error, Result};
 pub use store::{AddOptions, LocalStore, ScratchPath, StoreOptions};

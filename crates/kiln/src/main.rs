@@ -40,7 +40,12 @@ fn init_tracing(verbose: u8) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose);
-    match cmd::run(&cli.store, cli.command) {
+    let r = cmd::run(&cli.store, cli.command);
+    // What this process registered is made durable before it ends, whether or not its
+    // store was dropped (a thread may still hold it): the next opening then has nothing
+    // to check.
+    kiln_store::flush_durability();
+    match r {
         Ok(code) => code,
         Err(e) => {
             // Broken pipes (e.g. `kiln nar dump x | head`) end quietly, like other tools.
