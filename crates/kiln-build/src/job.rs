@@ -216,6 +216,28 @@ pub fn run(spec: JobSpec, ctl: &JobControl) -> (BuildResult, Vec<ValidPathInfo>)
     (res, Vec::new())
 }
 
+/// A builder that could not start is a builder that failed (exit code 1, the reason in its
+/// log), not a fault of the daemon's set-up, as in Nix.
+fn failed_to_start(
+    spec: &JobSpec,
+    log: &mut Option<(LogWriter, std::path::PathBuf)>,
+    drv_abs: &str,
+    line: String,
+) -> Failure {
+    if let Some((w, _)) = log.as_mut() {
+        let _ = w.write(format!("{line}\n").as_bytes());
+    }
+    (spec.events)(JobEvent::Log(Arc::from(format!("{line}\n").into_bytes())));
+    let status = "failed with exit code 1".to_string();
+    let log_tail = vec![line];
+    let mut f = Failure::new(
+        BuildStatus::PermanentFailure,
+        format!("builder for '{drv_abs}' {status}{}", suffix(&log_tail)),
+    );
+    f.detail = Some(crate::result::FailureDetail::Builder { status, log_tail });
+    f
+}
+
 /// Runs `pre-build-hook` as Nix does: `HOOK DRV [SANDBOX-DIR]` (the directory only for a
 /// sandboxed build); its output may name sandbox paths for this build:
 ///
@@ -1141,18 +1163,7 @@ fn build_round(
                 let line = format!(
                     "while setting up the child process: in phase exec: derivation builder `{real}' is outside the store"
                 );
-                if let Some((w, _)) = log.as_mut() {
-                    let _ = w.write(format!("{line}\n").as_bytes());
-                }
-                (spec.events)(JobEvent::Log(Arc::from(format!("{line}\n").into_bytes())));
-                let status = "failed with exit code 1".to_string();
-                let log_tail = vec![line];
-                let mut f = Failure::new(
-                    BuildStatus::PermanentFailure,
-                    format!("builder for '{drv_abs}' {status}{}", suffix(&log_tail)),
-                );
-                f.detail = Some(crate::result::FailureDetail::Builder { status, log_tail });
-                return Err(f);
+                return Err(failed_to_start(spec, &mut log, &drv_abs, line));
             }
         }
         let child = kiln_sandbox::spawn(kiln_sandbox::ChildSpec {
@@ -1188,19 +1199,8 @@ fn build_round(
                 let why = source.to_string();
                 let why = why.split(" (os error").next().unwrap_or(&why).to_string();
                 let line = format!("error: executing '{}': {why}", drv.builder);
-                if let Some((w, _)) = log.as_mut() {
-                    let _ = w.write(format!("{line}\n").as_bytes());
-                }
-                (spec.events)(JobEvent::Log(Arc::from(format!("{line}\n").into_bytes())));
                 keep_dir = spec.settings.keep_failed;
-                let status = "failed with exit code 1".to_string();
-                let log_tail = vec![line];
-                let mut f = Failure::new(
-                    BuildStatus::PermanentFailure,
-                    format!("builder for '{drv_abs}' {status}{}", suffix(&log_tail)),
-                );
-                f.detail = Some(crate::result::FailureDetail::Builder { status, log_tail });
-                return Err(f);
+                return Err(failed_to_start(spec, &mut log, &drv_abs, line));
             }
             Err(e) => return Err(Failure::misc(e)),
         };

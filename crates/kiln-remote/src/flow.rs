@@ -43,6 +43,8 @@ pub(crate) trait Remote {
     }
     /// The infos of `paths` on the machine.
     fn infos(&mut self, paths: &BTreeSet<StorePath>) -> Result<Vec<ValidPathInfo>>;
+    /// Asks for the NAR of `path`, which then follows on the returned stream.
+    fn nar_stream(&mut self, path: &StorePath) -> Result<&mut dyn std::io::Read>;
     /// Copies `info.path` here, checked against `info`, registered as valid; `locked`: the
     /// build goal holds the path's lock (its own output), so it is not taken again.
     fn fetch(
@@ -50,7 +52,25 @@ pub(crate) trait Remote {
         store: &LocalStore,
         info: &ValidPathInfo,
         locked: bool,
-    ) -> Result<ValidPathInfo>;
+    ) -> Result<ValidPathInfo> {
+        use std::io::Read as _;
+        if info.nar_size == 0 {
+            return Err(Error::BadOutput {
+                path: store.print(&info.path),
+                message: "the machine gave no NAR size".into(),
+            });
+        }
+        // The archive follows, as long as the info says: read no more (a machine that
+        // lies about the size fails the hash check, and the connection is dropped).
+        let mut nar = self.nar_stream(&info.path)?.take(info.nar_size);
+        let opts = kiln_store::AddOptions {
+            caller_holds_lock: locked,
+            ..Default::default()
+        };
+        store
+            .add_nar(info, &mut nar, opts)
+            .map_err(|e| crate::worker::output_error(&store.print(&info.path), e))
+    }
 }
 
 fn remote(c: &mut Conn) -> &mut dyn Remote {

@@ -14,11 +14,10 @@ use kiln_protocol::serve::{
     SERVE_MAGIC_2, SERVE_VERSION,
 };
 use kiln_protocol::wire::{WireReader, WireWrite};
-use kiln_store::{AddOptions, LocalStore};
+use kiln_store::LocalStore;
 
 use crate::flow::{LogFn, Remote};
 use crate::ssh::Session;
-use crate::worker::output_error;
 use crate::{Error, Result};
 
 /// `AddToStoreNar` arrived in 2.5 (Nix 2.3); older servers would need the export format.
@@ -168,28 +167,10 @@ impl Remote for ServeConn {
             .collect())
     }
 
-    fn fetch(
-        &mut self,
-        store: &LocalStore,
-        info: &ValidPathInfo,
-        locked: bool,
-    ) -> Result<ValidPathInfo> {
-        if info.nar_size == 0 {
-            return Err(Error::BadOutput {
-                path: store.print(&info.path),
-                message: "the machine gave no NAR size".into(),
-            });
-        }
+    fn nar_stream(&mut self, path: &StorePath) -> Result<&mut dyn Read> {
         let sd = self.sd.clone();
-        self.send(&ServeCommand::DumpStorePath(info.path.clone()), &sd)?;
+        self.send(&ServeCommand::DumpStorePath(path.clone()), &sd)?;
         self.w.flush()?;
-        let mut nar = (&mut self.r).take(info.nar_size);
-        let opts = AddOptions {
-            caller_holds_lock: locked,
-            ..Default::default()
-        };
-        store
-            .add_nar(info, &mut nar, opts)
-            .map_err(|e| output_error(&store.print(&info.path), e))
+        Ok(&mut self.r)
     }
 }

@@ -11,7 +11,7 @@ use kiln_protocol::ops::{
 };
 use kiln_protocol::version::NIX_VERSION;
 use kiln_protocol::{Client, Field, Message, Version};
-use kiln_store::{AddOptions, LocalStore};
+use kiln_store::LocalStore;
 
 use crate::flow::{LogFn, Remote};
 use crate::ssh::Session;
@@ -241,30 +241,10 @@ impl Remote for WorkerConn {
         Ok(out)
     }
 
-    fn fetch(
-        &mut self,
-        store: &LocalStore,
-        info: &ValidPathInfo,
-        locked: bool,
-    ) -> Result<ValidPathInfo> {
-        if info.nar_size == 0 {
-            return Err(Error::BadOutput {
-                path: store.print(&info.path),
-                message: "the machine gave no NAR size".into(),
-            });
-        }
+    fn nar_stream(&mut self, path: &StorePath) -> Result<&mut dyn Read> {
         self.client
-            .request(&Request::NarFromPath(info.path.clone()), None, &mut |_| {})?;
-        // The archive follows, as long as the info says: read no more (a machine that
-        // lies about the size fails the hash check, and the connection is dropped).
-        let mut nar = self.client.stream().take(info.nar_size);
-        let opts = AddOptions {
-            caller_holds_lock: locked,
-            ..Default::default()
-        };
-        store
-            .add_nar(info, &mut nar, opts)
-            .map_err(|e| output_error(&store.print(&info.path), e))
+            .request(&Request::NarFromPath(path.clone()), None, &mut |_| {})?;
+        Ok(self.client.stream())
     }
 }
 

@@ -452,22 +452,28 @@ impl Machines {
         tag: &str,
         args: &[&str],
     ) -> std::process::Output {
-        let d = self.dir.path();
-        let file = d.join(format!("{tag}.nix"));
+        let file = self.dir.path().join(format!("{tag}.nix"));
         std::fs::write(&file, DRV_WITH_INPUTS.replace("TAG", tag)).unwrap();
-        Command::new("nix-build")
+        self.client(daemon, "nix-build")
             .arg(&file)
             .arg("--no-out-link")
             .args(args)
-            .env("NIX_REMOTE", format!("unix://{}", daemon.socket.display()))
+            .output()
+            .unwrap()
+    }
+
+    /// A Nix 2.8 `program` of the client's machine, talking to `daemon`.
+    fn client(&self, daemon: &kiln_testkit::DaemonProcess, program: &str) -> Command {
+        let d = self.dir.path();
+        let mut c = Command::new(program);
+        c.env("NIX_REMOTE", format!("unix://{}", daemon.socket.display()))
             .env("NIX_STORE_DIR", &self.store)
             .env("NIX_STATE_DIR", d.join("state"))
             .env("NIX_LOG_DIR", d.join("log"))
             .env("NIX_CONF_DIR", &self.conf)
             .env_remove("NIX_PATH")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+            .stdin(Stdio::null());
+        c
     }
 }
 
@@ -686,7 +692,6 @@ fn a_machine_that_lies_or_dies_is_left_out_and_its_output_never_registered() {
             && stderr.contains("failed this build"),
         "{stderr}"
     );
-    let d = m.dir.path();
     let names: Vec<String> = std::fs::read_dir(&m.store)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -698,24 +703,18 @@ fn a_machine_that_lies_or_dies_is_left_out_and_its_output_never_registered() {
         .map(|e| e.unwrap().path())
         .find(|p| p.to_string_lossy().ends_with("-offloaded-liar-alone.drv"))
         .unwrap();
-    let q = Command::new("nix-store")
+    let q = m
+        .client(&daemon, "nix-store")
         .args(["-q", "--outputs"])
         .arg(&drv)
-        .env("NIX_REMOTE", format!("unix://{}", daemon.socket.display()))
-        .env("NIX_STORE_DIR", &m.store)
-        .env("NIX_STATE_DIR", d.join("state"))
-        .env("NIX_CONF_DIR", &m.conf)
         .output()
         .unwrap();
     let output = String::from_utf8_lossy(&q.stdout).trim().to_string();
     assert!(output.ends_with("-offloaded-liar-alone"), "{q:?}");
-    let valid = Command::new("nix-store")
+    let valid = m
+        .client(&daemon, "nix-store")
         .arg("--check-validity")
         .arg(&output)
-        .env("NIX_REMOTE", format!("unix://{}", daemon.socket.display()))
-        .env("NIX_STORE_DIR", &m.store)
-        .env("NIX_STATE_DIR", d.join("state"))
-        .env("NIX_CONF_DIR", &m.conf)
         .output()
         .unwrap();
     assert!(!valid.status.success(), "the liar's output is valid here");
@@ -826,15 +825,10 @@ fn an_untrusted_connection_builds_from_drv_files() {
 }"#,
     )
     .unwrap();
-    let out = Command::new("nix-build")
+    let out = m
+        .client(&daemon, "nix-build")
         .arg(&file)
         .arg("--no-out-link")
-        .env("NIX_REMOTE", format!("unix://{}", daemon.socket.display()))
-        .env("NIX_STORE_DIR", &m.store)
-        .env("NIX_STATE_DIR", d.join("state"))
-        .env("NIX_CONF_DIR", &m.conf)
-        .env_remove("NIX_PATH")
-        .stdin(Stdio::null())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -895,13 +889,10 @@ fn with_builders_use_substitutes_the_machine_substitutes_inputs_itself() {
     );
     // An input here that the cache has too.
     std::fs::write(d.join("input.txt"), "an input from the cache\n").unwrap();
-    let add = Command::new("nix-store")
+    let add = m
+        .client(&daemon, "nix-store")
         .arg("--add")
         .arg(d.join("input.txt"))
-        .env("NIX_REMOTE", format!("unix://{}", daemon.socket.display()))
-        .env("NIX_STORE_DIR", &m.store)
-        .env("NIX_STATE_DIR", d.join("state"))
-        .env("NIX_CONF_DIR", &m.conf)
         .output()
         .unwrap();
     assert!(add.status.success(), "{add:?}");
@@ -930,14 +921,10 @@ fn with_builders_use_substitutes_the_machine_substitutes_inputs_itself() {
         ),
     )
     .unwrap();
-    let out = Command::new("nix-build")
+    let out = m
+        .client(&daemon, "nix-build")
         .arg(&file)
         .arg("--no-out-link")
-        .env("NIX_REMOTE", format!("unix://{}", daemon.socket.display()))
-        .env("NIX_STORE_DIR", &m.store)
-        .env("NIX_STATE_DIR", d.join("state"))
-        .env("NIX_CONF_DIR", &m.conf)
-        .env_remove("NIX_PATH")
         .output()
         .unwrap();
     assert!(
