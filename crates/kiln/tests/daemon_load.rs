@@ -137,3 +137,79 @@ fn many_clients_and_overlapping_builds() {
         .unwrap();
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
 }
+
+/// kill -9 of the daemon at random points while it builds a DAG for a Nix client (the
+/// client adding `.drv` files, builds registering outputs): after every kill the store
+/// verifies clean once the durability marks the daemon left are checked, a restarted daemon
+/// serves, and the client's next run completes.
+#[test]
+fn killing_the_daemon_mid_build_leaves_a_store_that_verifies_and_serves() {
+    let test = "killing_the_daemon_mid_build_leaves_a_store_that_verifies_and_serves";
+    if !nix_or_skip(test) {
+        return;
+    }
+    let env = NixEnv::new();
+    let d = env.dir.path();
+    let counter = d.join("built");
+    let expr = d.join("dag.nix");
+    std::fs::write(&expr, dag(&counter)).unwrap();
+    let socket = d.join("daemon.sock");
+    let kiln = env!("CARGO_BIN_EXE_kiln");
+    let verify = || {
+        let out = Command::new(kiln)
+            .args(env.kiln_args())
+            .args(["store", "verify", "--check-contents"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "verify failed after a kill: {err}");
+        err
+    };
+    let mut rng = 0x9e37_79b9u64;
+    let mut recovered = 0;
+    for _ in 0..8 {
+        let _ = std::fs::remove_file(&socket);
+        let mut daemon = env.kiln_daemon(kiln, socket.clone());
+        let client = env
+            .cmd("nix-build")
+            .arg(&expr)
+            .arg("--no-out-link")
+            .env("NIX_REMOTE", format!("unix://{}", socket.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(Duration::from_millis(30 + rng % 400));
+        let _ = daemon.child.kill();
+        let _ = daemon.child.wait();
+        let mut client = client;
+        let _ = client.kill();
+        let _ = client.wait();
+        if verify().contains("was not closed cleanly") {
+            recovered += 1;
+        }
+    }
+    // The daemon's marks were left, and checked, at least once.
+    assert!(recovered >= 1, "no kill left durability marks to check");
+    // A last, uninterrupted run completes.
+    let _ = std::fs::remove_file(&socket);
+    let daemon = env.kiln_daemon(kiln, socket.clone());
+    let out = env
+        .cmd("nix-build")
+        .arg(&expr)
+        .arg("--no-out-link")
+        .env("NIX_REMOTE", format!("unix://{}", socket.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 48);
+    drop(daemon);
+    verify();
+}
