@@ -150,6 +150,68 @@ impl Client {
         data: Option<&mut dyn Read>,
         on_message: &mut dyn FnMut(Message),
     ) -> Result<Reply, Error> {
+        self.check(req)?;
+        req.write(self.proto, &self.store_dir, &mut self.w)?;
+        let kind = req.data_stream(self.proto);
+        let mut data = data;
+        match (kind, data.as_mut()) {
+            (DataStream::Framed, Some(d)) => {
+                let mut fw = FramedWriter::new(&mut self.w);
+                io::copy(d, &mut fw)?;
+                fw.finish()?;
+            }
+            (DataStream::Framed, None) => {
+                self.w.u64(0)?;
+            }
+            (DataStream::Inline, Some(d)) => {
+                io::copy(d, &mut self.w)?;
+            }
+            _ => {}
+        }
+        self.w.flush()?;
+        let tunnel = if kind == DataStream::Tunnel {
+            data
+        } else {
+            None
+        };
+        self.process_stderr(tunnel, on_message)?;
+        Reply::read(req.op(), self.proto, &self.store_dir, &mut self.r)
+    }
+
+    /// [`Client::request`] for an operation whose data is framed or inline (`AddToStoreNar`,
+    /// …), written by `write_data` straight into the connection: no pipe and no thread
+    /// between a NAR being dumped and the socket. An error of `write_data` leaves the
+    /// connection unusable (the stream is cut short): it is returned, and the caller drops
+    /// the connection.
+    pub fn request_writing(
+        &mut self,
+        req: &Request,
+        write_data: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
+        on_message: &mut dyn FnMut(Message),
+    ) -> Result<Reply, Error> {
+        self.check(req)?;
+        req.write(self.proto, &self.store_dir, &mut self.w)?;
+        match req.data_stream(self.proto) {
+            DataStream::Framed => {
+                let mut fw = FramedWriter::new(&mut self.w);
+                write_data(&mut fw)?;
+                fw.finish()?;
+            }
+            DataStream::Inline => write_data(&mut self.w)?,
+            _ => {
+                return Err(Error::Protocol(format!(
+                    "{} takes no data stream here",
+                    req.op().name()
+                )))
+            }
+        }
+        self.w.flush()?;
+        self.process_stderr(None, on_message)?;
+        Reply::read(req.op(), self.proto, &self.store_dir, &mut self.r)
+    }
+
+    /// Refuses what this connection cannot carry (an op or a realisation form it lacks).
+    fn check(&self, req: &Request) -> Result<(), Error> {
         if self.proto.op(req.op() as u64) != Some(req.op()) {
             return Err(Error::Protocol(format!(
                 "the daemon has no operation {} on this connection ({})",
@@ -177,31 +239,7 @@ impl Client {
                 self.proto
             )));
         }
-        req.write(self.proto, &self.store_dir, &mut self.w)?;
-        let kind = req.data_stream(self.proto);
-        let mut data = data;
-        match (kind, data.as_mut()) {
-            (DataStream::Framed, Some(d)) => {
-                let mut fw = FramedWriter::new(&mut self.w);
-                io::copy(d, &mut fw)?;
-                fw.finish()?;
-            }
-            (DataStream::Framed, None) => {
-                self.w.u64(0)?;
-            }
-            (DataStream::Inline, Some(d)) => {
-                io::copy(d, &mut self.w)?;
-            }
-            _ => {}
-        }
-        self.w.flush()?;
-        let tunnel = if kind == DataStream::Tunnel {
-            data
-        } else {
-            None
-        };
-        self.process_stderr(tunnel, on_message)?;
-        Reply::read(req.op(), self.proto, &self.store_dir, &mut self.r)
+        Ok(())
     }
 
     /// After `NarFromPath`'s reply: the archive follows on the connection.

@@ -123,22 +123,6 @@ impl WorkerConn {
     }
 }
 
-/// A NAR of `path` as a reader, written by a thread as it is read (no whole archive in
-/// memory).
-pub(crate) fn nar_reader(
-    real: std::path::PathBuf,
-) -> std::io::Result<(
-    std::io::PipeReader,
-    std::thread::JoinHandle<Result<(), String>>,
-)> {
-    let (r, mut w) = std::io::pipe()?;
-    let t = std::thread::spawn(move || {
-        kiln_format::nar::dump(&real, &mut w)
-            .map_err(|e| format!("cannot read '{}' to send it: {e}", real.display()))
-    });
-    Ok((r, t))
-}
-
 /// How adding an output from the machine failed: the machine's fault (a corrupt or
 /// mislabelled archive) or this store's.
 pub(crate) fn output_error(path: &str, e: kiln_store::Error) -> Error {
@@ -172,18 +156,27 @@ impl Remote for WorkerConn {
     }
 
     fn add(&mut self, store: &LocalStore, info: &ValidPathInfo) -> Result<()> {
-        let (mut nar, writer) = nar_reader(store.real_path(&info.path))?;
         let req = Request::AddToStoreNar {
             info: info.clone(),
             repair: false,
             dont_check_sigs: true,
         };
-        let r = self
-            .client
-            .request(&req, Some(&mut nar as &mut dyn Read), &mut |_| {});
-        drop(nar);
+        // The NAR is dumped straight into the connection's frames.
+        let real = store.real_path(&info.path);
+        let mut local: Option<String> = None;
+        let r = self.client.request_writing(
+            &req,
+            &mut |w| {
+                kiln_format::nar::dump(&real, w).map_err(|e| {
+                    let msg = format!("cannot read '{}' to send it: {e}", real.display());
+                    local = Some(msg.clone());
+                    std::io::Error::other(msg)
+                })
+            },
+            &mut |_| {},
+        );
         // This store failing to read the path is not the machine's fault.
-        if let Ok(Err(e)) = writer.join() {
+        if let Some(e) = local {
             return Err(Error::Local(kiln_store::Error::Invalid(e)));
         }
         r?;
