@@ -238,6 +238,38 @@ fn failed_to_start(
     f
 }
 
+/// Runs `diff-hook` as Nix does when `--check` found `new` differing from `previous`:
+/// `HOOK PREVIOUS NEW DRV BUILD-DIR`, from `/`; what it prints goes to the daemon's log,
+/// not to the client, and its failure is logged, not the build's. (Nix runs it as the build
+/// user and names the build directory, which exists with `--keep-failed`; kiln runs it as
+/// the daemon's user and passes an empty fourth argument.)
+fn run_diff_hook(hook: &str, previous: &std::path::Path, new: &std::path::Path, drv: &str) {
+    let out = std::process::Command::new(hook)
+        .arg(previous)
+        .arg(new)
+        .arg(drv)
+        .arg("")
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            if !text.trim().is_empty() {
+                tracing::error!("{}", text.trim_end());
+            }
+        }
+        Ok(o) => tracing::error!(
+            "diff hook execution failed: diff-hook program '{hook}' {}",
+            match o.status.code() {
+                Some(c) => format!("failed with exit code {c}"),
+                None => "was killed by a signal".to_string(),
+            }
+        ),
+        Err(e) => tracing::error!("diff hook execution failed: running '{hook}': {e}"),
+    }
+}
+
 /// Runs `pre-build-hook` as Nix does: `HOOK DRV [SANDBOX-DIR]` (the directory only for a
 /// sandboxed build); its output may name sandbox paths for this build:
 ///
@@ -535,11 +567,19 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
                 if valid.nar_hash != info.nar_hash {
                     let check =
                         PathBuf::from(format!("{}-check", store.real_path(&plan.path).display()));
-                    let msg = if spec.settings.keep_failed {
+                    let msg = if spec.settings.keep_failed || spec.settings.diff_hook.is_some() {
                         let _ = fsutil::remove_tree(&check);
                         std::fs::rename(&built_at, &check).map_err(|e| {
                             Failure::misc(format!("keeping '{}': {e}", check.display()))
                         })?;
+                        if let Some(hook) = &spec.settings.diff_hook {
+                            run_diff_hook(
+                                hook,
+                                &store.real_path(&plan.path),
+                                &check,
+                                &sd.display(&spec.drv_path),
+                            );
+                        }
                         format!(
                             "derivation '{}' may not be deterministic: output '{}' differs from '{}'",
                             sd.display(&spec.drv_path),

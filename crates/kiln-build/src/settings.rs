@@ -90,6 +90,9 @@ pub struct BuildSettings {
     /// Run before each build with its derivation (and sandbox directory); may add sandbox
     /// paths (`pre-build-hook`, as Nix).
     pub pre_build_hook: Option<String>,
+    /// Run when `--check` finds an output that differs (`diff-hook`, only with
+    /// `run-diff-hook`).
+    pub diff_hook: Option<String>,
     pub build_dir: Option<PathBuf>,
     /// Keys (files holding `name:base64` secret keys) locally built outputs are signed with.
     pub secret_key_files: Vec<String>,
@@ -193,6 +196,7 @@ impl BuildSettings {
             use_build_hook: true,
             post_build_hook: opt("post-build-hook"),
             pre_build_hook: opt("pre-build-hook"),
+            diff_hook: opt("diff-hook").filter(|_| s.get_bool("run-diff-hook")),
             build_dir: opt("build-dir").map(PathBuf::from),
             secret_key_files: s.get_list("secret-key-files"),
             auto_optimise: s.get_bool("auto-optimise-store"),

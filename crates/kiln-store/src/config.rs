@@ -540,6 +540,20 @@ pub const SETTINGS: &[Def] = &[
         help: "build machines: machines-file entries separated by ';' or newlines, '@FILE' to read a file (default with the nix layout: @$NIX_CONF_DIR/machines)",
     },
     Def {
+        name: "diff-hook",
+        aliases: &[],
+        kind: Kind::Str,
+        default: "",
+        help: "program run when --check finds a build's output differs: PREVIOUS NEW DRV BUILD-DIR",
+    },
+    Def {
+        name: "run-diff-hook",
+        aliases: &[],
+        kind: Kind::Bool,
+        default: "false",
+        help: "run diff-hook",
+    },
+    Def {
         name: "require-store-builder",
         aliases: &[],
         kind: Kind::Enum(&["auto", "true", "false"]),

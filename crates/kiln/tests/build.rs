@@ -232,6 +232,45 @@ fn nondeterminism_is_caught_by_rounds_and_check() {
     let check = PathBuf::from(format!("{}-check", p.display()));
     assert!(check.exists(), "{} kept: {}", check.display(), stderr(&o));
     assert!(stderr(&o).contains(&check.display().to_string()));
+    // With run-diff-hook, the diff hook sees the previous and the new output and the
+    // derivation (and the new output is kept for it, --keep-failed or not).
+    let hook = t.dir.path().join("diff-hook");
+    let seen = t.dir.path().join("diff-hook-saw");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\necho \"$1 $2 $3\" > {}\n", seen.display()),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&check);
+    let h = hook.to_str().unwrap();
+    let o = t.build(
+        &r,
+        &[
+            "--check",
+            "--option",
+            "run-diff-hook",
+            "true",
+            "--option",
+            "diff-hook",
+            h,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(104), "{}", stderr(&o));
+    let saw = std::fs::read_to_string(&seen).unwrap();
+    let args: Vec<&str> = saw.split_whitespace().collect();
+    assert_eq!(args[0], p.display().to_string(), "{saw}");
+    assert_eq!(args[1], check.display().to_string(), "{saw}");
+    assert!(args[2].ends_with("-random.drv"), "{saw}");
+    assert!(check.exists());
+    // Without run-diff-hook, the hook does not run.
+    std::fs::remove_file(&seen).unwrap();
+    let o = t.build(&r, &["--check", "--option", "diff-hook", h]);
+    assert_eq!(o.status.code(), Some(104));
+    assert!(!seen.exists());
     // The valid output is untouched by --check.
     let mut c = t.kiln();
     c.args(["store", "verify", "--check-contents"]);
