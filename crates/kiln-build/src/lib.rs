@@ -25,6 +25,7 @@ pub mod pool;
 pub mod recipe;
 pub mod recursive;
 pub mod remote;
+pub mod repair;
 pub mod result;
 pub mod rewrite;
 pub mod sandbox;

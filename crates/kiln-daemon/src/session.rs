@@ -1148,13 +1148,19 @@ impl Session<'_> {
                 if repair && !self.trusted() {
                     return Err(not_privileged("repair paths"));
                 }
+                // Damaged paths are substituted again, or rebuilt, by this daemon's
+                // scheduler (as Nix's repairPath).
+                let repairer = kiln_build::repair::SchedulerRepairer {
+                    scheduler: &self.b.scheduler,
+                    settings: self.build.clone(),
+                };
                 let report = kiln_store::verify::verify_store(
                     &store,
                     kiln_store::verify::VerifyOptions {
                         check_contents,
                         repair,
                     },
-                    None,
+                    repair.then_some(&repairer as &dyn kiln_store::verify::Repairer),
                 )
                 .map_err(remote)?;
                 for p in &report.problems {

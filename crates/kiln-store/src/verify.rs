@@ -71,11 +71,14 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
-    /// Whether the store is consistent now (disappeared-and-removed paths are fixed).
+    /// Whether the store is consistent now (disappeared-and-removed paths are fixed, and
+    /// so are repaired ones).
     pub fn is_clean(&self) -> bool {
-        self.problems
-            .iter()
-            .all(|p| matches!(p, Problem::Disappeared(_)))
+        self.problems.iter().all(|p| match p {
+            Problem::Disappeared(_) => true,
+            Problem::Missing(path) | Problem::Modified { path, .. } => self.repaired.contains(path),
+            Problem::RepairFailed { .. } => false,
+        })
     }
 }
 

@@ -707,3 +707,37 @@ fn the_readmes_main_job_builds_and_runs() {
         "Hello from kiln!\nKILN BUILDS WHAT YOU ASK FOR, EXACTLY.\n"
     );
 }
+
+#[test]
+fn verify_repair_rebuilds_a_damaged_output() {
+    let t = T::new();
+    let r = t.recipe(
+        "r.toml",
+        &format!("[derivations.fixme]\n{SH}args = [\"-c\", \"echo good contents > $out\"]\n"),
+    );
+    let o = t.build(&r, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let p = t.store_path(&o, "fixme");
+    let _ = Command::new("chmod").arg("u+w").arg(&p).status();
+    std::fs::write(&p, "damaged\n").unwrap();
+    // Found, not repaired: an error.
+    let mut c = t.kiln();
+    c.args(["store", "verify", "--check-contents"]);
+    let v = c.output().unwrap();
+    assert!(!v.status.success());
+    assert!(stderr(&v).contains("was modified"), "{}", stderr(&v));
+    // Repaired: no cache has it, so its derivation is built again in repair mode.
+    let mut c = t.kiln();
+    c.args(["store", "verify", "--check-contents", "--repair"]);
+    let v = c.output().unwrap();
+    assert!(v.status.success(), "{}", stderr(&v));
+    assert!(
+        stderr(&v).contains(&format!("repaired '{}'", p.display())),
+        "{}",
+        stderr(&v)
+    );
+    assert_eq!(std::fs::read_to_string(&p).unwrap(), "good contents\n");
+    let mut c = t.kiln();
+    c.args(["store", "verify", "--check-contents"]);
+    assert!(c.output().unwrap().status.success());
+}

@@ -264,7 +264,7 @@ pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
     if let StoreCmd::Serve { write } = cmd {
         return super::daemon::serve_legacy(args, write);
     }
-    let (store, _settings) = args.open()?;
+    let (store, settings) = args.open()?;
     let mut out = BufWriter::new(std::io::stdout().lock());
     match cmd {
         StoreCmd::Add { name, paths } => {
@@ -531,14 +531,38 @@ pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
             check_contents,
             repair,
         } => {
+            // With --repair, damaged paths are substituted again (the configured caches)
+            // or rebuilt, by a scheduler of this process.
+            let store = std::sync::Arc::new(store);
+            let scheduler = repair.then(|| {
+                let bs = kiln_build::BuildSettings::from_settings(&settings);
+                kiln_build::Scheduler::start(kiln_build::SchedulerConfig {
+                    max_jobs: bs.max_jobs,
+                    max_substitution_jobs: bs.max_substitution_jobs,
+                    substituter: Some(kiln_substitute::for_store(&store, &settings)),
+                    ..kiln_build::SchedulerConfig::local(store.clone(), bs.max_jobs)
+                })
+            });
+            let repairer = scheduler
+                .as_ref()
+                .map(|s| kiln_build::repair::SchedulerRepairer {
+                    scheduler: s,
+                    settings: std::sync::Arc::new(kiln_build::BuildSettings::from_settings(
+                        &settings,
+                    )),
+                });
             let r = verify::verify_store(
                 &store,
                 VerifyOptions {
                     check_contents,
                     repair,
                 },
-                None,
+                repairer
+                    .as_ref()
+                    .map(|r| r as &dyn kiln_store::verify::Repairer),
             )?;
+            drop(repairer);
+            drop(scheduler);
             print_report(&r);
             if !r.is_clean() {
                 return Ok(ExitCode::from(1));
