@@ -421,6 +421,18 @@ fn retries_on_other_machines_are_bounded() {
     );
     let err = &r.results[0].1.error;
     assert!(err.contains("failed on 3 build machines"), "{err}");
+    // Its output's lock is released, its file gone.
+    let out = e
+        .store
+        .read_derivation(&a)
+        .unwrap()
+        .output_paths()
+        .next()
+        .unwrap()
+        .1
+        .clone();
+    let lock = format!("{}.lock", e.store.real_path(&out).display());
+    assert!(!std::path::Path::new(&lock).exists(), "{lock} left behind");
 }
 
 #[test]

@@ -589,6 +589,11 @@ impl Worker {
                 let attempts = d.remote_attempts;
                 let drv = store.print(&d.drv_path);
                 if attempts >= MAX_REMOTE_ATTEMPTS {
+                    // The output locks go now, with their files (nothing was built).
+                    for l in d.locks.iter_mut() {
+                        l.set_delete(true);
+                    }
+                    d.locks.clear();
                     let msg = format!(
                         "building '{drv}' failed on {attempts} build machines; the last, '{uri}': {e}"
                     );
