@@ -77,7 +77,9 @@ impl CacheUrl {
     }
 }
 
-fn percent_decode(s: &str) -> String {
+/// Decodes `%XX` escapes (a `%` not followed by two hex digits stays as it is); bytes
+/// that are not UTF-8 become U+FFFD.
+pub fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
