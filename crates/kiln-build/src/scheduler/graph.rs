@@ -317,13 +317,9 @@ impl Worker {
         }
     }
 
-    /// A goal nobody waits for and no request wants is cancelled.
-    pub(super) fn maybe_cancel(&mut self, id: GoalId) {
-        let Some(g) = self.goals.get(&id) else { return };
-        if !g.waiters.is_empty() || !g.requests.is_empty() || g.result.is_some() {
-            return;
-        }
-        let g = self.goals.remove(&id).expect("present");
+    /// Takes a goal just removed from `goals` out of every queue and index, releases its
+    /// temporary roots, and lets go of its waitees (cancelling those nobody else wants).
+    fn forget(&mut self, id: GoalId, g: Goal) {
         self.awake.remove(&(g.key.clone(), id));
         self.wanting_to_build.remove(&(g.key.clone(), id));
         self.wanting_local.remove(&(g.key.clone(), id));
@@ -333,9 +329,6 @@ impl Worker {
             Kind::Drv(d) => {
                 if self.drv_goals.get(&d.drv_path) == Some(&id) {
                     self.drv_goals.remove(&d.drv_path);
-                }
-                if let Some(j) = &d.job {
-                    j.cancel();
                 }
             }
             Kind::Subst(s) => {
@@ -353,6 +346,21 @@ impl Worker {
             }
             self.maybe_cancel(w);
         }
+    }
+
+    /// A goal nobody waits for and no request wants is cancelled.
+    pub(super) fn maybe_cancel(&mut self, id: GoalId) {
+        let Some(g) = self.goals.get(&id) else { return };
+        if !g.waiters.is_empty() || !g.requests.is_empty() || g.result.is_some() {
+            return;
+        }
+        let g = self.goals.remove(&id).expect("present");
+        if let Kind::Drv(d) = &g.kind {
+            if let Some(j) = &d.job {
+                j.cancel();
+            }
+        }
+        self.forget(id, g);
     }
 
     pub(super) fn done(&mut self, id: GoalId, exit: Exit, result: BuildResult) {
@@ -400,7 +408,6 @@ impl Worker {
         };
         let waiters: Vec<GoalId> = g.waiters.drain().collect();
         let requests: Vec<RequestId> = g.requests.iter().copied().collect();
-        let key = g.key.clone();
         let finished_drv = match self.goals.get(&id).map(|g| &g.kind) {
             Some(Kind::Drv(d)) => Some(d.drv_path.clone()),
             _ => None,
@@ -424,31 +431,7 @@ impl Worker {
         }
         // Remove the goal; later requests for the same path start a fresh one.
         if let Some(g) = self.goals.remove(&id) {
-            self.awake.remove(&(key.clone(), id));
-            self.wanting_to_build.remove(&(key.clone(), id));
-            self.wanting_local.remove(&(key.clone(), id));
-            self.wanting_to_substitute.remove(&(key, id));
-            match &g.kind {
-                Kind::Drv(d) => {
-                    if self.drv_goals.get(&d.drv_path) == Some(&id) {
-                        self.drv_goals.remove(&d.drv_path);
-                    }
-                }
-                Kind::Subst(s) => {
-                    if self.subst_goals.get(&s.path) == Some(&id) {
-                        self.subst_goals.remove(&s.path);
-                    }
-                }
-            }
-            for r in &g.roots {
-                self.cfg.store.remove_temp_root(r);
-            }
-            for w in g.waitees {
-                if let Some(wg) = self.goals.get_mut(&w) {
-                    wg.waiters.remove(&id);
-                }
-                self.maybe_cancel(w);
-            }
+            self.forget(id, g);
         }
         // The reference wakes every goal that waits for "any goal" when one finishes.
         for w in std::mem::take(&mut self.waiting_for_any_goal) {
