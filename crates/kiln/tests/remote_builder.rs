@@ -49,6 +49,25 @@ fn keygen(path: &Path) {
     assert!(st.success());
 }
 
+/// Writes an executable script.
+fn executable(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// `kiln store path-info PATH` on the kiln machine's store (at `store` under `root`).
+fn path_info_on(root: &Path, store: &Path, path: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--root")
+        .arg(root)
+        .arg("--store-dir")
+        .arg(store)
+        .args(["store", "path-info", path])
+        .output()
+        .unwrap()
+}
+
 /// An sshd on a free loopback port that lets the run's key log in as root.
 fn sshd(dir: &Path) -> Sshd {
     std::fs::create_dir_all("/run/sshd").unwrap();
@@ -97,7 +116,6 @@ fn sshd(dir: &Path) -> Sshd {
 /// The programs the machines' entries run on the remote: kiln on the remote's store, in
 /// its sandbox (the store's files are not at its logical path there).
 fn remote_programs(dir: &Path, remote_root: &Path, store: &Path) -> (PathBuf, PathBuf) {
-    use std::os::unix::fs::PermissionsExt;
     let kiln = env!("CARGO_BIN_EXE_kiln");
     let common = format!(
         "{kiln} --root {} --store-dir {} --option sandbox true --option sandbox-paths '/bin /usr /lib /lib64?'",
@@ -105,24 +123,19 @@ fn remote_programs(dir: &Path, remote_root: &Path, store: &Path) -> (PathBuf, Pa
         store.display()
     );
     let serve = dir.join("remote-serve");
-    std::fs::write(
+    executable(
         &serve,
-        format!(
+        &format!(
             "#!/bin/sh\n# Run as 'remote-serve --serve --write' for ssh:// stores.\n\
              w=; for a in \"$@\"; do [ \"$a\" = --write ] && w=--write; done\n\
              exec {common} store serve $w\n"
         ),
-    )
-    .unwrap();
+    );
     let stdio = dir.join("remote-daemon");
-    std::fs::write(
+    executable(
         &stdio,
-        format!("#!/bin/sh\n# Run as 'remote-daemon --stdio' for ssh-ng:// stores.\nexec {common} daemon --stdio\n"),
-    )
-    .unwrap();
-    for p in [&serve, &stdio] {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
+        &format!("#!/bin/sh\n# Run as 'remote-daemon --stdio' for ssh-ng:// stores.\nexec {common} daemon --stdio\n"),
+    );
     (serve, stdio)
 }
 
@@ -165,14 +178,7 @@ fn check(out: &std::process::Output, tag: &str, remote_root: &Path, kiln_store: 
         format!("{tag} built remotely\n")
     );
     // Registered in the remote's database, not only on its disk.
-    let st = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .arg("--root")
-        .arg(remote_root)
-        .arg("--store-dir")
-        .arg(kiln_store)
-        .args(["store", "path-info", path])
-        .output()
-        .unwrap();
+    let st = path_info_on(remote_root, kiln_store, path);
     assert!(
         st.status.success(),
         "{}",
@@ -335,7 +341,6 @@ fn nix_machine_programs(
     name: &str,
     bin: Option<&Path>,
 ) -> (PathBuf, PathBuf, PathBuf) {
-    use std::os::unix::fs::PermissionsExt;
     let m = dir.join(name);
     for sub in ["store", "state", "log", "conf"] {
         std::fs::create_dir_all(m.join(sub)).unwrap();
@@ -354,18 +359,16 @@ fn nix_machine_programs(
             None => prog.to_string(),
         };
         let p = dir.join(format!("{name}-{suffix}"));
-        std::fs::write(
+        executable(
             &p,
-            format!(
+            &format!(
                 "#!/bin/sh\nexec unshare -m --propagation private sh -c 'mount --bind {m}/store {store} && \
                  exec env NIX_STORE_DIR={store} NIX_STATE_DIR={m}/state NIX_LOG_DIR={m}/log \
                  NIX_CONF_DIR={m}/conf NIX_REMOTE=local HOME={m} {prog} \"$@\"' {prog} \"$@\"\n",
                 m = m.display(),
                 store = store.display(),
             ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        );
         out.push(p);
     }
     (out[0].clone(), out[1].clone(), m)
@@ -511,14 +514,7 @@ fn kiln_offloads_to_kiln_and_nix_machines_over_ssh_and_ssh_ng() {
     let (nix_serve, nix_stdio, nix_machine) =
         nix_machine_programs(&d, &m.store, "nix-machine", None);
     let kiln_path_info = |path: &str| {
-        Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .arg("--root")
-            .arg(&m.remote_root)
-            .arg("--store-dir")
-            .arg(&m.store)
-            .args(["store", "path-info", path])
-            .output()
-            .unwrap()
+        path_info_on(&m.remote_root, &m.store, path)
             .status
             .success()
     };
@@ -802,16 +798,14 @@ fn an_untrusted_connection_builds_from_drv_files() {
     let machine = kiln_testkit::DaemonProcess::start(c, sock.clone());
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
     let proxy = d.join("as-nobody");
-    std::fs::write(
+    executable(
         &proxy,
-        format!(
+        &format!(
             "#!/bin/sh\n# Run as 'as-nobody --stdio'.\nexec setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3 {} {}\n",
             kiln_testkit::fixture("remote/socket-proxy.py").display(),
             sock.display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&proxy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let daemon = m.kiln_daemon(&m.entry("ssh-ng", &proxy, "127.0.0.1", 1, 1), 0);
     // Only content-addressed inputs (a source): an untrusted client may add those.
     let file = d.join("untrusted.nix");
@@ -841,18 +835,7 @@ fn an_untrusted_connection_builds_from_drv_files() {
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "a source");
     // Built there from its .drv file, which the machine now has.
     let drv = m.nix_store(&["-q", "--deriver", &path]);
-    let on_machine = |p: &str| {
-        Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .arg("--root")
-            .arg(&m.remote_root)
-            .arg("--store-dir")
-            .arg(&m.store)
-            .args(["store", "path-info", p])
-            .output()
-            .unwrap()
-            .status
-            .success()
-    };
+    let on_machine = |p: &str| path_info_on(&m.remote_root, &m.store, p).status.success();
     assert!(
         on_machine(drv.trim()),
         "the .drv was not sent to the machine"
@@ -863,7 +846,6 @@ fn an_untrusted_connection_builds_from_drv_files() {
 
 #[test]
 fn with_builders_use_substitutes_the_machine_substitutes_inputs_itself() {
-    use std::os::unix::fs::PermissionsExt;
     let test = "with_builders_use_substitutes_the_machine_substitutes_inputs_itself";
     if !nix_or_skip(test) || !have_sshd(test) {
         return;
@@ -880,8 +862,7 @@ fn with_builders_use_substitutes_the_machine_substitutes_inputs_itself() {
             cache.display()
         ),
     );
-    std::fs::write(&program, wrapper).unwrap();
-    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    executable(&program, &wrapper);
     let daemon = m.kiln_daemon_with(
         &m.entry("ssh-ng", &program, "127.0.0.1", 1, 1),
         0,
@@ -945,7 +926,6 @@ fn with_builders_use_substitutes_the_machine_substitutes_inputs_itself() {
 
 #[test]
 fn post_build_hook_runs_for_builds_done_elsewhere() {
-    use std::os::unix::fs::PermissionsExt;
     let test = "post_build_hook_runs_for_builds_done_elsewhere";
     if !nix_or_skip(test) || !have_sshd(test) {
         return;
@@ -954,15 +934,13 @@ fn post_build_hook_runs_for_builds_done_elsewhere() {
     let d = m.dir.path();
     let hook = d.join("post-hook");
     let seen = d.join("hook-saw");
-    std::fs::write(
+    executable(
         &hook,
-        format!(
+        &format!(
             "#!/bin/sh\necho \"$DRV_PATH $OUT_PATHS\" >> {}\necho the hook ran\n",
             seen.display()
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let daemon = m.kiln_daemon_with(
         &m.entry("ssh-ng", &m.stdio, "127.0.0.1", 1, 1),
         0,
