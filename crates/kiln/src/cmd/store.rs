@@ -534,10 +534,9 @@ pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
             // With --repair, damaged paths are substituted again (the configured caches)
             // or rebuilt, by a scheduler of this process.
             let store = std::sync::Arc::new(store);
+            let bs = std::sync::Arc::new(kiln_build::BuildSettings::from_settings(&settings));
             let scheduler = repair.then(|| {
-                let bs = kiln_build::BuildSettings::from_settings(&settings);
                 kiln_build::Scheduler::start(kiln_build::SchedulerConfig {
-                    max_jobs: bs.max_jobs,
                     max_substitution_jobs: bs.max_substitution_jobs,
                     substituter: Some(kiln_substitute::for_store(&store, &settings)),
                     ..kiln_build::SchedulerConfig::local(store.clone(), bs.max_jobs)
@@ -547,9 +546,7 @@ pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                 .as_ref()
                 .map(|s| kiln_build::repair::SchedulerRepairer {
                     scheduler: s,
-                    settings: std::sync::Arc::new(kiln_build::BuildSettings::from_settings(
-                        &settings,
-                    )),
+                    settings: bs.clone(),
                 });
             let r = verify::verify_store(
                 &store,
