@@ -190,6 +190,49 @@ mod tests {
         let t = apply(&base, &o, Trust::Trusted, false);
         assert_eq!(t.settings.get("sandbox"), "false");
         assert!(t.warnings.iter().any(|w| w.contains("no-such-setting")));
+        // An untrusted client cannot send builds to machines of its choosing (where its
+        // builders could read them, or answer with outputs of their own); it may only
+        // clear the daemon's, keeping its builds here.
+        let mut with_machines = base.clone();
+        with_machines
+            .set("builders", "ssh://trusted-builder")
+            .unwrap();
+        let evil = apply(
+            &with_machines,
+            &opts(&[("builders", "ssh://evil.example")]),
+            Trust::Untrusted,
+            false,
+        );
+        assert_eq!(evil.build.builders, "ssh://trusted-builder");
+        let none = apply(
+            &with_machines,
+            &opts(&[("builders", "")]),
+            Trust::Untrusted,
+            false,
+        );
+        assert_eq!(none.build.builders, "");
+        let trusted = apply(
+            &with_machines,
+            &opts(&[("builders", "ssh://mine")]),
+            Trust::Trusted,
+            false,
+        );
+        assert_eq!(trusted.build.builders, "ssh://mine");
+        // Nor run programs of its choosing as the daemon's hooks.
+        let hooks = apply(
+            &base,
+            &opts(&[
+                ("pre-build-hook", "/tmp/x"),
+                ("post-build-hook", "/tmp/x"),
+                ("diff-hook", "/tmp/x"),
+                ("run-diff-hook", "true"),
+            ]),
+            Trust::Untrusted,
+            false,
+        );
+        assert_eq!(hooks.build.pre_build_hook, None);
+        assert_eq!(hooks.build.post_build_hook, None);
+        assert_eq!(hooks.build.diff_hook, None);
         // A setting kiln accepts but does not implement is not taken in silence.
         let m = apply(&base, &opts(&[("min-free", "1000")]), Trust::Trusted, false);
         assert_eq!(
