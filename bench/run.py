@@ -300,7 +300,7 @@ def bench_ca(args):
     drvs = b.prepare(content_addressed(expr), names)
     b.run_pair("1,000 floating CA derivations (DAG, 10 layers × 100)", drvs, 1000)
     b.restore()
-    subprocess.run(b.kiln_cmd("build", "-Q", "-j", b.jobs, *drvs), check=True, capture_output=True)
+    subprocess.run(b.kiln_cmd("build", "--no-out-link", "-Q", "-j", b.jobs, *drvs), check=True, capture_output=True)
     b.run_pair("no-op rebuild of the 1,000 (all realised)", drvs, 1000, setup=lambda: None)
     expr, names = chain_nix(300)
     drvs = b.prepare(content_addressed(expr), names)
@@ -363,7 +363,7 @@ class DrvBench:
 
     def run_pair(self, name, drvs, per, setup=None, runs=3):
         setup = setup or self.restore
-        kcmd = self.kiln_cmd("build", "-Q", "-j", self.jobs, *drvs)
+        kcmd = self.kiln_cmd("build", "--no-out-link", "-Q", "-j", self.jobs, *drvs)
         # kiln's state dir is Nix's (NIX_STATE_DIR = root/var): both use the same database.
         ncmd = ["nix-store", "--realise", "--max-jobs", self.jobs, *drvs]
         kw, kc = measure(kcmd, runs=runs, setup=setup)
@@ -393,7 +393,7 @@ def bench_build(args):
     b.run_pair("1,000 trivial derivations (DAG, 10 layers × 100)", drvs, 1000)
     # No-op: everything valid (built once, then realised again).
     b.restore()
-    subprocess.run(b.kiln_cmd("build", "-Q", "-j", jobs, *drvs), check=True, capture_output=True)
+    subprocess.run(b.kiln_cmd("build", "--no-out-link", "-Q", "-j", jobs, *drvs), check=True, capture_output=True)
     b.run_pair("no-op rebuild of the 1,000 (all valid)", drvs, 1000, setup=lambda: None)
     expr, names = chain_nix(300)
     drvs = b.prepare(expr, names)
@@ -427,7 +427,7 @@ def bench_build(args):
                 best = (engine, wall, cpu)
         return best
 
-    ke, kw, kc = engine_time(b.kiln_cmd("build", "-Q", *drvs))
+    ke, kw, kc = engine_time(b.kiln_cmd("build", "--no-out-link", "-Q", *drvs))
     ne, nw, nc = engine_time(["nix-store", "--realise", *drvs], env=b.env)
     print(f"| ~1 GiB output in ~20k files (builder: cp -r) | {kw:.3f} s | {kc:.3f} s | {nw:.3f} s | {nc:.3f} s | {nw / kw:.1f}x / {nc / kc:.1f}x |")
     print(f"\nTime added to the builder's own (wall minus the builder's copy, best of 3): kiln {ke:.3f} s, "

@@ -2,6 +2,8 @@
 //!
 //! ```toml
 //! system = "x86_64-linux"          # optional; default: this machine
+//! default = "hello"                 # optional: what `kiln build FILE` builds (default: all)
+//! sandbox-paths = ["/bin", "/usr"]  # optional: host paths the builders need (see below)
 //!
 //! [derivations.greeting]
 //! builder = "/bin/sh"
@@ -25,6 +27,11 @@
 //! reference also makes the dependency, as Nix's string context does. The environment
 //! gets `name`, `system`, `builder` and (with several outputs) `outputs`, like Nix's
 //! `derivation`, and the output paths are computed exactly as Nix and Guix compute them.
+//!
+//! `sandbox-paths` is not part of any derivation: it is added to the `sandbox-paths`
+//! setting of the `kiln build` run that builds the file, as `--option sandbox-paths` would
+//! be, because a recipe's builders are host programs. It is the recipe's author's say, so
+//! only a command run by the person holding the file honours it; a daemon never reads it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -58,6 +65,8 @@ pub struct Recipe {
     file: PathBuf,
     system: Option<String>,
     entries: BTreeMap<String, Entry>,
+    default: Vec<String>,
+    sandbox_paths: Vec<String>,
 }
 
 fn str_list(file: &Path, v: &toml::Value, what: &str) -> Result<Vec<String>> {
@@ -82,8 +91,17 @@ impl Recipe {
         let table: toml::Table = text.parse().map_err(|e| bad(file, e))?;
         let mut system = None;
         let mut entries = BTreeMap::new();
+        let mut default = Vec::new();
+        let mut sandbox_paths = Vec::new();
         for (k, v) in &table {
             match k.as_str() {
+                "default" => {
+                    default = match v {
+                        toml::Value::String(s) => vec![s.clone()],
+                        _ => str_list(file, v, "default")?,
+                    }
+                }
+                "sandbox-paths" => sandbox_paths = str_list(file, v, "sandbox-paths")?,
                 "system" => {
                     system = Some(
                         v.as_str()
@@ -178,16 +196,41 @@ impl Recipe {
         if entries.is_empty() {
             return Err(bad(file, "no [derivations.NAME] tables"));
         }
+        for d in &default {
+            if !entries.contains_key(d) {
+                return Err(bad(
+                    file,
+                    format!("'default' names '{d}', which is not a derivation of the file"),
+                ));
+            }
+        }
         Ok(Recipe {
             file: file.to_path_buf(),
             system,
             entries,
+            default,
+            sandbox_paths,
         })
     }
 
     /// The derivation names, in file order (sorted).
     pub fn names(&self) -> Vec<String> {
         self.entries.keys().cloned().collect()
+    }
+
+    /// The derivations built when none is named: the file's `default`, or all of them.
+    pub fn default_names(&self) -> Vec<String> {
+        if self.default.is_empty() {
+            self.names()
+        } else {
+            self.default.clone()
+        }
+    }
+
+    /// Host paths the recipe's builders need in the sandbox (its `sandbox-paths`, in the
+    /// setting's syntax: `PATH`, `INSIDE=OUTSIDE`, a trailing `?` for optional ones).
+    pub fn sandbox_paths(&self) -> &[String] {
+        &self.sandbox_paths
     }
 
     /// Writes every derivation (in dependency order) to the store; returns name → `.drv`.

@@ -31,7 +31,8 @@ impl T {
             "false",
         ]);
         c.args(["--option", "sandbox", "false"])
-            .env_remove("KILN_CONFIG");
+            .env_remove("KILN_CONFIG")
+            .current_dir(self.p());
         c
     }
     fn recipe(&self, name: &str, text: &str) -> PathBuf {
@@ -666,7 +667,9 @@ fn hook_accept_decline_postpone() {
 }
 
 /// The README's main job, taken from the README itself and run as written (with the built
-/// binary for `cargo run`), in a fresh per-user store: it builds, and `hello` runs.
+/// binary for `cargo run`), in a fresh per-user store and a copy of `examples/`: it builds,
+/// prints the one output it names, leaves `result` pointing at it, `result/bin/hello` runs,
+/// and the next collection keeps it.
 #[test]
 fn the_readmes_main_job_builds_and_runs() {
     let root = kiln_testkit::workspace_root();
@@ -680,32 +683,54 @@ fn the_readmes_main_job_builds_and_runs() {
         .strip_prefix("cargo run --release -p kiln --")
         .expect("the main job is `cargo run --release -p kiln -- ...`");
     let home = tempfile::tempdir().unwrap();
-    let o = Command::new("sh")
-        .arg("-c")
-        .arg(format!("exec \"$KILN\" {args}"))
-        .env("KILN", env!("CARGO_BIN_EXE_kiln"))
-        .env("HOME", home.path())
-        .env("XDG_DATA_HOME", home.path().join("data"))
-        .env_remove("KILN_CONFIG")
-        .current_dir(&root)
-        .output()
-        .unwrap();
+    // A checkout of our own: the command leaves `result` in its working directory.
+    let work = home.path().join("checkout");
+    std::fs::create_dir_all(work.join("examples")).unwrap();
+    for e in std::fs::read_dir(root.join("examples")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), work.join("examples").join(e.file_name())).unwrap();
+    }
+    let kiln = |args: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec \"$KILN\" {args}"))
+            .env("KILN", env!("CARGO_BIN_EXE_kiln"))
+            .env("HOME", home.path())
+            .env("XDG_DATA_HOME", home.path().join("data"))
+            .env_remove("KILN_CONFIG")
+            .current_dir(&work)
+            .output()
+            .unwrap()
+    };
+    let o = kiln(args);
     assert!(o.status.success(), "{command}: {}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    let hello = out
-        .lines()
-        .find(|l| l.ends_with("-hello"))
-        .unwrap_or_else(|| panic!("no hello output: {out}"));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "one path, the one asked for: {out}");
+    let hello = lines[0];
+    assert!(hello.ends_with("-hello"), "{hello}");
     let store = home.path().join("data/kiln/store");
     assert!(hello.starts_with(&*store.to_string_lossy()), "{hello}");
-    let run = Command::new(Path::new(hello).join("bin/hello"))
-        .output()
-        .unwrap();
-    assert!(run.status.success());
     assert_eq!(
-        String::from_utf8_lossy(&run.stdout),
-        "Hello from kiln!\nKILN BUILDS WHAT YOU ASK FOR, EXACTLY.\n"
+        std::fs::read_link(work.join("result")).unwrap(),
+        Path::new(hello)
     );
+    let hello_says = |bin: &Path| {
+        let run = Command::new(bin).output().unwrap();
+        assert!(run.status.success());
+        String::from_utf8_lossy(&run.stdout).into_owned()
+    };
+    const SAYS: &str = "Hello from kiln!\nKILN BUILDS WHAT YOU ASK FOR, EXACTLY.\n";
+    assert_eq!(hello_says(&work.join("result/bin/hello")), SAYS);
+    // `result` is a root: a collection keeps hello and what it refers to.
+    let gc = kiln("store gc");
+    assert!(gc.status.success(), "{}", stderr(&gc));
+    assert_eq!(hello_says(&work.join("result/bin/hello")), SAYS);
+    // Without the link, the same collection removes it.
+    std::fs::remove_file(work.join("result")).unwrap();
+    let gc = kiln("store gc");
+    assert!(gc.status.success(), "{}", stderr(&gc));
+    assert!(!Path::new(hello).exists(), "collected once unrooted");
 }
 
 #[test]
@@ -740,4 +765,51 @@ fn verify_repair_rebuilds_a_damaged_output() {
     let mut c = t.kiln();
     c.args(["store", "verify", "--check-contents"]);
     assert!(c.output().unwrap().status.success());
+}
+
+/// `result` links as nix-build names them: `result` and `result-doc` for the first
+/// target's outputs, `result-2` for the second's; `-o` renames them; `--no-out-link`
+/// leaves none; a recipe's `default` must name one of its derivations.
+#[test]
+fn result_links_are_named_as_nix_build_names_them() {
+    let t = T::new();
+    let r = t.recipe(
+        "r.toml",
+        &format!(
+            "[derivations.two]\n{SH}args = [\"-c\", \"echo a > $out; echo b > $doc\"]\noutputs = [\"out\", \"doc\"]\n\
+             [derivations.one]\n{SH}args = [\"-c\", \"echo c > $out\"]\n"
+        ),
+    );
+    let o = t.build(&r, &["-A", "two", "-A", "one"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read = |name: &str| std::fs::read_to_string(t.p().join(name)).unwrap();
+    assert_eq!(read("result"), "a\n");
+    assert_eq!(read("result-doc"), "b\n");
+    assert_eq!(read("result-2"), "c\n");
+    let o = t.build(&r, &["-A", "one", "-o", "mine"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(read("mine"), "c\n");
+    std::fs::remove_file(t.p().join("result-2")).unwrap();
+    let o = t.build(&r, &["-A", "one", "--no-out-link"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!t.p().join("result-2").exists() && read("result") == "a\n");
+    // Each link is registered as a root under gcroots/auto.
+    let auto = t.p().join("var/gcroots/auto");
+    let mut roots: Vec<PathBuf> = std::fs::read_dir(&auto)
+        .unwrap()
+        .map(|e| std::fs::read_link(e.unwrap().path()).unwrap())
+        .collect();
+    roots.sort();
+    assert!(roots.contains(&t.p().join("result")) && roots.contains(&t.p().join("mine")));
+    let bad = t.recipe(
+        "bad.toml",
+        &format!("default = \"nope\"\n[derivations.one]\n{SH}args = [\"-c\", \"echo c > $out\"]\n"),
+    );
+    let o = t.build(&bad, &[]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("'default' names 'nope', which is not a derivation of the file"),
+        "{}",
+        stderr(&o)
+    );
 }

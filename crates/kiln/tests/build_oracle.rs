@@ -99,7 +99,7 @@ fn kiln_builds_what_nix_builds() {
     };
     let mut kouts = Vec::new();
     for a in attrs {
-        let o = kiln(&["build", &drvs[a]]);
+        let o = kiln(&["build", "--no-out-link", &drvs[a]]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         kouts.extend(
             String::from_utf8_lossy(&o.stdout)
@@ -118,9 +118,17 @@ fn kiln_builds_what_nix_builds() {
     let log = nix.run("nix-store", &["--read-log", &drvs["top"]]);
     assert!(log.contains("building top"), "{log}");
     // Failures: same exit statuses.
-    let kf = kiln(&["build", &instantiate(&nix, &["failing"])["failing"]]);
+    let kf = kiln(&[
+        "build",
+        "--no-out-link",
+        &instantiate(&nix, &["failing"])["failing"],
+    ]);
     assert_eq!(kf.status.code(), nix_fail.status.code(), "failing builder");
-    let kb = kiln(&["build", &instantiate(&nix, &["badHash"])["badHash"]]);
+    let kb = kiln(&[
+        "build",
+        "--no-out-link",
+        &instantiate(&nix, &["badHash"])["badHash"],
+    ]);
     assert_eq!(
         kb.status.code(),
         nix_bad.status.code(),
@@ -222,7 +230,7 @@ fn kiln_builds_content_addressed_derivations_as_nix_does() {
         let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
             .args(nix.kiln_args())
             .args(["--option", "sandbox", "false"])
-            .args(["build", &drvs[a]])
+            .args(["build", "--no-out-link", &drvs[a]])
             .output()
             .unwrap();
         assert!(

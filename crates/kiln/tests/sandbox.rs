@@ -58,6 +58,7 @@ impl T {
                 "sandbox",
                 if sandbox { "true" } else { "false" },
             ])
+            .current_dir(self.p())
             .args(["--option", "sandbox-fallback", "false"])
             .args(["--option", "sandbox-paths", TOOLS])
             .env_remove("KILN_CONFIG");
@@ -840,6 +841,7 @@ fn a_store_under_a_root_is_built_at_its_logical_paths() {
     let root = t.p().join("root");
     let run = |sandbox: &str| {
         Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .current_dir(t.p())
             .arg("--root")
             .arg(&root)
             .args(["--option", "sandbox", sandbox])

@@ -31,6 +31,10 @@ impl K {
             .args(["--option", "gc-runtime-roots", "false"])
             .args(["--option", "sandbox", "false"])
             .env_remove("KILN_CONFIG");
+        // `result` links of builds land beside the stores, not in the source tree.
+        if let Some(base) = self.store_dir.parent() {
+            c.current_dir(base);
+        }
         if let Some(r) = &self.root {
             c.arg("--root").arg(r);
         }

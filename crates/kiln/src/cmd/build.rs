@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
@@ -59,6 +59,14 @@ pub struct BuildArgs {
     /// Print Guix's `@ build-started …` trace lines on standard error.
     #[arg(long)]
     print_build_trace: bool,
+    /// Name of the garbage collector roots left pointing at the outputs: `result` for the
+    /// first target's `out`, `result-dev` for its `dev`, `result-2` for the second target's,
+    /// as `nix-build` names them.
+    #[arg(long, short = 'o', value_name = "NAME", default_value = "result")]
+    out_link: PathBuf,
+    /// Leave no `result` links (the outputs may then be collected by the next GC).
+    #[arg(long)]
+    no_out_link: bool,
 }
 
 #[derive(Debug, Args)]
@@ -234,6 +242,13 @@ pub(super) fn realise(
     Ok(result)
 }
 
+/// A recipe file on the command line, with the derivations asked of it.
+struct RecipeTarget {
+    recipe: Recipe,
+    file: String,
+    names: Vec<String>,
+}
+
 pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
     let (store, mut settings) = args.open()?;
     if let Some(j) = &b.max_jobs {
@@ -263,6 +278,24 @@ pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
     if b.print_build_trace {
         settings.set("print-build-trace", "true")?;
     }
+    // Recipes first: their host paths join this run's `sandbox-paths`.
+    let mut recipes = Vec::new();
+    for t in b.targets.iter().filter(|t| t.ends_with(".toml")) {
+        let recipe = Recipe::load(&PathBuf::from(t))?;
+        let names = if b.attrs.is_empty() {
+            recipe.default_names()
+        } else {
+            b.attrs.clone()
+        };
+        if !recipe.sandbox_paths().is_empty() {
+            settings.set("extra-sandbox-paths", &recipe.sandbox_paths().join(" "))?;
+        }
+        recipes.push(RecipeTarget {
+            recipe,
+            file: t.clone(),
+            names,
+        });
+    }
     let mut bs = BuildSettings::from_settings(&settings);
     // The person running the command owns a kept build directory.
     bs.client = Some((
@@ -271,19 +304,17 @@ pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
     ));
     let store = Arc::new(store);
     let mut targets = Vec::new();
+    let mut recipes = recipes.into_iter();
     for t in &b.targets {
         if t.ends_with(".toml") {
-            let recipe = Recipe::load(&PathBuf::from(t))?;
-            let drvs = recipe.instantiate(&store, &bs.system)?;
-            let names = if b.attrs.is_empty() {
-                recipe.names()
-            } else {
-                b.attrs.clone()
+            let Some(r) = recipes.next() else {
+                continue;
             };
-            for n in names {
+            let drvs = r.recipe.instantiate(&store, &bs.system)?;
+            for n in &r.names {
                 let drv = drvs
-                    .get(&n)
-                    .with_context(|| format!("recipe '{t}' has no derivation '{n}'"))?;
+                    .get(n)
+                    .with_context(|| format!("recipe '{}' has no derivation '{n}'", r.file))?;
                 targets.push(Target::Derivation {
                     drv: drv.clone(),
                     outputs: BTreeSet::new(),
@@ -333,24 +364,52 @@ pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
         },
     )?;
     let code = result.exit_code();
-    let mut paths = Vec::new();
-    for (t, r) in &result.results {
+    // (link name suffix, path) per output asked for, in nix-build's order and naming.
+    let mut built: Vec<(String, StorePath)> = Vec::new();
+    for (i, (t, r)) in result.results.iter().enumerate() {
+        if !r.success() {
+            continue;
+        }
+        let target_suffix = if i == 0 {
+            String::new()
+        } else {
+            format!("-{}", i + 1)
+        };
         match t {
             Target::Derivation { outputs, .. } => {
                 for (n, p) in &r.outputs {
-                    if (outputs.is_empty() || outputs.contains(n)) && r.success() {
-                        paths.push(store.print(p));
+                    if outputs.is_empty() || outputs.contains(n) {
+                        let out_suffix = if n == "out" {
+                            String::new()
+                        } else {
+                            format!("-{n}")
+                        };
+                        built.push((format!("{target_suffix}{out_suffix}"), p.clone()));
                     }
                 }
             }
-            Target::Path(p) | Target::Basic { drv_path: p, .. } if r.success() => {
-                paths.push(store.print(p))
+            Target::Path(p) | Target::Basic { drv_path: p, .. } => {
+                built.push((target_suffix, p.clone()))
             }
-            Target::Path(_) | Target::Basic { .. } => {}
+        }
+    }
+    let paths: Vec<String> = built.iter().map(|(_, p)| store.print(p)).collect();
+    // `result` links, registered as indirect roots (as nix-build's): what was just built
+    // stays until the link is removed.
+    let mut links = Vec::new();
+    if !b.no_out_link {
+        for (suffix, p) in &built {
+            let mut name = b.out_link.clone().into_os_string();
+            name.push(suffix);
+            let link = kiln_store::roots::add_perm_root(store.layout(), p, Path::new(&name))
+                .with_context(|| format!("leaving the link '{}'", name.to_string_lossy()))?;
+            links.push(link.to_string_lossy().into_owned());
         }
     }
     if b.json {
-        json_line(serde_json::json!({"event": "result", "exit": code, "outputs": paths}));
+        json_line(
+            serde_json::json!({"event": "result", "exit": code, "outputs": paths, "links": links}),
+        );
     } else {
         let mut o = std::io::stdout().lock();
         for p in &paths {
