@@ -61,6 +61,41 @@ pub enum Event {
         expected: String,
         actual: String,
     },
+    /// A derivation goal that will build moved on to waiting for something, or to
+    /// registering its outputs (for timelines: the spans between `BuildQueued`,
+    /// `BuildStarted` and `BuildFinished`).
+    Phase {
+        drv: String,
+        phase: Phase,
+    },
+}
+
+/// What a derivation goal waits for or does before and after its builder runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Its input derivations' goals (their `.drv` paths), which it waits for.
+    Inputs { inputs: Vec<String> },
+    /// The lock on its outputs, held by another process.
+    Lock,
+    /// A free build slot, here or on a build machine.
+    Slot,
+    /// It has a slot here: its build directory and sandbox are being set up.
+    Setup,
+    /// Its builder ended: outputs are checked, scanned, hashed and registered.
+    Registering,
+}
+
+impl Phase {
+    /// The phase's name in JSON and timelines.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Inputs { .. } => "inputs",
+            Phase::Lock => "lock",
+            Phase::Slot => "slot",
+            Phase::Setup => "setup",
+            Phase::Registering => "registering",
+        }
+    }
 }
 
 /// Receives events; implemented by the command line's progress display and by daemon
@@ -120,7 +155,74 @@ impl Event {
             Event::BuildLog { .. }
             | Event::Message { .. }
             | Event::BuildQueued { .. }
-            | Event::SubstitutionQueued { .. } => None,
+            | Event::SubstitutionQueued { .. }
+            | Event::Phase { .. } => None,
+        }
+    }
+
+    /// The event as `kiln build --json` prints it (`docs/build-events.md`); the daemon's
+    /// `json-log-path` writes the same objects.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            Event::BuildStarted {
+                drv,
+                system,
+                log_file,
+                pid,
+                round,
+                rounds,
+                machine,
+            } => json!({
+                "event": "build-started", "drv": drv, "system": system, "log": log_file,
+                "pid": pid, "round": round, "rounds": rounds, "machine": machine
+            }),
+            Event::BuildLog { drv, data, .. } => json!({
+                "event": "log", "drv": drv, "bytes": data.len(), "text": String::from_utf8_lossy(data)
+            }),
+            Event::BuildFinished { drv, result } => json!({
+                "event": "build-finished", "drv": drv, "status": result.status.name(),
+                "error": result.error, "timesBuilt": result.times_built,
+                "outputs": result.outputs.iter().map(|(k, v)| (k.clone(), v.to_string()))
+                    .collect::<std::collections::BTreeMap<_, _>>(),
+                "cpuUser": result.cpu_user.map(|d| d.as_secs_f64()),
+                "cpuSystem": result.cpu_system.map(|d| d.as_secs_f64()),
+                "memoryPeak": result.memory_peak
+            }),
+            Event::SubstitutionStarted { path } => {
+                json!({"event": "substitution-started", "path": path})
+            }
+            Event::BuildQueued { drv } => json!({"event": "build-queued", "drv": drv}),
+            Event::SubstitutionQueued {
+                path,
+                download_size,
+                nar_size,
+            } => json!({
+                "event": "substitution-queued", "path": path, "downloadSize": download_size,
+                "narSize": nar_size
+            }),
+            Event::SubstitutionFinished { path, ok, error } => {
+                json!({"event": "substitution-finished", "path": path, "ok": ok, "error": error})
+            }
+            Event::Message { level, text } => {
+                json!({"event": "message", "level": level, "text": text})
+            }
+            Event::HashMismatch {
+                path,
+                algo,
+                expected,
+                actual,
+            } => json!({
+                "event": "hash-mismatch", "path": path, "algo": algo, "expected": expected,
+                "actual": actual
+            }),
+            Event::Phase { drv, phase } => {
+                let mut v = json!({"event": "phase", "drv": drv, "phase": phase.name()});
+                if let Phase::Inputs { inputs } = phase {
+                    v["inputs"] = json!(inputs);
+                }
+                v
+            }
         }
     }
 }

@@ -55,6 +55,8 @@ pub enum JobEvent {
         machine: String,
     },
     Log(Arc<[u8]>),
+    /// The builder ended; its outputs are being checked and registered.
+    Registering,
 }
 
 /// Shared between the scheduler and a running job.
@@ -1295,6 +1297,7 @@ fn build_round(
         // A build user whose processes could not be killed must not have its files looked
         // at (reported now that the rest is cleaned up).
         killed?;
+        (spec.events)(JobEvent::Registering);
         // Whatever the builder left in the sandbox's store comes out (made safe), so that
         // what follows handles outputs at their real paths, sandbox or not.
         if let Some(sb) = &sandbox {

@@ -32,9 +32,10 @@ pub mod sandbox;
 pub mod scheduler;
 pub mod settings;
 pub mod substituter;
+pub mod timeline;
 
 pub use error::{Error, Result};
-pub use event::{Event, EventSink, NoEvents};
+pub use event::{Event, EventSink, NoEvents, Phase};
 pub use job::BuildMode;
 pub use result::{BuildResult, BuildStatus, FailureDetail, FailureKinds};
 pub use scheduler::{

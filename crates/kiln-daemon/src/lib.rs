@@ -24,13 +24,16 @@
 
 #![forbid(unsafe_code)]
 
+mod active;
 pub mod client_settings;
 mod messages;
+mod metrics;
 pub mod peer;
 pub mod progress;
 mod recursive;
 pub mod serve_legacy;
 pub mod session;
+pub mod watch;
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -96,6 +99,7 @@ impl Backend {
         base: &BuildSettings,
         settings: &Settings,
         daemon: Weak<Daemon>,
+        watch: Arc<watch::Watch>,
     ) -> Arc<Backend> {
         let caches = kiln_substitute::for_store(&store, settings);
         // `kiln daemon` checked the machines and the speed factor as it started.
@@ -120,6 +124,7 @@ impl Backend {
                 })),
                 remote: machines.remote,
                 local_speed_factor: machines.local_speed_factor,
+                observer: Some(watch),
             });
             Backend {
                 store,
@@ -144,6 +149,8 @@ pub struct Daemon {
     pool: Pool,
     /// This daemon, for the backends it starts (their recursive builds' sessions).
     me: Weak<Daemon>,
+    /// Every build's events: active builds, metrics, JSON log, timeline.
+    pub(crate) watch: Arc<watch::Watch>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -161,8 +168,16 @@ impl Daemon {
             store_dir: store.store_dir().clone(),
             version_string: cfg.version_string.clone(),
         };
+        let watch = Arc::new(watch::Watch::from_settings(&settings));
         Arc::new_cyclic(|me| Daemon {
-            backend: RwLock::new(Backend::start(store, &base, &settings, me.clone())),
+            backend: RwLock::new(Backend::start(
+                store,
+                &base,
+                &settings,
+                me.clone(),
+                watch.clone(),
+            )),
+            watch,
             settings,
             base: Arc::new(base),
             uid: rustix::process::geteuid().as_raw(),
@@ -204,7 +219,13 @@ impl Daemon {
             );
             let store = Arc::new(w.store.reopen()?);
             // The old scheduler stops when its last connection drops it.
-            *w = Backend::start(store, &self.base, &self.settings, self.me.clone());
+            *w = Backend::start(
+                store,
+                &self.base,
+                &self.settings,
+                self.me.clone(),
+                self.watch.clone(),
+            );
         }
         Ok(w.clone())
     }
@@ -228,6 +249,19 @@ impl Daemon {
         if let Err(e) = b.store.flush_durability() {
             tracing::error!("{e}");
         }
+        self.watch.finish();
+    }
+
+    /// The metrics in Prometheus's text format (what `--metrics` serves).
+    pub fn metrics_text(&self) -> String {
+        let clients = *self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        self.watch.metrics.render(&self.watch.active, clients)
+    }
+
+    /// Serves [`Daemon::metrics_text`] over HTTP at `GET /metrics` on `addr` (a thread of
+    /// its own); returns the address bound.
+    pub fn serve_metrics(self: &Arc<Self>, addr: &str) -> Result<std::net::SocketAddr, Error> {
+        metrics::serve(self.clone(), addr)
     }
 
     /// A fresh activity id (unique within this daemon, like Nix's pid-prefixed ids).

@@ -287,7 +287,8 @@ impl<'d> Progress<'d> {
             Event::Message { level, text } => io.log(*level as u64, text)?,
             Event::HashMismatch { .. }
             | Event::BuildQueued { .. }
-            | Event::SubstitutionQueued { .. } => {}
+            | Event::SubstitutionQueued { .. }
+            | Event::Phase { .. } => {}
         }
         Ok(())
     }

@@ -276,8 +276,19 @@ impl<'d> Session<'d> {
         let shown: BTreeSet<String> = targets.iter().map(|t| sd.display(t.path())).collect();
         let (tx, rx): (Sender<ConnMsg>, Receiver<ConnMsg>) = channel();
         let events = tx.clone();
-        let sink = Arc::new(move |e: &Event| {
-            let _ = events.send(ConnMsg::Event(e.clone()));
+        let watch = self.d.watch.clone();
+        let client = (self.peer.pid, self.peer.uid);
+        let sink = Arc::new(move |e: &Event| match e {
+            // Phases are for timelines and logs (the scheduler's observer), not clients.
+            Event::Phase { .. } => {}
+            Event::BuildQueued { drv } | Event::BuildStarted { drv, .. } => {
+                // Who waits for it, for the list of active builds.
+                watch.active.note_client(drv, client);
+                let _ = events.send(ConnMsg::Event(e.clone()));
+            }
+            _ => {
+                let _ = events.send(ConnMsg::Event(e.clone()));
+            }
         });
         let done = tx.clone();
         let id = self
@@ -1294,6 +1305,14 @@ impl Session<'_> {
                 Ok(Reply::Int(1))
             }
             Request::BuiltinBuilders => Ok(Reply::Strings(vec!["download".into()])),
+            // Any client may list the builds, as with Nix's `nix ps`: what runs on the
+            // machine (derivation names, argv) is what `ps` already shows local users.
+            Request::QueryActiveBuilds => {
+                let queued = io
+                    .proto()
+                    .has_feature(kiln_protocol::version::Feature::KilnQueuedBuilds);
+                Ok(Reply::String(self.d.watch.active.to_json(queued)))
+            }
             Request::SubstituteUrls => Ok(Reply::Strings(if self.build.use_substitutes {
                 self.settings.get_list("substituters")
             } else {

@@ -18,6 +18,9 @@ use crate::version::{Feature, Proto};
 use crate::wire::{WireReader, WireWrite, MAX_NAME, MAX_TEXT};
 use crate::Error;
 
+/// The longest `QueryActiveBuilds` answer a client reads (a few KiB per build).
+const MAX_ACTIVE_BUILDS_JSON: usize = 16 * 1024 * 1024;
+
 /// Operation numbers (`WorkerOp`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u64)]
@@ -66,6 +69,7 @@ pub enum Op {
     AddBuildLog = 45,
     BuildPathsWithResults = 46,
     AddPermRoot = 47,
+    QueryActiveBuilds = 48,
     BuiltinBuilders = 80,
     SubstituteUrls = 81,
 }
@@ -374,6 +378,8 @@ pub enum Request {
         path: StorePath,
         root: String,
     },
+    /// The builds running (and with kiln's feature, waiting), as a JSON array.
+    QueryActiveBuilds,
     BuiltinBuilders,
     SubstituteUrls,
 }
@@ -640,6 +646,7 @@ impl Request {
                 root: r.string(MAX_NAME, "GC root")?,
             },
             Op::BuiltinBuilders => Q::BuiltinBuilders,
+            Op::QueryActiveBuilds => Q::QueryActiveBuilds,
             Op::SubstituteUrls => Q::SubstituteUrls,
         })
     }
@@ -694,6 +701,7 @@ impl Request {
             Q::BuildPathsWithResults { .. } => Op::BuildPathsWithResults,
             Q::AddPermRoot { .. } => Op::AddPermRoot,
             Q::BuiltinBuilders => Op::BuiltinBuilders,
+            Q::QueryActiveBuilds => Op::QueryActiveBuilds,
             Q::SubstituteUrls => Op::SubstituteUrls,
         }
     }
@@ -759,6 +767,7 @@ impl Request {
             | Q::ImportPaths
             | Q::OptimiseStore
             | Q::BuiltinBuilders
+            | Q::QueryActiveBuilds
             | Q::SubstituteUrls => {}
             Q::ExportPath { path, sign } => {
                 w.path(sd, path)?;
@@ -1362,6 +1371,7 @@ impl Reply {
             QueryPathHash | QueryDeriver | QueryPathFromHashPart | AddPermRoot => {
                 Reply::String(r.string(MAX_NAME, "answer")?)
             }
+            QueryActiveBuilds => Reply::String(r.string(MAX_ACTIVE_BUILDS_JSON, "active builds")?),
             QueryReferences
             | QueryReferrers
             | QueryDerivationOutputs

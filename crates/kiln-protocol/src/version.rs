@@ -85,12 +85,20 @@ pub enum Feature {
     /// Build results and realisations keyed by output name and store path instead of by
     /// `sha256:<hash modulo>!out`.
     RealisationWithPathNotHash,
+    /// `QueryActiveBuilds` (op 48, `nix ps`): the running builds as a JSON string
+    /// (Determinate Nix 3.14; reserved upstream by NixOS/nix#15979).
+    QueryActiveBuilds,
+    /// kiln's own: `QueryActiveBuilds` also lists the builds still waiting, as entries of
+    /// type `queued` (which Nix's `nix ps` would refuse, so only clients that ask get them).
+    KilnQueuedBuilds,
 }
 
 impl Feature {
-    pub const ALL: [Feature; 2] = [
+    pub const ALL: [Feature; 4] = [
         Feature::DeleteDeadSpecificReferrers,
         Feature::RealisationWithPathNotHash,
+        Feature::QueryActiveBuilds,
+        Feature::KilnQueuedBuilds,
     ];
 
     /// The name on the wire.
@@ -98,6 +106,8 @@ impl Feature {
         match self {
             Feature::DeleteDeadSpecificReferrers => "delete-dead-specific-referrers",
             Feature::RealisationWithPathNotHash => "realisation-with-path-not-hash",
+            Feature::QueryActiveBuilds => "queryActiveBuilds",
+            Feature::KilnQueuedBuilds => "kiln-queued-builds",
         }
     }
 
@@ -155,7 +165,9 @@ impl Features {
 /// advertises.
 pub const SUPPORTED_FEATURES: Features = Features(
     (1 << Feature::DeleteDeadSpecificReferrers as u32)
-        | (1 << Feature::RealisationWithPathNotHash as u32),
+        | (1 << Feature::RealisationWithPathNotHash as u32)
+        | (1 << Feature::QueryActiveBuilds as u32)
+        | (1 << Feature::KilnQueuedBuilds as u32),
 );
 
 /// Where an operation exists: the Nix minor that introduced it and the one whose daemons
@@ -170,6 +182,8 @@ pub struct OpAvailability {
     /// The first minor at which Nix's daemon answers "invalid operation".
     pub nix_removed: Option<u64>,
     pub guix: bool,
+    /// The feature both sides must have named for it to exist (1.38).
+    pub feature: Option<Feature>,
 }
 
 const fn op(
@@ -186,6 +200,20 @@ const fn op(
         nix_since,
         nix_removed,
         guix,
+        feature: None,
+    }
+}
+
+/// An operation of Nix clients that exists where both sides named `feature`.
+const fn feature_op(op: Op, name: &'static str, feature: Feature) -> OpAvailability {
+    OpAvailability {
+        op,
+        number: op as u64,
+        name,
+        nix_since: Some(38),
+        nix_removed: None,
+        guix: false,
+        feature: Some(feature),
     }
 }
 
@@ -328,6 +356,11 @@ pub const OPS: &[OpAvailability] = &[
         false,
     ),
     op(Op::AddPermRoot, "AddPermRoot", Some(36), None, false),
+    feature_op(
+        Op::QueryActiveBuilds,
+        "QueryActiveBuilds",
+        Feature::QueryActiveBuilds,
+    ),
     op(Op::BuiltinBuilders, "BuiltinBuilders", None, None, true),
     op(Op::SubstituteUrls, "SubstituteURLs", None, None, true),
 ];
@@ -540,7 +573,9 @@ impl Proto {
             Dialect::Guix => a.guix,
             Dialect::Nix => {
                 let minor = self.version.minor();
-                a.nix_since.is_some_and(|s| minor >= s) && a.nix_removed.is_none_or(|r| minor < r)
+                a.nix_since.is_some_and(|s| minor >= s)
+                    && a.nix_removed.is_none_or(|r| minor < r)
+                    && a.feature.is_none_or(|f| self.has_feature(f))
             }
         };
         has.then_some(a.op)
@@ -622,6 +657,10 @@ mod tests {
         assert_eq!(nix(36).op(47), Some(Op::AddPermRoot));
         assert_eq!(nix(34).op(24), None);
         assert_eq!(nix(38).op(80), None);
+        // QueryActiveBuilds exists only where both sides named its feature.
+        assert_eq!(nix(38).op(48), None);
+        let ps = nix(38).with_features(Features::of(&[Feature::QueryActiveBuilds]));
+        assert_eq!(ps.op(48), Some(Op::QueryActiveBuilds));
         let g = Proto::guix(0x164);
         assert_eq!(g.op(24), Some(Op::QueryFailedPaths));
         assert_eq!(g.op(80), Some(Op::BuiltinBuilders));
@@ -644,8 +683,11 @@ mod tests {
         let all = Features::of(&Feature::ALL);
         assert_eq!(
             all.names(),
+            // Sorted bytewise, as Nix sends its std::set<std::string>.
             vec![
                 "delete-dead-specific-referrers",
+                "kiln-queued-builds",
+                "queryActiveBuilds",
                 "realisation-with-path-not-hash"
             ]
         );

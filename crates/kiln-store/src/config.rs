@@ -611,6 +611,20 @@ pub const SETTINGS: &[Def] = &[
         help: "report Linux 2.6 to builders",
     },
     Def {
+        name: "json-log-path",
+        aliases: &[],
+        kind: Kind::Str,
+        default: "",
+        help: "a file (appended to) or a listening Unix socket to which the daemon writes every build's events as JSON lines (docs/build-events.md); read at the daemon's start",
+    },
+    Def {
+        name: "timeline-file",
+        aliases: &[],
+        kind: Kind::Str,
+        default: "",
+        help: "a file the daemon writes a timeline of every build to (a Chrome trace, replaced at each start; `kiln timeline summary` reads it)",
+    },
+    Def {
         name: "post-build-hook",
         aliases: &[],
         kind: Kind::Str,

@@ -480,6 +480,7 @@ impl Db {
             let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
                 Ok(tx) => tx,
                 Err(e) if is_busy(&e) && attempt < 100 => {
+                    BUSY_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 100));
                     continue;
                 }
@@ -493,7 +494,10 @@ impl Db {
             match f(&tx) {
                 Ok(v) => match tx.commit() {
                     Ok(()) => return Ok(v),
-                    Err(e) if is_busy(&e) && attempt < 100 => continue,
+                    Err(e) if is_busy(&e) && attempt < 100 => {
+                        BUSY_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        continue;
+                    }
                     Err(e) => {
                         return Err(Error::Db {
                             context: what.to_string(),
@@ -501,7 +505,10 @@ impl Db {
                         })
                     }
                 },
-                Err(Error::Db { source, .. }) if is_busy(&source) && attempt < 100 => continue,
+                Err(Error::Db { source, .. }) if is_busy(&source) && attempt < 100 => {
+                    BUSY_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -1022,6 +1029,15 @@ impl Drop for Db {
             let _ = conn.query_row("pragma wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
         }
     }
+}
+
+/// Write transactions retried because another process held the database past the busy
+/// timeout, in this process (the daemon's `kiln_db_busy_retries_total`).
+static BUSY_RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many write transactions this process retried on a busy database.
+pub fn busy_retries() -> u64 {
+    BUSY_RETRIES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 pub(crate) fn is_busy(e: &rusqlite::Error) -> bool {

@@ -610,8 +610,9 @@ fn json_event_stream() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let kinds: Vec<&str> = lines.iter().map(|v| v["event"].as_str().unwrap()).collect();
-    // Announced (for progress counters), then started.
-    assert_eq!(kinds[..2], ["build-queued", "build-started"]);
+    // Announced (for progress counters), given a slot, then started.
+    assert_eq!(kinds[..3], ["build-queued", "phase", "build-started"]);
+    assert_eq!(lines[1]["phase"], "setup");
     assert!(kinds.contains(&"log"));
     let fin = lines
         .iter()
@@ -812,4 +813,188 @@ fn result_links_are_named_as_nix_build_names_them() {
         "{}",
         stderr(&o)
     );
+}
+
+/// `--timeline`: a Chrome trace of the run that `kiln timeline summary` reads back: two
+/// builds side by side in two slots, the third waiting for both, and the critical path
+/// through the slower one.
+#[test]
+fn timeline_of_a_run_and_its_summary() {
+    let t = T::new();
+    let r = t.recipe(
+        "r.toml",
+        &format!(
+            "default = \"top\"\n\
+             [derivations.quick]\n{SH}args = [\"-c\", \"echo q > $out\"]\n\
+             [derivations.slow]\n{SH}args = [\"-c\", \"sleep 0.3; echo s > $out\"]\n\
+             [derivations.top]\n{SH}args = [\"-c\", \"cat ${{quick}} ${{slow}} > $out\"]\n"
+        ),
+    );
+    let trace = t.p().join("run.trace.json");
+    let o = t.build(
+        &r,
+        &[
+            "-j",
+            "2",
+            "--no-out-link",
+            "--timeline",
+            trace.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let events: Vec<serde_json::Value> = serde_json::from_str(&text).expect("a closed JSON array");
+    let spans = |cat: &str| -> Vec<&serde_json::Value> {
+        events
+            .iter()
+            .filter(|e| e["ph"] == "X" && e["cat"] == cat)
+            .collect()
+    };
+    assert_eq!(spans("build").len(), 3, "{text}");
+    let slots: std::collections::BTreeSet<u64> = spans("build")
+        .iter()
+        .map(|e| e["tid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(slots.len(), 2, "two slots used: {text}");
+    let inputs = spans("inputs");
+    assert_eq!(inputs.len(), 1, "{text}");
+    assert!(inputs[0]["args"]["drv"]
+        .as_str()
+        .unwrap()
+        .ends_with("-top.drv"));
+    assert_eq!(inputs[0]["args"]["inputs"].as_array().unwrap().len(), 2);
+    assert_eq!(spans("registering").len(), 3, "{text}");
+    // top waited for its inputs at least as long as slow built.
+    let slow = spans("build")
+        .into_iter()
+        .find(|e| e["args"]["drv"].as_str().unwrap().ends_with("-slow.drv"))
+        .unwrap();
+    assert!(slow["dur"].as_u64().unwrap() >= 300_000, "{slow}");
+    assert!(inputs[0]["dur"].as_u64().unwrap() >= slow["dur"].as_u64().unwrap());
+    let mut c = t.kiln();
+    let s = c
+        .args(["timeline", "summary"])
+        .arg(&trace)
+        .output()
+        .unwrap();
+    assert!(s.status.success(), "{}", stderr(&s));
+    let out = String::from_utf8_lossy(&s.stdout);
+    assert!(
+        out.contains(": 3 builds, 0 substitutions, 0 failed"),
+        "{out}"
+    );
+    assert!(out.contains("this machine: 2 slots"), "{out}");
+    assert!(out.contains("critical path: 2 goals"), "{out}");
+    let path: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("critical path"))
+        .skip(2)
+        .collect();
+    assert!(
+        path[0].ends_with("-slow.drv") && path[1].ends_with("-top.drv"),
+        "{out}"
+    );
+    let mut c = t.kiln();
+    let j = c
+        .args(["timeline", "summary", "--json"])
+        .arg(&trace)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&j.stdout).unwrap();
+    assert_eq!(v["builds"], 3);
+    assert_eq!(v["criticalPath"].as_array().unwrap().len(), 2);
+    // A file that is not a timeline is refused, naming it.
+    std::fs::write(t.p().join("junk"), "{").unwrap();
+    let mut c = t.kiln();
+    let bad = c
+        .args(["timeline", "summary"])
+        .arg(t.p().join("junk"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("not a timeline"), "{}", stderr(&bad));
+}
+
+/// The live view, read off a real terminal (tmux): running builds with their elapsed time
+/// and last log line and the counts while they run; builders' lines scroll above; at the
+/// end only the counts and the output path remain (the status block is erased, not left
+/// behind).
+#[test]
+fn live_view_on_a_terminal() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        assert!(
+            std::env::var_os("KILN_REQUIRE_NIX").is_none(),
+            "tmux is not installed"
+        );
+        eprintln!("live_view_on_a_terminal: skipped, tmux is not installed");
+        return;
+    }
+    let t = T::new();
+    let r = t.recipe(
+        "live.toml",
+        &format!(
+            "default = \"top\"\n\
+             [derivations.a]\n{SH}args = [\"-c\", \"for i in 1 2 3 4; do echo step $i of a; sleep 0.5; done; echo a > $out\"]\n\
+             [derivations.b]\n{SH}args = [\"-c\", \"echo compiling b; sleep 1.5; echo b > $out\"]\n\
+             [derivations.top]\n{SH}args = [\"-c\", \"cat ${{a}} ${{b}} > $out\"]\n"
+        ),
+    );
+    let cmd = t.kiln();
+    let mut line = format!("'{}'", cmd.get_program().to_string_lossy());
+    for a in cmd.get_args() {
+        line.push_str(&format!(" '{}'", a.to_string_lossy()));
+    }
+    line.push_str(&format!(
+        " build -j 2 --no-out-link '{}'; sleep 60",
+        r.display()
+    ));
+    let session = format!("kiln-live-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(["-L", &session])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = tmux(&["new-session", "-d", "-x", "100", "-y", "30", &line]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let screen = || String::from_utf8_lossy(&tmux(&["capture-pane", "-p"]).stdout).into_owned();
+    let wait_for = |what: &dyn Fn(&str) -> bool| {
+        let start = std::time::Instant::now();
+        loop {
+            let s = screen();
+            if what(&s) {
+                return s;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(30),
+                "never shown: {s}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let during = wait_for(&|s| {
+        s.contains("  building a (")
+            && s.contains("  building b (")
+            && s.contains("[0 built, 2 running, 1 queued, 0 failed]")
+    });
+    assert!(during.contains("a> step 1 of a"), "{during}");
+    assert!(during.contains("b> compiling b"), "{during}");
+    let last_line_of_a = during
+        .lines()
+        .find(|l| l.starts_with("  building a ("))
+        .unwrap();
+    assert!(last_line_of_a.contains("): step "), "{during}");
+    // The output path is printed after the final counts.
+    let end = wait_for(&|s| s.lines().any(|l| l.ends_with("-top")));
+    let _ = tmux(&["kill-server"]);
+    assert!(
+        end.contains("[3 built, 0 running, 0 queued, 0 failed]"),
+        "{end}"
+    );
+    assert!(
+        !end.contains("  building "),
+        "the status block was erased: {end}"
+    );
+    assert_eq!(end.matches("a> step 4 of a").count(), 1, "{end}");
 }

@@ -136,6 +136,14 @@ impl Worker {
                         // (no polling), then come back here with the locks.
                         drop(locks);
                         d.state = DrvState::WaitingForLocks;
+                        let drv = store.print(&d.drv_path);
+                        self.emit(
+                            id,
+                            Event::Phase {
+                                drv,
+                                phase: crate::event::Phase::Lock,
+                            },
+                        );
                         self.in_flight += 1;
                         let tx = self.tx.clone();
                         let st = store.clone();
@@ -264,6 +272,14 @@ impl Worker {
             crate::placement::Choice::Wait => {
                 let d = self.drv_mut(id).expect("goal exists");
                 d.locks.clear();
+                let drv = abs.clone();
+                self.emit(
+                    id,
+                    Event::Phase {
+                        drv,
+                        phase: crate::event::Phase::Slot,
+                    },
+                );
                 let key = self.goals[&id].key.clone();
                 if needs.prefer_local {
                     self.wanting_local.insert((key, id));
@@ -465,6 +481,10 @@ impl Worker {
         let d = self.drv_mut(id).expect("goal exists");
         let drv_shown = store.print(&d.drv_path);
         d.state = DrvState::Building;
+        let setup = Event::Phase {
+            drv: drv_shown.clone(),
+            phase: crate::event::Phase::Setup,
+        };
         let ctl = Arc::new(JobControl::default());
         d.job = Some(ctl.clone());
         let spec = JobSpec {
@@ -481,6 +501,7 @@ impl Worker {
             }),
         };
         self.building.insert(id);
+        self.emit(id, setup);
         let tx3 = tx.clone();
         let started = self.jobs.execute(move || {
             // A panic must still end the goal and free the slot (or the build would hang).
@@ -658,6 +679,10 @@ impl Worker {
             JobEvent::Warning(text) => Event::Message {
                 level: 1,
                 text: format!("warning: {text}"),
+            },
+            JobEvent::Registering => Event::Phase {
+                drv,
+                phase: crate::event::Phase::Registering,
             },
         };
         self.emit(id, ev);

@@ -346,6 +346,14 @@ impl Worker {
         if self.goals[&id].waitees.is_empty() {
             self.inputs_realised(id);
         } else {
+            let inputs = drv.input_drvs.keys().map(|p| store.print(p)).collect();
+            self.emit(
+                id,
+                Event::Phase {
+                    drv: abs,
+                    phase: crate::event::Phase::Inputs { inputs },
+                },
+            );
             self.set_state(id, DrvState::InputsRealised);
         }
     }

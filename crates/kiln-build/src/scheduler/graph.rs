@@ -182,6 +182,9 @@ impl Worker {
         let Some(g) = self.goals.get(&goal) else {
             return;
         };
+        if let Some(o) = &self.cfg.observer {
+            o.event(&e);
+        }
         for r in &g.interested {
             if let Some(req) = self.requests.get(r) {
                 req.sink.event(&e);

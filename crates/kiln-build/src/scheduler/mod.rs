@@ -145,6 +145,10 @@ pub struct SchedulerConfig {
     pub remote: Option<Arc<dyn crate::remote::RemoteBuilder>>,
     /// This machine's speed factor against the machines' (`local-speed-factor`).
     pub local_speed_factor: f64,
+    /// Sees every event once, whichever requests want its goal (a daemon's timeline,
+    /// JSON log, metrics and list of active builds). Called on the scheduler thread: it
+    /// must not block.
+    pub observer: Option<Arc<dyn EventSink>>,
 }
 
 impl SchedulerConfig {
@@ -159,6 +163,7 @@ impl SchedulerConfig {
             recursive: None,
             remote: None,
             local_speed_factor: 1.0,
+            observer: None,
         }
     }
 }

@@ -198,6 +198,9 @@ impl Session<'_> {
                 _ => Ok(Reply::BuildTrace(None)),
             },
             Request::ImportPaths => Err(unsupported("ImportPaths")),
+            // A build must not see what other builds run (their names, arguments and
+            // users would leak between builds that the sandbox keeps apart).
+            Request::QueryActiveBuilds => Err(unsupported("QueryActiveBuilds")),
             Request::QueryFailedPaths | Request::ClearFailedPaths(_) => {
                 Err(unsupported("failed-path cache"))
             }

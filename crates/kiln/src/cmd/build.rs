@@ -67,6 +67,13 @@ pub struct BuildArgs {
     /// Leave no `result` links (the outputs may then be collected by the next GC).
     #[arg(long)]
     no_out_link: bool,
+    /// Write a timeline of the run to FILE: every goal's waits, builds and downloads, as a
+    /// Chrome trace that Perfetto opens (`kiln timeline summary FILE` reads it).
+    #[arg(long, value_name = "FILE")]
+    timeline: Option<PathBuf>,
+    /// Plain lines even on a terminal (no live status block).
+    #[arg(long)]
+    no_live: bool,
 }
 
 #[derive(Debug, Args)]
@@ -93,6 +100,8 @@ pub(super) struct Reporter {
     pub quiet: bool,
     pub trace: bool,
     pub out: Mutex<()>,
+    /// The live view on a terminal (then nothing else is printed).
+    pub live: Option<Arc<super::live::LiveView>>,
 }
 
 pub(super) fn json_line(v: serde_json::Value) {
@@ -105,58 +114,11 @@ impl kiln_build::EventSink for Reporter {
         let _g = self.out.lock();
         let mut err = std::io::stderr().lock();
         if self.json {
-            let v = match e {
-                Event::BuildStarted {
-                    drv,
-                    system,
-                    log_file,
-                    pid,
-                    round,
-                    rounds,
-                    machine,
-                } => serde_json::json!({
-                    "event": "build-started", "drv": drv, "system": system, "log": log_file, "pid": pid, "round": round, "rounds": rounds, "machine": machine
-                }),
-                Event::BuildLog { drv, data, .. } => serde_json::json!({
-                    "event": "log", "drv": drv, "bytes": data.len(), "text": String::from_utf8_lossy(data)
-                }),
-                Event::BuildFinished { drv, result } => serde_json::json!({
-                    "event": "build-finished", "drv": drv, "status": result.status.name(), "error": result.error,
-                    "timesBuilt": result.times_built, "outputs": result.outputs.iter().map(|(k, v)| (k.clone(), v.to_string())).collect::<std::collections::BTreeMap<_, _>>(),
-                    "cpuUser": result.cpu_user.map(|d| d.as_secs_f64()),
-                    "cpuSystem": result.cpu_system.map(|d| d.as_secs_f64()),
-                    "memoryPeak": result.memory_peak
-                }),
-                Event::SubstitutionStarted { path } => {
-                    serde_json::json!({"event": "substitution-started", "path": path})
-                }
-                Event::BuildQueued { drv } => {
-                    serde_json::json!({"event": "build-queued", "drv": drv})
-                }
-                Event::SubstitutionQueued {
-                    path,
-                    download_size,
-                    nar_size,
-                } => serde_json::json!({
-                    "event": "substitution-queued", "path": path, "downloadSize": download_size, "narSize": nar_size
-                }),
-                Event::SubstitutionFinished { path, ok, error } => {
-                    serde_json::json!({"event": "substitution-finished", "path": path, "ok": ok, "error": error})
-                }
-                Event::Message { level, text } => {
-                    serde_json::json!({"event": "message", "level": level, "text": text})
-                }
-                Event::HashMismatch {
-                    path,
-                    algo,
-                    expected,
-                    actual,
-                } => serde_json::json!({
-                    "event": "hash-mismatch", "path": path, "algo": algo, "expected": expected, "actual": actual
-                }),
-            };
-            json_line(v);
+            json_line(e.to_json());
             return;
+        }
+        if let Some(l) = &self.live {
+            return l.event(e);
         }
         if self.trace {
             if let Some(line) = e.trace_line() {
@@ -203,7 +165,8 @@ impl kiln_build::EventSink for Reporter {
             | Event::SubstitutionFinished { .. }
             | Event::HashMismatch { .. }
             | Event::BuildQueued { .. }
-            | Event::SubstitutionQueued { .. } => {}
+            | Event::SubstitutionQueued { .. }
+            | Event::Phase { .. } => {}
         }
     }
 }
@@ -217,6 +180,7 @@ pub(super) fn realise(
     targets: Vec<Target>,
     mode: BuildMode,
     reporter: Reporter,
+    observer: Option<Arc<dyn kiln_build::EventSink>>,
 ) -> anyhow::Result<kiln_build::RequestResult> {
     let machines = kiln_remote::setup(settings, &bs.system)?;
     let sched = Scheduler::start(SchedulerConfig {
@@ -228,6 +192,7 @@ pub(super) fn realise(
         recursive: None,
         remote: machines.remote,
         local_speed_factor: machines.local_speed_factor,
+        observer,
     });
     let result = sched.build(Request {
         targets,
@@ -350,6 +315,19 @@ pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
         BuildMode::Normal
     };
     let trace = bs.print_build_trace;
+    let timeline = match &b.timeline {
+        Some(f) => Some(Arc::new(
+            kiln_build::timeline::Timeline::create(f)
+                .with_context(|| format!("creating the timeline '{}'", f.display()))?,
+        )),
+        None => None,
+    };
+    // The live view on a terminal, unless a machine reads the output.
+    let live = if b.json || trace || b.no_live {
+        None
+    } else {
+        super::live::LiveView::start(b.no_build_output)
+    };
     let result = realise(
         &store,
         &settings,
@@ -361,8 +339,19 @@ pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
             quiet: b.no_build_output,
             trace,
             out: Mutex::new(()),
+            live: live.clone(),
         },
+        timeline
+            .clone()
+            .map(|t| t as Arc<dyn kiln_build::EventSink>),
     )?;
+    if let Some(l) = &live {
+        l.finish();
+    }
+    if let (Some(t), Some(f)) = (&timeline, &b.timeline) {
+        t.finish()
+            .with_context(|| format!("writing the timeline '{}'", f.display()))?;
+    }
     let code = result.exit_code();
     // (link name suffix, path) per output asked for, in nix-build's order and naming.
     let mut built: Vec<(String, StorePath)> = Vec::new();

@@ -160,7 +160,9 @@ pub fn copy(args: &StoreArgs, c: CopyArgs) -> anyhow::Result<ExitCode> {
             quiet: false,
             trace: false,
             out: Mutex::new(()),
+            live: None,
         },
+        None,
     )?;
     // Each failure was reported as it happened.
     let failed: BTreeSet<String> = result

@@ -23,6 +23,9 @@ pub struct DaemonArgs {
     /// Connections served at once; more wait until one ends.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (e.g. `127.0.0.1:9184`).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 pub fn run(args: &StoreArgs, a: DaemonArgs) -> anyhow::Result<ExitCode> {
@@ -44,6 +47,10 @@ pub fn run(args: &StoreArgs, a: DaemonArgs) -> anyhow::Result<ExitCode> {
             ..Default::default()
         },
     );
+    if let Some(addr) = &a.metrics {
+        let bound = daemon.serve_metrics(addr)?;
+        tracing::info!("metrics at http://{bound}/metrics");
+    }
     if a.stdio {
         daemon.serve_stdio()?;
         return Ok(ExitCode::SUCCESS);

@@ -9,10 +9,13 @@ mod config;
 mod daemon;
 mod drv;
 mod hash;
+mod live;
 mod nar;
+mod ps;
 mod sandbox;
 mod store;
 mod store_path;
+mod timeline;
 pub mod unpack_channel;
 
 pub use common::StoreArgs;
@@ -55,6 +58,11 @@ pub enum Command {
     /// Show the effective settings.
     #[command(subcommand)]
     Config(config::ConfigCmd),
+    /// List the builds a daemon runs and queues (as `nix ps`).
+    Ps(ps::PsArgs),
+    /// Read build timelines (`kiln build --timeline FILE`).
+    #[command(subcommand)]
+    Timeline(timeline::TimelineCmd),
     /// Report the build sandbox's features on this machine (`check`).
     #[command(subcommand)]
     Sandbox(sandbox::SandboxCmd),
@@ -74,6 +82,8 @@ pub fn run(args: &StoreArgs, cmd: Command) -> anyhow::Result<ExitCode> {
         Command::Copy(c) => cache::copy(args, c),
         Command::Serve(s) => cache::serve(args, s),
         Command::Key(k) => cache::key(k),
+        Command::Timeline(c) => timeline::run(c),
+        Command::Ps(p) => ps::run(args, p),
         Command::Builtin { name } => builtin::run(&name),
         Command::Nar(c) => nar::run(c),
         Command::Hash(c) => hash::run(c),
