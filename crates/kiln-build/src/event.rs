@@ -98,6 +98,21 @@ impl Phase {
     }
 }
 
+/// What guix-daemon says of a failed build of `drv`: "builder for `DRV' failed with exit
+/// code N" (without the log's last lines, which Nix appends), "cannot build derivation
+/// `DRV': N dependencies couldn't be built", or kiln's own message for other failures.
+pub fn guix_failure_message(drv: &str, result: &BuildResult) -> String {
+    match &result.detail {
+        Some(crate::result::FailureDetail::Builder { status, .. }) => {
+            format!("builder for `{drv}' {status}")
+        }
+        Some(crate::result::FailureDetail::Dependencies(n)) => {
+            format!("cannot build derivation `{drv}': {n} dependencies couldn't be built")
+        }
+        _ => result.error.clone(),
+    }
+}
+
 /// Receives events; implemented by the command line's progress display and by daemon
 /// sessions. Must not block: it is called from the scheduler thread.
 pub trait EventSink: Send + Sync {
@@ -133,10 +148,19 @@ impl Event {
             Event::BuildFinished { drv, result } if result.success() => {
                 Some(format!("@ build-succeeded {drv} -"))
             }
-            Event::BuildFinished { drv, result } => Some(format!(
-                "@ build-failed {drv} - {} {}",
-                result.status as u8, result.error
-            )),
+            // As guix-daemon: a timeout says so, a failed dependency has no trace (only its
+            // message), anything else is status 1 with the message.
+            Event::BuildFinished { result, .. } if result.cancelled => None,
+            Event::BuildFinished { drv, result } => match result.status {
+                crate::result::BuildStatus::TimedOut => {
+                    Some(format!("@ build-failed {drv} - timeout"))
+                }
+                crate::result::BuildStatus::DependencyFailed => None,
+                _ => Some(format!(
+                    "@ build-failed {drv} - 1 {}",
+                    guix_failure_message(drv, result)
+                )),
+            },
             Event::SubstitutionStarted { path } => {
                 Some(format!("@ substituter-started {path} substitute"))
             }

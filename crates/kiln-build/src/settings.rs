@@ -151,6 +151,7 @@ impl BuildSettings {
                 "none" => LogCompression::None,
                 "gzip" => LogCompression::Gzip,
                 "zstd" => LogCompression::Zstd,
+                // `auto` is resolved with the layout; unresolved, Nix's choice.
                 _ => LogCompression::Bzip2,
             }
         };

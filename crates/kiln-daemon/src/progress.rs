@@ -294,6 +294,15 @@ impl<'d> Progress<'d> {
     }
 
     fn guix(&mut self, io: &mut OpIo<'_>, e: &Event) -> std::io::Result<()> {
+        // guix-daemon says why a build failed before its trace line, whatever was asked.
+        if let Event::BuildFinished { drv, result: r } = e {
+            if !r.success() && !r.cancelled && r.detail.is_some() {
+                io.log(
+                    level::ERROR,
+                    &kiln_build::event::guix_failure_message(drv, r),
+                )?;
+            }
+        }
         if self.trace {
             if let Some(line) = e.trace_line() {
                 io.next_raw(format!("{line}\n").as_bytes())?;
@@ -312,7 +321,8 @@ impl<'d> Progress<'d> {
                     io.next_raw(data)?;
                 }
             }
-            Event::BuildFinished { drv, result: r } if !r.success() => {
+            // Said above when guix-daemon has words for it.
+            Event::BuildFinished { drv, result: r } if !r.success() && r.detail.is_none() => {
                 self.failure_line(io, drv, &r.error)?;
             }
             Event::SubstitutionFinished {

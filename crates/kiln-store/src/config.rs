@@ -465,9 +465,9 @@ pub const SETTINGS: &[Def] = &[
     Def {
         name: "log-compression",
         aliases: &[],
-        kind: Kind::Enum(&["none", "gzip", "bzip2", "zstd"]),
-        default: "bzip2",
-        help: "compression of build logs",
+        kind: Kind::Enum(&["auto", "none", "gzip", "bzip2", "zstd"]),
+        default: "auto",
+        help: "compression of build logs (auto: gzip with the guix layout, as guix-daemon; bzip2 otherwise, as Nix)",
     },
     Def {
         name: "compress-build-log",

@@ -104,9 +104,13 @@ impl StoreArgs {
         for name in settings.not_implemented_in_use() {
             tracing::warn!("{}", kiln_store::config::not_implemented_warning(name));
         }
+        let guix = spec.preset == Some(Preset::Guix);
         if settings.get("require-store-builder") == "auto" {
-            let guix = spec.preset == Some(Preset::Guix);
             settings.set("require-store-builder", if guix { "true" } else { "false" })?;
+        }
+        // Build logs as the daemon the layout stands in for writes them.
+        if settings.get("log-compression") == "auto" {
+            settings.set("log-compression", if guix { "gzip" } else { "bzip2" })?;
         }
         Ok((spec.resolve()?, settings))
     }
