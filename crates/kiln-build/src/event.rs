@@ -184,9 +184,97 @@ impl Event {
         }
     }
 
+    /// The event [`Event::to_json`] printed (how kiln's daemon sends events to `kiln`
+    /// commands that build through it); `None` for what is not one. Output paths are
+    /// read in `sd`.
+    pub fn from_json(v: &serde_json::Value, sd: &kiln_format::StoreDir) -> Option<Event> {
+        let s = |k: &str| v[k].as_str().map(str::to_string);
+        let n = |k: &str| v[k].as_u64();
+        Some(match v["event"].as_str()? {
+            "build-started" => Event::BuildStarted {
+                drv: s("drv")?,
+                system: s("system")?,
+                log_file: s("log")?,
+                pid: v["pid"].as_i64()? as i32,
+                round: n("round")? as u32,
+                rounds: n("rounds")? as u32,
+                machine: s("machine")?,
+            },
+            "log" => Event::BuildLog {
+                drv: s("drv")?,
+                pid: 0,
+                data: std::sync::Arc::from(s("text")?.into_bytes()),
+            },
+            "build-queued" => Event::BuildQueued { drv: s("drv")? },
+            "substitution-queued" => Event::SubstitutionQueued {
+                path: s("path")?,
+                download_size: n("downloadSize")?,
+                nar_size: n("narSize")?,
+            },
+            "build-finished" => {
+                let status = crate::result::BuildStatus::from_name(v["status"].as_str()?)?;
+                let mut result = if status.is_success() {
+                    BuildResult::new(status)
+                } else {
+                    BuildResult::failed(status, s("error")?)
+                };
+                result.times_built = n("timesBuilt").unwrap_or(0) as u32;
+                result.cancelled = v["cancelled"].as_bool().unwrap_or(false);
+                let secs = |k: &str| v[k].as_f64().map(std::time::Duration::from_secs_f64);
+                result.cpu_user = secs("cpuUser");
+                result.cpu_system = secs("cpuSystem");
+                result.memory_peak = n("memoryPeak");
+                if let Some(outs) = v["outputs"].as_object() {
+                    for (k, p) in outs {
+                        let (p, _) = sd.to_store_path(p.as_str()?).ok()?;
+                        result.outputs.insert(k.clone(), p);
+                    }
+                }
+                Event::BuildFinished {
+                    drv: s("drv")?,
+                    result,
+                }
+            }
+            "substitution-started" => Event::SubstitutionStarted { path: s("path")? },
+            "substitution-finished" => Event::SubstitutionFinished {
+                path: s("path")?,
+                ok: v["ok"].as_bool()?,
+                error: s("error")?,
+            },
+            "message" => Event::Message {
+                level: n("level")? as u8,
+                text: s("text")?,
+            },
+            "hash-mismatch" => Event::HashMismatch {
+                path: s("path")?,
+                algo: s("algo")?,
+                expected: s("expected")?,
+                actual: s("actual")?,
+            },
+            "phase" => Event::Phase {
+                drv: s("drv")?,
+                phase: match v["phase"].as_str()? {
+                    "inputs" => Phase::Inputs {
+                        inputs: v["inputs"]
+                            .as_array()?
+                            .iter()
+                            .filter_map(|i| i.as_str().map(str::to_string))
+                            .collect(),
+                    },
+                    "lock" => Phase::Lock,
+                    "slot" => Phase::Slot,
+                    "setup" => Phase::Setup,
+                    "registering" => Phase::Registering,
+                    _ => return None,
+                },
+            },
+            _ => return None,
+        })
+    }
+
     /// The event as `kiln build --json` prints it (`docs/build-events.md`); the daemon's
     /// `json-log-path` writes the same objects.
-    pub fn to_json(&self) -> serde_json::Value {
+    pub fn to_json(&self, sd: &kiln_format::StoreDir) -> serde_json::Value {
         use serde_json::json;
         match self {
             Event::BuildStarted {
@@ -207,11 +295,12 @@ impl Event {
             Event::BuildFinished { drv, result } => json!({
                 "event": "build-finished", "drv": drv, "status": result.status.name(),
                 "error": result.error, "timesBuilt": result.times_built,
-                "outputs": result.outputs.iter().map(|(k, v)| (k.clone(), v.to_string()))
+                "outputs": result.outputs.iter().map(|(k, v)| (k.clone(), sd.display(v)))
                     .collect::<std::collections::BTreeMap<_, _>>(),
                 "cpuUser": result.cpu_user.map(|d| d.as_secs_f64()),
                 "cpuSystem": result.cpu_system.map(|d| d.as_secs_f64()),
-                "memoryPeak": result.memory_peak
+                "memoryPeak": result.memory_peak,
+                "cancelled": result.cancelled
             }),
             Event::SubstitutionStarted { path } => {
                 json!({"event": "substitution-started", "path": path})
@@ -248,5 +337,90 @@ impl Event {
                 v
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::result::BuildStatus;
+
+    /// What `to_json` writes, `from_json` reads back (kiln's daemon sends events to its
+    /// own commands this way).
+    #[test]
+    fn events_survive_json() {
+        let sd = kiln_format::StoreDir::new("/nix/store").unwrap();
+        let out = "/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x";
+        let mut built = BuildResult::new(BuildStatus::Built);
+        built
+            .outputs
+            .insert("out".into(), sd.to_store_path(out).unwrap().0);
+        built.times_built = 1;
+        let mut failed = BuildResult::failed(BuildStatus::PermanentFailure, "no");
+        failed.cancelled = true;
+        let drv = "/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x.drv".to_string();
+        let events = vec![
+            Event::BuildQueued { drv: drv.clone() },
+            Event::Phase {
+                drv: drv.clone(),
+                phase: Phase::Inputs {
+                    inputs: vec![drv.clone()],
+                },
+            },
+            Event::Phase {
+                drv: drv.clone(),
+                phase: Phase::Registering,
+            },
+            Event::BuildStarted {
+                drv: drv.clone(),
+                system: "x86_64-linux".into(),
+                log_file: "/l".into(),
+                pid: 9,
+                round: 1,
+                rounds: 2,
+                machine: "ssh://m".into(),
+            },
+            Event::BuildLog {
+                drv: drv.clone(),
+                pid: 0,
+                data: std::sync::Arc::from(&b"hi\n"[..]),
+            },
+            Event::BuildFinished {
+                drv: drv.clone(),
+                result: built,
+            },
+            Event::BuildFinished {
+                drv: drv.clone(),
+                result: failed,
+            },
+            Event::SubstitutionQueued {
+                path: out.into(),
+                download_size: 1,
+                nar_size: 2,
+            },
+            Event::SubstitutionStarted { path: out.into() },
+            Event::SubstitutionFinished {
+                path: out.into(),
+                ok: false,
+                error: "gone".into(),
+            },
+            Event::Message {
+                level: 1,
+                text: "warning".into(),
+            },
+            Event::HashMismatch {
+                path: out.into(),
+                algo: "sha256".into(),
+                expected: "a".into(),
+                actual: "b".into(),
+            },
+        ];
+        for e in events {
+            let j = e.to_json(&sd);
+            let back = Event::from_json(&j, &sd).unwrap_or_else(|| panic!("{j}"));
+            assert_eq!(back.to_json(&sd), j);
+        }
+        assert!(Event::from_json(&serde_json::json!({"event": "nope"}), &sd).is_none());
+        assert!(Event::from_json(&serde_json::json!({"event": "log"}), &sd).is_none());
     }
 }

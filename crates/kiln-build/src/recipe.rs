@@ -236,7 +236,7 @@ impl Recipe {
     /// Writes every derivation (in dependency order) to the store; returns name → `.drv`.
     pub fn instantiate(
         &self,
-        store: &LocalStore,
+        store: &mut dyn RecipeStore,
         default_system: &str,
     ) -> Result<BTreeMap<String, StorePath>> {
         let mut done: BTreeMap<String, (StorePath, Derivation)> = BTreeMap::new();
@@ -258,7 +258,7 @@ impl Recipe {
     fn visit(
         &self,
         name: &str,
-        store: &LocalStore,
+        store: &mut dyn RecipeStore,
         default_system: &str,
         done: &mut BTreeMap<String, (StorePath, Derivation)>,
         visiting: &mut BTreeSet<String>,
@@ -326,14 +326,9 @@ impl Recipe {
                                     .file_name()
                                     .map(|f| f.to_string_lossy().into_owned())
                                     .unwrap_or_else(|| "source".into());
-                                let info = store.add_path(
-                                    &src,
-                                    &base,
-                                    FileIngestionMethod::Recursive,
-                                    HashAlgo::Sha256,
-                                )?;
-                                sources.insert(key, info.path.clone());
-                                info.path
+                                let path = store.add_source(&src, &base)?;
+                                sources.insert(key, path.clone());
+                                path
                             }
                         };
                         out.push_str(&sd.display(&p));
@@ -414,17 +409,47 @@ impl Recipe {
                 },
             );
         }
-        let drv = store.finalize_derivation(drv)?;
+        let drv = store.finalize(drv)?;
         let text = drv.to_aterm(&sd);
-        let info = store.add_text(
-            &format!("{name}.drv"),
-            &text,
-            &drv.references(),
-            AddOptions::default(),
-        )?;
+        let path = store.add_drv(&format!("{name}.drv"), &text, &drv.references())?;
         visiting.remove(name);
-        done.insert(name.to_string(), (info.path, drv));
+        done.insert(name.to_string(), (path, drv));
         Ok(())
+    }
+}
+
+/// Where a recipe's derivations and sources are written: the local store, or a daemon's
+/// (`kiln build` through the daemon).
+pub trait RecipeStore {
+    fn store_dir(&self) -> &kiln_format::StoreDir;
+    /// Adds a source file or tree (recursive, SHA-256, as `nix-store --add`).
+    fn add_source(&mut self, path: &Path, name: &str) -> Result<StorePath>;
+    /// Fills in a derivation's output paths (`hashDerivationModulo` of its inputs).
+    fn finalize(&mut self, drv: Derivation) -> Result<Derivation>;
+    /// Adds a `.drv` file's text with its references.
+    fn add_drv(&mut self, name: &str, text: &[u8], refs: &BTreeSet<StorePath>)
+        -> Result<StorePath>;
+}
+
+impl RecipeStore for &LocalStore {
+    fn store_dir(&self) -> &kiln_format::StoreDir {
+        LocalStore::store_dir(self)
+    }
+    fn add_source(&mut self, path: &Path, name: &str) -> Result<StorePath> {
+        Ok(self
+            .add_path(path, name, FileIngestionMethod::Recursive, HashAlgo::Sha256)?
+            .path)
+    }
+    fn finalize(&mut self, drv: Derivation) -> Result<Derivation> {
+        Ok(self.finalize_derivation(drv)?)
+    }
+    fn add_drv(
+        &mut self,
+        name: &str,
+        text: &[u8],
+        refs: &BTreeSet<StorePath>,
+    ) -> Result<StorePath> {
+        Ok(self.add_text(name, text, refs, AddOptions::default())?.path)
     }
 }
 

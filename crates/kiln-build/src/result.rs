@@ -25,6 +25,39 @@ pub enum BuildStatus {
 }
 
 impl BuildStatus {
+    /// All statuses, in their wire numbering.
+    pub const ALL: [BuildStatus; 15] = [
+        BuildStatus::Built,
+        BuildStatus::Substituted,
+        BuildStatus::AlreadyValid,
+        BuildStatus::PermanentFailure,
+        BuildStatus::InputRejected,
+        BuildStatus::OutputRejected,
+        BuildStatus::TransientFailure,
+        BuildStatus::CachedFailure,
+        BuildStatus::TimedOut,
+        BuildStatus::MiscFailure,
+        BuildStatus::DependencyFailed,
+        BuildStatus::LogLimitExceeded,
+        BuildStatus::NotDeterministic,
+        BuildStatus::ResolvesToAlreadyValid,
+        BuildStatus::NoSubstituters,
+    ];
+
+    /// The status numbered `n` on the wire (an unknown number is a failure of the
+    /// machine or daemon that sent it).
+    pub fn from_wire(n: u64) -> BuildStatus {
+        BuildStatus::ALL
+            .get(n as usize)
+            .copied()
+            .unwrap_or(BuildStatus::MiscFailure)
+    }
+
+    /// The status called `name` ([`BuildStatus::name`]).
+    pub fn from_name(name: &str) -> Option<BuildStatus> {
+        BuildStatus::ALL.into_iter().find(|s| s.name() == name)
+    }
+
     pub fn is_success(self) -> bool {
         matches!(
             self,

@@ -346,6 +346,8 @@ impl EventSink for Timeline {
 pub struct GoalSpans {
     pub key: String,
     pub start: u64,
+    /// When its work (set-up, build or download) began; its start if it had none.
+    pub work_start: Option<u64>,
     pub end: u64,
     pub status: String,
     pub inputs: Vec<String>,
@@ -418,6 +420,9 @@ pub fn summarize(text: &str) -> crate::Result<Summary> {
         });
         g.start = g.start.min(ts);
         g.end = g.end.max(ts + dur);
+        if !matches!(cat, "queued" | "inputs" | "lock" | "slot") {
+            g.work_start = Some(g.work_start.map_or(ts, |w| w.min(ts)));
+        }
         *g.phases.entry(cat.to_string()).or_default() += dur;
         if let Some(st) = e["args"]["status"].as_str() {
             g.status = st.to_string();

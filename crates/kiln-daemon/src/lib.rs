@@ -168,7 +168,7 @@ impl Daemon {
             store_dir: store.store_dir().clone(),
             version_string: cfg.version_string.clone(),
         };
-        let watch = Arc::new(watch::Watch::from_settings(&settings));
+        let watch = Arc::new(watch::Watch::from_settings(&settings, store.store_dir()));
         Arc::new_cyclic(|me| Daemon {
             backend: RwLock::new(Backend::start(
                 store,

@@ -12,7 +12,10 @@ use std::collections::{BTreeSet, HashMap};
 
 use kiln_build::Event;
 use kiln_protocol::stderr::{activity, level, result};
-use kiln_protocol::{Field, OpIo};
+use kiln_protocol::{Feature, Field, OpIo};
+
+/// How an event starts as a log line for a client with the `kiln-events` feature.
+pub const KILN_EVENT: &str = "@kiln-event ";
 
 use crate::Daemon;
 
@@ -70,7 +73,7 @@ impl<'d> Progress<'d> {
     /// Starts the counters' activities (Nix clients), as nix-daemon's worker does for
     /// every operation that builds or substitutes.
     pub fn begin(&mut self, io: &mut OpIo<'_>) -> std::io::Result<()> {
-        if io.proto().is_guix() {
+        if io.proto().is_guix() || io.proto().has_feature(Feature::KilnEvents) {
             return Ok(());
         }
         let mut c = Counters {
@@ -158,6 +161,9 @@ impl<'d> Progress<'d> {
     pub fn event(&mut self, io: &mut OpIo<'_>, e: &Event) -> std::io::Result<()> {
         if io.proto().is_guix() {
             self.guix(io, e)
+        } else if io.proto().has_feature(Feature::KilnEvents) {
+            let sd = self.daemon.store().store_dir().clone();
+            io.next_raw(format!("{KILN_EVENT}{}\n", e.to_json(&sd)).as_bytes())
         } else {
             self.nix(io, e)
         }

@@ -278,9 +278,13 @@ impl<'d> Session<'d> {
         let events = tx.clone();
         let watch = self.d.watch.clone();
         let client = (self.peer.pid, self.peer.uid);
+        let kiln_client = io
+            .proto()
+            .has_feature(kiln_protocol::version::Feature::KilnEvents);
         let sink = Arc::new(move |e: &Event| match e {
-            // Phases are for timelines and logs (the scheduler's observer), not clients.
-            Event::Phase { .. } => {}
+            // Phases are for timelines and logs (the scheduler's observer) and kiln's own
+            // commands, not Nix's or Guix's clients.
+            Event::Phase { .. } if !kiln_client => {}
             Event::BuildQueued { drv } | Event::BuildStarted { drv, .. } => {
                 // Who waits for it, for the list of active builds.
                 watch.active.note_client(drv, client);

@@ -46,10 +46,10 @@ impl Watch {
     /// From the daemon's settings: `json-log-path` and `timeline-file` (empty: none). A
     /// log or timeline that cannot be opened is warned about, and the daemon runs
     /// without it, as nix-daemon does with its JSON log.
-    pub fn from_settings(settings: &kiln_store::Settings) -> Watch {
+    pub fn from_settings(settings: &kiln_store::Settings, sd: &kiln_format::StoreDir) -> Watch {
         let json_log = match settings.get("json-log-path") {
             "" => None,
-            p => match JsonLog::open(Path::new(p)) {
+            p => match JsonLog::open(Path::new(p), sd.clone()) {
                 Ok(l) => Some(l),
                 Err(e) => {
                     tracing::warn!("json-log-path '{p}': {e}; no JSON log is written");
@@ -103,10 +103,11 @@ impl EventSink for Watch {
 struct JsonLog {
     tx: SyncSender<String>,
     dropped: Arc<AtomicU64>,
+    store_dir: kiln_format::StoreDir,
 }
 
 impl JsonLog {
-    fn open(path: &Path) -> std::io::Result<JsonLog> {
+    fn open(path: &Path, store_dir: kiln_format::StoreDir) -> std::io::Result<JsonLog> {
         use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
         let out: Box<dyn Write + Send> = match std::fs::metadata(path) {
             Ok(m) if m.file_type().is_socket() => {
@@ -145,11 +146,12 @@ impl JsonLog {
         Ok(JsonLog {
             tx,
             dropped: Arc::new(AtomicU64::new(0)),
+            store_dir,
         })
     }
 
     fn send(&self, e: &Event) {
-        let mut line = e.to_json().to_string();
+        let mut line = e.to_json(&self.store_dir).to_string();
         line.push('\n');
         match self.tx.try_send(line) {
             Ok(()) | Err(TrySendError::Disconnected(_)) => {}

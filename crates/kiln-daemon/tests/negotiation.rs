@@ -196,8 +196,9 @@ fn removed_operations_are_invalid_at_1_38_and_kept_before() {
         read_u64(&mut c);
         read_u64(&mut c);
         // The daemon names its own features whatever the client named.
-        assert_eq!(read_u64(&mut c), 4);
+        assert_eq!(read_u64(&mut c), 5);
         assert_eq!(read_str(&mut c), "delete-dead-specific-referrers");
+        assert_eq!(read_str(&mut c), "kiln-events");
         assert_eq!(read_str(&mut c), "kiln-queued-builds");
         assert_eq!(read_str(&mut c), "queryActiveBuilds");
         assert_eq!(read_str(&mut c), "realisation-with-path-not-hash");

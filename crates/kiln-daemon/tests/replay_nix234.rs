@@ -177,6 +177,7 @@ fn kiln_answers_nix_2_34_sessions_as_nix_daemon_does() {
                 r.strings("features").unwrap(),
                 [
                     "delete-dead-specific-referrers",
+                    "kiln-events",
                     "kiln-queued-builds",
                     "queryActiveBuilds",
                     "realisation-with-path-not-hash"

@@ -91,14 +91,19 @@ pub enum Feature {
     /// kiln's own: `QueryActiveBuilds` also lists the builds still waiting, as entries of
     /// type `queued` (which Nix's `nix ps` would refuse, so only clients that ask get them).
     KilnQueuedBuilds,
+    /// kiln's own: build progress as kiln's JSON events (`docs/build-events.md`), one
+    /// `@kiln-event {json}` log line each, instead of Nix's activities, so `kiln build`
+    /// through a daemon shows what it shows building alone.
+    KilnEvents,
 }
 
 impl Feature {
-    pub const ALL: [Feature; 4] = [
+    pub const ALL: [Feature; 5] = [
         Feature::DeleteDeadSpecificReferrers,
         Feature::RealisationWithPathNotHash,
         Feature::QueryActiveBuilds,
         Feature::KilnQueuedBuilds,
+        Feature::KilnEvents,
     ];
 
     /// The name on the wire.
@@ -108,6 +113,7 @@ impl Feature {
             Feature::RealisationWithPathNotHash => "realisation-with-path-not-hash",
             Feature::QueryActiveBuilds => "queryActiveBuilds",
             Feature::KilnQueuedBuilds => "kiln-queued-builds",
+            Feature::KilnEvents => "kiln-events",
         }
     }
 
@@ -167,7 +173,8 @@ pub const SUPPORTED_FEATURES: Features = Features(
     (1 << Feature::DeleteDeadSpecificReferrers as u32)
         | (1 << Feature::RealisationWithPathNotHash as u32)
         | (1 << Feature::QueryActiveBuilds as u32)
-        | (1 << Feature::KilnQueuedBuilds as u32),
+        | (1 << Feature::KilnQueuedBuilds as u32)
+        | (1 << Feature::KilnEvents as u32),
 );
 
 /// Where an operation exists: the Nix minor that introduced it and the one whose daemons
@@ -686,6 +693,7 @@ mod tests {
             // Sorted bytewise, as Nix sends its std::set<std::string>.
             vec![
                 "delete-dead-specific-referrers",
+                "kiln-events",
                 "kiln-queued-builds",
                 "queryActiveBuilds",
                 "realisation-with-path-not-hash"

@@ -80,30 +80,6 @@ fn remote(c: &mut Conn) -> &mut dyn Remote {
     }
 }
 
-fn status(n: u64) -> BuildStatus {
-    use BuildStatus::*;
-    [
-        Built,
-        Substituted,
-        AlreadyValid,
-        PermanentFailure,
-        InputRejected,
-        OutputRejected,
-        TransientFailure,
-        CachedFailure,
-        TimedOut,
-        MiscFailure,
-        DependencyFailed,
-        LogLimitExceeded,
-        NotDeterministic,
-        ResolvesToAlreadyValid,
-        NoSubstituters,
-    ]
-    .get(n as usize)
-    .copied()
-    .unwrap_or(MiscFailure)
-}
-
 /// Runs `job` on the connection. Errors are the machine's unless they are
 /// [`Error::Local`].
 pub(crate) fn run(
@@ -191,7 +167,7 @@ pub(crate) fn run(
         let _ = w.finish();
     }
     let w = built?;
-    let mut result = BuildResult::new(status(w.status));
+    let mut result = BuildResult::new(BuildStatus::from_wire(w.status));
     result.error = w.error_msg.clone();
     result.times_built = w.times_built as u32;
     result.non_deterministic = w.is_non_deterministic;

@@ -33,4 +33,4 @@ pub mod verify;
 pub use config::{Layout, LayoutSpec, Preset, Settings};
 pub use durability::flush_all as flush_durability;
 pub use error::{Error, Result};
-pub use store::{AddOptions, LocalStore, ScratchPath, StoreOptions};
+pub use store::{AddOptions, DrvFiles, LocalStore, ScratchPath, StoreOptions};

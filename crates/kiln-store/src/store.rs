@@ -86,6 +86,14 @@ pub struct DrvFiles {
     real_store_dir: PathBuf,
 }
 
+impl DrvFiles {
+    /// Reads `.drv` files from the store's directory on disk (readable without the
+    /// database: `kiln` commands that go through a daemon hash derivations with it).
+    pub fn new(real_store_dir: PathBuf) -> DrvFiles {
+        DrvFiles { real_store_dir }
+    }
+}
+
 impl DerivationReader for DrvFiles {
     fn read_derivation(
         &self,

@@ -102,6 +102,8 @@ pub(super) struct Reporter {
     pub out: Mutex<()>,
     /// The live view on a terminal (then nothing else is printed).
     pub live: Option<Arc<super::live::LiveView>>,
+    /// For paths in JSON.
+    pub store_dir: kiln_format::StoreDir,
 }
 
 pub(super) fn json_line(v: serde_json::Value) {
@@ -114,7 +116,7 @@ impl kiln_build::EventSink for Reporter {
         let _g = self.out.lock();
         let mut err = std::io::stderr().lock();
         if self.json {
-            json_line(e.to_json());
+            json_line(e.to_json(&self.store_dir));
             return;
         }
         if let Some(l) = &self.live {
@@ -214,8 +216,12 @@ struct RecipeTarget {
     names: Vec<String>,
 }
 
-pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
-    let (store, mut settings) = args.open()?;
+/// The command line's build flags, as settings; then its recipes, whose host paths join
+/// the run's `sandbox-paths`.
+fn apply_flags(
+    b: &BuildArgs,
+    settings: &mut kiln_store::Settings,
+) -> anyhow::Result<Vec<RecipeTarget>> {
     if let Some(j) = &b.max_jobs {
         settings.set("max-jobs", j)?;
     }
@@ -243,7 +249,6 @@ pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
     if b.print_build_trace {
         settings.set("print-build-trace", "true")?;
     }
-    // Recipes first: their host paths join this run's `sandbox-paths`.
     let mut recipes = Vec::new();
     for t in b.targets.iter().filter(|t| t.ends_with(".toml")) {
         let recipe = Recipe::load(&PathBuf::from(t))?;
@@ -261,13 +266,18 @@ pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
             names,
         });
     }
-    let mut bs = BuildSettings::from_settings(&settings);
-    // The person running the command owns a kept build directory.
-    bs.client = Some((
-        rustix::process::getuid().as_raw(),
-        rustix::process::getgid().as_raw(),
-    ));
-    let store = Arc::new(store);
+    Ok(recipes)
+}
+
+/// The targets of the command line: recipes' derivations (written to the store through
+/// `rs`), `.drv` paths (`DRV!out1,out2`) and store paths, read by `parse`.
+fn targets_of(
+    b: &BuildArgs,
+    recipes: Vec<RecipeTarget>,
+    rs: &mut dyn kiln_build::recipe::RecipeStore,
+    system: &str,
+    parse: &dyn Fn(&str) -> anyhow::Result<StorePath>,
+) -> anyhow::Result<Vec<Target>> {
     let mut targets = Vec::new();
     let mut recipes = recipes.into_iter();
     for t in &b.targets {
@@ -275,7 +285,7 @@ pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
             let Some(r) = recipes.next() else {
                 continue;
             };
-            let drvs = r.recipe.instantiate(&store, &bs.system)?;
+            let drvs = r.recipe.instantiate(rs, system)?;
             for n in &r.names {
                 let drv = drvs
                     .get(n)
@@ -297,7 +307,7 @@ pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
             ),
             None => (t.as_str(), BTreeSet::new()),
         };
-        let p = parse_store_path(&store, path)?;
+        let p = parse(path)?;
         if p.is_derivation() {
             targets.push(Target::Derivation {
                 drv: p,
@@ -307,48 +317,53 @@ pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
             targets.push(Target::Path(p));
         }
     }
-    let mode = if b.check {
+    Ok(targets)
+}
+
+fn mode_of(b: &BuildArgs) -> BuildMode {
+    if b.check {
         BuildMode::Check
     } else if b.repair {
         BuildMode::Repair
     } else {
         BuildMode::Normal
-    };
-    let trace = bs.print_build_trace;
-    let timeline = match &b.timeline {
+    }
+}
+
+fn timeline_of(b: &BuildArgs) -> anyhow::Result<Option<Arc<kiln_build::timeline::Timeline>>> {
+    Ok(match &b.timeline {
         Some(f) => Some(Arc::new(
             kiln_build::timeline::Timeline::create(f)
                 .with_context(|| format!("creating the timeline '{}'", f.display()))?,
         )),
         None => None,
-    };
-    // The live view on a terminal, unless a machine reads the output.
-    let live = if b.json || trace || b.no_live {
+    })
+}
+
+/// The live view on a terminal, unless a machine reads the output.
+fn live_of(b: &BuildArgs, trace: bool) -> Option<Arc<super::live::LiveView>> {
+    if b.json || trace || b.no_live {
         None
     } else {
         super::live::LiveView::start(b.no_build_output)
-    };
-    let result = realise(
-        &store,
-        &settings,
-        bs,
-        targets.clone(),
-        mode,
-        Reporter {
-            json: b.json,
-            quiet: b.no_build_output,
-            trace,
-            out: Mutex::new(()),
-            live: live.clone(),
-        },
-        timeline
-            .clone()
-            .map(|t| t as Arc<dyn kiln_build::EventSink>),
-    )?;
-    if let Some(l) = &live {
+    }
+}
+
+/// What ends a run, built here or through a daemon: the live view and timeline closed,
+/// the output paths printed (or the JSON result), `result` links left by `link`, the
+/// failures said, the exit status.
+fn finish(
+    b: &BuildArgs,
+    sd: &kiln_format::StoreDir,
+    result: &kiln_build::RequestResult,
+    live: Option<&Arc<super::live::LiveView>>,
+    timeline: Option<&Arc<kiln_build::timeline::Timeline>>,
+    link: &mut dyn FnMut(&StorePath, &Path) -> anyhow::Result<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    if let Some(l) = live {
         l.finish();
     }
-    if let (Some(t), Some(f)) = (&timeline, &b.timeline) {
+    if let (Some(t), Some(f)) = (timeline, &b.timeline) {
         t.finish()
             .with_context(|| format!("writing the timeline '{}'", f.display()))?;
     }
@@ -382,17 +397,15 @@ pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let paths: Vec<String> = built.iter().map(|(_, p)| store.print(p)).collect();
-    // `result` links, registered as indirect roots (as nix-build's): what was just built
-    // stays until the link is removed.
+    let paths: Vec<String> = built.iter().map(|(_, p)| sd.display(p)).collect();
     let mut links = Vec::new();
     if !b.no_out_link {
         for (suffix, p) in &built {
             let mut name = b.out_link.clone().into_os_string();
             name.push(suffix);
-            let link = kiln_store::roots::add_perm_root(store.layout(), p, Path::new(&name))
+            let l = link(p, Path::new(&name))
                 .with_context(|| format!("leaving the link '{}'", name.to_string_lossy()))?;
-            links.push(link.to_string_lossy().into_owned());
+            links.push(l.to_string_lossy().into_owned());
         }
     }
     if b.json {
@@ -410,7 +423,7 @@ pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
             .results
             .iter()
             .filter(|(_, r)| !r.success())
-            .map(|(t, _)| store.print(t.path()))
+            .map(|(t, _)| sd.display(t.path()))
             .collect();
         if !b.json {
             eprintln!(
@@ -427,7 +440,185 @@ pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
+    if let Some((d, settings, _)) = args.daemon()? {
+        return build_via_daemon(d, settings, &b);
+    }
+    let (store, mut settings) = args.open()?;
+    let recipes = apply_flags(&b, &mut settings)?;
+    let mut bs = BuildSettings::from_settings(&settings);
+    // The person running the command owns a kept build directory.
+    bs.client = Some((
+        rustix::process::getuid().as_raw(),
+        rustix::process::getgid().as_raw(),
+    ));
+    let store = Arc::new(store);
+    let system = bs.system.clone();
+    let targets = targets_of(&b, recipes, &mut &*store, &system, &|s| {
+        parse_store_path(&store, s)
+    })?;
+    let trace = bs.print_build_trace;
+    let timeline = timeline_of(&b)?;
+    let live = live_of(&b, trace);
+    let result = realise(
+        &store,
+        &settings,
+        bs,
+        targets,
+        mode_of(&b),
+        Reporter {
+            json: b.json,
+            quiet: b.no_build_output,
+            trace,
+            out: Mutex::new(()),
+            live: live.clone(),
+            store_dir: store.store_dir().clone(),
+        },
+        timeline
+            .clone()
+            .map(|t| t as Arc<dyn kiln_build::EventSink>),
+    )?;
+    // `result` links, registered as indirect roots (as nix-build's): what was just built
+    // stays until the link is removed.
+    finish(
+        &b,
+        store.store_dir(),
+        &result,
+        live.as_ref(),
+        timeline.as_ref(),
+        &mut |p, name| Ok(kiln_store::roots::add_perm_root(store.layout(), p, name)?),
+    )
+}
+
+/// `kiln build` through the daemon: the same targets, progress and outcome, with the
+/// daemon building and the `result` links registered by it as indirect roots.
+fn build_via_daemon(
+    mut d: super::via_daemon::DaemonStore,
+    mut settings: kiln_store::Settings,
+    b: &BuildArgs,
+) -> anyhow::Result<ExitCode> {
+    let recipes = apply_flags(b, &mut settings)?;
+    d.set_options(&settings)?;
+    let system = BuildSettings::from_settings(&settings).system;
+    let sd = d.sd.clone();
+    // Paths are read as the daemon's store names them (no database needed for that).
+    let reader = super::via_daemon::PathReader::of(&d);
+    let parse = |s: &str| reader.parse(s);
+    let targets = targets_of(b, recipes, &mut d, &system, &parse)?;
+    let trace = settings.get_bool("print-build-trace");
+    let timeline = timeline_of(b)?;
+    let live = live_of(b, trace);
+    let reporter = Reporter {
+        json: b.json,
+        quiet: b.no_build_output,
+        trace,
+        out: Mutex::new(()),
+        live: live.clone(),
+        store_dir: sd.clone(),
+    };
+    if !d.has_events() {
+        tracing::warn!("the daemon does not send kiln's build events: progress is its log only");
+    }
+    let wire_targets: Vec<kiln_protocol::DerivedPath> = targets
+        .iter()
+        .map(|t| match t {
+            Target::Derivation { drv, outputs } => kiln_protocol::DerivedPath::Built {
+                drv: drv.clone(),
+                outputs: if outputs.is_empty() {
+                    kiln_protocol::OutputSpec::All
+                } else {
+                    kiln_protocol::OutputSpec::Names(outputs.clone())
+                },
+            },
+            Target::Path(p) | Target::Basic { drv_path: p, .. } => {
+                kiln_protocol::DerivedPath::Opaque(p.clone())
+            }
+        })
+        .collect();
+    let mode = match mode_of(b) {
+        BuildMode::Normal => kiln_protocol::BuildMode::Normal,
+        BuildMode::Repair => kiln_protocol::BuildMode::Repair,
+        BuildMode::Check => kiln_protocol::BuildMode::Check,
+    };
+    let wire = d.build(wire_targets, mode, &mut |e| {
+        if let Some(t) = &timeline {
+            kiln_build::EventSink::event(t.as_ref(), &e);
+        }
+        kiln_build::EventSink::event(&reporter, &e);
+    })?;
+    let mut failure = kiln_build::FailureKinds::default();
+    let mut results = Vec::new();
+    for (t, (_, w)) in targets.into_iter().zip(wire) {
+        let status = kiln_build::BuildStatus::from_wire(w.status);
+        let mut r = if status.is_success() {
+            kiln_build::BuildResult::new(status)
+        } else {
+            kiln_build::BuildResult::failed(status, w.error_msg.clone())
+        };
+        r.times_built = w.times_built as u32;
+        if r.success() {
+            if let Target::Derivation { drv, .. } = &t {
+                for (name, p) in d.output_map(drv)? {
+                    if let Some(p) = p {
+                        r.outputs.insert(name, p);
+                    }
+                }
+            }
+        } else {
+            failure.merge(r.failure);
+            // A kiln daemon said it already, as an event.
+            if !d.has_events() {
+                eprintln!("error: {}", w.error_msg.replace('\n', "\n       "));
+            }
+        }
+        results.push((t, r));
+    }
+    let result = kiln_build::RequestResult { results, failure };
+    finish(
+        b,
+        &sd,
+        &result,
+        live.as_ref(),
+        timeline.as_ref(),
+        &mut |p, name| {
+            // As nix-build through a daemon: the link here, registered there as an
+            // indirect root.
+            let link = std::path::absolute(name)?;
+            kiln_store::roots::replace_symlink(Path::new(&sd.display(p)), &link)?;
+            d.add_indirect_root(&link)?;
+            Ok(link)
+        },
+    )
+}
+
 pub fn log(args: &StoreArgs, l: LogArgs) -> anyhow::Result<ExitCode> {
+    // Through the daemon: the deriver from it, the log from the log directory (readable
+    // by all, as Nix keeps it).
+    if let Some((mut d, _, layout)) = args.daemon()? {
+        let sd = d.sd.clone();
+        let p = match sd.parse_path(&l.path) {
+            Ok(p) => p,
+            Err(_) => {
+                sd.to_store_path(&std::path::absolute(&l.path)?.to_string_lossy())
+                    .with_context(|| format!("'{}' is not a store path", l.path))?
+                    .0
+            }
+        };
+        let drv = if p.is_derivation() {
+            p
+        } else {
+            d.valid_info(&p)?
+                .deriver
+                .with_context(|| format!("path '{}' has no known deriver", sd.display(&p)))?
+        };
+        return match kiln_build::log::read_log(&layout.log_dir, &drv)? {
+            Some(data) => {
+                std::io::stdout().lock().write_all(&data)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            None => bail!("build log of '{}' is not available", sd.display(&drv)),
+        };
+    }
     let (store, _) = args.open()?;
     let p = parse_store_path(&store, &l.path)?;
     let drv = if p.is_derivation() {

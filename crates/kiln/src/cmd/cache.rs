@@ -161,6 +161,7 @@ pub fn copy(args: &StoreArgs, c: CopyArgs) -> anyhow::Result<ExitCode> {
             trace: false,
             out: Mutex::new(()),
             live: None,
+            store_dir: store.store_dir().clone(),
         },
         None,
     )?;

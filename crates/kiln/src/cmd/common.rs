@@ -40,6 +40,16 @@ pub struct StoreArgs {
     /// A nix.conf to read (its settings carry over).
     #[arg(long, global = true, value_name = "FILE")]
     pub nix_conf: Option<PathBuf>,
+    /// Where `build`, `log` and `store` commands act: `local` (open the store),
+    /// `daemon` (through the daemon's socket, `KILN_DAEMON_SOCKET` or the layout's), or
+    /// `auto`: the daemon when this user cannot write the store's database.
+    #[arg(
+        long,
+        global = true,
+        env = "KILN_STORE",
+        value_name = "auto|daemon|local"
+    )]
+    pub store: Option<String>,
 }
 
 impl StoreArgs {
@@ -113,6 +123,21 @@ impl StoreArgs {
             settings.set("log-compression", if guix { "gzip" } else { "bzip2" })?;
         }
         Ok((spec.resolve()?, settings))
+    }
+
+    /// A connection to the daemon, when commands go through it (see `via_daemon`).
+    pub(super) fn daemon(
+        &self,
+    ) -> anyhow::Result<Option<(super::via_daemon::DaemonStore, Settings, Layout)>> {
+        let (layout, settings) = self.resolve()?;
+        let socket = std::env::var_os("KILN_DAEMON_SOCKET")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| layout.daemon_socket_path());
+        if !super::via_daemon::wants_daemon(self.store.as_deref(), &layout, &socket)? {
+            return Ok(None);
+        }
+        let d = super::via_daemon::DaemonStore::connect(&socket, &layout)?;
+        Ok(Some((d, settings, layout)))
     }
 
     /// Opens the store.

@@ -15,8 +15,10 @@ mod ps;
 mod sandbox;
 mod store;
 mod store_path;
+mod store_via_daemon;
 mod timeline;
 pub mod unpack_channel;
+mod via_daemon;
 
 pub use common::StoreArgs;
 

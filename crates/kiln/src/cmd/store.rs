@@ -137,31 +137,31 @@ pub enum StoreCmd {
 #[group(required = true, multiple = false)]
 pub struct QueryWhat {
     #[arg(long)]
-    references: bool,
+    pub(super) references: bool,
     #[arg(long)]
-    referrers: bool,
+    pub(super) referrers: bool,
     /// The closure (`-R`).
     #[arg(long, short = 'R')]
-    requisites: bool,
+    pub(super) requisites: bool,
     #[arg(long)]
-    referrers_closure: bool,
+    pub(super) referrers_closure: bool,
     /// The deriver recorded for each path.
     #[arg(long, short = 'd')]
-    deriver: bool,
+    pub(super) deriver: bool,
     #[arg(long)]
-    valid_derivers: bool,
+    pub(super) valid_derivers: bool,
     /// The outputs of derivations.
     #[arg(long)]
-    outputs: bool,
+    pub(super) outputs: bool,
     /// The NAR hash.
     #[arg(long)]
-    hash: bool,
+    pub(super) hash: bool,
     /// The NAR size.
     #[arg(long)]
-    size: bool,
+    pub(super) size: bool,
     /// The roots that keep each path alive.
     #[arg(long)]
-    roots: bool,
+    pub(super) roots: bool,
 }
 
 fn parse(store: &LocalStore, s: &str) -> anyhow::Result<StorePath> {
@@ -191,7 +191,7 @@ fn parse_valid(store: &LocalStore, s: &str) -> anyhow::Result<StorePath> {
     Ok(p)
 }
 
-fn name_for(p: &std::path::Path, name: &Option<String>) -> anyhow::Result<String> {
+pub(super) fn name_for(p: &std::path::Path, name: &Option<String>) -> anyhow::Result<String> {
     if let Some(n) = name {
         return Ok(n.clone());
     }
@@ -209,32 +209,42 @@ fn info_json(
     info: &ValidPathInfo,
     closure_size: bool,
 ) -> anyhow::Result<serde_json::Value> {
-    use serde_json::{json, Map, Value};
-    let mut m = Map::new();
-    m.insert("path".into(), json!(store.print(&info.path)));
-    m.insert("narHash".into(), json!(info.nar_hash.to_sri()));
-    m.insert("narSize".into(), json!(info.nar_size));
-    m.insert(
-        "references".into(),
-        Value::Array(
-            info.references
-                .iter()
-                .map(|r| json!(store.print(r)))
-                .collect(),
-        ),
-    );
-    if let Some(ca) = &info.ca {
-        m.insert("ca".into(), json!(ca.to_string()));
-    }
-    if closure_size {
+    let total = if closure_size {
         let mut total = 0u64;
         for p in store.closure([&info.path], false)? {
             total += store.path_info(&p)?.nar_size;
         }
+        Some(total)
+    } else {
+        None
+    };
+    Ok(info_json_of(store.store_dir(), info, total))
+}
+
+/// `nix path-info --json` for one path, its closure's size given.
+pub(super) fn info_json_of(
+    sd: &kiln_format::StoreDir,
+    info: &ValidPathInfo,
+    closure_size: Option<u64>,
+) -> serde_json::Value {
+    use serde_json::{json, Map, Value};
+    let print = |p: &StorePath| sd.display(p);
+    let mut m = Map::new();
+    m.insert("path".into(), json!(print(&info.path)));
+    m.insert("narHash".into(), json!(info.nar_hash.to_sri()));
+    m.insert("narSize".into(), json!(info.nar_size));
+    m.insert(
+        "references".into(),
+        Value::Array(info.references.iter().map(|r| json!(print(r))).collect()),
+    );
+    if let Some(ca) = &info.ca {
+        m.insert("ca".into(), json!(ca.to_string()));
+    }
+    if let Some(total) = closure_size {
         m.insert("closureSize".into(), json!(total));
     }
     if let Some(d) = &info.deriver {
-        m.insert("deriver".into(), json!(store.print(d)));
+        m.insert("deriver".into(), json!(print(d)));
     }
     if info.registration_time != 0 {
         m.insert("registrationTime".into(), json!(info.registration_time));
@@ -248,7 +258,7 @@ fn info_json(
             Value::Array(info.sigs.iter().map(|s| json!(s)).collect()),
         );
     }
-    Ok(Value::Object(m))
+    Value::Object(m)
 }
 
 fn print_report(r: &VerifyReport) {
@@ -263,6 +273,9 @@ fn print_report(r: &VerifyReport) {
 pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
     if let StoreCmd::Serve { write } = cmd {
         return super::daemon::serve_legacy(args, write);
+    }
+    if let Some((d, _, layout)) = args.daemon()? {
+        return super::store_via_daemon::run(d, &layout, cmd);
     }
     let (store, settings) = args.open()?;
     let mut out = BufWriter::new(std::io::stdout().lock());

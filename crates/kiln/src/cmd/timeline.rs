@@ -94,6 +94,7 @@ pub fn run(cmd: TimelineCmd) -> anyhow::Result<ExitCode> {
             "criticalPath": path.iter().map(|g| serde_json::json!({
                 "goal": g.key,
                 "start": (g.start - s.start) as f64 / 1e6,
+                "began": (g.work_start.unwrap_or(g.start) - s.start) as f64 / 1e6,
                 "end": (g.end - s.start) as f64 / 1e6,
                 "status": g.status,
                 "phases": g.phases.iter().map(|(k, v)| (k.clone(), *v as f64 / 1e6)).collect::<std::collections::BTreeMap<_, _>>(),
@@ -127,13 +128,13 @@ pub fn run(cmd: TimelineCmd) -> anyhow::Result<ExitCode> {
     );
     println!(
         "  {:>9} {:>9} {:>9} {:>9} {:>9}  goal",
-        "start", "waited", "setup", "built", "register"
+        "began", "waited", "setup", "built", "register"
     );
     for g in &path {
         let work = g.phases.get("build").or(g.phases.get("substitute"));
         println!(
             "  {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
-            secs(g.start - s.start),
+            secs(g.work_start.unwrap_or(g.start) - s.start),
             secs(waited(g)),
             secs(g.phases.get("setup").copied().unwrap_or(0)),
             secs(work.copied().unwrap_or(0)),
