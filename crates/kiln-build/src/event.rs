@@ -26,23 +26,22 @@ pub enum Event {
     },
     /// A derivation will be built (its outputs are missing and cannot be substituted):
     /// for progress counters ("N/M built").
-    BuildQueued {
-        drv: String,
-    },
+    BuildQueued { drv: String },
     /// A path will be substituted, with the sizes its cache announced (for "copied (X
     /// MiB)" and download counters).
     SubstitutionQueued {
         path: String,
         download_size: u64,
         nar_size: u64,
+        /// The cache that has it (empty: not known).
+        source: String,
     },
     /// A derivation goal finished (successfully or not).
-    BuildFinished {
-        drv: String,
-        result: BuildResult,
-    },
+    BuildFinished { drv: String, result: BuildResult },
     SubstitutionStarted {
         path: String,
+        /// The cache it comes from (empty: not known).
+        source: String,
     },
     SubstitutionFinished {
         path: String,
@@ -50,10 +49,7 @@ pub enum Event {
         error: String,
     },
     /// A message for the user (`level` as Nix's verbosity: 0 error … 7 vomit).
-    Message {
-        level: u8,
-        text: String,
-    },
+    Message { level: u8, text: String },
     /// A fixed-output hash mismatch (for `@ hash-mismatch PATH ALGO EXPECTED ACTUAL`).
     HashMismatch {
         path: String,
@@ -64,10 +60,7 @@ pub enum Event {
     /// A derivation goal that will build moved on to waiting for something, or to
     /// registering its outputs (for timelines: the spans between `BuildQueued`,
     /// `BuildStarted` and `BuildFinished`).
-    Phase {
-        drv: String,
-        phase: Phase,
-    },
+    Phase { drv: String, phase: Phase },
 }
 
 /// What a derivation goal waits for or does before and after its builder runs.
@@ -161,7 +154,7 @@ impl Event {
                     guix_failure_message(drv, result)
                 )),
             },
-            Event::SubstitutionStarted { path } => {
+            Event::SubstitutionStarted { path, .. } => {
                 Some(format!("@ substituter-started {path} substitute"))
             }
             Event::SubstitutionFinished { path, ok: true, .. } => {
@@ -210,6 +203,7 @@ impl Event {
                 path: s("path")?,
                 download_size: n("downloadSize")?,
                 nar_size: n("narSize")?,
+                source: s("source").unwrap_or_default(),
             },
             "build-finished" => {
                 let status = crate::result::BuildStatus::from_name(v["status"].as_str()?)?;
@@ -235,7 +229,10 @@ impl Event {
                     result,
                 }
             }
-            "substitution-started" => Event::SubstitutionStarted { path: s("path")? },
+            "substitution-started" => Event::SubstitutionStarted {
+                path: s("path")?,
+                source: s("source").unwrap_or_default(),
+            },
             "substitution-finished" => Event::SubstitutionFinished {
                 path: s("path")?,
                 ok: v["ok"].as_bool()?,
@@ -302,17 +299,18 @@ impl Event {
                 "memoryPeak": result.memory_peak,
                 "cancelled": result.cancelled
             }),
-            Event::SubstitutionStarted { path } => {
-                json!({"event": "substitution-started", "path": path})
+            Event::SubstitutionStarted { path, source } => {
+                json!({"event": "substitution-started", "path": path, "source": source})
             }
             Event::BuildQueued { drv } => json!({"event": "build-queued", "drv": drv}),
             Event::SubstitutionQueued {
                 path,
                 download_size,
                 nar_size,
+                source,
             } => json!({
                 "event": "substitution-queued", "path": path, "downloadSize": download_size,
-                "narSize": nar_size
+                "narSize": nar_size, "source": source
             }),
             Event::SubstitutionFinished { path, ok, error } => {
                 json!({"event": "substitution-finished", "path": path, "ok": ok, "error": error})
@@ -397,8 +395,12 @@ mod tests {
                 path: out.into(),
                 download_size: 1,
                 nar_size: 2,
+                source: "file:///c".into(),
             },
-            Event::SubstitutionStarted { path: out.into() },
+            Event::SubstitutionStarted {
+                path: out.into(),
+                source: "file:///c".into(),
+            },
             Event::SubstitutionFinished {
                 path: out.into(),
                 ok: false,

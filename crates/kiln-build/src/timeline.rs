@@ -320,7 +320,7 @@ impl Inner {
             }
             Event::BuildFinished { drv, result } => self.ended(drv, result.status.name()),
             Event::SubstitutionQueued { path, .. } => self.waiting(path, "queued", json!({})),
-            Event::SubstitutionStarted { path } => {
+            Event::SubstitutionStarted { path, .. } => {
                 let tid = self.take_slot(SUBSTITUTIONS, path);
                 self.open(path, "substitute", SUBSTITUTIONS, tid, json!({}));
             }

@@ -28,7 +28,10 @@ pub struct Progress<'d> {
     targets: BTreeSet<String>,
     /// Running builds: activity id and the unfinished last line.
     builds: HashMap<String, (u64, Vec<u8>)>,
-    substitutions: HashMap<String, u64>,
+    /// Running substitutions: the `Substitute` activity and its `CopyPath` one.
+    substitutions: HashMap<String, (u64, Option<u64>)>,
+    /// NAR sizes of queued substitutions (their copies' progress).
+    nar_sizes: HashMap<String, u64>,
     pub trace: bool,
     pub multiplexed: bool,
     pub build_verbosity: u64,
@@ -62,6 +65,7 @@ impl<'d> Progress<'d> {
             targets,
             builds: HashMap::new(),
             substitutions: HashMap::new(),
+            nar_sizes: HashMap::new(),
             trace: false,
             multiplexed: false,
             build_verbosity: 0,
@@ -133,12 +137,13 @@ impl<'d> Progress<'d> {
                 path,
                 download_size,
                 nar_size,
+                ..
             } if c.queued_copies.insert(path.clone()) => {
                 c.copies[1] += 1;
                 c.download += download_size;
                 c.nar += nar_size;
             }
-            Event::SubstitutionStarted { path } if c.started_copies.insert(path.clone()) => {
+            Event::SubstitutionStarted { path, .. } if c.started_copies.insert(path.clone()) => {
                 c.copies[2] += 1;
             }
             Event::SubstitutionFinished { path, ok, .. } => {
@@ -268,7 +273,51 @@ impl<'d> Progress<'d> {
                     self.failure_line(io, drv, &text)?;
                 }
             }
-            Event::SubstitutionStarted { path } => {
+            // As nix-daemon 2.34: the query that found the path in its cache.
+            Event::SubstitutionQueued {
+                path,
+                nar_size,
+                source,
+                ..
+            } => {
+                self.nar_sizes.insert(path.clone(), *nar_size);
+                if !source.is_empty() {
+                    let id = self.daemon.next_activity();
+                    io.start_activity(
+                        id,
+                        level::TALKATIVE,
+                        activity::QUERY_PATH_INFO,
+                        &format!("querying info about '{path}' on '{source}'"),
+                        &[Field::from(path.as_str()), Field::from(source.as_str())],
+                        0,
+                    )?;
+                    io.stop_activity(id)?;
+                }
+            }
+            // A `Substitute` activity for the goal and, within it, a `CopyPath` one whose
+            // progress is the NAR's bytes, as nix-daemon 2.34 shows a download.
+            Event::SubstitutionStarted { path, source } if !source.is_empty() => {
+                let goal = self.daemon.next_activity();
+                let f = [Field::from(path.as_str()), Field::from(source.as_str())];
+                io.start_activity(goal, level::ERROR, activity::SUBSTITUTE, "", &f, 0)?;
+                let copy = self.daemon.next_activity();
+                io.start_activity(
+                    copy,
+                    level::INFO,
+                    activity::COPY_PATH,
+                    &format!("copying path '{path}' from '{source}'"),
+                    &[
+                        Field::from(path.as_str()),
+                        Field::from(source.as_str()),
+                        Field::from("local"),
+                    ],
+                    goal,
+                )?;
+                let size = self.nar_sizes.get(path).copied().unwrap_or(0);
+                io.result(copy, result::PROGRESS, &progress(0, size))?;
+                self.substitutions.insert(path.clone(), (goal, Some(copy)));
+            }
+            Event::SubstitutionStarted { path, .. } => {
                 let id = self.daemon.next_activity();
                 io.start_activity(
                     id,
@@ -278,12 +327,20 @@ impl<'d> Progress<'d> {
                     &[Field::from(path.as_str()), Field::from("")],
                     0,
                 )?;
-                self.substitutions.insert(path.clone(), id);
+                self.substitutions.insert(path.clone(), (id, None));
             }
             Event::SubstitutionFinished { path, ok, error } => {
-                if let Some(id) = self.substitutions.remove(path) {
-                    io.stop_activity(id)?;
+                if let Some((goal, copy)) = self.substitutions.remove(path) {
+                    if let Some(copy) = copy {
+                        if *ok {
+                            let size = self.nar_sizes.get(path).copied().unwrap_or(0);
+                            io.result(copy, result::PROGRESS, &progress(size, size))?;
+                        }
+                        io.stop_activity(copy)?;
+                    }
+                    io.stop_activity(goal)?;
                 }
+                self.nar_sizes.remove(path);
                 if !ok {
                     self.failure_line(io, path, error)?;
                 }
@@ -291,10 +348,7 @@ impl<'d> Progress<'d> {
             // Level-0 messages repeat goal failures, reported above.
             Event::Message { level: 0, .. } => {}
             Event::Message { level, text } => io.log(*level as u64, text)?,
-            Event::HashMismatch { .. }
-            | Event::BuildQueued { .. }
-            | Event::SubstitutionQueued { .. }
-            | Event::Phase { .. } => {}
+            Event::HashMismatch { .. } | Event::BuildQueued { .. } | Event::Phase { .. } => {}
         }
         Ok(())
     }
@@ -341,6 +395,16 @@ impl<'d> Progress<'d> {
         }
         Ok(())
     }
+}
+
+/// A `Progress` result's fields: done, expected, running, failed.
+fn progress(done: u64, expected: u64) -> [Field; 4] {
+    [
+        Field::Int(done),
+        Field::Int(expected),
+        Field::Int(0),
+        Field::Int(0),
+    ]
 }
 
 fn send_counters(io: &mut OpIo<'_>, c: &mut Counters) -> std::io::Result<()> {

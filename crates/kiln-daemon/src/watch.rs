@@ -241,7 +241,7 @@ impl Metrics {
             Event::SubstitutionQueued { path, nar_size, .. } => {
                 m.nar_sizes.insert(path.clone(), *nar_size);
             }
-            Event::SubstitutionStarted { path } => {
+            Event::SubstitutionStarted { path, .. } => {
                 m.fetching.insert(path.clone(), Instant::now());
             }
             Event::SubstitutionFinished { path, ok, .. } => {

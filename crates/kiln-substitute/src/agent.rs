@@ -194,6 +194,7 @@ impl Agent {
                     deriver,
                     nar_size,
                     download_size,
+                    source: String::new(),
                 },
             );
         }

@@ -237,6 +237,7 @@ impl Caches {
                         deriver: o.info.deriver,
                         nar_size: o.narinfo.nar_size,
                         download_size: o.narinfo.file_size.unwrap_or(o.narinfo.nar_size),
+                        source: c.url.base.clone(),
                     }))
                 }
                 Ok(None) => {}

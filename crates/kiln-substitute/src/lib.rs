@@ -50,6 +50,9 @@ pub struct SubstitutableInfo {
     pub deriver: Option<StorePath>,
     pub nar_size: u64,
     pub download_size: u64,
+    /// The cache that has it (its URL as configured; empty when the substituter does not
+    /// say, as an external agent does not).
+    pub source: String,
 }
 
 /// Which caches a request may use and whom it trusts (from its settings: `substituters`,

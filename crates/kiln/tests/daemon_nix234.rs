@@ -257,3 +257,86 @@ fn nix_2_34_progress_is_what_nix_daemon_sends() {
         "kiln:\n{kiln}\nnix-daemon 2.34:\n{nix}"
     );
 }
+
+/// Substitution progress: the same `nix build` of paths that a `file://` cache has, through
+/// nix-daemon 2.34 and through kiln, shows the same activities (substitute, copy path,
+/// file transfer) and results, and the same final "copied" counters.
+#[test]
+fn nix_2_34_substitution_progress_is_what_nix_daemon_sends() {
+    let Some(sid) = SidNix::or_skip("nix_2_34_substitution_progress_is_what_nix_daemon_sends")
+    else {
+        return;
+    };
+    let base = std::env::temp_dir().join(format!("kiln-subst-234-{}", std::process::id()));
+    let cache = std::env::temp_dir().join(format!("kiln-subst-234-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let nix = |env: &NixEnv, d: &DaemonProcess, args: &[&str]| {
+        let out = with_env(sid.cmd("nix"), env)
+            .env("NIX_REMOTE", format!("unix://{}", d.socket.display()))
+            .args(["--extra-experimental-features", "nix-command"])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{args:?}: {err}");
+        (String::from_utf8_lossy(&out.stdout).into_owned(), err)
+    };
+    let file = fixture("build.nix");
+    let file = file.to_str().unwrap();
+    // The cache, made once by nix-daemon 2.34.
+    {
+        let env = NixEnv::at(&base);
+        let d = nix_daemon(&sid, &env);
+        let (top, _) = nix(
+            &env,
+            &d,
+            &["build", "-f", file, "top", "--no-link", "--print-out-paths"],
+        );
+        let to = format!("file://{}", cache.display());
+        nix(&env, &d, &["copy", "--to", &to, top.trim()]);
+    }
+    let run = |kiln: bool| {
+        let env = NixEnv::at(&base);
+        // The cache is unsigned (nix-daemon 2.34 does not take `require-sigs` from clients).
+        let conf = std::fs::read_to_string(env.nix_conf()).unwrap();
+        std::fs::write(env.nix_conf(), format!("{conf}require-sigs = false\n")).unwrap();
+        let d = if kiln {
+            kiln_daemon(&env)
+        } else {
+            nix_daemon(&sid, &env)
+        };
+        let from = format!("file://{}", cache.display());
+        let (_, err) = nix(
+            &env,
+            &d,
+            &[
+                "build",
+                "-f",
+                file,
+                "top",
+                "--no-link",
+                "--substituters",
+                &from,
+                "--log-format",
+                "internal-json",
+                "-v",
+            ],
+        );
+        drop(d);
+        progress_shape(&err)
+    };
+    let nix_shape = run(false);
+    let kiln_shape = run(true);
+    let _ = Command::new("chmod")
+        .arg("-R")
+        .arg("u+w")
+        .arg(&base)
+        .status();
+    let _ = std::fs::remove_dir_all(&base);
+    let _ = std::fs::remove_dir_all(&cache);
+    assert!(nix_shape.contains("start type 108"), "{nix_shape}");
+    assert_eq!(
+        kiln_shape, nix_shape,
+        "kiln:\n{kiln_shape}\nnix-daemon 2.34:\n{nix_shape}"
+    );
+}

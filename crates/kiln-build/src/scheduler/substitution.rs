@@ -97,6 +97,7 @@ impl Worker {
             path: store.print(&path),
             download_size: info.download_size,
             nar_size: info.nar_size,
+            source: info.source.clone(),
         };
         self.emit(id, queued);
         for r in info.references.iter().filter(|r| **r != path) {
@@ -154,6 +155,11 @@ impl Worker {
             );
         }
         s.state = SubstState::Fetching;
+        let source = s
+            .info
+            .as_ref()
+            .map(|i| i.source.clone())
+            .unwrap_or_default();
         let Some(sub) = self.cfg.substituter.clone() else {
             return;
         };
@@ -162,6 +168,7 @@ impl Worker {
             id,
             Event::SubstitutionStarted {
                 path: store.print(&path),
+                source,
             },
         );
         let tx = self.tx.clone();

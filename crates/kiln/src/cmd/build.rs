@@ -148,7 +148,7 @@ impl kiln_build::EventSink for Reporter {
                     let _ = err.write_all(data);
                 }
             }
-            Event::SubstitutionStarted { path } => {
+            Event::SubstitutionStarted { path, .. } => {
                 let _ = writeln!(err, "copying path '{path}' from a substituter...");
             }
             Event::Message { level, text } => {

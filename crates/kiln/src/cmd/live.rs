@@ -261,7 +261,7 @@ impl LiveView {
             Event::SubstitutionQueued { path, nar_size, .. } => {
                 s.sizes.insert(path.clone(), *nar_size);
             }
-            Event::SubstitutionStarted { path } => {
+            Event::SubstitutionStarted { path, .. } => {
                 s.substituting.insert(path.clone(), Instant::now());
             }
             Event::SubstitutionFinished { path, ok, error } => {
