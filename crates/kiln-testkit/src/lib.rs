@@ -9,6 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 
+pub mod volatile_disk;
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
