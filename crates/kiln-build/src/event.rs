@@ -112,6 +112,90 @@ pub trait EventSink: Send + Sync {
     fn event(&self, e: &Event);
 }
 
+/// How much memory an event holds (for bounded queues): its log data, or a little.
+pub fn event_size(e: &Event) -> usize {
+    match e {
+        Event::BuildLog { data, .. } => data.len() + 64,
+        _ => 256,
+    }
+}
+
+/// Hands events to `sink` on a thread of its own, through a queue of at most `max_bytes`
+/// (by [`event_size`]): for sinks that write files (a timeline), which must not make the
+/// scheduler thread wait. When the queue is full, events are dropped, counted, and warned
+/// about once, rather than held without bound or waited for.
+pub struct Detached {
+    tx: std::sync::Mutex<Option<std::sync::mpsc::Sender<Event>>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    queued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    dropped: std::sync::atomic::AtomicU64,
+    max_bytes: usize,
+    name: &'static str,
+}
+
+impl std::fmt::Debug for Detached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Detached({})", self.name)
+    }
+}
+
+impl Detached {
+    pub fn new(
+        name: &'static str,
+        sink: std::sync::Arc<dyn EventSink>,
+        max_bytes: usize,
+    ) -> Detached {
+        let (tx, rx) = std::sync::mpsc::channel::<Event>();
+        let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let q = queued.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("kiln-{name}"))
+            .spawn(move || {
+                for e in rx {
+                    sink.event(&e);
+                    q.fetch_sub(event_size(&e), std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+            .ok();
+        Detached {
+            tx: std::sync::Mutex::new(Some(tx)),
+            thread: std::sync::Mutex::new(thread),
+            queued,
+            dropped: Default::default(),
+            max_bytes,
+            name,
+        }
+    }
+
+    /// Waits until every queued event was handed over; later events are dropped.
+    pub fn close(&self) {
+        drop(self.tx.lock().unwrap_or_else(|e| e.into_inner()).take());
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl EventSink for Detached {
+    fn event(&self, e: &Event) {
+        use std::sync::atomic::Ordering;
+        let size = event_size(e);
+        if self.queued.load(Ordering::Relaxed) + size > self.max_bytes {
+            if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!("{}: its writer is behind; events are dropped", self.name);
+            }
+            return;
+        }
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = tx.as_ref() {
+            self.queued.fetch_add(size, Ordering::Relaxed);
+            if tx.send(e.clone()).is_err() {
+                self.queued.fetch_sub(size, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// Discards events.
 #[derive(Debug, Default)]
 pub struct NoEvents;

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod attrs;
+pub mod autogc;
 pub mod env;
 mod error;
 pub mod event;

@@ -49,6 +49,8 @@ struct Inner {
     any: bool,
     /// Set once a write failed: the timeline stops rather than fail builds.
     broken: bool,
+    /// Set by `finish`: nothing may follow the closing `]`.
+    closed: bool,
     open: HashMap<String, Open>,
     /// Track of each waiting goal (released when the goal ends, for reuse).
     goal_tids: HashMap<String, u64>,
@@ -74,7 +76,7 @@ impl std::fmt::Debug for Timeline {
 }
 
 /// The name part of a store path or `.drv` (`/s/abc…-hello.drv` → `hello`).
-fn short(p: &str) -> &str {
+pub fn short(p: &str) -> &str {
     let base = p.rsplit('/').next().unwrap_or(p);
     let name = base.split_once('-').map(|(_, n)| n).unwrap_or(base);
     name.strip_suffix(".drv").unwrap_or(name)
@@ -88,6 +90,7 @@ impl Timeline {
             t0: Instant::now(),
             any: false,
             broken: false,
+            closed: false,
             open: HashMap::new(),
             goal_tids: HashMap::new(),
             free_goal_tids: Vec::new(),
@@ -121,11 +124,15 @@ impl Timeline {
     /// Ends the spans still open (a cancelled run) and closes the array.
     pub fn finish(&self) -> std::io::Result<()> {
         let mut i = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if i.closed {
+            return Ok(());
+        }
         let keys: Vec<String> = i.open.keys().cloned().collect();
         for k in keys {
             i.close(&k, Some("unfinished"));
         }
         i.write_raw(b"\n]\n");
+        i.closed = true;
         i.out.flush()?;
         if i.broken {
             return Err(std::io::Error::other("writing the timeline failed"));
@@ -318,7 +325,14 @@ impl Inner {
                     json!({"pid": pid, "round": round, "machine": machine}),
                 );
             }
-            Event::BuildFinished { drv, result } => self.ended(drv, result.status.name()),
+            Event::BuildFinished { drv, result } => self.ended(
+                drv,
+                if result.cancelled {
+                    "Cancelled"
+                } else {
+                    result.status.name()
+                },
+            ),
             Event::SubstitutionQueued { path, .. } => self.waiting(path, "queued", json!({})),
             Event::SubstitutionStarted { path, .. } => {
                 let tid = self.take_slot(SUBSTITUTIONS, path);
@@ -335,7 +349,7 @@ impl Inner {
 impl EventSink for Timeline {
     fn event(&self, e: &Event) {
         let mut i = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if !i.broken {
+        if !i.broken && !i.closed {
             i.event(e);
         }
     }
@@ -419,7 +433,7 @@ pub fn summarize(text: &str) -> crate::Result<Summary> {
             ..Default::default()
         });
         g.start = g.start.min(ts);
-        g.end = g.end.max(ts + dur);
+        g.end = g.end.max(ts.saturating_add(dur));
         if !matches!(cat, "queued" | "inputs" | "lock" | "slot") {
             g.work_start = Some(g.work_start.map_or(ts, |w| w.min(ts)));
         }
@@ -439,7 +453,7 @@ pub fn summarize(text: &str) -> crate::Result<Summary> {
             *n = (*n).max(tid);
         }
         s.start = s.start.min(ts);
-        s.end = s.end.max(ts + dur);
+        s.end = s.end.max(ts.saturating_add(dur));
     }
     if s.goals.is_empty() {
         s.start = 0;

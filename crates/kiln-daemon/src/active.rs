@@ -102,7 +102,9 @@ impl ActiveBuilds {
                 "clientPid": client.and_then(|c| c.0),
                 "clientUid": client.map(|c| c.1),
                 "mainPid": e.pid,
-                "mainUser": Value::Null,
+                // Nix's `nix ps` needs a user: the daemon's until the builder's is read
+                // (a build on another machine, or one whose process just ended).
+                "mainUser": proc::user(rustix::process::geteuid().as_raw()),
                 "cgroup": Value::Null,
                 "startTime": epoch(started),
                 "derivation": base,
@@ -121,18 +123,24 @@ impl ActiveBuilds {
     }
 }
 
+impl Entry {
+    fn queued() -> Entry {
+        Entry {
+            pid: 0,
+            machine: String::new(),
+            queued: SystemTime::now(),
+            started: None,
+            waiting: "queued",
+            clients: Vec::new(),
+        }
+    }
+}
+
 impl EventSink for ActiveBuilds {
     fn event(&self, e: &Event) {
         match e {
             Event::BuildQueued { drv } => self.with(|m| {
-                m.entry(drv.clone()).or_insert_with(|| Entry {
-                    pid: 0,
-                    machine: String::new(),
-                    queued: SystemTime::now(),
-                    started: None,
-                    waiting: "queued",
-                    clients: Vec::new(),
-                });
+                m.entry(drv.clone()).or_insert_with(Entry::queued);
             }),
             Event::Phase { drv, phase } => self.with(|m| {
                 if let Some(e) = m.get_mut(drv) {
@@ -147,14 +155,7 @@ impl EventSink for ActiveBuilds {
             Event::BuildStarted {
                 drv, pid, machine, ..
             } => self.with(|m| {
-                let e = m.entry(drv.clone()).or_insert_with(|| Entry {
-                    pid: 0,
-                    machine: String::new(),
-                    queued: SystemTime::now(),
-                    started: None,
-                    waiting: "",
-                    clients: Vec::new(),
-                });
+                let e = m.entry(drv.clone()).or_insert_with(Entry::queued);
                 e.pid = *pid;
                 e.machine = machine.clone();
                 e.started.get_or_insert_with(SystemTime::now);
@@ -170,6 +171,11 @@ impl EventSink for ActiveBuilds {
 /// What `/proc` says of a build's processes.
 mod proc {
     use serde_json::{json, Value};
+
+    /// Processes listed per build, at most.
+    const MAX_PROCS: usize = 256;
+    /// Bytes of a process's arguments listed, at most (compilers' command lines are long).
+    const MAX_ARGV: usize = 4096;
 
     /// One process: pid, parent, uid, argv, CPU ticks (utime, stime, cutime, cstime),
     /// resident bytes.
@@ -196,8 +202,9 @@ mod proc {
             .and_then(|l| l.split_whitespace().next())
             .and_then(|u| u.parse().ok())
             .unwrap_or(0);
-        let argv = std::fs::read(format!("/proc/{pid}/cmdline"))
-            .unwrap_or_default()
+        let mut cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        cmdline.truncate(MAX_ARGV);
+        let argv = cmdline
             .split(|b| *b == 0)
             .filter(|a| !a.is_empty())
             .map(|a| String::from_utf8_lossy(a).into_owned())
@@ -224,7 +231,7 @@ mod proc {
             .collect()
     }
 
-    fn user(uid: u32) -> Value {
+    pub fn user(uid: u32) -> Value {
         let name = uzers::get_user_by_uid(uid).map(|u| u.name().to_string_lossy().into_owned());
         json!({"uid": uid, "name": name})
     }
@@ -257,10 +264,17 @@ mod proc {
     pub fn describe(v: &mut Value, main: i32, table: &[Proc]) {
         let hz = rustix::param::clock_ticks_per_second() as f64;
         let mut tree: Vec<&Proc> = table.iter().filter(|p| p.pid == main).collect();
+        // Each process once (a pid reused during the scan could make a cycle), and at most
+        // MAX_PROCS of them.
+        let mut seen: std::collections::HashSet<i32> = tree.iter().map(|p| p.pid).collect();
         let mut i = 0;
-        while i < tree.len() {
+        while i < tree.len() && tree.len() < MAX_PROCS {
             let parent = tree[i].pid;
-            tree.extend(table.iter().filter(|p| p.ppid == parent && p.pid != parent));
+            for p in table.iter().filter(|p| p.ppid == parent) {
+                if tree.len() < MAX_PROCS && seen.insert(p.pid) {
+                    tree.push(p);
+                }
+            }
             i += 1;
         }
         if let Some(m) = tree.first() {

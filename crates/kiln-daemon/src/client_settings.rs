@@ -19,6 +19,16 @@ pub struct Applied {
     pub notes: Vec<String>,
 }
 
+/// Settings of the daemon as a whole, read when it starts: one client's value cannot
+/// change them (it would change every client's daemon), so a client sending one is told.
+const DAEMON_WIDE: &[&str] = &[
+    "min-free",
+    "max-free",
+    "min-free-check-interval",
+    "json-log-path",
+    "timeline-file",
+];
+
 /// Settings an untrusted Nix client may still set (Nix 2.8's `ClientSettings::apply`).
 const NIX_ANYONE: &[&str] = &["timeout", "repeat", "connect-timeout"];
 /// Settings a Guix daemon takes from any client.
@@ -91,6 +101,12 @@ pub fn apply(base: &Settings, o: &ClientOptions, trust: Trust, guix: bool) -> Ap
         } else {
             NIX_ANYONE.contains(&name) || (name == "builders" && value.is_empty())
         };
+        if trusted && DAEMON_WIDE.contains(&name) {
+            warnings.push(format!(
+                "'{name}' is the daemon's own setting: a client's value has no effect"
+            ));
+            continue;
+        }
         if trusted || anyone {
             match s.set(name, value) {
                 Ok(())
@@ -234,13 +250,20 @@ mod tests {
         assert_eq!(hooks.build.post_build_hook, None);
         assert_eq!(hooks.build.diff_hook, None);
         // A setting kiln accepts but does not implement is not taken in silence.
+        let m = apply(&base, &opts(&[("netrc-file", "/n")]), Trust::Trusted, false);
+        assert_eq!(
+            m.warnings,
+            ["kiln does not implement the setting 'netrc-file' yet: it has no effect"]
+        );
+        assert_eq!(m.settings.not_implemented_in_use(), ["netrc-file"]);
+        assert!(base.not_implemented_in_use().is_empty());
+        // Nor is a daemon-wide one a client cannot change.
         let m = apply(&base, &opts(&[("min-free", "1000")]), Trust::Trusted, false);
         assert_eq!(
             m.warnings,
-            ["kiln does not implement the setting 'min-free' yet: it has no effect"]
+            ["'min-free' is the daemon's own setting: a client's value has no effect"]
         );
-        assert_eq!(m.settings.not_implemented_in_use(), ["min-free"]);
-        assert!(base.not_implemented_in_use().is_empty());
+        assert_eq!(m.settings.get("min-free"), "0");
     }
 
     #[test]

@@ -125,6 +125,7 @@ impl Backend {
                 remote: machines.remote,
                 local_speed_factor: machines.local_speed_factor,
                 observer: Some(watch),
+                auto_gc: kiln_build::autogc::AutoGcConfig::from_settings(settings),
             });
             Backend {
                 store,

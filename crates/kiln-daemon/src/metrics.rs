@@ -1,15 +1,15 @@
 //! `kiln daemon --metrics ADDR`: Prometheus's text format at `GET /metrics`, over a plain
 //! HTTP/1.1 listener on a thread of its own.
 //!
-//! Requests are answered one at a time, each with a 5-second limit to send its head: a
-//! scraper asks every few seconds, and a client that sends nothing cannot hold the
-//! listener longer than that. Only the request line is looked at; nothing a client sends
-//! is stored or echoed.
+//! Requests are answered one at a time, each with 5 seconds in all to send its head (not
+//! per read: a client sending a byte now and then cannot hold the listener longer) and 5 to
+//! take the answer. A scraper asks every few seconds. Only the request line is looked at;
+//! nothing a client sends is stored or echoed.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::{Daemon, Error};
 
@@ -42,17 +42,34 @@ pub(crate) fn serve(daemon: Arc<Daemon>, addr: &str) -> Result<std::net::SocketA
     Ok(local)
 }
 
-fn answer(daemon: &Daemon, s: TcpStream) -> std::io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut r = BufReader::new((&s).take(MAX_HEAD));
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    // The rest of the head, up to the blank line.
-    let mut h = String::new();
-    while r.read_line(&mut h)? > 0 && h.trim_end() != "" {
-        h.clear();
+/// Reads a request's head (up to its blank line, at most `MAX_HEAD` bytes) before
+/// `deadline`.
+fn read_head(mut s: &TcpStream, deadline: Instant) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || head.len() as u64 >= MAX_HEAD {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "request head too slow or too long",
+            ));
+        }
+        s.set_read_timeout(Some(left))?;
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
     }
+    Ok(head)
+}
+
+fn answer(daemon: &Daemon, s: TcpStream) -> std::io::Result<()> {
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let head = read_head(&s, Instant::now() + Duration::from_secs(5))?;
+    let mut line = String::new();
+    BufReader::new(&head[..]).read_line(&mut line)?;
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");

@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -20,15 +19,17 @@ use kiln_build::{Event, EventSink};
 
 use crate::active::ActiveBuilds;
 
-/// Events the JSON log may have queued before it drops further ones.
-const JSON_LOG_QUEUE: usize = 65_536;
+/// Bytes of JSON lines the log may have queued before it drops further ones (a noisy
+/// build and a slow reader must not grow the daemon without bound).
+const JSON_LOG_QUEUE_BYTES: usize = 64 << 20;
 
 /// The daemon's observer of every build.
 pub struct Watch {
     pub active: ActiveBuilds,
     pub metrics: Metrics,
     json_log: Option<JsonLog>,
-    timeline: Option<Timeline>,
+    /// The timeline, and the thread that writes it.
+    timeline: Option<(Arc<Timeline>, kiln_build::event::Detached)>,
 }
 
 impl std::fmt::Debug for Watch {
@@ -60,7 +61,11 @@ impl Watch {
         let timeline = match settings.get("timeline-file") {
             "" => None,
             p => match Timeline::create(Path::new(p)) {
-                Ok(t) => Some(t),
+                Ok(t) => {
+                    let t = Arc::new(t);
+                    let feed = kiln_build::event::Detached::new("timeline", t.clone(), 64 << 20);
+                    Some((t, feed))
+                }
                 Err(e) => {
                     tracing::warn!("timeline-file '{p}': {e}; no timeline is written");
                     None
@@ -77,7 +82,8 @@ impl Watch {
 
     /// Closes the timeline's array (at the daemon's stop).
     pub fn finish(&self) {
-        if let Some(t) = &self.timeline {
+        if let Some((t, feed)) = &self.timeline {
+            feed.close();
             if let Err(e) = t.finish() {
                 tracing::warn!("timeline: {e}");
             }
@@ -89,8 +95,8 @@ impl EventSink for Watch {
     fn event(&self, e: &Event) {
         self.active.event(e);
         self.metrics.event(e);
-        if let Some(t) = &self.timeline {
-            t.event(e);
+        if let Some((_, feed)) = &self.timeline {
+            feed.event(e);
         }
         if let Some(l) = &self.json_log {
             l.send(e);
@@ -101,7 +107,8 @@ impl EventSink for Watch {
 /// `json-log-path`: events as JSON lines (`docs/build-events.md`), to a file (appended to,
 /// created 0644) or to a Unix socket someone listens on, as Nix's setting of that name.
 struct JsonLog {
-    tx: SyncSender<String>,
+    tx: std::sync::mpsc::Sender<String>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
     dropped: Arc<AtomicU64>,
     store_dir: kiln_format::StoreDir,
 }
@@ -121,7 +128,9 @@ impl JsonLog {
                     .open(path)?,
             ),
         };
-        let (tx, rx) = sync_channel::<String>(JSON_LOG_QUEUE);
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let q = queued.clone();
         let shown = path.display().to_string();
         std::thread::Builder::new()
             .name("kiln-json-log".into())
@@ -129,10 +138,12 @@ impl JsonLog {
                 let mut out = std::io::BufWriter::new(out);
                 while let Ok(line) = rx.recv() {
                     let mut ok = out.write_all(line.as_bytes()).is_ok();
+                    q.fetch_sub(line.len(), Ordering::Relaxed);
                     // Flush when nothing else waits: lines reach a reader promptly.
                     let mut more = rx.try_iter();
                     for l in more.by_ref() {
                         ok &= out.write_all(l.as_bytes()).is_ok();
+                        q.fetch_sub(l.len(), Ordering::Relaxed);
                     }
                     ok &= out.flush().is_ok();
                     if !ok {
@@ -145,6 +156,7 @@ impl JsonLog {
             })?;
         Ok(JsonLog {
             tx,
+            queued,
             dropped: Arc::new(AtomicU64::new(0)),
             store_dir,
         })
@@ -153,13 +165,17 @@ impl JsonLog {
     fn send(&self, e: &Event) {
         let mut line = e.to_json(&self.store_dir).to_string();
         line.push('\n');
-        match self.tx.try_send(line) {
-            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
-            Err(TrySendError::Full(_)) => {
-                if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
-                    tracing::warn!("json-log-path: its reader is behind; events are dropped");
-                }
+        let len = line.len();
+        if self.queued.load(Ordering::Relaxed) + len > JSON_LOG_QUEUE_BYTES {
+            if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!("json-log-path: its reader is behind; events are dropped");
             }
+            return;
+        }
+        self.queued.fetch_add(len, Ordering::Relaxed);
+        if self.tx.send(line).is_err() {
+            // The writer stopped after a write error; nothing queues any more.
+            self.queued.fetch_sub(len, Ordering::Relaxed);
         }
     }
 }
@@ -236,7 +252,12 @@ impl Metrics {
                 if let Some(t) = m.started.remove(drv) {
                     m.build_seconds.observe(t.elapsed().as_secs_f64());
                 }
-                *m.finished.entry(result.status.name()).or_default() += 1;
+                let status = if result.cancelled {
+                    "Cancelled"
+                } else {
+                    result.status.name()
+                };
+                *m.finished.entry(status).or_default() += 1;
             }
             Event::SubstitutionQueued { path, nar_size, .. } => {
                 m.nar_sizes.insert(path.clone(), *nar_size);

@@ -83,12 +83,47 @@ impl Client {
         Client::handshake(Box::new(r), Box::new(s), store_dir, version)
     }
 
-    /// Performs the handshake over an established stream.
+    /// Connects naming `features` in the 1.38 exchange (kiln's own commands name kiln's
+    /// features too; see [`crate::version::NIX_FEATURES`]).
+    pub fn connect_with_features(
+        socket: &Path,
+        store_dir: StoreDir,
+        features: Features,
+    ) -> Result<Client, Error> {
+        let s = UnixStream::connect(socket)?;
+        let r = s.try_clone()?;
+        Client::handshake_with(
+            Box::new(r),
+            Box::new(s),
+            store_dir,
+            Version(NIX_VERSION),
+            features,
+        )
+    }
+
+    /// Performs the handshake over an established stream, naming Nix's features.
     pub fn handshake(
         reader: Box<dyn Read + Send>,
         writer: Box<dyn Write + Send>,
         store_dir: StoreDir,
         version: Version,
+    ) -> Result<Client, Error> {
+        Client::handshake_with(
+            reader,
+            writer,
+            store_dir,
+            version,
+            crate::version::NIX_FEATURES,
+        )
+    }
+
+    /// Performs the handshake over an established stream, naming `features`.
+    pub fn handshake_with(
+        reader: Box<dyn Read + Send>,
+        writer: Box<dyn Write + Send>,
+        store_dir: StoreDir,
+        version: Version,
+        features: Features,
     ) -> Result<Client, Error> {
         let mut r: Rd = WireReader::new(BufReader::with_capacity(32 * 1024, reader));
         let mut w: Wr = io::BufWriter::with_capacity(32 * 1024, writer);
@@ -102,12 +137,12 @@ impl Client {
         let dv = Version(r.u64("daemon version")?);
         let mut proto = Proto::for_daemon(version, dv).map_err(Error::Protocol)?;
         if proto.feature_exchange() {
-            w.strs(SUPPORTED_FEATURES.names())?;
+            let ours = features.intersect(SUPPORTED_FEATURES);
+            w.strs(ours.names())?;
             w.flush()?;
             let theirs = r.strings_bounded(MAX_FEATURES, MAX_FEATURE_NAME, "daemon features")?;
             proto = proto.with_features(
-                SUPPORTED_FEATURES
-                    .intersect(Features::from_names(theirs.iter().map(String::as_str))),
+                ours.intersect(Features::from_names(theirs.iter().map(String::as_str))),
             );
         }
         if proto.cpu_affinity() {

@@ -167,8 +167,16 @@ impl Features {
     }
 }
 
-/// The features kiln implements, both as a daemon and as a client: exactly those it
-/// advertises.
+/// The features of Nix's protocol that kiln implements: what its client names by default
+/// (a connection to another machine's daemon, which must not get kiln's own forms).
+pub const NIX_FEATURES: Features = Features(
+    (1 << Feature::DeleteDeadSpecificReferrers as u32)
+        | (1 << Feature::RealisationWithPathNotHash as u32)
+        | (1 << Feature::QueryActiveBuilds as u32),
+);
+
+/// The features kiln implements as a daemon: exactly those it advertises. Its own
+/// commands name them all as clients.
 pub const SUPPORTED_FEATURES: Features = Features(
     (1 << Feature::DeleteDeadSpecificReferrers as u32)
         | (1 << Feature::RealisationWithPathNotHash as u32)

@@ -699,14 +699,21 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Int,
         default: "0",
-        help: "(not implemented: setting it draws a warning)",
+        help: "while building, collect garbage when fewer bytes than this are free on the store's file system (0: never)",
     },
     Def {
         name: "max-free",
         aliases: &[],
         kind: Kind::Int,
         default: "18446744073709551615",
-        help: "(not implemented: setting it draws a warning)",
+        help: "an automatic collection (min-free) stops once this many bytes are free",
+    },
+    Def {
+        name: "min-free-check-interval",
+        aliases: &[],
+        kind: Kind::Int,
+        default: "5",
+        help: "seconds between looks at the free space while building (min-free)",
     },
     Def {
         name: "experimental-features",
@@ -793,9 +800,8 @@ fn def_of(name: &str) -> Option<&'static Def> {
 /// setting whose own name starts with `extra-` (`extra-platforms`) is itself, and
 /// `extra-extra-platforms` appends to it.
 /// Settings accepted but not implemented (see [`Settings::not_implemented_in_use`]):
-/// automatic collection while building (`min-free`, `max-free`) and credentials for
-/// downloads (`netrc-file`).
-pub const NOT_IMPLEMENTED: &[&str] = &["min-free", "max-free", "netrc-file"];
+/// credentials for downloads (`netrc-file`).
+pub const NOT_IMPLEMENTED: &[&str] = &["netrc-file"];
 
 /// The warning for a setting in [`NOT_IMPLEMENTED`].
 pub fn not_implemented_warning(name: &str) -> String {

@@ -484,14 +484,29 @@ fn memfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// Makes `link` a permanent root pointing to `path` (`nix-store --add-root` / `AddPermRoot`).
 pub fn add_perm_root(layout: &Layout, path: &StorePath, link: &Path) -> Result<PathBuf> {
     let sd = &layout.store_dir;
+    let link = make_root_link(sd, &layout.real_store_dir, path, link)?;
+    if !link.starts_with(layout.gcroots_dir()) {
+        add_indirect_root(layout, &link)?;
+    }
+    Ok(link)
+}
+
+/// Points `link` (made absolute) at `path`, as a root's link is made: never in the store,
+/// and never over anything but an older link into the store (a file of the user's named
+/// `result` is not replaced). Returns the absolute link; registering it is the caller's.
+pub fn make_root_link(
+    sd: &kiln_format::StoreDir,
+    real_store_dir: &Path,
+    path: &StorePath,
+    link: &Path,
+) -> Result<PathBuf> {
     let link = std::path::absolute(link).map_err(|e| Error::io(link, "resolve", e))?;
-    if link.starts_with(sd.as_str()) || link.starts_with(&layout.real_store_dir) {
+    if link.starts_with(sd.as_str()) || link.starts_with(real_store_dir) {
         return Err(Error::Invalid(format!(
             "creating a garbage collector root ({}) in the store is forbidden",
             link.display()
         )));
     }
-    let target = sd.display(path);
     if let Ok(meta) = std::fs::symlink_metadata(&link) {
         let points_into_store = meta.file_type().is_symlink()
             && std::fs::read_link(&link).is_ok_and(|t| t.starts_with(sd.as_str()));
@@ -502,10 +517,7 @@ pub fn add_perm_root(layout: &Layout, path: &StorePath, link: &Path) -> Result<P
             )));
         }
     }
-    replace_symlink(Path::new(&target), &link)?;
-    if !link.starts_with(layout.gcroots_dir()) {
-        add_indirect_root(layout, &link)?;
-    }
+    replace_symlink(Path::new(&sd.display(path)), &link)?;
     Ok(link)
 }
 

@@ -958,6 +958,16 @@ fn live_view_on_a_terminal() {
     };
     let o = tmux(&["new-session", "-d", "-x", "100", "-y", "30", &line]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // The terminal goes away with the test, passed or not.
+    struct Server(String);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = Command::new("tmux")
+                .args(["-L", &self.0, "kill-server"])
+                .output();
+        }
+    }
+    let _server = Server(session.clone());
     let screen = || String::from_utf8_lossy(&tmux(&["capture-pane", "-p"]).stdout).into_owned();
     let wait_for = |what: &dyn Fn(&str) -> bool| {
         let start = std::time::Instant::now();

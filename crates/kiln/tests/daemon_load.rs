@@ -213,3 +213,106 @@ fn killing_the_daemon_mid_build_leaves_a_store_that_verifies_and_serves() {
     drop(daemon);
     verify();
 }
+
+/// Users' most reported daemon failure: clients dropped because SQLite was busy. 64 Nix
+/// clients add paths through the daemon at once while another process takes the database's
+/// write lock again and again (holding it a second each time) and a `kiln store gc` runs
+/// beside them: every client's every add succeeds, and every path is valid after.
+#[test]
+fn sixty_four_writers_while_another_process_holds_the_database() {
+    if !nix_or_skip("sixty_four_writers_while_another_process_holds_the_database") {
+        return;
+    }
+    let env = NixEnv::new();
+    env.run("nix-store", &["--init"]);
+    let socket = env.dir.path().join("socket");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(env.kiln_args())
+        .arg("--nix-conf")
+        .arg(env.nix_conf())
+        .args(["daemon", "--socket"])
+        .arg(&socket)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !socket.exists() {
+        assert!(start.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let db = env.state_dir().join("db/db.sqlite");
+    // The other process: the write lock, a second at a time, eight times.
+    let mut locker = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sqlite3, sys, time\n\
+             c = sqlite3.connect(sys.argv[1], timeout=120, isolation_level=None)\n\
+             for _ in range(8):\n\
+             \x20   c.execute('begin immediate')\n\
+             \x20   time.sleep(1.0)\n\
+             \x20   c.execute('commit')\n\
+             \x20   time.sleep(0.2)\n",
+        )
+        .arg(&db)
+        .spawn()
+        .unwrap();
+    let files = env.dir.path().join("files");
+    std::fs::create_dir(&files).unwrap();
+    let clients: Vec<_> = (0..64)
+        .map(|i| {
+            let mut c = env.cmd("sh");
+            let script = format!(
+                "set -e; for j in 1 2 3; do echo \"client {i} file $j\" > {dir}/f{i}-$j; nix-store --add {dir}/f{i}-$j; done",
+                dir = files.display()
+            );
+            c.arg("-c")
+                .arg(script)
+                .env("NIX_REMOTE", format!("unix://{}", socket.display()))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let gc = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(env.kiln_args())
+        .args(["store", "gc", "--dry-run"])
+        .output()
+        .unwrap();
+    assert!(
+        gc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
+    let mut added = Vec::new();
+    for (i, c) in clients.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "client {i} was dropped: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        added.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert!(locker.wait().unwrap().success());
+    assert_eq!(added.len(), 64 * 3);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    for p in &added {
+        let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(env.kiln_args())
+            .args(["store", "path-info", p])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{p}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}

@@ -54,10 +54,13 @@ fn normalize(text: &str) -> String {
         .map(|l| match l.strip_prefix("trace @ build-started ") {
             Some(rest) => {
                 let f: Vec<&str> = rest.split(' ').collect();
-                let log = f.get(3).and_then(|p| p.rsplit('/').next()).unwrap_or("?");
+                let field = |i: usize| f.get(i).copied().unwrap_or("?");
+                let log = field(3).rsplit('/').next().unwrap_or("?");
                 format!(
                     "trace @ build-started {} {} {} LOG/{log} PID",
-                    f[0], f[1], f[2]
+                    field(0),
+                    field(1),
+                    field(2)
                 )
             }
             None => l.to_string(),

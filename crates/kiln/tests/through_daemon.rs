@@ -134,16 +134,37 @@ fn an_ordinary_user_builds_and_queries_through_a_root_daemon() {
     // An added file gets the path root's `add` gives it.
     let added = env.ok(true, &["store", "add", "src.txt"]);
     assert_eq!(added, env.ok(false, &["store", "add", "src.txt"]));
-    // --json through the daemon: the same event stream.
-    let o = env.run(
-        true,
-        &["build", "--json", "--no-out-link", "-A", "dep", "r.toml"],
-    );
+    // --json through the daemon: the same event stream, the builder's words included
+    // (a character cut between chunks is not mangled).
+    std::fs::write(
+        work.join("fresh.toml"),
+        "[derivations.fresh]\nbuilder = \"/bin/sh\"\nargs = [\"-c\", \"echo 'héllo from fresh'; echo x > $out\"]\n",
+    )
+    .unwrap();
+    let o = env.run(true, &["build", "--json", "--no-out-link", "fresh.toml"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let last: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap()).unwrap();
-    assert_eq!(last["event"], "result");
-    assert_eq!(last["exit"], 0);
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    for k in [
+        "build-queued",
+        "phase",
+        "build-started",
+        "log",
+        "build-finished",
+        "result",
+    ] {
+        assert!(kinds.contains(&k), "{k} missing from {kinds:?}");
+    }
+    assert!(events
+        .iter()
+        .any(|e| e["event"] == "log" && e["text"] == "héllo from fresh\n"));
+    assert_eq!(events.last().unwrap()["exit"], 0);
     // Verify and collect: the result link keeps top and its closure.
     env.ok(true, &["store", "verify", "--check-contents"]);
     let gc = env.run(true, &["store", "gc"]);

@@ -315,6 +315,9 @@ impl Worker {
         }
         // Build: all outputs from now on, after the inputs.
         self.emit(id, Event::BuildQueued { drv: abs.clone() });
+        if let Some(g) = self.goals.get_mut(&id) {
+            g.announced = true;
+        }
         self.drv_mut(id).expect("goal exists").wanted.clear();
         let input_mode = if mode == BuildMode::Repair {
             BuildMode::Repair

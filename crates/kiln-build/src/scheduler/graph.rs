@@ -217,6 +217,7 @@ impl Worker {
                 settings: settings.clone(),
                 result: None,
                 roots: Vec::new(),
+                announced: false,
             },
         );
         self.wake(id);
@@ -357,6 +358,27 @@ impl Worker {
         if !g.waiters.is_empty() || !g.requests.is_empty() || g.result.is_some() {
             return;
         }
+        if g.announced {
+            // Nobody asks any more, but watchers saw it start.
+            let end = match &g.kind {
+                Kind::Drv(d) => {
+                    let mut r = BuildResult::failed(BuildStatus::MiscFailure, "cancelled");
+                    r.cancelled = true;
+                    Event::BuildFinished {
+                        drv: self.store().print(&d.drv_path),
+                        result: r,
+                    }
+                }
+                Kind::Subst(s) => Event::SubstitutionFinished {
+                    path: self.store().print(&s.path),
+                    ok: false,
+                    error: "cancelled".into(),
+                },
+            };
+            if let Some(o) = &self.cfg.observer {
+                o.event(&end);
+            }
+        }
         let g = self.goals.remove(&id).expect("present");
         if let Kind::Drv(d) = &g.kind {
             if let Some(j) = &d.job {
@@ -375,8 +397,11 @@ impl Worker {
                     drv: self.store().print(&d.drv_path),
                     result: result.clone(),
                 }),
+                // An announced substitution ends, whether fetched or found valid meanwhile.
                 Kind::Subst(s)
-                    if exit != Exit::Success || result.status == BuildStatus::Substituted =>
+                    if exit != Exit::Success
+                        || result.status == BuildStatus::Substituted
+                        || g.announced =>
                 {
                     Some(Event::SubstitutionFinished {
                         path: self.store().print(&s.path),

@@ -149,6 +149,9 @@ pub struct SchedulerConfig {
     /// JSON log, metrics and list of active builds). Called on the scheduler thread: it
     /// must not block.
     pub observer: Option<Arc<dyn EventSink>>,
+    /// Collect garbage while goals run when the store's file system is short of space
+    /// (`min-free`).
+    pub auto_gc: Option<crate::autogc::AutoGcConfig>,
 }
 
 impl SchedulerConfig {
@@ -164,6 +167,7 @@ impl SchedulerConfig {
             remote: None,
             local_speed_factor: 1.0,
             observer: None,
+            auto_gc: None,
         }
     }
 }
@@ -210,6 +214,8 @@ pub struct Scheduler {
     tx: Sender<Msg>,
     next: std::sync::atomic::AtomicU64,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The automatic collector, if `min-free` asks for one.
+    auto_gc: std::sync::Mutex<Option<crate::autogc::AutoGc>>,
 }
 
 impl Scheduler {
@@ -217,14 +223,19 @@ impl Scheduler {
     pub fn start(cfg: SchedulerConfig) -> Scheduler {
         let (tx, rx) = channel();
         let tx2 = tx.clone();
+        let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let auto_gc = cfg
+            .auto_gc
+            .map(|c| crate::autogc::AutoGc::start(cfg.store.clone(), c, active.clone()));
         let thread = std::thread::Builder::new()
             .name("kiln-scheduler".into())
-            .spawn(move || Worker::new(cfg, tx2).run(rx))
+            .spawn(move || Worker::new(cfg, tx2, active).run(rx))
             .expect("spawning the scheduler thread");
         Scheduler {
             tx,
             next: std::sync::atomic::AtomicU64::new(1),
             thread: std::sync::Mutex::new(Some(thread)),
+            auto_gc: std::sync::Mutex::new(auto_gc),
         }
     }
 
@@ -265,6 +276,12 @@ impl Scheduler {
     /// Stops the scheduler: running builders are killed, pending requests end as
     /// cancelled. Returns once the scheduler thread has finished.
     pub fn stop(&self) {
+        drop(
+            self.auto_gc
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        );
         let _ = self.tx.send(Msg::Shutdown);
         let t = self
             .thread
@@ -367,6 +384,10 @@ struct Goal {
     result: Option<BuildResult>,
     /// Temp roots this goal holds (released when it ends).
     roots: Vec<StorePath>,
+    /// Whether it was announced (`BuildQueued`, `SubstitutionQueued`): then its end is
+    /// announced too, even when it is cancelled, so that watchers (active builds, metrics,
+    /// timelines) do not keep it forever.
+    announced: bool,
 }
 
 struct Req {
@@ -425,6 +446,9 @@ struct Worker {
     /// Recursive builds waiting for nested requests, with how many each has running; see
     /// `max_jobs`.
     lenders: HashMap<u64, usize>,
+    /// How many goals exist (read by the automatic collector: it looks only while there
+    /// is work).
+    active: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// How many build machines a build is tried on when machines fail (not the build).
@@ -439,11 +463,16 @@ fn subst_key(p: &StorePath, abs: &str) -> String {
 }
 
 impl Worker {
-    fn new(cfg: SchedulerConfig, tx: Sender<Msg>) -> Self {
+    fn new(
+        cfg: SchedulerConfig,
+        tx: Sender<Msg>,
+        active: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Self {
         let placement = crate::placement::Placement::new(cfg.local_speed_factor);
         Worker {
             cfg,
             tx,
+            active,
             next_goal: 1,
             goals: HashMap::new(),
             drv_goals: HashMap::new(),
@@ -494,6 +523,8 @@ impl Worker {
             if self.goals.is_empty() {
                 self.refs = HashMap::new();
             }
+            self.active
+                .store(self.goals.len(), std::sync::atomic::Ordering::Relaxed);
             match rx.recv() {
                 Ok(m) => {
                     if !self.handle(m) {

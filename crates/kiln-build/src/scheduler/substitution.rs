@@ -100,6 +100,9 @@ impl Worker {
             source: info.source.clone(),
         };
         self.emit(id, queued);
+        if let Some(g) = self.goals.get_mut(&id) {
+            g.announced = true;
+        }
         for r in info.references.iter().filter(|r| **r != path) {
             let sub = self.make_subst_goal(r, false, &settings);
             self.add_waitee(id, sub);

@@ -195,6 +195,7 @@ pub(super) fn realise(
         remote: machines.remote,
         local_speed_factor: machines.local_speed_factor,
         observer,
+        auto_gc: kiln_build::autogc::AutoGcConfig::from_settings(settings),
     });
     let result = sched.build(Request {
         targets,
@@ -330,12 +331,35 @@ fn mode_of(b: &BuildArgs) -> BuildMode {
     }
 }
 
-fn timeline_of(b: &BuildArgs) -> anyhow::Result<Option<Arc<kiln_build::timeline::Timeline>>> {
+/// A timeline being written: fed from a thread of its own (it writes a file; the
+/// scheduler thread must not wait for that).
+struct TimelineRun {
+    timeline: Arc<kiln_build::timeline::Timeline>,
+    feed: Arc<kiln_build::event::Detached>,
+}
+
+impl TimelineRun {
+    /// All events handed over, the array closed.
+    fn finish(&self) -> std::io::Result<()> {
+        self.feed.close();
+        self.timeline.finish()
+    }
+}
+
+fn timeline_of(b: &BuildArgs) -> anyhow::Result<Option<TimelineRun>> {
     Ok(match &b.timeline {
-        Some(f) => Some(Arc::new(
-            kiln_build::timeline::Timeline::create(f)
-                .with_context(|| format!("creating the timeline '{}'", f.display()))?,
-        )),
+        Some(f) => {
+            let timeline = Arc::new(
+                kiln_build::timeline::Timeline::create(f)
+                    .with_context(|| format!("creating the timeline '{}'", f.display()))?,
+            );
+            let feed = Arc::new(kiln_build::event::Detached::new(
+                "timeline",
+                timeline.clone(),
+                256 << 20,
+            ));
+            Some(TimelineRun { timeline, feed })
+        }
         None => None,
     })
 }
@@ -357,7 +381,7 @@ fn finish(
     sd: &kiln_format::StoreDir,
     result: &kiln_build::RequestResult,
     live: Option<&Arc<super::live::LiveView>>,
-    timeline: Option<&Arc<kiln_build::timeline::Timeline>>,
+    timeline: Option<&TimelineRun>,
     link: &mut dyn FnMut(&StorePath, &Path) -> anyhow::Result<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     if let Some(l) = live {
@@ -475,8 +499,8 @@ pub fn build(args: &StoreArgs, b: BuildArgs) -> anyhow::Result<ExitCode> {
             store_dir: store.store_dir().clone(),
         },
         timeline
-            .clone()
-            .map(|t| t as Arc<dyn kiln_build::EventSink>),
+            .as_ref()
+            .map(|t| t.feed.clone() as Arc<dyn kiln_build::EventSink>),
     )?;
     // `result` links, registered as indirect roots (as nix-build's): what was just built
     // stays until the link is removed.
@@ -501,6 +525,7 @@ fn build_via_daemon(
     d.set_options(&settings)?;
     let system = BuildSettings::from_settings(&settings).system;
     let sd = d.sd.clone();
+    let real = d.real_store_dir().to_path_buf();
     // Paths are read as the daemon's store names them (no database needed for that).
     let reader = super::via_daemon::PathReader::of(&d);
     let parse = |s: &str| reader.parse(s);
@@ -542,7 +567,7 @@ fn build_via_daemon(
     };
     let wire = d.build(wire_targets, mode, &mut |e| {
         if let Some(t) = &timeline {
-            kiln_build::EventSink::event(t.as_ref(), &e);
+            kiln_build::EventSink::event(t.feed.as_ref(), &e);
         }
         kiln_build::EventSink::event(&reporter, &e);
     })?;
@@ -581,10 +606,9 @@ fn build_via_daemon(
         live.as_ref(),
         timeline.as_ref(),
         &mut |p, name| {
-            // As nix-build through a daemon: the link here, registered there as an
-            // indirect root.
-            let link = std::path::absolute(name)?;
-            kiln_store::roots::replace_symlink(Path::new(&sd.display(p)), &link)?;
+            // As nix-build through a daemon: the link here (with the local checks),
+            // registered there as an indirect root.
+            let link = kiln_store::roots::make_root_link(&sd, &real, p, name)?;
             d.add_indirect_root(&link)?;
             Ok(link)
         },
@@ -596,14 +620,7 @@ pub fn log(args: &StoreArgs, l: LogArgs) -> anyhow::Result<ExitCode> {
     // by all, as Nix keeps it).
     if let Some((mut d, _, layout)) = args.daemon()? {
         let sd = d.sd.clone();
-        let p = match sd.parse_path(&l.path) {
-            Ok(p) => p,
-            Err(_) => {
-                sd.to_store_path(&std::path::absolute(&l.path)?.to_string_lossy())
-                    .with_context(|| format!("'{}' is not a store path", l.path))?
-                    .0
-            }
-        };
+        let p = d.parse(&l.path)?;
         let drv = if p.is_derivation() {
             p
         } else {

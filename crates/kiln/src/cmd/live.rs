@@ -48,12 +48,7 @@ pub struct LiveView {
     started: Instant,
 }
 
-/// The name part of a store path (`/s/abc…-hello.drv` → `hello`).
-fn short(p: &str) -> &str {
-    let base = p.rsplit('/').next().unwrap_or(p);
-    let name = base.split_once('-').map(|(_, n)| n).unwrap_or(base);
-    name.strip_suffix(".drv").unwrap_or(name)
-}
+use kiln_build::timeline::short;
 
 fn width() -> usize {
     rustix::termios::tcgetwinsize(std::io::stderr())
@@ -236,16 +231,30 @@ impl LiveView {
                             above.push(format!("{name}> {text}"));
                         }
                     }
-                    // A long line without a newline yet still shows as the last line.
+                    // A long line without a newline yet is shown as it is.
                     if r.partial.len() > 4096 {
-                        r.last_line = String::from_utf8_lossy(&r.partial).into_owned();
+                        let text = String::from_utf8_lossy(&r.partial).into_owned();
                         r.partial.clear();
+                        if !self.quiet {
+                            above.push(format!("{name}> {text}"));
+                        }
+                        r.last_line = text;
                     }
                 }
             }
             Event::BuildFinished { drv, result } => {
                 s.queued.remove(drv);
                 let was_running = s.running.remove(drv);
+                // The builder's last line, if it ended without a newline.
+                if let Some(r) = &was_running {
+                    if !r.partial.is_empty() && !self.quiet {
+                        above.push(format!(
+                            "{}> {}",
+                            short(drv),
+                            String::from_utf8_lossy(&r.partial)
+                        ));
+                    }
+                }
                 if result.success() {
                     if was_running.is_some() {
                         s.built += 1;

@@ -68,8 +68,12 @@ fn cpu(b: &Value) -> Option<f64> {
 pub fn run(args: &StoreArgs, a: PsArgs) -> anyhow::Result<ExitCode> {
     let (layout, _) = args.resolve()?;
     let socket = a.socket.unwrap_or_else(|| layout.daemon_socket_path());
-    let mut c = Client::connect(&socket, layout.store_dir.clone())
-        .with_context(|| format!("connecting to the daemon at '{}'", socket.display()))?;
+    let mut c = Client::connect_with_features(
+        &socket,
+        layout.store_dir.clone(),
+        kiln_protocol::version::SUPPORTED_FEATURES,
+    )
+    .with_context(|| format!("connecting to the daemon at '{}'", socket.display()))?;
     if !c.proto.has_feature(Feature::QueryActiveBuilds) {
         bail!(
             "the daemon at '{}' ({}) does not list its builds: it did not offer the '{}' feature",

@@ -93,9 +93,9 @@ pub fn run(cmd: TimelineCmd) -> anyhow::Result<ExitCode> {
             "slots": busy.iter().map(|(n, k, b)| serde_json::json!({"track": n, "slots": k, "busy": b})).collect::<Vec<_>>(),
             "criticalPath": path.iter().map(|g| serde_json::json!({
                 "goal": g.key,
-                "start": (g.start - s.start) as f64 / 1e6,
-                "began": (g.work_start.unwrap_or(g.start) - s.start) as f64 / 1e6,
-                "end": (g.end - s.start) as f64 / 1e6,
+                "start": g.start.saturating_sub(s.start) as f64 / 1e6,
+                "began": g.work_start.unwrap_or(g.start).saturating_sub(s.start) as f64 / 1e6,
+                "end": g.end.saturating_sub(s.start) as f64 / 1e6,
                 "status": g.status,
                 "phases": g.phases.iter().map(|(k, v)| (k.clone(), *v as f64 / 1e6)).collect::<std::collections::BTreeMap<_, _>>(),
             })).collect::<Vec<_>>(),
@@ -117,7 +117,7 @@ pub fn run(cmd: TimelineCmd) -> anyhow::Result<ExitCode> {
         println!("{name}: {n} slots, busy {:.0}% of the run", b * 100.0);
     }
     let span = match (path.first(), path.last()) {
-        (Some(a), Some(b)) => b.end - a.start,
+        (Some(a), Some(b)) => b.end.saturating_sub(a.start),
         _ => 0,
     };
     println!(
@@ -134,7 +134,7 @@ pub fn run(cmd: TimelineCmd) -> anyhow::Result<ExitCode> {
         let work = g.phases.get("build").or(g.phases.get("substitute"));
         println!(
             "  {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
-            secs(g.work_start.unwrap_or(g.start) - s.start),
+            secs(g.work_start.unwrap_or(g.start).saturating_sub(s.start)),
             secs(waited(g)),
             secs(g.phases.get("setup").copied().unwrap_or(0)),
             secs(work.copied().unwrap_or(0)),

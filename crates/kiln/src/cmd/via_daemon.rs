@@ -65,8 +65,12 @@ pub(super) struct DaemonStore {
 
 impl DaemonStore {
     pub fn connect(socket: &Path, layout: &Layout) -> anyhow::Result<DaemonStore> {
-        let c = Client::connect(socket, layout.store_dir.clone())
-            .with_context(|| format!("connecting to the daemon at '{}'", socket.display()))?;
+        let c = Client::connect_with_features(
+            socket,
+            layout.store_dir.clone(),
+            kiln_protocol::version::SUPPORTED_FEATURES,
+        )
+        .with_context(|| format!("connecting to the daemon at '{}'", socket.display()))?;
         Ok(DaemonStore {
             c,
             sd: layout.store_dir.clone(),
@@ -115,10 +119,17 @@ impl DaemonStore {
     pub fn set_options(&mut self, settings: &kiln_store::Settings) -> anyhow::Result<()> {
         let n = |k: &str| settings.get(k).parse::<u64>().ok();
         let mut overrides = Vec::new();
-        for k in ["timeout", "build-repeat", "sandbox-paths"] {
+        // Under the names any client may send (Nix's `repeat`, not `build-repeat`); the
+        // daemon says which of the others it ignores for an untrusted user.
+        for (k, name) in [
+            ("timeout", "timeout"),
+            ("build-repeat", "repeat"),
+            ("sandbox-paths", "sandbox-paths"),
+            ("substituters", "substituters"),
+        ] {
             let v = settings.get(k);
-            if !v.is_empty() && v != "0" {
-                overrides.push((k.to_string(), v.to_string()));
+            if !v.is_empty() && v != "0" && v != kiln_store::Settings::default().get(k) {
+                overrides.push((name.to_string(), v.to_string()));
             }
         }
         let o = ClientOptions {
@@ -346,6 +357,11 @@ impl DaemonStore {
             Reply::Gc { paths, bytes_freed } => Ok((paths, bytes_freed)),
             _ => bail!("the daemon answered CollectGarbage with something else"),
         }
+    }
+
+    /// The store's directory on disk.
+    pub fn real_store_dir(&self) -> &Path {
+        &self.real
     }
 
     /// A store path named on the command line (see [`PathReader::parse`]).

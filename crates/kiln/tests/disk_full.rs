@@ -1,0 +1,229 @@
+//! A store on a small file system (a 32 MiB loop-mounted ext4): a build or an add that
+//! does not fit fails with the system's words and leaves nothing half-registered, and the
+//! store works on; with `min-free` set, a series of builds that would fill the file
+//! system collects the garbage it needs while it runs (`autogc`).
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn run(cmd: &mut Command) -> String {
+    let o = cmd.output().unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A fresh 32 MiB ext4 mounted at `DIR/mnt`; unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn new(test: &str) -> Option<SmallDisk> {
+        let ok = rustix::process::geteuid().is_root()
+            && Command::new("mkfs.ext4").arg("-V").output().is_ok();
+        if !ok {
+            assert!(
+                std::env::var_os("KILN_REQUIRE_NIX").is_none(),
+                "{test}: needs root and mkfs.ext4"
+            );
+            eprintln!("{test}: skipped, needs root and mkfs.ext4");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("image");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
+        std::fs::create_dir(dir.path().join("mnt")).unwrap();
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(dir.path().join("mnt")));
+        Some(SmallDisk { dir })
+    }
+    fn mnt(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+    fn kiln(&self, extra: &[&str]) -> Command {
+        let mnt = self.mnt();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        c.arg("--store-dir")
+            .arg(mnt.join("store"))
+            .arg("--state-dir")
+            .arg(mnt.join("var"))
+            .arg("--log-dir")
+            .arg(mnt.join("log"))
+            .args(["--option", "sandbox", "false"])
+            .args(extra)
+            .env_remove("KILN_CONFIG")
+            .current_dir(self.dir.path());
+        c
+    }
+    fn recipe(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+    fn valid(&self, p: &str) -> bool {
+        self.kiln(&[])
+            .args(["store", "path-info", p])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    }
+    fn verify_clean(&self) {
+        run(self.kiln(&[]).args(["store", "verify", "--check-contents"]));
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.mnt()).status();
+    }
+}
+
+/// Adds `n` dead files of `mib` MiB each (garbage a collection can take).
+fn add_garbage(d: &SmallDisk, n: usize, mib: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let f = d.dir.path().join(format!("garbage{i}"));
+            let data: Vec<u8> = (0..mib << 20).map(|j| (j * 31 + i * 7) as u8).collect();
+            std::fs::write(&f, data).unwrap();
+            let p = run(d.kiln(&[]).args(["store", "add"]).arg(&f));
+            std::fs::remove_file(&f).unwrap();
+            p
+        })
+        .collect()
+}
+
+/// `n` derivations in a chain, each writing `kib` KiB of its own after a pause.
+fn chain(n: usize, kib: usize) -> String {
+    let mut s = format!("default = \"c{}\"\n", n - 1);
+    for i in 0..n {
+        let prev = if i == 0 {
+            String::new()
+        } else {
+            format!("cat ${{c{}}}/marker > $out/prev; ", i - 1)
+        };
+        s.push_str(&format!(
+            "[derivations.c{i}]\nbuilder = \"/bin/sh\"\nenv = {{ PATH = \"/bin:/usr/bin\" }}\nargs = [\"-c\", \"mkdir $out; {prev}echo {i} > $out/marker; head -c {} /dev/urandom > $out/blob; sleep 1.2\"]\n",
+            kib * 1024
+        ));
+    }
+    s
+}
+
+#[test]
+fn what_does_not_fit_fails_cleanly_and_the_store_works_on() {
+    let Some(d) = SmallDisk::new("what_does_not_fit_fails_cleanly_and_the_store_works_on") else {
+        return;
+    };
+    run(d.kiln(&[]).args(["store", "verify"]));
+    // A build whose output is larger than the disk.
+    let big = d.recipe(
+        "big.toml",
+        "[derivations.big]\nbuilder = \"/bin/sh\"\nenv = { PATH = \"/bin:/usr/bin\" }\nargs = [\"-c\", \"head -c 48000000 /dev/zero > $out\"]\n",
+    );
+    let o = d
+        .kiln(&[])
+        .args(["build", "--no-out-link"])
+        .arg(&big)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("No space left on device"),
+        "{}",
+        stderr(&o)
+    );
+    d.verify_clean();
+    // Its partial output is gone: the space is back.
+    let free = kiln_build::autogc::free_space(&d.mnt()).unwrap();
+    assert!(free > 20 << 20, "{free} bytes free after the failed build");
+    // An add that does not fit.
+    let f = d.dir.path().join("huge");
+    std::fs::write(&f, vec![7u8; 40 << 20]).unwrap();
+    let o = d.kiln(&[]).args(["store", "add"]).arg(&f).output().unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("No space left on device"),
+        "{}",
+        stderr(&o)
+    );
+    d.verify_clean();
+    // The store works on: a small build and a small add.
+    let small = d.recipe(
+        "small.toml",
+        "[derivations.small]\nbuilder = \"/bin/sh\"\nargs = [\"-c\", \"echo fits > $out\"]\n",
+    );
+    let out = run(d.kiln(&[]).args(["build", "--no-out-link"]).arg(&small));
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "fits\n");
+    std::fs::write(&f, "small\n").unwrap();
+    let p = run(d.kiln(&[]).args(["store", "add"]).arg(&f));
+    assert!(d.valid(&p));
+    d.verify_clean();
+}
+
+#[test]
+fn min_free_collects_garbage_while_a_build_series_fills_the_disk() {
+    let test = "min_free_collects_garbage_while_a_build_series_fills_the_disk";
+    let Some(d) = SmallDisk::new(test) else {
+        return;
+    };
+    let recipe = d.recipe("chain.toml", &chain(8, 2560));
+    // Without min-free, the series does not fit beside the garbage.
+    let garbage = add_garbage(&d, 7, 2);
+    let o = d
+        .kiln(&[])
+        .args(["build", "--no-out-link", "--no-live"])
+        .arg(&recipe)
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "the series fit without collecting");
+    assert!(
+        stderr(&o).contains("No space left on device"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(garbage.iter().all(|p| d.valid(p)));
+    d.verify_clean();
+    // With it, the build collects what it needs, while it runs.
+    let o = d
+        .kiln(&[
+            "--option",
+            "min-free",
+            "9000000",
+            "--option",
+            "max-free",
+            "16000000",
+            "--option",
+            "min-free-check-interval",
+            "1",
+        ])
+        .args(["build", "--no-out-link", "--no-live"])
+        .arg(&recipe)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let top = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert_eq!(
+        std::fs::read_to_string(Path::new(&top).join("marker")).unwrap(),
+        "7\n"
+    );
+    let collected = garbage.iter().filter(|p| !d.valid(p)).count();
+    assert!(collected > 0, "nothing was collected");
+    d.verify_clean();
+}
