@@ -198,3 +198,77 @@ fn ps_metrics_json_log_and_timeline_follow_the_builds() {
     assert!(v["phases"]["slot"].as_f64().unwrap() >= 1.5, "{v}");
     assert!(v["wall"].as_f64().unwrap() >= 4.0, "{v}");
 }
+
+/// A client that goes away mid-build cancels its builds: they leave `kiln ps` and the
+/// running gauge, and count as cancelled (a daemon that runs for months must not keep
+/// them).
+#[test]
+fn cancelled_builds_leave_the_lists() {
+    if !nix_or_skip("cancelled_builds_leave_the_lists") {
+        return;
+    }
+    let env = NixEnv::new();
+    env.run("nix-store", &["--init"]);
+    let dir = env.dir.path();
+    let socket = dir.join("kiln.sock");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let kiln = env!("CARGO_BIN_EXE_kiln");
+    let mut c = Command::new(kiln);
+    c.args(env.kiln_args())
+        .arg("--nix-conf")
+        .arg(env.nix_conf())
+        .arg("daemon")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--metrics")
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let _daemon = DaemonProcess::start(c, socket.clone());
+    let expr = dir.join("slow.nix");
+    std::fs::write(&expr, EXPR.replace("sleep 2", "sleep 30")).unwrap();
+    let mut build = env
+        .cmd("nix-build")
+        .env("NIX_REMOTE", format!("unix://{}", socket.display()))
+        .arg(&expr)
+        .args(["-A", "first", "--no-out-link"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ps = || {
+        let o = Command::new(kiln)
+            .args(env.kiln_args())
+            .args(["ps", "--socket"])
+            .arg(&socket)
+            .output()
+            .unwrap();
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let start = Instant::now();
+    while !ps().contains("building here") {
+        assert!(start.elapsed() < Duration::from_secs(30), "never ran");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = build.kill();
+    let _ = build.wait();
+    let start = Instant::now();
+    while ps().trim() != "No active builds." {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "still listed: {}",
+            ps()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let m = scrape(port);
+    assert_eq!(metric(&m, "kiln_builds_running"), Some(0.0), "{m}");
+    assert_eq!(
+        metric(&m, "kiln_builds_finished_total{status=\"Cancelled\"}"),
+        Some(1.0),
+        "{m}"
+    );
+}
