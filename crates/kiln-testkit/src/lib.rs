@@ -83,6 +83,40 @@ pub fn nix_or_skip(test: &str) -> bool {
     false
 }
 
+/// Runs `cmd`; its standard output, trimmed. Panics with its standard error if it fails.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let o = cmd.output().expect("start the command");
+    assert!(
+        o.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// Whether a test that needs root and `tools` (programs that answer `--version` or `-V`)
+/// can run here; it skips with a message otherwise, and fails instead when
+/// `KILN_REQUIRE_NIX` is set (CI has them).
+pub fn root_with_or_skip(test: &str, tools: &[&str]) -> bool {
+    let have = |t: &str| {
+        Command::new(t).arg("--version").output().is_ok()
+            || Command::new(t).arg("-V").output().is_ok()
+    };
+    let euid = std::fs::metadata("/proc/self").map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid()
+    });
+    let ok = euid.is_ok_and(|u| u == 0) && tools.iter().all(|t| have(t));
+    if !ok {
+        assert!(
+            !nix_required(),
+            "{test}: KILN_REQUIRE_NIX is set, but this is not root or lacks {tools:?}"
+        );
+        eprintln!("{test}: skipped, needs root and {tools:?}");
+    }
+    ok
+}
+
 /// A daemon process (kiln's or Nix's) serving a Unix socket; killed when dropped.
 #[derive(Debug)]
 pub struct DaemonProcess {
@@ -337,13 +371,27 @@ impl NixEnv {
     /// `kiln daemon` (the binary `kiln`) on this environment's store, settings from its
     /// `nix.conf`, serving `socket`.
     pub fn kiln_daemon(&self, kiln: &str, socket: PathBuf) -> DaemonProcess {
+        self.kiln_daemon_with::<&str>(kiln, socket, &[], &[])
+    }
+
+    /// [`NixEnv::kiln_daemon`] with more global arguments (`--option NAME VALUE`…) and
+    /// more arguments of `daemon` (`--metrics ADDR`…).
+    pub fn kiln_daemon_with<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        kiln: &str,
+        socket: PathBuf,
+        global: &[S],
+        daemon: &[S],
+    ) -> DaemonProcess {
         let mut c = Command::new(kiln);
         c.args(self.kiln_args())
             .arg("--nix-conf")
             .arg(self.nix_conf())
+            .args(global)
             .arg("daemon")
             .arg("--socket")
             .arg(&socket)
+            .args(daemon)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit());
         DaemonProcess::start(c, socket)

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_protocol::{Client, Reply, Request};
 use kiln_testkit::{nix_or_skip, NixEnv};
@@ -45,20 +45,12 @@ fn many_clients_and_overlapping_builds() {
     let env = NixEnv::new();
     env.run("nix-store", &["--init"]);
     let socket = env.dir.path().join("socket");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(env.kiln_args())
-        .arg("--nix-conf")
-        .arg(env.nix_conf())
-        .args(["--option", "max-jobs", "4", "daemon", "--socket"])
-        .arg(&socket)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !socket.exists() {
-        assert!(start.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let daemon = env.kiln_daemon_with(
+        env!("CARGO_BIN_EXE_kiln"),
+        socket.clone(),
+        &["--option", "max-jobs", "4"],
+        &[],
+    );
     let counter = env.dir.path().join("built");
     let file = env.dir.path().join("dag.nix");
     std::fs::write(&file, dag(&counter)).unwrap();
@@ -115,8 +107,7 @@ fn many_clients_and_overlapping_builds() {
         r.join().unwrap();
     }
     assert!(queries.load(Ordering::Relaxed) > 64);
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    drop(daemon);
 
     // Every derivation once: 48 names, no repeats.
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
@@ -226,20 +217,7 @@ fn sixty_four_writers_while_another_process_holds_the_database() {
     let env = NixEnv::new();
     env.run("nix-store", &["--init"]);
     let socket = env.dir.path().join("socket");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(env.kiln_args())
-        .arg("--nix-conf")
-        .arg(env.nix_conf())
-        .args(["daemon", "--socket"])
-        .arg(&socket)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !socket.exists() {
-        assert!(start.elapsed() < Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let daemon = env.kiln_daemon(env!("CARGO_BIN_EXE_kiln"), socket.clone());
     let db = env.state_dir().join("db/db.sqlite");
     // The other process: the write lock, a second at a time, eight times.
     let mut locker = Command::new("python3")
@@ -301,8 +279,7 @@ fn sixty_four_writers_while_another_process_holds_the_database() {
     }
     assert!(locker.wait().unwrap().success());
     assert_eq!(added.len(), 64 * 3);
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    drop(daemon);
     for p in &added {
         let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
             .args(env.kiln_args())

@@ -12,7 +12,7 @@ use std::os::unix::net::UnixListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_testkit::{nix_or_skip, DaemonProcess, NixEnv};
+use kiln_testkit::{nix_or_skip, NixEnv};
 
 const EXPR: &str = r#"
 let
@@ -33,6 +33,12 @@ fn scrape(port: u16) -> String {
     s.read_to_string(&mut text).unwrap();
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
     text
+}
+
+/// A port nothing listens on now (the daemon binds it a moment later).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
 }
 
 fn metric(text: &str, name: &str) -> Option<f64> {
@@ -60,30 +66,24 @@ fn ps_metrics_json_log_and_timeline_follow_the_builds() {
             .map(|l| serde_json::from_str::<serde_json::Value>(&l.unwrap()).unwrap())
             .collect::<Vec<_>>()
     });
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let kiln = env!("CARGO_BIN_EXE_kiln");
-    let mut c = Command::new(kiln);
-    c.args(env.kiln_args())
-        .arg("--nix-conf")
-        .arg(env.nix_conf())
-        .args(["--option", "max-jobs", "1"])
-        .arg("--option")
-        .arg("json-log-path")
-        .arg(&log_socket)
-        .arg("--option")
-        .arg("timeline-file")
-        .arg(&timeline)
-        .arg("daemon")
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--metrics")
-        .arg(format!("127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    let daemon = DaemonProcess::start(c, socket.clone());
+    let daemon = env.kiln_daemon_with(
+        kiln,
+        socket.clone(),
+        &[
+            "--option".into(),
+            "max-jobs".into(),
+            "1".into(),
+            "--option".into(),
+            "json-log-path".into(),
+            log_socket.clone().into_os_string(),
+            "--option".into(),
+            "timeline-file".into(),
+            timeline.clone().into_os_string(),
+        ],
+        &["--metrics".into(), format!("127.0.0.1:{port}").into()],
+    );
     let expr = dir.join("slow.nix");
     std::fs::write(&expr, EXPR).unwrap();
     let build = env
@@ -211,23 +211,14 @@ fn cancelled_builds_leave_the_lists() {
     env.run("nix-store", &["--init"]);
     let dir = env.dir.path();
     let socket = dir.join("kiln.sock");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let kiln = env!("CARGO_BIN_EXE_kiln");
-    let mut c = Command::new(kiln);
-    c.args(env.kiln_args())
-        .arg("--nix-conf")
-        .arg(env.nix_conf())
-        .arg("daemon")
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--metrics")
-        .arg(format!("127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    let _daemon = DaemonProcess::start(c, socket.clone());
+    let _daemon = env.kiln_daemon_with(
+        kiln,
+        socket.clone(),
+        &[],
+        &["--metrics", &format!("127.0.0.1:{port}")],
+    );
     let expr = dir.join("slow.nix");
     std::fs::write(&expr, EXPR.replace("sleep 2", "sleep 30")).unwrap();
     let mut build = env

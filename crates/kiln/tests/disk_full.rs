@@ -8,15 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn run(cmd: &mut Command) -> String {
-    let o = cmd.output().unwrap();
-    assert!(
-        o.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
+use kiln_testkit::{root_with_or_skip, run_ok};
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -29,14 +21,7 @@ struct SmallDisk {
 
 impl SmallDisk {
     fn new(test: &str) -> Option<SmallDisk> {
-        let ok = rustix::process::geteuid().is_root()
-            && Command::new("mkfs.ext4").arg("-V").output().is_ok();
-        if !ok {
-            assert!(
-                std::env::var_os("KILN_REQUIRE_NIX").is_none(),
-                "{test}: needs root and mkfs.ext4"
-            );
-            eprintln!("{test}: skipped, needs root and mkfs.ext4");
+        if !root_with_or_skip(test, &["mkfs.ext4"]) {
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -45,12 +30,14 @@ impl SmallDisk {
             .unwrap()
             .set_len(32 << 20)
             .unwrap();
-        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
+        run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
         std::fs::create_dir(dir.path().join("mnt")).unwrap();
-        run(Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&image)
-            .arg(dir.path().join("mnt")));
+        run_ok(
+            Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&image)
+                .arg(dir.path().join("mnt")),
+        );
         Some(SmallDisk { dir })
     }
     fn mnt(&self) -> PathBuf {
@@ -85,7 +72,7 @@ impl SmallDisk {
             .success()
     }
     fn verify_clean(&self) {
-        run(self.kiln(&[]).args(["store", "verify", "--check-contents"]));
+        run_ok(self.kiln(&[]).args(["store", "verify", "--check-contents"]));
     }
 }
 
@@ -102,7 +89,7 @@ fn add_garbage(d: &SmallDisk, n: usize, mib: usize) -> Vec<String> {
             let f = d.dir.path().join(format!("garbage{i}"));
             let data: Vec<u8> = (0..mib << 20).map(|j| (j * 31 + i * 7) as u8).collect();
             std::fs::write(&f, data).unwrap();
-            let p = run(d.kiln(&[]).args(["store", "add"]).arg(&f));
+            let p = run_ok(d.kiln(&[]).args(["store", "add"]).arg(&f));
             std::fs::remove_file(&f).unwrap();
             p
         })
@@ -131,7 +118,7 @@ fn what_does_not_fit_fails_cleanly_and_the_store_works_on() {
     let Some(d) = SmallDisk::new("what_does_not_fit_fails_cleanly_and_the_store_works_on") else {
         return;
     };
-    run(d.kiln(&[]).args(["store", "verify"]));
+    run_ok(d.kiln(&[]).args(["store", "verify"]));
     // A build whose output is larger than the disk.
     let big = d.recipe(
         "big.toml",
@@ -169,10 +156,10 @@ fn what_does_not_fit_fails_cleanly_and_the_store_works_on() {
         "small.toml",
         "[derivations.small]\nbuilder = \"/bin/sh\"\nargs = [\"-c\", \"echo fits > $out\"]\n",
     );
-    let out = run(d.kiln(&[]).args(["build", "--no-out-link"]).arg(&small));
+    let out = run_ok(d.kiln(&[]).args(["build", "--no-out-link"]).arg(&small));
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "fits\n");
     std::fs::write(&f, "small\n").unwrap();
-    let p = run(d.kiln(&[]).args(["store", "add"]).arg(&f));
+    let p = run_ok(d.kiln(&[]).args(["store", "add"]).arg(&f));
     assert!(d.valid(&p));
     d.verify_clean();
 }

@@ -21,30 +21,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_testkit::volatile_disk::VolatileDisk;
-
-fn run(cmd: &mut Command) -> String {
-    let o = cmd.output().unwrap();
-    assert!(
-        o.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
+use kiln_testkit::{root_with_or_skip, run_ok};
 
 fn prerequisites(test: &str) -> bool {
-    let ok = rustix::process::geteuid().is_root()
-        && Path::new("/dev/fuse").exists()
-        && Command::new("losetup").arg("--version").output().is_ok()
-        && Command::new("mkfs.ext4").arg("-V").output().is_ok();
-    if !ok {
-        assert!(
-            std::env::var_os("KILN_REQUIRE_NIX").is_none(),
-            "{test}: needs root, /dev/fuse, losetup and mkfs.ext4"
-        );
-        eprintln!("{test}: skipped, needs root, /dev/fuse, losetup and mkfs.ext4");
-    }
-    ok
+    Path::new("/dev/fuse").exists() && root_with_or_skip(test, &["losetup", "mkfs.ext4"])
 }
 
 /// Unmounts `mnt`, retrying while the killed processes let go of it.
@@ -95,7 +75,7 @@ fn power_cut_round(round: usize, extra: &[&str], keep: u64, after_ms: u64) -> (V
         .unwrap()
         .set_len(192 << 20)
         .unwrap();
-    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
     for sub in ["fuse", "mnt", "src"] {
         std::fs::create_dir(d.join(sub)).unwrap();
     }
@@ -121,12 +101,14 @@ fn power_cut_round(round: usize, extra: &[&str], keep: u64, after_ms: u64) -> (V
         c
     };
     let disk = VolatileDisk::start(&image, &d.join("fuse")).unwrap();
-    let dev = run(Command::new("losetup")
-        .args(["--find", "--show"])
-        .arg(&disk.file));
-    run(Command::new("mount").arg(&dev).arg(&mnt));
+    let dev = run_ok(
+        Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&disk.file),
+    );
+    run_ok(Command::new("mount").arg(&dev).arg(&mnt));
     // The store exists before the work starts.
-    run(kiln_cmd().args(["store", "verify"]));
+    run_ok(kiln_cmd().args(["store", "verify"]));
     std::fs::write(d.join("graph.toml"), graph()).unwrap();
     // Adds one after the other, each acknowledged (outside the disk) once it ended.
     let ack = d.join("acked");
@@ -167,13 +149,15 @@ fn power_cut_round(round: usize, extra: &[&str], keep: u64, after_ms: u64) -> (V
     let _ = build.wait();
     let flushes = disk.flushes();
     umount(&mnt);
-    run(Command::new("losetup").arg("-d").arg(&dev));
+    run_ok(Command::new("losetup").arg("-d").arg(&dev));
     drop(disk);
     // Back on: the file system from what the disk kept, at the same place.
-    run(Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(&image)
-        .arg(&mnt));
+    run_ok(
+        Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&mnt),
+    );
     let acked: Vec<(String, PathBuf)> = std::fs::read_to_string(&ack)
         .unwrap_or_default()
         .lines()
@@ -181,15 +165,16 @@ fn power_cut_round(round: usize, extra: &[&str], keep: u64, after_ms: u64) -> (V
         .map(|(p, s)| (p.to_string(), PathBuf::from(s)))
         .collect();
     let mut problems = Vec::new();
-    let verify = kiln_cmd()
-        .args(["store", "verify", "--check-contents"])
-        .output()
-        .unwrap();
-    if !verify.status.success() {
-        problems.push(format!(
-            "verify: {}",
-            String::from_utf8_lossy(&verify.stderr)
-        ));
+    // What `verify --check-contents` finds, if anything.
+    let verify = || {
+        let o = kiln_cmd()
+            .args(["store", "verify", "--check-contents"])
+            .output()
+            .unwrap();
+        (!o.status.success()).then(|| String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    if let Some(v) = verify() {
+        problems.push(format!("verify: {v}"));
     }
     for (p, src) in &acked {
         let info = kiln_cmd().args(["store", "path-info", p]).output().unwrap();
@@ -223,15 +208,8 @@ fn power_cut_round(round: usize, extra: &[&str], keep: u64, after_ms: u64) -> (V
             String::from_utf8_lossy(&rebuilt.stderr)
         ));
     }
-    let verify = kiln_cmd()
-        .args(["store", "verify", "--check-contents"])
-        .output()
-        .unwrap();
-    if !verify.status.success() {
-        problems.push(format!(
-            "verify after rebuilding: {}",
-            String::from_utf8_lossy(&verify.stderr)
-        ));
+    if let Some(v) = verify() {
+        problems.push(format!("verify after rebuilding: {v}"));
     }
     umount(&mnt);
     let _ = writeln!(
