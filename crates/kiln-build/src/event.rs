@@ -120,12 +120,19 @@ pub fn event_size(e: &Event) -> usize {
     }
 }
 
-/// Hands events to `sink` on a thread of its own, through a queue of at most `max_bytes`
-/// (by [`event_size`]): for sinks that write files (a timeline), which must not make the
-/// scheduler thread wait. When the queue is full, events are dropped, counted, and warned
-/// about once, rather than held without bound or waited for.
+/// Receives events with the moment they happened (for sinks that run behind, on a thread
+/// of their own).
+pub trait TimedSink: Send + Sync {
+    fn event_at(&self, e: &Event, at: std::time::Instant);
+}
+
+/// Hands events to `sink` on a thread of its own, each with the moment it was given,
+/// through a queue of at most `max_bytes` (by [`event_size`]): for sinks that write files
+/// (a timeline), which must not make the scheduler thread wait. When the queue is full,
+/// events are dropped, counted, and warned about once, rather than held without bound or
+/// waited for.
 pub struct Detached {
-    tx: std::sync::Mutex<Option<std::sync::mpsc::Sender<Event>>>,
+    tx: std::sync::Mutex<Option<std::sync::mpsc::Sender<(Event, std::time::Instant)>>>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     queued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     dropped: std::sync::atomic::AtomicU64,
@@ -142,17 +149,17 @@ impl std::fmt::Debug for Detached {
 impl Detached {
     pub fn new(
         name: &'static str,
-        sink: std::sync::Arc<dyn EventSink>,
+        sink: std::sync::Arc<dyn TimedSink>,
         max_bytes: usize,
     ) -> Detached {
-        let (tx, rx) = std::sync::mpsc::channel::<Event>();
+        let (tx, rx) = std::sync::mpsc::channel::<(Event, std::time::Instant)>();
         let queued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let q = queued.clone();
         let thread = std::thread::Builder::new()
             .name(format!("kiln-{name}"))
             .spawn(move || {
-                for e in rx {
-                    sink.event(&e);
+                for (e, at) in rx {
+                    sink.event_at(&e, at);
                     q.fetch_sub(event_size(&e), std::sync::atomic::Ordering::Relaxed);
                 }
             })
@@ -189,7 +196,7 @@ impl EventSink for Detached {
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(tx) = tx.as_ref() {
             self.queued.fetch_add(size, Ordering::Relaxed);
-            if tx.send(e.clone()).is_err() {
+            if tx.send((e.clone(), std::time::Instant::now())).is_err() {
                 self.queued.fetch_sub(size, Ordering::Relaxed);
             }
         }

@@ -51,6 +51,8 @@ struct Inner {
     broken: bool,
     /// Set by `finish`: nothing may follow the closing `]`.
     closed: bool,
+    /// When the event being taken happened (else: now).
+    at: Option<Instant>,
     open: HashMap<String, Open>,
     /// Track of each waiting goal (released when the goal ends, for reuse).
     goal_tids: HashMap<String, u64>,
@@ -91,6 +93,7 @@ impl Timeline {
             any: false,
             broken: false,
             closed: false,
+            at: None,
             open: HashMap::new(),
             goal_tids: HashMap::new(),
             free_goal_tids: Vec::new(),
@@ -143,7 +146,8 @@ impl Timeline {
 
 impl Inner {
     fn now(&self) -> u64 {
-        self.t0.elapsed().as_micros() as u64
+        let at = self.at.unwrap_or_else(Instant::now);
+        at.saturating_duration_since(self.t0).as_micros() as u64
     }
 
     fn write_raw(&mut self, b: &[u8]) {
@@ -348,9 +352,18 @@ impl Inner {
 
 impl EventSink for Timeline {
     fn event(&self, e: &Event) {
+        crate::event::TimedSink::event_at(self, e, Instant::now());
+    }
+}
+
+impl crate::event::TimedSink for Timeline {
+    /// Takes `e` as it happened at `at` (its spans' times), however late it arrives.
+    fn event_at(&self, e: &Event, at: Instant) {
         let mut i = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if !i.broken && !i.closed {
+            i.at = Some(at);
             i.event(e);
+            i.at = None;
         }
     }
 }

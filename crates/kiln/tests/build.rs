@@ -869,7 +869,8 @@ fn timeline_of_a_run_and_its_summary() {
         .into_iter()
         .find(|e| e["args"]["drv"].as_str().unwrap().ends_with("-slow.drv"))
         .unwrap();
-    assert!(slow["dur"].as_u64().unwrap() >= 300_000, "{slow}");
+    // (The builder's sleep began a little before its start was reported.)
+    assert!(slow["dur"].as_u64().unwrap() >= 250_000, "{slow}");
     assert!(inputs[0]["dur"].as_u64().unwrap() >= slow["dur"].as_u64().unwrap());
     let mut c = t.kiln();
     let s = c

@@ -1,5 +1,6 @@
 //! The subcommands.
 
+mod access;
 mod build;
 pub mod buildenv;
 mod builtin;

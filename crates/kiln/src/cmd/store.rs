@@ -12,6 +12,7 @@ use kiln_store::gc::{GcAction, GcOptions};
 use kiln_store::verify::{VerifyOptions, VerifyReport};
 use kiln_store::{export, gc, optimise, roots, verify, LocalStore};
 
+use super::access::Access;
 use super::common::StoreArgs;
 
 #[derive(Debug, Subcommand)]
@@ -164,7 +165,7 @@ pub struct QueryWhat {
     pub(super) roots: bool,
 }
 
-fn parse(store: &LocalStore, s: &str) -> anyhow::Result<StorePath> {
+pub(super) fn parse(store: &LocalStore, s: &str) -> anyhow::Result<StorePath> {
     // Accept paths below a store path (and the physical form of a --root store), like Nix.
     let logical =
         if let Ok(rest) = std::path::Path::new(s).strip_prefix(&store.layout().real_store_dir) {
@@ -191,7 +192,7 @@ fn parse_valid(store: &LocalStore, s: &str) -> anyhow::Result<StorePath> {
     Ok(p)
 }
 
-pub(super) fn name_for(p: &std::path::Path, name: &Option<String>) -> anyhow::Result<String> {
+fn name_for(p: &std::path::Path, name: &Option<String>) -> anyhow::Result<String> {
     if let Some(n) = name {
         return Ok(n.clone());
     }
@@ -203,26 +204,8 @@ pub(super) fn name_for(p: &std::path::Path, name: &Option<String>) -> anyhow::Re
         .into_owned())
 }
 
-/// `nix path-info --json` for one path.
-fn info_json(
-    store: &LocalStore,
-    info: &ValidPathInfo,
-    closure_size: bool,
-) -> anyhow::Result<serde_json::Value> {
-    let total = if closure_size {
-        let mut total = 0u64;
-        for p in store.closure([&info.path], false)? {
-            total += store.path_info(&p)?.nar_size;
-        }
-        Some(total)
-    } else {
-        None
-    };
-    Ok(info_json_of(store.store_dir(), info, total))
-}
-
 /// `nix path-info --json` for one path, its closure's size given.
-pub(super) fn info_json_of(
+fn info_json_of(
     sd: &kiln_format::StoreDir,
     info: &ValidPathInfo,
     closure_size: Option<u64>,
@@ -270,25 +253,22 @@ fn print_report(r: &VerifyReport) {
     }
 }
 
-pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
-    if let StoreCmd::Serve { write } = cmd {
-        return super::daemon::serve_legacy(args, write);
-    }
-    if let Some((d, _, layout)) = args.daemon()? {
-        return super::store_via_daemon::run(d, &layout, cmd);
-    }
-    let (store, settings) = args.open()?;
+/// The commands that read or add paths, the same whether the store is this process's or
+/// a daemon's: `add`, `add-fixed`, `path-info`, `query`.
+pub(super) fn shared(a: &mut dyn Access, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
+    let sd = a.store_dir().clone();
+    let print = |p: &StorePath| sd.display(p);
     let mut out = BufWriter::new(std::io::stdout().lock());
     match cmd {
         StoreCmd::Add { name, paths } => {
             for p in &paths {
-                let info = store.add_path(
+                let sp = a.add(
                     p,
                     &name_for(p, &name)?,
                     FileIngestionMethod::Recursive,
                     HashAlgo::Sha256,
                 )?;
-                writeln!(out, "{}", store.print(&info.path))?;
+                writeln!(out, "{}", print(&sp))?;
             }
         }
         StoreCmd::AddFixed {
@@ -302,8 +282,8 @@ pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                 FileIngestionMethod::Flat
             };
             for p in &paths {
-                let info = store.add_path(p, &name_for(p, &None)?, method, algo)?;
-                writeln!(out, "{}", store.print(&info.path))?;
+                let sp = a.add(p, &name_for(p, &None)?, method, algo)?;
+                writeln!(out, "{}", print(&sp))?;
             }
         }
         StoreCmd::PathInfo {
@@ -315,114 +295,107 @@ pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
             let mut set = BTreeSet::new();
             let mut invalid = Vec::new();
             for s in &paths {
-                let p = parse(&store, s)?;
-                if store.is_valid(&p)? {
+                let p = a.parse(s)?;
+                if a.is_valid(&p)? {
                     set.insert(p);
                 } else {
                     invalid.push(p);
                 }
             }
             if recursive {
-                set = store.closure(&set, false)?;
+                let named: Vec<StorePath> = set.iter().cloned().collect();
+                set = a.closure(&named, false)?;
             }
+            let size_of_closure = |a: &mut dyn Access, p: &StorePath| -> anyhow::Result<u64> {
+                let mut total = 0;
+                for q in a.closure(std::slice::from_ref(p), false)? {
+                    total += a.info(&q)?.nar_size;
+                }
+                Ok(total)
+            };
             if json {
                 let mut arr = Vec::new();
                 for p in &set {
-                    arr.push(info_json(&store, &store.path_info(p)?, closure_size)?);
+                    let info = a.info(p)?;
+                    let total = if closure_size {
+                        Some(size_of_closure(a, p)?)
+                    } else {
+                        None
+                    };
+                    arr.push(info_json_of(&sd, &info, total));
                 }
                 for p in &invalid {
-                    arr.push(serde_json::json!({"path": store.print(p), "valid": false}));
+                    arr.push(serde_json::json!({"path": print(p), "valid": false}));
                 }
                 writeln!(out, "{}", serde_json::Value::Array(arr))?;
             } else {
                 for p in &set {
-                    let info = store.path_info(p)?;
+                    let info = a.info(p)?;
                     if closure_size {
-                        let total: u64 = store
-                            .closure([p], false)?
-                            .iter()
-                            .map(|q| store.path_info(q).map(|i| i.nar_size))
-                            .sum::<Result<u64, _>>()?;
-                        writeln!(out, "{}\t{}\t{}", store.print(p), info.nar_size, total)?;
+                        let total = size_of_closure(a, p)?;
+                        writeln!(out, "{}\t{}\t{}", print(p), info.nar_size, total)?;
                     } else {
-                        writeln!(out, "{}\t{}", store.print(p), info.nar_size)?;
+                        writeln!(out, "{}\t{}", print(p), info.nar_size)?;
                     }
                 }
             }
             if !invalid.is_empty() {
                 out.flush()?;
                 for p in &invalid {
-                    eprintln!("error: path '{}' is not valid", store.print(p));
+                    eprintln!("error: path '{}' is not valid", print(p));
                 }
                 return Ok(ExitCode::from(1));
             }
         }
         StoreCmd::Query { what, paths } => {
-            let mut lines: Vec<String> = Vec::new();
             let targets: Vec<StorePath> = paths
                 .iter()
-                .map(|s| parse(&store, s))
+                .map(|s| a.parse(s))
                 .collect::<anyhow::Result<_>>()?;
-            let valid = |p: &StorePath| -> anyhow::Result<()> {
-                if !store.is_valid(p)? {
-                    bail!("path '{}' is not valid", store.print(p));
+            let valid = |a: &mut dyn Access, p: &StorePath| -> anyhow::Result<()> {
+                if !a.is_valid(p)? {
+                    bail!("path '{}' is not valid", print(p));
                 }
                 Ok(())
             };
+            let mut lines: Vec<String> = Vec::new();
             if what.requisites || what.referrers_closure {
                 // Dependencies first, as `nix-store -qR` prints them.
-                lines = store.closure_in_order(&targets, what.referrers_closure)?;
+                lines = a.closure_in_order(&targets, what.referrers_closure)?;
             } else {
                 let mut seen = BTreeSet::new();
                 for p in &targets {
                     let items: Vec<String> = if what.references {
-                        store
-                            .query_references(p)?
-                            .iter()
-                            .map(|r| store.print(r))
-                            .collect()
+                        a.references(p)?.iter().map(print).collect()
                     } else if what.referrers {
-                        valid(p)?;
-                        store
-                            .query_referrers(p)?
-                            .iter()
-                            .map(|r| store.print(r))
-                            .collect()
+                        valid(a, p)?;
+                        a.referrers(p)?.iter().map(print).collect()
                     } else if what.deriver {
-                        let i = store.path_info(p)?;
-                        vec![i
+                        vec![a
+                            .info(p)?
                             .deriver
-                            .map(|d| store.print(&d))
+                            .map(|d| print(&d))
                             .unwrap_or_else(|| "unknown-deriver".into())]
                     } else if what.valid_derivers {
-                        store
-                            .query_valid_derivers(p)?
-                            .iter()
-                            .map(|r| store.print(r))
-                            .collect()
+                        a.valid_derivers(p)?.iter().map(print).collect()
                     } else if what.outputs {
                         if p.is_derivation() {
-                            store
-                                .derivation_output_map(p)?
-                                .values()
-                                .flatten()
-                                .map(|r| store.print(r))
-                                .collect()
+                            a.output_map(p)?.values().flatten().map(print).collect()
                         } else {
-                            vec![store.print(p)]
+                            vec![print(p)]
                         }
                     } else if what.hash {
-                        vec![store.path_info(p)?.nar_hash.to_string()]
+                        vec![a.info(p)?.nar_hash.to_string()]
                     } else if what.size {
-                        vec![store.path_info(p)?.nar_size.to_string()]
+                        vec![a.info(p)?.nar_size.to_string()]
                     } else {
                         // --roots: roots whose closure contains p.
-                        valid(p)?;
-                        let referrers = store.closure([p], true)?;
-                        gc::find_roots(&store, true)?
+                        valid(a, p)?;
+                        let referrers = a.closure(std::slice::from_ref(p), true)?;
+                        a.roots()?
                             .into_iter()
                             .filter(|(_, t)| referrers.contains(t))
-                            .map(|(l, t)| format!("{l} -> {}", store.print(&t)))
+                            .map(|(l, t)| format!("{l} -> {}", print(&t)))
                             .collect()
                     };
                     for i in items {
@@ -435,6 +408,29 @@ pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
             for l in lines {
                 writeln!(out, "{l}")?;
             }
+        }
+        _ => unreachable!("only the shared commands come here"),
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
+    if let StoreCmd::Serve { write } = cmd {
+        return super::daemon::serve_legacy(args, write);
+    }
+    if let Some((d, _, layout)) = args.daemon()? {
+        return super::store_via_daemon::run(d, &layout, cmd);
+    }
+    let (store, settings) = args.open()?;
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    match cmd {
+        cmd @ (StoreCmd::Add { .. }
+        | StoreCmd::AddFixed { .. }
+        | StoreCmd::PathInfo { .. }
+        | StoreCmd::Query { .. }) => {
+            drop(out);
+            return shared(&mut super::access::Local(&store), cmd);
         }
         StoreCmd::Export { paths } => {
             let set: BTreeSet<StorePath> = paths

@@ -6,11 +6,11 @@ use std::io::{BufWriter, Write};
 use std::process::ExitCode;
 
 use anyhow::bail;
-use kiln_format::{FileIngestionMethod, HashAlgo, StorePath};
+use kiln_format::StorePath;
 use kiln_protocol::ops::GcAction;
 use kiln_store::Layout;
 
-use super::store::{info_json_of, name_for, StoreCmd};
+use super::store::StoreCmd;
 use super::via_daemon::DaemonStore;
 
 fn mib(bytes: u64) -> String {
@@ -22,148 +22,12 @@ pub(super) fn run(mut d: DaemonStore, _layout: &Layout, cmd: StoreCmd) -> anyhow
     let print = |p: &StorePath| sd.display(p);
     let mut out = BufWriter::new(std::io::stdout().lock());
     match cmd {
-        StoreCmd::Add { name, paths } => {
-            for p in &paths {
-                let sp = d.add_path(
-                    p,
-                    &name_for(p, &name)?,
-                    FileIngestionMethod::Recursive,
-                    HashAlgo::Sha256,
-                )?;
-                writeln!(out, "{}", print(&sp))?;
-            }
-        }
-        StoreCmd::AddFixed {
-            recursive,
-            algo,
-            paths,
-        } => {
-            let method = if recursive {
-                FileIngestionMethod::Recursive
-            } else {
-                FileIngestionMethod::Flat
-            };
-            for p in &paths {
-                let sp = d.add_path(p, &name_for(p, &None)?, method, algo)?;
-                writeln!(out, "{}", print(&sp))?;
-            }
-        }
-        StoreCmd::PathInfo {
-            json,
-            closure_size,
-            recursive,
-            paths,
-        } => {
-            let mut set = BTreeSet::new();
-            let mut invalid = Vec::new();
-            for s in &paths {
-                let p = d.parse(s)?;
-                if d.is_valid(&p)? {
-                    set.insert(p);
-                } else {
-                    invalid.push(p);
-                }
-            }
-            if recursive {
-                let named: Vec<StorePath> = set.iter().cloned().collect();
-                set = d.closure(&named, false)?;
-            }
-            let size_of_closure = |d: &mut DaemonStore, p: &StorePath| -> anyhow::Result<u64> {
-                let mut total = 0;
-                for q in d.closure(std::slice::from_ref(p), false)? {
-                    total += d.valid_info(&q)?.nar_size;
-                }
-                Ok(total)
-            };
-            if json {
-                let mut arr = Vec::new();
-                for p in &set {
-                    let info = d.valid_info(p)?;
-                    let total = if closure_size {
-                        Some(size_of_closure(&mut d, p)?)
-                    } else {
-                        None
-                    };
-                    arr.push(info_json_of(&sd, &info, total));
-                }
-                for p in &invalid {
-                    arr.push(serde_json::json!({"path": print(p), "valid": false}));
-                }
-                writeln!(out, "{}", serde_json::Value::Array(arr))?;
-            } else {
-                for p in &set {
-                    let info = d.valid_info(p)?;
-                    if closure_size {
-                        let total = size_of_closure(&mut d, p)?;
-                        writeln!(out, "{}\t{}\t{}", print(p), info.nar_size, total)?;
-                    } else {
-                        writeln!(out, "{}\t{}", print(p), info.nar_size)?;
-                    }
-                }
-            }
-            if !invalid.is_empty() {
-                out.flush()?;
-                for p in &invalid {
-                    eprintln!("error: path '{}' is not valid", print(p));
-                }
-                return Ok(ExitCode::from(1));
-            }
-        }
-        StoreCmd::Query { what, paths } => {
-            let targets: Vec<StorePath> = paths
-                .iter()
-                .map(|s| d.parse(s))
-                .collect::<anyhow::Result<_>>()?;
-            let mut lines: Vec<String> = Vec::new();
-            if what.requisites || what.referrers_closure {
-                lines = d.closure_in_order(&targets, what.referrers_closure)?;
-            } else {
-                let mut seen = BTreeSet::new();
-                for p in &targets {
-                    let items: Vec<String> = if what.references {
-                        let i = d.valid_info(p)?;
-                        i.references.iter().map(print).collect()
-                    } else if what.referrers {
-                        d.valid_info(p)?;
-                        d.referrers(p)?.iter().map(print).collect()
-                    } else if what.deriver {
-                        let i = d.valid_info(p)?;
-                        vec![i
-                            .deriver
-                            .map(|x| print(&x))
-                            .unwrap_or_else(|| "unknown-deriver".into())]
-                    } else if what.valid_derivers {
-                        d.valid_derivers(p)?.iter().map(print).collect()
-                    } else if what.outputs {
-                        if p.is_derivation() {
-                            d.output_map(p)?.values().flatten().map(print).collect()
-                        } else {
-                            vec![print(p)]
-                        }
-                    } else if what.hash {
-                        vec![d.valid_info(p)?.nar_hash.to_string()]
-                    } else if what.size {
-                        vec![d.valid_info(p)?.nar_size.to_string()]
-                    } else {
-                        // --roots: the roots whose closure holds p (the daemon lists them).
-                        d.valid_info(p)?;
-                        let referrers = d.closure(std::slice::from_ref(p), true)?;
-                        d.roots()?
-                            .into_iter()
-                            .filter(|(_, t)| referrers.contains(t))
-                            .map(|(l, t)| format!("{l} -> {}", print(&t)))
-                            .collect()
-                    };
-                    for i in items {
-                        if what.hash || what.size || what.deriver || seen.insert(i.clone()) {
-                            lines.push(i);
-                        }
-                    }
-                }
-            }
-            for l in lines {
-                writeln!(out, "{l}")?;
-            }
+        cmd @ (StoreCmd::Add { .. }
+        | StoreCmd::AddFixed { .. }
+        | StoreCmd::PathInfo { .. }
+        | StoreCmd::Query { .. }) => {
+            drop(out);
+            return super::store::shared(&mut d, cmd);
         }
         StoreCmd::Gc {
             max_freed,
