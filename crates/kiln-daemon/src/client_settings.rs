@@ -27,6 +27,8 @@ const DAEMON_WIDE: &[&str] = &[
     "min-free-check-interval",
     "json-log-path",
     "timeline-file",
+    // The caches are the daemon's, opened once for every client.
+    "netrc-file",
 ];
 
 /// Settings an untrusted Nix client may still set (Nix 2.8's `ClientSettings::apply`).
@@ -249,15 +251,7 @@ mod tests {
         assert_eq!(hooks.build.pre_build_hook, None);
         assert_eq!(hooks.build.post_build_hook, None);
         assert_eq!(hooks.build.diff_hook, None);
-        // A setting kiln accepts but does not implement is not taken in silence.
-        let m = apply(&base, &opts(&[("netrc-file", "/n")]), Trust::Trusted, false);
-        assert_eq!(
-            m.warnings,
-            ["kiln does not implement the setting 'netrc-file' yet: it has no effect"]
-        );
-        assert_eq!(m.settings.not_implemented_in_use(), ["netrc-file"]);
-        assert!(base.not_implemented_in_use().is_empty());
-        // Nor is a daemon-wide one a client cannot change.
+        // A daemon-wide setting a client cannot change is not taken in silence.
         let m = apply(&base, &opts(&[("min-free", "1000")]), Trust::Trusted, false);
         assert_eq!(
             m.warnings,

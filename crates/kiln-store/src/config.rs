@@ -727,7 +727,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Str,
         default: "",
-        help: "credentials for downloads (not implemented: setting it draws a warning)",
+        help: "a .netrc file with credentials for HTTP binary caches (the nix layout's default: $NIX_CONF_DIR/netrc)",
     },
     Def {
         name: "connect-timeout",
@@ -800,8 +800,8 @@ fn def_of(name: &str) -> Option<&'static Def> {
 /// setting whose own name starts with `extra-` (`extra-platforms`) is itself, and
 /// `extra-extra-platforms` appends to it.
 /// Settings accepted but not implemented (see [`Settings::not_implemented_in_use`]):
-/// credentials for downloads (`netrc-file`).
-pub const NOT_IMPLEMENTED: &[&str] = &["netrc-file"];
+/// none now (the mechanism stays for the next one).
+pub const NOT_IMPLEMENTED: &[&str] = &[];
 
 /// The warning for a setting in [`NOT_IMPLEMENTED`].
 pub fn not_implemented_warning(name: &str) -> String {
@@ -1027,8 +1027,9 @@ pub fn load_default_nix_conf(settings: &mut Settings) -> Result<()> {
     let dir = std::env::var_os("NIX_CONF_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/etc/nix"));
-    // nix-daemon's default machines file, unless the configuration names others.
+    // nix-daemon's default machines file and netrc, unless the configuration names others.
     settings.set("builders", &format!("@{}", dir.join("machines").display()))?;
+    settings.set("netrc-file", &dir.join("netrc").display().to_string())?;
     let file = dir.join("nix.conf");
     if file.exists() {
         settings.load_nix_conf(&file)?;

@@ -80,6 +80,16 @@ impl Caches {
                     connect: secs("connect-timeout", 30),
                     stalled: secs("stalled-download-timeout", 300),
                     attempts: s.get_u64("download-attempts").clamp(1, 100) as u32,
+                    netrc: match s.get("netrc-file") {
+                        "" => None,
+                        f => match crate::netrc::Netrc::load(std::path::Path::new(f)) {
+                            Ok(n) => n.map(Arc::new),
+                            Err(e) => {
+                                tracing::warn!("{e}; caches get no credentials");
+                                None
+                            }
+                        },
+                    },
                 },
                 ttl: Ttl {
                     positive: std::time::Duration::from_secs(
@@ -107,7 +117,7 @@ impl Caches {
         let c = Arc::new(BinaryCache::open(
             url,
             &self.store_dir,
-            self.opts.timeouts,
+            self.opts.timeouts.clone(),
             self.opts.ttl,
             self.disk.clone(),
         )?);

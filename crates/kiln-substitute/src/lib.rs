@@ -28,6 +28,7 @@ pub mod cache;
 pub mod caches;
 pub mod compression;
 mod error;
+pub mod netrc;
 pub mod serve;
 pub mod transport;
 pub mod url;

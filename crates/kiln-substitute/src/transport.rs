@@ -7,8 +7,8 @@ use std::time::Duration;
 use crate::url::{CacheUrl, Location};
 use crate::{Error, Result};
 
-/// Network limits.
-#[derive(Debug, Clone, Copy)]
+/// Network limits, and the credentials (`netrc-file`) of the hosts that need some.
+#[derive(Debug, Clone)]
 pub struct Timeouts {
     /// Establishing a connection.
     pub connect: Duration,
@@ -18,6 +18,7 @@ pub struct Timeouts {
     /// Attempts for a request that failed before its body started (connection refused or
     /// reset, 5xx): transient failures of a busy cache are retried, with a growing pause.
     pub attempts: u32,
+    pub netrc: Option<std::sync::Arc<crate::netrc::Netrc>>,
 }
 
 impl Default for Timeouts {
@@ -26,6 +27,7 @@ impl Default for Timeouts {
             connect: Duration::from_secs(30),
             stalled: Duration::from_secs(300),
             attempts: 3,
+            netrc: None,
         }
     }
 }
@@ -40,6 +42,8 @@ pub struct Transport {
     base: String,
     agent: Option<ureq::Agent>,
     attempts: u32,
+    /// `Authorization` for this cache's host, from `netrc-file`.
+    auth: Option<String>,
 }
 
 /// Checks a path taken from a narinfo (`URL:`), which the cache controls: it must stay
@@ -75,16 +79,26 @@ impl Transport {
                     .timeout_per_read(Some(timeouts.stalled))
                     .timeout_recv_response(Some(timeouts.stalled))
                     .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+                    // A cache's credentials (netrc) go to that cache only: a redirect to
+                    // another place must not collect them.
+                    .redirect_auth_headers(ureq::config::RedirectAuthHeaders::Never)
                     .build();
                 Some(ureq::Agent::new_with_config(cfg))
             }
             Location::File(_) => None,
+        };
+        let auth = match (&url.location, &timeouts.netrc) {
+            (Location::Http(base), Some(n)) => {
+                crate::netrc::host_of(base).and_then(|h| n.authorization(h))
+            }
+            _ => None,
         };
         Transport {
             location: url.location.clone(),
             base: url.base.clone(),
             agent,
             attempts: timeouts.attempts.max(1),
+            auth,
         }
     }
 
@@ -122,7 +136,11 @@ impl Transport {
         let mut pause = Duration::from_millis(100);
         let mut attempt = 1;
         loop {
-            let transient = match agent.get(&url).call() {
+            let mut req = agent.get(&url);
+            if let Some(a) = &self.auth {
+                req = req.header("Authorization", a);
+            }
+            let transient = match req.call() {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     match status {
@@ -176,14 +194,15 @@ impl Transport {
             return Ok(false);
         };
         // HEAD: asking whether a NAR is there must not download it.
-        let resp = agent
-            .head(&format!("{base}/{rel}"))
-            .call()
-            .map_err(|e| Error::Transfer {
-                url: self.describe(rel),
-                action: "query",
-                why: e.to_string(),
-            })?;
+        let mut req = agent.head(&format!("{base}/{rel}"));
+        if let Some(a) = &self.auth {
+            req = req.header("Authorization", a);
+        }
+        let resp = req.call().map_err(|e| Error::Transfer {
+            url: self.describe(rel),
+            action: "query",
+            why: e.to_string(),
+        })?;
         match resp.status().as_u16() {
             200..=299 => Ok(true),
             st if absent(st) => Ok(false),
@@ -217,8 +236,11 @@ impl Transport {
         let len = f.metadata().map_err(|e| fail(e.to_string()))?.len();
         // With a length, not chunked: servers that store uploads (WebDAV, S3 gateways)
         // often refuse chunked request bodies, and Nix sends the length too.
-        let resp = agent
-            .put(&format!("{base}/{rel}"))
+        let mut req = agent.put(&format!("{base}/{rel}"));
+        if let Some(a) = &self.auth {
+            req = req.header("Authorization", a);
+        }
+        let resp = req
             .header("Content-Type", content_type)
             .header("Content-Length", len.to_string())
             .send(ureq::SendBody::from_owned_reader(f))

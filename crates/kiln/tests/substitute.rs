@@ -102,6 +102,8 @@ enum Fault {
     Stall,
     /// Answers 404 for the narinfo of the dependency (the top path lists it).
     MissingRef,
+    /// A private cache: 401 without the credentials of user `kiln`, password `s3cret`.
+    Auth,
 }
 
 /// A real HTTP/1.1 server over a cache directory, with faults.
@@ -117,6 +119,7 @@ fn serve_one(mut s: TcpStream, dir: &Path, fault: Fault, dep_hash: &str, swap_wi
         return;
     }
     let mut length = 0usize;
+    let mut authorization = String::new();
     loop {
         let mut h = String::new();
         if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
@@ -125,6 +128,17 @@ fn serve_one(mut s: TcpStream, dir: &Path, fault: Fault, dep_hash: &str, swap_wi
         if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
             length = v.trim().parse().unwrap();
         }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("authorization") {
+                authorization = v.trim().to_string();
+            }
+        }
+    }
+    if fault == Fault::Auth && authorization != "Basic a2lsbjpzM2NyZXQ=" {
+        let _ = s.write_all(
+            b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"cache\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        );
+        return;
     }
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
     let rel = path.trim_start_matches('/');
@@ -841,4 +855,46 @@ fn an_external_substitute_agent_is_used_and_checked() {
     let m = std::fs::metadata(&outside).unwrap();
     assert_eq!(m.permissions().mode() & 0o7777, 0o600);
     assert_eq!(std::fs::read_to_string(&outside).unwrap(), "secret\n");
+}
+
+/// A private cache: `netrc-file` gives the credentials of its host, and nothing else does
+/// (no file, or an entry for another host, gets its 401).
+#[test]
+fn netrc_credentials_open_a_private_cache() {
+    let s = setup();
+    let server = FaultServer::start(s.base.join("xz"), hash_part(&s.dep), s.nar_file("xz"));
+    server.set(Fault::Auth);
+    let k = s.fresh("no-netrc");
+    let o = s.copy_from(&k, &server.addr, &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("401"), "{}", stderr(&o));
+    let netrc = s.base.join("netrc");
+    std::fs::write(
+        &netrc,
+        "machine elsewhere.example login kiln password s3cret\n",
+    )
+    .unwrap();
+    let k = s.fresh("other-host");
+    let o = s.copy_from(
+        &k,
+        &server.addr,
+        &["--option", "netrc-file", netrc.to_str().unwrap()],
+    );
+    assert!(
+        !o.status.success(),
+        "credentials for another host were sent"
+    );
+    std::fs::write(
+        &netrc,
+        "# the cache's host\nmachine 127.0.0.1\n  login kiln\n  password s3cret\n",
+    )
+    .unwrap();
+    let k = s.fresh("netrc");
+    let o = s.copy_from(
+        &k,
+        &server.addr,
+        &["--option", "netrc-file", netrc.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(k.hash(&s.top).is_some());
 }
