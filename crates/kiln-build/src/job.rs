@@ -240,6 +240,43 @@ fn failed_to_start(
     f
 }
 
+/// Appends to the derivation's build log how the rebuilt output `new` differs from the
+/// valid `previous` one, file by file ([`crate::diff::report`]).
+fn append_diff_report(
+    spec: &JobSpec,
+    previous: &std::path::Path,
+    new: &std::path::Path,
+    out: &str,
+) {
+    if !spec.settings.keep_build_log {
+        return;
+    }
+    let lines = crate::diff::report(previous, new);
+    let mut text = format!("kiln: --check: output '{out}' differs from the valid one:\n");
+    for l in &lines {
+        text.push_str(l);
+        text.push('\n');
+    }
+    if lines.is_empty() {
+        text.push_str(
+            "  (same files and contents: the difference is in their metadata or references)\n",
+        );
+    }
+    match crate::log::LogWriter::append(
+        &spec.store.layout().log_dir,
+        &spec.drv_path,
+        spec.settings.log_compression,
+    ) {
+        Ok(Some(mut w)) => {
+            if let Err(e) = w.write(text.as_bytes()).and_then(|()| w.finish()) {
+                tracing::warn!("writing the --check report to the build log: {e}");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!("writing the --check report to the build log: {e}"),
+    }
+}
+
 /// Runs `diff-hook` as Nix does when `--check` found `new` differing from `previous`:
 /// `HOOK PREVIOUS NEW DRV BUILD-DIR`, from `/`; what it prints goes to the daemon's log,
 /// not to the client, and its failure is logged, not the build's. (Nix runs it as the build
@@ -567,6 +604,13 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
                 let valid = store.path_info(&plan.path).map_err(Failure::misc)?;
                 let built_at = store.real_path(&plan.build_path);
                 if valid.nar_hash != info.nar_hash {
+                    // kiln's own account of what differs, for `kiln log`.
+                    append_diff_report(
+                        spec,
+                        &store.real_path(&plan.path),
+                        &built_at,
+                        &sd.display(&plan.path),
+                    );
                     let check =
                         PathBuf::from(format!("{}-check", store.real_path(&plan.path).display()));
                     let msg = if spec.settings.keep_failed || spec.settings.diff_hook.is_some() {

@@ -14,6 +14,7 @@
 
 pub mod attrs;
 pub mod autogc;
+pub mod diff;
 pub mod env;
 mod error;
 pub mod event;

@@ -66,6 +66,34 @@ impl LogWriter {
         Ok((w, file))
     }
 
+    /// Adds to the log of `drv` written with `c` (a further compressed stream, which the
+    /// readers take as the continuation); `None` if it has no such log.
+    pub fn append(log_dir: &Path, drv: &StorePath, c: LogCompression) -> Result<Option<LogWriter>> {
+        let file = PathBuf::from(format!(
+            "{}{}",
+            log_path(log_dir, drv).display(),
+            c.suffix()
+        ));
+        let f = match std::fs::OpenOptions::new().append(true).open(&file) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&file, "open log file", e)),
+        };
+        Ok(Some(match c {
+            LogCompression::None => LogWriter::Plain(BufWriter::new(f)),
+            LogCompression::Bzip2 => {
+                LogWriter::Bzip2(bzip2::write::BzEncoder::new(f, bzip2::Compression::new(1)))
+            }
+            LogCompression::Gzip => LogWriter::Gzip(flate2::write::GzEncoder::new(
+                f,
+                flate2::Compression::fast(),
+            )),
+            LogCompression::Zstd => LogWriter::Zstd(
+                zstd::Encoder::new(f, 3).map_err(|e| Error::io(&file, "compress", e))?,
+            ),
+        }))
+    }
+
     pub fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
         match self {
             LogWriter::Plain(w) => w.write_all(data),

@@ -45,6 +45,12 @@ impl T {
         c.arg("build").arg(recipe).args(extra);
         c.output().unwrap()
     }
+    /// `kiln log` of the derivation that built `path`.
+    fn log_of(&self, path: &Path) -> String {
+        let o = self.kiln().arg("log").arg(path).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
     fn store_path(&self, out: &Output, name: &str) -> PathBuf {
         let s = String::from_utf8_lossy(&out.stdout);
         let line = s
@@ -227,6 +233,20 @@ fn nondeterminism_is_caught_by_rounds_and_check() {
         stderr(&o).contains("may not be deterministic"),
         "{}",
         stderr(&o)
+    );
+    // kiln's own report of what differs, in the derivation's log.
+    let log = t.log_of(&p);
+    assert!(
+        log.contains(&format!(
+            "kiln: --check: output '{}' differs from the valid one:",
+            p.display()
+        )),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("  (the output itself): first difference at byte ")),
+        "{log}"
     );
     let o = t.build(&r, &["--check", "--keep-failed"]);
     assert_eq!(o.status.code(), Some(104));
