@@ -575,7 +575,15 @@ pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
             }
         }
         StoreCmd::AddRoot { link, path } => {
-            let p = parse_valid(&store, &path)?;
+            // A temporary root first, then the check that the path is still there: a
+            // collection already running read the roots at its start and would not see
+            // the new link, but it does see temporary roots added meanwhile (the power-cut
+            // test, which collects beside adds, found a path deleted under its new root).
+            let p = parse(&store, &path)?;
+            store.add_temp_root(&p)?;
+            if !store.is_valid(&p)? {
+                bail!("path '{}' is not valid", store.print(&p));
+            }
             let l = roots::add_perm_root(store.layout(), &p, &link)?;
             writeln!(out, "{}", l.display())?;
         }
