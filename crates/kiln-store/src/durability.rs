@@ -73,23 +73,40 @@ static ALL: Mutex<Vec<std::sync::Weak<Shared>>> = Mutex::new(Vec::new());
 /// Makes everything this process registered durable and clears its marks: for a command
 /// that ends without dropping its store (a thread may still hold it), so that the next
 /// opening has nothing to check. Waits at most 10 s per store.
-pub fn flush_all() {
+pub fn flush_all() -> Result<()> {
     let all: Vec<Arc<Shared>> = ALL
         .lock()
         .map(|a| a.iter().filter_map(std::sync::Weak::upgrade).collect())
         .unwrap_or_default();
+    let mut problem = None;
     for s in all {
         let Ok(mut st) = s.state.lock() else { continue };
         st.hurry = true;
         s.cv.notify_all();
         let target = st.marked;
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while st.cleared < target && std::time::Instant::now() < deadline {
             st = match s.cv.wait_timeout(st, Duration::from_millis(50)) {
                 Ok((g, _)) => g,
-                Err(_) => break,
+                Err(e) => e.into_inner().0,
             };
         }
+        // What a command registered and could not make durable is not done: it must not
+        // end as if it were (a caller would count on paths a power cut can take).
+        if st.cleared < target {
+            problem = Some(Error::Corrupt(
+                "the store's writes were not made durable within 60 s (the paths registered since are checked when the store is next opened)".into(),
+            ));
+        } else if target > 0 && st.failed_upto >= target {
+            problem = Some(Error::Corrupt(format!(
+                "syncing the store failed: {} (the paths registered since are checked when the store is next opened)",
+                st.failed.clone().unwrap_or_default()
+            )));
+        }
+    }
+    match problem {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 

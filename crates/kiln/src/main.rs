@@ -44,9 +44,15 @@ fn main() -> ExitCode {
     // What this process registered is made durable before it ends, whether or not its
     // store was dropped (a thread may still hold it): the next opening then has nothing
     // to check.
-    kiln_store::flush_durability();
+    let durable = kiln_store::flush_durability();
     match r {
-        Ok(code) => code,
+        Ok(code) => match durable {
+            Ok(()) => code,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Err(e) => {
             // Broken pipes (e.g. `kiln nar dump x | head`) end quietly, like other tools.
             if e.chain().any(|c| {
