@@ -152,7 +152,11 @@ fn power_cut_round(round: usize, extra: &[&str], keep: u64, after_ms: u64) -> (V
         cached.join(" "),
         cached.join(" ")
     ));
-    let mut collections = background("while :; do \"$@\" store gc >/dev/null; sleep 0.2; done");
+    let gc_log = d.join("gc.log");
+    let mut collections = background(&format!(
+        "while :; do \"$@\" store gc >/dev/null 2>> {}; sleep 0.2; done",
+        gc_log.display()
+    ));
     let mut build = kiln_cmd();
     build
         .args(["build", "-j", "2", "--no-out-link", "--no-live", "-Q"])
@@ -212,13 +216,17 @@ fn power_cut_round(round: usize, extra: &[&str], keep: u64, after_ms: u64) -> (V
     for (p, src) in &acked {
         let info = kiln_cmd().args(["store", "path-info", p]).output().unwrap();
         if !info.status.success() {
+            let collected = std::fs::read_to_string(&gc_log)
+                .unwrap_or_default()
+                .contains(&format!("deleting '{p}'"));
             problems.push(format!(
-                "acknowledged {p} is not valid (its files {}; the first opening said: {recovery})",
+                "acknowledged {p} is not valid (its files {}; a collection before the cut {} it; the first opening said: {recovery})",
                 if Path::new(p).exists() {
                     "are there"
                 } else {
                     "are gone"
-                }
+                },
+                if collected { "deleted" } else { "did not delete" }
             ));
             continue;
         }
@@ -289,8 +297,13 @@ fn cached() -> String {
     s
 }
 
-/// The cuts: `KILN_POWER_CUTS` of them (6 by default; 200 for the long run), at moments
-/// and with surviving shares drawn from a fixed seed.
+/// The cuts: `KILN_POWER_CUTS` of them (3 by default, for CI; 200 for the long run), at
+/// moments and with surviving shares drawn from a fixed seed.
+///
+/// Open: in two long runs of 200 (and in neither of two reruns of the same sequence), one
+/// cut each left an acknowledged add (with its root) invalid and its files gone, with
+/// nothing recovered at the next opening. The cause is not found yet; a problem now says
+/// whether a collection before the cut deleted the path (`gc.log`).
 #[test]
 fn no_path_is_valid_with_lost_contents_after_a_power_cut() {
     if !prerequisites("no_path_is_valid_with_lost_contents_after_a_power_cut") {
@@ -299,7 +312,7 @@ fn no_path_is_valid_with_lost_contents_after_a_power_cut() {
     let cuts: usize = std::env::var("KILN_POWER_CUTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(6);
+        .unwrap_or(3);
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let mut next = || {
         x ^= x << 13;
