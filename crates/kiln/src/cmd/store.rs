@@ -253,6 +253,34 @@ fn print_report(r: &VerifyReport) {
     }
 }
 
+/// What a collection did, as `nix-store --gc` says it: each deleted path on standard error
+/// and the total on standard output, or the paths it found (a dry run, `--print-live`).
+pub(super) fn print_collected(
+    out: &mut impl Write,
+    paths: &[String],
+    bytes_freed: u64,
+    deleting: bool,
+) -> anyhow::Result<()> {
+    if !deleting {
+        for p in paths {
+            writeln!(out, "{p}")?;
+        }
+        return Ok(());
+    }
+    let mut err = BufWriter::new(std::io::stderr().lock());
+    for p in paths {
+        writeln!(err, "deleting '{p}'")?;
+    }
+    err.flush()?;
+    writeln!(
+        out,
+        "{} store paths deleted, {:.2} MiB freed",
+        paths.len(),
+        bytes_freed as f64 / (1 << 20) as f64
+    )?;
+    Ok(())
+}
+
 /// The commands that read or add paths, the same whether the store is this process's or
 /// a daemon's: `add`, `add-fixed`, `path-info`, `query`.
 pub(super) fn shared(a: &mut dyn Access, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
@@ -419,8 +447,8 @@ pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
     if let StoreCmd::Serve { write } = cmd {
         return super::daemon::serve_legacy(args, write);
     }
-    if let Some((d, _, layout)) = args.daemon()? {
-        return super::store_via_daemon::run(d, &layout, cmd);
+    if let Some((d, _, _)) = args.daemon()? {
+        return super::store_via_daemon::run(d, cmd);
     }
     let (store, settings) = args.open()?;
     let mut out = BufWriter::new(std::io::stdout().lock());
@@ -472,23 +500,7 @@ pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                     max_freed: max_freed.unwrap_or(u64::MAX),
                 },
             )?;
-            if deleting {
-                let mut err = BufWriter::new(std::io::stderr().lock());
-                for p in &r.paths {
-                    writeln!(err, "deleting '{p}'")?;
-                }
-                err.flush()?;
-                writeln!(
-                    out,
-                    "{} store paths deleted, {:.2} MiB freed",
-                    r.paths.len(),
-                    r.bytes_freed as f64 / (1 << 20) as f64
-                )?;
-            } else {
-                for p in &r.paths {
-                    writeln!(out, "{p}")?;
-                }
-            }
+            print_collected(&mut out, &r.paths, r.bytes_freed, deleting)?;
         }
         StoreCmd::Delete {
             paths,
@@ -516,15 +528,7 @@ pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
                 }
                 e => e.into(),
             })?;
-            for p in &r.paths {
-                eprintln!("deleting '{p}'");
-            }
-            writeln!(
-                out,
-                "{} store paths deleted, {:.2} MiB freed",
-                r.paths.len(),
-                r.bytes_freed as f64 / (1 << 20) as f64
-            )?;
+            print_collected(&mut out, &r.paths, r.bytes_freed, true)?;
         }
         StoreCmd::Serve { .. } => unreachable!("served above"),
         StoreCmd::Optimise => {

@@ -8,16 +8,11 @@ use std::process::ExitCode;
 use anyhow::bail;
 use kiln_format::StorePath;
 use kiln_protocol::ops::GcAction;
-use kiln_store::Layout;
 
-use super::store::StoreCmd;
+use super::store::{print_collected, StoreCmd};
 use super::via_daemon::DaemonStore;
 
-fn mib(bytes: u64) -> String {
-    format!("{:.2}", bytes as f64 / (1 << 20) as f64)
-}
-
-pub(super) fn run(mut d: DaemonStore, _layout: &Layout, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
+pub(super) fn run(mut d: DaemonStore, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
     let sd = d.sd.clone();
     let print = |p: &StorePath| sd.display(p);
     let mut out = BufWriter::new(std::io::stdout().lock());
@@ -49,18 +44,7 @@ pub(super) fn run(mut d: DaemonStore, _layout: &Layout, cmd: StoreCmd) -> anyhow
                 GcAction::DeleteDead
             };
             let (paths, freed) = d.gc(action, BTreeSet::new(), false, max_freed.unwrap_or(u64::MAX))?;
-            if action == GcAction::DeleteDead {
-                let mut err = BufWriter::new(std::io::stderr().lock());
-                for p in &paths {
-                    writeln!(err, "deleting '{p}'")?;
-                }
-                err.flush()?;
-                writeln!(out, "{} store paths deleted, {} MiB freed", paths.len(), mib(freed))?;
-            } else {
-                for p in &paths {
-                    writeln!(out, "{p}")?;
-                }
-            }
+            print_collected(&mut out, &paths, freed, action == GcAction::DeleteDead)?;
         }
         StoreCmd::Delete {
             paths,
@@ -79,10 +63,7 @@ pub(super) fn run(mut d: DaemonStore, _layout: &Layout, cmd: StoreCmd) -> anyhow
                 GcAction::DeleteSpecific
             };
             let (deleted, freed) = d.gc(action, ps, also_referrers, u64::MAX)?;
-            for p in &deleted {
-                eprintln!("deleting '{p}'");
-            }
-            writeln!(out, "{} store paths deleted, {} MiB freed", deleted.len(), mib(freed))?;
+            print_collected(&mut out, &deleted, freed, true)?;
         }
         StoreCmd::Verify {
             check_contents,
