@@ -49,7 +49,12 @@ impl LogWriter {
             }
         }
         let f = File::create(&file).map_err(|e| Error::io(&file, "create log file", e))?;
-        let w = match c {
+        Ok((LogWriter::over(f, c, &file)?, file))
+    }
+
+    /// A writer compressing with `c` into `f` (named `file` in errors).
+    fn over(f: File, c: LogCompression, file: &Path) -> Result<LogWriter> {
+        Ok(match c {
             LogCompression::None => LogWriter::Plain(BufWriter::new(f)),
             // Level 1: small logs of many builds should not pay bzip2's largest block size.
             LogCompression::Bzip2 => {
@@ -60,10 +65,9 @@ impl LogWriter {
                 flate2::Compression::fast(),
             )),
             LogCompression::Zstd => LogWriter::Zstd(
-                zstd::Encoder::new(f, 3).map_err(|e| Error::io(&file, "compress", e))?,
+                zstd::Encoder::new(f, 3).map_err(|e| Error::io(file, "compress", e))?,
             ),
-        };
-        Ok((w, file))
+        })
     }
 
     /// Adds to the log of `drv` written with `c` (a further compressed stream, which the
@@ -79,19 +83,7 @@ impl LogWriter {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(&file, "open log file", e)),
         };
-        Ok(Some(match c {
-            LogCompression::None => LogWriter::Plain(BufWriter::new(f)),
-            LogCompression::Bzip2 => {
-                LogWriter::Bzip2(bzip2::write::BzEncoder::new(f, bzip2::Compression::new(1)))
-            }
-            LogCompression::Gzip => LogWriter::Gzip(flate2::write::GzEncoder::new(
-                f,
-                flate2::Compression::fast(),
-            )),
-            LogCompression::Zstd => LogWriter::Zstd(
-                zstd::Encoder::new(f, 3).map_err(|e| Error::io(&file, "compress", e))?,
-            ),
-        }))
+        Ok(Some(LogWriter::over(f, c, &file)?))
     }
 
     pub fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
