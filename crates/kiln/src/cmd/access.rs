@@ -1,12 +1,24 @@
-//! What `kiln store add|add-fixed|path-info|query` ask of a store, answered by the store
-//! itself ([`Local`]) or by a daemon ([`super::via_daemon::DaemonStore`]): one
+//! What `kiln store add|add-fixed|path-info|query|gc|delete` ask of a store, answered by
+//! the store itself ([`Local`]) or by a daemon ([`super::via_daemon::DaemonStore`]): one
 //! implementation of those commands' output for both.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use kiln_format::{FileIngestionMethod, HashAlgo, StoreDir, StorePath, ValidPathInfo};
+use kiln_store::gc::{self, GcAction, GcOptions};
 use kiln_store::LocalStore;
+
+/// What `kiln store gc` asks of a collection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Collect {
+    /// List the live paths (`--print-live`).
+    Live,
+    /// List the dead paths (`--dry-run`).
+    Dead,
+    /// Delete the dead paths.
+    Delete,
+}
 
 pub(super) trait Access {
     fn store_dir(&self) -> &StoreDir;
@@ -43,6 +55,16 @@ pub(super) trait Access {
         method: FileIngestionMethod,
         algo: HashAlgo,
     ) -> anyhow::Result<StorePath>;
+    /// A collection of the whole store: the paths it listed or deleted, the bytes freed.
+    fn collect(&mut self, what: Collect, max_freed: u64) -> anyhow::Result<(Vec<String>, u64)>;
+    /// Deletes `paths` if dead (with `skip_alive`, skipping the live ones instead of
+    /// failing; with `also_referrers`, with their dead referrers).
+    fn delete(
+        &mut self,
+        paths: Vec<StorePath>,
+        skip_alive: bool,
+        also_referrers: bool,
+    ) -> anyhow::Result<(Vec<String>, u64)>;
 }
 
 /// The store opened by this process.
@@ -104,6 +126,40 @@ impl Access for Local<'_> {
     ) -> anyhow::Result<StorePath> {
         Ok(self.0.add_path(path, name, method, algo)?.path)
     }
+    fn collect(&mut self, what: Collect, max_freed: u64) -> anyhow::Result<(Vec<String>, u64)> {
+        let action = match what {
+            Collect::Live => GcAction::ReturnLive,
+            Collect::Dead => GcAction::ReturnDead,
+            Collect::Delete => GcAction::DeleteDead,
+        };
+        let r = gc::collect_garbage(self.0, &GcOptions { action, max_freed })?;
+        Ok((r.paths, r.bytes_freed))
+    }
+    fn delete(
+        &mut self,
+        paths: Vec<StorePath>,
+        skip_alive: bool,
+        also_referrers: bool,
+    ) -> anyhow::Result<(Vec<String>, u64)> {
+        let r = gc::collect_garbage(
+            self.0,
+            &GcOptions {
+                action: GcAction::DeleteAmong {
+                    paths,
+                    skip_alive,
+                    delete_referrers: also_referrers,
+                },
+                max_freed: u64::MAX,
+            },
+        )
+        .map_err(|e| match e {
+            kiln_store::Error::Alive { ref path } => {
+                anyhow::anyhow!("{e} To find out why, use: kiln store query --roots {path}")
+            }
+            e => e.into(),
+        })?;
+        Ok((r.paths, r.bytes_freed))
+    }
 }
 
 impl Access for super::via_daemon::DaemonStore {
@@ -159,5 +215,35 @@ impl Access for super::via_daemon::DaemonStore {
         algo: HashAlgo,
     ) -> anyhow::Result<StorePath> {
         self.add_path(path, name, method, algo)
+    }
+    fn collect(&mut self, what: Collect, max_freed: u64) -> anyhow::Result<(Vec<String>, u64)> {
+        use kiln_protocol::ops::GcAction as Wire;
+        let action = match what {
+            Collect::Live => Wire::ReturnLive,
+            Collect::Dead => Wire::ReturnDead,
+            Collect::Delete => Wire::DeleteDead,
+        };
+        self.gc(action, BTreeSet::new(), false, max_freed)
+    }
+    fn delete(
+        &mut self,
+        paths: Vec<StorePath>,
+        skip_alive: bool,
+        also_referrers: bool,
+    ) -> anyhow::Result<(Vec<String>, u64)> {
+        use kiln_protocol::ops::GcAction as Wire;
+        // Dead ones among those named (skipping the live), or all of them (failing on a
+        // live one).
+        let action = if skip_alive {
+            Wire::DeleteDead
+        } else {
+            Wire::DeleteSpecific
+        };
+        self.gc(
+            action,
+            paths.into_iter().collect(),
+            also_referrers,
+            u64::MAX,
+        )
     }
 }

@@ -8,11 +8,10 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use kiln_format::{FileIngestionMethod, Hash, HashAlgo, StorePath, ValidPathInfo};
-use kiln_store::gc::{GcAction, GcOptions};
 use kiln_store::verify::{VerifyOptions, VerifyReport};
-use kiln_store::{export, gc, optimise, roots, verify, LocalStore};
+use kiln_store::{export, optimise, roots, verify, LocalStore};
 
-use super::access::Access;
+use super::access::{Access, Collect};
 use super::common::StoreArgs;
 
 #[derive(Debug, Subcommand)]
@@ -255,7 +254,7 @@ fn print_report(r: &VerifyReport) {
 
 /// What a collection did, as `nix-store --gc` says it: each deleted path on standard error
 /// and the total on standard output, or the paths it found (a dry run, `--print-live`).
-pub(super) fn print_collected(
+fn print_collected(
     out: &mut impl Write,
     paths: &[String],
     bytes_freed: u64,
@@ -281,8 +280,8 @@ pub(super) fn print_collected(
     Ok(())
 }
 
-/// The commands that read or add paths, the same whether the store is this process's or
-/// a daemon's: `add`, `add-fixed`, `path-info`, `query`.
+/// The commands that read, add or collect paths, the same whether the store is this
+/// process's or a daemon's: `add`, `add-fixed`, `path-info`, `query`, `gc`, `delete`.
 pub(super) fn shared(a: &mut dyn Access, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
     let sd = a.store_dir().clone();
     let print = |p: &StorePath| sd.display(p);
@@ -437,6 +436,40 @@ pub(super) fn shared(a: &mut dyn Access, cmd: StoreCmd) -> anyhow::Result<ExitCo
                 writeln!(out, "{l}")?;
             }
         }
+        StoreCmd::Gc {
+            max_freed,
+            dry_run,
+            print_live,
+            print_roots,
+        } => {
+            if print_roots {
+                for (l, t) in a.roots()? {
+                    writeln!(out, "{l} -> {}", print(&t))?;
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let what = if print_live {
+                Collect::Live
+            } else if dry_run {
+                Collect::Dead
+            } else {
+                Collect::Delete
+            };
+            let (paths, freed) = a.collect(what, max_freed.unwrap_or(u64::MAX))?;
+            print_collected(&mut out, &paths, freed, what == Collect::Delete)?;
+        }
+        StoreCmd::Delete {
+            paths,
+            skip_alive,
+            also_referrers,
+        } => {
+            let ps: Vec<StorePath> = paths
+                .iter()
+                .map(|s| a.parse(s))
+                .collect::<anyhow::Result<_>>()?;
+            let (deleted, freed) = a.delete(ps, skip_alive, also_referrers)?;
+            print_collected(&mut out, &deleted, freed, true)?;
+        }
         _ => unreachable!("only the shared commands come here"),
     }
     out.flush()?;
@@ -456,7 +489,9 @@ pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
         cmd @ (StoreCmd::Add { .. }
         | StoreCmd::AddFixed { .. }
         | StoreCmd::PathInfo { .. }
-        | StoreCmd::Query { .. }) => {
+        | StoreCmd::Query { .. }
+        | StoreCmd::Gc { .. }
+        | StoreCmd::Delete { .. }) => {
             drop(out);
             return shared(&mut super::access::Local(&store), cmd);
         }
@@ -472,63 +507,6 @@ pub fn run(args: &StoreArgs, cmd: StoreCmd) -> anyhow::Result<ExitCode> {
             for p in export::import_paths(&store, &mut input)? {
                 writeln!(out, "{}", store.print(&p))?;
             }
-        }
-        StoreCmd::Gc {
-            max_freed,
-            dry_run,
-            print_live,
-            print_roots,
-        } => {
-            if print_roots {
-                for (l, t) in gc::find_roots(&store, true)? {
-                    writeln!(out, "{l} -> {}", store.print(&t))?;
-                }
-                return Ok(ExitCode::SUCCESS);
-            }
-            let action = if print_live {
-                GcAction::ReturnLive
-            } else if dry_run {
-                GcAction::ReturnDead
-            } else {
-                GcAction::DeleteDead
-            };
-            let deleting = action == GcAction::DeleteDead;
-            let r = gc::collect_garbage(
-                &store,
-                &GcOptions {
-                    action,
-                    max_freed: max_freed.unwrap_or(u64::MAX),
-                },
-            )?;
-            print_collected(&mut out, &r.paths, r.bytes_freed, deleting)?;
-        }
-        StoreCmd::Delete {
-            paths,
-            skip_alive,
-            also_referrers,
-        } => {
-            let ps: Vec<StorePath> = paths
-                .iter()
-                .map(|s| parse(&store, s))
-                .collect::<anyhow::Result<_>>()?;
-            let r = gc::collect_garbage(
-                &store,
-                &GcOptions {
-                    action: GcAction::DeleteAmong {
-                        paths: ps,
-                        skip_alive,
-                        delete_referrers: also_referrers,
-                    },
-                    max_freed: u64::MAX,
-                },
-            )
-            .map_err(|e| match e {
-                kiln_store::Error::Alive { ref path } => {
-                    anyhow::anyhow!("{e} To find out why, use: kiln store query --roots {path}")
-                }
-                e => e.into(),
-            })?;
-            print_collected(&mut out, &r.paths, r.bytes_freed, true)?;
         }
         StoreCmd::Serve { .. } => unreachable!("served above"),
         StoreCmd::Optimise => {
