@@ -83,6 +83,16 @@ pub fn nix_or_skip(test: &str) -> bool {
     false
 }
 
+/// Removes a test's tree, store paths (read-only) included.
+pub fn remove_tree(path: &Path) {
+    let _ = Command::new("chmod")
+        .arg("-R")
+        .arg("u+w")
+        .arg(path)
+        .status();
+    let _ = std::fs::remove_dir_all(path);
+}
+
 /// Runs `cmd`; its standard output, trimmed. Panics with its standard error if it fails.
 pub fn run_ok(cmd: &mut Command) -> String {
     let o = cmd.output().expect("start the command");
@@ -308,12 +318,7 @@ impl NixEnv {
     /// the same derivations in two stores at the same path one after the other.
     pub fn at(path: &Path) -> Self {
         if path.exists() {
-            let _ = Command::new("chmod")
-                .arg("-R")
-                .arg("u+w")
-                .arg(path)
-                .status();
-            let _ = std::fs::remove_dir_all(path);
+            remove_tree(path);
         }
         let parent = path.parent().expect("a parent directory");
         let name = path
