@@ -34,6 +34,8 @@ pub struct Progress<'d> {
     nar_sizes: HashMap<String, u64>,
     /// Bytes of a build's log that end in the middle of a UTF-8 character (kiln clients).
     utf8_tails: HashMap<String, Vec<u8>>,
+    /// The store's directory, for kiln clients' events (read once, not per event).
+    store_dir: kiln_format::StoreDir,
     pub trace: bool,
     pub multiplexed: bool,
     pub build_verbosity: u64,
@@ -69,6 +71,7 @@ impl<'d> Progress<'d> {
             substitutions: HashMap::new(),
             nar_sizes: HashMap::new(),
             utf8_tails: HashMap::new(),
+            store_dir: daemon.store().store_dir().clone(),
             trace: false,
             multiplexed: false,
             build_verbosity: 0,
@@ -170,47 +173,54 @@ impl<'d> Progress<'d> {
         if io.proto().is_guix() {
             self.guix(io, e)
         } else if io.proto().has_feature(Feature::KilnEvents) {
-            let sd = self.daemon.store().store_dir().clone();
-            match e {
-                // Log text travels as JSON strings: a character cut between two chunks
-                // waits for its end rather than become U+FFFD.
-                Event::BuildLog { drv, pid, data } => {
-                    let mut bytes = self.utf8_tails.remove(drv).unwrap_or_default();
-                    bytes.extend_from_slice(data);
-                    let keep = match std::str::from_utf8(&bytes) {
-                        Err(err) if err.error_len().is_none() => bytes.len() - err.valid_up_to(),
-                        _ => 0,
-                    };
-                    let tail = bytes.split_off(bytes.len() - keep);
-                    if !tail.is_empty() {
-                        self.utf8_tails.insert(drv.clone(), tail);
-                    }
-                    if bytes.is_empty() {
-                        return Ok(());
-                    }
-                    let whole = Event::BuildLog {
-                        drv: drv.clone(),
-                        pid: *pid,
-                        data: std::sync::Arc::from(bytes),
-                    };
-                    io.next_raw(format!("{KILN_EVENT}{}\n", whole.to_json(&sd)).as_bytes())
-                }
-                _ => {
-                    if let Event::BuildFinished { drv, .. } = e {
-                        if let Some(tail) = self.utf8_tails.remove(drv) {
-                            let rest = Event::BuildLog {
-                                drv: drv.clone(),
-                                pid: 0,
-                                data: std::sync::Arc::from(tail),
-                            };
-                            io.next_raw(format!("{KILN_EVENT}{}\n", rest.to_json(&sd)).as_bytes())?;
-                        }
-                    }
-                    io.next_raw(format!("{KILN_EVENT}{}\n", e.to_json(&sd)).as_bytes())
-                }
-            }
+            self.kiln(io, e)
         } else {
             self.nix(io, e)
+        }
+    }
+
+    /// kiln's own commands: the event itself, as a JSON log line.
+    fn kiln(&mut self, io: &mut OpIo<'_>, e: &Event) -> std::io::Result<()> {
+        let send = |io: &mut OpIo<'_>, e: &Event, sd: &kiln_format::StoreDir| {
+            io.next_raw(format!("{KILN_EVENT}{}\n", e.to_json(sd)).as_bytes())
+        };
+        match e {
+            // Log text travels as JSON strings: a character cut between two chunks waits
+            // for its end rather than become U+FFFD.
+            Event::BuildLog { drv, pid, data } => {
+                let mut bytes = self.utf8_tails.remove(drv).unwrap_or_default();
+                bytes.extend_from_slice(data);
+                let keep = match std::str::from_utf8(&bytes) {
+                    Err(err) if err.error_len().is_none() => bytes.len() - err.valid_up_to(),
+                    _ => 0,
+                };
+                let tail = bytes.split_off(bytes.len() - keep);
+                if !tail.is_empty() {
+                    self.utf8_tails.insert(drv.clone(), tail);
+                }
+                if bytes.is_empty() {
+                    return Ok(());
+                }
+                let whole = Event::BuildLog {
+                    drv: drv.clone(),
+                    pid: *pid,
+                    data: std::sync::Arc::from(bytes),
+                };
+                send(io, &whole, &self.store_dir)
+            }
+            // Whatever was held back of the log goes before the end.
+            Event::BuildFinished { drv, .. } => {
+                if let Some(tail) = self.utf8_tails.remove(drv) {
+                    let rest = Event::BuildLog {
+                        drv: drv.clone(),
+                        pid: 0,
+                        data: std::sync::Arc::from(tail),
+                    };
+                    send(io, &rest, &self.store_dir)?;
+                }
+                send(io, e, &self.store_dir)
+            }
+            _ => send(io, e, &self.store_dir),
         }
     }
 
