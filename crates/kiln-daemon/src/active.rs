@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use kiln_build::{Event, EventSink, Phase};
+use kiln_build::{Event, EventSink};
 use serde_json::{json, Value};
 
 #[derive(Debug, Clone)]
@@ -27,7 +27,7 @@ struct Entry {
     machine: String,
     queued: SystemTime,
     started: Option<SystemTime>,
-    /// What a queued build waits for (`inputs`, `lock`, `slot`, `setup`).
+    /// What a queued build waits for (`queued`, `inputs`, `lock`, `slot`, `setup`).
     waiting: &'static str,
     /// The clients that asked for it: (pid, uid).
     clients: Vec<(Option<u32>, u32)>,
@@ -142,14 +142,10 @@ impl EventSink for ActiveBuilds {
             Event::BuildQueued { drv } => self.with(|m| {
                 m.entry(drv.clone()).or_insert_with(Entry::queued);
             }),
+            // What a queued build waits for (only queued entries show it).
             Event::Phase { drv, phase } => self.with(|m| {
-                if let Some(e) = m.get_mut(drv) {
-                    if e.started.is_none() {
-                        e.waiting = phase.name();
-                    }
-                    if *phase == Phase::Registering {
-                        e.waiting = "registering";
-                    }
+                if let Some(e) = m.get_mut(drv).filter(|e| e.started.is_none()) {
+                    e.waiting = phase.name();
                 }
             }),
             Event::BuildStarted {
