@@ -463,13 +463,14 @@ fn a_rootless_daemons_builds_cannot_escape_the_sandbox() {
     );
 }
 
-/// A recursive builder speaking the protocol itself (no Nix client would send this): it
-/// adds a `.drv` claiming no references although it has an input derivation the build
-/// cannot see, then asks for it to be built, which would bring that derivation's outputs
-/// into the build's closure. It must be refused.
-const SNEAKY: &str = r#"
+/// A recursive builder speaking the protocol itself (no Nix client would send such
+/// requests): a derivation named `name` whose Python `body` runs after the helpers below
+/// (`u64`, `string`, `r64`, `rstring`, `stderr` — the last returns an error's message or
+/// `None`), with its socket `s` connected; what it prints is its output.
+fn recursive_client(name: &str, body: &str) -> String {
+    const EXPR: &str = r#"
 derivation {
-  name = "sneaky";
+  name = "@NAME@";
   system = builtins.currentSystem;
   builder = "/bin/sh";
   requiredSystemFeatures = [ "recursive-nix" ];
@@ -502,7 +503,18 @@ def stderr():
             for _ in range(r64()): r64(); rstring()
             return msg
         sys.exit("unexpected stderr message %x" % t)
-u64(0x6e697863); assert r64() == 0x6478696f; r64()
+@BODY@
+'';
+  args = [ "-c" "python3 -c \"$script\" > $out" ];
+}
+"#;
+    EXPR.replace("@NAME@", name).replace("@BODY@", body)
+}
+
+/// It adds a `.drv` claiming no references although it has an input derivation the build
+/// cannot see, then asks for it to be built, which would bring that derivation's outputs
+/// into the build's closure. It must be refused.
+const SNEAKY: &str = r#"u64(0x6e697863); assert r64() == 0x6478696f; r64()
 u64(0x122); u64(0); u64(0); rstring(); stderr()
 u64(8); string(b"f.drv"); string(os.environ["drvText"].encode()); u64(0)
 err = stderr()
@@ -510,11 +522,41 @@ if err: sys.exit("adding failed: " + err.decode())
 path = rstring().decode()
 u64(9); u64(1); string((path + "!out").encode()); u64(0)
 err = stderr()
-print("build:", err.decode() if err else "accepted")
-'';
-  args = [ "-c" "python3 -c \"$script\" > $out" ];
+print("build:", err.decode() if err else "accepted")"#;
+
+/// It negotiates 1.38 with the `queryActiveBuilds` feature and asks what other builds run
+/// (`QueryActiveBuilds`, `nix ps`): their derivations, users and arguments would leak
+/// between builds that the sandbox keeps apart. It must be refused.
+const PEEK: &str = r#"u64(0x6e697863); assert r64() == 0x6478696f; r64()
+u64(0x126)
+u64(1); string(b"queryActiveBuilds")
+for _ in range(r64()): rstring()
+u64(0); u64(0); rstring(); r64(); stderr()
+u64(48)
+err = stderr()
+print("ps:", err.decode() if err else "answered " + rstring().decode())"#;
+
+#[test]
+fn a_recursive_build_cannot_list_other_builds() {
+    if !nix_and_root_or_skip("a_recursive_build_cannot_list_other_builds") {
+        return;
+    }
+    let peek = recursive_client("peek", PEEK);
+    let t = Setup::new(None, &[("peek.nix", &peek)]);
+    let out = t
+        .client("nix-build")
+        .arg("--no-out-link")
+        .arg(t.base().join("peek.nix"))
+        .output()
+        .unwrap();
+    let out = ok(&out, "nix-build of the peeking derivation");
+    let report = t.read(&out);
+    assert_eq!(
+        report.trim(),
+        "ps: operation 'QueryActiveBuilds' is not supported in recursive Nix",
+        "{report}"
+    );
 }
-"#;
 
 #[test]
 fn a_recursive_build_cannot_reach_inputs_a_derivation_hides() {
@@ -529,7 +571,8 @@ fn a_recursive_build_cannot_reach_inputs_a_derivation_hides() {
                       outputHashAlgo = "sha256";
                       outputHash = "73cb3858a687a8494ca3323053016282f3dad39d42cf62ca4e79dda2aac7d9ac"; }
     "#;
-    let t = Setup::new(None, &[("sneaky.nix", SNEAKY), ("inner.nix", inner)]);
+    let sneaky = recursive_client("sneaky", SNEAKY);
+    let t = Setup::new(None, &[("sneaky.nix", &sneaky), ("inner.nix", inner)]);
     // The inner derivation, instantiated outside: its input x.drv is valid in the store
     // but not in the sneaky build's closure.
     let drv = ok(
