@@ -89,3 +89,67 @@ fn answer(daemon: &Daemon, s: TcpStream) -> std::io::Result<()> {
     }
     w.flush()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    /// A connected pair: what the client writes, the listener's side reads.
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        (c, s)
+    }
+
+    #[test]
+    fn heads_are_bounded_in_size_and_time() {
+        // A whole head is read.
+        let (mut c, s) = pair();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let h = read_head(&s, Instant::now() + Duration::from_secs(5)).unwrap();
+        assert!(h.starts_with(b"GET /metrics"));
+        // A head that never ends is refused at MAX_HEAD bytes.
+        let (mut c, s) = pair();
+        let line = vec![b'a'; 1024];
+        let writer = std::thread::spawn(move || {
+            for _ in 0..(MAX_HEAD / 1024 + 2) {
+                if c.write_all(&line).is_err() {
+                    break;
+                }
+            }
+            c
+        });
+        let e = read_head(&s, Instant::now() + Duration::from_secs(5)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        drop(writer.join());
+        // A client sending a byte now and then is cut at the deadline, not per read.
+        let (mut c, s) = pair();
+        let trickle = std::thread::spawn(move || {
+            for _ in 0..20 {
+                if c.write_all(b"G").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let start = Instant::now();
+        let e = read_head(&s, Instant::now() + Duration::from_millis(300)).unwrap_err();
+        assert!(
+            start.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+            ),
+            "{e}"
+        );
+        drop(s);
+        let _ = trickle.join();
+    }
+}

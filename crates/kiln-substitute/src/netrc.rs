@@ -164,4 +164,16 @@ mod tests {
         assert_eq!(host_of("http://[::1]:80/"), Some("::1"));
         assert_eq!(host_of("file:///x"), None);
     }
+
+    #[test]
+    fn missing_oversized_and_odd_files() {
+        let t = tempfile::tempdir().unwrap();
+        assert_eq!(Netrc::load(&t.path().join("none")).unwrap(), None);
+        let big = t.path().join("big");
+        std::fs::write(&big, vec![b' '; (MAX_NETRC + 1) as usize]).unwrap();
+        let e = Netrc::load(&big).unwrap_err().to_string();
+        assert!(e.contains("at most"), "{e}");
+        let e = Netrc::load(t.path()).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
 }
