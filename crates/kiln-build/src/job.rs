@@ -1444,21 +1444,8 @@ fn bind_recursive_socket(
             path.display()
         ))
     };
-    // Through the directory's descriptor: a socket address holds at most 107 bytes, which
-    // deep state directories exceed (clients connect to long paths the same way).
-    let dir = rustix::fs::open(
-        build_dir,
-        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )
-    .map_err(|e| fail("opening the directory of", e.into()))?;
-    use std::os::fd::AsRawFd;
-    let short = format!(
-        "/proc/self/fd/{}/{}",
-        dir.as_raw_fd(),
-        crate::recursive::SOCKET_NAME
-    );
-    let l = std::os::unix::net::UnixListener::bind(&short).map_err(|e| fail("binding", e))?;
+    // A socket address holds at most 107 bytes, which deep state directories exceed.
+    let l = kiln_format::unix_socket::bind(&path).map_err(|e| fail("binding", e))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| fail("protecting", e))?;

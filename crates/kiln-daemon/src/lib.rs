@@ -437,7 +437,7 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, Error> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io("remove the old socket", e)),
     }
-    let l = UnixListener::bind(path).map_err(|e| io("bind", e))?;
+    let l = kiln_format::unix_socket::bind(path).map_err(|e| io("bind", e))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
         .map_err(|e| io("set permissions of", e))?;

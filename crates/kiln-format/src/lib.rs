@@ -27,6 +27,7 @@ pub mod realisation;
 pub mod refscan;
 pub mod signature;
 pub mod store_path;
+pub mod unix_socket;
 pub mod wire;
 
 use std::path::PathBuf;

@@ -2,7 +2,6 @@
 //! benchmarks and, later, remote builds.
 
 use std::io::{self, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use kiln_format::StoreDir;
@@ -78,7 +77,7 @@ impl Client {
         store_dir: StoreDir,
         version: Version,
     ) -> Result<Client, Error> {
-        let s = UnixStream::connect(socket)?;
+        let s = kiln_format::unix_socket::connect(socket)?;
         let r = s.try_clone()?;
         Client::handshake(Box::new(r), Box::new(s), store_dir, version)
     }
@@ -90,7 +89,7 @@ impl Client {
         store_dir: StoreDir,
         features: Features,
     ) -> Result<Client, Error> {
-        let s = UnixStream::connect(socket)?;
+        let s = kiln_format::unix_socket::connect(socket)?;
         let r = s.try_clone()?;
         Client::handshake_with(
             Box::new(r),

@@ -13,7 +13,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -261,7 +260,8 @@ impl RootServer {
             fsutil::ensure_dir(dir, 0o755)?;
         }
         let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).map_err(|e| Error::io(&path, "listen on", e))?;
+        let listener =
+            kiln_format::unix_socket::bind(&path).map_err(|e| Error::io(&path, "listen on", e))?;
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666));
         listener

@@ -12,7 +12,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -172,7 +171,7 @@ impl TempRoots {
                 return Ok(());
             }
             let handed_over = abs.iter().all(|a| {
-                let Ok(mut s) = UnixStream::connect(&self.gc_socket) else {
+                let Ok(mut s) = kiln_format::unix_socket::connect(&self.gc_socket) else {
                     return false;
                 };
                 let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
