@@ -298,6 +298,8 @@ impl Substituter for Agent {
                 ..Default::default()
             },
         )?;
+        // As for a cache's download: the asking goal holds its own root on the path.
+        store.remove_temp_root(path);
         Ok(())
     }
 }

@@ -227,6 +227,10 @@ impl Caches {
                     .map_err(|e| kiln_store::Error::Invalid(e.to_string()))
             },
         )?;
+        // The add leaves a temporary root for its caller; the goal that asked for the path
+        // holds its own. Kept, it would make a daemon hold every path it ever substituted
+        // alive until it restarts (`nix-store --delete` refused them, GC skipped them).
+        store.remove_temp_root(&offer.info.path);
         Ok(())
     }
 

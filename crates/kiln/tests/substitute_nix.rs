@@ -9,7 +9,6 @@
 use std::io::BufRead;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use kiln_testkit::{nix_or_skip, NixEnv};
 
@@ -257,23 +256,14 @@ fn nix_caches_substitute_into_kiln_and_kiln_caches_into_nix() {
             cmd.args(["--option", "substitute-agent", a])
                 .env("AGENT_LOG", ddir.join("agent-log"));
         }
-        let mut daemon = cmd
-            .args(["--option", "trusted-public-keys", &pk])
+        cmd.args(["--option", "trusted-public-keys", &pk])
             .args(["--option", "substituters"])
             .arg(format!("file://{}", work.join("nix-xz").display()))
             .args(["daemon", "--socket"])
             .arg(&socket)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let start = Instant::now();
-        while !socket.exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "no daemon socket"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            .stdout(Stdio::null());
+        // Killed when dropped, a failing assertion included.
+        let daemon = kiln_testkit::DaemonProcess::start(cmd, socket.clone());
         let client = |args: &[&str]| {
             env.cmd("nix-store")
                 .env("NIX_REMOTE", format!("unix://{}", socket.display()))
@@ -303,7 +293,29 @@ fn nix_caches_substitute_into_kiln_and_kiln_caches_into_nix() {
                 "{asked}"
             );
         }
-        let _ = daemon.kill();
-        let _ = daemon.wait();
+        // Once the client is gone, nothing holds what was substituted: the same daemon
+        // deletes the closure when the next client asks (it used to keep a temporary root
+        // on every path it substituted until it restarted).
+        let mut closure = want.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>();
+        closure.sort_by_key(|p| *p != top.as_str());
+        let mut args = vec!["--delete"];
+        args.extend(closure.iter().copied());
+        ok(
+            client(&args),
+            &format!("{agent:?}: deleting what was substituted"),
+        );
+        for p in &closure {
+            let real = ddir.join("root").join(p.trim_start_matches('/'));
+            assert!(
+                !real.exists(),
+                "{agent:?}: {} is still there",
+                real.display()
+            );
+            assert!(
+                !client(&["--check-validity", p]).status.success(),
+                "{agent:?}: {p}"
+            );
+        }
+        drop(daemon);
     }
 }
