@@ -48,6 +48,14 @@ pub enum Error {
     /// how to find out why in their own commands' terms).
     #[error("Cannot delete path '{path}' since it is still alive.")]
     Alive { path: String },
+    /// Writing a path's contents failed (a full disk, an I/O error, a bad archive): the
+    /// message names the store path, not only the temporary it was being written to.
+    #[error("cannot add '{path}' to the store: {source}")]
+    Adding {
+        path: String,
+        #[source]
+        source: Box<Error>,
+    },
 }
 
 impl Error {

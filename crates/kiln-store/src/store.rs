@@ -1177,7 +1177,11 @@ impl LocalStore {
                 canonical: true,
                 ..Default::default()
             },
-        )?;
+        )
+        .map_err(|e| Error::Adding {
+            path: sd.display(&info.path),
+            source: Box::new(e.into()),
+        })?;
         let (hash, size) = r.finish();
         check_nar(sd, info, hash, size)?;
         self.check_contents_match_ca(info, &tmp.real, hash)?;

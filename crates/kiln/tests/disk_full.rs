@@ -214,3 +214,133 @@ fn min_free_collects_garbage_while_a_build_series_fills_the_disk() {
     assert!(collected > 0, "nothing was collected");
     d.verify_clean();
 }
+
+/// Through the daemon, with Nix 2.8's client: a substitution (`nix-store -r` from a
+/// `file://` cache), a `nix copy` into the daemon (`AddMultipleToStore`) and an import
+/// (`nix-store --import`) of a path that does not fit each fail with the system's words and
+/// the path's name, leave nothing valid or half-written, and the same daemon serves all
+/// three once a collection has made room.
+#[test]
+fn substitution_and_imports_that_do_not_fit_fail_cleanly_through_the_daemon() {
+    let test = "substitution_and_imports_that_do_not_fit_fail_cleanly_through_the_daemon";
+    if !kiln_testkit::nix_or_skip(test) {
+        return;
+    }
+    let Some(d) = SmallDisk::new(test) else {
+        return;
+    };
+    let (mnt, dir) = (d.mnt(), d.dir.path().to_path_buf());
+    std::fs::create_dir(dir.join("conf")).unwrap();
+    std::fs::write(
+        dir.join("conf/nix.conf"),
+        "substituters =\nsandbox = false\nbuild-users-group =\nexperimental-features = nix-command\n",
+    )
+    .unwrap();
+    let socket = dir.join("daemon.sock");
+    let client = |program: &str| {
+        let mut c = Command::new(program);
+        c.env("NIX_STORE_DIR", mnt.join("store"))
+            .env("NIX_STATE_DIR", mnt.join("var"))
+            .env("NIX_LOG_DIR", mnt.join("log"))
+            .env("NIX_CONF_DIR", dir.join("conf"))
+            .env("NIX_REMOTE", format!("unix://{}", socket.display()))
+            .current_dir(&dir);
+        c
+    };
+    let mut daemon = d.kiln(&[]);
+    daemon.arg("daemon").arg("--socket").arg(&socket);
+    let _daemon = kiln_testkit::DaemonProcess::start(daemon, socket.clone());
+    // A 14 MiB path, put in a cache (and an export file) on the host, then deleted.
+    let mut data = Vec::with_capacity(14 << 20);
+    let mut x = 0x9e37_79b9_u64;
+    while data.len() < 14 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(dir.join("blob"), &data).unwrap();
+    let p = run_ok(client("nix-store").arg("--add").arg(dir.join("blob")));
+    let cache = format!("file://{}", dir.join("cache").display());
+    run_ok(client("nix").args(["copy", "--to", &cache, &p]));
+    let export = std::fs::File::create(dir.join("blob.export")).unwrap();
+    let o = client("nix-store")
+        .args(["--export", &p])
+        .stdout(export)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    run_ok(client("nix-store").args(["--delete", &p]));
+    // Garbage fills the disk so that the path no longer fits.
+    let free = kiln_build::autogc::free_space(&mnt).unwrap();
+    let garbage = add_garbage(&d, ((free >> 20) as usize).saturating_sub(8) / 2, 2);
+    let before = kiln_build::autogc::free_space(&mnt).unwrap();
+    assert!(before < 14 << 20, "{before} bytes still free");
+    let substitute = || {
+        client("nix-store")
+            .args(["--realise", &p, "--option", "substituters", &cache])
+            .args(["--option", "require-sigs", "false"])
+            .output()
+            .unwrap()
+    };
+    let copy_in = || {
+        client("nix")
+            .args(["copy", "--no-check-sigs", "--from", &cache, "--to"])
+            .arg(format!("unix://{}", socket.display()))
+            .arg(&p)
+            .output()
+            .unwrap()
+    };
+    let import = || {
+        client("nix-store")
+            .arg("--import")
+            .stdin(std::fs::File::open(dir.join("blob.export")).unwrap())
+            .output()
+            .unwrap()
+    };
+    let hash = p.rsplit('/').next().unwrap().split('-').next().unwrap();
+    for (what, o) in [
+        ("substitution", substitute()),
+        ("nix copy", copy_in()),
+        ("import", import()),
+    ] {
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{what} fit in {before} bytes");
+        assert!(err.contains("No space left on device"), "{what}: {err}");
+        assert!(
+            err.contains(hash),
+            "{what}: the error does not name the path: {err}"
+        );
+        assert!(!d.valid(&p), "{what} left the path valid");
+        d.verify_clean();
+        // Nothing half-written stays behind (a few blocks of metadata aside).
+        let after = kiln_build::autogc::free_space(&mnt).unwrap();
+        assert!(
+            after + (256 << 10) >= before,
+            "{what}: {before} bytes free before, {after} after"
+        );
+    }
+    // Room again: the same daemon serves all three.
+    run_ok(client("nix-store").arg("--gc"));
+    assert!(garbage.iter().all(|g| !d.valid(g)));
+    for (what, o) in [
+        ("substitution", &substitute as &dyn Fn() -> Output),
+        ("nix copy", &copy_in),
+        ("import", &import),
+    ] {
+        let o = o();
+        assert!(
+            o.status.success(),
+            "{what} after the collection: {}",
+            stderr(&o)
+        );
+        assert!(d.valid(&p), "{what}: the path is not valid");
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            data,
+            "{what}: the path's contents differ"
+        );
+        d.verify_clean();
+        run_ok(client("nix-store").args(["--delete", &p]));
+    }
+}
