@@ -147,6 +147,9 @@ pub struct Daemon {
     cfg: DaemonConfig,
     live: Mutex<usize>,
     slot_freed: Condvar,
+    /// Since when taking new connections fails (out of descriptors or memory), if it does:
+    /// said once in the log when it starts, and once when it passes.
+    trouble: Mutex<Option<std::time::Instant>>,
     pool: Pool,
     /// This daemon, for the backends it starts (their recursive builds' sessions).
     me: Weak<Daemon>,
@@ -187,6 +190,7 @@ impl Daemon {
             cfg,
             live: Mutex::new(0),
             slot_freed: Condvar::new(),
+            trouble: Mutex::new(None),
             pool: Pool::new("kiln-conn"),
             me: me.clone(),
         })
@@ -282,12 +286,16 @@ impl Daemon {
                 }
                 Err(e) => {
                     self.release_slot();
-                    // Out of descriptors or memory: keep serving the connections we have.
-                    tracing::error!("accepting a connection: {e}");
+                    // Keep serving the connections we have; new clients wait in the
+                    // socket's backlog (as beyond `max-connections`) rather than fail: a
+                    // Nix client fails its whole command on a refused connection, and the
+                    // condition passes as soon as a connection ends.
+                    self.trouble("accepting a connection", &e);
                     std::thread::sleep(std::time::Duration::from_millis(100));
                     continue;
                 }
             };
+            self.trouble_over();
             let d = self.clone();
             let spawned = self.pool.execute(move || {
                 match d.serve_connection(&stream) {
@@ -302,6 +310,56 @@ impl Daemon {
             if let Err(e) = spawned {
                 self.release_slot();
                 tracing::error!("no thread for a new connection: {e}");
+            }
+        }
+    }
+
+    /// Taking new connections fails: said once per episode.
+    fn trouble(&self, what: &str, e: &std::io::Error) {
+        let mut t = self.trouble.lock().unwrap_or_else(PoisonError::into_inner);
+        if t.is_none() {
+            tracing::error!("{what}: {e}; new clients wait until it passes");
+            *t = Some(std::time::Instant::now());
+        }
+    }
+
+    fn trouble_over(&self) {
+        let mut t = self.trouble.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(since) = t.take() {
+            tracing::warn!(
+                "accepting connections again, after {} ms",
+                since.elapsed().as_millis()
+            );
+        }
+    }
+
+    /// Runs `f` again while the process or the system is out of file descriptors (for at
+    /// most a minute): a connection accepted with the last descriptor then waits for one,
+    /// as a client in the backlog does, instead of being dropped without a word.
+    fn while_out_of_descriptors<T>(
+        &self,
+        what: &str,
+        mut f: impl FnMut() -> std::io::Result<T>,
+    ) -> std::io::Result<T> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match f() {
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(n) if n == rustix::io::Errno::MFILE.raw_os_error()
+                            || n == rustix::io::Errno::NFILE.raw_os_error()
+                    ) && std::time::Instant::now() < deadline =>
+                {
+                    self.trouble(what, &e);
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                r => {
+                    if r.is_ok() {
+                        self.trouble_over();
+                    }
+                    return r;
+                }
             }
         }
     }
@@ -368,11 +426,12 @@ impl Daemon {
         session: impl FnOnce(kiln_protocol::Hello) -> session::Session<'d>,
     ) -> Result<kiln_protocol::server::Summary, Error> {
         let dup = || {
-            stream.try_clone().map_err(|e| Error::Io {
-                path: "<connection>".into(),
-                action: "duplicate",
-                source: e,
-            })
+            self.while_out_of_descriptors("setting up a connection", || stream.try_clone())
+                .map_err(|e| Error::Io {
+                    path: "<connection>".into(),
+                    action: "duplicate",
+                    source: e,
+                })
         };
         use std::os::fd::AsFd;
         Ok(kiln_protocol::serve(
@@ -423,6 +482,25 @@ impl Daemon {
 
 /// Binds the daemon socket at `path` (replacing a stale one), readable and writable by
 /// everyone: who may connect is decided per connection by `allowed-users`.
+/// Raises this process's soft limit on open files to its hard limit, as a daemon serving
+/// many clients needs (three descriptors a connection, more for each running build):
+/// systemd's default soft limit of 1,024 would otherwise cap a busy daemon far below what
+/// the system allows it. Returns the limit now in force.
+pub fn raise_descriptor_limit() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let l = getrlimit(Resource::Nofile);
+    if l.current != l.maximum {
+        let raised = Rlimit {
+            current: l.maximum,
+            maximum: l.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!("raising the limit on open files: {e}");
+        }
+    }
+    getrlimit(Resource::Nofile).current
+}
+
 pub fn bind_socket(path: &Path) -> Result<UnixListener, Error> {
     let io = |action, e| Error::Io {
         path: path.display().to_string(),

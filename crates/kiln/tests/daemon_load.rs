@@ -330,3 +330,142 @@ fn sixty_four_writers_while_another_process_holds_the_database() {
         );
     }
 }
+
+/// Beyond `max-connections`, a client waits for a slot instead of failing: with 2 slots
+/// held by idle clients, a Nix client's add waits, and completes once one of them leaves.
+#[test]
+fn clients_beyond_max_connections_wait_for_a_slot() {
+    if !nix_or_skip("clients_beyond_max_connections_wait_for_a_slot") {
+        return;
+    }
+    let env = NixEnv::new();
+    env.run("nix-store", &["--init"]);
+    let socket = env.dir.path().join("socket");
+    let _daemon = env.kiln_daemon_with(
+        env!("CARGO_BIN_EXE_kiln"),
+        socket.clone(),
+        &[],
+        &["--max-connections", "2"],
+    );
+    let sd = kiln_format::StoreDir::new(env.store_dir().to_string_lossy().into_owned()).unwrap();
+    let first = Client::connect(&socket, sd.clone()).unwrap();
+    let _second = Client::connect(&socket, sd).unwrap();
+    let file = env.dir.path().join("f");
+    std::fs::write(&file, "waits for a slot\n").unwrap();
+    let mut third = env
+        .cmd("nix-store")
+        .arg("--add")
+        .arg(&file)
+        .env("NIX_REMOTE", format!("unix://{}", socket.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        third.try_wait().unwrap().is_none(),
+        "the third client was served (or failed) while both slots were taken"
+    );
+    drop(first);
+    let out = third.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(std::fs::read_to_string(p).unwrap(), "waits for a slot\n");
+}
+
+/// Out of file descriptors (a daemon limited to 96): the daemon says so once in its log,
+/// keeps serving the connections it has, lets new clients wait (in the backlog, or with
+/// their connection accepted and waiting for a descriptor) instead of dropping them, and
+/// serves them once descriptors are free.
+#[test]
+fn running_out_of_descriptors_is_logged_and_passes() {
+    if !nix_or_skip("running_out_of_descriptors_is_logged_and_passes") {
+        return;
+    }
+    let env = NixEnv::new();
+    env.run("nix-store", &["--init"]);
+    let socket = env.dir.path().join("socket");
+    let log = env.dir.path().join("daemon.log");
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("ulimit -n 96 && exec \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_kiln"))
+        .args(env.kiln_args())
+        .arg("--nix-conf")
+        .arg(env.nix_conf())
+        .args(["daemon", "--socket"])
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let _daemon = kiln_testkit::DaemonProcess::start(cmd, socket.clone());
+    let sd = kiln_format::StoreDir::new(env.store_dir().to_string_lossy().into_owned()).unwrap();
+    // Connect until a handshake does not finish: the daemon cannot accept any more.
+    let connect = |socket: std::path::PathBuf, sd: kiln_format::StoreDir| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(Client::connect(&socket, sd));
+        });
+        rx
+    };
+    let mut held = Vec::new();
+    let waiting = loop {
+        assert!(
+            held.len() < 200,
+            "200 connections and the daemon still accepts"
+        );
+        let rx = connect(socket.clone(), sd.clone());
+        match rx.recv_timeout(Duration::from_secs(2)) {
+            Ok(c) => held.push(c.unwrap_or_else(|e| {
+                panic!(
+                    "connection {} failed instead of waiting: {e}; the daemon said: {}",
+                    held.len(),
+                    std::fs::read_to_string(&log).unwrap()
+                )
+            })),
+            Err(_) => break rx,
+        }
+    };
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        said.matches("Too many open files").count(),
+        1,
+        "after {} connections, the daemon said (once, expected): {said}",
+        held.len()
+    );
+    // The connections it has are served meanwhile.
+    let p = kiln_format::StorePath::from_base_name(&format!("{:032}-q", 0)).unwrap();
+    let mut c = held.pop().unwrap();
+    assert!(matches!(
+        c.request(&Request::QueryPathInfo(p), None, &mut |_| {}),
+        Ok(Reply::PathInfo(None))
+    ));
+    // Descriptors free again: the waiting client is served, and so is a Nix client.
+    held.truncate(held.len() / 2);
+    drop(c);
+    let waited = waiting
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the waiting client was not served once descriptors were free");
+    assert!(waited.is_ok(), "{:?}", waited.err());
+    let file = env.dir.path().join("f");
+    std::fs::write(&file, "served again\n").unwrap();
+    let out = env
+        .cmd("nix-store")
+        .arg("--add")
+        .arg(&file)
+        .env("NIX_REMOTE", format!("unix://{}", socket.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("accepting connections again"));
+}

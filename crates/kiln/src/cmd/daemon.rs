@@ -29,6 +29,8 @@ pub struct DaemonArgs {
 }
 
 pub fn run(args: &StoreArgs, a: DaemonArgs) -> anyhow::Result<ExitCode> {
+    let files = kiln_daemon::raise_descriptor_limit();
+    tracing::debug!("open files allowed: {files:?}");
     let (store, settings) = args.open()?;
     let layout = store.layout().clone();
     // A machines entry that cannot be used stops the daemon here, naming it.
