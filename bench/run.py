@@ -9,6 +9,8 @@
                                     # sid root of .ci/sid-root.sh) side by side: QueryPathInfo,
                                     # connections, and builds through each socket driven by the
                                     # Nix 2.34.8 client and by the Nix 2.8 client
+    bench/run.py queries            # QueryPathInfo of distinct paths: 8 Nix 2.8 clients x 5
+                                    # connections x 2,000 paths through each daemon
     bench/run.py remote             # remote builds (`builders`): a kiln daemon offloading to kiln machines
                                     # through sshd on loopback (ssh-ng:// and ssh://), 1 GiB out and in,
                                     # and nix-daemon 2.34 offloading to the same machines
@@ -700,6 +702,72 @@ def bench_daemon(args):
             raise SystemExit(f"--daemon-clients: unknown client {c!r} (2.34, 2.8)")
     for client_label, client in clients:
         socket_builds(args, client_label, client, kinds, label, runs)
+
+
+def proc_cpu_split(pid):
+    """(user, system) CPU seconds of a process and its reaped children."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(f[11]) + int(f[13])) / tick, (int(f[12]) + int(f[14])) / tick
+
+
+def bench_queries(args):
+    """`QueryPathInfo` of distinct paths, as real clients ask: 8 Nix 2.8 clients at once,
+    each running `nix-store -q --references` of all 2,000 paths of a store 5 times (a new
+    connection each time, every path asked once per connection: the client caches what it
+    was told, and no per-connection cache of the daemon's answers a second time): 80,000
+    queries. Reports the daemon's CPU (user and system) per query."""
+    sid = sid_nix_version()
+    kinds = ["kiln", "nix"] + (["nix234"] if sid else [])
+    label = {"kiln": "kiln", "nix": "Nix 2.8 daemon", "nix234": f"nix-daemon {sid}"}
+    runs = args.runs
+    n, conns, rounds = 2000, 8, 5
+    print(f"## queries: `QueryPathInfo` of distinct paths through each daemon ({conns} Nix 2.8 clients × {rounds} "
+          f"connections each × {n:,} distinct paths = {conns * rounds * n:,} queries; best of {runs}, interleaved)\n", flush=True)
+    work = os.path.join(args.dir, "queries-bench")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    root, saved = os.path.join(work, "s"), os.path.join(work, "saved")
+    env = private_home(nix_env(root), root)
+    subprocess.run(["nix-store", "--init"], env=env, check=True)
+    paths, reg = make_paths(os.path.join(root, "store"), n, 5, 11)
+    subprocess.run(["nix-store", "--register-validity", "--hash-given"], input=reg.encode(), env=env, check=True)
+    shutil.copytree(root, saved, symlinks=True)
+    listing = os.path.join(work, "paths")
+    open(listing, "w").write(" ".join(paths))
+    script = f"for i in $(seq {rounds}); do nix-store -q --references $(cat {listing}) > /dev/null || exit 1; done"
+    res = {k: [] for k in kinds}  # (wall, user µs/query, sys µs/query)
+    for run in range(runs):
+        for kind in kinds[run % len(kinds):] + kinds[:run % len(kinds)]:
+            shutil.rmtree(root, ignore_errors=True)
+            shutil.copytree(saved, root, symlinks=True)
+            d = Daemon(kind, root, env)
+            try:
+                d.settled_cpu()
+                u0, s0 = proc_cpu_split(d.p.pid)
+                t = time.perf_counter()
+                procs = [subprocess.Popen(["sh", "-c", script], env=d.env, stderr=subprocess.PIPE) for _ in range(conns)]
+                for pr in procs:
+                    _, err = pr.communicate()
+                    if pr.returncode != 0:
+                        raise SystemExit(f"a client of {kind} failed: {err.decode()[-2000:]}")
+                wall = time.perf_counter() - t
+                d.settled_cpu()
+                u1, s1 = proc_cpu_split(d.p.pid)
+                q = conns * rounds * n
+                res[kind].append((wall, (u1 - u0) / q * 1e6, (s1 - s0) / q * 1e6))
+            finally:
+                d.stop()
+    print("| daemon | daemon CPU per query, best (user + sys) | range over the runs | wall of the best |")
+    print("|---|---|---|---|")
+    for k in kinds:
+        best = min(res[k], key=lambda r: r[1] + r[2])
+        tot = [r[1] + r[2] for r in res[k]]
+        print(f"| {label[k]} | {best[1]:.2f} + {best[2]:.2f} = **{best[1] + best[2]:.2f} µs** | "
+              f"{min(tot):.2f}–{max(tot):.2f} µs | {best[0]:.2f} s |", flush=True)
+    kb = min(r[1] + r[2] for r in res["kiln"])
+    print("\n" + "; ".join(f"{label[k]} / kiln: {min(r[1] + r[2] for r in res[k]) / kb:.1f}x" for k in kinds[1:]) + "\n", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def socket_builds(args, client_label, client, kinds, label, runs):
@@ -1518,7 +1586,7 @@ def remote_copy(args, b, sshd, machines, work, logs, runs):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="+", choices=["formats", "store", "build", "ca", "sandbox", "daemon", "subst", "remote", "all"])
+    p.add_argument("what", nargs="+", choices=["formats", "store", "build", "ca", "sandbox", "daemon", "queries", "subst", "remote", "all"])
     p.add_argument("--jobs", type=int, default=2, help="max-jobs for the build benchmarks")
     p.add_argument("--dir", default="/tmp/kiln-bench", help="work directory (a tmpfs is mounted there if possible)")
     p.add_argument("--fs", choices=["tmpfs", "ext4"], default="tmpfs",
@@ -1574,6 +1642,8 @@ def main():
         bench_sandbox(args)
     if "all" in whats or "daemon" in whats:
         bench_daemon(args)
+    if "all" in whats or "queries" in whats:
+        bench_queries(args)
     if "all" in whats or "subst" in whats:
         bench_subst(args)
     if "all" in whats or "remote" in whats:

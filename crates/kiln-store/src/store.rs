@@ -390,9 +390,15 @@ impl LocalStore {
     }
 
     pub fn query_path_info(&self, p: &StorePath) -> Result<Option<ValidPathInfo>> {
-        // One snapshot for the row and its references (and one lock cycle for both).
-        self.db
-            .read_tx(|c| self.db.query_path_info(c, self.store_dir(), p))
+        // One snapshot for the row and its references (and one lock cycle for both): one
+        // statement, or a transaction around two.
+        if self.db.path_info_in_one_statement() {
+            self.db
+                .read(|c| self.db.query_path_info(c, self.store_dir(), p))
+        } else {
+            self.db
+                .read_tx(|c| self.db.query_path_info(c, self.store_dir(), p))
+        }
     }
 
     /// Changes whenever this process has written to the store's database ([`Db::generation`]).
