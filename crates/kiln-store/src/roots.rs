@@ -106,6 +106,16 @@ impl TempRoots {
                 }
             }
             if new.is_empty() {
+                // Already roots, so every collector knows them — but one in this process
+                // may be deleting such a path right now: it became a (late) root for
+                // another caller after the collector had claimed it, and that caller waits
+                // for the files to go before it makes the path again. This caller must
+                // wait too, or it finds the path invalid with its old files still there,
+                // puts new ones in place and registers them, and the collector then removes
+                // those (a valid path without contents: found by 8 clients adding the same
+                // `.drv` files while collections ran).
+                drop(inner);
+                store.gc.note_roots(paths);
                 return Ok(());
             }
             if store.db.is_read_only() {

@@ -217,6 +217,7 @@ impl Worker {
                 settings: settings.clone(),
                 result: None,
                 roots: Vec::new(),
+                inherited: Vec::new(),
                 announced: false,
             },
         );
@@ -341,7 +342,7 @@ impl Worker {
                 }
             }
         }
-        for r in &g.roots {
+        for r in g.roots.iter().chain(&g.inherited) {
             self.cfg.store.remove_temp_root(r);
         }
         for w in g.waitees {
@@ -436,11 +437,28 @@ impl Worker {
         };
         let waiters: Vec<GoalId> = g.waiters.drain().collect();
         let requests: Vec<RequestId> = g.requests.iter().copied().collect();
+        // What it made (or found) is its waiters' input: its roots pass to them before its
+        // own go, or a collection between its end and their builds takes their inputs (a
+        // collection racing 8 clients' builds of one graph failed their builds so). Nix's
+        // daemon keeps every temporary root for a connection's whole life instead.
+        let handed: Vec<StorePath> = if exit == Exit::Success {
+            g.roots.clone()
+        } else {
+            Vec::new()
+        };
         let finished_drv = match self.goals.get(&id).map(|g| &g.kind) {
             Some(Kind::Drv(d)) => Some(d.drv_path.clone()),
             _ => None,
         };
         for w in waiters {
+            if !handed.is_empty() && self.goals.contains_key(&w) {
+                // Counted roots: the count goes up here before this goal's go down.
+                if self.cfg.store.add_temp_roots(&handed).is_ok() {
+                    if let Some(wg) = self.goals.get_mut(&w) {
+                        wg.inherited.extend(handed.iter().cloned());
+                    }
+                }
+            }
             if let Some(d) = self.drv_mut(w) {
                 if d.state == DrvState::Resolved {
                     d.resolved_result = Some(result.clone());

@@ -384,6 +384,9 @@ struct Goal {
     result: Option<BuildResult>,
     /// Temp roots this goal holds (released when it ends).
     roots: Vec<StorePath>,
+    /// Temp roots the goals it waited for handed over when they succeeded (their outputs,
+    /// its inputs), held until it ends too; not handed on further.
+    inherited: Vec<StorePath>,
     /// Whether it was announced (`BuildQueued`, `SubstitutionQueued`): then its end is
     /// announced too, even when it is cancelled, so that watchers (active builds, metrics,
     /// timelines) do not keep it forever.
