@@ -118,7 +118,7 @@ impl JsonLog {
         use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
         let out: Box<dyn Write + Send> = match std::fs::metadata(path) {
             Ok(m) if m.file_type().is_socket() => {
-                Box::new(std::os::unix::net::UnixStream::connect(path)?)
+                Box::new(kiln_format::unix_socket::connect(path)?)
             }
             _ => Box::new(
                 std::fs::OpenOptions::new()
