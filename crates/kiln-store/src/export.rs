@@ -81,43 +81,7 @@ pub fn topo_sort(store: &LocalStore, paths: &BTreeSet<StorePath>) -> Result<Vec<
     Ok(out)
 }
 
-/// Nix's order (see [`topo_sort`]) for nodes given by name with edges as index pairs
-/// `(referrer, reference)`; returns indices.
-pub fn topo_order(names: &[String], edges: &[(usize, usize)]) -> Vec<usize> {
-    let mut children: Vec<Vec<usize>> = vec![Vec::new(); names.len()];
-    for &(a, b) in edges {
-        children[a].push(b);
-    }
-    for c in &mut children {
-        c.sort_unstable_by(|x, y| names[*x].cmp(&names[*y]));
-        c.dedup();
-    }
-    let mut starts: Vec<usize> = (0..names.len()).collect();
-    starts.sort_unstable_by(|x, y| names[*x].cmp(&names[*y]));
-    let mut visited = vec![false; names.len()];
-    let mut out = Vec::with_capacity(names.len());
-    for s in starts {
-        if visited[s] {
-            continue;
-        }
-        visited[s] = true;
-        let mut stack = vec![(s, 0usize)];
-        while let Some((n, next)) = stack.last_mut() {
-            let node = *n;
-            if let Some(&c) = children[node].get(*next) {
-                *next += 1;
-                if !visited[c] {
-                    visited[c] = true;
-                    stack.push((c, 0));
-                }
-            } else {
-                out.push(node);
-                stack.pop();
-            }
-        }
-    }
-    out
-}
+pub use crate::store::topo_order;
 
 /// Writes the export stream of `paths` (dependencies first).
 pub fn export_paths(

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_format::StorePath;
@@ -25,82 +25,7 @@ use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::lock::{open_lock_file, FdLock, LockKind};
 use crate::roots;
-use crate::store::LocalStore;
-
-#[derive(Debug, Default)]
-struct GcInner {
-    running: bool,
-    late_roots: HashSet<StorePath>,
-    /// Paths the collector has decided to delete whose files are not gone yet.
-    doomed: HashSet<StorePath>,
-}
-
-/// State shared between a running collector and roots added meanwhile.
-#[derive(Debug, Default, Clone)]
-pub struct GcShared(Arc<(Mutex<GcInner>, Condvar)>);
-
-impl GcShared {
-    /// Records roots added while this process's collector runs; returns whether it runs.
-    ///
-    /// A root whose path the collector is deleting right now waits until the files are
-    /// gone, so the caller then finds the path invalid and makes it afresh. Answering at
-    /// once would let the caller see it still valid (or find its files and remove them as
-    /// a leftover) while the collector's removal runs behind it: a valid path without
-    /// contents, or the collector failing on files someone else removed. The caller must
-    /// hold no lock the collector needs (it waits for the collector's removal thread).
-    pub(crate) fn note_roots(&self, paths: &[StorePath]) -> bool {
-        let (m, cv) = &*self.0;
-        let Ok(mut g) = m.lock() else {
-            return false;
-        };
-        if !g.running {
-            return false;
-        }
-        g.late_roots.extend(paths.iter().cloned());
-        while g.running && paths.iter().any(|p| g.doomed.contains(p)) {
-            g = match cv.wait(g) {
-                Ok(g) => g,
-                Err(_) => return true,
-            };
-        }
-        true
-    }
-
-    /// Atomically: unless `p` became a late root, marks it as being deleted (late roots
-    /// for it then wait for [`GcShared::release`]). Returns whether it may be deleted.
-    fn claim(&self, p: &StorePath) -> bool {
-        let Ok(mut g) = self.0 .0.lock() else {
-            return false;
-        };
-        if g.late_roots.contains(p) {
-            return false;
-        }
-        g.doomed.insert(p.clone());
-        true
-    }
-
-    /// Nothing more will be deleted: every root waiting for a claimed path may go on.
-    fn release_all(&self) {
-        if let Ok(mut g) = self.0 .0.lock() {
-            g.doomed.clear();
-        }
-        self.0 .1.notify_all();
-    }
-
-    /// The files of `paths` are gone: roots waiting for them may go on.
-    fn release(&self, paths: &[StorePath]) {
-        if let Ok(mut g) = self.0 .0.lock() {
-            for p in paths {
-                g.doomed.remove(p);
-            }
-        }
-        self.0 .1.notify_all();
-    }
-
-    fn is_late_root(&self, p: &StorePath) -> bool {
-        self.0 .0.lock().is_ok_and(|g| g.late_roots.contains(p))
-    }
-}
+use crate::store::{GcShared, LocalStore};
 
 /// What the collector does.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,9 +18,9 @@ use rustix::fs::{
     FileType, Mode, OFlags, CWD,
 };
 
+use super::LocalStore;
 use crate::error::{Error, Result};
 use crate::fsutil::STORE_MTIME;
-use crate::store::LocalStore;
 
 /// What an optimisation run achieved.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
