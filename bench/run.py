@@ -11,6 +11,8 @@
                                     # Nix 2.34.8 client and by the Nix 2.8 client
     bench/run.py queries            # QueryPathInfo of distinct paths: 8 Nix 2.8 clients x 5
                                     # connections x 2,000 paths through each daemon
+    bench/run.py guix               # kiln vs guix-daemon 1.5 (sid root), both driven by Guix
+                                    # 1.5's client: a 300-deep chain and a 1,000-derivation DAG
     bench/run.py remote             # remote builds (`builders`): a kiln daemon offloading to kiln machines
                                     # through sshd on loopback (ssh-ng:// and ssh://), 1 GiB out and in,
                                     # and nix-daemon 2.34 offloading to the same machines
@@ -770,6 +772,99 @@ def bench_queries(args):
               f"{min(tot):.2f}–{max(tot):.2f} µs | {best[0]:.2f} s |", flush=True)
     kb = min(r[1] + r[2] for r in res["kiln"])
     print("\n" + "; ".join(f"{label[k]} / kiln: {min(r[1] + r[2] for r in res[k]) / kb:.1f}x" for k in kinds[1:]) + "\n", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_guix(args):
+    """kiln (guix layout) against guix-daemon 1.5 from the Debian sid root, both driven by
+    Guix 1.5's own client library (`bench/guix-graph.scm` through `guix repl` in the root):
+    a 300-deep chain and a 1,000-derivation DAG, their `.drv` files added through the daemon,
+    then one `build-derivations` of all. Sandbox off and no build users on both sides
+    (guix-daemon runs in the root, a chroot, with `--disable-chroot`); max-jobs 2; a fresh
+    store per run at the same path, bind-mounted into the root for the client."""
+    root = SID_ROOT
+    if not os.path.exists(os.path.join(root, "usr/bin/guix-daemon")) or os.geteuid() != 0:
+        print(f"## guix: skipped (needs root and a sid root with Guix 1.5 at {root})\n", flush=True)
+        return
+    runs = args.runs
+    work = os.path.join(args.dir, "guix-bench")
+    print(f"## guix: kiln (guix layout) vs guix-daemon 1.5, both driven by Guix 1.5's client "
+          f"(best of {runs}, interleaved; {args.fs} at {args.dir})\n", flush=True)
+    workloads = [("300-deep chain", "chain", 300), ("1,000-derivation DAG", "dag", 1000)]
+    kinds = ["guix", "kiln"]
+    res = {(w[0], k): [] for w in workloads for k in kinds}  # (add, build, daemon cpu)
+    for run in range(runs):
+        for name, kind, n in workloads:
+            for k in kinds[run % 2:] + kinds[:run % 2]:
+                subprocess.run(["chmod", "-R", "u+w", work], stderr=subprocess.DEVNULL)
+                shutil.rmtree(work, ignore_errors=True)
+                os.makedirs(os.path.join(work, "store"))
+                shutil.copy(os.path.join(ROOT, "bench", "guix-graph.scm"), work)
+                shutil.copy("/bin/dash", os.path.join(work, "sh"))
+                sock = os.path.join(work, "socket")
+                mnt = os.path.join(root, work.lstrip("/"))
+                os.makedirs(mnt, exist_ok=True)
+                subprocess.run(["mount", "--bind", work, mnt], check=True)
+                # Its own session, so that guix-daemon's per-client processes go with it.
+                quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                # guix-daemon keeps its database in the root's /var/guix whatever
+                # NIX_STATE_DIR says: a fresh one per run, over it.
+                var_guix = os.path.join(root, "var", "guix")
+                state = os.path.join(work, "state")
+                os.makedirs(state)
+                if k == "guix":
+                    subprocess.run(["mount", "--bind", state, var_guix], check=True)
+                try:
+                    if k == "guix":
+                        d = subprocess.Popen(["chroot", root, "env", f"NIX_STORE_DIR={work}/store",
+                                              f"NIX_STATE_DIR={work}/state", f"NIX_LOG_DIR={work}/log",
+                                              "guix-daemon", "--disable-chroot", "--build-users-group=",
+                                              f"--listen={sock}", "--no-substitutes", "--max-jobs=2"], **quiet)
+                    else:
+                        d = subprocess.Popen([kiln_bin(), "--layout", "guix", "--store-dir", f"{work}/store",
+                                              "--state-dir", f"{work}/state", "--log-dir", f"{work}/log",
+                                              "--option", "sandbox", "false", "--option", "build-users-group", "",
+                                              "--option", "substitute", "false", "--option", "max-jobs", "2",
+                                              "daemon", "--socket", sock], **quiet)
+                    t = time.time()
+                    while not os.path.exists(sock):
+                        if d.poll() is not None or time.time() - t > 30:
+                            raise SystemExit(f"{k} daemon did not start")
+                        time.sleep(0.01)
+                    c0 = proc_cpu(d.pid)
+                    r = subprocess.run(["chroot", root, "env", f"NIX_STORE_DIR={work}/store", f"GUIX_DAEMON_SOCKET={sock}",
+                                        "HOME=/tmp", f"BENCH_SH={work}/sh", f"BENCH_KIND={kind}", f"BENCH_N={n}",
+                                        "guix", "repl", "--", f"{work}/guix-graph.scm"],
+                                       capture_output=True, text=True)
+                    if r.returncode != 0:
+                        raise SystemExit(f"{k}, {name}: guix repl failed: {r.stderr[-3000:]}")
+                    last = r.stdout.strip().splitlines()[-1].split()
+                    time.sleep(0.3)  # guix-daemon's per-client process is reaped
+                    res[(name, k)].append((float(last[1]), float(last[3]), proc_cpu(d.pid) - c0))
+                finally:
+                    try:
+                        os.killpg(d.pid, 15)
+                    except ProcessLookupError:
+                        pass
+                    d.wait()
+                    # Lazily: a client process of guix-daemon's may still be exiting.
+                    subprocess.run(["umount", "-l", mnt])
+                    if k == "guix":
+                        subprocess.run(["umount", "-l", var_guix])
+    print("| workload | guix-daemon 1.5: add + build = total (daemon CPU) | kiln: add + build = total (daemon CPU) | kiln faster (total) |")
+    print("|---|---|---|---|")
+    for name, _, n in workloads:
+        cells = []
+        best = {}
+        for k in kinds:
+            b = min(res[(name, k)], key=lambda x: x[0] + x[1])
+            best[k] = b[0] + b[1]
+            cells.append(f"{b[0]:.2f} + {b[1]:.2f} = **{b[0] + b[1]:.2f} s** ({b[2]:.2f} s)")
+        print(f"| {name} | {cells[0]} | {cells[1]} | {best['guix'] / best['kiln']:.1f}x |", flush=True)
+    print("\nAll runs (add + build): " + "; ".join(
+        f"{k} {name}: " + ", ".join(f"{a:.2f}+{b:.2f}" for a, b, _ in res[(name, k)])
+        for name, _, _ in workloads for k in kinds) + "\n", flush=True)
+    subprocess.run(["chmod", "-R", "u+w", work], stderr=subprocess.DEVNULL)
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -1589,7 +1684,7 @@ def remote_copy(args, b, sshd, machines, work, logs, runs):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="+", choices=["formats", "store", "build", "ca", "sandbox", "daemon", "queries", "subst", "remote", "all"])
+    p.add_argument("what", nargs="+", choices=["formats", "store", "build", "ca", "sandbox", "daemon", "queries", "guix", "subst", "remote", "all"])
     p.add_argument("--jobs", type=int, default=2, help="max-jobs for the build benchmarks")
     p.add_argument("--dir", default="/tmp/kiln-bench", help="work directory (a tmpfs is mounted there if possible)")
     p.add_argument("--fs", choices=["tmpfs", "ext4"], default="tmpfs",
@@ -1647,6 +1742,8 @@ def main():
         bench_daemon(args)
     if "all" in whats or "queries" in whats:
         bench_queries(args)
+    if "all" in whats or "guix" in whats:
+        bench_guix(args)
     if "all" in whats or "subst" in whats:
         bench_subst(args)
     if "all" in whats or "remote" in whats:
