@@ -1180,6 +1180,24 @@ fn build_round(
                 spec.settings.hashed_mirrors.join(" "),
             );
         }
+        // `netrc-file` for `builtin:fetchurl` of a derivation whose output a hash checks (or
+        // an impure one), as Nix hands it over: its contents, read here (the builder cannot
+        // read the daemon's files), in the builtin's environment rather than in a file of
+        // the build directory, so that `--keep-failed` cannot leave the credentials behind
+        // for the client. The builtin sends each host only its own entry.
+        if drv.builder.starts_with("builtin:") && (drv.is_fixed_output() || drv.is_impure()) {
+            if let Some(f) = &spec.settings.netrc_file {
+                match kiln_substitute::netrc::Netrc::load(f) {
+                    Ok(Some(_)) => {
+                        if let Ok(text) = std::fs::read_to_string(f) {
+                            env.insert("KILN_NETRC".into(), text);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("{e}; builtin:fetchurl gets no credentials"),
+                }
+            }
+        }
         let env: Vec<CString> = env
             .iter()
             .map(|(k, v)| CString::new(rewrite::rewrite_str(&format!("{k}={v}"), &rw)))

@@ -101,6 +101,9 @@ pub struct BuildSettings {
     pub auto_optimise: bool,
     /// Mirrors `builtin:fetchurl` tries first for a fixed-output hash.
     pub hashed_mirrors: Vec<String>,
+    /// `netrc-file`: credentials `builtin:fetchurl` sends to the hosts they name, as Nix's
+    /// does (read by the daemon, handed to the builtin; see `job`).
+    pub netrc_file: Option<PathBuf>,
     /// `impure-env`: values for the `impureEnvVars` of fixed-output builds, before the
     /// daemon's own environment.
     pub impure_env: std::collections::BTreeMap<String, String>,
@@ -202,6 +205,7 @@ impl BuildSettings {
             secret_key_files: s.get_list("secret-key-files"),
             auto_optimise: s.get_bool("auto-optimise-store"),
             hashed_mirrors: s.get_list("hashed-mirrors"),
+            netrc_file: opt("netrc-file").map(PathBuf::from),
             impure_env: s
                 .get_list("impure-env")
                 .iter()

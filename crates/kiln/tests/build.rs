@@ -539,6 +539,72 @@ fn builtin_fetchurl_fetches_file_and_http() {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
+/// A host that wants credentials: `netrc-file` gives `builtin:fetchurl` that host's entry,
+/// as Nix's builtin gets it; without the file, or with an entry for another host only, the
+/// download gets its 401 and the build fails.
+#[test]
+fn builtin_fetchurl_sends_the_hosts_netrc_credentials() {
+    use std::io::{BufRead, Write};
+    let t = T::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            let mut r = std::io::BufReader::new(&s);
+            let mut authorized = false;
+            let mut line = String::new();
+            while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                if let Some((k, v)) = line.split_once(':') {
+                    if k.eq_ignore_ascii_case("authorization") {
+                        // kiln:s3cret
+                        authorized = v.trim() == "Basic a2lsbjpzM2NyZXQ=";
+                    }
+                }
+                line.clear();
+            }
+            let reply: &[u8] = if authorized {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nhello\n"
+            } else {
+                b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            };
+            let _ = (&s).write_all(reply);
+        }
+    });
+    let good = "sha256-WJG1tSLV3whtD/CxEPvZ0hu0/HFjrzTQgoai6Eb2vgM=";
+    let recipe = |name: &str| {
+        t.recipe(
+            &format!("{name}.toml"),
+            &format!("[derivations.{name}]\nbuilder = \"builtin:fetchurl\"\nenv = {{ url = \"http://127.0.0.1:{port}/private\" }}\noutput-hash = \"{good}\"\n"),
+        )
+    };
+    let netrc = t.p().join("netrc");
+    let with_netrc = ["--option", "netrc-file", netrc.to_str().unwrap()];
+    // No file: 401.
+    let o = t.build(&recipe("none"), &with_netrc);
+    assert!(!o.status.success(), "fetched without credentials");
+    assert!(stderr(&o).contains("401"), "{}", stderr(&o));
+    // Another host's entry only: 401 again.
+    std::fs::write(
+        &netrc,
+        "machine elsewhere.example login kiln password s3cret\n",
+    )
+    .unwrap();
+    let o = t.build(&recipe("other"), &with_netrc);
+    assert!(!o.status.success(), "another host's credentials were sent");
+    // This host's entry: fetched.
+    std::fs::write(
+        &netrc,
+        "machine 127.0.0.1\n  login kiln\n  password s3cret\n",
+    )
+    .unwrap();
+    let o = t.build(&recipe("mine"), &with_netrc);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(t.store_path(&o, "mine")).unwrap(),
+        "hello\n"
+    );
+}
+
 #[test]
 fn max_jobs_zero_and_prefer_local_build() {
     let t = T::new();

@@ -5,7 +5,9 @@
 //! * `fetchurl` (Nix) and `download` (Guix): fetch `url` (or each of `urls`/a Guix URL list,
 //!   first that works) over `http://`, `https://` (certificates verified: CVE-2024-47174) or
 //!   `file://` into `$out`; `executable=1` makes it executable; `unpack=1` restores a NAR (xz-compressed if the URL ends in `.xz`).
-//!   The daemon checks the fixed-output hash afterwards.
+//!   The daemon checks the fixed-output hash afterwards. Each host gets its own
+//!   credentials from `netrc-file` (handed over by the daemon in `KILN_NETRC`), as Nix's
+//!   builtin does, and none follow a redirect.
 //! * `buildenv` (Nix): assemble a `nix-env` user environment; see [`super::buildenv`].
 
 use std::io::{Read, Write};
@@ -40,16 +42,30 @@ fn urls() -> anyhow::Result<Vec<String>> {
     Ok(list)
 }
 
-fn fetch(url: &str) -> anyhow::Result<Box<dyn Read>> {
+fn fetch(
+    url: &str,
+    netrc: Option<&kiln_substitute::netrc::Netrc>,
+) -> anyhow::Result<Box<dyn Read>> {
     if let Some(path) = url.strip_prefix("file://") {
         return Ok(Box::new(
             std::fs::File::open(path).with_context(|| format!("opening '{path}'"))?,
         ));
     }
     if url.starts_with("http://") || url.starts_with("https://") {
-        let resp = ureq::get(url)
-            .call()
-            .with_context(|| format!("downloading '{url}'"))?;
+        let cfg = ureq::Agent::config_builder()
+            .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+            // A host's credentials go to that host only: a redirect elsewhere must not
+            // collect them.
+            .redirect_auth_headers(ureq::config::RedirectAuthHeaders::Never)
+            .build();
+        let mut req = ureq::Agent::new_with_config(cfg).get(url);
+        if let Some(auth) = netrc
+            .zip(kiln_substitute::netrc::host_of(url))
+            .and_then(|(n, host)| n.authorization(host))
+        {
+            req = req.header("Authorization", auth);
+        }
+        let resp = req.call().with_context(|| format!("downloading '{url}'"))?;
         return Ok(Box::new(resp.into_body().into_reader()));
     }
     bail!("unsupported URL scheme in '{url}'")
@@ -94,6 +110,10 @@ pub fn run(name: &str) -> anyhow::Result<ExitCode> {
         }
     }
     let out = std::env::var("out").context("the derivation has no 'out'")?;
+    // `netrc-file`'s contents, from the daemon (see kiln-build's `job`).
+    let netrc = std::env::var("KILN_NETRC")
+        .ok()
+        .map(|t| kiln_substitute::netrc::Netrc::parse(&t));
     let mut last = None;
     let mirrors = hashed_mirror_urls();
     let n_mirrors = mirrors.len();
@@ -102,7 +122,7 @@ pub fn run(name: &str) -> anyhow::Result<ExitCode> {
         if !mirror {
             eprintln!("downloading '{url}'...");
         }
-        let mut r = match fetch(&url) {
+        let mut r = match fetch(&url, netrc.as_ref()) {
             Ok(r) => r,
             // A mirror without the file is normal: quietly on to the next URL.
             Err(e) if mirror => {
