@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use kiln_testkit::{nix_or_skip, DaemonProcess, NixEnv};
+use kiln_testkit::{nix_or_skip, run_ok, DaemonProcess, NixEnv};
 
 const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 
@@ -135,18 +135,7 @@ fn random_files(dir: &Path, n: usize, size: usize, seed: u64) -> Vec<PathBuf> {
 /// Adds `files` through a fresh daemon; their store paths, in order.
 fn add(rig: &Rig, files: &[PathBuf]) -> Vec<String> {
     let _daemon = rig.daemon();
-    let out = rig
-        .client("nix-store")
-        .arg("--add")
-        .args(files)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let paths: Vec<String> = String::from_utf8_lossy(&out.stdout)
+    let paths: Vec<String> = run_ok(rig.client("nix-store").arg("--add").args(files))
         .lines()
         .map(str::to_string)
         .collect();
@@ -172,28 +161,12 @@ fn cached_paths(rig: &Rig) -> (String, Vec<String>, Vec<PathBuf>) {
     let paths = add(rig, &files);
     let cache = format!("file://{}", rig.env.dir.path().join("cache").display());
     let _daemon = rig.daemon();
-    let out = rig
-        .client("nix")
-        .args(["copy", "--to", &cache])
-        .args(&paths)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        rig.client("nix")
+            .args(["copy", "--to", &cache])
+            .args(&paths),
     );
-    let out = rig
-        .client("nix-store")
-        .arg("--delete")
-        .args(&paths)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(rig.client("nix-store").arg("--delete").args(&paths));
     drop(_daemon);
     assert!(!paths.iter().any(|p| Path::new(p).exists()));
     (cache, paths, files)
@@ -236,16 +209,10 @@ fn rounds(
             }
         }
         let _daemon = rig.daemon();
-        let out = rig
-            .client("nix-store")
-            .arg("--delete")
-            .args(paths.iter().filter(|p| Path::new(p).exists()))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            rig.client("nix-store")
+                .arg("--delete")
+                .args(paths.iter().filter(|p| Path::new(p).exists())),
         );
     }
     assert!(
@@ -257,12 +224,7 @@ fn rounds(
     );
     // Uninterrupted, the work completes.
     let _daemon = rig.daemon();
-    let out = work(rig).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{what}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&mut work(rig));
     drop(_daemon);
     assert!(
         rig.all_valid(paths),
@@ -328,17 +290,11 @@ fn killing_the_daemon_while_it_collects_garbage() {
     let kept = add(&rig, &kept_files);
     {
         let _daemon = rig.daemon();
-        let out = rig
-            .client("nix-store")
-            .args(["--realise", "--indirect", "--add-root"])
-            .arg(d.join("roots/r"))
-            .args(&kept)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            rig.client("nix-store")
+                .args(["--realise", "--indirect", "--add-root"])
+                .arg(d.join("roots/r"))
+                .args(&kept),
         );
     }
     let (mut garbage_total, mut interrupted) = (0, 0);
@@ -365,12 +321,7 @@ fn killing_the_daemon_while_it_collects_garbage() {
     eprintln!("collection: {interrupted} of 8 rounds interrupted");
     // Uninterrupted, the collection ends with exactly the rooted paths valid.
     let daemon = rig.daemon();
-    let out = rig.client("nix-store").arg("--gc").output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(rig.client("nix-store").arg("--gc"));
     drop(daemon);
     let mut valid: Vec<String> = String::from_utf8_lossy(
         &rig.local("nix-store")

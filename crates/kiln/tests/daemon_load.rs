@@ -42,11 +42,15 @@ fn salted_dag(counter: &std::path::Path, salt: &str) -> String {
     s
 }
 
-#[test]
-fn many_clients_and_overlapping_builds() {
-    if !nix_or_skip("many_clients_and_overlapping_builds") {
-        return;
-    }
+/// A fresh Nix store served by a kiln daemon with 4 build slots, and the DAG (`dag`) in a
+/// file: (environment, daemon, socket, the DAG's file, the builders' counter file).
+fn dag_daemon() -> (
+    NixEnv,
+    kiln_testkit::DaemonProcess,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
     let env = NixEnv::new();
     env.run("nix-store", &["--init"]);
     let socket = env.dir.path().join("socket");
@@ -59,6 +63,15 @@ fn many_clients_and_overlapping_builds() {
     let counter = env.dir.path().join("built");
     let file = env.dir.path().join("dag.nix");
     std::fs::write(&file, dag(&counter)).unwrap();
+    (env, daemon, socket, file, counter)
+}
+
+#[test]
+fn many_clients_and_overlapping_builds() {
+    if !nix_or_skip("many_clients_and_overlapping_builds") {
+        return;
+    }
+    let (env, daemon, socket, file, counter) = dag_daemon();
     let sd = kiln_format::StoreDir::new(env.store_dir().to_string_lossy().into_owned()).unwrap();
 
     // 64 query clients, hammering until the builds end.
@@ -479,18 +492,7 @@ fn collections_racing_builds_neither_fail() {
     if !nix_or_skip("collections_racing_builds_neither_fail") {
         return;
     }
-    let env = NixEnv::new();
-    env.run("nix-store", &["--init"]);
-    let socket = env.dir.path().join("socket");
-    let daemon = env.kiln_daemon_with(
-        env!("CARGO_BIN_EXE_kiln"),
-        socket.clone(),
-        &["--option", "max-jobs", "4"],
-        &[],
-    );
-    let counter = env.dir.path().join("built");
-    let file = env.dir.path().join("dag.nix");
-    std::fs::write(&file, dag(&counter)).unwrap();
+    let (env, daemon, socket, file, _counter) = dag_daemon();
     let remote = format!("unix://{}", socket.display());
     let stop = Arc::new(AtomicBool::new(false));
     let collector = {
