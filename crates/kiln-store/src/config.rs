@@ -720,7 +720,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::List,
         default: "",
-        help: "(accepted for compatibility)",
+        help: "Nix's experimental features the build engine honours: recursive-nix and ca-derivations (each also a system feature then), configurable-impure-env",
     },
     Def {
         name: "netrc-file",
@@ -755,7 +755,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Str,
         default: "",
-        help: "(accepted for compatibility)",
+        help: "a program run before each build with the derivation's path (and the sandbox's root): the paths it prints after `extra-sandbox-paths` are added to that build's sandbox, as Nix's hook",
     },
     Def {
         name: "allow-import-from-derivation",

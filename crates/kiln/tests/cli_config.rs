@@ -82,3 +82,53 @@ fn the_nix_layout_reads_nix_conf_dir_includes_and_nix_config() {
     assert_eq!(value(&json, "max-jobs"), "1");
     assert_eq!(value(&json, "cores"), "0");
 }
+
+/// No setting is a silent no-op: every one in kiln's table is read somewhere outside the
+/// table (by name, as a string literal in the sources of some crate), except the few listed
+/// here with the reason they have nothing to do in a daemon. A setting added to the table
+/// and never wired in fails this test; so does one whose last reader goes.
+#[test]
+fn every_setting_in_the_table_is_read_somewhere() {
+    const NOTHING_TO_DO: &[(&str, &str)] = &[(
+        "allow-import-from-derivation",
+        "the evaluator's: a daemon never evaluates (nix-daemon ignores it too)",
+    )];
+    fn sources(dir: &std::path::Path, out: &mut String) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                sources(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs")
+                && !p.ends_with("kiln-store/src/config.rs")
+            {
+                out.push_str(&std::fs::read_to_string(&p).unwrap());
+            }
+        }
+    }
+    let root = kiln_testkit::workspace_root().join("crates");
+    let mut text = String::new();
+    for krate in std::fs::read_dir(&root).unwrap().flatten() {
+        let src = krate.path().join("src");
+        if src.is_dir() {
+            sources(&src, &mut text);
+        }
+    }
+    assert!(text.len() > 100_000, "the sources were not found");
+    let unread: Vec<&str> = kiln_store::config::SETTINGS
+        .iter()
+        .map(|d| d.name)
+        .filter(|n| !NOTHING_TO_DO.iter().any(|(m, _)| m == n))
+        .filter(|n| !text.contains(&format!("\"{n}\"")))
+        .collect();
+    assert!(
+        unread.is_empty(),
+        "settings in the table that nothing reads (wire them in, or list them with the reason): {unread:?}"
+    );
+    // The exceptions are still in the table (else the list is stale).
+    for (n, why) in NOTHING_TO_DO {
+        assert!(
+            kiln_store::config::SETTINGS.iter().any(|d| d.name == *n),
+            "'{n}' ({why}) is no longer a setting"
+        );
+    }
+}

@@ -40,8 +40,8 @@ mod round;
 
 use build_dir::*;
 use floating::*;
-use hooks::*;
 pub use hooks::post_build_hook;
+use hooks::*;
 use monitor::*;
 use outputs::*;
 use round::*;
