@@ -348,6 +348,9 @@ class DrvBench:
         shutil.rmtree(self.root, ignore_errors=True)
         shutil.rmtree(self.saved, ignore_errors=True)
         self.env = nix_env(self.root, self.sandbox, self.features)
+        if DAEMON_SANDBOX and self.sandbox:
+            with open(os.path.join(self.root, "conf", "nix.conf"), "a") as c:
+                c.write("build-users-group = nixbld\n")
         f = os.path.join(self.work, "e.nix")
         open(f, "w").write(expr)
         drvs = []
@@ -541,8 +544,11 @@ class Daemon:
             e = dict(env, NIX_REMOTE="local", NIX_DAEMON_SOCKET_PATH=self.socket, NIX_CONFIG="build-hook =")
             self.p = subprocess.Popen(sid_cmd("nix-daemon"), env=e, **quiet)
         else:
+            sb = (["--option", "sandbox", "true", "--option", "sandbox-fallback", "false",
+                   "--option", "sandbox-paths", SANDBOX_PATHS.replace("/lib64", "/lib64?")]
+                  if DAEMON_SANDBOX else ["--option", "sandbox", "false"])
             self.p = subprocess.Popen([kiln_bin(), *kiln_store_args(root), "--nix-conf", os.path.join(root, "conf", "nix.conf"),
-                                       "--option", "sandbox", "false", "--option", "gc-runtime-roots", "false",
+                                       *sb, "--option", "gc-runtime-roots", "false",
                                        "daemon", "--socket", self.socket], **quiet)
         t = time.time()
         while not os.path.exists(self.socket):
@@ -579,6 +585,10 @@ class Daemon:
             os.unlink(self.socket)
 
 
+# `--daemon-sandbox`: the daemons build sandboxed, with the build users of group nixbld.
+DAEMON_SANDBOX = False
+
+
 def fmt_ms(s, n):
     ms = s / n * 1000
     return f"{ms:.1f} ms" if ms >= 1 else f"{ms * 1000:.0f} µs"
@@ -587,6 +597,8 @@ def fmt_ms(s, n):
 def bench_daemon(args):
     sid = sid_nix_version()
     kinds = ["kiln", "nix"] + (["nix234"] if sid else [])
+    if args.daemon_kinds:
+        kinds = [k for k in kinds if k in args.daemon_kinds.split(",")]
     label = {"kiln": "kiln", "nix": "Nix 2.8 daemon", "nix234": f"nix-daemon {sid}"}
     runs = args.runs
     print(f"## daemon: kiln daemon vs nix-daemon (Nix 2.8){f' vs nix-daemon {sid}' if sid else ''}, same store, same clients\n", flush=True)
@@ -595,7 +607,13 @@ def bench_daemon(args):
               f"(make it with .ci/sid-root.sh, or set KILN_SID_ROOT)\n", flush=True)
     print(f"kiln: {kiln_bin()}; Nix 2.8: {subprocess.run(['nix-daemon', '--version'], capture_output=True, text=True).stdout.strip()}"
           f"{f'; Nix 2.34: nix-daemon {sid} from {SID_ROOT} (run through its loader, build-hook empty)' if sid else ''}; "
-          f"best of {runs} runs, daemons interleaved within each run; sandbox off, no substituters, a fresh copy of the store for every daemon start\n", flush=True)
+          f"best of {runs} runs, daemons interleaved within each run; "
+          f"{'sandbox on with build users' if args.daemon_sandbox else 'sandbox off'}, no substituters, "
+          f"a fresh copy of the store for every daemon start\n", flush=True)
+    global DAEMON_SANDBOX
+    DAEMON_SANDBOX = args.daemon_sandbox
+    if args.daemon_builds_only:
+        return daemon_builds(args, sid, kinds, label, runs)
     if not os.environ.get("KILN_BENCH_CLIENT"):
         subprocess.run(["cargo", "build", "--release", "-p", "kiln-protocol", "--example", "bench_client",
                         "--example", "floor_server"], cwd=ROOT, check=True, capture_output=True)
@@ -691,6 +709,10 @@ def bench_daemon(args):
            f". Floor: {floor_broken}."), flush=True)
     shutil.rmtree(work, ignore_errors=True)
 
+    daemon_builds(args, sid, kinds, label, runs)
+
+
+def daemon_builds(args, sid, kinds, label, runs):
     # The build-engine workloads through each daemon's socket, the same .drv files
     # (instantiated once by Nix 2.8) in a fresh copy of the same store for every daemon start.
     clients = []
@@ -869,9 +891,11 @@ def bench_guix(args):
 
 
 def socket_builds(args, client_label, client, kinds, label, runs):
-    b = DrvBench(args, "daemon-build-bench", sandbox=False)
+    b = DrvBench(args, "daemon-build-bench", sandbox=DAEMON_SANDBOX)
     jobs = b.jobs
     others = kinds[1:]
+    if DAEMON_SANDBOX:
+        print("\n**Sandbox on in every daemon, builds as the build users of group nixbld.**")
     print(f"\nBuilds through the socket, {client_label} with `--max-jobs {jobs}` against each daemon "
           f"(best of {runs}, interleaved; CPU = client + daemon + builders; a fresh daemon on a fresh copy of the store per run):\n")
     print("| workload | " + " | ".join(f"{label[k]}: wall / CPU (per derivation)" for k in kinds) + " | "
@@ -1692,6 +1716,12 @@ def main():
                         "(sparse image under /var/tmp), to include real file-system costs such as fsync")
     p.add_argument("--no-build", action="store_true")
     p.add_argument("--runs", type=int, default=3, help="runs per figure in the daemon section (best of them, ranges given)")
+    p.add_argument("--daemon-sandbox", action="store_true",
+                   help="daemon section: every daemon builds sandboxed, as the build users of group nixbld")
+    p.add_argument("--daemon-builds-only", action="store_true",
+                   help="daemon section: only the builds through the socket (no QueryPathInfo or connections)")
+    p.add_argument("--daemon-kinds", default="",
+                   help="daemon section: only these daemons, comma-separated (kiln,nix,nix234)")
     p.add_argument("--daemon-clients", default="2.34,2.8",
                    help="clients for the daemon section's builds through the socket, comma-separated: "
                         "2.34 (nix-store from the Debian sid root), 2.8 (Debian's nix-bin)")
