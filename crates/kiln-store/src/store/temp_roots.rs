@@ -232,8 +232,10 @@ impl TempRoots {
             (new, probe)
         };
         // Our own collector, if one runs, learns of the roots directly (it may make us wait
-        // for a deletion in progress: not while holding `inner`, which it reads).
-        if store.gc.note_roots(&new) {
+        // for a deletion in progress: not while holding `inner`, which it reads). All of
+        // `paths`, not only the new ones: one that was already a root may be the collector's
+        // to delete right now (see above).
+        if store.gc.note_roots(paths) {
             return Ok(());
         }
         if let Some(fd) = probe {
