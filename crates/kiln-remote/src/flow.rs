@@ -283,14 +283,11 @@ pub(crate) fn run(
             if job.cancelled() {
                 return Err(bad("the build was cancelled".into()));
             }
+            // The add leaves a temporary root for its caller, kept: not every goal roots its
+            // outputs itself (a `BuildDerivation` target does not), so releasing it here
+            // could leave a fetched output unprotected until the client's session roots it.
+            // The cost: a daemon holds such outputs until it restarts.
             r.fetch(store, &info, job.locked.contains(&info.path))?;
-            // The add leaves a temporary root for its caller. The build goal roots the
-            // outputs it knows in advance, so for those this one goes (kept, a daemon would
-            // hold every output built elsewhere alive until it restarts); a floating
-            // output's path is known only now, so its root stays with this process.
-            if !job.drv.is_floating() {
-                store.remove_temp_root(&info.path);
-            }
         }
     }
     for real in &realisations {

@@ -207,11 +207,18 @@ pub(super) fn build_round(
         if drv.builder.starts_with("builtin:") && (drv.is_fixed_output() || drv.is_impure()) {
             if let Some(f) = &spec.settings.netrc_file {
                 match kiln_substitute::netrc::Netrc::load(f) {
-                    Ok(Some(_)) => {
-                        if let Ok(text) = std::fs::read_to_string(f) {
+                    Ok(Some(_)) => match std::fs::read_to_string(f) {
+                        // One environment string holds at most 128 KiB (`MAX_ARG_STRLEN`):
+                        // a bigger file would make every such builder fail to start.
+                        Ok(text) if text.len() <= 64 << 10 => {
                             env.insert("KILN_NETRC".into(), text);
                         }
-                    }
+                        Ok(_) => tracing::warn!(
+                            "'{}' is larger than 64 KiB: builtin:fetchurl gets no credentials",
+                            f.display()
+                        ),
+                        Err(_) => {}
+                    },
                     Ok(None) => {}
                     Err(e) => tracing::warn!("{e}; builtin:fetchurl gets no credentials"),
                 }
