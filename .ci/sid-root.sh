@@ -25,7 +25,7 @@ if [ ! -x "$ROOT/usr/bin/nix-daemon" ] || [ ! -x "$ROOT/usr/bin/guix" ]; then
     debootstrap --variant=minbase sid "$ROOT" "$(mirror)" >/dev/null
   fi
   mounts
-  chroot "$ROOT" bash -c 'DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nix-bin guix >/dev/null'
+  chroot "$ROOT" bash -c 'DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nix-bin guix >/dev/null && apt-get clean'
 fi
 mounts
 echo "$ROOT"
