@@ -482,25 +482,6 @@ impl Daemon {
 
 /// Binds the daemon socket at `path` (replacing a stale one), readable and writable by
 /// everyone: who may connect is decided per connection by `allowed-users`.
-/// Raises this process's soft limit on open files to its hard limit, as a daemon serving
-/// many clients needs (three descriptors a connection, more for each running build):
-/// systemd's default soft limit of 1,024 would otherwise cap a busy daemon far below what
-/// the system allows it. Returns the limit now in force.
-pub fn raise_descriptor_limit() -> Option<u64> {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let l = getrlimit(Resource::Nofile);
-    if l.current != l.maximum {
-        let raised = Rlimit {
-            current: l.maximum,
-            maximum: l.maximum,
-        };
-        if let Err(e) = setrlimit(Resource::Nofile, raised) {
-            tracing::warn!("raising the limit on open files: {e}");
-        }
-    }
-    getrlimit(Resource::Nofile).current
-}
-
 pub fn bind_socket(path: &Path) -> Result<UnixListener, Error> {
     let io = |action, e| Error::Io {
         path: path.display().to_string(),

@@ -14,6 +14,7 @@
 pub mod attach;
 pub mod cgroup;
 pub mod confine;
+pub mod limits;
 pub mod namespace;
 pub mod netns;
 pub mod seccomp;
@@ -22,6 +23,7 @@ pub mod usernet;
 
 pub use attach::Namespaces;
 pub use cgroup::Cgroup;
+pub use limits::raise_descriptor_limit;
 pub use namespace::{Entry, IdMap, Sandbox};
 pub use spawn::{spawn, ChildSpec, Spawned, UserSpec};
 pub use usernet::{Network, UserNet};

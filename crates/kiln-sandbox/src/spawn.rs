@@ -113,6 +113,7 @@ const STEPS: &[&str] = &[
     "loading the system-call filter",
     "scoping abstract sockets and signals (Landlock)",
     "joining the build's cgroup",
+    "restoring the limit on open files",
 ];
 const ST_SYNC: usize = 13;
 const ST_PRIVATE: usize = 14;
@@ -128,6 +129,7 @@ const ST_NNP: usize = 23;
 const ST_SECCOMP: usize = 24;
 const ST_LANDLOCK: usize = 25;
 const ST_CGROUP: usize = 26;
+const ST_NOFILE: usize = 27;
 /// Error report: step (1 byte), errno (4), entry index (4).
 const REPORT: usize = 9;
 
@@ -204,6 +206,8 @@ struct ChildData<'a> {
     /// which has it up already and belongs to a user namespace the child has no
     /// capabilities in).
     lo_up: bool,
+    /// The limit on open files the daemon had before raising its own ([`crate::limits`]).
+    nofile: Option<libc::rlimit>,
 }
 
 /// The child side: runs on its own stack in the parent's address space (`CLONE_VM`) while
@@ -232,6 +236,11 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             // "0" is the writer itself, in whatever PID namespace it is.
             if libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
                 child_fail(ef, ST_CGROUP);
+            }
+        }
+        if let Some(limit) = &d.nofile {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, limit) < 0 {
+                child_fail(ef, ST_NOFILE);
             }
         }
         if d.sync_fd >= 0 {
@@ -720,6 +729,7 @@ pub fn spawn(spec: ChildSpec) -> Result<Spawned> {
         sync_fd: sync.as_ref().map(|(r, _)| r.as_raw_fd()).unwrap_or(-1),
         fprog,
         lo_up: lent.is_none(),
+        nofile: crate::limits::for_children(),
     };
     let top = stack.top();
     // SAFETY: `child_main` only reads `data` and makes raw system calls on its own stack.

@@ -591,6 +591,45 @@ fn builtin_fetchurl_sends_the_hosts_netrc_credentials() {
     .unwrap();
     let o = t.build(&recipe("other"), &with_netrc);
     assert!(!o.status.success(), "another host's credentials were sent");
+    // The attack on the hand-over: a failed fetch kept with --keep-failed must leave the
+    // credentials nowhere the client can read (no file of the kept build directory, not
+    // the log), since the client may be anyone allowed to build.
+    std::fs::write(
+        &netrc,
+        "machine 127.0.0.1 login kiln password w0rngsecret\n",
+    )
+    .unwrap();
+    let mut keep = with_netrc.to_vec();
+    keep.push("--keep-failed");
+    let o = t.build(&recipe("kept"), &keep);
+    assert!(!o.status.success(), "fetched with a wrong password");
+    let e = stderr(&o);
+    assert!(!e.contains("w0rngsecret"), "{e}");
+    let kept = e
+        .lines()
+        .find_map(|l| l.strip_prefix("note: keeping build directory '"))
+        .unwrap_or_else(|| panic!("no build directory kept: {e}"));
+    let kept = PathBuf::from(kept.trim_end_matches('\''));
+    // Every file of the kept directory and of the log directory (the build's log).
+    let mut files = 0;
+    let mut dirs = vec![kept.clone(), t.p().join("log")];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                files += 1;
+                let bytes = std::fs::read(&p).unwrap_or_default();
+                assert!(
+                    !String::from_utf8_lossy(&bytes).contains("w0rngsecret"),
+                    "the credentials are in {}",
+                    p.display()
+                );
+            }
+        }
+    }
+    assert!(files > 0, "neither a kept file nor a log to look into");
     // This host's entry: fetched.
     std::fs::write(
         &netrc,

@@ -483,6 +483,84 @@ fn running_out_of_descriptors_is_logged_and_passes() {
         .contains("accepting connections again"));
 }
 
+/// The daemon raises its own limit on open files to the hard limit (a busy daemon needs
+/// them), but its builders and hooks get the limit it started with, as Nix's do: what a
+/// builder sees of `ulimit -n` (and may record in its output) is what the machine's
+/// administrator set, not the daemon's raised figure.
+#[test]
+fn builders_and_hooks_get_the_limit_on_open_files_the_daemon_started_with() {
+    if !nix_or_skip("builders_and_hooks_get_the_limit_on_open_files_the_daemon_started_with") {
+        return;
+    }
+    let env = NixEnv::new();
+    env.run("nix-store", &["--init"]);
+    let socket = env.dir.path().join("socket");
+    let hooked = env.dir.path().join("hook-saw");
+    let hook = env.dir.path().join("hook");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\nulimit -n > {}\n", hooked.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("ulimit -S -n 200 && exec \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_kiln"))
+        .args(env.kiln_args())
+        .arg("--nix-conf")
+        .arg(env.nix_conf())
+        .args(["daemon", "--option", "post-build-hook"])
+        .arg(&hook)
+        .arg("--socket")
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let daemon = kiln_testkit::DaemonProcess::start(cmd, socket.clone());
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.child.id())).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        open_files[3], open_files[4],
+        "the daemon did not raise its soft limit to the hard one: {limits}"
+    );
+    assert_ne!(open_files[3], "200", "{limits}");
+    let file = env.dir.path().join("limit.nix");
+    std::fs::write(
+        &file,
+        "derivation { name = \"limit\"; system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" \"ulimit -n > $out\" ]; }",
+    )
+    .unwrap();
+    let out = env
+        .cmd("nix-build")
+        .arg(&file)
+        .arg("--no-out-link")
+        .env("NIX_REMOTE", format!("unix://{}", socket.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        "200\n",
+        "the builder's limit"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&hooked).unwrap(),
+        "200\n",
+        "the hook's limit"
+    );
+}
+
 /// Collections racing builds (the load run: 8 clients realising one graph while
 /// `nix-store --gc` runs again and again): a path a build makes alive after the collector
 /// judged it dead is skipped, never a failure — every collection and every build succeeds,

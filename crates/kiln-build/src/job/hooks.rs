@@ -51,7 +51,9 @@ pub(super) fn run_diff_hook(
     new: &std::path::Path,
     drv: &str,
 ) {
-    let out = std::process::Command::new(hook)
+    let mut c = std::process::Command::new(hook);
+    kiln_sandbox::limits::restore_for(&mut c);
+    let out = c
         .arg(previous)
         .arg(new)
         .arg(drv)
@@ -95,6 +97,7 @@ pub(super) fn run_pre_build_hook(
     chroot: Option<&str>,
 ) -> Result<Vec<String>, Failure> {
     let mut c = std::process::Command::new(hook);
+    kiln_sandbox::limits::restore_for(&mut c);
     c.arg(drv);
     if let Some(dir) = chroot {
         c.arg(dir);
@@ -167,7 +170,9 @@ pub fn post_build_hook(
     events(JobEvent::Log(Arc::from(
         format!("running post-build-hook '{hook}'\n").into_bytes(),
     )));
-    let out = std::process::Command::new(hook)
+    let mut c = std::process::Command::new(hook);
+    kiln_sandbox::limits::restore_for(&mut c);
+    let out = c
         .env("DRV_PATH", sd.display(drv_path))
         .env("OUT_PATHS", outs.join(" "))
         .stdin(std::process::Stdio::null())

@@ -29,7 +29,7 @@ pub struct DaemonArgs {
 }
 
 pub fn run(args: &StoreArgs, a: DaemonArgs) -> anyhow::Result<ExitCode> {
-    let files = kiln_daemon::raise_descriptor_limit();
+    let files = kiln_sandbox::raise_descriptor_limit();
     tracing::debug!("open files allowed: {files:?}");
     let (store, settings) = args.open()?;
     let layout = store.layout().clone();
