@@ -235,6 +235,10 @@ pub(crate) fn run(
             )));
         }
     }
+    // A floating derivation's goal cannot root its outputs before they are known: one root
+    // per output is taken here and handed to the goal with a successful result (it takes
+    // over the roots of a floating build's outputs); any other end gives them back.
+    let handed = Handed::take(store, job.drv.is_floating(), outputs.values())?;
     let missing: BTreeSet<StorePath> = outputs
         .values()
         .filter(|p| !store.is_valid(p).unwrap_or(false))
@@ -283,11 +287,11 @@ pub(crate) fn run(
             if job.cancelled() {
                 return Err(bad("the build was cancelled".into()));
             }
-            // The add leaves a temporary root for its caller, kept: not every goal roots its
-            // outputs itself (a `BuildDerivation` target does not), so releasing it here
-            // could leave a fetched output unprotected until the client's session roots it.
-            // The cost: a daemon holds such outputs until it restarts.
+            // The add leaves a temporary root for its caller; the output already has the
+            // goal's (a known path) or the one taken above (floating), so this one goes
+            // (kept, a daemon held every output copied back until it restarted).
             r.fetch(store, &info, job.locked.contains(&info.path))?;
+            store.remove_temp_root(&info.path);
         }
     }
     for real in &realisations {
@@ -311,7 +315,43 @@ pub(crate) fn run(
         return Ok((r, infos));
     }
     result.outputs = outputs;
+    handed.keep();
     Ok((result, infos))
+}
+
+/// Temporary roots of a floating derivation's outputs, taken for the goal: released when
+/// dropped unless [`Handed::keep`] says the goal takes them over.
+struct Handed<'a> {
+    store: &'a LocalStore,
+    paths: Vec<StorePath>,
+}
+
+impl<'a> Handed<'a> {
+    fn take<'p>(
+        store: &'a LocalStore,
+        floating: bool,
+        outputs: impl Iterator<Item = &'p StorePath>,
+    ) -> Result<Handed<'a>> {
+        let paths: Vec<StorePath> = if floating {
+            outputs.cloned().collect()
+        } else {
+            Vec::new()
+        };
+        store.add_temp_roots(&paths)?;
+        Ok(Handed { store, paths })
+    }
+
+    fn keep(mut self) {
+        self.paths.clear();
+    }
+}
+
+impl Drop for Handed<'_> {
+    fn drop(&mut self) {
+        for p in &self.paths {
+            self.store.remove_temp_root(p);
+        }
+    }
 }
 
 /// `infos` ordered so that each comes after the others of `set` it refers to (outputs

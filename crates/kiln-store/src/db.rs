@@ -547,14 +547,12 @@ impl Db {
         Ok(Self::path_id(conn, path)?.is_some())
     }
 
-    /// Path info, or `None` if the path is not valid.
     /// Whether a path's row and its references come in one statement
     /// ([`Db::query_path_info`]): every column it reads exists (every schema kiln creates,
-    /// and Nix's since 2.4). Then no `BEGIN`/`COMMIT` is needed for one snapshot.
-    /// (The caller also checks that the store directory holds no space: the references
-    /// come back space-separated.)
-    pub fn path_info_in_one_statement(&self) -> bool {
-        self.cols.ultimate && self.cols.sigs && self.cols.ca
+    /// and Nix's since 2.4), and the store directory `sd` holds no space (the references
+    /// come back space-separated). Then no `BEGIN`/`COMMIT` is needed for one snapshot.
+    pub fn path_info_in_one_statement(&self, sd: &StoreDir) -> bool {
+        self.cols.ultimate && self.cols.sigs && self.cols.ca && !sd.as_str().contains(' ')
     }
 
     /// A valid path's info. With [`Db::path_info_in_one_statement`], one statement reads
@@ -569,7 +567,7 @@ impl Db {
         path: &StorePath,
     ) -> Result<Option<ValidPathInfo>> {
         let abs = sd.display(path);
-        let one = self.path_info_in_one_statement() && !sd.as_str().contains(' ');
+        let one = self.path_info_in_one_statement(sd);
         let sql = if one {
             "select v.id, v.hash, v.registrationTime, v.deriver, v.narSize, v.ultimate, v.sigs, v.ca, \
              (select group_concat(r.path, ' ') from Refs f join ValidPaths r on f.reference = r.id \

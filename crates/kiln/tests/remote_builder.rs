@@ -627,16 +627,33 @@ fn one_ssh_session_serves_successive_builds() {
         };
         let daemon = m.kiln_daemon(&m.entry(transport, program, "127.0.0.1", 1, 1), 0);
         let before = logins(&m);
+        let mut built = Vec::new();
         for n in 0..3 {
             let tag = format!("kept-{transport}-{n}");
             let out = m.nix_build(&daemon, &tag, &[]);
-            check_offloaded(&out, &tag, &format!("{transport}://"));
+            built.push(check_offloaded(&out, &tag, &format!("{transport}://")));
         }
         assert_eq!(
             logins(&m) - before,
             1,
             "{transport}: one login for three builds"
         );
+        // Its clients gone, the daemon holds no root for what it copied back: the outputs
+        // can be deleted while it runs (it kept every one until it restarted).
+        let out = m
+            .client(&daemon, "nix-store")
+            .arg("--delete")
+            .args(&built)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{transport}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for p in &built {
+            assert!(!Path::new(p).exists(), "{transport}: {p} is still there");
+        }
     }
 }
 

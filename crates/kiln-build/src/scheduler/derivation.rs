@@ -170,21 +170,13 @@ impl Worker {
                 format!("cannot build missing derivation '{abs}'"),
             );
         }
-        if d.drv.is_none() {
-            match store.read_derivation(&drv_path) {
+        let drv = match &d.drv {
+            Some(drv) => drv.clone(),
+            None => match store.read_derivation(&drv_path) {
                 Ok(drv) => {
-                    // The derivation and its outputs must survive a concurrent collection.
-                    let mut roots = vec![drv_path.clone()];
-                    roots.extend(drv.output_paths().map(|(_, p)| p.clone()));
-                    if store.add_temp_roots(&roots).is_ok() {
-                        self.goals
-                            .get_mut(&id)
-                            .expect("goal exists")
-                            .roots
-                            .extend(roots);
-                    }
-                    let d = self.drv_mut(id).expect("goal exists");
-                    d.drv = Some(Arc::new(drv));
+                    let drv = Arc::new(drv);
+                    d.drv = Some(drv.clone());
+                    drv
                 }
                 Err(e) => {
                     return self.fail_drv(
@@ -193,7 +185,20 @@ impl Worker {
                         format!("cannot read derivation '{abs}': {e}"),
                     )
                 }
-            }
+            },
+        };
+        // The derivation and its outputs must survive a concurrent collection, whether it
+        // was read from the store or given in full (a `BuildDerivation`): an output fetched
+        // back from a build machine is protected by this root alone once its add's own is
+        // released.
+        let mut roots = vec![drv_path.clone()];
+        roots.extend(drv.output_paths().map(|(_, p)| p.clone()));
+        if store.add_temp_roots(&roots).is_ok() {
+            self.goals
+                .get_mut(&id)
+                .expect("goal exists")
+                .roots
+                .extend(roots);
         }
         let d = match self.goals.get(&id).map(|g| &g.kind) {
             Some(Kind::Drv(d)) => d,

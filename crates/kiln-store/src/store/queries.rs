@@ -29,7 +29,7 @@ impl LocalStore {
     pub fn query_path_info(&self, p: &StorePath) -> Result<Option<ValidPathInfo>> {
         // One snapshot for the row and its references (and one lock cycle for both): one
         // statement, or a transaction around two.
-        if self.db.path_info_in_one_statement() && !self.store_dir().as_str().contains(' ') {
+        if self.db.path_info_in_one_statement(self.store_dir()) {
             self.db
                 .read(|c| self.db.query_path_info(c, self.store_dir(), p))
         } else {
