@@ -121,7 +121,7 @@ fn attrs_sh(json: &Value) -> String {
 }
 
 /// Path information of every path of `closure` (which holds the references of its
-/// members), with `closureSize`, in Nix's `pathInfoToJSON` shape.
+/// members), with `closureSize`, in Nix 2.34's `pathInfoToJSON` shape.
 fn closure_json(sd: &StoreDir, closure: &BTreeMap<StorePath, ValidPathInfo>) -> Value {
     let closure_size = |start: &StorePath| {
         let mut seen = BTreeSet::new();
@@ -156,6 +156,9 @@ fn closure_json(sd: &StoreDir, closure: &BTreeMap<StorePath, ValidPathInfo>) -> 
                     o.insert("ca".into(), ca.to_string().into());
                 }
                 o.insert("closureSize".into(), closure_size(&info.path).into());
+                // Nix 2.34 marks each entry valid (every path of a closure here is);
+                // Nix 2.8 wrote the key only for invalid paths, which never occur here.
+                o.insert("valid".into(), true.into());
                 Value::Object(o)
             })
             .collect(),

@@ -145,6 +145,15 @@ pub enum FailureDetail {
     Dependencies(usize),
     /// It could only be built here, and `max-jobs` is 0.
     LocalBuildsDisabled,
+    /// It is for another system than this machine's (and no build machine took it).
+    PlatformMismatch { required: String, current: String },
+    /// It requires features this machine lacks (and no build machine took it).
+    MissingFeatures {
+        required: Vec<String>,
+        available: Vec<String>,
+    },
+    /// The builder succeeded but left output `output` missing at `path`.
+    MissingOutput { output: String, path: String },
 }
 
 /// The result of building (or substituting) one derivation or path.

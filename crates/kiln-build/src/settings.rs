@@ -218,25 +218,41 @@ impl BuildSettings {
     }
 
     /// Whether `drv`'s platform and required features are this machine's (Nix's
-    /// `canBuildLocally`); the error says why not.
+    /// `canBuildLocally`); if not, the error says why, in Nix 2.8's words and as a
+    /// [`crate::result::FailureDetail`] for clients that expect today's.
     pub fn check_can_build(
         &self,
         drv: &kiln_format::Derivation,
         shown: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), (String, crate::result::FailureDetail)> {
         let required = required_system_features(drv);
-        if self.can_build(&drv.platform) && required.is_subset(&self.system_features) {
+        let platform_ok = self.can_build(&drv.platform);
+        if platform_ok && required.is_subset(&self.system_features) {
             return Ok(());
         }
         let join = |s: &std::collections::BTreeSet<String>| {
             s.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
         };
-        Err(format!(
-            "a '{}' with features {{{}}} is required to build '{shown}', but I am a '{}' with features {{{}}}",
-            drv.platform,
-            join(&required),
-            self.system,
-            join(&self.system_features)
+        let detail = if platform_ok {
+            crate::result::FailureDetail::MissingFeatures {
+                required: required.iter().cloned().collect(),
+                available: self.system_features.iter().cloned().collect(),
+            }
+        } else {
+            crate::result::FailureDetail::PlatformMismatch {
+                required: drv.platform.clone(),
+                current: self.system.clone(),
+            }
+        };
+        Err((
+            format!(
+                "a '{}' with features {{{}}} is required to build '{shown}', but I am a '{}' with features {{{}}}",
+                drv.platform,
+                join(&required),
+                self.system,
+                join(&self.system_features)
+            ),
+            detail,
         ))
     }
 

@@ -39,6 +39,30 @@ pub(crate) fn failure_text(
         return r.error.clone();
     };
     let abs = store.print(drv);
+    let args = |v: &[String]| format!("{MAGENTA}{}{NORMAL}", v.join(", "));
+    match detail {
+        FailureDetail::PlatformMismatch { required, current } => {
+            return format!(
+                "Cannot build '{MAGENTA}{abs}{NORMAL}'.\nReason: {RED}platform mismatch{NORMAL}\nRequired system: '{MAGENTA}{required}{NORMAL}'\nCurrent system: '{MAGENTA}{current}{NORMAL}'"
+            );
+        }
+        FailureDetail::MissingFeatures {
+            required,
+            available,
+        } => {
+            return format!(
+                "Cannot build '{MAGENTA}{abs}{NORMAL}'.\nReason: {RED}missing system features{NORMAL}\nRequired features: {{{}}}\nAvailable features: {{{}}}",
+                args(required),
+                args(available)
+            );
+        }
+        FailureDetail::MissingOutput { output, path } => {
+            return format!(
+                "builder for '{MAGENTA}{abs}{NORMAL}' failed to produce output path for output '{MAGENTA}{output}{NORMAL}' at {MAGENTA}\"{path}\"{NORMAL}"
+            );
+        }
+        _ => {}
+    }
     if let FailureDetail::LocalBuildsDisabled = detail {
         return format!(
             "Cannot build '{MAGENTA}{abs}{NORMAL}'.\nReason: {RED}local builds are disabled{NORMAL} (max-jobs = 0)\nHint: set 'max-jobs' to a non-zero value to enable local builds, or configure remote builders via 'builders'"
@@ -55,7 +79,10 @@ pub(crate) fn failure_text(
                 "dependencies"
             }
         )),
-        FailureDetail::LocalBuildsDisabled => {}
+        FailureDetail::LocalBuildsDisabled
+        | FailureDetail::PlatformMismatch { .. }
+        | FailureDetail::MissingFeatures { .. }
+        | FailureDetail::MissingOutput { .. } => {}
     }
     msg.push_str(NORMAL);
     msg.push('.');

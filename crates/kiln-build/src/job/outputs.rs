@@ -101,10 +101,15 @@ pub(super) fn register_output(
     let meta = match std::fs::symlink_metadata(&actual) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(rejected(format!(
+            let mut f = rejected(format!(
                 "builder for '{drv_abs}' failed to produce output path '{}'",
                 sd.display(&plan.path)
-            )))
+            ));
+            f.detail = Some(crate::result::FailureDetail::MissingOutput {
+                output: plan.name.clone(),
+                path: sd.display(&plan.path).to_string(),
+            });
+            return Err(f);
         }
         Err(e) => {
             return Err(Failure::misc(format!(

@@ -299,8 +299,11 @@ impl Worker {
                 };
                 let disabled = "unable to start any build; either increase '--max-jobs' or enable distributed builds";
                 match (local_error, machines.is_some()) {
-                    (Some(msg), _) => {
+                    (Some((msg, _)), true) => {
                         self.fail_drv(id, BuildStatus::MiscFailure, with_machines(msg))
+                    }
+                    (Some((msg, detail)), false) => {
+                        self.fail_drv_with(id, BuildStatus::MiscFailure, msg, Some(detail))
                     }
                     // Machines were named but none can take it: say why, rather than
                     // Nix's "local builds are disabled" alone.
