@@ -39,7 +39,6 @@ pub(crate) fn failure_text(
         return r.error.clone();
     };
     let abs = store.print(drv);
-    let args = |v: &[String]| format!("{MAGENTA}{}{NORMAL}", v.join(", "));
     match detail {
         FailureDetail::PlatformMismatch { required, current } => {
             return format!(
@@ -52,8 +51,8 @@ pub(crate) fn failure_text(
         } => {
             return format!(
                 "Cannot build '{MAGENTA}{abs}{NORMAL}'.\nReason: {RED}missing system features{NORMAL}\nRequired features: {{{}}}\nAvailable features: {{{}}}",
-                args(required),
-                args(available)
+                required.join(", "),
+                available.join(", ")
             );
         }
         FailureDetail::MissingOutput { output, path } => {
@@ -116,4 +115,62 @@ pub(crate) fn failure_text(
         }
     }
     msg
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use kiln_build::BuildStatus;
+    use kiln_store::{Layout, StoreOptions};
+
+    /// The refusals' bytes as nix-daemon 2.34.8 sends them (read off a terminal through
+    /// `script`, colours included: the features are not coloured, the rest are).
+    #[test]
+    fn refusals_are_worded_and_coloured_as_nix_daemon_2_34_sends_them() {
+        let d = tempfile::tempdir().unwrap();
+        let sd = kiln_format::StoreDir::new(d.path().join("store").to_str().unwrap()).unwrap();
+        let store = LocalStore::open(
+            Layout::new(sd, d.path().join("state"), d.path().join("log")),
+            StoreOptions::default(),
+        )
+        .unwrap();
+        let drv = StorePath::from_base_name("yz0n2mx947w4dffnck3bybsjdfkvmk1x-x.drv").unwrap();
+        let abs = store.print(&drv);
+        let text = |detail: FailureDetail| {
+            let r = BuildResult {
+                detail: Some(detail),
+                ..BuildResult::failed(BuildStatus::MiscFailure, "Nix 2.8's words")
+            };
+            (
+                failure_text(Proto::nix(0x126), &store, &drv, &r, true),
+                failure_text(Proto::guix(0x163), &store, &drv, &r, true),
+            )
+        };
+        let (nix, guix) = text(FailureDetail::PlatformMismatch {
+            required: "mips64-linux".into(),
+            current: "x86_64-linux".into(),
+        });
+        assert_eq!(
+            nix,
+            format!("Cannot build '\x1b[35;1m{abs}\x1b[0m'.\nReason: \x1b[31;1mplatform mismatch\x1b[0m\nRequired system: '\x1b[35;1mmips64-linux\x1b[0m'\nCurrent system: '\x1b[35;1mx86_64-linux\x1b[0m'")
+        );
+        assert_eq!(guix, "Nix 2.8's words");
+        let (nix, _) = text(FailureDetail::MissingFeatures {
+            required: vec!["no-such-feature".into()],
+            available: vec!["benchmark".into(), "kvm".into()],
+        });
+        assert_eq!(
+            nix,
+            format!("Cannot build '\x1b[35;1m{abs}\x1b[0m'.\nReason: \x1b[31;1mmissing system features\x1b[0m\nRequired features: {{no-such-feature}}\nAvailable features: {{benchmark, kvm}}")
+        );
+        let (nix, _) = text(FailureDetail::MissingOutput {
+            output: "out".into(),
+            path: "/s/p-no-output".into(),
+        });
+        assert_eq!(
+            nix,
+            format!("builder for '\x1b[35;1m{abs}\x1b[0m' failed to produce output path for output '\x1b[35;1mout\x1b[0m' at \x1b[35;1m\"/s/p-no-output\"\x1b[0m")
+        );
+    }
 }
