@@ -19,16 +19,16 @@ use kiln_store::{fsutil, LocalStore};
 
 use crate::settings::{BuildSettings, SandboxMode};
 
-/// Whether this derivation is built in the sandbox under these settings.
-pub fn wanted(settings: &BuildSettings, drv: &Derivation) -> Result<bool, String> {
+/// Whether this derivation (`shown`) is built in the sandbox under these settings; the
+/// refusal is in Nix's words.
+pub fn wanted(settings: &BuildSettings, drv: &Derivation, shown: &str) -> Result<bool, String> {
     let no_chroot = crate::attrs::Attrs::of(drv).flag("__noChroot", false);
     match settings.sandbox {
         SandboxMode::Off => Ok(false),
         SandboxMode::Relaxed => Ok(!no_chroot),
-        SandboxMode::On if no_chroot => Err(
-            "derivation has '__noChroot' set, but that is not allowed when 'sandbox' is 'true'"
-                .into(),
-        ),
+        SandboxMode::On if no_chroot => Err(format!(
+            "derivation '{shown}' has '__noChroot' set, but that's not allowed when 'sandbox' is 'true'"
+        )),
         SandboxMode::On => Ok(true),
     }
 }
@@ -178,6 +178,10 @@ impl BuildSandbox {
             .map_err(|e| err("protecting", &top, e))?;
         std::fs::create_dir(&guard.sandbox.root).map_err(|e| err("creating", &top, e))?;
         std::fs::create_dir(&guard.store).map_err(|e| err("creating", &guard.store, e))?;
+        let tmp = top.join("tmp");
+        std::fs::create_dir(&tmp).map_err(|e| err("creating", &tmp, e))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777))
+            .map_err(|e| err("protecting", &tmp, e))?;
         // The builder (whose host ids are the daemon's, or a build user's) creates its
         // outputs here; sticky, so that it cannot rename the mount points of the inputs.
         std::fs::set_permissions(&guard.store, std::fs::Permissions::from_mode(0o1775))
@@ -189,6 +193,8 @@ impl BuildSandbox {
                 .map_err(|e| err("changing the owner of", &guard.store, e))?;
             std::os::unix::fs::chown(c.build_dir, Some(uid), Some(gid))
                 .map_err(|e| err("changing the owner of", c.build_dir, e))?;
+            std::os::unix::fs::chown(&tmp, Some(uid), Some(gid))
+                .map_err(|e| err("changing the owner of", &tmp, e))?;
         }
         guard.sandbox.entries = guard.entries(c)?;
         Ok(guard)
@@ -210,9 +216,15 @@ impl BuildSandbox {
             }
         };
         // `/tmp` is writable by everyone in the sandbox (Guix's build directory lives in it).
-        e.push(Entry::Tmpfs {
+        // A directory beside the sandbox on the store's file system, as Nix's is in its
+        // chroot, not a tmpfs: a builder that ignores TMPDIR and fills /tmp fills a disk,
+        // not the machine's memory.
+        let tmp = self.top.join("tmp");
+        e.push(Entry::Bind {
+            source: tmp,
             path: "/tmp".into(),
-            options: "mode=1777".into(),
+            writable: true,
+            optional: false,
         });
         made.insert("/tmp".into());
         dir(&mut e, &mut made, "/etc", 0o755);
@@ -264,6 +276,18 @@ impl BuildSandbox {
                     optional: true,
                 });
             }
+            // The certificate authorities, where Nix puts them, for fetchers that check
+            // TLS (the host's bundle by default; a fixed output checks its own hash).
+            if let Some(ca) = &c.settings.ssl_cert_file {
+                let path = "/etc/ssl/certs/ca-certificates.crt";
+                parents(&mut e, &mut made, path);
+                e.push(Entry::Bind {
+                    source: ca.clone(),
+                    path: path.into(),
+                    writable: false,
+                    optional: true,
+                });
+            }
         } else {
             e.push(Entry::File {
                 path: "/etc/hosts".into(),
@@ -289,7 +313,7 @@ impl BuildSandbox {
             path: "/dev/pts".into(),
         });
         for (target, link) in [
-            ("pts/ptmx", "/dev/ptmx"),
+            ("/dev/pts/ptmx", "/dev/ptmx"),
             ("/proc/self/fd", "/dev/fd"),
             ("/proc/self/fd/0", "/dev/stdin"),
             ("/proc/self/fd/1", "/dev/stdout"),
@@ -353,6 +377,16 @@ impl BuildSandbox {
                 return Err(format!("sandbox path '{target}' is not absolute"));
             }
             parents(&mut e, &mut made, &target);
+            // A symbolic link is copied, as Nix does (a link cannot be mounted): on a
+            // merged-/usr system `/bin` is then `usr/bin` in the sandbox too, and resolves
+            // only where `/usr` is given as well.
+            if let Ok(link) = std::fs::read_link(&source) {
+                e.push(Entry::Symlink {
+                    target: link.to_string_lossy().into_owned(),
+                    path: target,
+                });
+                continue;
+            }
             e.push(Entry::Bind {
                 source,
                 path: target,

@@ -104,6 +104,9 @@ pub struct BuildSettings {
     /// `netrc-file`: credentials `builtin:fetchurl` sends to the hosts they name, as Nix's
     /// does (read by the daemon, handed to the builtin; see `job`).
     pub netrc_file: Option<PathBuf>,
+    /// `ssl-cert-file`: certificate authorities for fixed-output builds, mounted in their
+    /// sandbox as Nix does; `$NIX_SSL_CERT_FILE` or the system's bundle by default.
+    pub ssl_cert_file: Option<PathBuf>,
     /// `impure-env`: values for the `impureEnvVars` of fixed-output builds, before the
     /// daemon's own environment.
     pub impure_env: std::collections::BTreeMap<String, String>,
@@ -206,6 +209,17 @@ impl BuildSettings {
             auto_optimise: s.get_bool("auto-optimise-store"),
             hashed_mirrors: s.get_list("hashed-mirrors"),
             netrc_file: opt("netrc-file").map(PathBuf::from),
+            ssl_cert_file: opt("ssl-cert-file")
+                .or_else(|| {
+                    std::env::var("NIX_SSL_CERT_FILE")
+                        .ok()
+                        .filter(|f| !f.is_empty())
+                })
+                .map(PathBuf::from)
+                .or_else(|| {
+                    let system = PathBuf::from("/etc/ssl/certs/ca-certificates.crt");
+                    system.exists().then_some(system)
+                }),
             impure_env: s
                 .get_list("impure-env")
                 .iter()

@@ -730,6 +730,13 @@ pub const SETTINGS: &[Def] = &[
         help: "a .netrc file with credentials for HTTP binary caches (the nix layout's default: $NIX_CONF_DIR/netrc)",
     },
     Def {
+        name: "ssl-cert-file",
+        aliases: &[],
+        kind: Kind::Str,
+        default: "",
+        help: "the certificate authorities fixed-output builds see at /etc/ssl/certs/ca-certificates.crt in the sandbox (default: $NIX_SSL_CERT_FILE, else /etc/ssl/certs/ca-certificates.crt if it exists)",
+    },
+    Def {
         name: "connect-timeout",
         aliases: &[],
         kind: Kind::Int,

@@ -215,6 +215,58 @@ fn nix_2_34_derivation_attributes_do_what_nix_daemon_does() {
     );
 }
 
+/// Sandboxed builds (`tests/fixtures/sandbox-probe.nix`, run by `daemon/sandbox-2.34.sh`)
+/// through nix-daemon 2.34 and through kiln, both with the sandbox on and the host's
+/// `/bin /usr /lib /lib64` as sandbox paths: what a builder sees (ids and their names,
+/// host name, build directory, the root and `/etc`, `/dev`, `/tmp`, mount points, network
+/// interfaces, limits), what a fixed-output build sees, and the refusals, compared.
+#[test]
+fn nix_2_34_sandboxed_builders_see_what_nix_daemon_shows_them() {
+    let test = "nix_2_34_sandboxed_builders_see_what_nix_daemon_shows_them";
+    let Some(sid) = SidNix::or_skip(test) else {
+        return;
+    };
+    if let Err(e) = kiln_sandbox::supported() {
+        eprintln!("{test}: skipped, no sandbox here: {e}");
+        return;
+    }
+    let base = std::env::temp_dir().join(format!("kiln-sandbox-234-{}", std::process::id()));
+    let run = |kiln: bool| {
+        let env = NixEnv::at(&base);
+        std::fs::write(
+            env.nix_conf(),
+            "substituters =\nsandbox = true\nsandbox-paths = /bin /usr /lib /lib64 /etc/ld.so.cache?\nbuild-users-group =\nexperimental-features = nix-command\n",
+        )
+        .unwrap();
+        let d = either_daemon(&sid, &env, kiln);
+        let out = run_script(&sid, &env, &d, &base.join("work"), "daemon/sandbox-2.34.sh");
+        drop(d);
+        remove_tree(&base);
+        out
+    };
+    let nix_out = run(false);
+    let kiln_out = run(true);
+    let (n, k) = (scenario_steps(&nix_out), scenario_steps(&kiln_out));
+    assert_eq!(n.len(), 4, "the probes did not run: {nix_out}");
+    assert!(
+        n[0].1.contains("hostname: localhost") && n[0].1.contains("exit=0"),
+        "{nix_out}"
+    );
+    let diffs: Vec<String> = n
+        .iter()
+        .zip(k.iter())
+        .filter(|(a, b)| a != b)
+        .map(|((h, bn), (_, bk))| format!("--- {h}\nnix-daemon 2.34:\n{bn}kiln:\n{bk}"))
+        .collect();
+    assert!(
+        diffs.is_empty(),
+        "{} of {} probes differ:\n{}",
+        diffs.len(),
+        n.len(),
+        diffs.join("\n")
+    );
+}
+
 /// What a Nix 2.34 client's progress display is made of, from `--log-format
 /// internal-json -v`, with ids, timings and repetitions aside: the activities started
 /// (type, level, text, fields), the kinds of result each type of activity got, and the last

@@ -609,11 +609,9 @@ fn discard_outputs(spec: &JobSpec, plans: &[OutputPlan]) {
 /// Whether this build runs in the sandbox: wanted by the settings and the derivation, and
 /// possible here (else, with `sandbox-fallback`, a warning and no sandbox, as Nix does).
 fn use_sandbox(spec: &JobSpec) -> Result<bool, Failure> {
-    let wanted = crate::sandbox::wanted(&spec.settings, &spec.drv).map_err(|e| {
-        let mut f = Failure::new(
-            BuildStatus::InputRejected,
-            format!("{e} ('{}')", spec.store.store_dir().display(&spec.drv_path)),
-        );
+    let shown = spec.store.store_dir().display(&spec.drv_path);
+    let wanted = crate::sandbox::wanted(&spec.settings, &spec.drv, &shown).map_err(|e| {
+        let mut f = Failure::new(BuildStatus::InputRejected, e);
         f.kinds.permanent = true;
         f
     })?;
