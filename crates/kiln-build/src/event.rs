@@ -48,6 +48,11 @@ pub enum Event {
         ok: bool,
         error: String,
     },
+    /// A substitution's download went on: Guix's `@ download-*` traces.
+    Download {
+        path: String,
+        download: kiln_substitute::Download,
+    },
     /// A message for the user (`level` as Nix's verbosity: 0 error … 7 vomit).
     Message { level: u8, text: String },
     /// A fixed-output hash mismatch (for `@ hash-mismatch PATH ALGO EXPECTED ACTUAL`).
@@ -260,6 +265,24 @@ impl Event {
                 expected,
                 actual,
             } => Some(format!("@ hash-mismatch {path} {algo} {expected} {actual}")),
+            // As Guix's substituter writes them (`progress-reporter/trace`): an unknown
+            // size is `-`; the end repeats the whole size as progress first.
+            Event::Download { path, download } => {
+                let size = |s: &Option<u64>| s.map_or("-".to_string(), |n| n.to_string());
+                Some(match download {
+                    kiln_substitute::Download::Started { url, size: s } => {
+                        format!("@ download-started {path} {url} {}", size(s))
+                    }
+                    kiln_substitute::Download::Progress {
+                        url,
+                        size: s,
+                        transferred,
+                    } => format!("@ download-progress {path} {url} {} {transferred}", size(s)),
+                    kiln_substitute::Download::Succeeded { url, size: s } => format!(
+                        "@ download-progress {path} {url} {s} {s}\n@ download-succeeded {path} {url} {s}"
+                    ),
+                })
+            }
             Event::BuildLog { .. }
             | Event::Message { .. }
             | Event::BuildQueued { .. }
@@ -338,6 +361,25 @@ impl Event {
                 algo: s("algo")?,
                 expected: s("expected")?,
                 actual: s("actual")?,
+            },
+            "download" => Event::Download {
+                path: s("path")?,
+                download: match v["state"].as_str()? {
+                    "started" => kiln_substitute::Download::Started {
+                        url: s("url")?,
+                        size: n("size"),
+                    },
+                    "progress" => kiln_substitute::Download::Progress {
+                        url: s("url")?,
+                        size: n("size"),
+                        transferred: n("transferred")?,
+                    },
+                    "succeeded" => kiln_substitute::Download::Succeeded {
+                        url: s("url")?,
+                        size: n("size")?,
+                    },
+                    _ => return None,
+                },
             },
             "phase" => Event::Phase {
                 drv: s("drv")?,
@@ -418,6 +460,24 @@ impl Event {
                 "event": "hash-mismatch", "path": path, "algo": algo, "expected": expected,
                 "actual": actual
             }),
+            Event::Download { path, download } => match download {
+                kiln_substitute::Download::Started { url, size } => json!({
+                    "event": "download", "state": "started", "path": path, "url": url,
+                    "size": size
+                }),
+                kiln_substitute::Download::Progress {
+                    url,
+                    size,
+                    transferred,
+                } => json!({
+                    "event": "download", "state": "progress", "path": path, "url": url,
+                    "size": size, "transferred": transferred
+                }),
+                kiln_substitute::Download::Succeeded { url, size } => json!({
+                    "event": "download", "state": "succeeded", "path": path, "url": url,
+                    "size": size
+                }),
+            },
             Event::Phase { drv, phase } => {
                 let mut v = json!({"event": "phase", "drv": drv, "phase": phase.name()});
                 if let Phase::Inputs { inputs } = phase {
@@ -506,6 +566,28 @@ mod tests {
                 algo: "sha256".into(),
                 expected: "a".into(),
                 actual: "b".into(),
+            },
+            Event::Download {
+                path: out.into(),
+                download: kiln_substitute::Download::Started {
+                    url: "file:///c/nar/x".into(),
+                    size: None,
+                },
+            },
+            Event::Download {
+                path: out.into(),
+                download: kiln_substitute::Download::Progress {
+                    url: "file:///c/nar/x".into(),
+                    size: Some(10),
+                    transferred: 4,
+                },
+            },
+            Event::Download {
+                path: out.into(),
+                download: kiln_substitute::Download::Succeeded {
+                    url: "file:///c/nar/x".into(),
+                    size: 10,
+                },
             },
         ];
         for e in events {

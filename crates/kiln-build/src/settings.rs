@@ -74,6 +74,8 @@ pub struct BuildSettings {
     pub experimental_features: std::collections::BTreeSet<String>,
     pub impersonate_linux_26: bool,
     pub print_build_trace: bool,
+    /// `print-extended-build-trace` (Guix): downloads are traced too.
+    pub print_extended_build_trace: bool,
     pub multiplexed_build_output: bool,
     pub build_hook: Option<String>,
     /// Refuse builders outside the store (`require-store-builder`; guix-daemon 1.5's rule:
@@ -196,6 +198,7 @@ impl BuildSettings {
             experimental_features,
             impersonate_linux_26: s.get_bool("impersonate-linux-26"),
             print_build_trace: s.get_bool("print-build-trace"),
+            print_extended_build_trace: s.get_bool("print-extended-build-trace"),
             multiplexed_build_output: s.get_bool("multiplexed-build-output"),
             build_hook: opt("build-hook"),
             require_store_builder: s.get("require-store-builder") == "true",

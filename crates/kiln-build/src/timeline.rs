@@ -345,7 +345,10 @@ impl Inner {
             Event::SubstitutionFinished { path, ok, .. } => {
                 self.ended(path, if *ok { "Substituted" } else { "Failed" })
             }
-            Event::BuildLog { .. } | Event::Message { .. } | Event::HashMismatch { .. } => {}
+            Event::BuildLog { .. }
+            | Event::Message { .. }
+            | Event::HashMismatch { .. }
+            | Event::Download { .. } => {}
         }
     }
 }

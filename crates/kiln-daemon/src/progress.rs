@@ -37,6 +37,8 @@ pub struct Progress<'d> {
     /// The store's directory, for kiln clients' events (read once, not per event).
     store_dir: kiln_format::StoreDir,
     pub trace: bool,
+    /// Guix's extended trace: with `trace`, downloads' `@ download-*` lines too.
+    pub extended_trace: bool,
     pub multiplexed: bool,
     pub build_verbosity: u64,
     /// Whether the daemon has `nix-command` (failure messages suggest `nix log`).
@@ -73,6 +75,7 @@ impl<'d> Progress<'d> {
             utf8_tails: HashMap::new(),
             store_dir: daemon.store().store_dir().clone(),
             trace: false,
+            extended_trace: false,
             multiplexed: false,
             build_verbosity: 0,
             nix_command: false,
@@ -398,7 +401,12 @@ impl<'d> Progress<'d> {
             // Level-0 messages repeat goal failures, reported above.
             Event::Message { level: 0, .. } => {}
             Event::Message { level, text } => io.log(*level as u64, text)?,
-            Event::HashMismatch { .. } | Event::BuildQueued { .. } | Event::Phase { .. } => {}
+            // Nix clients see a download as its `CopyPath` activity's start and end (the
+            // NAR's bytes, where the download counts the compressed file's).
+            Event::HashMismatch { .. }
+            | Event::BuildQueued { .. }
+            | Event::Phase { .. }
+            | Event::Download { .. } => {}
         }
         Ok(())
     }
@@ -413,7 +421,9 @@ impl<'d> Progress<'d> {
                 )?;
             }
         }
-        if self.trace {
+        // Downloads are traced only when the client asked for the extended trace, as
+        // Guix's substituter writes them only then.
+        if self.trace && (self.extended_trace || !matches!(e, Event::Download { .. })) {
             if let Some(line) = e.trace_line() {
                 io.next_raw(format!("{line}\n").as_bytes())?;
             }

@@ -319,6 +319,7 @@ impl<'d> Session<'d> {
         let mut progress = Progress::new(self.d, shown);
         progress.nix_command = self.nix_command();
         progress.trace = self.build.print_build_trace;
+        progress.extended_trace = self.build.print_extended_build_trace;
         progress.multiplexed = self.build.multiplexed_build_output;
         progress.build_verbosity = self.options.build_verbosity;
         let mut gone = progress.begin(io).is_err();

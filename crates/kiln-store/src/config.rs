@@ -646,6 +646,13 @@ pub const SETTINGS: &[Def] = &[
         help: "emit Guix '@ build-…' trace lines",
     },
     Def {
+        name: "print-extended-build-trace",
+        aliases: &[],
+        kind: Kind::Bool,
+        default: "false",
+        help: "with print-build-trace, also Guix's '@ download-…' lines of substitutions (a Guix client asks for them)",
+    },
+    Def {
         name: "multiplexed-build-output",
         aliases: &[],
         kind: Kind::Bool,

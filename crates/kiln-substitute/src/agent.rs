@@ -237,6 +237,7 @@ impl Substituter for Agent {
         ca: Option<&ContentAddress>,
         repair: bool,
         log: &dyn Fn(&str),
+        _progress: &crate::ProgressSink,
     ) -> Result<()> {
         let shown = self.store_dir.display(path);
         let info = self

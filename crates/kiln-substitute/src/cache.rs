@@ -110,11 +110,24 @@ pub struct BinaryCache {
 pub struct FileCheck {
     state: Arc<Mutex<(Option<Hasher>, u64)>>,
     what: String,
+    /// The size announced for the file, if any.
+    size: Option<u64>,
 }
 
 struct Counting {
     inner: Stream,
     state: Arc<Mutex<(Option<Hasher>, u64)>>,
+    /// Where progress goes, and when it last went.
+    report: Option<Reporter>,
+}
+
+struct Reporter {
+    sink: crate::ProgressSink,
+    url: String,
+    size: Option<u64>,
+    /// When progress was last told (never yet: the first bytes are told at once, as
+    /// Guix's rate-limited reporter passes its first call).
+    last: Option<std::time::Instant>,
 }
 
 impl Read for Counting {
@@ -122,17 +135,38 @@ impl Read for Counting {
         let n = self.inner.read(buf).map_err(|e| {
             std::io::Error::new(e.kind(), format!("{}{e}", compression::TRANSFER_ERROR))
         })?;
+        let mut total = 0;
         if let Ok(mut s) = self.state.lock() {
             if let Some(h) = &mut s.0 {
                 h.update(&buf[..n]);
             }
             s.1 += n as u64;
+            total = s.1;
+        }
+        if let Some(r) = &mut self.report {
+            if n > 0
+                && r.last
+                    .is_none_or(|t| t.elapsed() >= crate::PROGRESS_INTERVAL)
+            {
+                r.last = Some(std::time::Instant::now());
+                (r.sink)(crate::Download::Progress {
+                    url: r.url.clone(),
+                    size: r.size,
+                    transferred: total,
+                });
+            }
         }
         Ok(n)
     }
 }
 
 impl FileCheck {
+    /// The file's size as a download's end reports it: announced, or else what arrived.
+    pub fn size(&self) -> u64 {
+        self.size
+            .unwrap_or_else(|| self.state.lock().map(|s| s.1).unwrap_or(0))
+    }
+
     /// Compares what went past with the narinfo's claims.
     pub fn verify(&self, ni: &NarInfo) -> Result<()> {
         let mut s = self
@@ -328,15 +362,40 @@ impl BinaryCache {
     /// Opens the NAR a narinfo describes: decompressed, with a [`FileCheck`] to call once
     /// the NAR has been read.
     pub fn nar(&self, ni: &NarInfo) -> Result<(Stream, FileCheck)> {
+        self.nar_reporting(ni, None)
+    }
+
+    /// [`BinaryCache::nar`], telling `progress` that the download started and, as bytes
+    /// arrive, how far it is ([`crate::Download`]); its end is the caller's to tell.
+    pub fn nar_reporting(
+        &self,
+        ni: &NarInfo,
+        progress: Option<&crate::ProgressSink>,
+    ) -> Result<(Stream, FileCheck)> {
         let what = self.transport.describe(&ni.url);
-        let raw = self
+        let (raw, length) = self
             .transport
-            .get(&ni.url)?
+            .get_sized(&ni.url)?
             .ok_or_else(|| Error::Transfer {
                 url: what.clone(),
                 action: "download",
                 why: "the cache does not have it (its narinfo names it)".into(),
             })?;
+        // As Guix's substituter announces a size: the file's length, or for an
+        // uncompressed NAR its size.
+        let size = length.or((ni.compression == "none").then_some(ni.nar_size));
+        let report = progress.map(|sink| {
+            sink(crate::Download::Started {
+                url: what.clone(),
+                size,
+            });
+            Reporter {
+                sink: sink.clone(),
+                url: what.clone(),
+                size,
+                last: None,
+            }
+        });
         let hasher = ni
             .file_hash
             .as_ref()
@@ -347,9 +406,10 @@ impl BinaryCache {
         let counting = Counting {
             inner: raw,
             state: state.clone(),
+            report,
         };
         let decoded = compression::decoder(&ni.compression, Box::new(counting))?;
-        Ok((decoded, FileCheck { state, what }))
+        Ok((decoded, FileCheck { state, what, size }))
     }
 }
 

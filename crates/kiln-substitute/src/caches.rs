@@ -211,8 +211,14 @@ impl Caches {
     /// Downloads an offer into the store: streamed through decompression, NAR restore
     /// and hashing in one pass; valid only after NarHash, NarSize, the content address
     /// and FileHash/FileSize all matched.
-    pub fn download(&self, store: &LocalStore, offer: &Offer, repair: bool) -> Result<()> {
-        let (mut stream, check) = offer.cache.nar(&offer.narinfo)?;
+    pub fn download(
+        &self,
+        store: &LocalStore,
+        offer: &Offer,
+        repair: bool,
+        progress: Option<&crate::ProgressSink>,
+    ) -> Result<()> {
+        let (mut stream, check) = offer.cache.nar_reporting(&offer.narinfo, progress)?;
         let what = offer.cache.transport().describe(&offer.narinfo.url);
         store.add_nar_checked(
             &offer.info,
@@ -227,6 +233,12 @@ impl Caches {
                     .map_err(|e| kiln_store::Error::Invalid(e.to_string()))
             },
         )?;
+        if let Some(sink) = progress {
+            sink(crate::Download::Succeeded {
+                url: what,
+                size: check.size(),
+            });
+        }
         // The add leaves a temporary root for its caller; the goal that asked for the path
         // holds its own. Kept, it would make a daemon hold every path it ever substituted
         // alive until it restarts (`nix-store --delete` refused them, GC skipped them).
@@ -330,6 +342,7 @@ impl Substituter for Caches {
         ca: Option<&ContentAddress>,
         repair: bool,
         log: &dyn Fn(&str),
+        progress: &crate::ProgressSink,
     ) -> Result<()> {
         let mut failures = Vec::new();
         for c in self.ordered(cfg, log) {
@@ -341,7 +354,7 @@ impl Substituter for Caches {
                     continue;
                 }
             };
-            match self.download(store, &offer, repair) {
+            match self.download(store, &offer, repair, Some(progress)) {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     log(&format!(

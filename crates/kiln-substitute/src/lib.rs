@@ -121,6 +121,36 @@ pub(crate) fn for_each_parallel<T: Sync>(
     });
 }
 
+/// A download's course, for clients that show it (Guix's `@ download-started`,
+/// `@ download-progress` and `@ download-succeeded` traces). `size` is what the cache
+/// announced for the file (its length, or the NAR's size when it is not compressed), if
+/// anything; `transferred` counts the file's bytes as they arrive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Download {
+    Started {
+        url: String,
+        size: Option<u64>,
+    },
+    /// At most every [`PROGRESS_INTERVAL`] while bytes arrive.
+    Progress {
+        url: String,
+        size: Option<u64>,
+        transferred: u64,
+    },
+    /// The file arrived whole and checked; `size` is the announced size, or else the
+    /// bytes that arrived.
+    Succeeded {
+        url: String,
+        size: u64,
+    },
+}
+
+/// Where a download's progress goes.
+pub type ProgressSink = std::sync::Arc<dyn Fn(Download) + Send + Sync>;
+
+/// How often a download reports its progress (Guix's `%progress-interval`).
+pub const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Fetches store paths from elsewhere. The scheduler's substitution goals use it.
 pub trait Substituter: Send + Sync {
     /// Information about the paths it can provide. `paths` maps each path to its content
@@ -134,7 +164,10 @@ pub trait Substituter: Send + Sync {
     ) -> Result<BTreeMap<StorePath, SubstitutableInfo>>;
 
     /// Fetches `path` into `store` (verified, registered). With `repair`, replaces a valid
-    /// copy after verifying the new one. Its references must be valid already.
+    /// copy after verifying the new one. Its references must be valid already. The
+    /// download's course goes to `progress` (an external agent reports its own, in its
+    /// log).
+    #[allow(clippy::too_many_arguments)]
     fn fetch(
         &self,
         cfg: &SubstConfig,
@@ -143,6 +176,7 @@ pub trait Substituter: Send + Sync {
         ca: Option<&ContentAddress>,
         repair: bool,
         log: &dyn Fn(&str),
+        progress: &ProgressSink,
     ) -> Result<()>;
 }
 

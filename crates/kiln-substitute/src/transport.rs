@@ -116,6 +116,12 @@ impl Transport {
 
     /// Opens a file of the cache; `None` if the cache does not have it.
     pub fn get(&self, rel: &str) -> Result<Option<Stream>> {
+        Ok(self.get_sized(rel)?.map(|(s, _)| s))
+    }
+
+    /// [`Transport::get`], with the file's length where the cache tells it (a local
+    /// file's size, HTTP's `Content-Length`).
+    pub fn get_sized(&self, rel: &str) -> Result<Option<(Stream, Option<u64>)>> {
         check_relative(rel)?;
         let fail = |why: String| Error::Transfer {
             url: self.describe(rel),
@@ -124,7 +130,10 @@ impl Transport {
         };
         if let Some(p) = self.local(rel) {
             return match std::fs::File::open(&p) {
-                Ok(f) => Ok(Some(Box::new(f))),
+                Ok(f) => {
+                    let len = f.metadata().ok().map(|m| m.len());
+                    Ok(Some((Box::new(f), len)))
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(fail(e.to_string())),
             };
@@ -144,7 +153,14 @@ impl Transport {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     match status {
-                        200..=299 => return Ok(Some(Box::new(resp.into_body().into_reader()))),
+                        200..=299 => {
+                            let len = resp
+                                .headers()
+                                .get("content-length")
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| v.trim().parse().ok());
+                            return Ok(Some((Box::new(resp.into_body().into_reader()), len)));
+                        }
                         st if absent(st) => return Ok(None),
                         500..=599 | 429 => format!("HTTP error {status}"),
                         _ => return Err(fail(format!("HTTP error {status}"))),

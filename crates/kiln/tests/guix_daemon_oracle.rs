@@ -12,6 +12,9 @@ use std::process::{Command, Stdio};
 
 use kiln_testkit::{fixture, nix_required, sid_root, BindMount, DaemonProcess};
 
+/// The tests share the sid root (and mount a fresh `/var/guix` in it): one at a time.
+static ROOT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn sid_guix(test: &str) -> Option<PathBuf> {
     let root = sid_root();
     if root.join("usr/bin/guix-daemon").exists() && rustix::process::geteuid().is_root() {
@@ -27,14 +30,21 @@ fn sid_guix(test: &str) -> Option<PathBuf> {
 
 /// Runs the script against the daemon listening on `socket`, returning its lines.
 fn ask(root: &Path, d: &Path, socket: &Path) -> String {
+    normalize(&ask_with(root, d, socket, "oracle.scm", &[]))
+}
+
+/// Runs the script `d/script` with the environment `env` against the daemon listening on
+/// `socket`; what it printed.
+fn ask_with(root: &Path, d: &Path, socket: &Path, script: &str, env: &[String]) -> String {
     let out = Command::new("chroot")
         .arg(root)
         .arg("env")
         .arg(format!("NIX_STORE_DIR={}", d.join("store").display()))
         .arg(format!("GUIX_DAEMON_SOCKET={}", socket.display()))
         .arg("HOME=/tmp")
+        .args(env)
         .args(["guix", "repl", "--"])
-        .arg(d.join("oracle.scm"))
+        .arg(d.join(script))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -43,7 +53,7 @@ fn ask(root: &Path, d: &Path, socket: &Path) -> String {
         "guix repl failed:\n{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    normalize(&text)
+    text
 }
 
 /// What differs by nature between two daemons' traces: a build's pid, and where its log
@@ -89,10 +99,12 @@ fn guix_clients_see_what_guix_daemon_1_5_would_say() {
     let Some(root) = sid_guix(test) else {
         return;
     };
+    let _one = ROOT.lock().unwrap_or_else(|e| e.into_inner());
     let base = std::env::temp_dir().join(format!("kiln-guix-oracle-{}", std::process::id()));
     fresh(&base);
     let guix = {
         let _mount = BindMount::new(&root, &base);
+        let _db = Over::new(&base.join("var-guix"), &root.join("var/guix"));
         let socket = base.join("socket");
         let mut c = Command::new("chroot");
         c.arg(&root)
@@ -140,4 +152,206 @@ fn guix_clients_see_what_guix_daemon_1_5_would_say() {
     assert!(guix.contains("trace @ build-failed "), "{guix}");
     assert!(guix.contains("trace @ build-succeeded "), "{guix}");
     assert_eq!(kiln, guix, "kiln:\n{kiln}\nguix-daemon 1.5:\n{guix}");
+}
+
+/// A directory mounted over another for as long as this lives (a fresh `/var/guix` in the
+/// root: guix-daemon keeps its database there whatever `NIX_STATE_DIR` says).
+struct Over(PathBuf);
+
+impl Over {
+    fn new(dir: &Path, target: &Path) -> Over {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::create_dir_all(target).unwrap();
+        let st = Command::new("mount")
+            .arg("--bind")
+            .arg(dir)
+            .arg(target)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting over {}", target.display());
+        Over(target.to_path_buf())
+    }
+}
+
+impl Drop for Over {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A child process killed when this is dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The traces of a substitution a client saw (`trace @ …` lines), with a download's
+/// progress before its end told as `PARTIAL`: how far the first chunk goes depends on the
+/// reader's buffer (Guix's is 1 KiB), and how many reports a download gets on its speed.
+fn substitution_traces(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for l in text.lines().filter_map(|l| l.strip_prefix("trace @ ")) {
+        let f: Vec<&str> = l.split(' ').collect();
+        let line = if f.first() == Some(&"download-progress") && f.len() == 5 && f[3] != f[4] {
+            format!("{} {} {} {} PARTIAL", f[0], f[1], f[2], f[3])
+        } else {
+            l.to_string()
+        };
+        if out.last() != Some(&line) {
+            out.push(line);
+        }
+    }
+    out
+}
+
+/// A substitution from an HTTP cache, as a Guix client sees it with extended build traces:
+/// guix-daemon 1.5 (through Guix's own `guix substitute`) and kiln (its own cache client)
+/// fetch the same 3 MB path from the same cache (`kiln serve`), on fresh stores at one path.
+/// Their traces (`@ substituter-started`, `@ download-started`, `@ download-progress`,
+/// `@ download-succeeded`, `@ substituter-succeeded`) must agree.
+#[test]
+fn guix_clients_see_substitutions_as_guix_daemon_1_5_shows_them() {
+    let test = "guix_clients_see_substitutions_as_guix_daemon_1_5_shows_them";
+    let Some(root) = sid_guix(test) else {
+        return;
+    };
+    let _one = ROOT.lock().unwrap_or_else(|e| e.into_inner());
+    let base = std::env::temp_dir().join(format!("kiln-guix-subst-{}", std::process::id()));
+    fresh(&base);
+    std::fs::copy(fixture("guix/substitute.scm"), base.join("substitute.scm")).unwrap();
+    let kiln = env!("CARGO_BIN_EXE_kiln");
+    // The cache: a store of its own at the same logical directory, served over HTTP.
+    let cache_root = base.join("cache-root");
+    let blob = base.join("blob");
+    let mut x: u64 = std::process::id() as u64 | 1;
+    let bytes: Vec<u8> = (0..3_000_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&blob, bytes).unwrap();
+    let out = Command::new(kiln)
+        .arg("--root")
+        .arg(&cache_root)
+        .arg("--store-dir")
+        .arg(base.join("store"))
+        .args(["store", "add"])
+        .arg(&blob)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let path = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _serve = Killed(
+        Command::new(kiln)
+            .arg("--root")
+            .arg(&cache_root)
+            .arg("--store-dir")
+            .arg(base.join("store"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed().as_secs() < 30,
+            "kiln serve did not listen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let url = format!("http://127.0.0.1:{port}");
+    let env = [format!("SUBST_PATH={path}"), format!("CACHE_URL={url}")];
+    let fresh_store = || {
+        let store = base.join("store");
+        let _ = Command::new("chmod")
+            .arg("-R")
+            .arg("u+w")
+            .arg(&store)
+            .status();
+        std::fs::remove_dir_all(&store).unwrap();
+        std::fs::create_dir_all(&store).unwrap();
+        for d in ["state", "log"] {
+            let _ = std::fs::remove_dir_all(base.join(d));
+        }
+    };
+    let guix = {
+        let _mount = BindMount::new(&root, &base);
+        let _db = Over::new(&base.join("var-guix"), &root.join("var/guix"));
+        let socket = base.join("socket");
+        let mut c = Command::new("chroot");
+        c.arg(&root)
+            .arg("env")
+            .arg(format!("NIX_STORE_DIR={}", base.join("store").display()))
+            .arg(format!("NIX_STATE_DIR={}", base.join("state").display()))
+            .arg(format!("NIX_LOG_DIR={}", base.join("log").display()))
+            // The cache signs nothing: Guix's substituter is told to take it unsigned.
+            .arg("GUIX_ALLOW_UNAUTHENTICATED_SUBSTITUTES=yes")
+            .args(["guix-daemon", "--disable-chroot", "--build-users-group="])
+            .arg(format!("--listen={}", socket.display()))
+            .arg(format!("--substitute-urls={url}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let daemon = DaemonProcess::start(c, socket.clone());
+        let text = ask_with(&root, &base, &socket, "substitute.scm", &env);
+        drop(daemon);
+        text
+    };
+    fresh_store();
+    let kiln_text = {
+        let socket = base.join("socket");
+        let _ = std::fs::remove_file(&socket);
+        let mut c = Command::new(kiln);
+        c.args(["--layout", "guix", "--store-dir"])
+            .arg(base.join("store"))
+            .arg("--state-dir")
+            .arg(base.join("state"))
+            .arg("--log-dir")
+            .arg(base.join("log"))
+            .args(["--option", "sandbox", "false"])
+            .args(["--option", "build-users-group", ""])
+            .args(["--option", "substituters", &url])
+            .args(["--option", "require-sigs", "false"])
+            .arg("daemon")
+            .arg("--socket")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let daemon = DaemonProcess::start(c, socket.clone());
+        let _mount = BindMount::new(&root, &base);
+        let text = ask_with(&root, &base, &socket, "substitute.scm", &env);
+        drop(daemon);
+        text
+    };
+    drop(_serve);
+    let _ = Command::new("chmod")
+        .arg("-R")
+        .arg("u+w")
+        .arg(&base)
+        .status();
+    let _ = std::fs::remove_dir_all(&base);
+    let (g, k) = (substitution_traces(&guix), substitution_traces(&kiln_text));
+    assert!(guix.contains("valid #t"), "{guix}");
+    assert!(kiln_text.contains("valid #t"), "{kiln_text}");
+    assert!(
+        g.iter().any(|l| l.starts_with("download-started ")),
+        "guix-daemon traced no download:\n{guix}"
+    );
+    assert_eq!(k, g, "kiln:\n{kiln_text}\nguix-daemon 1.5:\n{guix}");
+    eprintln!("{test}: both traced:\n{}", g.join("\n"));
 }

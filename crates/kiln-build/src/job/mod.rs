@@ -72,6 +72,8 @@ pub enum JobEvent {
     Log(Arc<[u8]>),
     /// The builder ended; its outputs are being checked and registered.
     Registering,
+    /// A substitution's download went on (substitution goals only).
+    Download(kiln_substitute::Download),
 }
 
 /// Shared between the scheduler and a running job.

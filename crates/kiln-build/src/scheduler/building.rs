@@ -647,6 +647,13 @@ impl Worker {
             let text = String::from_utf8_lossy(data).trim_end().to_string();
             return self.emit(id, Event::Message { level: 1, text });
         }
+        if let (Some(Kind::Subst(s)), JobEvent::Download(download)) =
+            (self.goals.get(&id).map(|g| &g.kind), &e)
+        {
+            let path = self.store().print(&s.path);
+            let download = download.clone();
+            return self.emit(id, Event::Download { path, download });
+        }
         let Some(Goal {
             kind: Kind::Drv(d), ..
         }) = self.goals.get(&id)
@@ -683,6 +690,8 @@ impl Worker {
                 level: 1,
                 text: format!("warning: {text}"),
             },
+            // Only substitutions download (see above).
+            JobEvent::Download(_) => return,
             JobEvent::Registering => Event::Phase {
                 drv,
                 phase: crate::event::Phase::Registering,

@@ -176,9 +176,25 @@ impl Worker {
         );
         let tx = self.tx.clone();
         let log = line_logger(self.tx.clone(), id);
+        let progress: kiln_substitute::ProgressSink = {
+            let tx = std::sync::Mutex::new(self.tx.clone());
+            Arc::new(move |d| {
+                if let Ok(tx) = tx.lock() {
+                    let _ = tx.send(Msg::JobEvent(id, JobEvent::Download(d)));
+                }
+            })
+        };
         std::thread::spawn(move || {
             let r = sub
-                .fetch(&settings.subst, &store, &path, ca.as_ref(), repair, &log)
+                .fetch(
+                    &settings.subst,
+                    &store,
+                    &path,
+                    ca.as_ref(),
+                    repair,
+                    &log,
+                    &progress,
+                )
                 .map_err(|e| e.to_string());
             let _ = tx.send(Msg::Fetched(id, r));
         });

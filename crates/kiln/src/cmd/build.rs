@@ -168,7 +168,8 @@ impl kiln_build::EventSink for Reporter {
             | Event::HashMismatch { .. }
             | Event::BuildQueued { .. }
             | Event::SubstitutionQueued { .. }
-            | Event::Phase { .. } => {}
+            | Event::Phase { .. }
+            | Event::Download { .. } => {}
         }
     }
 }

@@ -290,7 +290,7 @@ impl LiveView {
                     above.push(text.clone());
                 }
             }
-            Event::HashMismatch { .. } | Event::Phase { .. } => {}
+            Event::HashMismatch { .. } | Event::Phase { .. } | Event::Download { .. } => {}
         }
         // Output that printed nothing waits for the next tick: a chatty builder must not
         // cost a redraw per chunk.
