@@ -32,6 +32,8 @@ pub struct Progress<'d> {
     substitutions: HashMap<String, (u64, Option<u64>)>,
     /// NAR sizes of queued substitutions (their copies' progress).
     nar_sizes: HashMap<String, u64>,
+    /// Running downloads of substitutions' files: their `FileTransfer` activities.
+    downloads: HashMap<String, u64>,
     /// Bytes of a build's log that end in the middle of a UTF-8 character (kiln clients).
     utf8_tails: HashMap<String, Vec<u8>>,
     /// The store's directory, for kiln clients' events (read once, not per event).
@@ -72,6 +74,7 @@ impl<'d> Progress<'d> {
             builds: HashMap::new(),
             substitutions: HashMap::new(),
             nar_sizes: HashMap::new(),
+            downloads: HashMap::new(),
             utf8_tails: HashMap::new(),
             store_dir: daemon.store().store_dir().clone(),
             trace: false,
@@ -383,6 +386,9 @@ impl<'d> Progress<'d> {
                 self.substitutions.insert(path.clone(), (id, None));
             }
             Event::SubstitutionFinished { path, ok, error } => {
+                if let Some(id) = self.downloads.remove(path) {
+                    io.stop_activity(id)?;
+                }
                 if let Some((goal, copy)) = self.substitutions.remove(path) {
                     if let Some(copy) = copy {
                         if *ok {
@@ -401,12 +407,52 @@ impl<'d> Progress<'d> {
             // Level-0 messages repeat goal failures, reported above.
             Event::Message { level: 0, .. } => {}
             Event::Message { level, text } => io.log(*level as u64, text)?,
-            // Nix clients see a download as its `CopyPath` activity's start and end (the
-            // NAR's bytes, where the download counts the compressed file's).
-            Event::HashMismatch { .. }
-            | Event::BuildQueued { .. }
-            | Event::Phase { .. }
-            | Event::Download { .. } => {}
+            // A download is a `FileTransfer` activity inside the path's `CopyPath`, with
+            // the file's bytes as progress, as nix-daemon 2.34 shows a NAR it fetches over
+            // HTTP (a `file://` cache's NAR is read, not transferred: no activity).
+            Event::Download { path, download } => match download {
+                kiln_substitute::Download::Started { url, .. } if url.starts_with("file:") => {}
+                kiln_substitute::Download::Started { url, size } => {
+                    // A download that failed before, from another cache, ends here.
+                    if let Some(old) = self.downloads.remove(path) {
+                        io.stop_activity(old)?;
+                    }
+                    let id = self.daemon.next_activity();
+                    let parent = self
+                        .substitutions
+                        .get(path)
+                        .and_then(|(goal, copy)| copy.or(Some(*goal)))
+                        .unwrap_or(0);
+                    io.start_activity(
+                        id,
+                        level::TALKATIVE,
+                        activity::FILE_TRANSFER,
+                        &format!("downloading '{url}'"),
+                        &[Field::from(url.as_str())],
+                        parent,
+                    )?;
+                    io.result(id, result::PROGRESS, &progress(0, size.unwrap_or(0)))?;
+                    self.downloads.insert(path.clone(), id);
+                }
+                kiln_substitute::Download::Progress {
+                    size, transferred, ..
+                } => {
+                    if let Some(id) = self.downloads.get(path) {
+                        io.result(
+                            *id,
+                            result::PROGRESS,
+                            &progress(*transferred, size.unwrap_or(0)),
+                        )?;
+                    }
+                }
+                kiln_substitute::Download::Succeeded { size, .. } => {
+                    if let Some(id) = self.downloads.remove(path) {
+                        io.result(id, result::PROGRESS, &progress(*size, *size))?;
+                        io.stop_activity(id)?;
+                    }
+                }
+            },
+            Event::HashMismatch { .. } | Event::BuildQueued { .. } | Event::Phase { .. } => {}
         }
         Ok(())
     }
