@@ -582,6 +582,82 @@ fn repair_from_a_bad_substitute_keeps_the_old_contents() {
     k.ok(&["store", "verify", "--check-contents"]);
 }
 
+/// `kiln store verify --check-contents --repair` restores from the caches what it finds
+/// damaged (a changed file) or missing (a deleted path), as `nix-store --verify
+/// --check-contents --repair` does; the store verifies clean after.
+#[test]
+fn verify_repair_restores_damaged_and_missing_paths_from_a_cache() {
+    let s = setup();
+    let k = s.fresh("verify-repair");
+    let cache = format!("file://{}", s.base.join("xz").display());
+    let o = s.copy_from(&k, &cache, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let real = |p: &str| {
+        k.real()
+            .join(Path::new(p).strip_prefix(&s.store_dir).unwrap())
+    };
+    let chmod = |p: &Path| {
+        let _ = Command::new("chmod").arg("-R").arg("u+w").arg(p).status();
+    };
+    let blob = real(&s.top).join("blob");
+    let good = std::fs::read(&blob).unwrap();
+    chmod(&real(&s.top));
+    std::fs::write(&blob, b"damaged").unwrap();
+    let dep = real(&s.dep);
+    let dep_before = tree_of(&dep);
+    chmod(&dep);
+    if dep.is_dir() {
+        std::fs::remove_dir_all(&dep).unwrap();
+    } else {
+        std::fs::remove_file(&dep).unwrap();
+    }
+    // Found, not repaired: an error naming both.
+    let o = k.run(&["store", "verify", "--check-contents"]);
+    assert!(!o.status.success(), "{}", stderr(&o));
+    // Repaired from the cache.
+    let o = k.run(&[
+        "--option",
+        "trusted-public-keys",
+        &s.pk,
+        "--option",
+        "substituters",
+        &cache,
+        "store",
+        "verify",
+        "--check-contents",
+        "--repair",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for p in [&s.top, &s.dep] {
+        assert!(
+            stderr(&o).contains(&format!("repaired '{p}'")),
+            "{p} not reported repaired: {}",
+            stderr(&o)
+        );
+    }
+    assert_eq!(std::fs::read(&blob).unwrap(), good);
+    assert_eq!(tree_of(&dep), dep_before);
+    k.ok(&["store", "verify", "--check-contents"]);
+    k.assert_no_debris();
+}
+
+/// A path's files and their contents, for comparing a tree before and after.
+fn tree_of(p: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![p.to_path_buf()];
+    while let Some(q) = todo.pop() {
+        if q.is_dir() {
+            for e in std::fs::read_dir(&q).unwrap() {
+                todo.push(e.unwrap().path());
+            }
+        } else {
+            out.push((q.clone(), std::fs::read(&q).unwrap_or_default()));
+        }
+    }
+    out.sort();
+    out
+}
+
 #[test]
 fn kiln_serve_answers_as_a_cache() {
     let s = setup();

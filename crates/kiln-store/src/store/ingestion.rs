@@ -34,7 +34,19 @@ impl LocalStore {
             }
             return self.path_info(&info.path);
         }
-        if valid {
+        if valid && std::fs::symlink_metadata(&final_real).is_err() {
+            // Repair of a path that is gone (valid in the database, missing on disk): the
+            // verified contents move into place; nothing is there to swap with.
+            rustix::fs::renameat_with(
+                &self.store_fd,
+                tmp.path.base_name(),
+                &self.store_fd,
+                info.path.base_name(),
+                rustix::fs::RenameFlags::NOREPLACE,
+            )
+            .map_err(|e| Error::io(&final_real, "move into place", e))?;
+            tmp.armed = false;
+        } else if valid {
             // Repair: the new contents are verified; swap them in atomically, then drop the old.
             rustix::fs::renameat_with(
                 &self.store_fd,
