@@ -372,20 +372,34 @@ impl BuildSandbox {
             writable: true,
             optional: false,
         });
+        // Guix's daemon mounts what a link points to; Nix's copies the link.
+        let copy_links = sd.as_str() != "/gnu/store";
+        let mut links: Vec<String> = Vec::new();
         for (target, source, optional) in extra {
             if !target.starts_with('/') {
                 return Err(format!("sandbox path '{target}' is not absolute"));
+            }
+            // Nothing is set up beneath a copied link: the child would follow the link,
+            // before `pivot_root`, to wherever it points on the host.
+            if let Some(l) = links.iter().find(|l| target.starts_with(&format!("{l}/"))) {
+                return Err(format!(
+                    "sandbox path '{target}' is beneath '{l}', a symbolic link in the sandbox"
+                ));
             }
             parents(&mut e, &mut made, &target);
             // A symbolic link is copied, as Nix does (a link cannot be mounted): on a
             // merged-/usr system `/bin` is then `usr/bin` in the sandbox too, and resolves
             // only where `/usr` is given as well.
-            if let Ok(link) = std::fs::read_link(&source) {
-                e.push(Entry::Symlink {
-                    target: link.to_string_lossy().into_owned(),
-                    path: target,
-                });
-                continue;
+            if copy_links {
+                if let Ok(link) = std::fs::read_link(&source) {
+                    made.insert(target.clone());
+                    links.push(target.clone());
+                    e.push(Entry::Symlink {
+                        target: link.to_string_lossy().into_owned(),
+                        path: target,
+                    });
+                    continue;
+                }
             }
             e.push(Entry::Bind {
                 source,
@@ -407,7 +421,7 @@ impl BuildSandbox {
                 optional: false,
             });
             for lib in ["/lib", "/lib64", "/usr/lib", "/usr/lib64"] {
-                if made.contains(lib) {
+                if made.contains(lib) || links.iter().any(|l| lib.starts_with(&format!("{l}/"))) {
                     continue;
                 }
                 parents(&mut e, &mut made, lib);

@@ -212,17 +212,11 @@ impl BuildSettings {
             auto_optimise: s.get_bool("auto-optimise-store"),
             hashed_mirrors: s.get_list("hashed-mirrors"),
             netrc_file: opt("netrc-file").map(PathBuf::from),
+            // `auto` is resolved by the command's set-up (it knows the layout); left
+            // unresolved (a library caller), it means none.
             ssl_cert_file: opt("ssl-cert-file")
-                .or_else(|| {
-                    std::env::var("NIX_SSL_CERT_FILE")
-                        .ok()
-                        .filter(|f| !f.is_empty())
-                })
-                .map(PathBuf::from)
-                .or_else(|| {
-                    let system = PathBuf::from("/etc/ssl/certs/ca-certificates.crt");
-                    system.exists().then_some(system)
-                }),
+                .filter(|f| f != "auto")
+                .map(PathBuf::from),
             impure_env: s
                 .get_list("impure-env")
                 .iter()

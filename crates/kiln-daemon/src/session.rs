@@ -92,8 +92,31 @@ impl Drop for Session<'_> {
 
 enum ConnMsg {
     Event(Event),
-    Done(RequestResult),
+    /// The request's result, and the outputs rooted for this connection.
+    Done(RequestResult, Rooted),
     Hangup,
+}
+
+/// Temporary roots taken for a connection on the scheduler's thread, on their way to it:
+/// released if the message is dropped undelivered (the connection gone meanwhile).
+struct Rooted {
+    store: Arc<LocalStore>,
+    paths: Vec<StorePath>,
+}
+
+impl Rooted {
+    /// The roots, now the receiver's to release.
+    fn take(mut self) -> Vec<StorePath> {
+        std::mem::take(&mut self.paths)
+    }
+}
+
+impl Drop for Rooted {
+    fn drop(&mut self) {
+        for p in &self.paths {
+            self.store.remove_temp_root(p);
+        }
+    }
 }
 
 fn not_privileged(what: &str) -> RemoteError {
@@ -295,6 +318,7 @@ impl<'d> Session<'d> {
             }
         });
         let done = tx.clone();
+        let rooting = self.b.store.clone();
         let id = self
             .b
             .scheduler
@@ -310,8 +334,24 @@ impl<'d> Session<'d> {
                     sink,
                     nested: self.restricted.as_ref().map(|r| r.id()),
                 },
-                Box::new(move |r| {
-                    let _ = done.send(ConnMsg::Done(r));
+                Box::new(move |r: RequestResult| {
+                    // The outputs are rooted for this connection here, on the scheduler's
+                    // thread, before the goals that made them let go of theirs: a
+                    // collection in between cannot take what the client is about to be
+                    // told was built (as Nix's worker kept every root it took).
+                    let mut rooted = Rooted {
+                        store: rooting.clone(),
+                        paths: Vec::new(),
+                    };
+                    for (_, res) in &r.results {
+                        for p in res.outputs.values() {
+                            if rooting.add_temp_root(p).is_ok() {
+                                rooted.paths.push(p.clone());
+                            }
+                        }
+                    }
+                    // Undelivered, the message (and with it `rooted`) is dropped.
+                    let _ = done.send(ConnMsg::Done(r, rooted));
                 }),
             )
             .map_err(remote)?;
@@ -336,7 +376,13 @@ impl<'d> Session<'d> {
                         break Err(remote("the client disconnected"));
                     }
                 }
-                Ok(ConnMsg::Done(r)) => break Ok(r),
+                Ok(ConnMsg::Done(r, rooted)) => {
+                    // Released with the connection's other roots when it ends.
+                    for p in rooted.take() {
+                        self.keep(&p);
+                    }
+                    break Ok(r);
+                }
                 Ok(ConnMsg::Hangup) | Err(_) => {
                     // Its goals are cancelled unless another client still wants them.
                     self.b.scheduler.cancel(id);
@@ -351,15 +397,6 @@ impl<'d> Session<'d> {
         let r = outcome?;
         if gone {
             return Err(remote("the client disconnected"));
-        }
-        // A built output stays alive for this client until it disconnects, as Nix's
-        // worker process kept its temp roots.
-        for (_, res) in &r.results {
-            for p in res.outputs.values() {
-                if self.store().add_temp_root(p).is_ok() {
-                    self.keep(p);
-                }
-            }
         }
         Ok(r)
     }

@@ -238,11 +238,6 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 child_fail(ef, ST_CGROUP);
             }
         }
-        if let Some(limit) = &d.nofile {
-            if libc::setrlimit(libc::RLIMIT_NOFILE, limit) < 0 {
-                child_fail(ef, ST_NOFILE);
-            }
-        }
         if d.sync_fd >= 0 {
             let mut b = 0u8;
             loop {
@@ -355,6 +350,16 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         ) < 0
         {
             child_fail(ef, 10);
+        }
+        // The daemon's limit on open files goes back to what it started with, last: until
+        // here the child holds a copy of the daemon's descriptors (as many as its raised
+        // limit allows) and opens more of its own (/dev/null, mount points), which a
+        // lowered limit would refuse on a busy daemon. Lowering a soft limit needs no
+        // privilege, and the filter allows it.
+        if let Some(limit) = &d.nofile {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, limit) < 0 {
+                child_fail(ef, ST_NOFILE);
+            }
         }
         libc::execve(spec.program.as_ptr(), d.argv, d.envp);
         child_fail(ef, 11);

@@ -740,8 +740,8 @@ pub const SETTINGS: &[Def] = &[
         name: "ssl-cert-file",
         aliases: &[],
         kind: Kind::Str,
-        default: "",
-        help: "the certificate authorities fixed-output builds see at /etc/ssl/certs/ca-certificates.crt in the sandbox (default: $NIX_SSL_CERT_FILE, else /etc/ssl/certs/ca-certificates.crt if it exists)",
+        default: "auto",
+        help: "the certificate authorities fixed-output builds see at /etc/ssl/certs/ca-certificates.crt in the sandbox, as Nix's; empty: none. auto: $NIX_SSL_CERT_FILE, else /etc/ssl/certs/ca-certificates.crt if it exists (none with the guix layout, as guix-daemon gives none)",
     },
     Def {
         name: "connect-timeout",

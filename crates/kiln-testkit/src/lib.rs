@@ -512,3 +512,39 @@ impl Transcript {
             .unwrap_or_else(|| panic!("no step '{label}' in the transcript"))
     }
 }
+
+/// A server started by `start` on a free loopback port, once it accepts connections:
+/// (the server, its port). The port is found by binding port 0 and letting it go, so
+/// another process may take it before the server binds: then the server exits (or never
+/// answers) and another port is tried, up to 10 times.
+pub fn serve_on_free_port(mut start: impl FnMut(u16) -> Child) -> (Child, u16) {
+    for _ in 0..10 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind a free port")
+            .local_addr()
+            .expect("its address")
+            .port();
+        let mut child = start(port);
+        let started = std::time::Instant::now();
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // Still ours: a server that lost the port to another has exited by now.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                if let Ok(None) = child.try_wait() {
+                    return (child, port);
+                }
+                break;
+            }
+            if started.elapsed() > std::time::Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    panic!("no server could be started on a free port in 10 tries");
+}

@@ -486,7 +486,9 @@ fn running_out_of_descriptors_is_logged_and_passes() {
 /// The daemon raises its own limit on open files to the hard limit (a busy daemon needs
 /// them), but its builders and hooks get the limit it started with, as Nix's do: what a
 /// builder sees of `ulimit -n` (and may record in its output) is what the machine's
-/// administrator set, not the daemon's raised figure.
+/// administrator set, not the daemon's raised figure. And builders still start while the
+/// daemon holds more descriptors than that limit (here 250 idle connections, which any
+/// local user may open): the limit is put back only at the builder's `exec`.
 #[test]
 fn builders_and_hooks_get_the_limit_on_open_files_the_daemon_started_with() {
     if !nix_or_skip("builders_and_hooks_get_the_limit_on_open_files_the_daemon_started_with") {
@@ -530,6 +532,16 @@ fn builders_and_hooks_get_the_limit_on_open_files_the_daemon_started_with() {
         "the daemon did not raise its soft limit to the hard one: {limits}"
     );
     assert_ne!(open_files[3], "200", "{limits}");
+    let sd = kiln_format::StoreDir::new(env.store_dir().to_string_lossy().into_owned()).unwrap();
+    let held: Vec<Client> = (0..250)
+        .map(|i| {
+            Client::connect(&socket, sd.clone()).unwrap_or_else(|e| panic!("connection {i}: {e}"))
+        })
+        .collect();
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", daemon.child.id()))
+        .unwrap()
+        .count();
+    assert!(fds > 250, "the daemon holds only {fds} descriptors");
     let file = env.dir.path().join("limit.nix");
     std::fs::write(
         &file,
@@ -559,6 +571,7 @@ fn builders_and_hooks_get_the_limit_on_open_files_the_daemon_started_with() {
         "200\n",
         "the hook's limit"
     );
+    drop(held);
 }
 
 /// Collections racing builds (the load run: 8 clients realising one graph while

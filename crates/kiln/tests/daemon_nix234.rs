@@ -248,6 +248,11 @@ fn nix_2_34_sandboxed_builders_see_what_nix_daemon_shows_them() {
     let kiln_out = run(true);
     let (n, k) = (scenario_steps(&nix_out), scenario_steps(&kiln_out));
     assert_eq!(n.len(), 4, "the probes did not run: {nix_out}");
+    assert_eq!(
+        k.len(),
+        n.len(),
+        "kiln's probes did not all run: {kiln_out}"
+    );
     assert!(
         n[0].1.contains("hostname: localhost") && n[0].1.contains("exit=0"),
         "{nix_out}"
@@ -425,27 +430,16 @@ fn substitution_progress(test: &str, http: bool) {
         nix(&env, &d, &["copy", "--to", &to, top.trim()]);
     }
     let server = http.then(|| {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("python3")
-            .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"])
-            .arg(&cache)
-            .arg(port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let started = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed().as_secs() < 30,
-                "the HTTP server did not listen"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        let (child, port) = kiln_testkit::serve_on_free_port(|port| {
+            Command::new("python3")
+                .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"])
+                .arg(&cache)
+                .arg(port.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        });
         (KillOnDrop(child), port)
     });
     let run = |kiln: bool| {

@@ -248,12 +248,7 @@ fn guix_clients_see_substitutions_as_guix_daemon_1_5_shows_them() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let path = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let _serve = Killed(
+    let (serve, port) = kiln_testkit::serve_on_free_port(|port| {
         Command::new(kiln)
             .arg("--root")
             .arg(&cache_root)
@@ -265,16 +260,9 @@ fn guix_clients_see_substitutions_as_guix_daemon_1_5_shows_them() {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap(),
-    );
-    let started = std::time::Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed().as_secs() < 30,
-            "kiln serve did not listen"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+            .unwrap()
+    });
+    let _serve = Killed(serve);
     let url = format!("http://127.0.0.1:{port}");
     let env = [format!("SUBST_PATH={path}"), format!("CACHE_URL={url}")];
     let fresh_store = || {

@@ -639,13 +639,22 @@ fn one_ssh_session_serves_successive_builds() {
             "{transport}: one login for three builds"
         );
         // Its clients gone, the daemon holds no root for what it copied back: the outputs
-        // can be deleted while it runs (it kept every one until it restarted).
-        let out = m
-            .client(&daemon, "nix-store")
-            .arg("--delete")
-            .args(&built)
-            .output()
-            .unwrap();
+        // can be deleted while it runs (it kept every one until it restarted). A client's
+        // own roots go when the daemon has seen it leave, a moment after it exits.
+        let mut tries = 0;
+        let out = loop {
+            let out = m
+                .client(&daemon, "nix-store")
+                .arg("--delete")
+                .args(&built)
+                .output()
+                .unwrap();
+            tries += 1;
+            if out.status.success() || tries == 50 {
+                break out;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
         assert!(
             out.status.success(),
             "{transport}: {}",

@@ -342,6 +342,43 @@ fn no_abstract_socket_is_shared(t: &T) {
     );
 }
 
+/// A sandbox path that is a symbolic link is a link in the sandbox too (Nix copies it), and
+/// nothing may be set up beneath it: the set-up would follow the link to wherever it points
+/// on the host before the sandbox's root is entered.
+#[test]
+fn symbolic_link_sandbox_paths_are_links_and_nothing_goes_beneath_them() {
+    let t = T::new();
+    let link = t.p().join("tools-link");
+    std::os::unix::fs::symlink("usr/bin", &link).unwrap();
+    let inside = link.to_str().unwrap().to_string();
+    let o = t.build(
+        "l.toml",
+        &drv("link", &format!("readlink {inside} > $out")),
+        true,
+        &["--option", "extra-sandbox-paths", &inside],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = t.out_path(&o, "link");
+    assert_eq!(std::fs::read_to_string(out).unwrap(), "usr/bin\n");
+    let beneath = format!("{inside}/sh=/bin/sh");
+    let o = t.build(
+        "b.toml",
+        &drv("beneath", "echo > $out"),
+        true,
+        &[
+            "--option",
+            "extra-sandbox-paths",
+            &format!("{inside} {beneath}"),
+        ],
+    );
+    assert!(!o.status.success(), "a path beneath a link was set up");
+    assert!(
+        stderr(&o).contains("is beneath") && stderr(&o).contains("a symbolic link in the sandbox"),
+        "{}",
+        stderr(&o)
+    );
+}
+
 #[test]
 fn host_files_and_undeclared_store_paths_are_invisible() {
     let t = T::new();

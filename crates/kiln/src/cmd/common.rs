@@ -118,6 +118,23 @@ impl StoreArgs {
         if settings.get("require-store-builder") == "auto" {
             settings.set("require-store-builder", if guix { "true" } else { "false" })?;
         }
+        if settings.get("ssl-cert-file") == "auto" {
+            let ca = if guix {
+                String::new()
+            } else {
+                std::env::var("NIX_SSL_CERT_FILE")
+                    .ok()
+                    .filter(|f| !f.is_empty())
+                    .or_else(|| {
+                        let system = "/etc/ssl/certs/ca-certificates.crt";
+                        std::path::Path::new(system)
+                            .exists()
+                            .then(|| system.to_string())
+                    })
+                    .unwrap_or_default()
+            };
+            settings.set("ssl-cert-file", &ca)?;
+        }
         // Build logs as the daemon the layout stands in for writes them.
         if settings.get("log-compression") == "auto" {
             settings.set("log-compression", if guix { "gzip" } else { "bzip2" })?;
