@@ -51,7 +51,7 @@ impl std::fmt::Debug for RemoteJob {
 pub enum RemoteOutcome {
     /// The machine built it (or the build failed there): the result, and the outputs'
     /// infos once copied back and registered here.
-    Finished(BuildResult, Vec<ValidPathInfo>),
+    Finished(Box<BuildResult>, Vec<ValidPathInfo>),
     /// The machine failed, not the build: unreachable, refused, disconnected, spoke
     /// nonsense, or sent an output whose hash does not match. The scheduler leaves the
     /// machine out for a while and places the build again.

@@ -180,6 +180,10 @@ pub struct BuildResult {
     /// Peak memory in bytes: of the whole build where its cgroup accounts memory, else of
     /// its largest process.
     pub memory_peak: Option<u64>,
+    /// Temporary roots a job took for its goal (a floating derivation's outputs, known
+    /// only once built): the goal takes them over, or they are released when it cannot
+    /// (it failed, or is gone). Never sent to clients.
+    pub handed_roots: Vec<StorePath>,
 }
 
 impl BuildResult {
@@ -198,6 +202,7 @@ impl BuildResult {
             cpu_user: None,
             cpu_system: None,
             memory_peak: None,
+            handed_roots: Vec::new(),
         }
     }
 

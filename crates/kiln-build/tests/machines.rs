@@ -164,7 +164,7 @@ impl RemoteBuilder for FakeMachines {
             self.cancelled.fetch_add(1, Ordering::SeqCst);
             let mut r = BuildResult::failed(BuildStatus::MiscFailure, "cancelled");
             r.cancelled = true;
-            return RemoteOutcome::Finished(r, Vec::new());
+            return RemoteOutcome::Finished(Box::new(r), Vec::new());
         }
         let mut r = BuildResult::new(BuildStatus::Built);
         let mut infos = Vec::new();
@@ -172,7 +172,7 @@ impl RemoteBuilder for FakeMachines {
             infos.push(deliver(&job.store, p, &machine.uri));
             r.outputs.insert(name.to_string(), p.clone());
         }
-        RemoteOutcome::Finished(r, infos)
+        RemoteOutcome::Finished(Box::new(r), infos)
     }
 }
 

@@ -315,12 +315,12 @@ pub(crate) fn run(
         return Ok((r, infos));
     }
     result.outputs = outputs;
-    handed.keep();
+    result.handed_roots = handed.keep();
     Ok((result, infos))
 }
 
 /// Temporary roots of a floating derivation's outputs, taken for the goal: released when
-/// dropped unless [`Handed::keep`] says the goal takes them over.
+/// dropped unless [`Handed::keep`] hands them to the goal.
 struct Handed<'a> {
     store: &'a LocalStore,
     paths: Vec<StorePath>,
@@ -341,8 +341,9 @@ impl<'a> Handed<'a> {
         Ok(Handed { store, paths })
     }
 
-    fn keep(mut self) {
-        self.paths.clear();
+    /// The roots, now the goal's (through the result's `handed_roots`).
+    fn keep(mut self) -> Vec<StorePath> {
+        std::mem::take(&mut self.paths)
     }
 }
 

@@ -292,7 +292,7 @@ fn with_tail(msg: String, said: &str) -> String {
 fn cancelled() -> RemoteOutcome {
     let mut r = BuildResult::failed(BuildStatus::MiscFailure, "cancelled");
     r.cancelled = true;
-    RemoteOutcome::Finished(r, Vec::new())
+    RemoteOutcome::Finished(Box::new(r), Vec::new())
 }
 
 impl RemoteBuilder for SshBuilder {
@@ -331,7 +331,7 @@ impl RemoteBuilder for SshBuilder {
             match r {
                 Ok((result, infos)) => {
                     self.put_idle(machine, conn);
-                    return RemoteOutcome::Finished(result, infos);
+                    return RemoteOutcome::Finished(Box::new(result), infos);
                 }
                 Err(e) => {
                     let said = conn.close();
@@ -346,7 +346,7 @@ impl RemoteBuilder for SshBuilder {
                                 machine.uri
                             );
                             return RemoteOutcome::Finished(
-                                BuildResult::failed(BuildStatus::MiscFailure, msg),
+                                Box::new(BuildResult::failed(BuildStatus::MiscFailure, msg)),
                                 Vec::new(),
                             );
                         }

@@ -101,6 +101,8 @@ impl Session {
             _ => (full.to_string(), None),
         };
         let mut cmd = Command::new("ssh");
+        // The limit on open files the daemon started with, not its raised one.
+        kiln_sandbox::limits::restore_for(&mut cmd);
         cmd.args(split_opts(ssh_opts));
         // No forwarding; no prompts (a daemon has no terminal: a machine asking for a
         // password is refused at once); an unreachable machine is given up on in seconds,

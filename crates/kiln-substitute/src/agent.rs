@@ -334,6 +334,8 @@ impl Proc {
         let (reply_r, reply_w) = pipe()?;
         let out_w2 = out_w.try_clone().map_err(|e| fail("dup", e))?;
         let mut cmd = Command::new(program);
+        // The limit on open files the daemon started with, not its raised one.
+        kiln_sandbox::limits::restore_for(&mut cmd);
         cmd.args(["substitute", mode])
             .env("_NIX_OPTIONS", &options)
             .stdin(Stdio::piped())

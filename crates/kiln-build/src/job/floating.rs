@@ -183,8 +183,9 @@ pub(super) struct Finalized<'a> {
 }
 
 impl Finalized<'_> {
-    pub(super) fn hand_over(&mut self) {
-        self.roots.clear();
+    /// The roots, now the caller's (the goal's) to release.
+    pub(super) fn hand_over(&mut self) -> Vec<StorePath> {
+        std::mem::take(&mut self.roots)
     }
 }
 

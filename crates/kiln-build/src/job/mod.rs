@@ -206,7 +206,7 @@ pub fn run(spec: JobSpec, ctl: &JobControl) -> (BuildResult, Vec<ValidPathInfo>)
     let start = now();
     let out = run_inner(&spec, ctl);
     let mut res = match out {
-        Ok((infos, times, outputs)) => {
+        Ok((infos, times, outputs, handed)) => {
             let mut r = BuildResult::new(BuildStatus::Built);
             r.times_built = times;
             r.outputs = outputs;
@@ -215,6 +215,7 @@ pub fn run(spec: JobSpec, ctl: &JobControl) -> (BuildResult, Vec<ValidPathInfo>)
                 r = BuildResult::new(BuildStatus::MiscFailure);
                 r.error = msg;
             }
+            r.handed_roots = handed;
             r.start_time = start;
             r.stop_time = now();
             r.set_usage(ctl.usage());
@@ -289,7 +290,13 @@ fn scratch_path(spec: &JobSpec, output: &str) -> Result<StorePath, Failure> {
 
 /// Runs the build; the infos to register (already registered), the number of rounds, and
 /// every output's path.
-type Built = (Vec<ValidPathInfo>, u32, BTreeMap<String, StorePath>);
+/// Registered outputs' infos, rounds, outputs by name, and the roots handed to the goal.
+type Built = (
+    Vec<ValidPathInfo>,
+    u32,
+    BTreeMap<String, StorePath>,
+    Vec<StorePath>,
+);
 
 fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
     let store = &spec.store;
@@ -532,7 +539,7 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
     if floating && !drv.is_impure() {
         register_realisations(spec, &outputs)?;
     }
-    held.hand_over();
+    let handed = held.hand_over();
     if spec.settings.auto_optimise && !store.options().auto_optimise {
         for info in &to_register {
             if let Err(e) = kiln_store::optimise::optimise_path(store, &info.path) {
@@ -543,7 +550,7 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
             }
         }
     }
-    Ok((to_register, rounds, outputs))
+    Ok((to_register, rounds, outputs, handed))
 }
 
 /// Records which paths a floating derivation's outputs became (signed with the configured

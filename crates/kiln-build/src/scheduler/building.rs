@@ -600,7 +600,7 @@ impl Worker {
         let failed = matches!(outcome, crate::remote::RemoteOutcome::MachineFailed(_));
         let left_out = self.placement.finish(i, failed);
         let (r, infos) = match outcome {
-            crate::remote::RemoteOutcome::Finished(r, infos) => (r, infos),
+            crate::remote::RemoteOutcome::Finished(r, infos) => (*r, infos),
             crate::remote::RemoteOutcome::MachineFailed(e) => {
                 let uri = self.placement.machine(i).uri.clone();
                 let secs = left_out.map(|d| d.as_secs()).unwrap_or(0);
@@ -700,16 +700,26 @@ impl Worker {
         self.emit(id, ev);
     }
 
-    pub(super) fn build_done(&mut self, id: GoalId, r: BuildResult, infos: Vec<ValidPathInfo>) {
+    pub(super) fn build_done(&mut self, id: GoalId, mut r: BuildResult, infos: Vec<ValidPathInfo>) {
         for i in infos {
             self.refs.insert(i.path, i.references.into_iter().collect());
         }
         let store = self.store().clone();
+        // Roots the job took for this goal: its own from here, or released if it cannot
+        // take them (gone, or failed after all).
+        let handed = std::mem::take(&mut r.handed_roots);
+        let release = |store: &LocalStore, roots: &[StorePath]| {
+            for p in roots {
+                store.remove_temp_root(p);
+            }
+        };
         let settings = match self.goals.get(&id) {
             Some(g) => g.settings.clone(),
-            None => return,
+            None => return release(&store, &handed),
         };
-        let Some(d) = self.drv_mut(id) else { return };
+        let Some(d) = self.drv_mut(id) else {
+            return release(&store, &handed);
+        };
         d.job = None;
         let drv = d.drv.clone().expect("loaded");
         let success = r.success();
@@ -722,6 +732,7 @@ impl Worker {
         }
         d.locks.clear();
         if !success {
+            release(&store, &handed);
             if r.status == BuildStatus::PermanentFailure
                 && settings.cache_failures
                 && !drv.is_fixed_output()
@@ -740,10 +751,9 @@ impl Worker {
             return self.done(id, Exit::Failed, r);
         }
         // A floating build rooted its outputs' final paths for this goal (see `job`).
-        if drv.is_floating() {
-            if let Some(g) = self.goals.get_mut(&id) {
-                g.roots.extend(r.outputs.values().cloned());
-            }
+        match self.goals.get_mut(&id) {
+            Some(g) => g.roots.extend(handed),
+            None => release(&store, &handed),
         }
         self.done(id, Exit::Success, r);
     }
