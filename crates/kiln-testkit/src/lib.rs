@@ -207,8 +207,58 @@ impl BindMount {
 
 impl Drop for BindMount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        unmount(&self.0);
         let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Unmounts `target`, waiting up to 10 s for processes that still use it to go, then
+/// detaching it lazily: a test must not leave mounts behind in a shared root.
+pub fn unmount(target: &Path) {
+    for _ in 0..100 {
+        let out = Command::new("umount").arg(target).output();
+        match out {
+            Ok(o) if o.status.success() => return,
+            Ok(o) if String::from_utf8_lossy(&o.stderr).contains("busy") => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            _ => return,
+        }
+    }
+    let _ = Command::new("umount").arg("-l").arg(target).status();
+}
+
+/// Kills every process of process group `pgid` (a daemon started in a group of its own,
+/// with the workers and helpers it forked) and waits until none is left, at most 10 s.
+pub fn kill_group_and_wait(pgid: u32) {
+    if pgid <= 1 {
+        return;
+    }
+    let in_group = || {
+        std::fs::read_dir("/proc")
+            .map(|rd| {
+                rd.flatten().any(|e| {
+                    std::fs::read_to_string(e.path().join("stat"))
+                        .ok()
+                        .and_then(|s| {
+                            // pid (comm) state ppid pgrp …: the fields after the last ')'.
+                            let rest = s.rsplit_once(')')?.1;
+                            rest.split_whitespace().nth(2)?.parse::<u32>().ok()
+                        })
+                        == Some(pgid)
+                })
+            })
+            .unwrap_or(false)
+    };
+    for _ in 0..200 {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pgid}")])
+            .stderr(std::process::Stdio::null())
+            .status();
+        if !in_group() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 

@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -113,6 +114,9 @@ fn guix_clients_see_what_guix_daemon_1_5_would_say() {
             .arg(format!("NIX_STATE_DIR={}", base.join("state").display()))
             .arg(format!("NIX_LOG_DIR={}", base.join("log").display()))
             .args(["guix-daemon", "--disable-chroot", "--build-users-group="])
+            // A group of its own: its per-client workers and `guix substitute` helpers
+            // go with it, before the mounts they use are taken down.
+            .process_group(0)
             .arg(format!("--listen={}", socket.display()))
             // No substitutes: nothing here can reach a cache.
             .arg("--no-substitutes")
@@ -120,7 +124,9 @@ fn guix_clients_see_what_guix_daemon_1_5_would_say() {
             .stderr(Stdio::null());
         let daemon = DaemonProcess::start(c, socket.clone());
         let text = ask(&root, &base, &socket);
+        let group = daemon.child.id();
         drop(daemon);
+        kiln_testkit::kill_group_and_wait(group);
         text
     };
     fresh(&base);
@@ -175,7 +181,7 @@ impl Over {
 
 impl Drop for Over {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        kiln_testkit::unmount(&self.0);
     }
 }
 
@@ -291,13 +297,18 @@ fn guix_clients_see_substitutions_as_guix_daemon_1_5_shows_them() {
             // The cache signs nothing: Guix's substituter is told to take it unsigned.
             .arg("GUIX_ALLOW_UNAUTHENTICATED_SUBSTITUTES=yes")
             .args(["guix-daemon", "--disable-chroot", "--build-users-group="])
+            // A group of its own: its per-client workers and `guix substitute` helpers
+            // go with it, before the mounts they use are taken down.
+            .process_group(0)
             .arg(format!("--listen={}", socket.display()))
             .arg(format!("--substitute-urls={url}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let daemon = DaemonProcess::start(c, socket.clone());
         let text = ask_with(&root, &base, &socket, "substitute.scm", &env);
+        let group = daemon.child.id();
         drop(daemon);
+        kiln_testkit::kill_group_and_wait(group);
         text
     };
     fresh_store();
