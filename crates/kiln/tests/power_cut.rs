@@ -189,6 +189,9 @@ fn power_cut_round(round: usize, extra: &[&str], keep: u64, after_ms: u64) -> (V
     umount(&mnt);
     run_ok(Command::new("losetup").arg("-d").arg(&dev));
     drop(disk);
+    // The loop device may let go of the disk's file a moment after `losetup -d`; the
+    // FUSE mount it was on must not stay behind (it did, one per run).
+    kiln_testkit::unmount(&d.join("fuse"));
     // Back on: the file system from what the disk kept, at the same place.
     run_ok(
         Command::new("mount")
