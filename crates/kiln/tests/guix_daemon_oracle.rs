@@ -103,32 +103,10 @@ fn guix_clients_see_what_guix_daemon_1_5_would_say() {
     let _one = ROOT.lock().unwrap_or_else(|e| e.into_inner());
     let base = std::env::temp_dir().join(format!("kiln-guix-oracle-{}", std::process::id()));
     fresh(&base);
-    let guix = {
-        let _mount = BindMount::new(&root, &base);
-        let _db = Over::new(&base.join("var-guix"), &root.join("var/guix"));
-        let socket = base.join("socket");
-        let mut c = Command::new("chroot");
-        c.arg(&root)
-            .arg("env")
-            .arg(format!("NIX_STORE_DIR={}", base.join("store").display()))
-            .arg(format!("NIX_STATE_DIR={}", base.join("state").display()))
-            .arg(format!("NIX_LOG_DIR={}", base.join("log").display()))
-            .args(["guix-daemon", "--disable-chroot", "--build-users-group="])
-            // A group of its own: its per-client workers and `guix substitute` helpers
-            // go with it, before the mounts they use are taken down.
-            .process_group(0)
-            .arg(format!("--listen={}", socket.display()))
-            // No substitutes: nothing here can reach a cache.
-            .arg("--no-substitutes")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let daemon = DaemonProcess::start(c, socket.clone());
-        let text = ask(&root, &base, &socket);
-        let group = daemon.child.id();
-        drop(daemon);
-        kiln_testkit::kill_group_and_wait(group);
-        text
-    };
+    // No substitutes: nothing here can reach a cache.
+    let guix = with_guix_daemon(&root, &base, &[], &["--no-substitutes".into()], |socket| {
+        ask(&root, &base, socket)
+    });
     fresh(&base);
     let kiln = {
         let socket = base.join("socket");
@@ -158,6 +136,42 @@ fn guix_clients_see_what_guix_daemon_1_5_would_say() {
     assert!(guix.contains("trace @ build-failed "), "{guix}");
     assert!(guix.contains("trace @ build-succeeded "), "{guix}");
     assert_eq!(kiln, guix, "kiln:\n{kiln}\nguix-daemon 1.5:\n{guix}");
+}
+
+/// guix-daemon 1.5 in the sid root on a fresh store at `base/store` (and a fresh
+/// `/var/guix`: it keeps its database there whatever `NIX_STATE_DIR` says), with `env`
+/// and `args` more; what `ask` returns, given its socket.
+fn with_guix_daemon(
+    root: &Path,
+    base: &Path,
+    env: &[&str],
+    args: &[String],
+    ask: impl FnOnce(&Path) -> String,
+) -> String {
+    let _mount = BindMount::new(root, base);
+    let _db = Over::new(&base.join("var-guix"), &root.join("var/guix"));
+    let socket = base.join("socket");
+    let mut c = Command::new("chroot");
+    c.arg(root)
+        .arg("env")
+        .arg(format!("NIX_STORE_DIR={}", base.join("store").display()))
+        .arg(format!("NIX_STATE_DIR={}", base.join("state").display()))
+        .arg(format!("NIX_LOG_DIR={}", base.join("log").display()))
+        .args(env)
+        .args(["guix-daemon", "--disable-chroot", "--build-users-group="])
+        .arg(format!("--listen={}", socket.display()))
+        .args(args)
+        // A group of its own: its per-client workers and `guix substitute` helpers go
+        // with it, before the mounts they use are taken down.
+        .process_group(0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let daemon = DaemonProcess::start(c, socket.clone());
+    let text = ask(&socket);
+    let group = daemon.child.id();
+    drop(daemon);
+    kiln_testkit::kill_group_and_wait(group);
+    text
 }
 
 /// A directory mounted over another for as long as this lives (a fresh `/var/guix` in the
@@ -284,33 +298,14 @@ fn guix_clients_see_substitutions_as_guix_daemon_1_5_shows_them() {
             let _ = std::fs::remove_dir_all(base.join(d));
         }
     };
-    let guix = {
-        let _mount = BindMount::new(&root, &base);
-        let _db = Over::new(&base.join("var-guix"), &root.join("var/guix"));
-        let socket = base.join("socket");
-        let mut c = Command::new("chroot");
-        c.arg(&root)
-            .arg("env")
-            .arg(format!("NIX_STORE_DIR={}", base.join("store").display()))
-            .arg(format!("NIX_STATE_DIR={}", base.join("state").display()))
-            .arg(format!("NIX_LOG_DIR={}", base.join("log").display()))
-            // The cache signs nothing: Guix's substituter is told to take it unsigned.
-            .arg("GUIX_ALLOW_UNAUTHENTICATED_SUBSTITUTES=yes")
-            .args(["guix-daemon", "--disable-chroot", "--build-users-group="])
-            // A group of its own: its per-client workers and `guix substitute` helpers
-            // go with it, before the mounts they use are taken down.
-            .process_group(0)
-            .arg(format!("--listen={}", socket.display()))
-            .arg(format!("--substitute-urls={url}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let daemon = DaemonProcess::start(c, socket.clone());
-        let text = ask_with(&root, &base, &socket, "substitute.scm", &env);
-        let group = daemon.child.id();
-        drop(daemon);
-        kiln_testkit::kill_group_and_wait(group);
-        text
-    };
+    // The cache signs nothing: Guix's substituter is told to take it unsigned.
+    let guix = with_guix_daemon(
+        &root,
+        &base,
+        &["GUIX_ALLOW_UNAUTHENTICATED_SUBSTITUTES=yes"],
+        &[format!("--substitute-urls={url}")],
+        |socket| ask_with(&root, &base, socket, "substitute.scm", &env),
+    );
     fresh_store();
     let kiln_text = {
         let socket = base.join("socket");
