@@ -37,7 +37,10 @@ pub enum Reply {
 }
 
 fn spawn(program: &str, system: &str, max_silent: u64, trace: bool, timeout: u64) -> Result<Agent> {
-    let mut child = Command::new(program)
+    let mut cmd = Command::new(program);
+    // The limit on open files the daemon started with, not its raised one.
+    kiln_sandbox::limits::restore_for(&mut cmd);
+    let mut child = cmd
         .args([
             "offload",
             system,

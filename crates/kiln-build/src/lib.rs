@@ -41,6 +41,7 @@ pub use event::{Event, EventSink, NoEvents, Phase};
 pub use job::BuildMode;
 pub use result::{BuildResult, BuildStatus, FailureDetail, FailureKinds};
 pub use scheduler::{
-    Completion, Request, RequestId, RequestResult, Scheduler, SchedulerConfig, Target, Ticket,
+    Completion, HeldRoots, Request, RequestId, RequestResult, Scheduler, SchedulerConfig, Target,
+    Ticket,
 };
 pub use settings::{BuildSettings, LogCompression, SandboxMode};

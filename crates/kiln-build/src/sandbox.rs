@@ -374,7 +374,12 @@ impl BuildSandbox {
         });
         // Guix's daemon mounts what a link points to; Nix's copies the link.
         let copy_links = sd.as_str() != "/gnu/store";
-        let mut links: Vec<String> = Vec::new();
+        // Found first, so that no entry beneath one is set up whatever the order given.
+        let links: Vec<String> = extra
+            .iter()
+            .filter(|(_, source, _)| copy_links && std::fs::read_link(source).is_ok())
+            .map(|(target, _, _)| target.clone())
+            .collect();
         for (target, source, optional) in extra {
             if !target.starts_with('/') {
                 return Err(format!("sandbox path '{target}' is not absolute"));
@@ -393,7 +398,6 @@ impl BuildSandbox {
             if copy_links {
                 if let Ok(link) = std::fs::read_link(&source) {
                     made.insert(target.clone());
-                    links.push(target.clone());
                     e.push(Entry::Symlink {
                         target: link.to_string_lossy().into_owned(),
                         path: target,

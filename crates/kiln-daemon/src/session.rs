@@ -92,31 +92,9 @@ impl Drop for Session<'_> {
 
 enum ConnMsg {
     Event(Event),
-    /// The request's result, and the outputs rooted for this connection.
-    Done(RequestResult, Rooted),
+    /// The request's result, with its outputs' roots (released if undelivered).
+    Done(RequestResult),
     Hangup,
-}
-
-/// Temporary roots taken for a connection on the scheduler's thread, on their way to it:
-/// released if the message is dropped undelivered (the connection gone meanwhile).
-struct Rooted {
-    store: Arc<LocalStore>,
-    paths: Vec<StorePath>,
-}
-
-impl Rooted {
-    /// The roots, now the receiver's to release.
-    fn take(mut self) -> Vec<StorePath> {
-        std::mem::take(&mut self.paths)
-    }
-}
-
-impl Drop for Rooted {
-    fn drop(&mut self) {
-        for p in &self.paths {
-            self.store.remove_temp_root(p);
-        }
-    }
 }
 
 fn not_privileged(what: &str) -> RemoteError {
@@ -318,7 +296,6 @@ impl<'d> Session<'d> {
             }
         });
         let done = tx.clone();
-        let rooting = self.b.store.clone();
         let id = self
             .b
             .scheduler
@@ -334,24 +311,9 @@ impl<'d> Session<'d> {
                     sink,
                     nested: self.restricted.as_ref().map(|r| r.id()),
                 },
-                Box::new(move |r: RequestResult| {
-                    // The outputs are rooted for this connection here, on the scheduler's
-                    // thread, before the goals that made them let go of theirs: a
-                    // collection in between cannot take what the client is about to be
-                    // told was built (as Nix's worker kept every root it took).
-                    let mut rooted = Rooted {
-                        store: rooting.clone(),
-                        paths: Vec::new(),
-                    };
-                    for (_, res) in &r.results {
-                        for p in res.outputs.values() {
-                            if rooting.add_temp_root(p).is_ok() {
-                                rooted.paths.push(p.clone());
-                            }
-                        }
-                    }
-                    // Undelivered, the message (and with it `rooted`) is dropped.
-                    let _ = done.send(ConnMsg::Done(r, rooted));
+                Box::new(move |r| {
+                    // Undelivered, the message (and with it the result's roots) is dropped.
+                    let _ = done.send(ConnMsg::Done(r));
                 }),
             )
             .map_err(remote)?;
@@ -376,10 +338,28 @@ impl<'d> Session<'d> {
                         break Err(remote("the client disconnected"));
                     }
                 }
-                Ok(ConnMsg::Done(r, rooted)) => {
-                    // Released with the connection's other roots when it ends.
-                    for p in rooted.take() {
-                        self.keep(&p);
+                Ok(ConnMsg::Done(mut r)) => {
+                    // The outputs were rooted for this request as each target finished,
+                    // before its goal let go of its own (a collection in between cannot
+                    // take what the client is told was built); they are this
+                    // connection's now, released with its other roots when it ends, as
+                    // Nix's worker kept every root it took.
+                    match Arc::try_unwrap(std::mem::take(&mut r.roots)) {
+                        Ok(held) => {
+                            for p in held.take() {
+                                self.keep(&p);
+                            }
+                        }
+                        // Shared with another copy of the result: roots of its own.
+                        Err(_) => {
+                            for (_, res) in &r.results {
+                                for p in res.outputs.values() {
+                                    if self.store().add_temp_root(p).is_ok() {
+                                        self.keep(p);
+                                    }
+                                }
+                            }
+                        }
                     }
                     break Ok(r);
                 }

@@ -216,7 +216,10 @@ impl Drop for BindMount {
 /// detaching it lazily: a test must not leave mounts behind in a shared root.
 pub fn unmount(target: &Path) {
     for _ in 0..100 {
-        let out = Command::new("umount").arg(target).output();
+        let out = Command::new("umount")
+            .arg(target)
+            .env("LC_ALL", "C")
+            .output();
         match out {
             Ok(o) if o.status.success() => return,
             Ok(o) if String::from_utf8_lossy(&o.stderr).contains("busy") => {
@@ -228,36 +231,67 @@ pub fn unmount(target: &Path) {
     let _ = Command::new("umount").arg("-l").arg(target).status();
 }
 
-/// Kills every process of process group `pgid` (a daemon started in a group of its own,
-/// with the workers and helpers it forked) and waits until none is left, at most 10 s.
-pub fn kill_group_and_wait(pgid: u32) {
-    if pgid <= 1 {
-        return;
-    }
-    let in_group = || {
-        std::fs::read_dir("/proc")
-            .map(|rd| {
-                rd.flatten().any(|e| {
-                    std::fs::read_to_string(e.path().join("stat"))
-                        .ok()
-                        .and_then(|s| {
-                            // pid (comm) state ppid pgrp …: the fields after the last ')'.
-                            let rest = s.rsplit_once(')')?.1;
-                            rest.split_whitespace().nth(2)?.parse::<u32>().ok()
-                        })
-                        == Some(pgid)
+/// The live processes below `pid` (children, their children, …), from `/proc`.
+fn descendants(pid: u32) -> Vec<u32> {
+    // (pid, ppid) of every process that is not a zombie.
+    let table: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let p: u32 = e.file_name().to_str()?.parse().ok()?;
+                    let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+                    // pid (comm) state ppid …: the fields after the last ')'.
+                    let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
+                    let state = rest.next()?;
+                    let ppid = rest.next()?.parse().ok()?;
+                    (state != "Z").then_some((p, ppid))
                 })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(parent) = todo.pop() {
+        for (p, pp) in &table {
+            if *pp == parent && !out.contains(p) {
+                out.push(*p);
+                todo.push(*p);
+            }
+        }
+    }
+    out
+}
+
+/// Kills `pid` and every process below it (a daemon with the workers and helpers it forked,
+/// whatever sessions or groups they made) and waits until none is left running, at most
+/// 10 s. Their ids are read while the parent still lives, so nothing of another tree is
+/// signalled.
+pub fn kill_tree_and_wait(pid: u32) {
+    let mut all = descendants(pid);
+    all.push(pid);
+    let alive = |p: &u32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .ok()
+            .and_then(|s| {
+                let state = s.rsplit_once(')')?.1.split_whitespace().next()?.to_string();
+                Some(state != "Z")
             })
             .unwrap_or(false)
     };
     for _ in 0..200 {
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &format!("-{pgid}")])
-            .stderr(std::process::Stdio::null())
-            .status();
-        if !in_group() {
+        let left: Vec<String> = all
+            .iter()
+            .filter(|p| alive(p))
+            .map(u32::to_string)
+            .collect();
+        if left.is_empty() {
             return;
         }
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .args(&left)
+            .stderr(std::process::Stdio::null())
+            .status();
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
@@ -563,10 +597,43 @@ impl Transcript {
     }
 }
 
-/// A server started by `start` on a free loopback port, once it accepts connections:
-/// (the server, its port). The port is found by binding port 0 and letting it go, so
-/// another process may take it before the server binds: then the server exits (or never
-/// answers) and another port is tried, up to 10 times.
+/// Whether process `pid` holds the socket listening on loopback `port` (from
+/// `/proc/net/tcp` and the process's descriptors), not some other process.
+fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // local address "0100007F:PORT" (hex), state 0A = LISTEN, inode in column 9.
+            let local_port = u16::from_str_radix(f.get(1)?.rsplit_once(':')?.1, 16).ok()?;
+            (local_port == port && *f.get(3)? == "0A").then(|| f.get(9).map(|s| s.to_string()))?
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|rd| {
+            rd.flatten().any(|e| {
+                std::fs::read_link(e.path())
+                    .map(|t| {
+                        let t = t.to_string_lossy();
+                        inodes.iter().any(|i| t == format!("socket:[{i}]"))
+                    })
+                    .unwrap_or(false)
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// A server started by `start` on a free loopback port, once it listens there: (the
+/// server, its port). The port is found by binding port 0 and letting it go, so another
+/// process may take it before the server binds: then the server exits (or never holds
+/// the listening socket) and another port is tried, up to 10 times.
 pub fn serve_on_free_port(mut start: impl FnMut(u16) -> Child) -> (Child, u16) {
     for _ in 0..10 {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -580,13 +647,8 @@ pub fn serve_on_free_port(mut start: impl FnMut(u16) -> Child) -> (Child, u16) {
             if let Ok(Some(_)) = child.try_wait() {
                 break;
             }
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                // Still ours: a server that lost the port to another has exited by now.
-                std::thread::sleep(std::time::Duration::from_millis(50));
-                if let Ok(None) = child.try_wait() {
-                    return (child, port);
-                }
-                break;
+            if listens_on(child.id(), port) {
+                return (child, port);
             }
             if started.elapsed() > std::time::Duration::from_secs(30) {
                 let _ = child.kill();

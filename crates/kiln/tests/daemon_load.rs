@@ -638,3 +638,74 @@ fn collections_racing_builds_neither_fail() {
         .unwrap();
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
 }
+
+/// One request, two targets: the first builds at once, the second waits. A collection
+/// while the second runs must not take the first's output: the client will be told it was
+/// built. (The request's roots are taken as each target finishes, before its goal lets go
+/// of its own; rooted only at the request's end, the first output was garbage meanwhile.)
+#[test]
+fn a_finished_target_survives_a_collection_while_its_request_runs() {
+    if !nix_or_skip("a_finished_target_survives_a_collection_while_its_request_runs") {
+        return;
+    }
+    let env = NixEnv::new();
+    env.run("nix-store", &["--init"]);
+    let socket = env.dir.path().join("socket");
+    let _daemon = env.kiln_daemon_with(
+        env!("CARGO_BIN_EXE_kiln"),
+        socket.clone(),
+        &["--option", "max-jobs", "2"],
+        &[],
+    );
+    let started = env.dir.path().join("second-started");
+    let go = env.dir.path().join("go");
+    let file = env.dir.path().join("two.nix");
+    std::fs::write(
+        &file,
+        format!(
+            "let mk = name: script: derivation {{ inherit name; system = builtins.currentSystem; builder = \"/bin/sh\"; PATH = \"/bin:/usr/bin\"; args = [ \"-c\" script ]; }};\n\
+             in {{ first = mk \"first\" \"echo first > $out\"; second = mk \"second\" \"touch {started}; while [ ! -e {go} ]; do sleep 0.05; done; echo second > $out\"; }}",
+            started = started.display(),
+            go = go.display()
+        ),
+    )
+    .unwrap();
+    let remote = format!("unix://{}", socket.display());
+    let build = env
+        .cmd("nix-build")
+        .arg(&file)
+        .args(["-A", "first", "-A", "second", "--no-out-link"])
+        .env("NIX_REMOTE", &remote)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !started.exists() {
+        assert!(t.elapsed() < Duration::from_secs(60), "the second build never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The first is built by now (it had no reason to wait); collect.
+    std::thread::sleep(Duration::from_millis(300));
+    let gc = env
+        .cmd("nix-store")
+        .arg("--gc")
+        .env("NIX_REMOTE", &remote)
+        .output()
+        .unwrap();
+    assert!(gc.status.success(), "{}", String::from_utf8_lossy(&gc.stderr));
+    std::fs::write(&go, "").unwrap();
+    let out = build.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let paths = String::from_utf8(out.stdout).unwrap();
+    let first = paths.lines().find(|l| l.ends_with("-first")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(first).unwrap_or_default(),
+        "first\n",
+        "the collection took {first}, which the client was told was built"
+    );
+}

@@ -251,6 +251,7 @@ fn nix_2_34_sandboxed_builders_see_what_nix_daemon_shows_them() {
 /// Fails with every step whose output differs between nix-daemon 2.34's run (`n`) and
 /// kiln's (`k`), both of the same steps.
 fn assert_same_steps(n: &[(String, String)], k: &[(String, String)], what: &str) {
+    assert_eq!(n.len(), k.len(), "different numbers of {what}");
     let diffs: Vec<String> = n
         .iter()
         .zip(k.iter())

@@ -7,7 +7,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -161,17 +160,21 @@ fn with_guix_daemon(
         .args(["guix-daemon", "--disable-chroot", "--build-users-group="])
         .arg(format!("--listen={}", socket.display()))
         .args(args)
-        // A group of its own: its per-client workers and `guix substitute` helpers go
-        // with it, before the mounts they use are taken down.
-        .process_group(0)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let daemon = DaemonProcess::start(c, socket.clone());
-    let text = ask(&socket);
-    let group = daemon.child.id();
-    drop(daemon);
-    kiln_testkit::kill_group_and_wait(group);
-    text
+    let _daemon = GuixDaemon(DaemonProcess::start(c, socket.clone()));
+    ask(&socket)
+}
+
+/// guix-daemon with its per-client workers and `guix substitute` helpers (which call
+/// `setsid`), all killed when dropped — a failed assertion included — before the mounts
+/// they use are taken down.
+struct GuixDaemon(DaemonProcess);
+
+impl Drop for GuixDaemon {
+    fn drop(&mut self) {
+        kiln_testkit::kill_tree_and_wait(self.0.child.id());
+    }
 }
 
 /// A directory mounted over another for as long as this lives (a fresh `/var/guix` in the

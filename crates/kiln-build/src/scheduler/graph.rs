@@ -42,6 +42,7 @@ impl Worker {
                 failure: FailureKinds::default(),
                 nested: req.nested,
                 local_builds: req.settings.max_jobs != 0,
+                roots: Vec::new(),
             },
         );
         if let Some(b) = req.nested {
@@ -72,9 +73,22 @@ impl Worker {
     }
 
     pub(super) fn target_done(&mut self, req: RequestId, goal: GoalId, result: BuildResult) {
+        // The outputs are rooted for the requester now, while the goal still holds its own
+        // roots: a collection between its end and the request's cannot take them.
+        let outputs: Vec<StorePath> = if result.success() {
+            result.outputs.values().cloned().collect()
+        } else {
+            Vec::new()
+        };
+        let rooted = !outputs.is_empty()
+            && self.requests.contains_key(&req)
+            && self.cfg.store.add_temp_roots(&outputs).is_ok();
         let Some(r) = self.requests.get_mut(&req) else {
             return;
         };
+        if rooted {
+            r.roots.extend(outputs);
+        }
         let mut failed = false;
         for (i, (_, g)) in r.targets.iter().enumerate() {
             if *g == goal && r.results[i].is_none() {
@@ -120,10 +134,16 @@ impl Worker {
                 )
             })
             .collect();
+        let roots = Arc::new(HeldRoots {
+            store: Some(self.cfg.store.clone()),
+            paths: r.roots,
+        });
+        // Unanswered (no reply), the roots go with `roots`.
         if let Some(reply) = r.reply {
             reply(RequestResult {
                 results,
                 failure: r.failure,
+                roots,
             });
         }
     }

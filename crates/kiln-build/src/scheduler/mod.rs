@@ -95,6 +95,34 @@ impl std::fmt::Debug for Request {
 pub struct RequestResult {
     pub results: Vec<(Target, BuildResult)>,
     pub failure: FailureKinds,
+    /// Temporary roots of the built outputs, taken as each target finished (before its
+    /// goal let go of its own): the requester's to keep ([`HeldRoots::take`]); released
+    /// when the last copy of the result is dropped otherwise.
+    pub roots: Arc<HeldRoots>,
+}
+
+/// Temporary roots held for a requester; released when dropped unless taken.
+#[derive(Debug, Default)]
+pub struct HeldRoots {
+    store: Option<Arc<LocalStore>>,
+    paths: Vec<StorePath>,
+}
+
+impl HeldRoots {
+    /// The roots, now the caller's to release (`LocalStore::remove_temp_root`).
+    pub fn take(mut self) -> Vec<StorePath> {
+        std::mem::take(&mut self.paths)
+    }
+}
+
+impl Drop for HeldRoots {
+    fn drop(&mut self) {
+        if let Some(store) = &self.store {
+            for p in &self.paths {
+                store.remove_temp_root(p);
+            }
+        }
+    }
 }
 
 impl RequestResult {
@@ -404,6 +432,8 @@ struct Req {
     nested: Option<u64>,
     /// Whether its client allows local builds (a client's `max-jobs` 0 does not).
     local_builds: bool,
+    /// Roots of the outputs of the targets finished so far, for the requester.
+    roots: Vec<StorePath>,
 }
 
 struct Worker {

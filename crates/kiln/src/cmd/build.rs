@@ -599,7 +599,11 @@ fn build_via_daemon(
         }
         results.push((t, r));
     }
-    let result = kiln_build::RequestResult { results, failure };
+    let result = kiln_build::RequestResult {
+        results,
+        failure,
+        roots: Default::default(),
+    };
     finish(
         b,
         &sd,
