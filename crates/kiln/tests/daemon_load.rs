@@ -682,7 +682,10 @@ fn a_finished_target_survives_a_collection_while_its_request_runs() {
         .unwrap();
     let t = std::time::Instant::now();
     while !started.exists() {
-        assert!(t.elapsed() < Duration::from_secs(60), "the second build never started");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the second build never started"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // The first is built by now (it had no reason to wait); collect.
@@ -693,7 +696,11 @@ fn a_finished_target_survives_a_collection_while_its_request_runs() {
         .env("NIX_REMOTE", &remote)
         .output()
         .unwrap();
-    assert!(gc.status.success(), "{}", String::from_utf8_lossy(&gc.stderr));
+    assert!(
+        gc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
     std::fs::write(&go, "").unwrap();
     let out = build.wait_with_output().unwrap();
     assert!(
