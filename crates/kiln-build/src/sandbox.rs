@@ -277,7 +277,10 @@ impl BuildSandbox {
                 });
             }
             // The certificate authorities, where Nix puts them, for fetchers that check
-            // TLS (the host's bundle by default; a fixed output checks its own hash).
+            // TLS (the host's bundle by default; a fixed output checks its own hash). Only
+            // the daemon's configuration or a trusted client names the file: an untrusted
+            // client naming `/etc/shadow` here would have a networked builder send it away
+            // (kiln-daemon's `client_settings` refuses it).
             if let Some(ca) = &c.settings.ssl_cert_file {
                 let path = "/etc/ssl/certs/ca-certificates.crt";
                 parents(&mut e, &mut made, path);

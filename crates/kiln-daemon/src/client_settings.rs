@@ -251,6 +251,31 @@ mod tests {
         assert_eq!(hooks.build.pre_build_hook, None);
         assert_eq!(hooks.build.post_build_hook, None);
         assert_eq!(hooks.build.diff_hook, None);
+        // Nor hand a host file of its choosing to fixed-output builds, which have the
+        // network: `ssl-cert-file=/etc/shadow` would let its builder send the file away.
+        for guix in [false, true] {
+            let ca = apply(
+                &base,
+                &opts(&[
+                    ("ssl-cert-file", "/etc/shadow"),
+                    ("netrc-file", "/etc/shadow"),
+                ]),
+                Trust::Untrusted,
+                guix,
+            );
+            assert_eq!(ca.build.ssl_cert_file, None, "guix: {guix}");
+            assert_eq!(ca.build.netrc_file, None, "guix: {guix}");
+        }
+        let trusted_ca = apply(
+            &base,
+            &opts(&[("ssl-cert-file", "/etc/ssl/mine.pem")]),
+            Trust::Trusted,
+            false,
+        );
+        assert_eq!(
+            trusted_ca.build.ssl_cert_file.as_deref(),
+            Some(std::path::Path::new("/etc/ssl/mine.pem"))
+        );
         // A daemon-wide setting a client cannot change is not taken in silence.
         let m = apply(&base, &opts(&[("min-free", "1000")]), Trust::Trusted, false);
         assert_eq!(
