@@ -127,6 +127,17 @@ pub fn root_with_or_skip(test: &str, tools: &[&str]) -> bool {
     ok
 }
 
+/// A child process (a server of a test) killed and reaped when dropped, passed or not.
+#[derive(Debug)]
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A daemon process (kiln's or Nix's) serving a Unix socket; killed when dropped.
 #[derive(Debug)]
 pub struct DaemonProcess {

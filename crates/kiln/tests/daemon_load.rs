@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_protocol::{Client, Reply, Request};
-use kiln_testkit::{nix_or_skip, NixEnv};
+use kiln_testkit::{nix_or_skip, run_ok, NixEnv};
 
 /// 6 layers of 8 derivations; each depends on two of the layer below. Builders append
 /// their name to `counter` (sandbox off), so double builds show.
@@ -548,19 +548,12 @@ fn builders_and_hooks_get_the_limit_on_open_files_the_daemon_started_with() {
         "derivation { name = \"limit\"; system = builtins.currentSystem; builder = \"/bin/sh\"; args = [ \"-c\" \"ulimit -n > $out\" ]; }",
     )
     .unwrap();
-    let out = env
-        .cmd("nix-build")
-        .arg(&file)
-        .arg("--no-out-link")
-        .env("NIX_REMOTE", format!("unix://{}", socket.display()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let path = run_ok(
+        env.cmd("nix-build")
+            .arg(&file)
+            .arg("--no-out-link")
+            .env("NIX_REMOTE", format!("unix://{}", socket.display())),
     );
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert_eq!(
         std::fs::read_to_string(&path).unwrap(),
         "200\n",
@@ -690,17 +683,7 @@ fn a_finished_target_survives_a_collection_while_its_request_runs() {
     }
     // The first is built by now (it had no reason to wait); collect.
     std::thread::sleep(Duration::from_millis(300));
-    let gc = env
-        .cmd("nix-store")
-        .arg("--gc")
-        .env("NIX_REMOTE", &remote)
-        .output()
-        .unwrap();
-    assert!(
-        gc.status.success(),
-        "{}",
-        String::from_utf8_lossy(&gc.stderr)
-    );
+    run_ok(env.cmd("nix-store").arg("--gc").env("NIX_REMOTE", &remote));
     std::fs::write(&go, "").unwrap();
     let out = build.wait_with_output().unwrap();
     assert!(

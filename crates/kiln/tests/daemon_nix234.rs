@@ -175,16 +175,7 @@ fn nix_2_34_derivation_attributes_do_what_nix_daemon_does() {
         return;
     };
     let base = std::env::temp_dir().join(format!("kiln-attrs-234-{}", std::process::id()));
-    let run = |kiln: bool| {
-        let env = NixEnv::at(&base);
-        let d = either_daemon(&sid, &env, kiln);
-        let out = run_script(&sid, &env, &d, &base.join("work"), "daemon/attrs-2.34.sh");
-        drop(d);
-        remove_tree(&base);
-        out
-    };
-    let nix_out = run(false);
-    let kiln_out = run(true);
+    let (nix_out, kiln_out) = with_both_daemons(&sid, &base, None, "daemon/attrs-2.34.sh");
     let (n, k) = (scenario_steps(&nix_out), scenario_steps(&kiln_out));
     assert!(n.len() >= 20, "the matrix did not run: {nix_out}");
     assert!(
@@ -219,21 +210,8 @@ fn nix_2_34_sandboxed_builders_see_what_nix_daemon_shows_them() {
         return;
     }
     let base = std::env::temp_dir().join(format!("kiln-sandbox-234-{}", std::process::id()));
-    let run = |kiln: bool| {
-        let env = NixEnv::at(&base);
-        std::fs::write(
-            env.nix_conf(),
-            "substituters =\nsandbox = true\nsandbox-paths = /bin /usr /lib /lib64 /etc/ld.so.cache?\nbuild-users-group =\nexperimental-features = nix-command\n",
-        )
-        .unwrap();
-        let d = either_daemon(&sid, &env, kiln);
-        let out = run_script(&sid, &env, &d, &base.join("work"), "daemon/sandbox-2.34.sh");
-        drop(d);
-        remove_tree(&base);
-        out
-    };
-    let nix_out = run(false);
-    let kiln_out = run(true);
+    let conf = "substituters =\nsandbox = true\nsandbox-paths = /bin /usr /lib /lib64 /etc/ld.so.cache?\nbuild-users-group =\nexperimental-features = nix-command\n";
+    let (nix_out, kiln_out) = with_both_daemons(&sid, &base, Some(conf), "daemon/sandbox-2.34.sh");
     let (n, k) = (scenario_steps(&nix_out), scenario_steps(&kiln_out));
     assert_eq!(n.len(), 4, "the probes did not run: {nix_out}");
     assert_eq!(
@@ -246,6 +224,28 @@ fn nix_2_34_sandboxed_builders_see_what_nix_daemon_shows_them() {
         "{nix_out}"
     );
     assert_same_steps(&n, &k, "probes");
+}
+
+/// The fixture `script` run against nix-daemon 2.34 and then against kiln, each on a fresh
+/// store at `base` (with `conf` as its `nix.conf`, if given): what it printed with each.
+fn with_both_daemons(
+    sid: &SidNix,
+    base: &Path,
+    conf: Option<&str>,
+    script: &str,
+) -> (String, String) {
+    let run = |kiln: bool| {
+        let env = NixEnv::at(base);
+        if let Some(conf) = conf {
+            std::fs::write(env.nix_conf(), conf).unwrap();
+        }
+        let d = either_daemon(sid, &env, kiln);
+        let out = run_script(sid, &env, &d, &base.join("work"), script);
+        drop(d);
+        remove_tree(base);
+        out
+    };
+    (run(false), run(true))
 }
 
 /// Fails with every step whose output differs between nix-daemon 2.34's run (`n`) and
@@ -435,7 +435,7 @@ fn substitution_progress(test: &str, http: bool) {
                 .spawn()
                 .unwrap()
         });
-        (KillOnDrop(child), port)
+        (kiln_testkit::ChildGuard(child), port)
     });
     let run = |kiln: bool| {
         let env = NixEnv::at(&base);
@@ -493,14 +493,4 @@ fn substitution_progress(test: &str, http: bool) {
         kiln_shape, nix_shape,
         "kiln:\n{kiln_shape}\nnix-daemon 2.34:\n{nix_shape}"
     );
-}
-
-/// A child process killed when dropped.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

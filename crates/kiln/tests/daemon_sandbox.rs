@@ -12,10 +12,9 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
-use kiln_testkit::{nix_or_skip, NixEnv};
+use kiln_testkit::{nix_or_skip, DaemonProcess, NixEnv};
 
 /// What the outer builder does; every step that must fail is checked to fail.
 const EXPR: &str = r#"
@@ -69,15 +68,6 @@ derivation {
 }
 "#;
 
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Runs `cmd` as `user` (uid, gid) when given.
 fn as_user(cmd: &mut Command, user: Option<(u32, u32)>) -> &mut Command {
     if let Some((uid, gid)) = user {
@@ -86,7 +76,7 @@ fn as_user(cmd: &mut Command, user: Option<(u32, u32)>) -> &mut Command {
     cmd
 }
 
-fn start_daemon(env: &NixEnv, socket: &Path, user: Option<(u32, u32)>) -> Daemon {
+fn start_daemon(env: &NixEnv, socket: &Path, user: Option<(u32, u32)>) -> DaemonProcess {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
     c.args(env.kiln_args())
         .arg("--nix-conf")
@@ -96,19 +86,8 @@ fn start_daemon(env: &NixEnv, socket: &Path, user: Option<(u32, u32)>) -> Daemon
         .arg(socket)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
-    let mut child = as_user(&mut c, user).spawn().unwrap();
-    let start = Instant::now();
-    while !socket.exists() {
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("the daemon exited early: {st}");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no daemon socket"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Daemon(child)
+    as_user(&mut c, user);
+    DaemonProcess::start(c, socket.to_path_buf())
 }
 
 fn client(env: &NixEnv, socket: &Path, user: Option<(u32, u32)>, program: &str) -> Command {
@@ -133,7 +112,7 @@ struct Setup {
     env: NixEnv,
     socket: PathBuf,
     user: Option<(u32, u32)>,
-    daemon: Daemon,
+    daemon: DaemonProcess,
 }
 
 impl Setup {
@@ -415,7 +394,7 @@ fn a_rootless_daemons_builds_cannot_escape_the_sandbox() {
             .env("SECRET", private.join("secret"))
             .env("UNREACHABLE", &unreachable)
             .env("PORT", listener.local_addr().unwrap().port().to_string())
-            .env("DAEMON_PID", t.daemon.0.id().to_string())
+            .env("DAEMON_PID", t.daemon.child.id().to_string())
             .env("MARKER", &marker)
             .output()
             .unwrap();

@@ -202,16 +202,6 @@ impl Drop for Over {
     }
 }
 
-/// A child process killed when this is dropped.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The traces of a substitution a client saw (`trace @ …` lines), with a download's
 /// progress before its end told as `PARTIAL`: how far the first chunk goes depends on the
 /// reader's buffer (Guix's is 1 KiB), and how many reports a download gets on its speed.
@@ -285,7 +275,7 @@ fn guix_clients_see_substitutions_as_guix_daemon_1_5_shows_them() {
             .spawn()
             .unwrap()
     });
-    let _serve = Killed(serve);
+    let _serve = kiln_testkit::ChildGuard(serve);
     let url = format!("http://127.0.0.1:{port}");
     let env = [format!("SUBST_PATH={path}"), format!("CACHE_URL={url}")];
     let fresh_store = || {
