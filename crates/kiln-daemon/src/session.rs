@@ -344,22 +344,8 @@ impl<'d> Session<'d> {
                     // take what the client is told was built); they are this
                     // connection's now, released with its other roots when it ends, as
                     // Nix's worker kept every root it took.
-                    match Arc::try_unwrap(std::mem::take(&mut r.roots)) {
-                        Ok(held) => {
-                            for p in held.take() {
-                                self.keep(&p);
-                            }
-                        }
-                        // Shared with another copy of the result: roots of its own.
-                        Err(_) => {
-                            for (_, res) in &r.results {
-                                for p in res.outputs.values() {
-                                    if self.store().add_temp_root(p).is_ok() {
-                                        self.keep(p);
-                                    }
-                                }
-                            }
-                        }
+                    for p in std::mem::take(&mut r.roots).take() {
+                        self.keep(&p);
                     }
                     break Ok(r);
                 }

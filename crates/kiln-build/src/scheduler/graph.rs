@@ -134,10 +134,10 @@ impl Worker {
                 )
             })
             .collect();
-        let roots = Arc::new(HeldRoots {
+        let roots = HeldRoots {
             store: Some(self.cfg.store.clone()),
             paths: r.roots,
-        });
+        };
         // Unanswered (no reply), the roots go with `roots`.
         if let Some(reply) = r.reply {
             reply(RequestResult {

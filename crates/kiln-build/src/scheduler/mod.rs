@@ -91,14 +91,14 @@ impl std::fmt::Debug for Request {
 }
 
 /// The outcome of a request.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RequestResult {
     pub results: Vec<(Target, BuildResult)>,
     pub failure: FailureKinds,
     /// Temporary roots of the built outputs, taken as each target finished (before its
     /// goal let go of its own): the requester's to keep ([`HeldRoots::take`]); released
-    /// when the last copy of the result is dropped otherwise.
-    pub roots: Arc<HeldRoots>,
+    /// with the result otherwise.
+    pub roots: HeldRoots,
 }
 
 /// Temporary roots held for a requester; released when dropped unless taken.
