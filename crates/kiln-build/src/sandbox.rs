@@ -377,13 +377,23 @@ impl BuildSandbox {
         });
         // Guix's daemon mounts what a link points to; Nix's copies the link.
         let copy_links = sd.as_str() != "/gnu/store";
-        // Found first, so that no entry beneath one is set up whatever the order given.
+        // Each path's link target, read once; the links found first, so that no entry
+        // beneath one is set up whatever the order given.
+        let extra: Vec<_> = extra
+            .into_iter()
+            .map(|(target, source, optional)| {
+                let link = copy_links
+                    .then(|| std::fs::read_link(&source).ok())
+                    .flatten();
+                (target, source, optional, link)
+            })
+            .collect();
         let links: Vec<String> = extra
             .iter()
-            .filter(|(_, source, _)| copy_links && std::fs::read_link(source).is_ok())
-            .map(|(target, _, _)| target.clone())
+            .filter(|x| x.3.is_some())
+            .map(|x| x.0.clone())
             .collect();
-        for (target, source, optional) in extra {
+        for (target, source, optional, link) in extra {
             if !target.starts_with('/') {
                 return Err(format!("sandbox path '{target}' is not absolute"));
             }
@@ -398,15 +408,13 @@ impl BuildSandbox {
             // A symbolic link is copied, as Nix does (a link cannot be mounted): on a
             // merged-/usr system `/bin` is then `usr/bin` in the sandbox too, and resolves
             // only where `/usr` is given as well.
-            if copy_links {
-                if let Ok(link) = std::fs::read_link(&source) {
-                    made.insert(target.clone());
-                    e.push(Entry::Symlink {
-                        target: link.to_string_lossy().into_owned(),
-                        path: target,
-                    });
-                    continue;
-                }
+            if let Some(link) = link {
+                made.insert(target.clone());
+                e.push(Entry::Symlink {
+                    target: link.to_string_lossy().into_owned(),
+                    path: target,
+                });
+                continue;
             }
             e.push(Entry::Bind {
                 source,
