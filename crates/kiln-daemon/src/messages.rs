@@ -39,7 +39,23 @@ pub(crate) fn failure_text(
         return r.error.clone();
     };
     let abs = store.print(drv);
-    match detail {
+    // The messages of their own shape are whole here; a failed builder or dependencies
+    // give the reason of a `Cannot build` with output paths and the log's tail below.
+    let reason = match detail {
+        FailureDetail::Builder { status, .. } => format!("builder {status}"),
+        FailureDetail::Dependencies(n) => format!(
+            "{n} {} failed",
+            if *n == 1 {
+                "dependency"
+            } else {
+                "dependencies"
+            }
+        ),
+        FailureDetail::LocalBuildsDisabled => {
+            return format!(
+                "Cannot build '{MAGENTA}{abs}{NORMAL}'.\nReason: {RED}local builds are disabled{NORMAL} (max-jobs = 0)\nHint: set 'max-jobs' to a non-zero value to enable local builds, or configure remote builders via 'builders'"
+            );
+        }
         FailureDetail::PlatformMismatch { required, current } => {
             return format!(
                 "Cannot build '{MAGENTA}{abs}{NORMAL}'.\nReason: {RED}platform mismatch{NORMAL}\nRequired system: '{MAGENTA}{required}{NORMAL}'\nCurrent system: '{MAGENTA}{current}{NORMAL}'"
@@ -60,29 +76,8 @@ pub(crate) fn failure_text(
                 "builder for '{MAGENTA}{abs}{NORMAL}' failed to produce output path for output '{MAGENTA}{output}{NORMAL}' at {MAGENTA}\"{path}\"{NORMAL}"
             );
         }
-        _ => {}
-    }
-    if let FailureDetail::LocalBuildsDisabled = detail {
-        return format!(
-            "Cannot build '{MAGENTA}{abs}{NORMAL}'.\nReason: {RED}local builds are disabled{NORMAL} (max-jobs = 0)\nHint: set 'max-jobs' to a non-zero value to enable local builds, or configure remote builders via 'builders'"
-        );
-    }
-    let mut msg = format!("Cannot build '{MAGENTA}{abs}{NORMAL}'.\nReason: {RED}");
-    match detail {
-        FailureDetail::Builder { status, .. } => msg.push_str(&format!("builder {status}")),
-        FailureDetail::Dependencies(n) => msg.push_str(&format!(
-            "{n} {} failed",
-            if *n == 1 {
-                "dependency"
-            } else {
-                "dependencies"
-            }
-        )),
-        FailureDetail::LocalBuildsDisabled
-        | FailureDetail::PlatformMismatch { .. }
-        | FailureDetail::MissingFeatures { .. }
-        | FailureDetail::MissingOutput { .. } => {}
-    }
+    };
+    let mut msg = format!("Cannot build '{MAGENTA}{abs}{NORMAL}'.\nReason: {RED}{reason}");
     msg.push_str(NORMAL);
     msg.push('.');
     // The output paths the derivation names (none for floating outputs), in Nix's order.
