@@ -523,7 +523,7 @@ impl<'d> Session<'d> {
             AddToStore::Legacy { name, method, algo } => {
                 let mut data = io.data();
                 let info = match method {
-                    FileIngestionMethod::Recursive => store
+                    FileIngestionMethod::Recursive | FileIngestionMethod::Git => store
                         .add_from_dump(
                             &name,
                             method,

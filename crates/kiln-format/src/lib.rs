@@ -5,6 +5,7 @@
 //!   computation (input-addressed outputs, fixed outputs, text, sources).
 //! * [`derivation`]: the `.drv` ATerm format, `hashDerivationModulo`, output path checks and
 //!   the `nix show-derivation` JSON.
+//! * [`git`]: Git object ids of file system objects (the `git` content-address method).
 //! * [`nar`]: the NAR archive format: bounded streaming parser, exclusive restore, dump.
 //! * [`refscan`]: finding references (hash parts) in streamed bytes.
 //! * [`narinfo`] and [`signature`]: binary-cache metadata and ed25519 signatures.
@@ -19,6 +20,7 @@ pub mod base32;
 pub mod derivation;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod git;
 pub mod hash;
 pub mod nar;
 pub mod narinfo;

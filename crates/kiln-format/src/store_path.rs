@@ -148,7 +148,7 @@ impl StoreDir {
 
     /// Path of a fixed-output (content-addressed, non-text) item (`makeFixedOutputPath`).
     /// SHA-256 recursive hashes use the `source` type and may carry references; every other
-    /// combination is hashed through `fixed:out:` and may not.
+    /// combination (Git's included) is hashed through `fixed:out:` and may not.
     pub fn make_fixed_output_path(
         &self,
         method: FileIngestionMethod,
@@ -157,6 +157,9 @@ impl StoreDir {
         references: &BTreeSet<StorePath>,
         self_reference: bool,
     ) -> Result<StorePath, Error> {
+        if method == FileIngestionMethod::Git {
+            crate::git::check_algo(hash.algo())?;
+        }
         if hash.algo() == HashAlgo::Sha256 && method == FileIngestionMethod::Recursive {
             self.make_store_path(
                 &self.make_type("source", references, self_reference),
@@ -396,15 +399,35 @@ pub enum FileIngestionMethod {
     Flat,
     /// The NAR serialisation.
     Recursive,
+    /// The Git object id (experimental `git-hashing`; SHA-1 or SHA-256), see [`crate::git`].
+    /// Sent over the wire as a NAR, as Nix does.
+    Git,
 }
 
 impl FileIngestionMethod {
-    /// `r:` for recursive, nothing for flat.
+    /// `r:` for recursive, `git:` for Git, nothing for flat.
     pub fn prefix(self) -> &'static str {
         match self {
             FileIngestionMethod::Flat => "",
             FileIngestionMethod::Recursive => "r:",
+            FileIngestionMethod::Git => "git:",
         }
+    }
+
+    /// Splits a method prefix (`r:`, `git:` or none) off `s`.
+    pub fn split_prefix(s: &str) -> (Self, &str) {
+        if let Some(r) = s.strip_prefix("r:") {
+            (FileIngestionMethod::Recursive, r)
+        } else if let Some(r) = s.strip_prefix("git:") {
+            (FileIngestionMethod::Git, r)
+        } else {
+            (FileIngestionMethod::Flat, s)
+        }
+    }
+
+    /// Whether the data is sent and stored as a NAR (everything but flat files).
+    pub fn is_nar(self) -> bool {
+        self != FileIngestionMethod::Flat
     }
 }
 
@@ -428,11 +451,11 @@ impl ContentAddress {
             }
             Ok(ContentAddress::Text(h))
         } else if let Some(rest) = s.strip_prefix("fixed:") {
-            let (method, rest) = match rest.strip_prefix("r:") {
-                Some(r) => (FileIngestionMethod::Recursive, r),
-                None => (FileIngestionMethod::Flat, rest),
-            };
+            let (method, rest) = FileIngestionMethod::split_prefix(rest);
             let h = Hash::parse_any(rest, None).map_err(|e| bad(&e.to_string()))?;
+            if method == FileIngestionMethod::Git {
+                crate::git::check_algo(h.algo()).map_err(|e| bad(&e.to_string()))?;
+            }
             Ok(ContentAddress::Fixed(method, h))
         } else {
             Err(bad("expected 'text:' or 'fixed:'"))
@@ -479,16 +502,12 @@ impl ContentAddressMethod {
             return Ok((ContentAddressMethod::Text, a.parse().map_err(|_| bad())?));
         }
         let rest = s.strip_prefix("fixed:").ok_or_else(bad)?;
-        match rest.strip_prefix("r:") {
-            Some(a) => Ok((
-                ContentAddressMethod::Fixed(FileIngestionMethod::Recursive),
-                a.parse().map_err(|_| bad())?,
-            )),
-            None => Ok((
-                ContentAddressMethod::Fixed(FileIngestionMethod::Flat),
-                rest.parse().map_err(|_| bad())?,
-            )),
+        let (method, algo) = FileIngestionMethod::split_prefix(rest);
+        let algo: HashAlgo = algo.parse().map_err(|_| bad())?;
+        if method == FileIngestionMethod::Git {
+            crate::git::check_algo(algo)?;
         }
+        Ok((ContentAddressMethod::Fixed(method), algo))
     }
 }
 
@@ -581,11 +600,26 @@ mod tests {
             "text:sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s",
             "fixed:r:sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s",
             "fixed:sha1:kpcd173cq987hw957sx6m0868wv3x6d9",
+            "fixed:git:sha1:wdh6nwjqvsm0chkxm0q4njx635ghs2lq",
+            "fixed:git:sha256:04qdvff4wy3zcslcm5sdjmg0fdkg7rbw2j3sa0mk1ydnbz0cxdgm",
         ] {
             assert_eq!(ContentAddress::parse(s).unwrap().to_string(), s);
         }
         assert!(ContentAddress::parse("text:sha1:kpcd173cq987hw957sx6m0868wv3x6d9").is_err());
         assert!(ContentAddress::parse("nar:sha256:abc").is_err());
+        assert!(
+            ContentAddress::parse("fixed:git:md5:00000000000000000000000000")
+                .unwrap_err()
+                .to_string()
+                .contains("must use SHA-1 or SHA-256")
+        );
+        assert_eq!(
+            ContentAddressMethod::parse_with_algo("fixed:git:sha1").unwrap(),
+            (
+                ContentAddressMethod::Fixed(FileIngestionMethod::Git),
+                HashAlgo::Sha1
+            )
+        );
         let (m, a) = ContentAddressMethod::parse_with_algo("fixed:r:sha512").unwrap();
         assert_eq!(
             (m, a),

@@ -213,6 +213,7 @@ fn final_paths_follow_from_contents_modulo_self_references() {
                     .unwrap();
                 Hash::sha256(&std::fs::read(&file).unwrap())
             }
+            FileIngestionMethod::Git => unreachable!("the fixture has no Git outputs"),
         };
         let mut scan = RefScanner::new(all.iter().map(|p| p.hash_part()));
         scan.feed(&nar);

@@ -1122,10 +1122,7 @@ pub(crate) fn read_basic_derivation<R: BufRead>(
         let fixed = if algo.is_empty() {
             None
         } else {
-            let (method, a) = match algo.strip_prefix("r:") {
-                Some(a) => (FileIngestionMethod::Recursive, a),
-                None => (FileIngestionMethod::Flat, algo.as_str()),
-            };
+            let (method, a) = FileIngestionMethod::split_prefix(&algo);
             let a: HashAlgo = a
                 .parse()
                 .map_err(|_| r.invalid(format!("unknown hash algorithm '{algo}'")))?;

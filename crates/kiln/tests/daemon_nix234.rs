@@ -226,6 +226,38 @@ fn nix_2_34_sandboxed_builders_see_what_nix_daemon_shows_them() {
     assert_same_steps(&n, &k, "probes");
 }
 
+/// Git hashing (`tests/fixtures/daemon/git-hashing-2.34.sh`, experimental `git-hashing` on):
+/// `nix store add --mode git` of a tree and a file with SHA-1 and SHA-256, the recorded
+/// content address, verification, a `file://` cache both ways, and fixed-output derivations
+/// hashed the Git way (right, wrong, referring to a store path), through nix-daemon 2.34
+/// and through kiln on identical fresh stores at one path.
+#[test]
+fn nix_2_34_git_hashing_is_what_nix_daemon_does() {
+    let Some(sid) = SidNix::or_skip("nix_2_34_git_hashing_is_what_nix_daemon_does") else {
+        return;
+    };
+    let base = std::env::temp_dir().join(format!("kiln-git-234-{}", std::process::id()));
+    let conf = "substituters =\nsandbox = false\nbuild-users-group =\nexperimental-features = nix-command git-hashing\n";
+    let (nix_out, kiln_out) =
+        with_both_daemons(&sid, &base, Some(conf), "daemon/git-hashing-2.34.sh");
+    eprintln!("{kiln_out}");
+    let (n, k) = (scenario_steps(&nix_out), scenario_steps(&kiln_out));
+    assert_eq!(n.len(), 17, "the steps did not all run: {nix_out}");
+    // The tree's SHA-1 object id as Git gives it, as the content address nix-daemon keeps.
+    assert!(
+        n.iter().any(|(h, b)| h.starts_with("info")
+            && b.contains("\"method\": \"git\"")
+            && b.contains("exit=0")),
+        "{nix_out}"
+    );
+    assert!(
+        n.iter()
+            .any(|(h, b)| h.contains("-A wrong") && b.contains("hash mismatch")),
+        "{nix_out}"
+    );
+    assert_same_steps(&n, &k, "steps");
+}
+
 /// The fixture `script` run against nix-daemon 2.34 and then against kiln, each on a fresh
 /// store at `base` (with `conf` as its `nix.conf`, if given): what it printed with each.
 fn with_both_daemons(

@@ -98,6 +98,11 @@ pub(super) fn finalize_floating(
                 nar::dump(&actual, &mut h).map_err(Failure::misc)?;
                 h.finish().0
             }
+            // A Git object may refer to nothing, itself included (refused below), so there
+            // is nothing to hash modulo.
+            FileIngestionMethod::Git => {
+                kiln_format::git::hash_path(&actual, f.algo).map_err(|e| rejected(e.to_string()))?
+            }
         };
         let mut others = BTreeSet::new();
         let mut self_ref = false;

@@ -174,6 +174,8 @@ pub(super) fn register_output(
                 nar::dump(&actual, &mut h).map_err(Failure::misc)?;
                 h.finish().0
             }
+            FileIngestionMethod::Git => kiln_format::git::hash_path(&actual, f.hash.algo())
+                .map_err(|e| rejected(e.to_string()))?,
         };
         if got != f.hash {
             // Nix makes the output's path from what was built, references included, before

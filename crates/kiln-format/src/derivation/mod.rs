@@ -350,10 +350,7 @@ impl Derivation {
 
 /// Parses the method and algorithm field of an output (`r:sha256`, `sha1`).
 fn parse_method_algo(algo: &str) -> Result<FloatingOutput, Error> {
-    let (method, algo) = match algo.strip_prefix("r:") {
-        Some(a) => (FileIngestionMethod::Recursive, a),
-        None => (FileIngestionMethod::Flat, algo),
-    };
+    let (method, algo) = FileIngestionMethod::split_prefix(algo);
     Ok(FloatingOutput {
         method,
         algo: algo.parse()?,

@@ -228,6 +228,9 @@ impl LocalStore {
                 newer = Some(without);
                 with
             }
+            // Git objects cannot name their own path (no references at all), so there is
+            // nothing to hash modulo.
+            FileIngestionMethod::Git => kiln_format::git::hash_path(real, want.algo())?,
             FileIngestionMethod::Flat => {
                 // The bytes of a regular file, nothing else: following a symlink here would
                 // accept a path whose contents live outside the store (and change with
@@ -274,7 +277,8 @@ impl LocalStore {
     }
 
     /// Adds content-addressed data (`addToStoreFromDump`): `data` is a NAR for recursive
-    /// ingestion or the file's bytes for flat ingestion; the path follows from its hash.
+    /// and Git ingestion or the file's bytes for flat ingestion; the path follows from its
+    /// hash.
     pub fn add_from_dump(
         &self,
         name: &str,
@@ -287,6 +291,22 @@ impl LocalStore {
         kiln_format::store_path::check_name(name, name)?;
         let tmp = self.temp_path(name)?;
         let (ca_hash, nar_hash, nar_size) = match method {
+            FileIngestionMethod::Git => {
+                kiln_format::git::check_algo(algo)?;
+                let mut r = HashingReader::new(data, HashAlgo::Sha256);
+                nar::restore_into(
+                    &tmp.real,
+                    &mut r,
+                    RestoreOptions {
+                        canonical: true,
+                        ..Default::default()
+                    },
+                )?;
+                let (nar_hash, nar_size) = r.finish();
+                // Git's hash is of the tree as restored (its objects, not the NAR's bytes).
+                let ca = kiln_format::git::hash_path(&tmp.real, algo)?;
+                (ca, nar_hash, nar_size)
+            }
             FileIngestionMethod::Recursive => {
                 // One pass: restore, NAR-hash (sha256) and CA-hash (the requested algorithm).
                 let mut tee = TeeHash {
@@ -421,7 +441,7 @@ impl LocalStore {
                     AddOptions::default(),
                 )
             }
-            FileIngestionMethod::Recursive => {
+            FileIngestionMethod::Recursive | FileIngestionMethod::Git => {
                 let (mut reader, writer) =
                     std::io::pipe().map_err(|e| Error::io(src, "create a pipe for", e))?;
                 std::thread::scope(|s| {
