@@ -154,6 +154,8 @@ pub enum FailureDetail {
     },
     /// The builder succeeded but left output `output` missing at `path`.
     MissingOutput { output: String, path: String },
+    /// A floating flat or text output at `path` is not a single non-executable file.
+    NotAFlatFile { path: String },
 }
 
 /// The result of building (or substituting) one derivation or path.

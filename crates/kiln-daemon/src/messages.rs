@@ -76,6 +76,11 @@ pub(crate) fn failure_text(
                 "builder for '{MAGENTA}{abs}{NORMAL}' failed to produce output path for output '{MAGENTA}{output}{NORMAL}' at {MAGENTA}\"{path}\"{NORMAL}"
             );
         }
+        FailureDetail::NotAFlatFile { path } => {
+            return format!(
+                "output path {MAGENTA}\"{path}\"{NORMAL} should be a non-executable regular file since recursive hashing is not enabled (one of outputHashMode={{flat,text}} is true)"
+            );
+        }
     };
     let mut msg = format!("Cannot build '{MAGENTA}{abs}{NORMAL}'.\nReason: {RED}{reason}");
     msg.push_str(NORMAL);

@@ -262,8 +262,81 @@ impl<'d> Session<'d> {
                         outputs,
                     })
                 }
+                DerivedPath::Dynamic { .. } => Err(remote(format!(
+                    "'{}' names a derivation no build has made yet",
+                    p.to_wire(sd)
+                ))),
             })
             .collect()
+    }
+
+    /// Builds the derivations that make the derivations `paths` name (experimental
+    /// `dynamic-derivations`: `drv!out!out` is output `out` of the `.drv` that output `out`
+    /// of `drv` is), one link of each chain after the other, and names what they made:
+    /// the request then holds only derivations in the store. A producer that fails ends
+    /// the request with its failure.
+    fn resolve_dynamic(
+        &mut self,
+        paths: &[DerivedPath],
+        io: &mut OpIo<'_>,
+    ) -> Result<Vec<DerivedPath>, RemoteError> {
+        let sd = self.store().store_dir().clone();
+        let mut resolved = Vec::with_capacity(paths.len());
+        for p in paths {
+            let DerivedPath::Dynamic {
+                producer,
+                chain,
+                outputs,
+            } = p
+            else {
+                resolved.push(p.clone());
+                continue;
+            };
+            let mut drv = producer.clone();
+            for output in chain {
+                let link = format!("{}^{output}", sd.display(&drv));
+                let target = Target::Derivation {
+                    drv: drv.clone(),
+                    outputs: [output.clone()].into(),
+                };
+                let r = self.realise(vec![target], BuildMode::Normal, io)?;
+                if !r.success() {
+                    // As nix-daemon 2.34: the producer's failure is logged as an error of
+                    // its own, and the request fails for want of the derivation.
+                    let e = self.build_error(&r);
+                    if !io.proto().is_guix() {
+                        let _ = io.log(
+                            level::ERROR,
+                            &format!("error: {}", e.message.replace('\n', "\n       ")),
+                        );
+                    }
+                    return Err(RemoteError {
+                        message: format!("failed to obtain derivation of '{link}'"),
+                        status: e.status,
+                    });
+                }
+                let made = r
+                    .results
+                    .first()
+                    .and_then(|(_, res)| res.outputs.get(output))
+                    .ok_or_else(|| remote(format!("building '{link}' named no output path")))?
+                    .clone();
+                // What a build made is untrusted: it must parse as a derivation (its
+                // outputs' paths are then checked when it is built, as for any other).
+                if let Err(e) = self.store().read_derivation(&made) {
+                    return Err(remote(format!(
+                        "error parsing derivation '{}': {e}",
+                        sd.display(&made)
+                    )));
+                }
+                drv = made;
+            }
+            resolved.push(DerivedPath::Built {
+                drv,
+                outputs: outputs.clone(),
+            });
+        }
+        Ok(resolved)
     }
 
     /// Runs a build request, relaying its progress until it ends or the client hangs up.
@@ -606,6 +679,13 @@ impl<'d> Session<'d> {
                     continue;
                 }
                 match p {
+                    // What must be built first: the producer's output.
+                    DerivedPath::Dynamic {
+                        producer, chain, ..
+                    } => todo.push(DerivedPath::Built {
+                        drv: producer,
+                        outputs: OutputSpec::Names(chain.into_iter().take(1).collect()),
+                    }),
                     DerivedPath::Opaque(p) => {
                         if !store.is_valid(&p).map_err(remote)? {
                             ask.insert(p.clone(), None);
@@ -1019,7 +1099,8 @@ impl Session<'_> {
                         "repairing is not allowed because you are not in 'trusted-users'",
                     ));
                 }
-                let targets = self.to_targets(&paths)?;
+                let resolved = self.resolve_dynamic(&paths, io)?;
+                let targets = self.to_targets(&resolved)?;
                 let r = self.realise(targets, mode, io)?;
                 if r.success() {
                     Ok(Reply::Int(1))
@@ -1033,7 +1114,8 @@ impl Session<'_> {
                         "repairing is not allowed because you are not in 'trusted-users'",
                     ));
                 }
-                let targets = self.to_targets(&paths)?;
+                let resolved = self.resolve_dynamic(&paths, io)?;
+                let targets = self.to_targets(&resolved)?;
                 let r = self.realise(targets, mode, io)?;
                 // As nix-daemon 2.34: goals given up after another failed (no keep-going)
                 // have no result, so the client reports the failure that happened, not a

@@ -495,6 +495,42 @@ pub enum ContentAddressMethod {
 }
 
 impl ContentAddressMethod {
+    /// The method as a derivation's output writes it before the algorithm: `text:`, `r:`,
+    /// `git:` or nothing (flat).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            ContentAddressMethod::Text => "text:",
+            ContentAddressMethod::Fixed(m) => m.prefix(),
+        }
+    }
+
+    /// Splits a derivation output's method prefix (`text:`, `r:`, `git:` or none) off `s`.
+    pub fn split_prefix(s: &str) -> (Self, &str) {
+        match s.strip_prefix("text:") {
+            Some(r) => (ContentAddressMethod::Text, r),
+            None => {
+                let (m, r) = FileIngestionMethod::split_prefix(s);
+                (ContentAddressMethod::Fixed(m), r)
+            }
+        }
+    }
+
+    /// How the contents are hashed: text is hashed as a flat file.
+    pub fn file_ingestion(self) -> FileIngestionMethod {
+        match self {
+            ContentAddressMethod::Text => FileIngestionMethod::Flat,
+            ContentAddressMethod::Fixed(m) => m,
+        }
+    }
+
+    /// The content address of contents with this method and `hash`.
+    pub fn address(self, hash: Hash) -> ContentAddress {
+        match self {
+            ContentAddressMethod::Text => ContentAddress::Text(hash),
+            ContentAddressMethod::Fixed(m) => ContentAddress::Fixed(m, hash),
+        }
+    }
+
     /// Parses `text:sha256`, `fixed:r:sha256`, `fixed:sha1`, … into a method and algorithm.
     pub fn parse_with_algo(s: &str) -> Result<(Self, HashAlgo), Error> {
         let bad = || Error::Hash(format!("invalid content address method '{s}'"));

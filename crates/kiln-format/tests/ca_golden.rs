@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use kiln_format::derivation::{downstream_placeholder, output_placeholder, DerivationHasher};
 use kiln_format::hash::{Hash, HashAlgo, HashModuloSink};
 use kiln_format::refscan::RefScanner;
-use kiln_format::store_path::output_path_name;
+use kiln_format::store_path::{output_path_name, ContentAddressMethod};
 use kiln_format::{Derivation, FileIngestionMethod, StoreDir, StorePath};
 use kiln_testkit::read_fixture;
 
@@ -197,7 +197,10 @@ fn final_paths_follow_from_contents_modulo_self_references() {
         let (_, d) = f.drv(attr);
         // The builder's output for a resolved derivation: the method is the original's.
         let method = match d.outputs[output].floating {
-            Some(fl) => fl.method,
+            Some(fl) => match fl.method {
+                ContentAddressMethod::Fixed(m) => m,
+                ContentAddressMethod::Text => unreachable!("the fixture has no text outputs"),
+            },
             None => continue, // input-addressed (dependentNonCA)
         };
         let got = match method {

@@ -125,27 +125,63 @@ pub enum OutputSpec {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum DerivedPath {
     Opaque(StorePath),
-    Built { drv: StorePath, outputs: OutputSpec },
+    Built {
+        drv: StorePath,
+        outputs: OutputSpec,
+    },
+    /// Outputs of a derivation that another derivation makes (experimental
+    /// `dynamic-derivations`, `drv!out!out`): output `chain[0]` of `producer` is a `.drv`,
+    /// output `chain[1]` of that one the next, and so on; `outputs` are the last one's.
+    Dynamic {
+        producer: StorePath,
+        chain: Vec<String>,
+        outputs: OutputSpec,
+    },
 }
 
 impl DerivedPath {
-    /// Parses `path`, `drv!*` or `drv!out1,out2` (Nix ≥ 1.30).
+    /// Parses `path`, `drv!*`, `drv!out1,out2` (Nix ≥ 1.30) or `drv!out!…!outs` (a
+    /// derivation made by a derivation).
     pub fn parse(sd: &StoreDir, s: &str) -> Result<Self, kiln_format::Error> {
-        match s.split_once('!') {
-            None => Ok(DerivedPath::Opaque(sd.parse_path(s)?)),
-            Some((p, outs)) => Ok(DerivedPath::Built {
-                drv: sd.parse_path(p)?,
-                outputs: if outs == "*" {
-                    OutputSpec::All
-                } else {
-                    OutputSpec::Names(
-                        outs.split(',')
-                            .filter(|o| !o.is_empty())
-                            .map(str::to_string)
-                            .collect(),
-                    )
-                },
-            }),
+        let mut parts = s.split('!');
+        let path = sd.parse_path(parts.next().unwrap_or_default())?;
+        let rest: Vec<&str> = parts.collect();
+        let Some((outs, chain)) = rest.split_last() else {
+            return Ok(DerivedPath::Opaque(path));
+        };
+        let outputs = if *outs == "*" {
+            OutputSpec::All
+        } else {
+            OutputSpec::Names(
+                outs.split(',')
+                    .filter(|o| !o.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            )
+        };
+        if chain.is_empty() {
+            return Ok(DerivedPath::Built { drv: path, outputs });
+        }
+        for c in chain {
+            kiln_format::store_path::check_name(c, c).map_err(|_| {
+                kiln_format::Error::StorePath(format!(
+                    "invalid derived path '{s}': '{c}' is not an output name"
+                ))
+            })?;
+        }
+        Ok(DerivedPath::Dynamic {
+            producer: path,
+            chain: chain.iter().map(|c| c.to_string()).collect(),
+            outputs,
+        })
+    }
+
+    /// The derivation or path named first: what must exist before anything is built.
+    pub fn root(&self) -> &StorePath {
+        match self {
+            DerivedPath::Opaque(p) => p,
+            DerivedPath::Built { drv, .. } => drv,
+            DerivedPath::Dynamic { producer, .. } => producer,
         }
     }
 
@@ -177,15 +213,24 @@ impl DerivedPath {
     }
 
     pub fn to_wire(&self, sd: &StoreDir) -> String {
+        let outs = |outputs: &OutputSpec| match outputs {
+            OutputSpec::All => "*".to_string(),
+            OutputSpec::Names(n) => n.iter().cloned().collect::<Vec<_>>().join(","),
+        };
         match self {
             DerivedPath::Opaque(p) => sd.display(p),
-            DerivedPath::Built { drv, outputs } => format!(
-                "{}!{}",
-                sd.display(drv),
-                match outputs {
-                    OutputSpec::All => "*".to_string(),
-                    OutputSpec::Names(n) => n.iter().cloned().collect::<Vec<_>>().join(","),
-                }
+            DerivedPath::Built { drv, outputs } => {
+                format!("{}!{}", sd.display(drv), outs(outputs))
+            }
+            DerivedPath::Dynamic {
+                producer,
+                chain,
+                outputs,
+            } => format!(
+                "{}!{}!{}",
+                sd.display(producer),
+                chain.join("!"),
+                outs(outputs)
             ),
         }
     }
@@ -205,6 +250,8 @@ impl DerivedPath {
                 sd.display(drv),
                 n.iter().cloned().collect::<Vec<_>>().join(",")
             ),
+            // No older form exists; such a client never sends one.
+            DerivedPath::Dynamic { .. } => self.to_wire(sd),
         }
     }
 }

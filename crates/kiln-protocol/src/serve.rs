@@ -254,6 +254,9 @@ fn legacy(sd: &StoreDir, p: &DerivedPath) -> String {
             sd.display(drv),
             n.iter().cloned().collect::<Vec<_>>().join(",")
         ),
+        // The serve protocol has no form for it: never sent there (the remote flow sends
+        // only what it resolved).
+        DerivedPath::Dynamic { .. } => p.to_wire(sd),
     }
 }
 

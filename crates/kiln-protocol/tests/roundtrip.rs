@@ -366,3 +366,43 @@ fn replies_round_trip_in_every_version() {
         }
     }
 }
+
+/// Derived paths as Nix 2.34 writes them, dynamic derivations' `drv!out!outs` included,
+/// parse and print back; a chain link that is no output name is refused with the path.
+#[test]
+fn derived_paths_with_chains_round_trip() {
+    let sd = sd();
+    let drv = "/gnu/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-make.drv.drv";
+    for s in [
+        format!("{drv}!out"),
+        format!("{drv}!*"),
+        format!("{drv}!dev,out"),
+        format!("{drv}!out!out"),
+        format!("{drv}!out!bin!*"),
+    ] {
+        let p = DerivedPath::parse(&sd, &s).unwrap();
+        assert_eq!(p.to_wire(&sd), s);
+    }
+    match DerivedPath::parse(&sd, &format!("{drv}!out!bin!dev,out")).unwrap() {
+        DerivedPath::Dynamic {
+            producer,
+            chain,
+            outputs,
+        } => {
+            assert_eq!(sd.display(&producer), drv);
+            assert_eq!(chain, ["out", "bin"]);
+            assert_eq!(
+                outputs,
+                kiln_protocol::ops::OutputSpec::Names(["dev".into(), "out".into()].into())
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    for bad in [format!("{drv}!!out"), format!("{drv}!a b!out")] {
+        let e = DerivedPath::parse(&sd, &bad).unwrap_err().to_string();
+        assert!(
+            e.contains("is not an output name") && e.contains(drv),
+            "{bad}: {e}"
+        );
+    }
+}

@@ -258,6 +258,58 @@ fn nix_2_34_git_hashing_is_what_nix_daemon_does() {
     assert_same_steps(&n, &k, "steps");
 }
 
+/// Derivations that make derivations (`tests/fixtures/daemon/dyn-drv-2.34.sh`,
+/// experimental `dynamic-derivations` and `ca-derivations` on): a text-hashed floating
+/// output that is a `.drv` (its path the `.drv`'s own), `nix build 'drv^out^out'`, a
+/// producer that fails and one that makes no derivation, and text outputs that are not
+/// single files or name themselves, through nix-daemon 2.34 and through kiln on identical
+/// fresh stores at one path.
+#[test]
+fn nix_2_34_dynamic_derivations_are_what_nix_daemon_does() {
+    let Some(sid) = SidNix::or_skip("nix_2_34_dynamic_derivations_are_what_nix_daemon_does") else {
+        return;
+    };
+    let base = std::env::temp_dir().join(format!("kiln-dyn-234-{}", std::process::id()));
+    let conf = "substituters =\nsandbox = false\nbuild-users-group =\nexperimental-features = nix-command ca-derivations dynamic-derivations\n";
+    let (nix_out, kiln_out) = with_both_daemons(&sid, &base, Some(conf), "daemon/dyn-drv-2.34.sh");
+    let (n, k) = (scenario_steps(&nix_out), scenario_steps(&kiln_out));
+    assert_eq!(n.len(), 9, "the steps did not all run: {nix_out}");
+    // A producer whose output is no derivation: both name the output they could not parse
+    // and fail. The rest differs on purpose: parsers word their complaints their own way,
+    // and nix-daemon ends the request with the parser's error where kiln reports it as the
+    // producer's failure and adds that the derivation could not be obtained.
+    let parser_words = |steps: Vec<(String, String)>| -> Vec<(String, String)> {
+        steps
+            .into_iter()
+            .map(|(h, b)| {
+                let parse = b
+                    .lines()
+                    .find(|l| l.starts_with("error: error parsing derivation '"))
+                    .and_then(|l| l.split_once("': "));
+                match parse {
+                    Some((head, _)) => {
+                        let exit = b.lines().last().unwrap_or_default();
+                        (h, format!("{head}': …\n{exit}"))
+                    }
+                    None => (h, b),
+                }
+            })
+            .collect()
+    };
+    let (n, k) = (parser_words(n), parser_words(k));
+    assert!(
+        n.iter()
+            .any(|(_, b)| b.starts_with("error: error parsing derivation") && b.ends_with("exit=1")),
+        "{nix_out}"
+    );
+    assert!(
+        n.iter()
+            .any(|(h, b)| h == "made" && b.contains("the .drv's own path")),
+        "{nix_out}"
+    );
+    assert_same_steps(&n, &k, "steps");
+}
+
 /// The fixture `script` run against nix-daemon 2.34 and then against kiln, each on a fresh
 /// store at `base` (with `conf` as its `nix.conf`, if given): what it printed with each.
 fn with_both_daemons(

@@ -2,6 +2,7 @@
 //! their final path, moved into place.
 
 use super::*;
+use kiln_format::store_path::ContentAddressMethod;
 
 /// Moves floating content-addressed outputs from their scratch paths to the paths their
 /// contents give (Nix's `registerOutputs` for `CAFloating`): each output's hash is taken
@@ -78,15 +79,19 @@ pub(super) fn finalize_floating(
         if siblings {
             replace_tree(store, &actual, &rewrites)?;
         }
-        let got = match f.method {
+        let got = match f.method.file_ingestion() {
             FileIngestionMethod::Flat => {
                 use std::os::unix::fs::MetadataExt;
                 let m = std::fs::symlink_metadata(&actual).map_err(Failure::misc)?;
                 if !m.is_file() || m.mode() & 0o100 != 0 {
-                    return Err(rejected(format!(
+                    let mut fl = rejected(format!(
                         "output path '{}' should be a non-executable regular file since recursive hashing is not enabled (outputHashMode=flat)",
                         sd.display(&plan.path)
-                    )));
+                    ));
+                    fl.detail = Some(crate::result::FailureDetail::NotAFlatFile {
+                        path: sd.display(&plan.path).to_string(),
+                    });
+                    return Err(fl);
                 }
                 let mut h = HashModuloSink::new(f.algo, plan.path.hash_part());
                 let mut file = std::fs::File::open(&actual).map_err(Failure::misc)?;
@@ -118,16 +123,28 @@ pub(super) fn finalize_floating(
                 others.insert(r.clone());
             }
         }
-        let plain = f.method == FileIngestionMethod::Recursive && f.algo == HashAlgo::Sha256;
-        if !plain && (self_ref || !others.is_empty()) {
-            return Err(rejected(format!(
-                "output '{}' refers to store paths, which only a recursive SHA-256 content-addressed output may do",
-                sd.display(&plan.path)
-            )));
+        let path = match f.method {
+            // A text path (a `.drv` a derivation made) may name other paths, never itself.
+            ContentAddressMethod::Text => {
+                if self_ref {
+                    // Nix's words, which do not name the output.
+                    return Err(rejected("self-reference not allowed with text hashing".into()));
+                }
+                sd.make_text_path(plan.path.name(), &got, &others)
+            }
+            ContentAddressMethod::Fixed(m) => {
+                if !(m == FileIngestionMethod::Recursive && f.algo == HashAlgo::Sha256)
+                    && (self_ref || !others.is_empty())
+                {
+                    return Err(rejected(format!(
+                        "output '{}' refers to store paths, which only a recursive SHA-256 content-addressed output may do",
+                        sd.display(&plan.path)
+                    )));
+                }
+                sd.make_fixed_output_path(m, &got, plan.path.name(), &others, self_ref)
+            }
         }
-        let path = sd
-            .make_fixed_output_path(f.method, &got, plan.path.name(), &others, self_ref)
-            .map_err(Failure::misc)?;
+        .map_err(Failure::misc)?;
         rewrites.insert(
             plan.path.hash_part().to_string(),
             path.hash_part().to_string(),
@@ -169,7 +186,7 @@ pub(super) fn finalize_floating(
         }
         new.deriver = Some(spec.drv_path.clone());
         new.ultimate = true;
-        new.ca = Some(ContentAddress::Fixed(f.method, got));
+        new.ca = Some(f.method.address(got));
         finals[i] = Some(new);
     }
     finals

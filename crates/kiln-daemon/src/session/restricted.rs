@@ -127,7 +127,9 @@ impl Session<'_> {
                 // `.drv` added with fewer references than its inputs would otherwise bring
                 // the outputs of any derivation in the store into the build's closure.
                 for t in paths {
-                    if let DerivedPath::Built { drv, .. } = t {
+                    if let DerivedPath::Built { drv, .. }
+                    | DerivedPath::Dynamic { producer: drv, .. } = t
+                    {
                         let d = self.store().read_derivation(drv).map_err(remote)?;
                         let unseen = d
                             .input_drvs
@@ -248,8 +250,5 @@ impl Session<'_> {
 
 /// The store path a derived path names (the derivation, for a built one).
 fn derived_path_of(p: &DerivedPath) -> &StorePath {
-    match p {
-        DerivedPath::Opaque(p) => p,
-        DerivedPath::Built { drv, .. } => drv,
-    }
+    p.root()
 }

@@ -14,7 +14,9 @@ pub use aterm::MAX_DRV_SIZE;
 pub use hash_modulo::{DerivationHasher, DerivationReader};
 
 use crate::hash::{Hash, HashAlgo};
-use crate::store_path::{output_path_name, FileIngestionMethod, StoreDir, StorePath};
+use crate::store_path::{
+    output_path_name, ContentAddressMethod, FileIngestionMethod, StoreDir, StorePath,
+};
 use crate::Error;
 
 /// The hash a fixed-output derivation's single output must have.
@@ -32,10 +34,11 @@ impl FixedOutputHash {
 }
 
 /// How a floating content-addressed output (experimental `ca-derivations`) will be hashed:
-/// its path is computed from its contents once it is built.
+/// its path is computed from its contents once it is built. The `text` method (experimental
+/// `dynamic-derivations`: `outputHashMode = "text"`) makes a text path, as `.drv` files are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FloatingOutput {
-    pub method: FileIngestionMethod,
+    pub method: ContentAddressMethod,
     pub algo: HashAlgo,
     /// An impure output (experimental `impure-derivations`): built afresh every time, never
     /// reused, and with the network, like a fixed-output derivation.
@@ -43,7 +46,8 @@ pub struct FloatingOutput {
 }
 
 impl FloatingOutput {
-    /// `r:sha256` or `sha256`, as printed in the `.drv` and by `show-derivation`.
+    /// `r:sha256`, `text:sha256` or `sha256`, as printed in the `.drv` and by
+    /// `show-derivation`.
     pub fn method_algo(&self) -> String {
         format!("{}{}", self.method.prefix(), self.algo)
     }
@@ -350,10 +354,20 @@ impl Derivation {
 
 /// Parses the method and algorithm field of an output (`r:sha256`, `sha1`).
 fn parse_method_algo(algo: &str) -> Result<FloatingOutput, Error> {
-    let (method, algo) = FileIngestionMethod::split_prefix(algo);
+    let (method, algo) = ContentAddressMethod::split_prefix(algo);
+    let algo: HashAlgo = algo.parse()?;
+    match method {
+        ContentAddressMethod::Text if algo != HashAlgo::Sha256 => {
+            return Err(Error::Derivation(format!(
+                "text-hashed outputs must use sha256, not {algo}"
+            )))
+        }
+        ContentAddressMethod::Fixed(FileIngestionMethod::Git) => crate::git::check_algo(algo)?,
+        _ => {}
+    }
     Ok(FloatingOutput {
         method,
-        algo: algo.parse()?,
+        algo,
         impure: false,
     })
 }
@@ -361,6 +375,13 @@ fn parse_method_algo(algo: &str) -> Result<FloatingOutput, Error> {
 /// Parses the hash fields of an output (`r:sha256`, `<hex>`).
 fn parse_fixed(algo: &str, hash: &str) -> Result<FixedOutputHash, Error> {
     let FloatingOutput { method, algo, .. } = parse_method_algo(algo)?;
+    // A fixed text-hashed output (`outputHashMode = "text"` with a hash) is not built by
+    // kiln: said so, rather than taken for a flat file.
+    let ContentAddressMethod::Fixed(method) = method else {
+        return Err(Error::Derivation(
+            "fixed-output text-hashed outputs (outputHashMode = \"text\" with outputHash) are not supported by kiln".into(),
+        ));
+    };
     let hash = Hash::parse_digest(algo, hash)?;
     Ok(FixedOutputHash { method, hash })
 }
@@ -488,7 +509,22 @@ mod placeholder_tests {
         assert_eq!(d.to_aterm(&sd), floating.as_bytes());
         assert_eq!(d.to_json(&sd)["outputs"]["out"]["hashAlgo"], "sha256");
 
-        // Shapes Nix refuses.
+        // Text-hashed (dynamic derivations) and Git-hashed floating outputs.
+        for (algo, method) in [
+            ("text:sha256", ContentAddressMethod::Text),
+            (
+                "git:sha1",
+                ContentAddressMethod::Fixed(FileIngestionMethod::Git),
+            ),
+        ] {
+            let text = format!(r#"Derive([("out","","{algo}","")],[],[],"s","b",[],[])"#);
+            let d = parse(&text).unwrap();
+            let f = d.outputs["out"].floating.unwrap();
+            assert_eq!((f.method, f.method_algo()), (method, algo.to_string()));
+            assert_eq!(d.to_aterm(&sd), text.as_bytes());
+        }
+
+        // Shapes Nix refuses, and the fixed text outputs kiln does not build.
         for (text, want) in [
             (
                 r#"Derive([("out","/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x","r:sha256","")],[],[],"s","b",[],[])"#,
@@ -501,6 +537,18 @@ mod placeholder_tests {
             (
                 r#"Derive([("out","","r:sha999","")],[],[],"s","b",[],[])"#,
                 "sha999",
+            ),
+            (
+                r#"Derive([("out","","text:sha1","")],[],[],"s","b",[],[])"#,
+                "must use sha256",
+            ),
+            (
+                r#"Derive([("out","","git:md5","")],[],[],"s","b",[],[])"#,
+                "must use SHA-1 or SHA-256",
+            ),
+            (
+                r#"Derive([("out","/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x","text:sha256","1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s")],[],[],"s","b",[],[])"#,
+                "not supported by kiln",
             ),
         ] {
             let e = parse(text).unwrap_err().to_string();

@@ -143,7 +143,13 @@ impl LocalStore {
         // Derivations: parse now (outside the transaction) and check their outputs.
         let mut drvs: HashMap<StorePath, Derivation> = HashMap::new();
         for i in infos.iter().filter(|i| i.path.is_derivation()) {
-            let d = self.read_derivation(&i.path)?;
+            // A build may make a `.drv` (dynamic derivations): what it made must parse.
+            let d = self.read_derivation(&i.path).map_err(|e| {
+                Error::Invalid(format!(
+                    "error parsing derivation '{}': {e}",
+                    sd.display(&i.path)
+                ))
+            })?;
             drvs.insert(i.path.clone(), d);
         }
         let batch: HashSet<&StorePath> = infos.iter().map(|i| &i.path).collect();
