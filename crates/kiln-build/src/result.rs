@@ -156,6 +156,8 @@ pub enum FailureDetail {
     MissingOutput { output: String, path: String },
     /// A floating flat or text output at `path` is not a single non-executable file.
     NotAFlatFile { path: String },
+    /// The derivation built in its place once its inputs were (`resolved`) failed.
+    ResolvedFailed { resolved: String },
 }
 
 /// The result of building (or substituting) one derivation or path.

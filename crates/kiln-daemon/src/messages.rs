@@ -76,6 +76,9 @@ pub(crate) fn failure_text(
                 "builder for '{MAGENTA}{abs}{NORMAL}' failed to produce output path for output '{MAGENTA}{output}{NORMAL}' at {MAGENTA}\"{path}\"{NORMAL}"
             );
         }
+        FailureDetail::ResolvedFailed { resolved } => {
+            return format!("build of resolved derivation '{MAGENTA}{resolved}{NORMAL}' failed");
+        }
         FailureDetail::NotAFlatFile { path } => {
             return format!(
                 "output path {MAGENTA}\"{path}\"{NORMAL} should be a non-executable regular file since recursive hashing is not enabled (one of outputHashMode={{flat,text}} is true)"

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use kiln_format::derivation::{DerivationOutput, FixedOutputHash};
+use kiln_format::derivation::{DerivationOutput, DynamicInput, FixedOutputHash};
 use kiln_format::{Derivation, FileIngestionMethod, Hash, HashAlgo, StoreDir, StorePath};
 use proptest::prelude::*;
 
@@ -26,7 +26,36 @@ fn arb_string() -> impl Strategy<Value = String> {
     proptest::string::string_regex("(.|\n|\r|\t|\"|\\\\){0,30}").unwrap()
 }
 
+/// What a derivation uses of derivations an input makes, up to three levels deep.
+fn arb_dynamic() -> impl Strategy<Value = BTreeMap<String, DynamicInput>> {
+    let leaf =
+        proptest::collection::btree_set("[a-z]{1,5}", 0..3).prop_map(|outputs| DynamicInput {
+            outputs,
+            children: BTreeMap::new(),
+        });
+    let node = leaf.prop_recursive(2, 8, 3, |inner| {
+        (
+            proptest::collection::btree_set("[a-z]{1,5}", 0..3),
+            proptest::collection::btree_map("[a-z]{1,5}", inner, 0..3),
+        )
+            .prop_map(|(outputs, children)| DynamicInput { outputs, children })
+    });
+    proptest::collection::btree_map("[a-z]{1,5}", node, 0..3)
+}
+
 fn arb_drv() -> impl Strategy<Value = Derivation> {
+    (arb_static_drv(), arb_dynamic()).prop_map(|(mut d, dynamic)| {
+        // The first input derivation (if any) is also used for what it makes.
+        if let Some(first) = d.input_drvs.keys().next().cloned() {
+            if !dynamic.is_empty() {
+                d.dynamic_inputs.insert(first, dynamic);
+            }
+        }
+        d
+    })
+}
+
+fn arb_static_drv() -> impl Strategy<Value = Derivation> {
     (
         proptest::collection::btree_map("[a-z]{1,6}", (arb_path(), any::<bool>()), 1..4),
         proptest::collection::btree_map(
@@ -64,6 +93,7 @@ fn arb_drv() -> impl Strategy<Value = Derivation> {
                     name: "x".into(),
                     outputs,
                     input_drvs,
+                    dynamic_inputs: BTreeMap::new(),
                     input_srcs,
                     platform,
                     builder,
@@ -111,7 +141,31 @@ fn hostile_text_is_refused_with_position() {
         (ok.replace("\"\",\"\")", "\"\",\"abcd\")"), "no hash algorithm"),
         (format!("Derive([(\"out\",\"{p}\",\"\",\"\"),(\"out\",\"{p}\",\"\",\"\")],[],[],\"s\",\"b\",[],[])"), "duplicate output 'out'"),
         (ok.replace("[])", "[(\"k\",\"\\"), "unterminated"),
-        ("DrvWithVersion(\"xp-dyn-drv\",".to_string(), "not supported"),
+        (
+            ok.replace("Derive(", "DrvWithVersion(\"xp-dyn-drv-2\","),
+            "unknown derivation ATerm format version 'xp-dyn-drv-2' at byte 15",
+        ),
+        (
+            ok.replace("Derive(", "DrvWithVersion(\"xp-dyn-drv\",")
+                .replace("[],[],\"sys\"", &format!("[(\"{p}\",([],[(\"out\",{{}})]))],[],\"sys\"")),
+            "expected '('",
+        ),
+        (
+            ok.replace("Derive(", "DrvWithVersion(\"xp-dyn-drv\",").replace(
+                "[],[],\"sys\"",
+                &format!(
+                    "[(\"{p}\",{}[]{})],[],\"sys\"",
+                    "([],[(\"out\",".repeat(40),
+                    ")]))".repeat(40)
+                ),
+            ),
+            "nested more than 32 deep",
+        ),
+        // Dynamic inputs only in the versioned form.
+        (
+            ok.replace("[],[],\"sys\"", &format!("[(\"{p}\",([],[(\"out\",[\"out\"])]))],[],\"sys\"")),
+            "expected '['",
+        ),
     ];
     for (text, want) in cases {
         let e = Derivation::parse(&sd(), "x", text.as_bytes())

@@ -148,8 +148,10 @@ fn resolution_gives_the_derivations_nix_wrote() {
             }
         }
         let resolved = d
-            .resolve(&sd, |input, o| {
-                f.outputs.get(&(f.attr_of(input), o.to_string())).cloned()
+            .resolve(&sd, |input, chain| {
+                f.outputs
+                    .get(&(f.attr_of(input), chain[0].to_string()))
+                    .cloned()
             })
             .unwrap();
         assert_eq!(resolved.to_aterm(&sd), f.drvs[&want].0, "{orig}");

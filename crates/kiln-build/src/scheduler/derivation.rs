@@ -2,6 +2,7 @@
 //! realised (and resolved, for content-addressed inputs), the input closure.
 
 use super::*;
+use kiln_format::derivation::DynamicInput;
 
 impl Worker {
     // ---- derivation goals --------------------------------------------------------------
@@ -344,6 +345,11 @@ impl Worker {
             }
         }
         for (p, outs) in &drv.input_drvs {
+            // An input used only for the derivations it makes: those outputs are asked for
+            // with the dynamic inputs, once the inputs are in.
+            if outs.is_empty() && drv.dynamic_inputs.contains_key(p) {
+                continue;
+            }
             let sub = self.make_drv_goal(p, outs, input_mode, &settings);
             self.add_waitee(id, sub);
         }
@@ -396,6 +402,36 @@ impl Worker {
             return self.have_derivation(id);
         }
         let drv = d.drv.clone().expect("loaded");
+        let mode = d.mode;
+        // Dynamic inputs: each chain is followed as far as it is known; what is missing is
+        // built (its waitees wake this goal again) before anything else happens.
+        let mut dynamic_realised = BTreeMap::new();
+        if !drv.dynamic_inputs.is_empty() {
+            match self.dynamic_inputs_known(id, &drv) {
+                Err(msg) => return self.fail_drv(id, BuildStatus::MiscFailure, msg),
+                Ok((needed, _)) if !needed.is_empty() => {
+                    let settings = self.goals[&id].settings.clone();
+                    let input_mode = if mode == BuildMode::Repair {
+                        BuildMode::Repair
+                    } else {
+                        BuildMode::Normal
+                    };
+                    for (p, outs) in needed {
+                        let sub = self.make_drv_goal(&p, &outs, input_mode, &settings);
+                        self.add_waitee(id, sub);
+                    }
+                    if self.goals[&id].waitees.is_empty() {
+                        return self.fail_drv(
+                            id,
+                            BuildStatus::MiscFailure,
+                            format!("the dynamic inputs of '{abs}' could not be asked for"),
+                        );
+                    }
+                    return self.set_state(id, DrvState::InputsRealised);
+                }
+                Ok((_, known)) => dynamic_realised = known,
+            }
+        }
         // The input closure: outputs the derivation asks for from each input, and sources.
         let mut roots = Vec::new();
         let mut realised: BTreeMap<(StorePath, String), StorePath> = BTreeMap::new();
@@ -450,8 +486,11 @@ impl Worker {
                 }
             }
         }
-        if drv.needs_resolution() || (dynamic_inputs && drv.is_fixed_output()) {
-            return self.resolve(id, &drv, &realised);
+        if drv.needs_resolution()
+            || !drv.dynamic_inputs.is_empty()
+            || (dynamic_inputs && drv.is_fixed_output())
+        {
+            return self.resolve(id, &drv, &realised, &dynamic_realised);
         }
         roots.extend(drv.input_srcs.iter().cloned());
         let closure = match self.closure(roots) {
@@ -464,6 +503,100 @@ impl Worker {
         self.wake(id);
     }
 
+    /// Follows this derivation's dynamic inputs (outputs of derivations its inputs make) as
+    /// far as they are known: an output is known once a goal reported it or, when the
+    /// derivation is built already, from the store. Returns the goals still needed (the
+    /// next link of a chain, or the outputs used of a made derivation) and, for what is
+    /// known, the paths by input and chain of outputs (`[out, bin]`: output `bin` of the
+    /// derivation that the input's `out` is).
+    #[allow(clippy::type_complexity)]
+    fn dynamic_inputs_known(
+        &mut self,
+        id: GoalId,
+        drv: &Derivation,
+    ) -> Result<
+        (
+            BTreeMap<StorePath, BTreeSet<String>>,
+            BTreeMap<(StorePath, Vec<String>), StorePath>,
+        ),
+        String,
+    > {
+        let store = self.store().clone();
+        let Some(Kind::Drv(d)) = self.goals.get(&id).map(|g| &g.kind) else {
+            return Err("the goal is gone".into());
+        };
+        let lookup = |p: &StorePath, o: &str| -> Result<Option<StorePath>, String> {
+            if let Some(x) = d.input_outputs.get(&(p.clone(), o.to_string())) {
+                return Ok(Some(x.clone()));
+            }
+            let made = store.read_derivation(p).map_err(|e| e.to_string())?;
+            match self.output_map(p, &made).get(o) {
+                None => Err(format!(
+                    "derivation '{}' does not have output '{o}'",
+                    store.print(p)
+                )),
+                Some(Some(x)) if store.is_valid(x).map_err(|e| e.to_string())? => {
+                    Ok(Some(x.clone()))
+                }
+                Some(_) => Ok(None),
+            }
+        };
+        let mut needed: BTreeMap<StorePath, BTreeSet<String>> = BTreeMap::new();
+        let mut known = BTreeMap::new();
+        let mut todo: Vec<(
+            &StorePath,
+            Vec<String>,
+            StorePath,
+            &BTreeMap<String, DynamicInput>,
+        )> = drv
+            .dynamic_inputs
+            .iter()
+            .map(|(root, children)| (root, Vec::new(), root.clone(), children))
+            .collect();
+        while let Some((root, chain, current, children)) = todo.pop() {
+            for (o, node) in children {
+                let Some(made) = lookup(&current, o)? else {
+                    needed.entry(current.clone()).or_default().insert(o.clone());
+                    continue;
+                };
+                if !made.is_derivation() {
+                    return Err(format!(
+                        "output '{o}' of '{}' is '{}', which is not a derivation",
+                        store.print(&current),
+                        store.print(&made)
+                    ));
+                }
+                let mut deeper = chain.clone();
+                deeper.push(o.clone());
+                for v in &node.outputs {
+                    match lookup(&made, v)? {
+                        Some(x) => {
+                            let mut full = deeper.clone();
+                            full.push(v.clone());
+                            known.insert((root.clone(), full), x);
+                        }
+                        None => {
+                            needed.entry(made.clone()).or_default().insert(v.clone());
+                        }
+                    }
+                }
+                todo.push((root, deeper, made, &node.children));
+            }
+        }
+        let d = self.drv_mut(id).ok_or("the goal is gone")?;
+        for (p, outs) in &needed {
+            for o in outs {
+                if !d.dynamic_asked.insert((p.clone(), o.clone())) {
+                    return Err(format!(
+                        "output '{o}' of '{}' was built but its path is not known",
+                        store.print(p)
+                    ));
+                }
+            }
+        }
+        Ok((needed, known))
+    }
+
     /// Builds, in this derivation's place, the derivation it resolves to now that its inputs
     /// are built (their outputs' paths substituted for the input derivations), as Nix does
     /// for content-addressed inputs. The resolved `.drv` is written to the store.
@@ -472,6 +605,7 @@ impl Worker {
         id: GoalId,
         drv: &Derivation,
         realised: &BTreeMap<(StorePath, String), StorePath>,
+        dynamic_realised: &BTreeMap<(StorePath, Vec<String>), StorePath>,
     ) {
         let store = self.store().clone();
         let settings = self.goals[&id].settings.clone();
@@ -479,8 +613,12 @@ impl Worker {
         let abs = store.print(&d.drv_path);
         let (mode, wanted) = (d.mode, d.wanted.clone());
         let resolved = drv
-            .resolve(store.store_dir(), |p, o| {
-                realised.get(&(p.clone(), o.to_string())).cloned()
+            .resolve(store.store_dir(), |p, chain| match chain {
+                [o] => realised.get(&(p.clone(), o.to_string())).cloned(),
+                _ => {
+                    let chain = chain.iter().map(|c| c.to_string()).collect();
+                    dynamic_realised.get(&(p.clone(), chain)).cloned()
+                }
             })
             .map_err(|e| e.to_string())
             .and_then(|r| {
@@ -541,6 +679,14 @@ impl Worker {
             )
         });
         if !result.success() {
+            // Nix 2.34 says that the resolved derivation failed (its own failure was told
+            // when it ended); older clients get the resolved build's message.
+            let result = BuildResult {
+                detail: Some(crate::result::FailureDetail::ResolvedFailed {
+                    resolved: store.print(&rpath),
+                }),
+                ..result
+            };
             return self.done(id, Exit::Failed, result);
         }
         // What the resolved build reported (impure outputs are recorded nowhere else).

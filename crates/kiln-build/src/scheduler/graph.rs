@@ -290,6 +290,7 @@ impl Worker {
             resolved: None,
             resolved_result: None,
             input_outputs: BTreeMap::new(),
+            dynamic_asked: BTreeSet::new(),
             failed_machines: BTreeSet::new(),
             remote_attempts: 0,
         };

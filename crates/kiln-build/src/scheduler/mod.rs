@@ -368,6 +368,9 @@ struct DrvGoal {
     /// What the input derivations' goals reported their outputs to be, by input and output
     /// name (the only record of an impure input's outputs).
     input_outputs: BTreeMap<(StorePath, String), StorePath>,
+    /// Outputs of made derivations (dynamic inputs) already asked for, by `.drv` and output:
+    /// one asked for again was built without becoming known, an error, not a loop.
+    dynamic_asked: BTreeSet<(StorePath, String)>,
     /// Build machines that failed this goal (by index), and how many attempts failed.
     failed_machines: BTreeSet<usize>,
     remote_attempts: u32,

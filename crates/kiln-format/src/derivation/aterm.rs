@@ -1,9 +1,14 @@
 //! The ATerm text of `.drv` files:
-//! `Derive([outputs],[inputDrvs],[inputSrcs],"system","builder",[args],[env])`.
+//! `Derive([outputs],[inputDrvs],[inputSrcs],"system","builder",[args],[env])`, and the
+//! versioned form of derivations with dynamic inputs,
+//! `DrvWithVersion("xp-dyn-drv",[outputs],…)`, where an input derivation's outputs may be
+//! `([outputs],[(output,node),…])`: outputs of the derivations its outputs are.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{parse_fixed, parse_method_algo, Derivation, DerivationOutput};
+use super::{
+    parse_fixed, parse_method_algo, Derivation, DerivationOutput, DynamicInput, MAX_DYNAMIC_DEPTH,
+};
 use crate::store_path::{StoreDir, StorePath};
 use crate::Error;
 
@@ -119,6 +124,69 @@ impl<'a> Parser<'a> {
     fn strings(&mut self) -> Result<Vec<String>, Error> {
         self.list(|p| p.string())
     }
+
+    /// Output names (of an input derivation), each a valid store path name.
+    fn output_names(&mut self, input: &StorePath) -> Result<BTreeSet<String>, Error> {
+        let at = self.pos;
+        let outs: BTreeSet<String> = self.strings()?.into_iter().collect();
+        if let Some(bad) = outs
+            .iter()
+            .find(|o| crate::store_path::check_name(o, o).is_err())
+        {
+            return Err(Error::Derivation(format!(
+                "invalid derivation '{}': input '{input}' at byte {at} names output '{}', which is not a valid store path name",
+                self.name,
+                bad.escape_default()
+            )));
+        }
+        Ok(outs)
+    }
+
+    /// An input derivation's node in the versioned form: `[outputs]`, or
+    /// `([outputs],[(output,node),…])`.
+    fn dynamic_node(&mut self, input: &StorePath, depth: usize) -> Result<DynamicInput, Error> {
+        if self.peek() == Some(b'[') {
+            return Ok(DynamicInput {
+                outputs: self.output_names(input)?,
+                children: BTreeMap::new(),
+            });
+        }
+        if depth >= MAX_DYNAMIC_DEPTH {
+            return Err(self.err(format_args!(
+                "dynamic inputs nested more than {MAX_DYNAMIC_DEPTH} deep"
+            )));
+        }
+        self.expect("(")?;
+        let outputs = self.output_names(input)?;
+        self.expect(",")?;
+        let items = self.list(|p| {
+            let at = p.pos;
+            p.expect("(")?;
+            let name = p.string()?;
+            p.expect(",")?;
+            let node = p.dynamic_node(input, depth + 1)?;
+            p.expect(")")?;
+            Ok((at, name, node))
+        })?;
+        self.expect(")")?;
+        let mut children = BTreeMap::new();
+        for (at, name, node) in items {
+            if crate::store_path::check_name(&name, &name).is_err() {
+                return Err(Error::Derivation(format!(
+                    "invalid derivation '{}': input '{input}' at byte {at} names output '{}', which is not a valid store path name",
+                    self.name,
+                    name.escape_default()
+                )));
+            }
+            if children.insert(name.clone(), node).is_some() {
+                return Err(Error::Derivation(format!(
+                    "invalid derivation '{}': input '{input}' names output '{name}' twice at byte {at}",
+                    self.name
+                )));
+            }
+        }
+        Ok(DynamicInput { outputs, children })
+    }
 }
 
 /// Parses a `.drv` file.
@@ -135,12 +203,21 @@ pub(super) fn parse(store_dir: &StoreDir, name: &str, text: &[u8]) -> Result<Der
         name,
         store_dir,
     };
-    if text.starts_with(b"DrvWithVersion(") {
-        return Err(
-            p.err("versioned derivations (dynamic-derivations extension) are not supported")
-        );
+    let versioned = text.starts_with(b"DrvWithVersion(");
+    if versioned {
+        p.expect("DrvWithVersion(")?;
+        let at = p.pos;
+        let version = p.string()?;
+        if version != "xp-dyn-drv" {
+            return Err(Error::Derivation(format!(
+                "invalid derivation '{name}': unknown derivation ATerm format version '{}' at byte {at}",
+                version.escape_default()
+            )));
+        }
+        p.expect(",")?;
+    } else {
+        p.expect("Derive(")?;
     }
-    p.expect("Derive(")?;
 
     let mut outputs = BTreeMap::new();
     let outs = p.list(|p| {
@@ -210,27 +287,32 @@ pub(super) fn parse(store_dir: &StoreDir, name: &str, text: &[u8]) -> Result<Der
     p.expect(",")?;
 
     let mut input_drvs = BTreeMap::new();
+    let mut dynamic_inputs = BTreeMap::new();
     let ins = p.list(|p| {
         let at = p.pos;
         p.expect("(")?;
         let path = p.path()?;
         p.expect(",")?;
-        let outs: BTreeSet<String> = p.strings()?.into_iter().collect();
+        // Only the versioned form may hold dynamic inputs.
+        let node = if versioned {
+            p.dynamic_node(&path, 0)?
+        } else {
+            DynamicInput {
+                outputs: p.output_names(&path)?,
+                children: BTreeMap::new(),
+            }
+        };
         p.expect(")")?;
-        if let Some(bad) = outs.iter().find(|o| crate::store_path::check_name(o, o).is_err()) {
-            return Err(Error::Derivation(format!(
-                "invalid derivation '{}': input '{path}' at byte {at} names output '{}', which is not a valid store path name",
-                p.name,
-                bad.escape_default()
-            )));
-        }
-        Ok((at, path, outs))
+        Ok((at, path, node))
     })?;
-    for (at, path, outs) in ins {
-        if input_drvs.insert(path.clone(), outs).is_some() {
+    for (at, path, node) in ins {
+        if input_drvs.insert(path.clone(), node.outputs).is_some() {
             return Err(Error::Derivation(format!(
                 "invalid derivation '{name}': duplicate input derivation '{path}' at byte {at}"
             )));
+        }
+        if !node.children.is_empty() {
+            dynamic_inputs.insert(path, node.children);
         }
     }
     p.expect(",")?;
@@ -262,6 +344,7 @@ pub(super) fn parse(store_dir: &StoreDir, name: &str, text: &[u8]) -> Result<Der
         name: name.to_string(),
         outputs,
         input_drvs,
+        dynamic_inputs,
         input_srcs,
         platform,
         builder,
@@ -310,6 +393,31 @@ fn write_unquoted_list<'a>(out: &mut Vec<u8>, items: impl IntoIterator<Item = &'
     out.push(b']');
 }
 
+/// `([outputs],[(output,node),…])`, or `[outputs]` where nothing is made of a made one.
+fn write_dynamic_node(
+    out: &mut Vec<u8>,
+    outputs: &BTreeSet<String>,
+    children: &BTreeMap<String, DynamicInput>,
+) {
+    if children.is_empty() {
+        return write_unquoted_list(out, outputs.iter().map(String::as_str));
+    }
+    out.push(b'(');
+    write_unquoted_list(out, outputs.iter().map(String::as_str));
+    out.extend_from_slice(b",[");
+    for (i, (name, node)) in children.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'(');
+        write_unquoted(out, name);
+        out.push(b',');
+        write_dynamic_node(out, &node.outputs, &node.children);
+        out.push(b')');
+    }
+    out.extend_from_slice(b"])");
+}
+
 fn write_strings<'a>(out: &mut Vec<u8>, items: impl IntoIterator<Item = &'a str>) {
     out.push(b'[');
     for (i, s) in items.into_iter().enumerate() {
@@ -331,7 +439,12 @@ pub(super) fn write(
     mask_outputs: bool,
     input_hashes: Option<&BTreeMap<String, BTreeSet<String>>>,
 ) {
-    out.extend_from_slice(b"Derive([");
+    // As Nix: the older form whenever it can say it, for wider compatibility.
+    if drv.dynamic_inputs.is_empty() {
+        out.extend_from_slice(b"Derive([");
+    } else {
+        out.extend_from_slice(b"DrvWithVersion(\"xp-dyn-drv\",[");
+    }
     for (i, (name, o)) in drv.outputs.iter().enumerate() {
         if i > 0 {
             out.push(b',');
@@ -381,7 +494,10 @@ pub(super) fn write(
                 out.push(b'(');
                 write_unquoted(out, &store_dir.display(p));
                 out.push(b',');
-                write_unquoted_list(out, outs.iter().map(String::as_str));
+                match drv.dynamic_inputs.get(p) {
+                    Some(children) => write_dynamic_node(out, outs, children),
+                    None => write_unquoted_list(out, outs.iter().map(String::as_str)),
+                }
                 out.push(b')');
             }
         }

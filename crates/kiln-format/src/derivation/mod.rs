@@ -53,6 +53,32 @@ impl FloatingOutput {
     }
 }
 
+/// What a derivation uses of a derivation that another derivation made: some of its
+/// outputs, and (deeper still) outputs of the derivations its own outputs are.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DynamicInput {
+    pub outputs: BTreeSet<String>,
+    pub children: BTreeMap<String, DynamicInput>,
+}
+
+/// Nesting of dynamic inputs a `.drv` may have: real ones have one or two levels; the bound
+/// keeps a hostile file from exhausting the parser's stack.
+pub const MAX_DYNAMIC_DEPTH: usize = 32;
+
+/// The placeholder a derivation holds for output `output` of the derivation that the
+/// output `placeholder` stands for is (`DownstreamPlaceholder::unknownDerivation`): `/` and
+/// the base-32 SHA-256 of `nix-computed-output:<placeholder's hash, compressed to 20
+/// bytes>:<output>`.
+pub fn dynamic_placeholder(placeholder: &str, output: &str) -> Result<String, Error> {
+    let digest = placeholder
+        .strip_prefix('/')
+        .ok_or_else(|| Error::Derivation(format!("'{placeholder}' is not a placeholder")))
+        .and_then(|h| Hash::parse_digest(HashAlgo::Sha256, h))?;
+    let compressed = crate::base32::encode(&digest.compress(20));
+    let clear = format!("nix-computed-output:{compressed}:{output}");
+    Ok(format!("/{}", Hash::sha256(clear.as_bytes()).to_base32()))
+}
+
 /// One output of a derivation.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DerivationOutput {
@@ -73,6 +99,11 @@ pub struct Derivation {
     pub name: String,
     pub outputs: BTreeMap<String, DerivationOutput>,
     pub input_drvs: BTreeMap<StorePath, BTreeSet<String>>,
+    /// Outputs of derivations that input derivations make (experimental
+    /// `dynamic-derivations`), by input derivation and the output of it that is a `.drv`.
+    /// Each key is also a key of `input_drvs` (whose set may then be empty). A derivation
+    /// with any is written in the versioned form, `DrvWithVersion("xp-dyn-drv",…)`.
+    pub dynamic_inputs: BTreeMap<StorePath, BTreeMap<String, DynamicInput>>,
     pub input_srcs: BTreeSet<StorePath>,
     pub platform: String,
     pub builder: String,
@@ -402,28 +433,64 @@ pub fn downstream_placeholder(drv_path: &StorePath, output: &str) -> String {
 
 impl Derivation {
     /// The derivation built in place of one that needs resolution: every input derivation's
-    /// output replaced by its path (`realised` gives it, by input `.drv` and output name) in
-    /// the inputs, builder, arguments and environment, and the deferred outputs' paths
-    /// computed (Nix's `tryResolve`). Errors name the missing input output.
+    /// output replaced by its path in the inputs, builder, arguments and environment, and
+    /// the deferred outputs' paths computed (Nix's `tryResolve`). `realised` gives a path by
+    /// input `.drv` and chain of outputs: `[out]` for its output `out`, `[out, bin]` for
+    /// output `bin` of the derivation its output `out` is (dynamic inputs). Errors name the
+    /// missing input output.
     pub fn resolve(
         &self,
         store_dir: &StoreDir,
-        realised: impl Fn(&StorePath, &str) -> Option<StorePath>,
+        realised: impl Fn(&StorePath, &[&str]) -> Option<StorePath>,
     ) -> Result<Derivation, Error> {
         let mut rewrites: BTreeMap<String, String> = BTreeMap::new();
         let mut resolved = self.clone();
         resolved.input_drvs.clear();
+        resolved.dynamic_inputs.clear();
+        let missing = |input: &StorePath, chain: &[&str]| {
+            Error::Derivation(format!(
+                "cannot resolve derivation '{}': output '{}' of input '{}' is not built",
+                self.name,
+                chain.join("^"),
+                store_dir.display(input)
+            ))
+        };
         for (input, outs) in &self.input_drvs {
             for o in outs {
-                let path = realised(input, o).ok_or_else(|| {
-                    Error::Derivation(format!(
-                        "cannot resolve derivation '{}': output '{o}' of input '{}' is not built",
-                        self.name,
-                        store_dir.display(input)
-                    ))
-                })?;
+                let path = realised(input, &[o]).ok_or_else(|| missing(input, &[o]))?;
                 rewrites.insert(downstream_placeholder(input, o), store_dir.display(&path));
                 resolved.input_srcs.insert(path);
+            }
+        }
+        // Outputs of made derivations: their placeholders are chained from the producer's
+        // (`unknownDerivation` of `unknownCaOutput`); the made `.drv`s themselves are not
+        // inputs of the resolved derivation, only the outputs used.
+        let mut todo: Vec<(&StorePath, Vec<&str>, String, &DynamicInput)> = Vec::new();
+        for (input, children) in &self.dynamic_inputs {
+            for (o, node) in children {
+                todo.push((
+                    input,
+                    vec![o.as_str()],
+                    downstream_placeholder(input, o),
+                    node,
+                ));
+            }
+        }
+        while let Some((input, chain, placeholder, node)) = todo.pop() {
+            for v in &node.outputs {
+                let mut full = chain.clone();
+                full.push(v);
+                let path = realised(input, &full).ok_or_else(|| missing(input, &full))?;
+                rewrites.insert(
+                    dynamic_placeholder(&placeholder, v)?,
+                    store_dir.display(&path),
+                );
+                resolved.input_srcs.insert(path);
+            }
+            for (o, child) in &node.children {
+                let mut deeper = chain.clone();
+                deeper.push(o);
+                todo.push((input, deeper, dynamic_placeholder(&placeholder, o)?, child));
             }
         }
         let rewrite = |s: &str| {
