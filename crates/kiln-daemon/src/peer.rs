@@ -80,11 +80,12 @@ pub enum Trust {
     Untrusted,
 }
 
-/// Decides whether `peer` may connect and whether it is trusted, as Nix 2.8's daemon does:
-/// trusted if `trusted-users` matches (root always, being the daemon's owner — kiln run as
-/// an ordinary user trusts that user); refused if neither list matches, or if the peer's
-/// primary group is the build-users group (a builder must not talk to the daemon that
-/// runs it: it could ask for builds with its own output paths).
+/// Decides whether `peer` may connect and whether it is trusted, as nix-daemon does:
+/// trusted exactly when `trusted-users` matches (the default, `root`, trusts root; a
+/// daemon run by an ordinary user trusts that user only if listed, as nix-daemon, so a
+/// configuration that leaves its own user out gets what it asked for); refused if neither
+/// list matches, or if the peer's primary group is the build-users group (a builder must
+/// not talk to the daemon that runs it: it could ask for builds with its own output paths).
 pub fn authorize(
     peer: &Peer,
     trusted_users: &[String],
@@ -92,7 +93,7 @@ pub fn authorize(
     build_users_group: &str,
     daemon_uid: u32,
 ) -> Result<Trust, String> {
-    let trusted = peer.uid == daemon_uid || peer.matches(trusted_users);
+    let trusted = peer.matches(trusted_users);
     if !build_users_group.is_empty()
         && peer.groups.first().map(String::as_str) == Some(build_users_group)
         && peer.uid != daemon_uid
@@ -152,9 +153,14 @@ mod tests {
         // A build user is refused even when everyone is allowed.
         let builder = peer("nixbld1", &["nixbld"]);
         assert!(authorize(&builder, &l(&["root"]), &l(&["*"]), "nixbld", 0).is_err());
-        // The daemon's own user is trusted (a per-user daemon).
+        // The daemon's own user is trusted only if listed, as by nix-daemon (Nix 2.34's
+        // impure-env test removes its user from `trusted-users` and expects that).
         assert_eq!(
-            authorize(&alice, &l(&[]), &l(&[]), "", 1000),
+            authorize(&alice, &l(&[]), &l(&["*"]), "", 1000),
+            Ok(Trust::Untrusted)
+        );
+        assert_eq!(
+            authorize(&alice, &l(&["alice"]), &l(&[]), "", 1000),
             Ok(Trust::Trusted)
         );
     }

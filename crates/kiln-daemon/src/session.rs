@@ -626,6 +626,49 @@ impl<'d> Session<'d> {
         }
     }
 
+    /// The paths the client's caches say the floating outputs `names` of `drv` became
+    /// (their realisations), for those they know (nothing when substitution is off).
+    /// Warnings go to the client.
+    fn cached_realisations(
+        &self,
+        drv_path: &StorePath,
+        drv: &Derivation,
+        names: &[String],
+        io: &mut OpIo<'_>,
+    ) -> Result<Vec<StorePath>, RemoteError> {
+        if !self.build.use_substitutes || self.build.subst.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !kiln_build::attrs::Attrs::of(drv).flag("allowSubstitutes", true) {
+            return Ok(Vec::new());
+        }
+        let Ok(h) = self.store().output_hash(drv_path, drv) else {
+            return Ok(Vec::new());
+        };
+        let ids: Vec<kiln_format::realisation::DrvOutput> = names
+            .iter()
+            .map(|n| kiln_format::realisation::DrvOutput::new(h, n))
+            .collect();
+        let lines = std::sync::Mutex::new(Vec::new());
+        let log = |l: &str| {
+            if let Ok(mut v) = lines.lock() {
+                v.push(l.to_string());
+            }
+        };
+        let found = self
+            .b
+            .caches
+            .query_realisations(&self.build.subst, &ids, &log)
+            .unwrap_or_else(|e| {
+                log(&format!("warning: {e}"));
+                BTreeMap::new()
+            });
+        for l in lines.into_inner().unwrap_or_default() {
+            io.log(level::WARN, &l).map_err(remote)?;
+        }
+        Ok(found.into_values().map(|r| r.out_path).collect())
+    }
+
     /// Asks the client's caches about `paths` (nothing when substitution is off). Warnings
     /// (an unreachable or unsigned cache) go to the client.
     fn query_substitutes(
@@ -700,8 +743,9 @@ impl<'d> Session<'d> {
                         let d = store.read_derivation(&drv).map_err(remote)?;
                         let mut missing = Vec::new();
                         // Outputs whose paths are not known before they are built
-                        // (content-addressed) can only be built.
-                        let mut unknown_output = false;
+                        // (floating content-addressed) are built, unless the caches know
+                        // what they became.
+                        let mut unknown = Vec::new();
                         for (name, out) in store.output_map_of(&drv, &d).map_err(remote)? {
                             let wanted = match &outputs {
                                 OutputSpec::All => true,
@@ -709,13 +753,25 @@ impl<'d> Session<'d> {
                             };
                             match out {
                                 _ if !wanted => {}
-                                None => unknown_output = true,
+                                None => unknown.push(name),
                                 Some(out) if !store.is_valid(&out).map_err(remote)? => {
                                     missing.push(out)
                                 }
                                 Some(_) => {}
                             }
                         }
+                        if !unknown.is_empty() {
+                            let known = self.cached_realisations(&drv, &d, &unknown, io)?;
+                            if known.len() == unknown.len() {
+                                for p in known {
+                                    if !store.is_valid(&p).map_err(remote)? {
+                                        missing.push(p);
+                                    }
+                                }
+                                unknown.clear();
+                            }
+                        }
+                        let unknown_output = !unknown.is_empty();
                         if missing.is_empty() && !unknown_output {
                             continue;
                         }

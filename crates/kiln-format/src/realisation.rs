@@ -114,9 +114,21 @@ impl Realisation {
         self.json_value(false).to_string()
     }
 
+    /// Signs the realisation. With dependent realisations it is signed twice: as it is
+    /// (Nix 2.8 verifies that) and with an empty map of them, as Nix ≥ 2.2x keeps and
+    /// copies every realisation (they dropped dependent realisations, so a realisation
+    /// that went through one of them arrives with `{}` and only that signature verifies).
     pub fn sign(&mut self, key: &SecretKey) {
-        self.signatures
-            .insert(key.sign(self.fingerprint().as_bytes()));
+        let whole = key.sign(self.fingerprint().as_bytes());
+        self.signatures.insert(whole);
+        if !self.dependent.is_empty() {
+            let bare = Realisation {
+                dependent: BTreeMap::new(),
+                ..self.clone()
+            };
+            self.signatures
+                .insert(key.sign(bare.fingerprint().as_bytes()));
+        }
     }
 
     /// Whether one of its signatures is valid for one of `keys`.
@@ -259,6 +271,28 @@ mod tests {
         assert!(r.verify(&[key.public()]));
         r.out_path = StorePath::from_base_name("0h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello").unwrap();
         assert!(!r.verify(&[key.public()]));
+    }
+
+    /// Nix 2.34 keeps no dependent realisations: one that went through it arrives with an
+    /// empty map, and must still verify; nothing else about it may change.
+    #[test]
+    fn signatures_survive_dropping_dependent_realisations() {
+        let key = SecretKey::generate("test-1").unwrap();
+        let id = DrvOutput::parse(ID).unwrap();
+        let p = StorePath::from_base_name("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello").unwrap();
+        let mut r = Realisation::new(id.clone(), p.clone());
+        r.dependent.insert(id, p);
+        r.sign(&key);
+        assert_eq!(r.signatures.len(), 2);
+        assert!(r.verify(&[key.public()]));
+        let mut bare = r.clone();
+        bare.dependent.clear();
+        let bare = Realisation::from_json(&bare.to_json(), "test").unwrap();
+        assert!(bare.verify(&[key.public()]));
+        let mut moved = bare;
+        moved.out_path =
+            StorePath::from_base_name("0h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello").unwrap();
+        assert!(!moved.verify(&[key.public()]));
     }
 
     #[test]

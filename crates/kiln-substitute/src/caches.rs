@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use kiln_format::narinfo::NarInfo;
+use kiln_format::realisation::{DrvOutput, Realisation};
 use kiln_format::{ContentAddress, StoreDir, StorePath, ValidPathInfo};
 use kiln_store::{AddOptions, LocalStore};
 
@@ -285,7 +286,77 @@ impl Caches {
     }
 }
 
+impl Caches {
+    /// The realisation `cache` holds for `id` (`realisations/<id>.doi`), if it has one this
+    /// store can use: of this store directory, for `id`, and (with `require-sigs`) signed
+    /// by a trusted key. Nix 2.34 takes any; kiln asks for a signature because a
+    /// realisation decides which path a derivation's output is: an unsigned one would let
+    /// a cache (or whoever sits between) point the output at any path it holds, however
+    /// well that path itself is signed.
+    fn realisation(
+        &self,
+        cfg: &SubstConfig,
+        cache: &BinaryCache,
+        id: &DrvOutput,
+        log: &dyn Fn(&str),
+    ) -> Result<Option<Realisation>> {
+        if *cache.store_dir() != self.store_dir {
+            return Ok(None);
+        }
+        let rel = format!("realisations/{id}.doi");
+        let what = cache.transport().describe(&rel);
+        let Some(bytes) = cache
+            .transport()
+            .get_small(&rel, kiln_format::realisation::MAX_REALISATION_JSON)?
+        else {
+            return Ok(None);
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        let r = Realisation::from_json(&text, &what).map_err(|e| Error::Corrupt(e.to_string()))?;
+        if r.id != *id {
+            return Err(Error::Corrupt(format!(
+                "'{what}' is the realisation of '{}', not of '{id}'",
+                r.id
+            )));
+        }
+        if cfg.require_sigs && !cache.trusted && !r.verify(&cfg.keys) {
+            log(&format!(
+                "warning: the realisation '{id}' from '{}' is not signed by any of the keys in 'trusted-public-keys'",
+                cache.url.base
+            ));
+            return Ok(None);
+        }
+        Ok(Some(r))
+    }
+}
+
 impl Substituter for Caches {
+    fn query_realisations(
+        &self,
+        cfg: &SubstConfig,
+        ids: &[DrvOutput],
+        log: &dyn Fn(&str),
+    ) -> Result<BTreeMap<DrvOutput, Realisation>> {
+        let caches = self.ordered(cfg, log);
+        let mut found = BTreeMap::new();
+        for id in ids {
+            for c in &caches {
+                match self.realisation(cfg, c, id, log) {
+                    Ok(Some(r)) => {
+                        found.insert(id.clone(), r);
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(e) => log(&format!(
+                        "warning: looking up the realisation '{id}' in '{}': {e}",
+                        c.url.base
+                    )),
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Looks every path up in the caches in priority order, several lookups at once. A
     /// path a cache failed to answer for (and no other cache has) is left out, except in
     /// a query for one path, where the failure is the error: a substitution goal must tell

@@ -36,6 +36,7 @@ pub mod write;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use kiln_format::realisation::{DrvOutput, Realisation};
 use kiln_format::signature::PublicKey;
 use kiln_format::{ContentAddress, StorePath};
 use kiln_store::LocalStore;
@@ -162,6 +163,18 @@ pub trait Substituter: Send + Sync {
         paths: &BTreeMap<StorePath, Option<ContentAddress>>,
         log: &dyn Fn(&str),
     ) -> Result<BTreeMap<StorePath, SubstitutableInfo>>;
+
+    /// The realisations the caches hold for `ids` (floating content-addressed outputs),
+    /// each from the first cache by priority that has it. A substituter that cannot say
+    /// (an external agent) finds none.
+    fn query_realisations(
+        &self,
+        _cfg: &SubstConfig,
+        _ids: &[DrvOutput],
+        _log: &dyn Fn(&str),
+    ) -> Result<BTreeMap<DrvOutput, Realisation>> {
+        Ok(BTreeMap::new())
+    }
 
     /// Fetches `path` into `store` (verified, registered). With `repair`, replaces a valid
     /// copy after verifying the new one. Its references must be valid already. The

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use kiln_testkit::{fixture, remove_tree, scenario_steps, DaemonProcess, NixEnv, SidNix};
+use kiln_testkit::{fixture, remove_tree, run_ok, scenario_steps, DaemonProcess, NixEnv, SidNix};
 
 /// `cmd` with the environment's store, state, log and configuration directories.
 fn with_env(mut c: Command, env: &NixEnv) -> Command {
@@ -318,6 +318,120 @@ fn nix_2_34_dynamic_derivations_are_what_nix_daemon_does() {
         "{nix_out}"
     );
     assert_same_steps(&n, &k, "steps");
+}
+
+/// Floating content-addressed outputs fetched from a `file://` cache by their realisations
+/// (`tests/fixtures/daemon/ca-cache-2.34.sh`, experimental `ca-derivations` on): what
+/// `--dry-run` says would be fetched, what is fetched instead of built, and only the output
+/// asked for of a derivation whose resolved derivation the cache knows, through nix-daemon
+/// 2.34 and through kiln on identical fresh stores at one path.
+#[test]
+fn nix_2_34_realisations_come_from_caches_as_with_nix_daemon() {
+    let Some(sid) = SidNix::or_skip("nix_2_34_realisations_come_from_caches_as_with_nix_daemon")
+    else {
+        return;
+    };
+    let base = std::env::temp_dir().join(format!("kiln-ca-cache-234-{}", std::process::id()));
+    let conf = "substituters =\nsandbox = false\nbuild-users-group =\nexperimental-features = nix-command ca-derivations\n";
+    let (nix_out, kiln_out) = with_both_daemons(&sid, &base, Some(conf), "daemon/ca-cache-2.34.sh");
+    let (n, k) = (scenario_steps(&nix_out), scenario_steps(&kiln_out));
+    assert_eq!(n.len(), 10, "the steps did not all run: {nix_out}");
+    assert!(
+        n.iter().any(|(h, b)| h.contains("--dry-run")
+            && b.contains("will be fetched")
+            && !b.contains("will be built")),
+        "{nix_out}"
+    );
+    assert!(n[8].1.ends_with("-ca-dependent\nexit=0\n"), "{nix_out}");
+    // The one difference, on purpose: nix-daemon 2.34 lets `--check` of a floating output
+    // that came out different pass (and hands out the new path); kiln compares the path the
+    // contents give with the recorded realisation's and reports the difference, as
+    // `--check` does for every other derivation (ARCHITECTURE.md, deviations).
+    assert!(n[9].1.ends_with("-ca-random\nexit=0\n"), "{nix_out}");
+    assert!(
+        k[9].1.contains("may not be deterministic: output") && k[9].1.ends_with("exit=1\n"),
+        "{kiln_out}"
+    );
+    let (n, k) = (&n[..9], &k[..9]);
+    // Only the output asked for was fetched.
+    let last = &n[7].1;
+    assert!(
+        last.contains("present: ")
+            && last.contains("-ca-multi-first")
+            && !last.contains("-ca-multi-second"),
+        "{nix_out}"
+    );
+    assert_same_steps(n, k, "steps");
+}
+
+/// Realisations from a cache need a trusted signature when signatures are required
+/// (`tests/fixtures/daemon/ca-cache-sigs-2.34.sh`, kiln only: nix-daemon 2.34 takes them
+/// unsigned): kiln signs what it builds, the 2.34 client copies outputs and realisations to
+/// a `file://` cache, and after a collection the build fetches them only with the key
+/// trusted, and builds (here: fails, `max-jobs = 0`) otherwise.
+#[test]
+fn nix_2_34_realisations_from_caches_need_a_trusted_signature() {
+    let Some(sid) = SidNix::or_skip("nix_2_34_realisations_from_caches_need_a_trusted_signature")
+    else {
+        return;
+    };
+    let base = std::env::temp_dir().join(format!("kiln-ca-sigs-234-{}", std::process::id()));
+    let env = NixEnv::at(&base);
+    let key = base.join("key.sec");
+    let secret = run_ok(
+        with_env(sid.cmd("nix"), &env)
+            .args(["--extra-experimental-features", "nix-command"])
+            .args(["key", "generate-secret", "--key-name", "kiln-test-1"]),
+    );
+    std::fs::write(&key, &secret).unwrap();
+    let public = kiln_format::signature::SecretKey::parse(&secret)
+        .unwrap()
+        .public()
+        .to_string();
+    std::fs::write(
+        env.nix_conf(),
+        format!(
+            "substituters =\nsandbox = false\nbuild-users-group =\nexperimental-features = nix-command ca-derivations\nsecret-key-files = {}\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    let d = kiln_daemon(&env);
+    std::fs::create_dir_all(base.join("work")).unwrap();
+    std::fs::write(base.join("work/trusted-key.pub"), &public).unwrap();
+    let out = run_script(
+        &sid,
+        &env,
+        &d,
+        &base.join("work"),
+        "daemon/ca-cache-sigs-2.34.sh",
+    );
+    drop(d);
+    remove_tree(&base);
+    let steps = scenario_steps(&out);
+    assert_eq!(steps.len(), 5, "{out}");
+    // Signed when built (path and realisation).
+    assert!(
+        steps[1].1.starts_with("1\n") && steps[1].1.ends_with("exit=0\n"),
+        "{out}"
+    );
+    assert!(steps[2].1.ends_with("exit=0\n"), "{out}");
+    // No trusted key: the realisations are refused, so the outputs would be built.
+    let untrusted = &steps[3].1;
+    assert!(
+        untrusted.contains("is not signed by any of the keys")
+            && untrusted.contains("will be built")
+            && untrusted.contains("error: Cannot build"),
+        "{out}"
+    );
+    // The key trusted: fetched, nothing built.
+    let trusted = &steps[4].1;
+    assert!(
+        trusted.contains("will be fetched")
+            && !trusted.contains("will be built")
+            && trusted.contains("-ca-dependent\n"),
+        "{out}"
+    );
 }
 
 /// The fixture `script` run against nix-daemon 2.34 and then against kiln, each on a fresh

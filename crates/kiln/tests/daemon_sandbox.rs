@@ -116,6 +116,8 @@ struct Setup {
 }
 
 impl Setup {
+    /// A daemon (as `user`, if given) on a fresh store; the rootless user is trusted, as a
+    /// per-user daemon's user must be listed in `trusted-users` (nix-daemon's rule).
     fn new(user: Option<(u32, u32)>, files: &[(&str, &str)]) -> Setup {
         let env = NixEnv::new();
         let base = env.dir.path().to_path_buf();
@@ -123,7 +125,8 @@ impl Setup {
             base.join("conf/nix.conf"),
             "substituters =\nsandbox = true\nsandbox-fallback = false\nbuild-users-group =\n\
              max-jobs = 1\nsandbox-paths = /bin /usr /lib /lib64\n\
-             experimental-features = nix-command recursive-nix\n",
+             experimental-features = nix-command recursive-nix\n\
+             trusted-users = root kilnrootless\n",
         )
         .unwrap();
         for (name, text) in files {

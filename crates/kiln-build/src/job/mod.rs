@@ -314,9 +314,9 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
     let drv = &spec.drv;
     let fixed = drv.fixed_output().copied();
     let floating = drv.is_floating();
-    if floating && spec.mode != BuildMode::Normal {
+    if floating && spec.mode == BuildMode::Repair {
         return Err(Failure::misc(format!(
-            "'{}' is a floating content-addressed derivation; '--check' and '--repair' builds of those are not supported",
+            "'{}' is a floating content-addressed derivation; '--repair' builds of those are not supported",
             sd.display(&spec.drv_path)
         )));
     }
@@ -446,6 +446,12 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
     for (plan, info) in plans.iter().zip(last) {
         outputs.insert(plan.name.clone(), info.path.clone());
         match spec.mode {
+            BuildMode::Check if plan.floating.is_some() => {
+                if let Err(f) = check_floating_output(spec, &plan.name, &info.path) {
+                    discard_outputs(spec, &plans);
+                    return Err(f);
+                }
+            }
             BuildMode::Check => {
                 let valid = store.path_info(&plan.path).map_err(Failure::misc)?;
                 let built_at = store.real_path(&plan.build_path);
@@ -535,8 +541,8 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
         f.kinds = FailureKinds::default();
         f
     })?;
-    // Impure outputs are never reused, so nothing records them.
-    if floating && !drv.is_impure() {
+    // Impure outputs are never reused, so nothing records them; a check records nothing.
+    if floating && !drv.is_impure() && spec.mode != BuildMode::Check {
         register_realisations(spec, &outputs)?;
     }
     let handed = held.hand_over();
@@ -551,6 +557,55 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
         }
     }
     Ok((to_register, rounds, outputs, handed))
+}
+
+/// `--check` of a floating output: its path follows from its contents (modulo its own
+/// hash part), so the rebuilt output is the recorded one exactly when it got the path the
+/// output's realisation names. A differing output was moved to a path of its own, which is
+/// not registered: kept for `--keep-failed` or the `diff-hook`, removed otherwise.
+fn check_floating_output(spec: &JobSpec, name: &str, built: &StorePath) -> Result<(), Failure> {
+    let store = &spec.store;
+    let sd = store.store_dir();
+    let h = store
+        .output_hash(&spec.drv_path, &spec.drv)
+        .map_err(Failure::misc)?;
+    let recorded = store
+        .query_realisation(&DrvOutput::new(h, name))
+        .map_err(Failure::misc)?
+        .ok_or_else(|| {
+            Failure::misc(format!(
+                "'{}' has no recorded output '{name}'; build it normally before using '--check'",
+                sd.display(&spec.drv_path)
+            ))
+        })?;
+    if recorded.out_path == *built {
+        return Ok(());
+    }
+    let (old, new) = (store.real_path(&recorded.out_path), store.real_path(built));
+    append_diff_report(spec, &old, &new, &sd.display(&recorded.out_path));
+    let kept = !store.is_valid(built).unwrap_or(false)
+        && (spec.settings.keep_failed || spec.settings.diff_hook.is_some());
+    if let Some(hook) = spec.settings.diff_hook.as_ref().filter(|_| kept) {
+        run_diff_hook(hook, &old, &new, &sd.display(&spec.drv_path));
+    }
+    if !kept && !store.is_valid(built).unwrap_or(false) {
+        let _ = fsutil::remove_tree(&new);
+    }
+    let mut f = Failure::new(
+        BuildStatus::NotDeterministic,
+        format!(
+            "derivation '{}' may not be deterministic: output '{}' differs{}",
+            sd.display(&spec.drv_path),
+            sd.display(&recorded.out_path),
+            if kept {
+                format!(" from '{}'", new.display())
+            } else {
+                String::new()
+            }
+        ),
+    );
+    f.kinds.check_mismatch = true;
+    Err(f)
 }
 
 /// Records which paths a floating derivation's outputs became (signed with the configured

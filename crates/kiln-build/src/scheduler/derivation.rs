@@ -22,7 +22,8 @@ impl Worker {
             Ok(DrvState::Resolved) => self.resolved_finished(id),
             Ok(DrvState::WaitingForLocks)
             | Ok(DrvState::WaitingForHook)
-            | Ok(DrvState::Building) => {}
+            | Ok(DrvState::Building)
+            | Ok(DrvState::QueryingRealisations) => {}
             Err(SubstState::Init) => self.subst_init(id),
             Err(SubstState::ReferencesValid) => self.references_valid(id),
             Err(SubstState::TryToRun) => self.try_to_run(id),
@@ -208,6 +209,7 @@ impl Worker {
         let drv = d.drv.clone().expect("loaded");
         let invalid = self.invalid_outputs(d, &drv);
         let mode = d.mode;
+        let asked = d.cache_realisations.clone();
         if invalid.is_empty() && mode == BuildMode::Normal {
             let r = self.output_result(id, BuildStatus::AlreadyValid);
             return self.done(id, Exit::Success, r);
@@ -225,10 +227,20 @@ impl Worker {
             && !settings.subst.is_empty()
             && mode != BuildMode::Check
         {
+            // Outputs whose paths are known only once built: the caches may know what
+            // they became (Nix's `DrvOutputSubstitutionGoal`), asked once.
+            if invalid.iter().any(Option::is_none) && asked.is_none() {
+                return self.query_realisations(id, &drv);
+            }
             let ca = drv
                 .fixed_output()
                 .map(|f| ContentAddress::Fixed(f.method, f.hash));
-            for p in invalid.into_iter().flatten() {
+            let from_caches = asked
+                .into_iter()
+                .flat_map(|m| m.into_values())
+                .map(|r| r.out_path)
+                .filter(|p| !store.is_valid(p).unwrap_or(false));
+            for p in invalid.into_iter().flatten().chain(from_caches) {
                 let sub = self.make_subst_goal(&p, mode == BuildMode::Repair, &settings);
                 if let (Some(ca), Some(s)) = (&ca, self.subst_mut(sub)) {
                     s.ca.get_or_insert(*ca);
@@ -241,6 +253,64 @@ impl Worker {
         } else {
             self.set_state(id, DrvState::OutputsSubstituted);
         }
+    }
+
+    /// Asks the caches for the realisations of the wanted outputs whose paths are not known
+    /// before they are built; the answer comes back as [`Msg::Realisations`].
+    fn query_realisations(&mut self, id: GoalId, drv: &Derivation) {
+        let store = self.store().clone();
+        let settings = self.goals[&id].settings.clone();
+        let Some(d) = self.drv_mut(id) else { return };
+        let (drv_path, wanted) = (d.drv_path.clone(), d.wanted.clone());
+        d.cache_realisations = Some(BTreeMap::new());
+        let names: Vec<String> = self
+            .output_map(&drv_path, drv)
+            .into_iter()
+            .filter(|(n, p)| p.is_none() && (wanted.is_empty() || wanted.contains(n)))
+            .map(|(n, _)| n)
+            .collect();
+        let (Some(sub), Ok(h)) = (
+            self.cfg.substituter.clone(),
+            store.output_hash(&drv_path, drv),
+        ) else {
+            return self.have_derivation(id);
+        };
+        let ids: Vec<DrvOutput> = names.iter().map(|n| DrvOutput::new(h, n)).collect();
+        self.set_state(id, DrvState::QueryingRealisations);
+        self.in_flight += 1;
+        let tx = self.tx.clone();
+        let log = line_logger(self.tx.clone(), id);
+        std::thread::spawn(move || {
+            let r = sub
+                .query_realisations(&settings.subst, &ids, &log)
+                .map_err(|e| e.to_string());
+            let _ = tx.send(Msg::Realisations(id, r));
+        });
+    }
+
+    /// The caches answered: what they know is substituted next (a failed lookup is only
+    /// a warning: the outputs are built).
+    pub(super) fn realisations_queried(
+        &mut self,
+        id: GoalId,
+        r: std::result::Result<BTreeMap<DrvOutput, kiln_format::realisation::Realisation>, String>,
+    ) {
+        let found = match r {
+            Ok(m) => m,
+            Err(e) => {
+                self.emit(
+                    id,
+                    Event::Message {
+                        level: 1,
+                        text: format!("warning: looking up realisations: {e}"),
+                    },
+                );
+                BTreeMap::new()
+            }
+        };
+        let Some(d) = self.drv_mut(id) else { return };
+        d.cache_realisations = Some(found.into_iter().map(|(k, r)| (k.output, r)).collect());
+        self.have_derivation(id);
     }
 
     /// Failure caching: an output that failed before fails again, without building.
@@ -293,6 +363,15 @@ impl Worker {
             g.nr_incomplete_closure = 0;
         }
         let d = self.drv_mut(id).expect("goal exists");
+        // Realisations from the caches whose paths are valid now are recorded: the outputs
+        // are then known, here and to every later build.
+        for r in d.cache_realisations.iter().flat_map(|m| m.values()) {
+            if store.is_valid(&r.out_path).unwrap_or(false) {
+                if let Err(e) = store.register_realisation(r) {
+                    tracing::warn!("recording the realisation '{}': {e}", r.id);
+                }
+            }
+        }
         if d.need_restart {
             d.need_restart = false;
             return self.have_derivation(id);
@@ -324,7 +403,8 @@ impl Worker {
         if let Some(g) = self.goals.get_mut(&id) {
             g.announced = true;
         }
-        self.drv_mut(id).expect("goal exists").wanted.clear();
+        let d = self.drv_mut(id).expect("goal exists");
+        d.resolve_wanted = std::mem::take(&mut d.wanted);
         let input_mode = if mode == BuildMode::Repair {
             BuildMode::Repair
         } else {
@@ -611,7 +691,7 @@ impl Worker {
         let settings = self.goals[&id].settings.clone();
         let Some(d) = self.drv_mut(id) else { return };
         let abs = store.print(&d.drv_path);
-        let (mode, wanted) = (d.mode, d.wanted.clone());
+        let (mode, wanted) = (d.mode, d.resolve_wanted.clone());
         let resolved = drv
             .resolve(store.store_dir(), |p, chain| match chain {
                 [o] => realised.get(&(p.clone(), o.to_string())).cloned(),

@@ -270,6 +270,13 @@ impl Worker {
                             }
                         }
                     }
+                } else if !d.resolve_wanted.is_empty() {
+                    // Building already: its resolved derivation is asked for these too.
+                    if outputs.is_empty() {
+                        d.resolve_wanted.clear();
+                    } else {
+                        d.resolve_wanted.extend(outputs.iter().cloned());
+                    }
                 }
             }
             return id;
@@ -291,6 +298,8 @@ impl Worker {
             resolved_result: None,
             input_outputs: BTreeMap::new(),
             dynamic_asked: BTreeSet::new(),
+            cache_realisations: None,
+            resolve_wanted: BTreeSet::new(),
             failed_machines: BTreeSet::new(),
             remote_attempts: 0,
         };

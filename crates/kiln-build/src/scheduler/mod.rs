@@ -222,6 +222,10 @@ enum Msg {
         std::result::Result<Option<SubstitutableInfo>, String>,
     ),
     Fetched(GoalId, std::result::Result<(), String>),
+    Realisations(
+        GoalId,
+        std::result::Result<BTreeMap<DrvOutput, kiln_format::realisation::Realisation>, String>,
+    ),
     Hook(GoalId, HookMsg),
     /// A build on machine (index) ended.
     RemoteDone(GoalId, usize, crate::remote::RemoteOutcome),
@@ -348,6 +352,8 @@ enum DrvState {
     Building,
     /// Waiting for the resolved derivation built in its place (content-addressed inputs).
     Resolved,
+    /// Asking the caches what its floating outputs became (their realisations).
+    QueryingRealisations,
 }
 
 struct DrvGoal {
@@ -371,6 +377,13 @@ struct DrvGoal {
     /// Outputs of made derivations (dynamic inputs) already asked for, by `.drv` and output:
     /// one asked for again was built without becoming known, an error, not a loop.
     dynamic_asked: BTreeSet<(StorePath, String)>,
+    /// The outputs asked for when it went on to build (empty: all), which its resolved
+    /// derivation is asked for: a resolved derivation whose outputs a cache knows then
+    /// fetches only those (Nix's early cut-off), not every output.
+    resolve_wanted: BTreeSet<String>,
+    /// What the caches said its floating outputs became, by output name (`None` until
+    /// they were asked): substituted like any path, then recorded as realisations.
+    cache_realisations: Option<BTreeMap<String, kiln_format::realisation::Realisation>>,
     /// Build machines that failed this goal (by index), and how many attempts failed.
     failed_machines: BTreeSet<usize>,
     remote_attempts: u32,
@@ -604,6 +617,10 @@ impl Worker {
             Msg::Queried(g, r) => {
                 self.in_flight -= 1;
                 self.queried(g, r);
+            }
+            Msg::Realisations(g, r) => {
+                self.in_flight -= 1;
+                self.realisations_queried(g, r);
             }
             Msg::Fetched(g, r) => {
                 self.substituting.remove(&g);

@@ -291,27 +291,16 @@ impl LocalStore {
         kiln_format::store_path::check_name(name, name)?;
         let tmp = self.temp_path(name)?;
         let (ca_hash, nar_hash, nar_size) = match method {
-            FileIngestionMethod::Git => {
-                kiln_format::git::check_algo(algo)?;
-                let mut r = HashingReader::new(data, HashAlgo::Sha256);
-                nar::restore_into(
-                    &tmp.real,
-                    &mut r,
-                    RestoreOptions {
-                        canonical: true,
-                        ..Default::default()
-                    },
-                )?;
-                let (nar_hash, nar_size) = r.finish();
-                // Git's hash is of the tree as restored (its objects, not the NAR's bytes).
-                let ca = kiln_format::git::hash_path(&tmp.real, algo)?;
-                (ca, nar_hash, nar_size)
-            }
-            FileIngestionMethod::Recursive => {
-                // One pass: restore, NAR-hash (sha256) and CA-hash (the requested algorithm).
+            FileIngestionMethod::Recursive | FileIngestionMethod::Git => {
+                let git = method == FileIngestionMethod::Git;
+                if git {
+                    kiln_format::git::check_algo(algo)?;
+                }
+                // One pass: restore, NAR-hash (sha256) and CA-hash (the requested algorithm;
+                // Git's is of the tree as restored, its objects, not the NAR's bytes).
                 let mut tee = TeeHash {
                     inner: data,
-                    extra: (algo != HashAlgo::Sha256).then(|| Hasher::new(algo)),
+                    extra: (!git && algo != HashAlgo::Sha256).then(|| Hasher::new(algo)),
                 };
                 let mut r = HashingReader::new(&mut tee, HashAlgo::Sha256);
                 nar::restore_into(
@@ -324,6 +313,7 @@ impl LocalStore {
                 )?;
                 let (nar_hash, nar_size) = r.finish();
                 let ca = match tee.extra.take() {
+                    _ if git => kiln_format::git::hash_path(&tmp.real, algo)?,
                     Some(h) => h.finish(),
                     None => nar_hash,
                 };
