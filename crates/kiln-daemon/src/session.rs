@@ -636,7 +636,8 @@ impl<'d> Session<'d> {
         names: &[String],
         io: &mut OpIo<'_>,
     ) -> Result<Vec<StorePath>, RemoteError> {
-        if !self.build.use_substitutes || self.build.subst.is_empty() {
+        // Impure outputs are never reused: not looked up.
+        if !self.build.use_substitutes || self.build.subst.is_empty() || drv.is_impure() {
             return Ok(Vec::new());
         }
         if !kiln_build::attrs::Attrs::of(drv).flag("allowSubstitutes", true) {

@@ -47,10 +47,14 @@ pub fn check_algo(algo: HashAlgo) -> Result<(), Error> {
     }
 }
 
+/// Deepest directory nesting hashed (as deep as a NAR may nest, see `nar::Limits`): the
+/// walk recurses, and a tree deeper than any real one must not exhaust the stack.
+pub const MAX_DEPTH: usize = 256;
+
 /// The Git object id of the file, link or tree at `path` (not followed if a link).
 pub fn hash_path(path: &Path, algo: HashAlgo) -> Result<Hash, Error> {
     check_algo(algo)?;
-    Ok(object(path, algo)?.1)
+    Ok(object(path, algo, 0)?.1)
 }
 
 fn io<'a>(path: &'a Path, action: &str) -> impl FnOnce(std::io::Error) -> Error + 'a {
@@ -62,7 +66,7 @@ fn io<'a>(path: &'a Path, action: &str) -> impl FnOnce(std::io::Error) -> Error 
     }
 }
 
-fn object(path: &Path, algo: HashAlgo) -> Result<(Mode, Hash), Error> {
+fn object(path: &Path, algo: HashAlgo, depth: usize) -> Result<(Mode, Hash), Error> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::symlink_metadata(path).map_err(io(path, "stat"))?;
     let ft = meta.file_type();
@@ -89,7 +93,8 @@ fn object(path: &Path, algo: HashAlgo) -> Result<(Mode, Hash), Error> {
                 )),
             });
         }
-        let mode = if meta.mode() & 0o111 != 0 {
+        // As Git: the owner's execute bit decides.
+        let mode = if meta.mode() & 0o100 != 0 {
             Mode::Executable
         } else {
             Mode::Regular
@@ -103,11 +108,20 @@ fn object(path: &Path, algo: HashAlgo) -> Result<(Mode, Hash), Error> {
         h.update(bytes);
         Ok((Mode::Symlink, h.finish()))
     } else if ft.is_dir() {
+        if depth >= MAX_DEPTH {
+            return Err(Error::Io {
+                path: path.to_path_buf(),
+                action: "hash".into(),
+                source: std::io::Error::other(format!(
+                    "directories nested more than {MAX_DEPTH} deep"
+                )),
+            });
+        }
         let mut entries: Vec<(Vec<u8>, Mode, Hash)> = Vec::new();
         for e in std::fs::read_dir(path).map_err(io(path, "read the directory"))? {
             let e = e.map_err(io(path, "read the directory"))?;
             let name = std::os::unix::ffi::OsStrExt::as_bytes(e.file_name().as_os_str()).to_vec();
-            let (mode, hash) = object(&e.path(), algo)?;
+            let (mode, hash) = object(&e.path(), algo, depth + 1)?;
             entries.push((name, mode, hash));
         }
         // Git's order: a directory sorts as if its name ended in '/'.

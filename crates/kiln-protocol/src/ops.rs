@@ -1173,6 +1173,9 @@ pub(crate) fn read_basic_derivation<R: BufRead>(
             let a: HashAlgo = a
                 .parse()
                 .map_err(|_| r.invalid(format!("unknown hash algorithm '{algo}'")))?;
+            if method == FileIngestionMethod::Git {
+                kiln_format::git::check_algo(a).map_err(|e| r.invalid(e.to_string()))?;
+            }
             let hash = Hash::parse_digest(a, &hash).map_err(|e| r.invalid(e.to_string()))?;
             Some(FixedOutputHash { method, hash })
         };

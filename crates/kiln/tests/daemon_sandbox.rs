@@ -506,6 +506,20 @@ u64(9); u64(1); string((path + "!out").encode()); u64(0)
 err = stderr()
 print("build:", err.decode() if err else "accepted")"#;
 
+/// It adds a derivation (allowed: the build made it) and asks for the outputs of the
+/// derivation that derivation's output is (`drv!out!out`): what a made `.drv` names as its
+/// inputs is known only once made, past every check of the build's closure. It must be
+/// refused.
+const DYNAMIC: &str = r#"u64(0x6e697863); assert r64() == 0x6478696f; r64()
+u64(0x122); u64(0); u64(0); rstring(); stderr()
+u64(8); string(b"p.drv"); string(os.environ["drvText"].encode()); u64(0)
+err = stderr()
+if err: sys.exit("adding failed: " + err.decode())
+path = rstring().decode()
+u64(9); u64(1); string((path + "!out!out").encode()); u64(0)
+err = stderr()
+print("build:", err.decode() if err else "accepted")"#;
+
 /// It negotiates 1.38 with the `queryActiveBuilds` feature and asks what other builds run
 /// (`QueryActiveBuilds`, `nix ps`): their derivations, users and arguments would leak
 /// between builds that the sandbox keeps apart. It must be refused.
@@ -577,6 +591,44 @@ fn a_recursive_build_cannot_reach_inputs_a_derivation_hides() {
     let report = t.read(&out);
     assert!(
         report.contains("build: cannot build") && report.contains("-x.drv' is unknown"),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_recursive_build_cannot_build_what_derivations_make() {
+    if !nix_and_root_or_skip("a_recursive_build_cannot_build_what_derivations_make") {
+        return;
+    }
+    let producer = r#"
+      derivation { name = "p"; system = builtins.currentSystem; builder = "/bin/sh";
+                   args = [ "-c" "echo > $out" ]; }
+    "#;
+    let dynamic = recursive_client("dynamic", DYNAMIC);
+    let t = Setup::new(
+        None,
+        &[("dynamic.nix", &dynamic), ("producer.nix", producer)],
+    );
+    let drv = ok(
+        &t.client("nix-instantiate")
+            .arg(t.base().join("producer.nix"))
+            .output()
+            .unwrap(),
+        "nix-instantiate",
+    );
+    let text = t.read(&drv);
+    let out = t
+        .client("nix-build")
+        .arg("--no-out-link")
+        .arg(t.base().join("dynamic.nix"))
+        .env("DRV_TEXT", &text)
+        .output()
+        .unwrap();
+    let out = ok(&out, "nix-build of the dynamic derivation");
+    let report = t.read(&out);
+    assert!(
+        report.contains("build: cannot build '")
+            && report.contains("-p.drv!out!out' in recursive Nix: the outputs of derivations that derivations make cannot be built there"),
         "{report}"
     );
 }

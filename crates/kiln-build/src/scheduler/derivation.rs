@@ -229,7 +229,8 @@ impl Worker {
         {
             // Outputs whose paths are known only once built: the caches may know what
             // they became (Nix's `DrvOutputSubstitutionGoal`), asked once.
-            if invalid.iter().any(Option::is_none) && asked.is_none() {
+            // (Impure outputs are never reused: not looked up.)
+            if invalid.iter().any(Option::is_none) && asked.is_none() && !drv.is_impure() {
                 return self.query_realisations(id, &drv);
             }
             let ca = drv
@@ -498,6 +499,18 @@ impl Worker {
                     };
                     for (p, outs) in needed {
                         let sub = self.make_drv_goal(&p, &outs, input_mode, &settings);
+                        // A made derivation may name the one waiting for it (directly or
+                        // through others): waiting would never end.
+                        if self.waits_for(sub, id) {
+                            return self.fail_drv(
+                                id,
+                                BuildStatus::MiscFailure,
+                                format!(
+                                    "derivation '{abs}' depends on itself through '{}', which a derivation made",
+                                    store.print(&p)
+                                ),
+                            );
+                        }
                         self.add_waitee(id, sub);
                     }
                     if self.goals[&id].waitees.is_empty() {
@@ -789,6 +802,12 @@ impl Worker {
             let mut out = BTreeMap::new();
             for (name, p) in outputs {
                 let Some(p) = p else { continue };
+                // Only what is there: the resolved derivation may have been asked for some
+                // of its outputs only (an input-addressed one names the others' paths all
+                // the same), and a realisation of a missing path would be a lie.
+                if !store.is_valid(&p).map_err(|e| e.to_string())? {
+                    continue;
+                }
                 out.insert(name.clone(), p.clone());
                 // Impure outputs are never reused, so nothing records them.
                 if drv.is_impure() {

@@ -330,6 +330,23 @@ impl Worker {
         id
     }
 
+    /// Whether `from` is `target` or waits for it, directly or through other goals.
+    pub(super) fn waits_for(&self, from: GoalId, target: GoalId) -> bool {
+        let mut seen = HashSet::new();
+        let mut todo = vec![from];
+        while let Some(g) = todo.pop() {
+            if g == target {
+                return true;
+            }
+            if seen.insert(g) {
+                if let Some(goal) = self.goals.get(&g) {
+                    todo.extend(goal.waitees.iter().copied());
+                }
+            }
+        }
+        false
+    }
+
     pub(super) fn add_waitee(&mut self, waiter: GoalId, waitee: GoalId) {
         let interested = match self.goals.get_mut(&waiter) {
             Some(g) => {

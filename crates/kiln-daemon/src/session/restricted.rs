@@ -127,10 +127,24 @@ impl Session<'_> {
                 // `.drv` added with fewer references than its inputs would otherwise bring
                 // the outputs of any derivation in the store into the build's closure.
                 for t in paths {
-                    if let DerivedPath::Built { drv, .. }
-                    | DerivedPath::Dynamic { producer: drv, .. } = t
-                    {
+                    // Derivations made by derivations (`drv^out^out`, or inputs that are
+                    // their outputs): what they name as inputs is only known once made, so
+                    // the check below could not see it, and a made `.drv` naming any
+                    // derivation in the store would bring its outputs in. Refused here.
+                    if let DerivedPath::Dynamic { .. } = t {
+                        return Err(remote(format!(
+                            "cannot build '{}' in recursive Nix: the outputs of derivations that derivations make cannot be built there",
+                            t.to_wire(&sd)
+                        )));
+                    }
+                    if let DerivedPath::Built { drv, .. } = t {
                         let d = self.store().read_derivation(drv).map_err(remote)?;
+                        if !d.dynamic_inputs.is_empty() {
+                            return Err(remote(format!(
+                                "cannot build '{}' in recursive Nix: its inputs include outputs of derivations that derivations make",
+                                sd.display(drv)
+                            )));
+                        }
                         let unseen = d
                             .input_drvs
                             .keys()
