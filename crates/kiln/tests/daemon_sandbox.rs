@@ -567,28 +567,11 @@ fn a_recursive_build_cannot_reach_inputs_a_derivation_hides() {
                       outputHashAlgo = "sha256";
                       outputHash = "73cb3858a687a8494ca3323053016282f3dad39d42cf62ca4e79dda2aac7d9ac"; }
     "#;
-    let sneaky = recursive_client("sneaky", SNEAKY);
-    let t = Setup::new(None, &[("sneaky.nix", &sneaky), ("inner.nix", inner)]);
     // The inner derivation, instantiated outside: its input x.drv is valid in the store
     // but not in the sneaky build's closure.
-    let drv = ok(
-        &t.client("nix-instantiate")
-            .arg(t.base().join("inner.nix"))
-            .output()
-            .unwrap(),
-        "nix-instantiate",
-    );
-    let text = t.read(&drv);
-    assert!(text.contains("-x.drv"), "{text}");
-    let out = t
-        .client("nix-build")
-        .arg("--no-out-link")
-        .arg(t.base().join("sneaky.nix"))
-        .env("DRV_TEXT", &text)
-        .output()
-        .unwrap();
-    let out = ok(&out, "nix-build of the sneaky derivation");
-    let report = t.read(&out);
+    let report = recursive_report("sneaky", SNEAKY, inner, |text| {
+        assert!(text.contains("-x.drv"), "{text}")
+    });
     assert!(
         report.contains("build: cannot build") && report.contains("-x.drv' is unknown"),
         "{report}"
@@ -604,31 +587,37 @@ fn a_recursive_build_cannot_build_what_derivations_make() {
       derivation { name = "p"; system = builtins.currentSystem; builder = "/bin/sh";
                    args = [ "-c" "echo > $out" ]; }
     "#;
-    let dynamic = recursive_client("dynamic", DYNAMIC);
-    let t = Setup::new(
-        None,
-        &[("dynamic.nix", &dynamic), ("producer.nix", producer)],
-    );
-    let drv = ok(
-        &t.client("nix-instantiate")
-            .arg(t.base().join("producer.nix"))
-            .output()
-            .unwrap(),
-        "nix-instantiate",
-    );
-    let text = t.read(&drv);
-    let out = t
-        .client("nix-build")
-        .arg("--no-out-link")
-        .arg(t.base().join("dynamic.nix"))
-        .env("DRV_TEXT", &text)
-        .output()
-        .unwrap();
-    let out = ok(&out, "nix-build of the dynamic derivation");
-    let report = t.read(&out);
+    let report = recursive_report("dynamic", DYNAMIC, producer, |_| {});
     assert!(
         report.contains("build: cannot build '")
             && report.contains("-p.drv!out!out' in recursive Nix: the outputs of derivations that derivations make cannot be built there"),
         "{report}"
     );
+}
+
+/// Builds a recursive-Nix client derivation running `script` (`recursive_client`), given the
+/// `.drv` text of `inner` (a Nix expression instantiated outside, checked by `check`) in
+/// `DRV_TEXT`; what the client reported.
+fn recursive_report(name: &str, script: &str, inner: &str, check: impl Fn(&str)) -> String {
+    let client = recursive_client(name, script);
+    let file = format!("{name}.nix");
+    let t = Setup::new(None, &[(file.as_str(), &client), ("inner.nix", inner)]);
+    let drv = ok(
+        &t.client("nix-instantiate")
+            .arg(t.base().join("inner.nix"))
+            .output()
+            .unwrap(),
+        "nix-instantiate",
+    );
+    let text = t.read(&drv);
+    check(&text);
+    let out = t
+        .client("nix-build")
+        .arg("--no-out-link")
+        .arg(t.base().join(&file))
+        .env("DRV_TEXT", &text)
+        .output()
+        .unwrap();
+    let out = ok(&out, &format!("nix-build of the {name} derivation"));
+    t.read(&out)
 }
