@@ -209,7 +209,8 @@ impl Farm {
 
 /// A request's settings: its client's max-jobs (0: no local builds) and machines.
 fn settings_with(max_jobs: usize, builders: &str) -> Arc<BuildSettings> {
-    let mut s = BuildSettings::from_settings(&kiln_store::Settings::default());
+    let mut s =
+        BuildSettings::from_settings(&kiln_store::Settings::new(kiln_build::settings::CATALOG));
     s.max_jobs = max_jobs;
     s.sandbox = kiln_build::SandboxMode::Off;
     s.builders = builders.to_string();

@@ -114,7 +114,7 @@ pub fn apply(base: &Settings, o: &ClientOptions, trust: Trust, guix: bool) -> Ap
                 Ok(())
                     if kiln_store::config::NOT_IMPLEMENTED
                         .iter()
-                        .any(|n| Settings::canonical_name(name) == Some(*n)) =>
+                        .any(|n| s.canonical_name(name) == Some(*n)) =>
                 {
                     warnings.push(kiln_store::config::not_implemented_warning(name))
                 }
@@ -126,7 +126,7 @@ pub fn apply(base: &Settings, o: &ClientOptions, trust: Trust, guix: bool) -> Ap
             }
             continue;
         }
-        if Settings::canonical_name(name) == Some("substituters") {
+        if s.canonical_name(name) == Some("substituters") {
             // An untrusted client may choose among the substituters the daemon trusts.
             let mut chosen = Vec::new();
             for u in value.split_whitespace() {
@@ -183,7 +183,7 @@ mod tests {
 
     #[test]
     fn untrusted_clients_set_only_what_nix_lets_them() {
-        let mut base = Settings::default();
+        let mut base = Settings::new(crate::CATALOG);
         base.set("substituters", "https://cache.example").unwrap();
         base.set("trusted-substituters", "https://other.example")
             .unwrap();
@@ -287,7 +287,7 @@ mod tests {
 
     #[test]
     fn guix_clients_set_build_limits_under_their_names() {
-        let base = Settings::default();
+        let base = Settings::new(crate::CATALOG);
         let mut o = opts(&[("build-timeout", "9"), ("build-repeat", "1")]);
         o.max_silent_time = None;
         o.build_cores = None;

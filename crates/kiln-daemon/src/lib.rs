@@ -33,6 +33,7 @@ pub mod progress;
 mod recursive;
 pub mod serve_legacy;
 pub mod session;
+pub mod settings;
 pub mod watch;
 
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -47,6 +48,7 @@ use kiln_store::{LocalStore, Settings};
 use kiln_substitute::Substituter;
 
 pub use peer::{Peer, Trust};
+pub use settings::CATALOG;
 
 /// Errors of the daemon crate.
 #[derive(Debug, thiserror::Error)]

@@ -25,6 +25,7 @@
 
 mod flow;
 mod serve;
+pub mod settings;
 mod ssh;
 mod worker;
 

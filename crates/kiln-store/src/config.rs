@@ -263,226 +263,11 @@ pub struct Def {
     pub help: &'static str,
 }
 
-/// Every setting kiln understands. Names follow `nix.conf`; aliases cover the old Nix names
-/// and guix-daemon's.
+/// The store layer's own settings. Every layer defines the settings it acts on beside the
+/// code that reads them (kiln-substitute, kiln-build, kiln-remote and kiln-daemon each have
+/// a `settings::SETTINGS`); a [`Catalog`] names the tables a [`Settings`] knows. Names
+/// follow `nix.conf`; aliases cover the old Nix names and guix-daemon's.
 pub const SETTINGS: &[Def] = &[
-    Def {
-        name: "max-jobs",
-        aliases: &["build-max-jobs"],
-        kind: Kind::IntOrAuto,
-        default: "1",
-        help: "builds run at once",
-    },
-    Def {
-        name: "cores",
-        aliases: &["build-cores"],
-        kind: Kind::IntOrAuto,
-        default: "0",
-        help: "NIX_BUILD_CORES for each build; 0 means all CPUs",
-    },
-    Def {
-        name: "sandbox",
-        aliases: &["build-use-sandbox", "build-use-chroot"],
-        kind: Kind::Enum(&["true", "false", "relaxed"]),
-        default: "true",
-        help: "run builds in the Linux sandbox",
-    },
-    Def {
-        name: "sandbox-paths",
-        aliases: &["build-sandbox-paths", "chroot-dirs", "build-chroot-dirs"],
-        kind: Kind::List,
-        default: "",
-        help: "extra paths visible in the sandbox (target=source)",
-    },
-    Def {
-        name: "use-cgroups",
-        aliases: &[],
-        kind: Kind::Bool,
-        default: "true",
-        help: "run each build in its own cgroup v2 where one can be made (all its processes killed at the end; CPU time and peak memory reported)",
-    },
-    Def {
-        name: "fixed-output-network",
-        aliases: &[],
-        kind: Kind::Enum(&["auto", "slirp4netns", "host"]),
-        default: "auto",
-        help: "how sandboxed fixed-output builds reach the network: their own namespace through slirp4netns (auto: where it is installed and /dev/net/tun opens), or the host's namespace, whose abstract Unix sockets they then share",
-    },
-    Def {
-        name: "isolate-host-loopback",
-        aliases: &[],
-        kind: Kind::Bool,
-        default: "false",
-        help: "keep fixed-output builds behind slirp4netns from the host's loopback services",
-    },
-    Def {
-        name: "sandbox-fallback",
-        aliases: &[],
-        kind: Kind::Bool,
-        default: "true",
-        help: "build without the sandbox, with a warning, where it cannot be set up",
-    },
-    Def {
-        name: "filter-syscalls",
-        aliases: &[],
-        kind: Kind::Bool,
-        default: "true",
-        help: "run every builder, sandboxed or not, under the system-call filter (chmod-family calls with setuid or setgid bits, extended attributes and io_uring refused)",
-    },
-    Def {
-        name: "allow-new-privileges",
-        aliases: &[],
-        kind: Kind::Bool,
-        default: "false",
-        help: "let builders outside the sandbox gain privileges through setuid programs (no_new_privs is not set; sandboxed builders never can)",
-    },
-    Def {
-        name: "build-users-group",
-        aliases: &[],
-        kind: Kind::Str,
-        default: "",
-        help: "group whose members run builds",
-    },
-    Def {
-        name: "substituters",
-        aliases: &["binary-caches", "substitute-urls"],
-        kind: Kind::List,
-        default: "",
-        help: "binary caches to substitute from",
-    },
-    Def {
-        name: "trusted-substituters",
-        aliases: &["trusted-binary-caches"],
-        kind: Kind::List,
-        default: "",
-        help: "caches untrusted users may use",
-    },
-    Def {
-        name: "trusted-public-keys",
-        aliases: &["binary-cache-public-keys"],
-        kind: Kind::List,
-        default: "",
-        help: "keys whose signatures are trusted",
-    },
-    Def {
-        name: "require-sigs",
-        aliases: &[],
-        kind: Kind::Bool,
-        default: "true",
-        help: "refuse unsigned substitutes",
-    },
-    Def {
-        name: "substitute",
-        aliases: &["use-substitutes", "build-use-substitutes"],
-        kind: Kind::Bool,
-        default: "true",
-        help: "use substitutes",
-    },
-    Def {
-        name: "fallback",
-        aliases: &["build-fallback"],
-        kind: Kind::Bool,
-        default: "false",
-        help: "build when substitution fails",
-    },
-    Def {
-        name: "max-substitution-jobs",
-        aliases: &[],
-        kind: Kind::Int,
-        default: "16",
-        help: "substitutions run at once",
-    },
-    Def {
-        name: "narinfo-cache-negative-ttl",
-        aliases: &[],
-        kind: Kind::Int,
-        default: "3600",
-        help: "seconds a missing narinfo is remembered",
-    },
-    Def {
-        name: "narinfo-cache-positive-ttl",
-        aliases: &[],
-        kind: Kind::Int,
-        default: "2592000",
-        help: "seconds a narinfo is remembered",
-    },
-    Def {
-        name: "keep-failed",
-        aliases: &["build-keep-failed"],
-        kind: Kind::Bool,
-        default: "false",
-        help: "keep the build directory of failed builds",
-    },
-    Def {
-        name: "keep-going",
-        aliases: &["build-keep-going"],
-        kind: Kind::Bool,
-        default: "false",
-        help: "keep building after a failure",
-    },
-    Def {
-        name: "max-silent-time",
-        aliases: &["build-max-silent-time"],
-        kind: Kind::Int,
-        default: "0",
-        help: "seconds of builder silence before it is killed (0: no limit)",
-    },
-    Def {
-        name: "timeout",
-        aliases: &["build-timeout"],
-        kind: Kind::Int,
-        default: "0",
-        help: "wall-clock seconds a build may take (0: no limit)",
-    },
-    Def {
-        name: "max-log-size",
-        aliases: &["build-max-log-size", "max-build-log-size"],
-        kind: Kind::Int,
-        default: "0",
-        help: "bytes of log before the build is killed (0: no limit)",
-    },
-    Def {
-        name: "log-lines",
-        aliases: &[],
-        kind: Kind::Int,
-        default: "10",
-        help: "lines of a failed build's log shown in its error",
-    },
-    Def {
-        name: "build-repeat",
-        aliases: &["repeat"],
-        kind: Kind::Int,
-        default: "0",
-        help: "extra rounds to check determinism",
-    },
-    Def {
-        name: "cache-failures",
-        aliases: &["build-cache-failure"],
-        kind: Kind::Bool,
-        default: "false",
-        help: "remember failed builds",
-    },
-    Def {
-        name: "log-compression",
-        aliases: &[],
-        kind: Kind::Enum(&["auto", "none", "gzip", "bzip2", "zstd"]),
-        default: "auto",
-        help: "compression of build logs (auto: gzip with the guix layout, as guix-daemon; bzip2 otherwise, as Nix)",
-    },
-    Def {
-        name: "compress-build-log",
-        aliases: &["build-compress-log"],
-        kind: Kind::Bool,
-        default: "true",
-        help: "compress build logs (Nix's switch; see log-compression)",
-    },
-    Def {
-        name: "keep-build-log",
-        aliases: &["build-keep-log"],
-        kind: Kind::Bool,
-        default: "true",
-        help: "write build logs",
-    },
     Def {
         name: "auto-optimise-store",
         aliases: &["auto-optimize-store"],
@@ -519,277 +304,47 @@ pub const SETTINGS: &[Def] = &[
         help: "GC treats paths used by running processes (/proc) as roots",
     },
     Def {
-        name: "trusted-users",
-        aliases: &[],
-        kind: Kind::List,
-        default: "root",
-        help: "users (and @groups) with full daemon rights",
-    },
-    Def {
-        name: "allowed-users",
-        aliases: &[],
-        kind: Kind::List,
-        default: "*",
-        help: "users (and @groups) allowed to connect",
-    },
-    Def {
-        name: "builders",
-        aliases: &[],
-        kind: Kind::Str,
-        default: "",
-        help: "build machines: machines-file entries separated by ';' or newlines, '@FILE' to read a file (default with the nix layout: @$NIX_CONF_DIR/machines)",
-    },
-    Def {
-        name: "diff-hook",
-        aliases: &[],
-        kind: Kind::Str,
-        default: "",
-        help: "program run when --check finds a build's output differs: PREVIOUS NEW DRV BUILD-DIR",
-    },
-    Def {
-        name: "run-diff-hook",
-        aliases: &[],
-        kind: Kind::Bool,
-        default: "false",
-        help: "run diff-hook",
-    },
-    Def {
-        name: "require-store-builder",
-        aliases: &[],
-        kind: Kind::Enum(&["auto", "true", "false"]),
-        default: "auto",
-        help: "refuse a builder outside the store, as guix-daemon 1.5 does (auto: with the guix layout)",
-    },
-    Def {
-        name: "builders-use-substitutes",
-        aliases: &[],
-        kind: Kind::Bool,
-        default: "false",
-        help: "let build machines substitute the inputs they lack before kiln copies them",
-    },
-    Def {
-        name: "local-speed-factor",
-        aliases: &[],
-        kind: Kind::Str,
-        default: "1",
-        help: "this machine's speed factor against the build machines' (kiln)",
-    },
-    Def {
-        name: "build-hook",
-        aliases: &[],
-        kind: Kind::Str,
-        default: "",
-        help: "offload agent program",
-    },
-    Def {
-        name: "system",
-        aliases: &[],
-        kind: Kind::Str,
-        default: "",
-        help: "this machine's platform (default: detected)",
-    },
-    Def {
-        name: "extra-platforms",
-        aliases: &[],
-        kind: Kind::List,
-        default: "",
-        help: "other platforms this machine can build for",
-    },
-    Def {
-        name: "system-features",
-        aliases: &[],
-        kind: Kind::List,
-        // Nix's default; `kvm` is added where /dev/kvm can be opened (Settings::default).
-        default: "nixos-test benchmark big-parallel",
-        help: "features builds may require (requiredSystemFeatures)",
-    },
-    Def {
-        name: "impersonate-linux-26",
-        aliases: &["build-impersonate-linux-26"],
-        kind: Kind::Bool,
-        default: "false",
-        help: "report Linux 2.6 to builders",
-    },
-    Def {
-        name: "json-log-path",
-        aliases: &[],
-        kind: Kind::Str,
-        default: "",
-        help: "a file (appended to) or a listening Unix socket to which the daemon writes every build's events as JSON lines (docs/build-events.md); read at the daemon's start",
-    },
-    Def {
-        name: "timeline-file",
-        aliases: &[],
-        kind: Kind::Str,
-        default: "",
-        help: "a file the daemon writes a timeline of every build to (a Chrome trace, replaced at each start; `kiln timeline summary` reads it)",
-    },
-    Def {
-        name: "post-build-hook",
-        aliases: &[],
-        kind: Kind::Str,
-        default: "",
-        help: "program run after each successful build",
-    },
-    Def {
-        name: "build-dir",
-        aliases: &[],
-        kind: Kind::Str,
-        default: "",
-        help: "where build directories go (default: STATE/builds)",
-    },
-    Def {
-        name: "print-build-trace",
-        aliases: &[],
-        kind: Kind::Bool,
-        default: "false",
-        help: "emit Guix '@ build-…' trace lines",
-    },
-    Def {
-        name: "print-extended-build-trace",
-        aliases: &[],
-        kind: Kind::Bool,
-        default: "false",
-        help: "with print-build-trace, also Guix's '@ download-…' lines of substitutions (a Guix client asks for them)",
-    },
-    Def {
-        name: "multiplexed-build-output",
-        aliases: &[],
-        kind: Kind::Bool,
-        default: "false",
-        help: "prefix build output with '@ build-log PID LEN'",
-    },
-    Def {
         name: "read-only",
         aliases: &[],
         kind: Kind::Bool,
         default: "false",
         help: "open the store read-only",
     },
-    Def {
-        name: "substitute-agent",
-        aliases: &[],
-        kind: Kind::Str,
-        default: "",
-        help: "substitute through an external agent: PROGRAM is run as `PROGRAM substitute --query` and `--substitute` (guix-daemon's protocol; e.g. the `guix` program), with `substituters` as its substitute-urls",
-    },
-    Def {
-        name: "verbosity",
-        aliases: &[],
-        kind: Kind::Int,
-        default: "3",
-        help: "log level",
-    },
-    Def {
-        name: "secret-key-files",
-        aliases: &[],
-        kind: Kind::List,
-        default: "",
-        help: "keys to sign locally built paths with",
-    },
-    Def {
-        name: "impure-env",
-        aliases: &[],
-        kind: Kind::List,
-        default: "",
-        help: "NAME=VALUE pairs given to fixed-output builds that list NAME in impureEnvVars (experimental configurable-impure-env)",
-    },
-    Def {
-        name: "hashed-mirrors",
-        aliases: &[],
-        kind: Kind::List,
-        default: "",
-        help: "mirrors builtin:fetchurl tries first for fixed-output downloads (URL/ALGO/HASH)",
-    },
-    Def {
-        name: "min-free",
-        aliases: &[],
-        kind: Kind::Int,
-        default: "0",
-        help: "while building, collect garbage when fewer bytes than this are free on the store's file system (0: never)",
-    },
-    Def {
-        name: "max-free",
-        aliases: &[],
-        kind: Kind::Int,
-        default: "18446744073709551615",
-        help: "an automatic collection (min-free) stops once this many bytes are free",
-    },
-    Def {
-        name: "min-free-check-interval",
-        aliases: &[],
-        kind: Kind::Int,
-        default: "5",
-        help: "seconds between looks at the free space while building (min-free)",
-    },
-    Def {
-        name: "experimental-features",
-        aliases: &[],
-        kind: Kind::List,
-        default: "",
-        help: "Nix's experimental features the build engine honours: recursive-nix and ca-derivations (each also a system feature then), configurable-impure-env",
-    },
-    Def {
-        name: "netrc-file",
-        aliases: &[],
-        kind: Kind::Str,
-        default: "",
-        help: "a .netrc file with credentials for HTTP binary caches (the nix layout's default: $NIX_CONF_DIR/netrc)",
-    },
-    Def {
-        name: "ssl-cert-file",
-        aliases: &[],
-        kind: Kind::Str,
-        default: "auto",
-        help: "the certificate authorities fixed-output builds see at /etc/ssl/certs/ca-certificates.crt in the sandbox, as Nix's; empty: none. auto: $NIX_SSL_CERT_FILE, else /etc/ssl/certs/ca-certificates.crt if it exists (none with the guix layout, as guix-daemon gives none)",
-    },
-    Def {
-        name: "connect-timeout",
-        aliases: &[],
-        kind: Kind::Int,
-        default: "0",
-        help: "seconds to wait for a connection (0: default)",
-    },
-    Def {
-        name: "stalled-download-timeout",
-        aliases: &[],
-        kind: Kind::Int,
-        default: "300",
-        help: "seconds a download may receive nothing before it fails",
-    },
-    Def {
-        name: "download-attempts",
-        aliases: &[],
-        kind: Kind::Int,
-        default: "5",
-        help: "attempts of a request to a binary cache that failed transiently",
-    },
-    Def {
-        name: "pre-build-hook",
-        aliases: &[],
-        kind: Kind::Str,
-        default: "",
-        help: "a program run before each build with the derivation's path (and the sandbox's root): the paths it prints after `extra-sandbox-paths` are added to that build's sandbox, as Nix's hook",
-    },
-    Def {
-        name: "allow-import-from-derivation",
-        aliases: &[],
-        kind: Kind::Bool,
-        default: "true",
-        help: "(evaluator setting; accepted)",
-    },
 ];
 
-/// Resolved settings.
+/// The setting tables a [`Settings`] knows, as the program reading a configuration puts
+/// them together (`kiln_daemon::CATALOG` has every layer's).
+#[derive(Debug, Clone, Copy)]
+pub struct Catalog(pub &'static [&'static [Def]]);
+
+impl Catalog {
+    /// Every setting of every table.
+    pub fn defs(self) -> impl Iterator<Item = &'static Def> {
+        self.0.iter().flat_map(|t| t.iter())
+    }
+
+    /// The setting `name` names (its own name or an alias).
+    pub fn find(self, name: &str) -> Option<&'static Def> {
+        self.defs()
+            .find(|d| d.name == name || d.aliases.contains(&name))
+    }
+}
+
+/// The store layer's settings alone.
+pub const STORE_CATALOG: Catalog = Catalog(&[SETTINGS]);
+
+/// Resolved settings, of the settings its [`Catalog`] knows.
 #[derive(Debug, Clone)]
 pub struct Settings {
     values: BTreeMap<&'static str, String>,
+    catalog: Catalog,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        let mut values: BTreeMap<&'static str, String> = SETTINGS
-            .iter()
+impl Settings {
+    /// The defaults of every setting `catalog` knows.
+    pub fn new(catalog: Catalog) -> Self {
+        let mut values: BTreeMap<&'static str, String> = catalog
+            .defs()
             .map(|d| (d.name, d.default.to_string()))
             .collect();
         // As Nix: a machine whose /dev/kvm this process may use offers the `kvm` feature.
@@ -800,14 +355,13 @@ impl Default for Settings {
         if let (Ok(()), Some(v)) = (kvm, values.get_mut("system-features")) {
             v.push_str(" kvm");
         }
-        Settings { values }
+        Settings { values, catalog }
     }
-}
 
-fn def_of(name: &str) -> Option<&'static Def> {
-    SETTINGS
-        .iter()
-        .find(|d| d.name == name || d.aliases.contains(&name))
+    /// The tables it knows.
+    pub fn catalog(&self) -> Catalog {
+        self.catalog
+    }
 }
 
 /// Whether `name` appends to a list setting (`extra-NAME`), and the setting's name. A
@@ -822,22 +376,25 @@ pub fn not_implemented_warning(name: &str) -> String {
     format!("kiln does not implement the setting '{name}' yet: it has no effect")
 }
 
-fn split_extra(name: &str) -> (bool, &str) {
-    // guix-daemon's name for directories added to the chroot, beside `build-chroot-dirs`.
-    if name == "build-extra-chroot-dirs" {
-        return (true, "sandbox-paths");
-    }
-    match name.strip_prefix("extra-") {
-        Some(base) if def_of(name).is_none() => (true, base),
-        _ => (false, name),
-    }
-}
-
 impl Settings {
+    fn split_extra<'a>(&self, name: &'a str) -> (bool, &'a str) {
+        // guix-daemon's name for directories added to the chroot, beside `build-chroot-dirs`.
+        if name == "build-extra-chroot-dirs" {
+            return (true, "sandbox-paths");
+        }
+        match name.strip_prefix("extra-") {
+            Some(base) if self.catalog.find(name).is_none() => (true, base),
+            _ => (false, name),
+        }
+    }
+
     /// Sets `name` (or `extra-name` to append to a list) from text, validating it.
     pub fn set(&mut self, name: &str, value: &str) -> Result<()> {
-        let (extra, base) = split_extra(name);
-        let def = def_of(base).ok_or_else(|| Error::Config(format!("unknown setting '{name}'")))?;
+        let (extra, base) = self.split_extra(name);
+        let def = self
+            .catalog
+            .find(base)
+            .ok_or_else(|| Error::Config(format!("unknown setting '{name}'")))?;
         let value = value.trim();
         let norm = match def.kind {
             Kind::Bool => match value {
@@ -897,12 +454,12 @@ impl Settings {
     }
 
     /// The canonical name of a setting, if known.
-    pub fn canonical_name(name: &str) -> Option<&'static str> {
-        def_of(split_extra(name).1).map(|d| d.name)
+    pub fn canonical_name(&self, name: &str) -> Option<&'static str> {
+        self.catalog.find(self.split_extra(name).1).map(|d| d.name)
     }
 
     fn raw(&self, name: &str) -> &str {
-        match def_of(name) {
+        match self.catalog.find(name) {
             Some(d) => self
                 .values
                 .get(d.name)
@@ -923,7 +480,11 @@ impl Settings {
         NOT_IMPLEMENTED
             .iter()
             .copied()
-            .filter(|n| def_of(n).is_some_and(|d| self.raw(n) != d.default))
+            .filter(|n| {
+                self.catalog
+                    .find(n)
+                    .is_some_and(|d| self.raw(n) != d.default)
+            })
             .collect()
     }
 
@@ -1019,7 +580,7 @@ impl Settings {
 
     /// Every setting with its current value, for `kiln config show`.
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> + '_ {
-        SETTINGS.iter().map(|d| (d.name, self.raw(d.name)))
+        self.catalog.defs().map(|d| (d.name, self.raw(d.name)))
     }
 }
 
@@ -1032,26 +593,6 @@ pub fn warn_unknown_once(name: &str, origin: &str) {
     if seen.insert(name.to_string()) {
         tracing::warn!("{origin}: unknown setting '{name}'");
     }
-}
-
-/// Where nix-daemon reads its configuration when none is named: `$NIX_CONF_DIR/nix.conf`
-/// (default `/etc/nix/nix.conf`), then the text of `$NIX_CONFIG`. A missing file is not an
-/// error.
-pub fn load_default_nix_conf(settings: &mut Settings) -> Result<()> {
-    let dir = std::env::var_os("NIX_CONF_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/etc/nix"));
-    // nix-daemon's default machines file and netrc, unless the configuration names others.
-    settings.set("builders", &format!("@{}", dir.join("machines").display()))?;
-    settings.set("netrc-file", &dir.join("netrc").display().to_string())?;
-    let file = dir.join("nix.conf");
-    if file.exists() {
-        settings.load_nix_conf(&file)?;
-    }
-    if let Some(text) = std::env::var_os("NIX_CONFIG") {
-        settings.load_nix_conf_text(&text.to_string_lossy(), "$NIX_CONFIG")?;
-    }
-    Ok(())
 }
 
 /// The contents of a `kiln.toml`: layout keys at the top level and a `[settings]` table.
@@ -1173,71 +714,6 @@ mod tests {
         });
         assert_eq!(m.preset, Some(Preset::Nix));
         assert_eq!(m.store_dir.as_deref(), Some("/s"));
-    }
-
-    #[test]
-    fn settings_validate_and_alias() {
-        let mut s = Settings::default();
-        s.set("build-max-jobs", "4").unwrap();
-        assert_eq!(s.get_u64("max-jobs"), 4);
-        s.set("chroot-dirs", "/bin  /usr=/x").unwrap();
-        s.set("extra-sandbox-paths", "/etc").unwrap();
-        assert_eq!(s.get_list("sandbox-paths"), vec!["/bin", "/usr=/x", "/etc"]);
-        s.set("build-extra-chroot-dirs", "/lib").unwrap();
-        assert_eq!(
-            s.get_list("sandbox-paths"),
-            vec!["/bin", "/usr=/x", "/etc", "/lib"]
-        );
-        assert!(s
-            .set("max-jobs", "many")
-            .unwrap_err()
-            .to_string()
-            .contains("not a number"));
-        assert!(s
-            .set("sandbox", "maybe")
-            .unwrap_err()
-            .to_string()
-            .contains("not one of"));
-        assert!(s
-            .set("no-such", "1")
-            .unwrap_err()
-            .to_string()
-            .contains("unknown setting"));
-        assert!(s.set("extra-max-jobs", "1").is_err());
-        // A setting named extra-…, set and appended to.
-        s.set("extra-platforms", "i686-linux").unwrap();
-        s.set("extra-extra-platforms", "armv7l-linux").unwrap();
-        assert_eq!(
-            s.get_list("extra-platforms"),
-            vec!["i686-linux", "armv7l-linux"]
-        );
-        s.set("max-jobs", "auto").unwrap();
-        assert!(s.get_u64("max-jobs") >= 1);
-        assert!(s.get_bool("require-sigs"));
-    }
-
-    #[test]
-    fn nix_conf_parsing() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("inc.conf"), "keep-going = true\n").unwrap();
-        std::fs::write(
-            d.path().join("nix.conf"),
-            "# comment\nmax-jobs = 3 # trailing\nsubstituters = a  b\nextra-substituters = c\ninclude inc.conf\n!include missing.conf\nplugin-files = x\n",
-        )
-        .unwrap();
-        let mut s = Settings::default();
-        s.load_nix_conf(&d.path().join("nix.conf")).unwrap();
-        assert_eq!(s.get_u64("max-jobs"), 3);
-        assert_eq!(s.get_list("substituters"), vec!["a", "b", "c"]);
-        assert!(s.get_bool("keep-going"));
-        std::fs::write(d.path().join("bad.conf"), "include missing.conf\n").unwrap();
-        assert!(s.load_nix_conf(&d.path().join("bad.conf")).is_err());
-        std::fs::write(d.path().join("bad2.conf"), "just words\n").unwrap();
-        let e = s
-            .load_nix_conf(&d.path().join("bad2.conf"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("bad2.conf:1: illegal configuration line"), "{e}");
     }
 
     #[test]

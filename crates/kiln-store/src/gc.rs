@@ -489,6 +489,8 @@ pub fn collect_garbage(store: &LocalStore, opts: &GcOptions) -> Result<GcResults
                 let batch_paths: Vec<StorePath> =
                     batch.iter().map(|&i| graph.paths[i].clone()).collect();
                 let gone = invalidate_batch(store, &batch_paths)?;
+                // The invalidations are durable before any file goes.
+                store.sync_database()?;
                 // Those that stayed are no longer the collector's to delete.
                 if gone.len() != batch_paths.len() {
                     let went: HashSet<&StorePath> = gone.iter().map(|(p, _)| p).collect();

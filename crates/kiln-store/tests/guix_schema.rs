@@ -106,7 +106,10 @@ fn a_new_guix_layout_store_gets_the_guix_schema() {
         real_store_dir: d.path().join("store"),
         ..layout
     };
-    let opts = StoreOptions::from_settings(&kiln_store::Settings::default(), &layout);
+    let opts = StoreOptions::from_settings(
+        &kiln_store::Settings::new(kiln_store::config::STORE_CATALOG),
+        &layout,
+    );
     let store = LocalStore::open(layout.clone(), opts).unwrap();
     assert_eq!(store.db().flavor, Flavor::Guix);
     assert_eq!(

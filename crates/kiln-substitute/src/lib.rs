@@ -30,6 +30,7 @@ pub mod compression;
 mod error;
 pub mod netrc;
 pub mod serve;
+pub mod settings;
 pub mod transport;
 pub mod url;
 pub mod write;

@@ -42,7 +42,7 @@ impl TestDaemon {
     }
 
     fn with_layout(dir: tempfile::TempDir, layout: Layout, extra: &[(&str, &str)]) -> TestDaemon {
-        let mut settings = Settings::default();
+        let mut settings = Settings::new(kiln_daemon::CATALOG);
         settings.set("sandbox", "false").unwrap();
         settings.set("fsync-store-paths", "false").unwrap();
         for (k, v) in extra {

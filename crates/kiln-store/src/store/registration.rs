@@ -95,6 +95,7 @@ impl LocalStore {
                         .write("invalidating a path that did not reach the disk", |c| {
                             Db::invalidate(c, &abs)
                         })?;
+                    self.sync_database()?;
                     let _ = fsutil::remove_tree(&self.real_path(&p));
                     gone += 1;
                 }
@@ -129,6 +130,25 @@ impl LocalStore {
                 .map_err(|e| Error::io(&self.layout.real_store_dir, "sync", e))?;
         }
         Ok(())
+    }
+
+    /// Makes the database's committed transactions durable (its write-ahead log), before
+    /// the files of paths just invalidated are removed. With `synchronous=normal` a commit
+    /// reaches the disk only with a later sync, while the file system may journal the
+    /// removal of the files first: a power cut in between left a path valid without its
+    /// contents (the power-cut test found it when a collection's commit had not been
+    /// synced before the cut). No-op without `fsync-store-paths`.
+    pub fn sync_database(&self) -> Result<()> {
+        if !self.opts.fsync {
+            return Ok(());
+        }
+        let wal = self.layout.db_dir().join("db.sqlite-wal");
+        match std::fs::File::open(&wal) {
+            Ok(f) => f.sync_data().map_err(|e| Error::io(&wal, "sync", e)),
+            // No log: every commit is in the database file, which a checkpoint synced.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(&wal, "open", e)),
+        }
     }
 
     /// Registers paths whose contents are in place, in one transaction: references must be
@@ -292,6 +312,7 @@ impl LocalStore {
             }
             Ok(())
         })?;
+        self.sync_database()?;
         let mut freed = 0;
         for p in paths {
             freed += self.remove_path_files(p)?;

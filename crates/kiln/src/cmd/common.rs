@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use kiln_store::config::{ConfigFile, SETTINGS};
+use kiln_store::config::ConfigFile;
 use kiln_store::{Layout, LayoutSpec, LocalStore, Preset, Settings, StoreOptions};
 
 #[derive(Debug, Args, Clone, Default)]
@@ -56,7 +56,7 @@ impl StoreArgs {
     /// Resolves the layout and settings.
     pub fn resolve(&self) -> anyhow::Result<(Layout, Settings)> {
         let mut spec = LayoutSpec::default();
-        let mut settings = Settings::default();
+        let mut settings = Settings::new(kiln_daemon::CATALOG);
         let config = self
             .config
             .clone()
@@ -96,11 +96,11 @@ impl StoreArgs {
             Some(nc) => settings.load_nix_conf(nc)?,
             // Where nix-daemon looks, for a daemon that stands in for it.
             None if spec.preset == Some(Preset::Nix) => {
-                kiln_store::config::load_default_nix_conf(&mut settings)?
+                kiln_daemon::settings::load_default_nix_conf(&mut settings)?
             }
             None => {}
         }
-        for d in SETTINGS {
+        for d in kiln_daemon::CATALOG.defs() {
             let var = format!("KILN_{}", d.name.to_uppercase().replace('-', "_"));
             if let Some(v) = std::env::var_os(&var) {
                 settings

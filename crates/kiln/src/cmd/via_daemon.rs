@@ -128,7 +128,10 @@ impl DaemonStore {
             ("substituters", "substituters"),
         ] {
             let v = settings.get(k);
-            if !v.is_empty() && v != "0" && v != kiln_store::Settings::default().get(k) {
+            if !v.is_empty()
+                && v != "0"
+                && v != kiln_store::Settings::new(kiln_daemon::CATALOG).get(k)
+            {
                 overrides.push((name.to_string(), v.to_string()));
             }
         }
