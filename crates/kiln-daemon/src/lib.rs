@@ -142,6 +142,8 @@ impl Backend {
 pub struct Daemon {
     backend: RwLock<Arc<Backend>>,
     pub(crate) settings: Settings,
+    /// The daemon's own settings, typed.
+    pub(crate) own: settings::DaemonSettings,
     pub(crate) base: Arc<BuildSettings>,
     pub(crate) uid: u32,
     activity: AtomicU64,
@@ -174,7 +176,8 @@ impl Daemon {
             store_dir: store.store_dir().clone(),
             version_string: cfg.version_string.clone(),
         };
-        let watch = Arc::new(watch::Watch::from_settings(&settings, store.store_dir()));
+        let own = settings::DaemonSettings::from_settings(&settings);
+        let watch = Arc::new(watch::Watch::new(&own, store.store_dir()));
         Arc::new_cyclic(|me| Daemon {
             backend: RwLock::new(Backend::start(
                 store,
@@ -185,6 +188,7 @@ impl Daemon {
             )),
             watch,
             settings,
+            own,
             base: Arc::new(base),
             uid: rustix::process::geteuid().as_raw(),
             activity: AtomicU64::new((std::process::id() as u64) << 32),
@@ -393,8 +397,8 @@ impl Daemon {
         let b = &self.base;
         let trust = match peer::authorize(
             &peer,
-            &self.settings.get_list("trusted-users"),
-            &self.settings.get_list("allowed-users"),
+            &self.own.trusted_users,
+            &self.own.allowed_users,
             &b.build_users_group,
             self.uid,
         ) {

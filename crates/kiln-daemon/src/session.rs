@@ -207,24 +207,20 @@ impl<'d> Session<'d> {
     }
 
     /// Whether `info` may be added without a trusted signature check failing.
-    /// The keys of `trusted-public-keys` (unparsable entries are ignored).
-    fn trusted_keys(&self) -> Vec<kiln_format::signature::PublicKey> {
-        self.settings
-            .get_list("trusted-public-keys")
-            .iter()
-            .filter_map(|k| kiln_format::signature::PublicKey::parse(k).ok())
-            .collect()
+    /// The keys of `trusted-public-keys` (unparsable entries were reported and left out).
+    fn trusted_keys(&self) -> &[kiln_format::signature::PublicKey] {
+        &self.build.subst.keys
     }
 
     fn check_signatures(&self, info: &ValidPathInfo, check: bool) -> Result<(), RemoteError> {
-        if !check || !self.settings.get_bool("require-sigs") {
+        if !check || !self.build.subst.require_sigs {
             return Ok(());
         }
         let sd = self.store().store_dir();
         if info.is_content_addressed(sd) {
             return Ok(());
         }
-        if info.is_signed_by(sd, &self.trusted_keys()) {
+        if info.is_signed_by(sd, self.trusted_keys()) {
             return Ok(());
         }
         Err(remote(format!(
@@ -498,10 +494,7 @@ impl<'d> Session<'d> {
 
     /// Whether the daemon has Nix's `nix-command` feature (its messages suggest `nix log`).
     fn nix_command(&self) -> bool {
-        self.settings
-            .get_list("experimental-features")
-            .iter()
-            .any(|f| f == "nix-command")
+        self.build.experimental_features.contains("nix-command")
     }
 
     fn wire_result(&self, target: &Target, r: &BuildResult) -> WireBuildResult {
@@ -1275,7 +1268,7 @@ impl Session<'_> {
             }
             Request::SyncWithGc => Ok(Reply::Int(1)),
             Request::FindRoots => {
-                let runtime = self.settings.get_bool("gc-runtime-roots");
+                let runtime = store.options().runtime_roots;
                 let roots = gc::find_roots(&store, runtime).map_err(remote)?;
                 let trusted = self.trusted();
                 Ok(Reply::Roots(
@@ -1373,8 +1366,8 @@ impl Session<'_> {
                 // `require-sigs` is off). Otherwise one user could point another user's
                 // content-addressed build at a path of their choosing.
                 if !self.trusted()
-                    && self.settings.get_bool("require-sigs")
-                    && !r.verify(&self.trusted_keys())
+                    && self.build.subst.require_sigs
+                    && !r.verify(self.trusted_keys())
                 {
                     return Err(remote(format!(
                         "cannot register realisation '{}' because it lacks a valid signature",
@@ -1396,12 +1389,12 @@ impl Session<'_> {
                 // As for realisations (below): from an untrusted client only with a
                 // trusted signature, here over Nix 2.35's build-trace fingerprint.
                 if !self.trusted()
-                    && self.settings.get_bool("require-sigs")
+                    && self.build.subst.require_sigs
                     && !Realisation::verify_build_trace(
                         &drv,
                         &output,
                         &out_path,
-                        &self.trusted_keys(),
+                        self.trusted_keys(),
                         &signatures,
                     )
                 {
@@ -1461,7 +1454,7 @@ impl Session<'_> {
                 Ok(Reply::String(self.d.watch.active.to_json(queued)))
             }
             Request::SubstituteUrls => Ok(Reply::Strings(if self.build.use_substitutes {
-                self.settings.get_list("substituters")
+                self.build.subst.urls.clone()
             } else {
                 Vec::new()
             })),

@@ -52,6 +52,31 @@ pub const SETTINGS: &[Def] = &[
     },
 ];
 
+/// The daemon's own settings, typed, read once from the configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DaemonSettings {
+    /// Who is trusted (`trusted-users`: names, `@group`, `*`).
+    pub trusted_users: Vec<String>,
+    /// Who may connect (`allowed-users`).
+    pub allowed_users: Vec<String>,
+    /// Where every build's events go as Nix's JSON log lines (`json-log-path`).
+    pub json_log_path: Option<PathBuf>,
+    /// Where a Chrome trace of every build's phases goes (`timeline-file`).
+    pub timeline_file: Option<PathBuf>,
+}
+
+impl DaemonSettings {
+    pub fn from_settings(s: &Settings) -> Self {
+        let path = |n: &str| Some(s.get(n)).filter(|v| !v.is_empty()).map(PathBuf::from);
+        DaemonSettings {
+            trusted_users: s.get_list("trusted-users"),
+            allowed_users: s.get_list("allowed-users"),
+            json_log_path: path("json-log-path"),
+            timeline_file: path("timeline-file"),
+        }
+    }
+}
+
 /// Every setting kiln knows: the store's, the substituter's, the build engine's, remote
 /// builds' and the daemon's, each defined by the layer that acts on it.
 pub const CATALOG: Catalog = Catalog(&[
@@ -151,6 +176,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("bad2.conf:1: illegal configuration line"), "{e}");
+    }
+
+    #[test]
+    fn the_daemons_own_settings_are_typed() {
+        let mut s = Settings::new(CATALOG);
+        let d = super::DaemonSettings::from_settings(&s);
+        assert_eq!(d.trusted_users, ["root"]);
+        assert_eq!(d.allowed_users, ["*"]);
+        assert_eq!((d.json_log_path, d.timeline_file), (None, None));
+        s.set("trusted-users", "root @wheel").unwrap();
+        s.set("json-log-path", "/run/kiln/log.json").unwrap();
+        let d = super::DaemonSettings::from_settings(&s);
+        assert_eq!(d.trusted_users, ["root", "@wheel"]);
+        assert_eq!(
+            d.json_log_path.as_deref(),
+            Some(std::path::Path::new("/run/kiln/log.json"))
+        );
     }
 
     #[test]

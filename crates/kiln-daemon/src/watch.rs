@@ -44,30 +44,36 @@ impl std::fmt::Debug for Watch {
 }
 
 impl Watch {
-    /// From the daemon's settings: `json-log-path` and `timeline-file` (empty: none). A
-    /// log or timeline that cannot be opened is warned about, and the daemon runs
-    /// without it, as nix-daemon does with its JSON log.
-    pub fn from_settings(settings: &kiln_store::Settings, sd: &kiln_format::StoreDir) -> Watch {
-        let json_log = match settings.get("json-log-path") {
-            "" => None,
-            p => match JsonLog::open(Path::new(p), sd.clone()) {
+    /// From the daemon's settings: `json-log-path` and `timeline-file`. A log or timeline
+    /// that cannot be opened is warned about, and the daemon runs without it, as
+    /// nix-daemon does with its JSON log.
+    pub fn new(own: &crate::settings::DaemonSettings, sd: &kiln_format::StoreDir) -> Watch {
+        let json_log = match &own.json_log_path {
+            None => None,
+            Some(p) => match JsonLog::open(p, sd.clone()) {
                 Ok(l) => Some(l),
                 Err(e) => {
-                    tracing::warn!("json-log-path '{p}': {e}; no JSON log is written");
+                    tracing::warn!(
+                        "json-log-path '{}': {e}; no JSON log is written",
+                        p.display()
+                    );
                     None
                 }
             },
         };
-        let timeline = match settings.get("timeline-file") {
-            "" => None,
-            p => match Timeline::create(Path::new(p)) {
+        let timeline = match &own.timeline_file {
+            None => None,
+            Some(p) => match Timeline::create(p) {
                 Ok(t) => {
                     let t = Arc::new(t);
                     let feed = kiln_build::event::Detached::new("timeline", t.clone(), 64 << 20);
                     Some((t, feed))
                 }
                 Err(e) => {
-                    tracing::warn!("timeline-file '{p}': {e}; no timeline is written");
+                    tracing::warn!(
+                        "timeline-file '{}': {e}; no timeline is written",
+                        p.display()
+                    );
                     None
                 }
             },
