@@ -42,6 +42,19 @@ fn salted_dag(counter: &std::path::Path, salt: &str) -> String {
     s
 }
 
+/// A fresh, initialised Nix store served by a kiln daemon with `global` arguments
+/// (`--option NAME VALUE`…) and `daemon` arguments: (environment, daemon, its socket).
+fn served(
+    global: &[&str],
+    daemon: &[&str],
+) -> (NixEnv, kiln_testkit::DaemonProcess, std::path::PathBuf) {
+    let env = NixEnv::new();
+    env.run("nix-store", &["--init"]);
+    let socket = env.dir.path().join("socket");
+    let d = env.kiln_daemon_with(env!("CARGO_BIN_EXE_kiln"), socket.clone(), global, daemon);
+    (env, d, socket)
+}
+
 /// A fresh Nix store served by a kiln daemon with 4 build slots, and the DAG (`dag`) in a
 /// file: (environment, daemon, socket, the DAG's file, the builders' counter file).
 fn dag_daemon() -> (
@@ -51,15 +64,7 @@ fn dag_daemon() -> (
     std::path::PathBuf,
     std::path::PathBuf,
 ) {
-    let env = NixEnv::new();
-    env.run("nix-store", &["--init"]);
-    let socket = env.dir.path().join("socket");
-    let daemon = env.kiln_daemon_with(
-        env!("CARGO_BIN_EXE_kiln"),
-        socket.clone(),
-        &["--option", "max-jobs", "4"],
-        &[],
-    );
+    let (env, daemon, socket) = served(&["--option", "max-jobs", "4"], &[]);
     let counter = env.dir.path().join("built");
     let file = env.dir.path().join("dag.nix");
     std::fs::write(&file, dag(&counter)).unwrap();
@@ -264,10 +269,7 @@ fn sixty_four_writers_while_another_process_holds_the_database() {
     if !nix_or_skip("sixty_four_writers_while_another_process_holds_the_database") {
         return;
     }
-    let env = NixEnv::new();
-    env.run("nix-store", &["--init"]);
-    let socket = env.dir.path().join("socket");
-    let daemon = env.kiln_daemon(env!("CARGO_BIN_EXE_kiln"), socket.clone());
+    let (env, daemon, socket) = served(&[], &[]);
     let db = env.state_dir().join("db/db.sqlite");
     // The other process: the write lock, a second at a time, eight times.
     let mut locker = Command::new("python3")
@@ -351,15 +353,7 @@ fn clients_beyond_max_connections_wait_for_a_slot() {
     if !nix_or_skip("clients_beyond_max_connections_wait_for_a_slot") {
         return;
     }
-    let env = NixEnv::new();
-    env.run("nix-store", &["--init"]);
-    let socket = env.dir.path().join("socket");
-    let _daemon = env.kiln_daemon_with(
-        env!("CARGO_BIN_EXE_kiln"),
-        socket.clone(),
-        &[],
-        &["--max-connections", "2"],
-    );
+    let (env, _daemon, socket) = served(&[], &["--max-connections", "2"]);
     let sd = kiln_format::StoreDir::new(env.store_dir().to_string_lossy().into_owned()).unwrap();
     let first = Client::connect(&socket, sd.clone()).unwrap();
     let _second = Client::connect(&socket, sd).unwrap();
@@ -641,15 +635,7 @@ fn a_finished_target_survives_a_collection_while_its_request_runs() {
     if !nix_or_skip("a_finished_target_survives_a_collection_while_its_request_runs") {
         return;
     }
-    let env = NixEnv::new();
-    env.run("nix-store", &["--init"]);
-    let socket = env.dir.path().join("socket");
-    let _daemon = env.kiln_daemon_with(
-        env!("CARGO_BIN_EXE_kiln"),
-        socket.clone(),
-        &["--option", "max-jobs", "2"],
-        &[],
-    );
+    let (env, _daemon, socket) = served(&["--option", "max-jobs", "2"], &[]);
     let started = env.dir.path().join("second-started");
     let go = env.dir.path().join("go");
     let file = env.dir.path().join("two.nix");
