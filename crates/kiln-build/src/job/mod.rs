@@ -456,44 +456,15 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
                 let valid = store.path_info(&plan.path).map_err(Failure::misc)?;
                 let built_at = store.real_path(&plan.build_path);
                 if valid.nar_hash != info.nar_hash {
-                    // kiln's own account of what differs, for `kiln log`.
-                    append_diff_report(
-                        spec,
-                        &store.real_path(&plan.path),
-                        &built_at,
-                        &sd.display(&plan.path),
-                    );
                     let check =
                         PathBuf::from(format!("{}-check", store.real_path(&plan.path).display()));
-                    let msg = if spec.settings.keep_failed || spec.settings.diff_hook.is_some() {
-                        let _ = fsutil::remove_tree(&check);
-                        std::fs::rename(&built_at, &check).map_err(|e| {
-                            Failure::misc(format!("keeping '{}': {e}", check.display()))
-                        })?;
-                        if let Some(hook) = &spec.settings.diff_hook {
-                            run_diff_hook(
-                                hook,
-                                &store.real_path(&plan.path),
-                                &check,
-                                &sd.display(&spec.drv_path),
-                            );
-                        }
-                        format!(
-                            "derivation '{}' may not be deterministic: output '{}' differs from '{}'",
-                            sd.display(&spec.drv_path),
-                            sd.display(&plan.path),
-                            check.display()
-                        )
-                    } else {
-                        let _ = fsutil::remove_tree(&built_at);
-                        format!(
-                            "derivation '{}' may not be deterministic: output '{}' differs",
-                            sd.display(&spec.drv_path),
-                            sd.display(&plan.path)
-                        )
-                    };
-                    let mut f = Failure::new(BuildStatus::NotDeterministic, msg);
-                    f.kinds.check_mismatch = true;
+                    let f = check_mismatch(
+                        spec,
+                        &store.real_path(&plan.path),
+                        &sd.display(&plan.path),
+                        &built_at,
+                        Some(check),
+                    )?;
                     discard_outputs(spec, &plans);
                     return Err(f);
                 }
@@ -581,31 +552,63 @@ fn check_floating_output(spec: &JobSpec, name: &str, built: &StorePath) -> Resul
     if recorded.out_path == *built {
         return Ok(());
     }
-    let (old, new) = (store.real_path(&recorded.out_path), store.real_path(built));
-    append_diff_report(spec, &old, &new, &sd.display(&recorded.out_path));
-    let kept = !store.is_valid(built).unwrap_or(false)
-        && (spec.settings.keep_failed || spec.settings.diff_hook.is_some());
-    if let Some(hook) = spec.settings.diff_hook.as_ref().filter(|_| kept) {
-        run_diff_hook(hook, &old, &new, &sd.display(&spec.drv_path));
-    }
-    if !kept && !store.is_valid(built).unwrap_or(false) {
-        let _ = fsutil::remove_tree(&new);
-    }
+    let new = store.real_path(built);
+    // A differing output already valid (another derivation made it) is not the check's to
+    // keep or remove.
+    let own = (!store.is_valid(built).unwrap_or(false)).then(|| new.clone());
+    Err(check_mismatch(
+        spec,
+        &store.real_path(&recorded.out_path),
+        &sd.display(&recorded.out_path),
+        &new,
+        own,
+    )?)
+}
+
+/// The failure of a `--check` that found the valid output at `old` (`shown`) differing from
+/// the rebuilt copy at `built`: kiln's own account of what differs goes to the build log
+/// (for `kiln log`); with `--keep-failed` or a `diff-hook` the copy is kept at `keep_at`
+/// (and the hook run on the two), otherwise removed. With `keep_at` `None` the copy is not
+/// the check's: neither kept nor removed.
+fn check_mismatch(
+    spec: &JobSpec,
+    old: &Path,
+    shown: &str,
+    built: &Path,
+    keep_at: Option<PathBuf>,
+) -> Result<Failure, Failure> {
+    let sd = spec.store.store_dir();
+    append_diff_report(spec, old, built, shown);
+    let keep = spec.settings.keep_failed || spec.settings.diff_hook.is_some();
+    let kept = match keep_at {
+        Some(at) if keep => {
+            if at != built {
+                let _ = fsutil::remove_tree(&at);
+                std::fs::rename(built, &at)
+                    .map_err(|e| Failure::misc(format!("keeping '{}': {e}", at.display())))?;
+            }
+            if let Some(hook) = &spec.settings.diff_hook {
+                run_diff_hook(hook, old, &at, &sd.display(&spec.drv_path));
+            }
+            Some(at)
+        }
+        Some(_) => {
+            let _ = fsutil::remove_tree(built);
+            None
+        }
+        None => None,
+    };
     let mut f = Failure::new(
         BuildStatus::NotDeterministic,
         format!(
-            "derivation '{}' may not be deterministic: output '{}' differs{}",
+            "derivation '{}' may not be deterministic: output '{shown}' differs{}",
             sd.display(&spec.drv_path),
-            sd.display(&recorded.out_path),
-            if kept {
-                format!(" from '{}'", new.display())
-            } else {
-                String::new()
-            }
+            kept.map(|at| format!(" from '{}'", at.display()))
+                .unwrap_or_default()
         ),
     );
     f.kinds.check_mismatch = true;
-    Err(f)
+    Ok(f)
 }
 
 /// Records which paths a floating derivation's outputs became (signed with the configured
