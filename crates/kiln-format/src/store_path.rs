@@ -424,11 +424,6 @@ impl FileIngestionMethod {
             (FileIngestionMethod::Flat, s)
         }
     }
-
-    /// Whether the data is sent and stored as a NAR (everything but flat files).
-    pub fn is_nar(self) -> bool {
-        self != FileIngestionMethod::Flat
-    }
 }
 
 /// A content address as stored in the database's `ca` column and narinfo `CA:` field.

@@ -357,11 +357,6 @@ impl Settings {
         }
         Settings { values, catalog }
     }
-
-    /// The tables it knows.
-    pub fn catalog(&self) -> Catalog {
-        self.catalog
-    }
 }
 
 /// Whether `name` appends to a list setting (`extra-NAME`), and the setting's name. A
