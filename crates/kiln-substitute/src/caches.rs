@@ -451,3 +451,90 @@ impl Substituter for Caches {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use kiln_format::signature::SecretKey;
+    use kiln_format::Hash;
+
+    fn id(n: u8, output: &str) -> DrvOutput {
+        DrvOutput::new(Hash::sha256(&[n]), output)
+    }
+
+    /// What a cache says an output became is believed only when it is the realisation of
+    /// the output asked for, parses, and (with `require-sigs`) is signed by a trusted key:
+    /// a cache cannot point an output at a path of its choosing.
+    #[test]
+    fn realisations_from_a_cache_are_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cache");
+        std::fs::create_dir_all(dir.join("realisations")).unwrap();
+        std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
+        let sd = StoreDir::new("/nix/store").unwrap();
+        let out = StorePath::from_base_name("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello").unwrap();
+        let write = |file: &DrvOutput, r: &Realisation| {
+            std::fs::write(dir.join(format!("realisations/{file}.doi")), r.to_json()).unwrap();
+        };
+        let key = SecretKey::generate("test-1").unwrap();
+        // One unsigned and one signed, each in its own output's file.
+        let (plain, signed, wrong, garbage) =
+            (id(1, "out"), id(2, "out"), id(3, "out"), id(4, "out"));
+        write(&plain, &Realisation::new(plain.clone(), out.clone()));
+        let mut s = Realisation::new(signed.clone(), out.clone());
+        s.sign(&key);
+        write(&signed, &s);
+        // The file of one output holding the realisation of another.
+        write(&wrong, &Realisation::new(plain.clone(), out.clone()));
+        std::fs::write(dir.join(format!("realisations/{garbage}.doi")), "{\"id\":").unwrap();
+        let caches = Caches::new(sd, CachesOptions::default());
+        let ask = |require_sigs: bool| {
+            let cfg = SubstConfig {
+                urls: vec![format!("file://{}", dir.display())],
+                keys: vec![key.public()],
+                require_sigs,
+            };
+            let lines = Mutex::new(Vec::new());
+            let found = caches
+                .query_realisations(
+                    &cfg,
+                    &[
+                        plain.clone(),
+                        signed.clone(),
+                        wrong.clone(),
+                        garbage.clone(),
+                    ],
+                    &|l: &str| lines.lock().unwrap().push(l.to_string()),
+                )
+                .unwrap();
+            (found, lines.into_inner().unwrap().join("\n"))
+        };
+        let (found, log) = ask(false);
+        assert_eq!(
+            found.keys().cloned().collect::<Vec<_>>(),
+            [plain.clone(), signed.clone()],
+            "{log}"
+        );
+        assert!(
+            log.contains(&format!(
+                "is the realisation of '{plain}', not of '{wrong}'"
+            )),
+            "{log}"
+        );
+        assert!(
+            log.contains(&format!("looking up the realisation '{garbage}'")),
+            "{log}"
+        );
+        // Signatures required: only the signed one.
+        let (found, log) = ask(true);
+        assert_eq!(found.keys().collect::<Vec<_>>(), [&signed], "{log}");
+        assert_eq!(found[&signed].out_path, out);
+        assert!(
+            log.contains(&format!("the realisation '{plain}' from '"))
+                && log.contains("is not signed"),
+            "{log}"
+        );
+    }
+}
