@@ -37,13 +37,6 @@ pub const SETTINGS: &[Def] = &[
         help: "a file the daemon writes a timeline of every build to (a Chrome trace, replaced at each start; `kiln timeline summary` reads it)",
     },
     Def {
-        name: "verbosity",
-        aliases: &[],
-        kind: Kind::Int,
-        default: "3",
-        help: "log level",
-    },
-    Def {
         name: "allow-import-from-derivation",
         aliases: &[],
         kind: Kind::Bool,
@@ -203,6 +196,6 @@ mod tests {
                 assert!(seen.insert(*n), "'{n}' is defined twice");
             }
         }
-        assert_eq!(CATALOG.defs().count(), 73);
+        assert_eq!(CATALOG.defs().count(), 72);
     }
 }

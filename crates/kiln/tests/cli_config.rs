@@ -84,7 +84,9 @@ fn the_nix_layout_reads_nix_conf_dir_includes_and_nix_config() {
 }
 
 /// No setting is a silent no-op: every one in kiln's tables is read somewhere outside the
-/// tables (by name, as a string literal in the non-test sources of some crate), except the
+/// tables (by name, as a string literal in the non-test sources of some crate other than
+/// the protocol's, whose literals name wire fields: a `"verbosity"` there once passed for a
+/// reader of a setting nothing read), except the
 /// few listed here with the reason they have nothing to do in a daemon. A setting added to
 /// a table and never wired in fails this test; so does one whose last reader goes.
 #[test]
@@ -117,7 +119,7 @@ fn every_setting_in_the_table_is_read_somewhere() {
     let mut text = String::new();
     for krate in std::fs::read_dir(&root).unwrap().flatten() {
         let src = krate.path().join("src");
-        if src.is_dir() {
+        if src.is_dir() && !krate.path().ends_with("kiln-protocol") {
             sources(&src, &mut text);
         }
     }
