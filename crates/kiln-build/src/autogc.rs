@@ -101,6 +101,7 @@ pub fn collect_if_needed(store: &LocalStore, cfg: &AutoGcConfig) {
         &GcOptions {
             action: GcAction::DeleteDead,
             max_freed: want.max(1),
+            ..Default::default()
         },
     ) {
         Ok(r) => tracing::info!(

@@ -46,6 +46,9 @@ pub enum Event {
     SubstitutionFinished {
         path: String,
         ok: bool,
+        /// Why it failed; empty when no cache had the path (nothing failed: whoever wanted
+        /// it builds it instead, and nix-daemon says nothing of it). See
+        /// [`substitution_error`].
         error: String,
     },
     /// A substitution's download went on: Guix's `@ download-*` traces.
@@ -55,6 +58,10 @@ pub enum Event {
     },
     /// A message for the user (`level` as Nix's verbosity: 0 error … 7 vomit).
     Message { level: u8, text: String },
+    /// What a hook run for a build (the `diff-hook`) printed: shown to the clients as an
+    /// error-level message, as nix-daemon shows it (unlike level-0 `Message`s, it repeats
+    /// no failure reported otherwise).
+    HookOutput { text: String },
     /// A fixed-output hash mismatch (for `@ hash-mismatch PATH ALGO EXPECTED ACTUAL`).
     HashMismatch {
         path: String,
@@ -93,6 +100,16 @@ impl Phase {
             Phase::Setup => "setup",
             Phase::Registering => "registering",
         }
+    }
+}
+
+/// The error of a failed substitution of `path` as a user reads it: `error`, or when no
+/// cache had the path (`error` empty), that there was none.
+pub fn substitution_error(path: &str, error: &str) -> String {
+    if error.is_empty() {
+        format!("path '{path}' is required, but there is no substituter that can build it")
+    } else {
+        error.to_string()
     }
 }
 
@@ -256,9 +273,10 @@ impl Event {
             Event::SubstitutionFinished { path, ok: true, .. } => {
                 Some(format!("@ substituter-succeeded {path}"))
             }
-            Event::SubstitutionFinished { path, error, .. } => {
-                Some(format!("@ substituter-failed {path} - {error}"))
-            }
+            Event::SubstitutionFinished { path, error, .. } => Some(format!(
+                "@ substituter-failed {path} - {}",
+                substitution_error(path, error)
+            )),
             Event::HashMismatch {
                 path,
                 algo,
@@ -285,6 +303,7 @@ impl Event {
             }
             Event::BuildLog { .. }
             | Event::Message { .. }
+            | Event::HookOutput { .. }
             | Event::BuildQueued { .. }
             | Event::SubstitutionQueued { .. }
             | Event::Phase { .. } => None,
@@ -356,6 +375,7 @@ impl Event {
                 level: n("level")? as u8,
                 text: s("text")?,
             },
+            "hook-output" => Event::HookOutput { text: s("text")? },
             "hash-mismatch" => Event::HashMismatch {
                 path: s("path")?,
                 algo: s("algo")?,
@@ -451,6 +471,7 @@ impl Event {
             Event::Message { level, text } => {
                 json!({"event": "message", "level": level, "text": text})
             }
+            Event::HookOutput { text } => json!({"event": "hook-output", "text": text}),
             Event::HashMismatch {
                 path,
                 algo,
@@ -560,6 +581,9 @@ mod tests {
             Event::Message {
                 level: 1,
                 text: "warning".into(),
+            },
+            Event::HookOutput {
+                text: "files differ".into(),
             },
             Event::HashMismatch {
                 path: out.into(),

@@ -158,6 +158,29 @@ pub enum FailureDetail {
     NotAFlatFile { path: String },
     /// The derivation built in its place once its inputs were (`resolved`) failed.
     ResolvedFailed { resolved: String },
+    /// The builder was killed for `max-silent-time` or `timeout`, of this many seconds.
+    TimedOut { seconds: u64 },
+    /// The builder was killed for writing more than `max-build-log-size` bytes.
+    LogLimit { bytes: u64 },
+    /// `--check` found the rebuilt output differing from the valid `output`; the rebuilt
+    /// copy was kept at `kept`, if it was.
+    NotDeterministic {
+        output: String,
+        kept: Option<String>,
+    },
+}
+
+impl FailureDetail {
+    /// Whether this detail only rewords a failure for Nix 2.34's clients (a timeout, a log
+    /// limit, a `--check` mismatch), with nothing guix-daemon words otherwise.
+    pub fn is_nix_2_34_wording(&self) -> bool {
+        matches!(
+            self,
+            FailureDetail::TimedOut { .. }
+                | FailureDetail::LogLimit { .. }
+                | FailureDetail::NotDeterministic { .. }
+        )
+    }
 }
 
 /// The result of building (or substituting) one derivation or path.

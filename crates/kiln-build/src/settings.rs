@@ -438,7 +438,8 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         name: "log-lines",
         aliases: &[],
         kind: kiln_store::config::Kind::Int,
-        default: "10",
+        // Nix 2.34's (2.8 showed 10).
+        default: "25",
         help: "lines of a failed build's log shown in its error",
     },
     kiln_store::config::Def {

@@ -347,6 +347,7 @@ impl Inner {
             }
             Event::BuildLog { .. }
             | Event::Message { .. }
+            | Event::HookOutput { .. }
             | Event::HashMismatch { .. }
             | Event::Download { .. } => {}
         }

@@ -79,6 +79,23 @@ pub(crate) fn failure_text(
         FailureDetail::ResolvedFailed { resolved } => {
             return format!("build of resolved derivation '{MAGENTA}{resolved}{NORMAL}' failed");
         }
+        FailureDetail::TimedOut { seconds } => {
+            return format!("timed out after {MAGENTA}{seconds}{NORMAL} seconds");
+        }
+        FailureDetail::LogLimit { bytes } => {
+            return format!(
+                "{MAGENTA}building derivation '{abs}'{NORMAL} killed after writing more than {MAGENTA}{bytes}{NORMAL} bytes of log output"
+            );
+        }
+        FailureDetail::NotDeterministic { output, kept } => {
+            let from = kept
+                .as_ref()
+                .map(|k| format!(" from {MAGENTA}\"{k}\"{NORMAL}"))
+                .unwrap_or_default();
+            return format!(
+                "derivation '{MAGENTA}{abs}{NORMAL}' may not be deterministic: output {MAGENTA}\"{output}\"{NORMAL} differs{from}"
+            );
+        }
         FailureDetail::NotAFlatFile { path } => {
             return format!(
                 "output path {MAGENTA}\"{path}\"{NORMAL} should be a non-executable regular file since recursive hashing is not enabled (one of outputHashMode={{flat,text}} is true)"

@@ -231,7 +231,7 @@ impl<'d> Progress<'d> {
     }
 
     fn failure_line(&self, io: &mut OpIo<'_>, what: &str, error: &str) -> std::io::Result<()> {
-        if self.targets.contains(what) {
+        if self.targets.contains(what) || error.is_empty() {
             return Ok(());
         }
         // As Nix prints errors: continuation lines aligned under the message.
@@ -407,6 +407,7 @@ impl<'d> Progress<'d> {
             // Level-0 messages repeat goal failures, reported above.
             Event::Message { level: 0, .. } => {}
             Event::Message { level, text } => io.log(*level as u64, text)?,
+            Event::HookOutput { text } => io.log(level::ERROR, text)?,
             // A download is a `FileTransfer` activity inside the path's `CopyPath`, with
             // the file's bytes as progress, as nix-daemon 2.34 shows a NAR it fetches over
             // HTTP (a `file://` cache's NAR is read, not transferred: no activity).
@@ -460,7 +461,8 @@ impl<'d> Progress<'d> {
     fn guix(&mut self, io: &mut OpIo<'_>, e: &Event) -> std::io::Result<()> {
         // guix-daemon says why a build failed before its trace line, whatever was asked.
         if let Event::BuildFinished { drv, result: r } = e {
-            if !r.success() && !r.cancelled && r.detail.is_some() {
+            let guix_words = r.detail.as_ref().is_some_and(|d| !d.is_nix_2_34_wording());
+            if !r.success() && !r.cancelled && guix_words {
                 io.log(
                     level::ERROR,
                     &kiln_build::event::guix_failure_message(drv, r),
@@ -488,15 +490,22 @@ impl<'d> Progress<'d> {
                 }
             }
             // Said above when guix-daemon has words for it.
-            Event::BuildFinished { drv, result: r } if !r.success() && r.detail.is_none() => {
+            Event::BuildFinished { drv, result: r }
+                if !r.success() && r.detail.as_ref().is_none_or(|d| d.is_nix_2_34_wording()) =>
+            {
                 self.failure_line(io, drv, &r.error)?;
             }
             Event::SubstitutionFinished {
                 path,
                 ok: false,
                 error,
-            } => self.failure_line(io, path, error)?,
+            } => self.failure_line(
+                io,
+                path,
+                &kiln_build::event::substitution_error(path, error),
+            )?,
             Event::Message { level, text } if *level > 0 => io.log(*level as u64, text)?,
+            Event::HookOutput { text } => io.log(level::ERROR, text)?,
             _ => {}
         }
         Ok(())

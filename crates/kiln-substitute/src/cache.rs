@@ -376,10 +376,8 @@ impl BinaryCache {
         let (raw, length) = self
             .transport
             .get_sized(&ni.url)?
-            .ok_or_else(|| Error::Transfer {
-                url: what.clone(),
-                action: "download",
-                why: "the cache does not have it (its narinfo names it)".into(),
+            .ok_or_else(|| Error::NarGone {
+                file: ni.url.clone(),
             })?;
         // As Guix's substituter announces a size: the file's length, or for an
         // uncompressed NAR its size.

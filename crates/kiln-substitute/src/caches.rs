@@ -141,13 +141,16 @@ impl Caches {
     }
 
     /// What `cache` offers for `path` (`ca`: its content address when known, which lets
-    /// a cache of another store directory provide it), if it is trustworthy.
+    /// a cache of another store directory provide it), if it is trustworthy. An unsigned
+    /// offer is reported through `log` only when `fetching` (as nix-daemon warns once, when
+    /// it would have substituted, not when it is asked what could be).
     pub fn offer(
         &self,
         cfg: &SubstConfig,
         cache: &Arc<BinaryCache>,
         path: &StorePath,
         ca: Option<&ContentAddress>,
+        fetching: bool,
         log: &dyn Fn(&str),
     ) -> Result<Option<Offer>> {
         let sub_sd = cache.store_dir();
@@ -195,11 +198,13 @@ impl Caches {
             || info.is_content_addressed(&self.store_dir)
             || ni.verify(sub_sd, &cfg.keys);
         if !trusted {
-            log(&format!(
-                "warning: the substitute for '{}' from '{}' is not signed by any of the keys in 'trusted-public-keys'",
-                self.store_dir.display(path),
-                cache.url.base
-            ));
+            if fetching {
+                log(&format!(
+                    "warning: ignoring substitute for '{}' from '{}', as it's not signed by any of the keys in 'trusted-public-keys'",
+                    self.store_dir.display(path),
+                    cache.url.base
+                ));
+            }
             return Ok(None);
         }
         Ok(Some(Offer {
@@ -247,17 +252,20 @@ impl Caches {
         Ok(())
     }
 
+    /// What the first cache offering `path` offers; `fetching`: asked by a goal about to
+    /// fetch it (which says why a cache's offer is refused), not by a query.
     fn query_one(
         &self,
         cfg: &SubstConfig,
         caches: &[Arc<BinaryCache>],
         path: &StorePath,
         ca: Option<&ContentAddress>,
+        fetching: bool,
         log: &dyn Fn(&str),
     ) -> std::result::Result<Option<SubstitutableInfo>, String> {
         let mut failures = Vec::new();
         for c in caches {
-            match self.offer(cfg, c, path, ca, log) {
+            match self.offer(cfg, c, path, ca, fetching, log) {
                 Ok(Some(o)) => {
                     return Ok(Some(SubstitutableInfo {
                         references: o.info.references,
@@ -361,6 +369,18 @@ impl Substituter for Caches {
     /// path a cache failed to answer for (and no other cache has) is left out, except in
     /// a query for one path, where the failure is the error: a substitution goal must tell
     /// a broken cache (fail, unless `--fallback`) from a missing path (build it).
+    fn query_to_fetch(
+        &self,
+        cfg: &SubstConfig,
+        path: &StorePath,
+        ca: Option<&ContentAddress>,
+        log: &dyn Fn(&str),
+    ) -> Result<Option<SubstitutableInfo>> {
+        let caches = self.ordered(cfg, log);
+        self.query_one(cfg, &caches, path, ca, true, log)
+            .map_err(Error::Failed)
+    }
+
     fn query(
         &self,
         cfg: &SubstConfig,
@@ -374,7 +394,7 @@ impl Substituter for Caches {
         let items: Vec<(&StorePath, &Option<ContentAddress>)> = paths.iter().collect();
         if items.len() == 1 {
             let (p, ca) = items[0];
-            return match self.query_one(cfg, &caches, p, ca.as_ref(), log) {
+            return match self.query_one(cfg, &caches, p, ca.as_ref(), false, log) {
                 Ok(Some(i)) => Ok(BTreeMap::from([(p.clone(), i)])),
                 Ok(None) => Ok(BTreeMap::new()),
                 Err(e) => Err(Error::Failed(e)),
@@ -389,7 +409,7 @@ impl Substituter for Caches {
                     v.push(l.to_string());
                 }
             };
-            if let Ok(Some(info)) = self.query_one(cfg, &caches, p, ca.as_ref(), &note) {
+            if let Ok(Some(info)) = self.query_one(cfg, &caches, p, ca.as_ref(), false, &note) {
                 if let Ok(mut f) = found.lock() {
                     f.insert((*p).clone(), info);
                 }
@@ -417,19 +437,26 @@ impl Substituter for Caches {
     ) -> Result<()> {
         let mut failures = Vec::new();
         for c in self.ordered(cfg, log) {
-            let offer = match self.offer(cfg, &c, path, ca, log) {
+            let offer = match self.offer(cfg, &c, path, ca, true, log) {
                 Ok(Some(o)) => o,
                 Ok(None) => continue,
                 Err(e) => {
+                    log(&format!(
+                        "error: querying '{}' in '{}' failed: {e}",
+                        store.print(path),
+                        c.url.base
+                    ));
                     failures.push(format!("{}: {e}", c.url.base));
                     continue;
                 }
             };
             match self.download(store, &offer, repair, Some(progress)) {
                 Ok(()) => return Ok(()),
+                // Not a failure: this cache does not have the path after all.
+                Err(e @ Error::NarGone { .. }) => log(&format!("warning: {e}")),
                 Err(e) => {
                     log(&format!(
-                        "warning: substituting '{}' from '{}' failed: {e}",
+                        "error: substituting '{}' from '{}' failed: {e}",
                         store.print(path),
                         c.url.base
                     ));
@@ -437,18 +464,16 @@ impl Substituter for Caches {
                 }
             }
         }
-        Err(Error::Failed(if failures.is_empty() {
-            format!(
-                "path '{}' is required, but there is no substituter that can build it",
-                store.print(path)
-            )
+        // Each failure was said above; the end is worded as nix-daemon words it.
+        let msg = format!(
+            "path '{}' is required, but there is no substituter that can build it",
+            store.print(path)
+        );
+        Err(if failures.is_empty() {
+            Error::Unavailable(msg)
         } else {
-            format!(
-                "cannot substitute '{}': {}",
-                store.print(path),
-                failures.join("; ")
-            )
-        }))
+            Error::Failed(msg)
+        })
     }
 }
 

@@ -21,9 +21,18 @@ pub enum Error {
     /// The cache is for another store, or does not look like a cache at all.
     #[error("{0}")]
     Unusable(String),
-    /// No configured cache could provide the path.
+    /// No configured cache could provide the path: substitution failed.
     #[error("{0}")]
     Failed(String),
+    /// No configured cache has the path (none offers it, or one that did lacks its
+    /// archive): nothing failed, the path is simply not to be had. A build may go ahead
+    /// without `--fallback`.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A narinfo names an archive the cache does not have (`file`, relative to the cache):
+    /// the path is not to be had there, as if it had no narinfo.
+    #[error("file '{file}' does not exist in binary cache")]
+    NarGone { file: String },
     #[error("narinfo cache '{path}': {source}")]
     Db {
         path: String,

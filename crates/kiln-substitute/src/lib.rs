@@ -165,6 +165,20 @@ pub trait Substituter: Send + Sync {
         log: &dyn Fn(&str),
     ) -> Result<BTreeMap<StorePath, SubstitutableInfo>>;
 
+    /// [`Substituter::query`] of one path by a goal about to fetch it: a substituter may
+    /// then say why it refuses an offer (a cache's unsigned path), as nix-daemon's goal
+    /// does, where a mere query stays silent.
+    fn query_to_fetch(
+        &self,
+        cfg: &SubstConfig,
+        path: &StorePath,
+        ca: Option<&ContentAddress>,
+        log: &dyn Fn(&str),
+    ) -> Result<Option<SubstitutableInfo>> {
+        let mut found = self.query(cfg, &BTreeMap::from([(path.clone(), ca.cloned())]), log)?;
+        Ok(found.remove(path))
+    }
+
     /// The realisations the caches hold for `ids` (floating content-addressed outputs),
     /// each from the first cache by priority that has it. A substituter that cannot say
     /// (an external agent) finds none.

@@ -250,7 +250,7 @@ fn nondeterminism_is_caught_by_rounds_and_check() {
     );
     let o = t.build(&r, &["--check", "--keep-failed"]);
     assert_eq!(o.status.code(), Some(104));
-    let check = PathBuf::from(format!("{}-check", p.display()));
+    let check = PathBuf::from(format!("{}.check", p.display()));
     assert!(check.exists(), "{} kept: {}", check.display(), stderr(&o));
     assert!(stderr(&o).contains(&check.display().to_string()));
     // With run-diff-hook, the diff hook sees the previous and the new output and the

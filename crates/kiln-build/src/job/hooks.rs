@@ -46,36 +46,38 @@ pub(super) fn append_diff_report(
 /// user and names the build directory, which exists with `--keep-failed`; kiln runs it as
 /// the daemon's user and passes an empty fourth argument.)
 pub(super) fn run_diff_hook(
+    spec: &JobSpec,
     hook: &str,
     previous: &std::path::Path,
     new: &std::path::Path,
-    drv: &str,
+    build_dir: Option<&std::path::Path>,
 ) {
+    let drv = spec.store.store_dir().display(&spec.drv_path);
     let mut c = std::process::Command::new(hook);
     kiln_sandbox::limits::restore_for(&mut c);
     let out = c
         .arg(previous)
         .arg(new)
-        .arg(drv)
-        .arg("")
+        .arg(&drv)
+        .arg(build_dir.unwrap_or(std::path::Path::new("")))
         .current_dir("/")
         .stdin(std::process::Stdio::null())
         .output();
-    match out {
-        Ok(o) if o.status.success() => {
-            let text = String::from_utf8_lossy(&o.stdout);
-            if !text.trim().is_empty() {
-                tracing::error!("{}", text.trim_end());
-            }
-        }
-        Ok(o) => tracing::error!(
+    // What it says reaches the clients as an error message, as with nix-daemon.
+    let said = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim_end().to_string(),
+        Ok(o) => format!(
             "diff hook execution failed: diff-hook program '{hook}' {}",
             match o.status.code() {
                 Some(c) => format!("failed with exit code {c}"),
                 None => "was killed by a signal".to_string(),
             }
         ),
-        Err(e) => tracing::error!("diff hook execution failed: running '{hook}': {e}"),
+        Err(e) => format!("diff hook execution failed: running '{hook}': {e}"),
+    };
+    if !said.is_empty() {
+        tracing::error!("{said}");
+        (spec.events)(JobEvent::HookOutput(said));
     }
 }
 

@@ -61,6 +61,8 @@ pub enum BuildMode {
 pub enum JobEvent {
     /// A warning for the clients waiting for the build (not part of its log).
     Warning(String),
+    /// What the `diff-hook` printed, for them too (not part of the log either).
+    HookOutput(String),
     Started {
         pid: i32,
         log_file: String,
@@ -401,8 +403,9 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
         locks: Vec::new(),
         roots: Vec::new(),
     };
+    let mut left_dir = None;
     for round in 1..=rounds {
-        let infos = build_round(
+        let (infos, left) = build_round(
             spec,
             ctl,
             &plans,
@@ -439,6 +442,7 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
         }
         prev = Some(infos.clone());
         last = infos;
+        left_dir = left;
     }
     // Register what was built (all at once, so cycles between outputs are refused).
     let mut to_register = Vec::new();
@@ -447,7 +451,8 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
         outputs.insert(plan.name.clone(), info.path.clone());
         match spec.mode {
             BuildMode::Check if plan.floating.is_some() => {
-                if let Err(f) = check_floating_output(spec, &plan.name, &info.path) {
+                let bd = left_dir.as_ref().map(|l| l.dir.as_path());
+                if let Err(f) = check_floating_output(spec, &plan.name, &info.path, bd) {
                     discard_outputs(spec, &plans);
                     return Err(f);
                 }
@@ -457,13 +462,14 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
                 let built_at = store.real_path(&plan.build_path);
                 if valid.nar_hash != info.nar_hash {
                     let check =
-                        PathBuf::from(format!("{}-check", store.real_path(&plan.path).display()));
+                        PathBuf::from(format!("{}.check", store.real_path(&plan.path).display()));
                     let f = check_mismatch(
                         spec,
                         &store.real_path(&plan.path),
                         &sd.display(&plan.path),
                         &built_at,
                         Some(check),
+                        left_dir.as_ref().map(|l| l.dir.as_path()),
                     )?;
                     discard_outputs(spec, &plans);
                     return Err(f);
@@ -534,7 +540,12 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
 /// hash part), so the rebuilt output is the recorded one exactly when it got the path the
 /// output's realisation names. A differing output was moved to a path of its own, which is
 /// not registered: kept for `--keep-failed` or the `diff-hook`, removed otherwise.
-fn check_floating_output(spec: &JobSpec, name: &str, built: &StorePath) -> Result<(), Failure> {
+fn check_floating_output(
+    spec: &JobSpec,
+    name: &str,
+    built: &StorePath,
+    build_dir: Option<&Path>,
+) -> Result<(), Failure> {
     let store = &spec.store;
     let sd = store.store_dir();
     let h = store
@@ -562,20 +573,22 @@ fn check_floating_output(spec: &JobSpec, name: &str, built: &StorePath) -> Resul
         &sd.display(&recorded.out_path),
         &new,
         own,
+        build_dir,
     )?)
 }
 
 /// The failure of a `--check` that found the valid output at `old` (`shown`) differing from
 /// the rebuilt copy at `built`: kiln's own account of what differs goes to the build log
 /// (for `kiln log`); with `--keep-failed` or a `diff-hook` the copy is kept at `keep_at`
-/// (and the hook run on the two), otherwise removed. With `keep_at` `None` the copy is not
-/// the check's: neither kept nor removed.
+/// (and the hook run on the two and the build's directory, `build_dir`), otherwise
+/// removed. With `keep_at` `None` the copy is not the check's: neither kept nor removed.
 fn check_mismatch(
     spec: &JobSpec,
     old: &Path,
     shown: &str,
     built: &Path,
     keep_at: Option<PathBuf>,
+    build_dir: Option<&Path>,
 ) -> Result<Failure, Failure> {
     let sd = spec.store.store_dir();
     append_diff_report(spec, old, built, shown);
@@ -588,7 +601,7 @@ fn check_mismatch(
                     .map_err(|e| Failure::misc(format!("keeping '{}': {e}", at.display())))?;
             }
             if let Some(hook) = &spec.settings.diff_hook {
-                run_diff_hook(hook, old, &at, &sd.display(&spec.drv_path));
+                run_diff_hook(spec, hook, old, &at, build_dir);
             }
             Some(at)
         }
@@ -598,15 +611,21 @@ fn check_mismatch(
         }
         None => None,
     };
+    let kept = kept.map(|at| at.display().to_string());
     let mut f = Failure::new(
         BuildStatus::NotDeterministic,
         format!(
             "derivation '{}' may not be deterministic: output '{shown}' differs{}",
             sd.display(&spec.drv_path),
-            kept.map(|at| format!(" from '{}'", at.display()))
+            kept.as_ref()
+                .map(|at| format!(" from '{at}'"))
                 .unwrap_or_default()
         ),
     );
+    f.detail = Some(crate::result::FailureDetail::NotDeterministic {
+        output: shown.to_string(),
+        kept,
+    });
     f.kinds.check_mismatch = true;
     Ok(f)
 }

@@ -153,10 +153,14 @@ pub(super) fn monitor(
                     last_output = Instant::now();
                     log_size += n as u64;
                     if s.max_log_size > 0 && log_size > s.max_log_size {
-                        stop = Some(Failure::new(
+                        let mut f = Failure::new(
                             BuildStatus::LogLimitExceeded,
                             format!("building '{drv_abs}' killed after writing more than {} bytes of log output", s.max_log_size),
-                        ));
+                        );
+                        f.detail = Some(crate::result::FailureDetail::LogLimit {
+                            bytes: s.max_log_size,
+                        });
+                        stop = Some(f);
                         kiln_sandbox::spawn::kill_group(pid, SIGKILL);
                         break;
                     }
@@ -185,22 +189,28 @@ pub(super) fn monitor(
             && s.max_silent_time > 0
             && last_output.elapsed() >= Duration::from_secs(s.max_silent_time)
         {
-            stop = Some(Failure::new(
+            let mut f = Failure::new(
                 BuildStatus::TimedOut,
                 format!(
                     "building '{drv_abs}' timed out after {} seconds of silence",
                     s.max_silent_time
                 ),
-            ));
+            );
+            f.detail = Some(crate::result::FailureDetail::TimedOut {
+                seconds: s.max_silent_time,
+            });
+            stop = Some(f);
             kiln_sandbox::spawn::kill_group(pid, SIGKILL);
             break;
         }
         if exited_at.is_none() && s.timeout > 0 && start.elapsed() >= Duration::from_secs(s.timeout)
         {
-            stop = Some(Failure::new(
+            let mut f = Failure::new(
                 BuildStatus::TimedOut,
                 format!("building '{drv_abs}' timed out after {} seconds", s.timeout),
-            ));
+            );
+            f.detail = Some(crate::result::FailureDetail::TimedOut { seconds: s.timeout });
+            stop = Some(f);
             kiln_sandbox::spawn::kill_group(pid, SIGKILL);
             break;
         }

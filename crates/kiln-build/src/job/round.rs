@@ -16,7 +16,7 @@ pub(super) fn build_round(
     rounds: u32,
     held: &mut Finalized<'_>,
     recursive: Option<&Arc<crate::recursive::RecursiveBuild>>,
-) -> Result<Vec<ValidPathInfo>, Failure> {
+) -> Result<(Vec<ValidPathInfo>, Option<LeftBuildDir>), Failure> {
     let store = &spec.store;
     let sd = store.store_dir();
     let drv = &spec.drv;
@@ -57,20 +57,19 @@ pub(super) fn build_round(
     }
     let mut keep_dir = false;
     let result = (|| {
-        // `pre-build-hook`: its paths join the sandbox's for this build.
+        // `pre-build-hook`: its paths join the sandbox's for this build. Only sandboxed
+        // builds run it, as with nix-daemon (2.8 and 2.34): it exists to add sandbox paths.
         let with_hook;
         let settings: &BuildSettings = match &spec.settings.pre_build_hook {
-            Some(hook) => {
-                let chroot = sandboxed
-                    .then(|| format!("{}.chroot", store.real_path(&spec.drv_path).display()));
-                let extra =
-                    run_pre_build_hook(hook, &store.print(&spec.drv_path), chroot.as_deref())?;
+            Some(hook) if sandboxed => {
+                let chroot = format!("{}.chroot", store.real_path(&spec.drv_path).display());
+                let extra = run_pre_build_hook(hook, &store.print(&spec.drv_path), Some(&chroot))?;
                 let mut s = (*spec.settings).clone();
                 s.sandbox_paths.extend(extra);
                 with_hook = s;
                 &with_hook
             }
-            None => &spec.settings,
+            _ => &spec.settings,
         };
         let sandbox = if sandboxed {
             Some(
@@ -468,11 +467,33 @@ pub(super) fn build_round(
                 }
             }
         }
+        // A check that may find a difference keeps the directory for the `diff-hook`,
+        // which is given it as Nix gives it: the caller removes it when done.
+        Ok(_) if spec.mode == BuildMode::Check && spec.settings.diff_hook.is_some() => {
+            let left = LeftBuildDir {
+                top: bd.top.clone(),
+                dir: bd.dir.clone(),
+            };
+            return result.map(|infos| (infos, Some(left)));
+        }
         _ => {
             let _ = fsutil::remove_build_tree(&bd.top);
         }
     }
-    result
+    result.map(|infos| (infos, None))
+}
+
+/// A successful round's build directory, left for the caller (`--check` with a
+/// `diff-hook`); removed when dropped.
+pub(super) struct LeftBuildDir {
+    top: PathBuf,
+    pub(super) dir: PathBuf,
+}
+
+impl Drop for LeftBuildDir {
+    fn drop(&mut self) {
+        let _ = fsutil::remove_build_tree(&self.top);
+    }
 }
 
 /// Binds a recursive build's daemon socket in its build directory, 0600 and owned by the

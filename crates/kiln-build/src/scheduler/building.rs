@@ -690,6 +690,7 @@ impl Worker {
                 level: 1,
                 text: format!("warning: {text}"),
             },
+            JobEvent::HookOutput(text) => Event::HookOutput { text },
             // Only substitutions download (see above).
             JobEvent::Download(_) => return,
             JobEvent::Registering => Event::Phase {

@@ -454,7 +454,13 @@ impl Worker {
                     Some(Event::SubstitutionFinished {
                         path: self.store().print(&s.path),
                         ok: exit == Exit::Success,
-                        error: result.error.clone(),
+                        // Nothing failed when no cache had the path: whoever wanted it
+                        // builds it, and nix-daemon says nothing of it either.
+                        error: if exit == Exit::NoSubstituters {
+                            String::new()
+                        } else {
+                            result.error.clone()
+                        },
                     })
                 }
                 Kind::Subst(_) => None,

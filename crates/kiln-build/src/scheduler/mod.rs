@@ -221,7 +221,8 @@ enum Msg {
         GoalId,
         std::result::Result<Option<SubstitutableInfo>, String>,
     ),
-    Fetched(GoalId, std::result::Result<(), String>),
+    /// A substitution ended: an error, and whether it only found the path unavailable.
+    Fetched(GoalId, std::result::Result<(), (bool, String)>),
     Realisations(
         GoalId,
         std::result::Result<BTreeMap<DrvOutput, kiln_format::realisation::Realisation>, String>,

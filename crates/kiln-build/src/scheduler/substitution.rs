@@ -61,8 +61,7 @@ impl Worker {
         let log = line_logger(self.tx.clone(), id);
         std::thread::spawn(move || {
             let r = sub
-                .query(&settings.subst, &BTreeMap::from([(path.clone(), ca)]), &log)
-                .map(|mut m| m.remove(&path))
+                .query_to_fetch(&settings.subst, &path, ca.as_ref(), &log)
                 .map_err(|e| e.to_string());
             let _ = tx.send(Msg::Queried(id, r));
         });
@@ -195,19 +194,25 @@ impl Worker {
                     &log,
                     &progress,
                 )
-                .map_err(|e| e.to_string());
+                .map_err(|e| {
+                    let gone = matches!(e, kiln_substitute::Error::Unavailable(_));
+                    (gone, e.to_string())
+                });
             let _ = tx.send(Msg::Fetched(id, r));
         });
     }
 
-    pub(super) fn fetched(&mut self, id: GoalId, r: std::result::Result<(), String>) {
+    pub(super) fn fetched(&mut self, id: GoalId, r: std::result::Result<(), (bool, String)>) {
         match r {
             Ok(()) => self.done(
                 id,
                 Exit::Success,
                 BuildResult::new(BuildStatus::Substituted),
             ),
-            Err(e) => self.subst_fail(id, Exit::Failed, e),
+            // No cache had it after all (one named an archive it lacks): as if none had
+            // offered it, so a derivation goes on to build without `--fallback`.
+            Err((true, e)) => self.subst_fail(id, Exit::NoSubstituters, e),
+            Err((false, e)) => self.subst_fail(id, Exit::Failed, e),
         }
     }
 }

@@ -159,9 +159,15 @@ impl kiln_build::EventSink for Reporter {
                 }
             }
             Event::SubstitutionFinished {
-                ok: false, error, ..
+                ok: false,
+                error,
+                path,
             } => {
-                let _ = writeln!(err, "error: {error}");
+                let e = kiln_build::event::substitution_error(path, error);
+                let _ = writeln!(err, "error: {e}");
+            }
+            Event::HookOutput { text } => {
+                let _ = writeln!(err, "{text}");
             }
             Event::BuildFinished { .. }
             | Event::SubstitutionFinished { .. }

@@ -280,7 +280,8 @@ impl LiveView {
                     s.substituted += 1;
                     s.fetched += size;
                 } else {
-                    above.push(format!("error: {error}"));
+                    let e = kiln_build::event::substitution_error(path, error);
+                    above.push(format!("error: {e}"));
                 }
             }
             Event::Message { level, text } => {
@@ -290,6 +291,7 @@ impl LiveView {
                     above.push(text.clone());
                 }
             }
+            Event::HookOutput { text } => above.push(text.clone()),
             Event::HashMismatch { .. } | Event::Phase { .. } | Event::Download { .. } => {}
         }
         // Output that printed nothing waits for the next tick: a chatty builder must not
