@@ -29,6 +29,9 @@ const DAEMON_WIDE: &[&str] = &[
     "timeline-file",
     // The caches are the daemon's, opened once for every client.
     "netrc-file",
+    // What this machine can do is the daemon's to say (nix-daemon 2.34 takes the store's
+    // value too, and silently drops a client's).
+    "system-features",
 ];
 
 /// Settings an untrusted Nix client may still set (Nix 2.8's `ClientSettings::apply`).
@@ -45,8 +48,16 @@ const GUIX_ANYONE: &[&str] = &[
 ];
 
 /// Applies `o` (from a client with `trust`, speaking Guix's dialect or not) on top of the
-/// daemon's `base` settings.
-pub fn apply(base: &Settings, o: &ClientOptions, trust: Trust, guix: bool) -> Applied {
+/// daemon's `base` settings. `nix_2_34`: the client expects nix-daemon 2.34's words (it
+/// warns of a restricted setting an untrusted client sent, where 2.8 noted it in its debug
+/// output).
+pub fn apply(
+    base: &Settings,
+    o: &ClientOptions,
+    trust: Trust,
+    guix: bool,
+    nix_2_34: bool,
+) -> Applied {
     let mut s = base.clone();
     let mut warnings = Vec::new();
     let mut notes = Vec::new();
@@ -103,10 +114,18 @@ pub fn apply(base: &Settings, o: &ClientOptions, trust: Trust, guix: bool) -> Ap
         } else {
             NIX_ANYONE.contains(&name) || (name == "builders" && value.is_empty())
         };
-        if trusted && DAEMON_WIDE.contains(&name) {
-            warnings.push(format!(
-                "'{name}' is the daemon's own setting: a client's value has no effect"
-            ));
+        let canonical = s.canonical_name(name).unwrap_or(name);
+        if trusted && DAEMON_WIDE.contains(&canonical) {
+            // A client sends what its own nix.conf says, often the daemon's file too: only
+            // a value that would change something is worth a warning.
+            let mut probe = base.clone();
+            let same =
+                probe.set(name, value).is_ok() && probe.get(canonical) == base.get(canonical);
+            if !same {
+                warnings.push(format!(
+                    "'{name}' is the daemon's own setting: a client's value has no effect"
+                ));
+            }
             continue;
         }
         if trusted || anyone {
@@ -134,6 +153,10 @@ pub fn apply(base: &Settings, o: &ClientOptions, trust: Trust, guix: bool) -> Ap
                     chosen.push(u.to_string());
                 } else if !u.ends_with('/') && trusted_subs.iter().any(|t| *t == format!("{u}/")) {
                     chosen.push(format!("{u}/"));
+                } else if nix_2_34 {
+                    warnings.push(format!(
+                        "ignoring untrusted substituter '{u}', you are not a trusted user.\nRun `man nix.conf` for more information on the `substituters` configuration option."
+                    ));
                 } else {
                     warnings.push(format!("ignoring untrusted substituter '{u}'"));
                 }
@@ -141,9 +164,14 @@ pub fn apply(base: &Settings, o: &ClientOptions, trust: Trust, guix: bool) -> Ap
             set(&mut s, "substituters", &chosen.join(" "), &mut warnings);
             continue;
         }
-        notes.push(format!(
+        let restricted = format!(
             "ignoring the client-specified setting '{name}', because it is a restricted setting and you are not a trusted user"
-        ));
+        );
+        if nix_2_34 {
+            warnings.push(restricted);
+        } else {
+            notes.push(restricted);
+        }
     }
     let mut build = BuildSettings::from_settings(&s);
     build.use_build_hook = o.use_build_hook;
@@ -193,7 +221,7 @@ mod tests {
             ("substituters", "https://other.example https://evil.example"),
             ("no-such-setting", "1"),
         ]);
-        let a = apply(&base, &o, Trust::Untrusted, false);
+        let a = apply(&base, &o, Trust::Untrusted, false, false);
         assert_eq!(a.settings.get("timeout"), "7");
         assert_eq!(a.settings.get("sandbox"), base.get("sandbox"));
         assert_eq!(a.settings.get("substituters"), "https://other.example");
@@ -205,7 +233,7 @@ mod tests {
         // The daemon's own settings are untouched.
         assert_eq!(base.get("timeout"), "0");
 
-        let t = apply(&base, &o, Trust::Trusted, false);
+        let t = apply(&base, &o, Trust::Trusted, false, false);
         assert_eq!(t.settings.get("sandbox"), "false");
         assert!(t.warnings.iter().any(|w| w.contains("no-such-setting")));
         // An untrusted client cannot send builds to machines of its choosing (where its
@@ -220,6 +248,7 @@ mod tests {
             &opts(&[("builders", "ssh://evil.example")]),
             Trust::Untrusted,
             false,
+            false,
         );
         assert_eq!(evil.build.builders, "ssh://trusted-builder");
         let none = apply(
@@ -227,12 +256,14 @@ mod tests {
             &opts(&[("builders", "")]),
             Trust::Untrusted,
             false,
+            false,
         );
         assert_eq!(none.build.builders, "");
         let trusted = apply(
             &with_machines,
             &opts(&[("builders", "ssh://mine")]),
             Trust::Trusted,
+            false,
             false,
         );
         assert_eq!(trusted.build.builders, "ssh://mine");
@@ -246,6 +277,7 @@ mod tests {
                 ("run-diff-hook", "true"),
             ]),
             Trust::Untrusted,
+            false,
             false,
         );
         assert_eq!(hooks.build.pre_build_hook, None);
@@ -262,6 +294,7 @@ mod tests {
                 ]),
                 Trust::Untrusted,
                 guix,
+                false,
             );
             assert_eq!(ca.build.ssl_cert_file, None, "guix: {guix}");
             assert_eq!(ca.build.netrc_file, None, "guix: {guix}");
@@ -271,18 +304,57 @@ mod tests {
             &opts(&[("ssl-cert-file", "/etc/ssl/mine.pem")]),
             Trust::Trusted,
             false,
+            false,
         );
         assert_eq!(
             trusted_ca.build.ssl_cert_file.as_deref(),
             Some(std::path::Path::new("/etc/ssl/mine.pem"))
         );
         // A daemon-wide setting a client cannot change is not taken in silence.
-        let m = apply(&base, &opts(&[("min-free", "1000")]), Trust::Trusted, false);
+        let m = apply(
+            &base,
+            &opts(&[("min-free", "1000")]),
+            Trust::Trusted,
+            false,
+            false,
+        );
         assert_eq!(
             m.warnings,
             ["'min-free' is the daemon's own setting: a client's value has no effect"]
         );
         assert_eq!(m.settings.get("min-free"), "0");
+        // Unless it is the daemon's own value (a client sends what its nix.conf says,
+        // often the daemon's file too).
+        let same = apply(
+            &base,
+            &opts(&[("min-free", "0")]),
+            Trust::Trusted,
+            false,
+            false,
+        );
+        assert!(same.warnings.is_empty(), "{:?}", same.warnings);
+        // A client's system features are not the machine's.
+        let f = apply(
+            &base,
+            &opts(&[("extra-system-features", "kvm gpu")]),
+            Trust::Trusted,
+            false,
+            false,
+        );
+        assert_eq!(f.build.system_features, base_features(&base));
+        assert_eq!(f.warnings.len(), 1, "{:?}", f.warnings);
+        // Clients of Nix 2.34 are told, in its words, what an untrusted client may not set.
+        let a = apply(&base, &o, Trust::Untrusted, false, true);
+        assert!(a.warnings.iter().any(|w| w
+            == "ignoring the client-specified setting 'sandbox', because it is a restricted setting and you are not a trusted user"));
+        assert!(a.warnings.iter().any(|w| w.starts_with(
+            "ignoring untrusted substituter 'https://evil.example', you are not a trusted user.\nRun `man nix.conf`"
+        )));
+        assert!(a.notes.is_empty(), "{:?}", a.notes);
+    }
+
+    fn base_features(base: &Settings) -> std::collections::BTreeSet<String> {
+        BuildSettings::from_settings(base).system_features
     }
 
     #[test]
@@ -292,7 +364,7 @@ mod tests {
         o.max_silent_time = None;
         o.build_cores = None;
         o.print_build_trace = true;
-        let a = apply(&base, &o, Trust::Untrusted, true);
+        let a = apply(&base, &o, Trust::Untrusted, true, false);
         assert_eq!(a.build.timeout, 9);
         assert_eq!(a.build.build_repeat, 1);
         assert!(a.build.print_build_trace);

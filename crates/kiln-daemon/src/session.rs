@@ -154,7 +154,13 @@ impl<'d> Session<'d> {
     }
 
     fn set_options(&mut self, o: ClientOptions, io: &mut OpIo<'_>) -> Result<Reply, RemoteError> {
-        let a = client_settings::apply(&self.d.settings, &o, self.trust, self.proto.is_guix());
+        let a = client_settings::apply(
+            &self.d.settings,
+            &o,
+            self.trust,
+            self.proto.is_guix(),
+            self.proto.nix_2_34_messages(),
+        );
         for w in &a.warnings {
             io.log(level::WARN, &format!("warning: {w}"))
                 .map_err(remote)?;
@@ -1522,6 +1528,8 @@ impl Session<'_> {
             &GcOptions {
                 action,
                 max_freed: g.max_freed,
+                keep_outputs: Some(self.settings.get_bool("keep-outputs")),
+                keep_derivations: Some(self.settings.get_bool("keep-derivations")),
             },
         );
         for p in released {

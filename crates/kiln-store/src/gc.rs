@@ -54,6 +54,10 @@ pub struct GcOptions {
     pub action: GcAction,
     /// Stop after freeing this many bytes (`u64::MAX`: no limit).
     pub max_freed: u64,
+    /// `keep-outputs` and `keep-derivations` for this collection (a trusted client's own
+    /// values, as nix-daemon applies them); `None`: the store's.
+    pub keep_outputs: Option<bool>,
+    pub keep_derivations: Option<bool>,
 }
 
 impl Default for GcOptions {
@@ -61,6 +65,8 @@ impl Default for GcOptions {
         GcOptions {
             action: GcAction::DeleteDead,
             max_freed: u64::MAX,
+            keep_outputs: None,
+            keep_derivations: None,
         }
     }
 }
@@ -391,8 +397,9 @@ pub fn collect_garbage(store: &LocalStore, opts: &GcOptions) -> Result<GcResults
         .filter_map(|(_, p)| graph.index.get(p).copied())
         .collect();
     let (keep_outputs, keep_derivations) = (
-        store.options().keep_outputs,
-        store.options().keep_derivations,
+        opts.keep_outputs.unwrap_or(store.options().keep_outputs),
+        opts.keep_derivations
+            .unwrap_or(store.options().keep_derivations),
     );
     while let Some(i) = queue.pop_front() {
         if live[i] {

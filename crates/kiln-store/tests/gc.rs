@@ -35,6 +35,7 @@ fn gc(store: &LocalStore, action: GcAction) -> Vec<String> {
         &GcOptions {
             action,
             max_freed: u64::MAX,
+            ..Default::default()
         },
     )
     .unwrap()
@@ -118,6 +119,7 @@ fn delete_specific_refuses_live_and_referenced_paths() {
         &GcOptions {
             action: GcAction::DeleteSpecific(vec![r.clone()]),
             max_freed: u64::MAX,
+            ..Default::default()
         },
     )
     .unwrap_err();
@@ -127,6 +129,7 @@ fn delete_specific_refuses_live_and_referenced_paths() {
         &GcOptions {
             action: GcAction::DeleteSpecific(vec![a.clone()]),
             max_freed: u64::MAX,
+            ..Default::default()
         },
     )
     .unwrap_err();
@@ -169,6 +172,7 @@ fn delete_among_skips_the_alive_and_takes_referrers_when_asked() {
         &GcOptions {
             action: among(vec![a.clone()], false, false),
             max_freed: u64::MAX,
+            ..Default::default()
         },
     )
     .unwrap_err();
@@ -206,6 +210,7 @@ fn max_freed_stops_early_and_invalid_leftovers_are_swept() {
         &GcOptions {
             action: GcAction::DeleteDead,
             max_freed: 1,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -132,7 +132,14 @@ impl Access for Local<'_> {
             Collect::Dead => GcAction::ReturnDead,
             Collect::Delete => GcAction::DeleteDead,
         };
-        let r = gc::collect_garbage(self.0, &GcOptions { action, max_freed })?;
+        let r = gc::collect_garbage(
+            self.0,
+            &GcOptions {
+                action,
+                max_freed,
+                ..Default::default()
+            },
+        )?;
         Ok((r.paths, r.bytes_freed))
     }
     fn delete(
@@ -150,6 +157,7 @@ impl Access for Local<'_> {
                     delete_referrers: also_referrers,
                 },
                 max_freed: u64::MAX,
+                ..Default::default()
             },
         )
         .map_err(|e| match e {
