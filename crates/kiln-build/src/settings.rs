@@ -280,7 +280,7 @@ impl BuildSettings {
 /// The substitution settings of `s`; a trusted key that does not parse is reported and
 /// left out.
 fn subst_config(s: &Settings) -> kiln_substitute::SubstConfig {
-    let (cfg, warnings) = kiln_substitute::SubstConfig::new(
+    let (mut cfg, warnings) = kiln_substitute::SubstConfig::new(
         s.get_list("substituters"),
         &s.get_list("trusted-public-keys"),
         s.get_bool("require-sigs"),
@@ -288,6 +288,7 @@ fn subst_config(s: &Settings) -> kiln_substitute::SubstConfig {
     for w in warnings {
         tracing::warn!("{w}");
     }
+    cfg.limits = Some(kiln_substitute::Limits::from_settings(s));
     cfg
 }
 

@@ -31,9 +31,19 @@ pub struct CachesOptions {
 pub struct Caches {
     store_dir: StoreDir,
     opts: CachesOptions,
-    open: Mutex<HashMap<String, Arc<BinaryCache>>>,
+    /// By URL and the limits it is accessed with.
+    open: Mutex<HashMap<CacheKey, Arc<BinaryCache>>>,
     disk: Option<Arc<DiskCache>>,
 }
+
+type CacheKey = (
+    String,
+    std::time::Duration,
+    std::time::Duration,
+    u32,
+    std::time::Duration,
+    std::time::Duration,
+);
 
 /// A path as one cache offers it, already translated to the local store.
 #[derive(Debug, Clone)]
@@ -69,18 +79,16 @@ impl Caches {
     /// remembered in `<state>/substituter-cache.sqlite` when the state directory is
     /// writable.
     pub fn for_store(store: &LocalStore, s: &kiln_store::Settings) -> Caches {
-        let secs = |n: &str, dflt: u64| {
-            std::time::Duration::from_secs(Some(s.get_u64(n)).filter(|v| *v > 0).unwrap_or(dflt))
-        };
+        let limits = crate::Limits::from_settings(s);
         let state = &store.layout().state_dir;
         let writable = rustix::fs::access(state, rustix::fs::Access::WRITE_OK).is_ok();
         Caches::new(
             store.store_dir().clone(),
             CachesOptions {
                 timeouts: Timeouts {
-                    connect: secs("connect-timeout", 30),
-                    stalled: secs("stalled-download-timeout", 300),
-                    attempts: s.get_u64("download-attempts").clamp(1, 100) as u32,
+                    connect: limits.connect,
+                    stalled: limits.stalled,
+                    attempts: limits.attempts,
                     netrc: match s.get("netrc-file") {
                         "" => None,
                         f => match crate::netrc::Netrc::load(std::path::Path::new(f)) {
@@ -93,12 +101,8 @@ impl Caches {
                     },
                 },
                 ttl: Ttl {
-                    positive: std::time::Duration::from_secs(
-                        s.get_u64("narinfo-cache-positive-ttl"),
-                    ),
-                    negative: std::time::Duration::from_secs(
-                        s.get_u64("narinfo-cache-negative-ttl"),
-                    ),
+                    positive: limits.positive_ttl,
+                    negative: limits.negative_ttl,
                 },
                 disk_cache: writable.then(|| state.join("substituter-cache.sqlite")),
                 query_threads: 16,
@@ -108,21 +112,56 @@ impl Caches {
 
     /// The cache at `url`, opened on first use.
     pub fn cache(&self, url: &str) -> Result<Arc<BinaryCache>> {
+        self.cache_with(url, None)
+    }
+
+    /// The cache at `url` accessed with `limits` (`None`: the caches' own). Each set of
+    /// limits has its own handle on the cache, opened on first use, so that one client's
+    /// `download-attempts` or narinfo TTLs never change another's; all share the lookups
+    /// remembered on disk (each reading them with its own TTLs).
+    pub fn cache_with(
+        &self,
+        url: &str,
+        limits: Option<&crate::Limits>,
+    ) -> Result<Arc<BinaryCache>> {
+        let (timeouts, ttl) = match limits {
+            Some(l) => (
+                Timeouts {
+                    connect: l.connect,
+                    stalled: l.stalled,
+                    attempts: l.attempts,
+                    netrc: self.opts.timeouts.netrc.clone(),
+                },
+                Ttl {
+                    positive: l.positive_ttl,
+                    negative: l.negative_ttl,
+                },
+            ),
+            None => (self.opts.timeouts.clone(), self.opts.ttl),
+        };
+        let key = (
+            url.to_string(),
+            timeouts.connect,
+            timeouts.stalled,
+            timeouts.attempts,
+            ttl.positive,
+            ttl.negative,
+        );
         let mut open = self
             .open
             .lock()
             .map_err(|_| Error::Corrupt("cache table poisoned".into()))?;
-        if let Some(c) = open.get(url) {
+        if let Some(c) = open.get(&key) {
             return Ok(c.clone());
         }
         let c = Arc::new(BinaryCache::open(
             url,
             &self.store_dir,
-            self.opts.timeouts.clone(),
-            self.opts.ttl,
+            timeouts,
+            ttl,
             self.disk.clone(),
         )?);
-        open.insert(url.to_string(), c.clone());
+        open.insert(key, c.clone());
         Ok(c)
     }
 
@@ -131,7 +170,10 @@ impl Caches {
     pub fn ordered(&self, cfg: &SubstConfig, log: &dyn Fn(&str)) -> Vec<Arc<BinaryCache>> {
         let mut v = Vec::new();
         for url in &cfg.urls {
-            match self.cache(url).and_then(|c| Ok((c.info()?.priority, c))) {
+            match self
+                .cache_with(url, cfg.limits.as_ref())
+                .and_then(|c| Ok((c.info()?.priority, c)))
+            {
                 Ok(pc) => v.push(pc),
                 Err(e) => log(&format!("warning: ignoring substituter '{url}': {e}")),
             }
@@ -520,6 +562,7 @@ mod tests {
                 urls: vec![format!("file://{}", dir.display())],
                 keys: vec![key.public()],
                 require_sigs,
+                limits: None,
             };
             let lines = Mutex::new(Vec::new());
             let found = caches

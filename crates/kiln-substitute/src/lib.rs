@@ -65,6 +65,37 @@ pub struct SubstConfig {
     pub urls: Vec<String>,
     pub keys: Vec<PublicKey>,
     pub require_sigs: bool,
+    /// How this request's transfers and lookups behave (a trusted client's own
+    /// `download-attempts`, `stalled-download-timeout`, narinfo TTLs…); `None`: as the
+    /// caches were set up.
+    pub limits: Option<Limits>,
+}
+
+/// The per-request knobs of cache access: `connect-timeout`, `stalled-download-timeout`,
+/// `download-attempts`, `narinfo-cache-positive-ttl` and `narinfo-cache-negative-ttl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Limits {
+    pub connect: std::time::Duration,
+    pub stalled: std::time::Duration,
+    pub attempts: u32,
+    pub positive_ttl: std::time::Duration,
+    pub negative_ttl: std::time::Duration,
+}
+
+impl Limits {
+    /// The limits `s` sets (a zero timeout meaning the default, as in Nix).
+    pub fn from_settings(s: &kiln_store::Settings) -> Limits {
+        let secs = |n: &str, dflt: u64| {
+            std::time::Duration::from_secs(Some(s.get_u64(n)).filter(|v| *v > 0).unwrap_or(dflt))
+        };
+        Limits {
+            connect: secs("connect-timeout", 30),
+            stalled: secs("stalled-download-timeout", 300),
+            attempts: s.get_u64("download-attempts").clamp(1, 100) as u32,
+            positive_ttl: std::time::Duration::from_secs(s.get_u64("narinfo-cache-positive-ttl")),
+            negative_ttl: std::time::Duration::from_secs(s.get_u64("narinfo-cache-negative-ttl")),
+        }
+    }
 }
 
 impl SubstConfig {
@@ -87,6 +118,7 @@ impl SubstConfig {
                 urls,
                 keys,
                 require_sigs,
+                limits: None,
             },
             warnings,
         )
