@@ -74,6 +74,18 @@ fn run_scenario(sid: &SidNix, env: &NixEnv, d: &DaemonProcess, work: &Path) -> S
 /// The fixture `script` run by bash with Nix 2.34's programs first on `PATH`, against `d`;
 /// what it printed.
 fn run_script(sid: &SidNix, env: &NixEnv, d: &DaemonProcess, work: &Path, script: &str) -> String {
+    run_script_with(sid, env, d, work, script, &[])
+}
+
+/// [`run_script`] with `vars` in its environment.
+fn run_script_with(
+    sid: &SidNix,
+    env: &NixEnv,
+    d: &DaemonProcess,
+    work: &Path,
+    script: &str,
+    vars: &[(&str, &str)],
+) -> String {
     std::fs::create_dir_all(work).unwrap();
     let path = format!(
         "{}:{}",
@@ -86,6 +98,7 @@ fn run_script(sid: &SidNix, env: &NixEnv, d: &DaemonProcess, work: &Path, script
         .env("PATH", path)
         .env("NIX_REMOTE", format!("unix://{}", d.socket.display()))
         .env("FIXTURES", fixture(""))
+        .envs(vars.iter().copied())
         .current_dir(work)
         .stderr(Stdio::inherit())
         .output()
@@ -269,6 +282,48 @@ fn nix_2_34_untrusted_and_refused_clients_are_treated_as_by_nix_daemon() {
     assert_eq!(n.len(), 2, "the cases did not run: {nix_out}");
     assert!(n[0].1.ends_with("exit=1\n"), "{nix_out}");
     assert_same_steps(&n, &k, "refused cases");
+}
+
+/// The settings matrix for caches over HTTP (`daemon/settings-http-2.34.sh`, a cache
+/// served by `tests/fixtures/faulty-cache.py` that fails, stalls, or gains and loses
+/// paths): `download-attempts`, `stalled-download-timeout` and the narinfo cache's TTLs,
+/// through nix-daemon 2.34 and through kiln.
+#[test]
+fn nix_2_34_http_cache_settings_do_what_they_do_with_nix_daemon() {
+    let test = "nix_2_34_http_cache_settings_do_what_they_do_with_nix_daemon";
+    let Some(sid) = SidNix::or_skip(test) else {
+        return;
+    };
+    let base = std::env::temp_dir().join(format!("kiln-http-234-{}", std::process::id()));
+    let root = std::env::temp_dir().join(format!("kiln-http-234-root-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    let (child, port) = kiln_testkit::serve_on_free_port(|port| {
+        Command::new("python3")
+            .arg(fixture("faulty-cache.py"))
+            .arg(&root)
+            .arg(port.to_string())
+            .spawn()
+            .unwrap()
+    });
+    let _server = kiln_testkit::ChildGuard(child);
+    let url = format!("http://127.0.0.1:{port}");
+    let root_s = root.display().to_string();
+    let (nix_out, kiln_out) = with_both_daemons_with(
+        &sid,
+        &base,
+        None,
+        "daemon/settings-http-2.34.sh",
+        &[("HTTP_URL", &url), ("HTTP_ROOT", &root_s)],
+    );
+    remove_tree(&root);
+    let (n, k) = (scenario_steps(&nix_out), scenario_steps(&kiln_out));
+    assert_eq!(n.len(), 12, "the cases did not run: {nix_out}");
+    // The settings act (with nix-daemon, first): one attempt fails, five get through;
+    assert!(
+        n[1].1.starts_with("cached not valid") && n[3].1.starts_with("cached valid"),
+        "{nix_out}"
+    );
+    assert_same_steps(&n, &k, "cases");
 }
 
 /// Sandboxed builds (`tests/fixtures/sandbox-probe.nix`, run by `daemon/sandbox-2.34.sh`)
@@ -532,13 +587,24 @@ fn with_both_daemons(
     conf: Option<&str>,
     script: &str,
 ) -> (String, String) {
+    with_both_daemons_with(sid, base, conf, script, &[])
+}
+
+/// [`with_both_daemons`] with `vars` in the script's environment.
+fn with_both_daemons_with(
+    sid: &SidNix,
+    base: &Path,
+    conf: Option<&str>,
+    script: &str,
+    vars: &[(&str, &str)],
+) -> (String, String) {
     let run = |kiln: bool| {
         let env = NixEnv::at(base);
         if let Some(conf) = conf {
             std::fs::write(env.nix_conf(), conf).unwrap();
         }
         let d = either_daemon(sid, &env, kiln);
-        let out = run_script(sid, &env, &d, &base.join("work"), script);
+        let out = run_script_with(sid, &env, &d, &base.join("work"), script, vars);
         drop(d);
         remove_tree(base);
         out
