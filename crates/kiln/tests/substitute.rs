@@ -423,7 +423,11 @@ fn unsigned_and_wrongly_signed_paths_are_refused() {
         &s.top,
     ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("not signed by any of the keys"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not signed by any of the keys"),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(k.hash(&s.top), None);
     // The same cache with the right key works, and so does --no-check-sigs.
     let o = s.copy_from(&k, &url, &[]);
