@@ -461,8 +461,15 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
                 let valid = store.path_info(&plan.path).map_err(Failure::misc)?;
                 let built_at = store.real_path(&plan.build_path);
                 if valid.nar_hash != info.nar_hash {
+                    // Where the differing copy is kept: Nix's `<out>.check`, guix-daemon's
+                    // `<out>-check`.
+                    let suffix = if store.db().flavor == kiln_store::db::Flavor::Guix {
+                        "-check"
+                    } else {
+                        ".check"
+                    };
                     let check =
-                        PathBuf::from(format!("{}.check", store.real_path(&plan.path).display()));
+                        PathBuf::from(format!("{}{suffix}", store.real_path(&plan.path).display()));
                     let f = check_mismatch(
                         spec,
                         &store.real_path(&plan.path),
