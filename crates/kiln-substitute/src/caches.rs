@@ -36,6 +36,9 @@ pub struct Caches {
     disk: Option<Arc<DiskCache>>,
 }
 
+/// Handles on caches kept open at most (beyond those with the caches' own limits).
+const MAX_HANDLES: usize = 256;
+
 type CacheKey = (
     String,
     std::time::Duration,
@@ -161,6 +164,20 @@ impl Caches {
             ttl,
             self.disk.clone(),
         )?);
+        // Any client may choose its own `connect-timeout`: handles opened for limits other
+        // than the caches' own are let go, once there are many, rather than kept for ever
+        // (a client sending ever new values would otherwise grow this table without end).
+        // Their users hold them meanwhile; the next request opens one again.
+        if open.len() >= MAX_HANDLES {
+            let own = (
+                self.opts.timeouts.connect,
+                self.opts.timeouts.stalled,
+                self.opts.timeouts.attempts,
+                self.opts.ttl.positive,
+                self.opts.ttl.negative,
+            );
+            open.retain(|k, _| (k.1, k.2, k.3, k.4, k.5) == own);
+        }
         open.insert(key, c.clone());
         Ok(c)
     }
@@ -534,6 +551,42 @@ mod tests {
     /// What a cache says an output became is believed only when it is the realisation of
     /// the output asked for, parses, and (with `require-sigs`) is signed by a trusted key:
     /// a cache cannot point an output at a path of its choosing.
+    /// Each client's own limits get a handle on a cache, but ever new limits (any client
+    /// may choose its `connect-timeout`) do not grow the table of handles without end, and
+    /// the handles with the caches' own limits stay.
+    #[test]
+    fn handles_for_client_limits_are_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
+        let url = format!("file://{}", d.path().display());
+        let caches = Caches::new(
+            StoreDir::new("/nix/store").unwrap(),
+            CachesOptions::default(),
+        );
+        let own = caches.cache(&url).unwrap();
+        let base = crate::Limits {
+            connect: std::time::Duration::from_secs(30),
+            stalled: std::time::Duration::from_secs(300),
+            attempts: 3,
+            positive_ttl: std::time::Duration::from_secs(60),
+            negative_ttl: std::time::Duration::from_secs(60),
+        };
+        let first = caches.cache_with(&url, Some(&base)).unwrap();
+        assert!(Arc::ptr_eq(
+            &first,
+            &caches.cache_with(&url, Some(&base)).unwrap()
+        ));
+        for i in 0..(3 * MAX_HANDLES as u64) {
+            let l = crate::Limits {
+                connect: std::time::Duration::from_secs(1000 + i),
+                ..base
+            };
+            caches.cache_with(&url, Some(&l)).unwrap();
+            assert!(caches.open.lock().unwrap().len() <= MAX_HANDLES);
+        }
+        assert!(Arc::ptr_eq(&own, &caches.cache(&url).unwrap()));
+    }
+
     #[test]
     fn realisations_from_a_cache_are_checked() {
         let d = tempfile::tempdir().unwrap();
