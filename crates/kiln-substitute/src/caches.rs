@@ -164,10 +164,11 @@ impl Caches {
             ttl,
             self.disk.clone(),
         )?);
-        // Any client may choose its own `connect-timeout`: handles opened for limits other
-        // than the caches' own are let go, once there are many, rather than kept for ever
-        // (a client sending ever new values would otherwise grow this table without end).
-        // Their users hold them meanwhile; the next request opens one again.
+        // Any client may choose its own `connect-timeout`: once there are many handles, one
+        // opened for limits other than the caches' own is let go for each new one, rather
+        // than all kept for ever (a client sending ever new values would otherwise grow
+        // this table without end). Their users hold them meanwhile; the next request opens
+        // one again.
         if open.len() >= MAX_HANDLES {
             let own = (
                 self.opts.timeouts.connect,
@@ -176,7 +177,13 @@ impl Caches {
                 self.opts.ttl.positive,
                 self.opts.ttl.negative,
             );
-            open.retain(|k, _| (k.1, k.2, k.3, k.4, k.5) == own);
+            let other = open
+                .keys()
+                .find(|k| (k.1, k.2, k.3, k.4, k.5) != own)
+                .cloned();
+            if let Some(k) = other {
+                open.remove(&k);
+            }
         }
         open.insert(key, c.clone());
         Ok(c)
@@ -424,10 +431,6 @@ impl Substituter for Caches {
         Ok(found)
     }
 
-    /// Looks every path up in the caches in priority order, several lookups at once. A
-    /// path a cache failed to answer for (and no other cache has) is left out, except in
-    /// a query for one path, where the failure is the error: a substitution goal must tell
-    /// a broken cache (fail, unless `--fallback`) from a missing path (build it).
     fn query_to_fetch(
         &self,
         cfg: &SubstConfig,
@@ -440,6 +443,10 @@ impl Substituter for Caches {
             .map_err(Error::Failed)
     }
 
+    /// Looks every path up in the caches in priority order, several lookups at once. A
+    /// path a cache failed to answer for (and no other cache has) is left out, except in
+    /// a query for one path, where the failure is the error: a substitution goal must tell
+    /// a broken cache (fail, unless `--fallback`) from a missing path (build it).
     fn query(
         &self,
         cfg: &SubstConfig,
@@ -496,7 +503,8 @@ impl Substituter for Caches {
     ) -> Result<()> {
         let mut failures = Vec::new();
         for c in self.ordered(cfg, log) {
-            let offer = match self.offer(cfg, &c, path, ca, true, log) {
+            // The goal's `query_to_fetch` has said why an unsigned offer is refused.
+            let offer = match self.offer(cfg, &c, path, ca, false, log) {
                 Ok(Some(o)) => o,
                 Ok(None) => continue,
                 Err(e) => {
@@ -548,9 +556,6 @@ mod tests {
         DrvOutput::new(Hash::sha256(&[n]), output)
     }
 
-    /// What a cache says an output became is believed only when it is the realisation of
-    /// the output asked for, parses, and (with `require-sigs`) is signed by a trusted key:
-    /// a cache cannot point an output at a path of its choosing.
     /// Each client's own limits get a handle on a cache, but ever new limits (any client
     /// may choose its `connect-timeout`) do not grow the table of handles without end, and
     /// the handles with the caches' own limits stay.
@@ -587,6 +592,34 @@ mod tests {
         assert!(Arc::ptr_eq(&own, &caches.cache(&url).unwrap()));
     }
 
+    /// A client's limits are bounded: `connect-timeout = 18446744073709551615` (which any
+    /// client may send) would otherwise make every HTTP connection's deadline overflow the
+    /// clock, and the HTTP client panic in the substitution thread.
+    #[test]
+    fn limits_past_what_a_clock_holds_are_bounded() {
+        const CATALOG: kiln_store::config::Catalog =
+            kiln_store::config::Catalog(&[crate::settings::SETTINGS]);
+        let mut s = kiln_store::Settings::new(CATALOG);
+        for n in [
+            "connect-timeout",
+            "stalled-download-timeout",
+            "narinfo-cache-positive-ttl",
+            "narinfo-cache-negative-ttl",
+        ] {
+            s.set(n, &u64::MAX.to_string()).unwrap();
+        }
+        let l = crate::Limits::from_settings(&s);
+        let now = std::time::Instant::now();
+        for d in [l.connect, l.stalled, l.positive_ttl, l.negative_ttl] {
+            assert!(now.checked_add(d).is_some(), "{d:?}");
+            assert!(d.as_secs() < i64::MAX as u64 / 2, "{d:?}");
+        }
+        assert_eq!(l.connect, std::time::Duration::from_secs(7 * 24 * 3600));
+    }
+
+    /// What a cache says an output became is believed only when it is the realisation of
+    /// the output asked for, parses, and (with `require-sigs`) is signed by a trusted key:
+    /// a cache cannot point an output at a path of its choosing.
     #[test]
     fn realisations_from_a_cache_are_checked() {
         let d = tempfile::tempdir().unwrap();

@@ -83,17 +83,24 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// The limits `s` sets (a zero timeout meaning the default, as in Nix).
+    /// The limits `s` sets (a zero timeout meaning the default, as in Nix). Each is
+    /// bounded: any client may set `connect-timeout`, and a deadline past what a clock can
+    /// hold would make the HTTP client panic (a timeout of `u64::MAX` seconds), so
+    /// timeouts stop at a week and TTLs at a century.
     pub fn from_settings(s: &kiln_store::Settings) -> Limits {
+        const WEEK: u64 = 7 * 24 * 3600;
+        const CENTURY: u64 = 100 * 365 * 24 * 3600;
         let secs = |n: &str, dflt: u64| {
-            std::time::Duration::from_secs(Some(s.get_u64(n)).filter(|v| *v > 0).unwrap_or(dflt))
+            let v = Some(s.get_u64(n)).filter(|v| *v > 0).unwrap_or(dflt);
+            std::time::Duration::from_secs(v.min(WEEK))
         };
+        let ttl = |n: &str| std::time::Duration::from_secs(s.get_u64(n).min(CENTURY));
         Limits {
             connect: secs("connect-timeout", 30),
             stalled: secs("stalled-download-timeout", 300),
             attempts: s.get_u64("download-attempts").clamp(1, 100) as u32,
-            positive_ttl: std::time::Duration::from_secs(s.get_u64("narinfo-cache-positive-ttl")),
-            negative_ttl: std::time::Duration::from_secs(s.get_u64("narinfo-cache-negative-ttl")),
+            positive_ttl: ttl("narinfo-cache-positive-ttl"),
+            negative_ttl: ttl("narinfo-cache-negative-ttl"),
         }
     }
 }

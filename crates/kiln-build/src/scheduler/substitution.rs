@@ -60,9 +60,13 @@ impl Worker {
         let tx = self.tx.clone();
         let log = line_logger(self.tx.clone(), id);
         std::thread::spawn(move || {
-            let r = sub
-                .query_to_fetch(&settings.subst, &path, ca.as_ref(), &log)
-                .map_err(|e| e.to_string());
+            // A panic below must still end the goal (else it, and every request joining
+            // it, would wait for ever): it becomes the query's error.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                sub.query_to_fetch(&settings.subst, &path, ca.as_ref(), &log)
+                    .map_err(|e| e.to_string())
+            }))
+            .unwrap_or_else(|_| Err(format!("querying the caches for '{}' failed", path)));
             let _ = tx.send(Msg::Queried(id, r));
         });
     }
@@ -183,9 +187,14 @@ impl Worker {
                 }
             })
         };
+        // Whether a cache without the path (one naming an archive it lacks) counts as no
+        // cache, as nix-daemon counts it (the derivation is built without `--fallback`);
+        // guix-daemon counts it as a failed substitution.
+        let gone_is_none = store.db().flavor != kiln_store::db::Flavor::Guix;
         std::thread::spawn(move || {
-            let r = sub
-                .fetch(
+            // As above: a panic ends the goal as a failure.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                sub.fetch(
                     &settings.subst,
                     &store,
                     &path,
@@ -195,9 +204,16 @@ impl Worker {
                     &progress,
                 )
                 .map_err(|e| {
-                    let gone = matches!(e, kiln_substitute::Error::Unavailable(_));
+                    let gone = gone_is_none && matches!(e, kiln_substitute::Error::Unavailable(_));
                     (gone, e.to_string())
-                });
+                })
+            }))
+            .unwrap_or_else(|_| {
+                Err((
+                    false,
+                    format!("substituting '{}' failed", store.print(&path)),
+                ))
+            });
             let _ = tx.send(Msg::Fetched(id, r));
         });
     }
