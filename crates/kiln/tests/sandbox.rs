@@ -1408,3 +1408,60 @@ fn a_pre_build_hook_adds_sandbox_paths_for_the_build() {
         stderr(&o)
     );
 }
+
+/// The `diff-hook` of a sandboxed `--check` runs as the build's host user, as Nix runs it,
+/// and is handed the build directory, which that user owns: never as the daemon's root
+/// (the directory is the builder's, and a root hook would follow the links it left, say
+/// to `/etc/shadow`). The directory is gone once the hook is done.
+#[test]
+fn a_sandboxed_checks_diff_hook_runs_as_the_builds_user_with_its_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: the daemon must be root to run builds as other users");
+        return;
+    }
+    let t = T::new();
+    std::fs::set_permissions(t.p(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let said = t.p().join("said");
+    std::fs::create_dir(&said).unwrap();
+    std::fs::set_permissions(&said, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let hook = t.p().join("diff-hook");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\n{{ id -u; [ -f \"$4/left-by-builder\" ] && echo build-directory; echo \"$4\"; }} > {}/out\n",
+            said.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let text = drv(
+        "unsteady",
+        "echo x > left-by-builder; cat /proc/sys/kernel/random/uuid > $out",
+    );
+    let o = t.build("u.toml", &text, true, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let h = hook.to_str().unwrap();
+    let o = t.build(
+        "u.toml",
+        &text,
+        true,
+        &[
+            "--check",
+            "--option",
+            "run-diff-hook",
+            "true",
+            "--option",
+            "diff-hook",
+            h,
+        ],
+    );
+    assert!(!o.status.success(), "{}", stderr(&o));
+    let out = std::fs::read_to_string(said.join("out")).unwrap();
+    let mut lines = out.lines();
+    let uid: u32 = lines.next().unwrap().parse().unwrap();
+    assert_ne!(uid, 0, "{out}");
+    assert_eq!(lines.next(), Some("build-directory"), "{out}");
+    let dir = lines.next().unwrap();
+    assert!(!Path::new(dir).exists(), "{dir} outlived the hook");
+}

@@ -41,25 +41,37 @@ pub(super) fn append_diff_report(
 }
 
 /// Runs `diff-hook` as Nix does when `--check` found `new` differing from `previous`:
-/// `HOOK PREVIOUS NEW DRV BUILD-DIR`, from `/`; what it prints goes to the daemon's log,
-/// not to the client, and its failure is logged, not the build's. (Nix runs it as the build
-/// user and names the build directory, which exists with `--keep-failed`; kiln runs it as
-/// the daemon's user and passes an empty fourth argument.)
+/// `HOOK PREVIOUS NEW DRV BUILD-DIR`, from `/`, as the build's user (who owns the build
+/// directory), not the daemon's: the directory's contents are the builder's, and a root
+/// hook reading them would follow whatever links the builder left there (to
+/// `/etc/shadow`, say) and print what it read to the clients. What it prints goes to the
+/// daemon's log and to the clients as an error-level message; its failure is said the
+/// same way, and is not the build's.
 pub(super) fn run_diff_hook(
     spec: &JobSpec,
     hook: &str,
     previous: &std::path::Path,
     new: &std::path::Path,
-    build_dir: Option<&std::path::Path>,
+    build_dir: Option<&LeftBuildDir>,
 ) {
+    use std::os::unix::process::CommandExt;
     let drv = spec.store.store_dir().display(&spec.drv_path);
     let mut c = std::process::Command::new(hook);
     kiln_sandbox::limits::restore_for(&mut c);
+    if let Some(b) = build_dir {
+        if rustix::process::geteuid().is_root() && b.owner != daemon_ids() {
+            if let Err(e) = b.open_to_owner(spec) {
+                tracing::warn!("{e}");
+            }
+            // Setting the ids also drops the daemon's supplementary groups.
+            c.uid(b.owner.0).gid(b.owner.1);
+        }
+    }
     let out = c
         .arg(previous)
         .arg(new)
         .arg(&drv)
-        .arg(build_dir.unwrap_or(std::path::Path::new("")))
+        .arg(build_dir.map_or(std::path::Path::new(""), |b| b.dir.as_path()))
         .current_dir("/")
         .stdin(std::process::Stdio::null())
         .output();

@@ -451,7 +451,7 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
         outputs.insert(plan.name.clone(), info.path.clone());
         match spec.mode {
             BuildMode::Check if plan.floating.is_some() => {
-                let bd = left_dir.as_ref().map(|l| l.dir.as_path());
+                let bd = left_dir.as_ref();
                 if let Err(f) = check_floating_output(spec, &plan.name, &info.path, bd) {
                     discard_outputs(spec, &plans);
                     return Err(f);
@@ -476,7 +476,7 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
                         &sd.display(&plan.path),
                         &built_at,
                         Some(check),
-                        left_dir.as_ref().map(|l| l.dir.as_path()),
+                        left_dir.as_ref(),
                     )?;
                     discard_outputs(spec, &plans);
                     return Err(f);
@@ -551,7 +551,7 @@ fn check_floating_output(
     spec: &JobSpec,
     name: &str,
     built: &StorePath,
-    build_dir: Option<&Path>,
+    build_dir: Option<&round::LeftBuildDir>,
 ) -> Result<(), Failure> {
     let store = &spec.store;
     let sd = store.store_dir();
@@ -595,7 +595,7 @@ fn check_mismatch(
     shown: &str,
     built: &Path,
     keep_at: Option<PathBuf>,
-    build_dir: Option<&Path>,
+    build_dir: Option<&round::LeftBuildDir>,
 ) -> Result<Failure, Failure> {
     let sd = spec.store.store_dir();
     append_diff_report(spec, old, built, shown);

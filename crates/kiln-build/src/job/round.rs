@@ -473,6 +473,7 @@ pub(super) fn build_round(
             let left = LeftBuildDir {
                 top: bd.top.clone(),
                 dir: bd.dir.clone(),
+                owner: (builder_uid, builder_gid),
             };
             return result.map(|infos| (infos, Some(left)));
         }
@@ -488,6 +489,22 @@ pub(super) fn build_round(
 pub(super) struct LeftBuildDir {
     top: PathBuf,
     pub(super) dir: PathBuf,
+    /// The host ids the builder ran as, who own what is in `dir`.
+    pub(super) owner: (u32, u32),
+}
+
+impl LeftBuildDir {
+    /// Lets its owner reach `dir` by path (the top, and the directory of builds, become
+    /// traversable but unlistable, as for a build user outside the sandbox): for a hook
+    /// run as the build's user once the builder is gone.
+    pub(super) fn open_to_owner(&self, spec: &JobSpec) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        for p in [builds_parent(spec), self.top.clone()] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| format!("opening '{}' to the build's user: {e}", p.display()))?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for LeftBuildDir {
