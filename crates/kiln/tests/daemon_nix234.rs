@@ -323,6 +323,8 @@ fn nix_2_34_http_cache_settings_do_what_they_do_with_nix_daemon() {
         n[1].1.starts_with("cached not valid") && n[3].1.starts_with("cached valid"),
         "{nix_out}"
     );
+    // a stalled download is given up after the client's 2 s, not the default 300 s.
+    assert!(n[4].1.starts_with("gave up within 30 s"), "{nix_out}");
     assert_same_steps(&n, &k, "cases");
 }
 
