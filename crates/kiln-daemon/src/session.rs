@@ -154,13 +154,7 @@ impl<'d> Session<'d> {
     }
 
     fn set_options(&mut self, o: ClientOptions, io: &mut OpIo<'_>) -> Result<Reply, RemoteError> {
-        let a = client_settings::apply(
-            &self.d.settings,
-            &o,
-            self.trust,
-            self.proto.is_guix(),
-            self.proto.nix_2_34_messages(),
-        );
+        let a = client_settings::apply(&self.d.settings, &o, self.trust, self.proto.is_guix());
         for w in &a.warnings {
             io.log(level::WARN, &format!("warning: {w}"))
                 .map_err(remote)?;
@@ -1523,13 +1517,15 @@ impl Session<'_> {
         } else {
             Vec::new()
         };
+        // This client's `keep-outputs` and `keep-derivations`, as nix-daemon applies them.
+        let mine = kiln_store::StoreOptions::from_settings(&self.settings, self.b.store.layout());
         let r = gc::collect_garbage(
             &self.b.store,
             &GcOptions {
                 action,
                 max_freed: g.max_freed,
-                keep_outputs: Some(self.settings.get_bool("keep-outputs")),
-                keep_derivations: Some(self.settings.get_bool("keep-derivations")),
+                keep_outputs: Some(mine.keep_outputs),
+                keep_derivations: Some(mine.keep_derivations),
             },
         );
         for p in released {
