@@ -39,14 +39,8 @@ pub struct Caches {
 /// Handles on caches kept open at most (beyond those with the caches' own limits).
 const MAX_HANDLES: usize = 256;
 
-type CacheKey = (
-    String,
-    std::time::Duration,
-    std::time::Duration,
-    u32,
-    std::time::Duration,
-    std::time::Duration,
-);
+/// A cache's URL and the limits it is accessed with.
+type CacheKey = (String, crate::Limits);
 
 /// A path as one cache offers it, already translated to the local store.
 #[derive(Debug, Clone)]
@@ -113,6 +107,17 @@ impl Caches {
         )
     }
 
+    /// The limits the caches were set up with.
+    fn own_limits(&self) -> crate::Limits {
+        crate::Limits {
+            connect: self.opts.timeouts.connect,
+            stalled: self.opts.timeouts.stalled,
+            attempts: self.opts.timeouts.attempts,
+            positive_ttl: self.opts.ttl.positive,
+            negative_ttl: self.opts.ttl.negative,
+        }
+    }
+
     /// The cache at `url`, opened on first use.
     pub fn cache(&self, url: &str) -> Result<Arc<BinaryCache>> {
         self.cache_with(url, None)
@@ -127,29 +132,9 @@ impl Caches {
         url: &str,
         limits: Option<&crate::Limits>,
     ) -> Result<Arc<BinaryCache>> {
-        let (timeouts, ttl) = match limits {
-            Some(l) => (
-                Timeouts {
-                    connect: l.connect,
-                    stalled: l.stalled,
-                    attempts: l.attempts,
-                    netrc: self.opts.timeouts.netrc.clone(),
-                },
-                Ttl {
-                    positive: l.positive_ttl,
-                    negative: l.negative_ttl,
-                },
-            ),
-            None => (self.opts.timeouts.clone(), self.opts.ttl),
-        };
-        let key = (
-            url.to_string(),
-            timeouts.connect,
-            timeouts.stalled,
-            timeouts.attempts,
-            ttl.positive,
-            ttl.negative,
-        );
+        let own = self.own_limits();
+        let l = limits.copied().unwrap_or(own);
+        let key = (url.to_string(), l);
         let mut open = self
             .open
             .lock()
@@ -157,6 +142,16 @@ impl Caches {
         if let Some(c) = open.get(&key) {
             return Ok(c.clone());
         }
+        let timeouts = Timeouts {
+            connect: l.connect,
+            stalled: l.stalled,
+            attempts: l.attempts,
+            netrc: self.opts.timeouts.netrc.clone(),
+        };
+        let ttl = Ttl {
+            positive: l.positive_ttl,
+            negative: l.negative_ttl,
+        };
         let c = Arc::new(BinaryCache::open(
             url,
             &self.store_dir,
@@ -170,17 +165,7 @@ impl Caches {
         // this table without end). Their users hold them meanwhile; the next request opens
         // one again.
         if open.len() >= MAX_HANDLES {
-            let own = (
-                self.opts.timeouts.connect,
-                self.opts.timeouts.stalled,
-                self.opts.timeouts.attempts,
-                self.opts.ttl.positive,
-                self.opts.ttl.negative,
-            );
-            let other = open
-                .keys()
-                .find(|k| (k.1, k.2, k.3, k.4, k.5) != own)
-                .cloned();
+            let other = open.keys().find(|(_, l)| *l != own).cloned();
             if let Some(k) = other {
                 open.remove(&k);
             }
