@@ -48,16 +48,11 @@ const GUIX_ANYONE: &[&str] = &[
 ];
 
 /// Applies `o` (from a client with `trust`, speaking Guix's dialect or not) on top of the
-/// daemon's `base` settings. `nix_2_34`: the client expects nix-daemon 2.34's words (it
-/// warns of a restricted setting an untrusted client sent, where 2.8 noted it in its debug
-/// output).
-pub fn apply(
-    base: &Settings,
-    o: &ClientOptions,
-    trust: Trust,
-    guix: bool,
-    nix_2_34: bool,
-) -> Applied {
+/// daemon's `base` settings. Nix clients are answered in nix-daemon 2.34's words, as kiln
+/// answers them everywhere (`Proto::nix_2_34_messages`): a restricted setting an untrusted
+/// client sent draws a warning (nix-daemon 2.8 noted it in its debug output, as kiln does
+/// for Guix clients).
+pub fn apply(base: &Settings, o: &ClientOptions, trust: Trust, guix: bool) -> Applied {
     let mut s = base.clone();
     let mut warnings = Vec::new();
     let mut notes = Vec::new();
@@ -153,7 +148,7 @@ pub fn apply(
                     chosen.push(u.to_string());
                 } else if !u.ends_with('/') && trusted_subs.iter().any(|t| *t == format!("{u}/")) {
                     chosen.push(format!("{u}/"));
-                } else if nix_2_34 {
+                } else if !guix {
                     warnings.push(format!(
                         "ignoring untrusted substituter '{u}', you are not a trusted user.\nRun `man nix.conf` for more information on the `substituters` configuration option."
                     ));
@@ -167,7 +162,7 @@ pub fn apply(
         let restricted = format!(
             "ignoring the client-specified setting '{name}', because it is a restricted setting and you are not a trusted user"
         );
-        if nix_2_34 {
+        if !guix {
             warnings.push(restricted);
         } else {
             notes.push(restricted);
@@ -221,19 +216,18 @@ mod tests {
             ("substituters", "https://other.example https://evil.example"),
             ("no-such-setting", "1"),
         ]);
-        let a = apply(&base, &o, Trust::Untrusted, false, false);
+        let a = apply(&base, &o, Trust::Untrusted, false);
         assert_eq!(a.settings.get("timeout"), "7");
         assert_eq!(a.settings.get("sandbox"), base.get("sandbox"));
         assert_eq!(a.settings.get("substituters"), "https://other.example");
         assert!(a.warnings.iter().any(|w| w.contains("evil.example")));
-        assert!(a.notes.iter().any(|n| n.contains("'sandbox'")));
         assert!(a.build.keep_going);
         assert_eq!(a.build.max_silent_time, 30);
         assert_eq!(a.build.cores, 3);
         // The daemon's own settings are untouched.
         assert_eq!(base.get("timeout"), "0");
 
-        let t = apply(&base, &o, Trust::Trusted, false, false);
+        let t = apply(&base, &o, Trust::Trusted, false);
         assert_eq!(t.settings.get("sandbox"), "false");
         assert!(t.warnings.iter().any(|w| w.contains("no-such-setting")));
         // An untrusted client cannot send builds to machines of its choosing (where its
@@ -248,7 +242,6 @@ mod tests {
             &opts(&[("builders", "ssh://evil.example")]),
             Trust::Untrusted,
             false,
-            false,
         );
         assert_eq!(evil.build.builders, "ssh://trusted-builder");
         let none = apply(
@@ -256,14 +249,12 @@ mod tests {
             &opts(&[("builders", "")]),
             Trust::Untrusted,
             false,
-            false,
         );
         assert_eq!(none.build.builders, "");
         let trusted = apply(
             &with_machines,
             &opts(&[("builders", "ssh://mine")]),
             Trust::Trusted,
-            false,
             false,
         );
         assert_eq!(trusted.build.builders, "ssh://mine");
@@ -277,7 +268,6 @@ mod tests {
                 ("run-diff-hook", "true"),
             ]),
             Trust::Untrusted,
-            false,
             false,
         );
         assert_eq!(hooks.build.pre_build_hook, None);
@@ -294,7 +284,6 @@ mod tests {
                 ]),
                 Trust::Untrusted,
                 guix,
-                false,
             );
             assert_eq!(ca.build.ssl_cert_file, None, "guix: {guix}");
             assert_eq!(ca.build.netrc_file, None, "guix: {guix}");
@@ -304,20 +293,13 @@ mod tests {
             &opts(&[("ssl-cert-file", "/etc/ssl/mine.pem")]),
             Trust::Trusted,
             false,
-            false,
         );
         assert_eq!(
             trusted_ca.build.ssl_cert_file.as_deref(),
             Some(std::path::Path::new("/etc/ssl/mine.pem"))
         );
         // A daemon-wide setting a client cannot change is not taken in silence.
-        let m = apply(
-            &base,
-            &opts(&[("min-free", "1000")]),
-            Trust::Trusted,
-            false,
-            false,
-        );
+        let m = apply(&base, &opts(&[("min-free", "1000")]), Trust::Trusted, false);
         assert_eq!(
             m.warnings,
             ["'min-free' is the daemon's own setting: a client's value has no effect"]
@@ -325,13 +307,7 @@ mod tests {
         assert_eq!(m.settings.get("min-free"), "0");
         // Unless it is the daemon's own value (a client sends what its nix.conf says,
         // often the daemon's file too).
-        let same = apply(
-            &base,
-            &opts(&[("min-free", "0")]),
-            Trust::Trusted,
-            false,
-            false,
-        );
+        let same = apply(&base, &opts(&[("min-free", "0")]), Trust::Trusted, false);
         assert!(same.warnings.is_empty(), "{:?}", same.warnings);
         // A client's system features are not the machine's.
         let f = apply(
@@ -339,12 +315,10 @@ mod tests {
             &opts(&[("extra-system-features", "kvm gpu")]),
             Trust::Trusted,
             false,
-            false,
         );
         assert_eq!(f.build.system_features, base_features(&base));
         assert_eq!(f.warnings.len(), 1, "{:?}", f.warnings);
-        // Clients of Nix 2.34 are told, in its words, what an untrusted client may not set.
-        let a = apply(&base, &o, Trust::Untrusted, false, true);
+        // Nix clients are told, in 2.34's words, what an untrusted client may not set.
         assert!(a.warnings.iter().any(|w| w
             == "ignoring the client-specified setting 'sandbox', because it is a restricted setting and you are not a trusted user"));
         assert!(a.warnings.iter().any(|w| w.starts_with(
@@ -360,11 +334,23 @@ mod tests {
     #[test]
     fn guix_clients_set_build_limits_under_their_names() {
         let base = Settings::new(crate::CATALOG);
-        let mut o = opts(&[("build-timeout", "9"), ("build-repeat", "1")]);
+        let mut o = opts(&[
+            ("build-timeout", "9"),
+            ("build-repeat", "1"),
+            ("sandbox", "false"),
+        ]);
         o.max_silent_time = None;
         o.build_cores = None;
         o.print_build_trace = true;
-        let a = apply(&base, &o, Trust::Untrusted, true, false);
+        let a = apply(&base, &o, Trust::Untrusted, true);
+        // A restricted setting is noted at debug level for Guix clients, as nix-daemon 2.8
+        // did; not applied.
+        assert!(
+            a.notes.iter().any(|n| n.contains("'sandbox'")),
+            "{:?}",
+            a.notes
+        );
+        assert_eq!(a.settings.get("sandbox"), base.get("sandbox"));
         assert_eq!(a.build.timeout, 9);
         assert_eq!(a.build.build_repeat, 1);
         assert!(a.build.print_build_trace);
