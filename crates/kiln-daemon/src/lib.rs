@@ -486,8 +486,8 @@ impl Daemon {
     }
 }
 
-/// Binds the daemon socket at `path` (replacing a stale one), readable and writable by
-/// everyone: who may connect is decided per connection by `allowed-users`.
+/// Binds the daemon socket at `path` (replacing a stale one, in one step), readable and
+/// writable by everyone: who may connect is decided per connection by `allowed-users`.
 pub fn bind_socket(path: &Path) -> Result<UnixListener, Error> {
     let io = |action, e| Error::Io {
         path: path.display().to_string(),
@@ -497,16 +497,9 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, Error> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| io("create the directory of", e))?;
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io("remove the old socket", e)),
-    }
-    let l = kiln_format::unix_socket::bind(path).map_err(|e| io("bind", e))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .map_err(|e| io("set permissions of", e))?;
-    Ok(l)
+    // Made listening, then put in place: a client (or a service script) that connects as
+    // soon as the path exists is never refused by a socket that is not listening yet.
+    kiln_format::unix_socket::bind_in_place(path, 0o666).map_err(|e| io("bind", e))
 }
 
 pub(crate) fn remote(e: impl std::fmt::Display) -> RemoteError {

@@ -49,6 +49,43 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     with_short_address(path, |p| UnixListener::bind(p))
 }
 
+/// Listens on a new socket that appears at `path` already listening and with `mode`,
+/// replacing whatever socket was there.
+///
+/// `bind` creates the file before `listen` makes it accept connections, so a client that
+/// waits for the file to appear (a service script, a test, a process looking for the
+/// collector's socket) can connect in between and be refused, and a Nix client fails its
+/// whole command on that. Here the socket is made under a temporary name beside `path`,
+/// set listening and given its mode, then renamed over `path` in one step: the path names
+/// either the old socket or a listening new one, never one that refuses.
+pub fn bind_in_place(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} names no file", path.display()),
+        )
+    })?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.new", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    // A leftover of an earlier process with the same pid.
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let l = bind(&tmp)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(l)
+}
+
 /// Connects to the socket at `path`.
 pub fn connect(path: &Path) -> std::io::Result<UnixStream> {
     with_short_address(path, |p| UnixStream::connect(p))
@@ -78,9 +115,75 @@ mod tests {
         let mut buf = [0u8; 2];
         s.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"hi");
+        // In place, at a long path too, replacing the old socket.
+        drop(l);
+        let l = bind_in_place(&path, 0o640).unwrap();
+        let mut c = connect(&path).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        c.write_all(b"ho").unwrap();
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ho");
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from("socket")],
+            "no temporary left"
+        );
         // A short path is used as it is.
         let short = t.path().join("s");
         let _l = bind(&short).unwrap();
         assert!(connect(&short).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod in_place {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// A client that connects as soon as the path exists is never refused, while the
+    /// socket is made again and again. (Made with remove, `bind` and `chmod` instead, as
+    /// before, this test failed on each of three runs: the watcher was refused.)
+    #[test]
+    fn the_path_never_names_a_socket_that_refuses() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("socket");
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut connected = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    if path.exists() {
+                        match connect(&path) {
+                            Ok(_) => connected += 1,
+                            // Removed between the check and the connect: not a refusal by
+                            // a socket that exists.
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(e) => panic!("refused by {}: {e}", path.display()),
+                        }
+                    }
+                }
+                connected
+            })
+        };
+        let mut held = Vec::new();
+        for _ in 0..300 {
+            // The old listener stays open, so a client that reached it is not refused.
+            held.push(bind_in_place(&path, 0o666).unwrap());
+            if held.len() > 2 {
+                held.remove(0);
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let connected = watcher.join().unwrap();
+        assert!(connected > 0, "the watcher never connected");
     }
 }

@@ -190,11 +190,10 @@ impl RootServer {
         if let Some(dir) = path.parent() {
             fsutil::ensure_dir(dir, 0o755)?;
         }
-        let _ = std::fs::remove_file(&path);
-        let listener =
-            kiln_format::unix_socket::bind(&path).map_err(|e| Error::io(&path, "listen on", e))?;
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666));
+        // In place and listening before it appears: a process handing over a root would
+        // otherwise be refused by a socket that exists, and back off and try again.
+        let listener = kiln_format::unix_socket::bind_in_place(&path, 0o666)
+            .map_err(|e| Error::io(&path, "listen on", e))?;
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::io(&path, "configure", e))?;

@@ -167,6 +167,27 @@ impl DaemonProcess {
         }
         d
     }
+
+    /// [`DaemonProcess::start`] for a daemon that creates its socket before it listens on
+    /// it (nix-daemon binds, then listens): also waits until a connection is accepted, so
+    /// that the test's first client is not refused. kiln's daemon is started with `start`
+    /// alone, because its socket appears only once it listens and the tests hold it to that.
+    pub fn start_then_connect(cmd: Command, socket: PathBuf) -> DaemonProcess {
+        let mut d = DaemonProcess::start(cmd, socket);
+        let start = std::time::Instant::now();
+        while let Err(e) = std::os::unix::net::UnixStream::connect(&d.socket) {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                panic!("the daemon exited early: {st}");
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(30),
+                "the daemon at {} accepts no connection: {e}",
+                d.socket.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        d
+    }
 }
 
 impl Drop for DaemonProcess {

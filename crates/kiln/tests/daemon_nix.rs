@@ -16,7 +16,7 @@ fn nix_daemon(env: &NixEnv) -> DaemonProcess {
     c.env("NIX_DAEMON_SOCKET_PATH", &socket)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    DaemonProcess::start(c, socket)
+    DaemonProcess::start_then_connect(c, socket)
 }
 
 fn kiln_daemon(env: &NixEnv) -> DaemonProcess {

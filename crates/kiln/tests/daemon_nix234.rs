@@ -34,7 +34,7 @@ fn nix_daemon(sid: &SidNix, env: &NixEnv) -> DaemonProcess {
         .env("NIX_CONFIG", "build-hook =")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    DaemonProcess::start(c, socket)
+    DaemonProcess::start_then_connect(c, socket)
 }
 
 fn kiln_daemon(env: &NixEnv) -> DaemonProcess {

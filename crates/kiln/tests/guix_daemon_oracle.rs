@@ -162,7 +162,7 @@ fn with_guix_daemon(
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let _daemon = GuixDaemon(DaemonProcess::start(c, socket.clone()));
+    let _daemon = GuixDaemon(DaemonProcess::start_then_connect(c, socket.clone()));
     ask(&socket)
 }
 
