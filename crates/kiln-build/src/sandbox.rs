@@ -281,7 +281,10 @@ impl BuildSandbox {
             // the daemon's configuration or a trusted client names the file: an untrusted
             // client naming `/etc/shadow` here would have a networked builder send it away
             // (kiln-daemon's `client_settings` refuses it).
-            if let Some(ca) = &c.settings.ssl_cert_file {
+            // A file that does not exist gets nothing, `/etc/ssl/certs` included, as with
+            // Nix (the sandbox comparison with nix-daemon 2.34 found kiln making the
+            // empty directories).
+            if let Some(ca) = c.settings.ssl_cert_file.as_ref().filter(|ca| ca.exists()) {
                 let path = "/etc/ssl/certs/ca-certificates.crt";
                 parents(&mut e, &mut made, path);
                 e.push(Entry::Bind {

@@ -347,7 +347,7 @@ fn nix_2_34_sandboxed_builders_see_what_nix_daemon_shows_them() {
     let conf = "substituters =\nsandbox = true\nsandbox-paths = /bin /usr /lib /lib64 /etc/ld.so.cache?\nbuild-users-group =\nexperimental-features = nix-command\n";
     let (nix_out, kiln_out) = with_both_daemons(&sid, &base, Some(conf), "daemon/sandbox-2.34.sh");
     let (n, k) = (scenario_steps(&nix_out), scenario_steps(&kiln_out));
-    assert_eq!(n.len(), 4, "the probes did not run: {nix_out}");
+    assert_eq!(n.len(), 6, "the probes did not run: {nix_out}");
     assert_eq!(
         k.len(),
         n.len(),
@@ -357,6 +357,9 @@ fn nix_2_34_sandboxed_builders_see_what_nix_daemon_shows_them() {
         n[0].1.contains("hostname: localhost") && n[0].1.contains("exit=0"),
         "{nix_out}"
     );
+    // `ssl-cert-file`: nix-daemon shows the given file where Nix puts the bundle.
+    assert!(n[4].1.contains("kiln test bundle"), "{nix_out}");
+    assert!(!n[5].1.contains("kiln test bundle"), "{nix_out}");
     assert_same_steps(&n, &k, "probes");
 }
 
