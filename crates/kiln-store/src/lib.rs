@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod content_hash;
 pub mod db;
 mod durability;
 mod error;

@@ -79,34 +79,25 @@ pub(super) fn finalize_floating(
         if siblings {
             replace_tree(store, &actual, &rewrites)?;
         }
-        let got = match f.method.file_ingestion() {
-            FileIngestionMethod::Flat => {
-                use std::os::unix::fs::MetadataExt;
-                let m = std::fs::symlink_metadata(&actual).map_err(Failure::misc)?;
-                if !m.is_file() || m.mode() & 0o100 != 0 {
-                    let mut fl = rejected(format!(
-                        "output path '{}' should be a non-executable regular file since recursive hashing is not enabled (outputHashMode=flat)",
-                        sd.display(&plan.path)
-                    ));
-                    fl.detail = Some(crate::result::FailureDetail::NotAFlatFile {
-                        path: sd.display(&plan.path).to_string(),
-                    });
-                    return Err(fl);
-                }
-                let mut h = HashModuloSink::new(f.algo, plan.path.hash_part());
-                let mut file = std::fs::File::open(&actual).map_err(Failure::misc)?;
-                std::io::copy(&mut file, &mut h).map_err(Failure::misc)?;
-                h.finish().0
-            }
-            FileIngestionMethod::Recursive => {
-                let mut h = HashModuloSink::new(f.algo, plan.path.hash_part());
-                nar::dump(&actual, &mut h).map_err(Failure::misc)?;
-                h.finish().0
-            }
-            // A Git object may refer to nothing, itself included (refused below), so there
-            // is nothing to hash modulo.
-            FileIngestionMethod::Git => {
-                kiln_format::git::hash_path(&actual, f.algo).map_err(|e| rejected(e.to_string()))?
+        // Hashed modulo the placeholder path's hash part (a Git object names no path, so
+        // nothing is hashed modulo there).
+        let got = super::outputs::output_hash(
+            &actual,
+            f.method.file_ingestion(),
+            f.algo,
+            plan.path.hash_part(),
+        )?;
+        let got = match got {
+            Some(h) => h,
+            None => {
+                let mut fl = rejected(format!(
+                    "output path '{}' should be a non-executable regular file since recursive hashing is not enabled (outputHashMode=flat)",
+                    sd.display(&plan.path)
+                ));
+                fl.detail = Some(crate::result::FailureDetail::NotAFlatFile {
+                    path: sd.display(&plan.path).to_string(),
+                });
+                return Err(fl);
             }
         };
         let mut others = BTreeSet::new();

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_format::derivation::FloatingOutput;
-use kiln_format::hash::{HashModuloSink, HashSink, Hasher, ParallelHashSink};
+use kiln_format::hash::{HashSink, ParallelHashSink};
 use kiln_format::realisation::{DrvOutput, Realisation};
 use kiln_format::refscan::RefScanner;
 use kiln_format::signature::SecretKey;
@@ -463,7 +463,7 @@ fn run_inner(spec: &JobSpec, ctl: &JobControl) -> Result<Built, Failure> {
                 if valid.nar_hash != info.nar_hash {
                     // Where the differing copy is kept: Nix's `<out>.check`, guix-daemon's
                     // `<out>-check`.
-                    let suffix = if store.db().flavor == kiln_store::db::Flavor::Guix {
+                    let suffix = if store.is_guix_store() {
                         "-check"
                     } else {
                         ".check"

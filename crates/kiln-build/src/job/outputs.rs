@@ -155,27 +155,15 @@ pub(super) fn register_output(
         actual = store.real_path(&plan.build_path);
     }
     if let Some(f) = fixed {
-        let got = match f.method {
-            FileIngestionMethod::Flat => {
-                let m = std::fs::symlink_metadata(&actual).map_err(Failure::misc)?;
-                if !m.is_file() || m.mode() & 0o100 != 0 {
-                    return Err(rejected(format!(
-                        "output path '{}' should be a non-executable regular file",
-                        sd.display(&plan.path)
-                    )));
-                }
-                let mut h = Hasher::new(f.hash.algo());
-                let mut file = std::fs::File::open(&actual).map_err(Failure::misc)?;
-                std::io::copy(&mut file, &mut h).map_err(Failure::misc)?;
-                h.finish()
+        let got = output_hash(&actual, f.method, f.hash.algo(), "")?;
+        let got = match got {
+            Some(h) => h,
+            None => {
+                return Err(rejected(format!(
+                    "output path '{}' should be a non-executable regular file",
+                    sd.display(&plan.path)
+                )))
             }
-            FileIngestionMethod::Recursive => {
-                let mut h = HashSink::new(f.hash.algo());
-                nar::dump(&actual, &mut h).map_err(Failure::misc)?;
-                h.finish().0
-            }
-            FileIngestionMethod::Git => kiln_format::git::hash_path(&actual, f.hash.algo())
-                .map_err(|e| rejected(e.to_string()))?,
         };
         if got != f.hash {
             // Nix makes the output's path from what was built, references included, before
@@ -411,4 +399,28 @@ pub(super) fn check_references(
         }
     }
     Ok(())
+}
+
+/// The content hash of the output tree at `actual` as `method` ingests it (see
+/// `kiln_store::content_hash`), modulo `modulo`; `None` for a flat output that is not a
+/// non-executable regular file, which each caller refuses in Nix's words for its case.
+pub(super) fn output_hash(
+    actual: &Path,
+    method: FileIngestionMethod,
+    algo: HashAlgo,
+    modulo: &str,
+) -> Result<Option<kiln_format::hash::Hash>, Failure> {
+    let got = kiln_store::content_hash::content_hash(actual, method, algo, modulo).map_err(
+        |e| match e {
+            // A tree Git cannot hash is the output's fault; other errors are the daemon's.
+            kiln_store::Error::Format(e) if method == FileIngestionMethod::Git => {
+                rejected(e.to_string())
+            }
+            e => Failure::misc(e),
+        },
+    )?;
+    Ok(match got {
+        Ok(h) if !h.executable => Some(h.hash),
+        _ => None,
+    })
 }

@@ -190,7 +190,7 @@ impl Worker {
         // Whether a cache without the path (one naming an archive it lacks) counts as no
         // cache, as nix-daemon counts it (the derivation is built without `--fallback`);
         // guix-daemon counts it as a failed substitution.
-        let gone_is_none = store.db().flavor != kiln_store::db::Flavor::Guix;
+        let gone_is_none = !store.is_guix_store();
         std::thread::spawn(move || {
             // As above: a panic ends the goal as a failure.
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -216,62 +216,33 @@ impl LocalStore {
         // (`nix store make-content-addressed`, its floating outputs) has the other hash.
         // Either is the content's: the two inputs cannot be confused (a NAR ends in a NUL
         // byte, the positions in a digit).
-        let mut newer = None;
-        let got = match method {
-            FileIngestionMethod::Recursive if want.algo() == HashAlgo::Sha256 && !self_ref => {
-                nar_hash
+        if method == FileIngestionMethod::Recursive && want.algo() == HashAlgo::Sha256 && !self_ref
+        {
+            if &nar_hash != want {
+                return Err(ca_mismatch(sd, info, want, &nar_hash));
             }
-            FileIngestionMethod::Recursive => {
-                let mut h = HashModuloSink::new(want.algo(), modulo.unwrap_or_default());
-                kiln_format::nar::dump(real, &mut h)?;
-                let (with, without, _) = h.finish_both();
-                newer = Some(without);
-                with
-            }
-            // Git objects cannot name their own path (no references at all), so there is
-            // nothing to hash modulo.
-            FileIngestionMethod::Git => kiln_format::git::hash_path(real, want.algo())?,
-            FileIngestionMethod::Flat => {
-                // The bytes of a regular file, nothing else: following a symlink here would
-                // accept a path whose contents live outside the store (and change with
-                // them), and opening a FIFO or device would block or never end.
-                let fd = openat(
-                    CWD,
-                    real,
-                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(|e| match e {
-                    rustix::io::Errno::LOOP => Error::Invalid(format!(
-                        "'{}' claims a flat content address but is a symlink",
-                        sd.display(&info.path)
-                    )),
-                    e => Error::io(real, "open", e),
-                })?;
-                let st = rustix::fs::fstat(&fd).map_err(|e| Error::io(real, "stat", e))?;
-                if rustix::fs::FileType::from_raw_mode(st.st_mode)
-                    != rustix::fs::FileType::RegularFile
-                {
-                    return Err(Error::Invalid(format!(
-                        "'{}' claims a flat content address but is not a regular file",
-                        sd.display(&info.path)
-                    )));
-                }
-                let mut f = std::fs::File::from(fd);
-                let mut h = HashModuloSink::new(want.algo(), modulo.unwrap_or_default());
-                std::io::copy(&mut f, &mut h).map_err(|e| Error::io(real, "read", e))?;
-                let (with, without, _) = h.finish_both();
-                newer = Some(without);
-                with
-            }
-        };
-        if &got != want && newer.as_ref() != Some(want) {
-            return Err(Error::Invalid(format!(
-                "ca hash mismatch importing path '{}';\n  specified: {}\n  got:       {}",
-                sd.display(&info.path),
-                want,
-                got
-            )));
+            return Ok(());
+        }
+        let got = crate::content_hash::content_hash(
+            real,
+            method,
+            want.algo(),
+            modulo.unwrap_or_default(),
+        )?
+        .map_err(|n| {
+            Error::Invalid(match n {
+                crate::content_hash::NotFlat::Symlink => format!(
+                    "'{}' claims a flat content address but is a symlink",
+                    sd.display(&info.path)
+                ),
+                crate::content_hash::NotFlat::NotRegular => format!(
+                    "'{}' claims a flat content address but is not a regular file",
+                    sd.display(&info.path)
+                ),
+            })
+        })?;
+        if &got.hash != want && &got.without_positions != want {
+            return Err(ca_mismatch(sd, info, want, &got.hash));
         }
         Ok(())
     }
@@ -555,4 +526,14 @@ impl Read for TeeHash<'_> {
         }
         Ok(n)
     }
+}
+
+/// A content address that the contents do not have (Nix's words).
+fn ca_mismatch(sd: &StoreDir, info: &ValidPathInfo, want: &Hash, got: &Hash) -> Error {
+    Error::Invalid(format!(
+        "ca hash mismatch importing path '{}';\n  specified: {}\n  got:       {}",
+        sd.display(&info.path),
+        want,
+        got
+    ))
 }

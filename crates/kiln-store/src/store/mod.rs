@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use kiln_format::derivation::{DerivationHasher, DerivationReader, MAX_DRV_SIZE};
-use kiln_format::hash::{HashModuloSink, HashSink, Hasher};
+use kiln_format::hash::{HashSink, Hasher};
 use kiln_format::nar::{self, HashingReader, RestoreOptions};
 use kiln_format::realisation::{DrvOutput, Realisation};
 use kiln_format::store_path::FileIngestionMethod;
@@ -353,6 +353,11 @@ impl LocalStore {
     }
     pub fn db(&self) -> &Db {
         &self.db
+    }
+    /// Whether this is a Guix store (its database has guix-daemon's schema): where the two
+    /// daemons differ in what a store keeps or how a result counts, this decides.
+    pub fn is_guix_store(&self) -> bool {
+        self.db.flavor == crate::db::Flavor::Guix
     }
     pub fn real_path(&self, p: &StorePath) -> PathBuf {
         self.layout.real_path(p)
