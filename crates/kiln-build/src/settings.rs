@@ -306,6 +306,19 @@ pub const CATALOG: kiln_store::config::Catalog = kiln_store::config::Catalog(&[
     SETTINGS,
 ]);
 
+/// `system-features` on this machine: `default`, plus `kvm` where this process may open
+/// `/dev/kvm` for reading and writing (as Nix decides it).
+pub fn with_kvm(default: &'static str) -> String {
+    let kvm = rustix::fs::access(
+        "/dev/kvm",
+        rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK,
+    );
+    match kvm {
+        Ok(()) => format!("{default} kvm"),
+        Err(_) => default.to_string(),
+    }
+}
+
 /// The settings the build engine acts on (its part of `nix.conf`; see
 /// `kiln_store::config::Catalog`).
 pub const SETTINGS: &[kiln_store::config::Def] = &[
@@ -314,6 +327,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &["build-max-jobs"],
         kind: kiln_store::config::Kind::IntOrAuto,
         default: "1",
+        machine_default: None,
         help: "builds run at once",
     },
     kiln_store::config::Def {
@@ -321,6 +335,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &["build-cores"],
         kind: kiln_store::config::Kind::IntOrAuto,
         default: "0",
+        machine_default: None,
         help: "NIX_BUILD_CORES for each build; 0 means all CPUs",
     },
     kiln_store::config::Def {
@@ -328,6 +343,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &["build-use-sandbox", "build-use-chroot"],
         kind: kiln_store::config::Kind::Enum(&["true", "false", "relaxed"]),
         default: "true",
+        machine_default: None,
         help: "run builds in the Linux sandbox",
     },
     kiln_store::config::Def {
@@ -335,6 +351,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &["build-sandbox-paths", "chroot-dirs", "build-chroot-dirs"],
         kind: kiln_store::config::Kind::List,
         default: "",
+        machine_default: None,
         help: "extra paths visible in the sandbox (target=source)",
     },
     kiln_store::config::Def {
@@ -342,6 +359,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Bool,
         default: "true",
+        machine_default: None,
         help: "run each build in its own cgroup v2 where one can be made (all its processes killed at the end; CPU time and peak memory reported)",
     },
     kiln_store::config::Def {
@@ -349,6 +367,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Enum(&["auto", "slirp4netns", "host"]),
         default: "auto",
+        machine_default: None,
         help: "how sandboxed fixed-output builds reach the network: their own namespace through slirp4netns (auto: where it is installed and /dev/net/tun opens), or the host's namespace, whose abstract Unix sockets they then share",
     },
     kiln_store::config::Def {
@@ -356,6 +375,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Bool,
         default: "false",
+        machine_default: None,
         help: "keep fixed-output builds behind slirp4netns from the host's loopback services",
     },
     kiln_store::config::Def {
@@ -363,6 +383,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Bool,
         default: "true",
+        machine_default: None,
         help: "build without the sandbox, with a warning, where it cannot be set up",
     },
     kiln_store::config::Def {
@@ -370,6 +391,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Bool,
         default: "true",
+        machine_default: None,
         help: "run every builder, sandboxed or not, under the system-call filter (chmod-family calls with setuid or setgid bits, extended attributes and io_uring refused)",
     },
     kiln_store::config::Def {
@@ -377,6 +399,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Bool,
         default: "false",
+        machine_default: None,
         help: "let builders outside the sandbox gain privileges through setuid programs (no_new_privs is not set; sandboxed builders never can)",
     },
     kiln_store::config::Def {
@@ -384,6 +407,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Str,
         default: "",
+        machine_default: None,
         help: "group whose members run builds",
     },
     kiln_store::config::Def {
@@ -391,6 +415,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &["build-fallback"],
         kind: kiln_store::config::Kind::Bool,
         default: "false",
+        machine_default: None,
         help: "build when substitution fails",
     },
     kiln_store::config::Def {
@@ -398,6 +423,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Int,
         default: "16",
+        machine_default: None,
         help: "substitutions run at once",
     },
     kiln_store::config::Def {
@@ -405,6 +431,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &["build-keep-failed"],
         kind: kiln_store::config::Kind::Bool,
         default: "false",
+        machine_default: None,
         help: "keep the build directory of failed builds",
     },
     kiln_store::config::Def {
@@ -412,6 +439,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &["build-keep-going"],
         kind: kiln_store::config::Kind::Bool,
         default: "false",
+        machine_default: None,
         help: "keep building after a failure",
     },
     kiln_store::config::Def {
@@ -419,6 +447,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &["build-max-silent-time"],
         kind: kiln_store::config::Kind::Int,
         default: "0",
+        machine_default: None,
         help: "seconds of builder silence before it is killed (0: no limit)",
     },
     kiln_store::config::Def {
@@ -426,6 +455,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &["build-timeout"],
         kind: kiln_store::config::Kind::Int,
         default: "0",
+        machine_default: None,
         help: "wall-clock seconds a build may take (0: no limit)",
     },
     kiln_store::config::Def {
@@ -433,6 +463,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &["build-max-log-size", "max-build-log-size"],
         kind: kiln_store::config::Kind::Int,
         default: "0",
+        machine_default: None,
         help: "bytes of log before the build is killed (0: no limit)",
     },
     kiln_store::config::Def {
@@ -441,6 +472,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         kind: kiln_store::config::Kind::Int,
         // Nix 2.34's (2.8 showed 10).
         default: "25",
+        machine_default: None,
         help: "lines of a failed build's log shown in its error",
     },
     kiln_store::config::Def {
@@ -448,6 +480,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &["repeat"],
         kind: kiln_store::config::Kind::Int,
         default: "0",
+        machine_default: None,
         help: "extra rounds to check determinism",
     },
     kiln_store::config::Def {
@@ -455,6 +488,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &["build-cache-failure"],
         kind: kiln_store::config::Kind::Bool,
         default: "false",
+        machine_default: None,
         help: "remember failed builds",
     },
     kiln_store::config::Def {
@@ -462,6 +496,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Enum(&["auto", "none", "gzip", "bzip2", "zstd"]),
         default: "auto",
+        machine_default: None,
         help: "compression of build logs (auto: gzip with the guix layout, as guix-daemon; bzip2 otherwise, as Nix)",
     },
     kiln_store::config::Def {
@@ -469,6 +504,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &["build-compress-log"],
         kind: kiln_store::config::Kind::Bool,
         default: "true",
+        machine_default: None,
         help: "compress build logs (Nix's switch; see log-compression)",
     },
     kiln_store::config::Def {
@@ -476,6 +512,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &["build-keep-log"],
         kind: kiln_store::config::Kind::Bool,
         default: "true",
+        machine_default: None,
         help: "write build logs",
     },
     kiln_store::config::Def {
@@ -483,6 +520,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Str,
         default: "",
+        machine_default: None,
         help: "build machines: machines-file entries separated by ';' or newlines, '@FILE' to read a file (default with the nix layout: @$NIX_CONF_DIR/machines)",
     },
     kiln_store::config::Def {
@@ -490,6 +528,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Str,
         default: "",
+        machine_default: None,
         help: "program run when --check finds a build's output differs: PREVIOUS NEW DRV BUILD-DIR",
     },
     kiln_store::config::Def {
@@ -497,6 +536,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Bool,
         default: "false",
+        machine_default: None,
         help: "run diff-hook",
     },
     kiln_store::config::Def {
@@ -504,6 +544,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Enum(&["auto", "true", "false"]),
         default: "auto",
+        machine_default: None,
         help: "refuse a builder outside the store, as guix-daemon 1.5 does (auto: with the guix layout)",
     },
     kiln_store::config::Def {
@@ -511,6 +552,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Str,
         default: "",
+        machine_default: None,
         help: "offload agent program",
     },
     kiln_store::config::Def {
@@ -518,6 +560,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Str,
         default: "",
+        machine_default: None,
         help: "this machine's platform (default: detected)",
     },
     kiln_store::config::Def {
@@ -525,14 +568,16 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::List,
         default: "",
+        machine_default: None,
         help: "other platforms this machine can build for",
     },
     kiln_store::config::Def {
         name: "system-features",
         aliases: &[],
         kind: kiln_store::config::Kind::List,
-        // Nix's default; `kvm` is added where /dev/kvm can be opened (Settings::default).
+        // Nix's default; `kvm` is added where /dev/kvm can be used (`with_kvm`).
         default: "nixos-test benchmark big-parallel",
+        machine_default: Some(crate::settings::with_kvm),
         help: "features builds may require (requiredSystemFeatures)",
     },
     kiln_store::config::Def {
@@ -540,6 +585,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &["build-impersonate-linux-26"],
         kind: kiln_store::config::Kind::Bool,
         default: "false",
+        machine_default: None,
         help: "report Linux 2.6 to builders",
     },
     kiln_store::config::Def {
@@ -547,6 +593,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Str,
         default: "",
+        machine_default: None,
         help: "program run after each successful build",
     },
     kiln_store::config::Def {
@@ -554,6 +601,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Str,
         default: "",
+        machine_default: None,
         help: "where build directories go (default: STATE/builds)",
     },
     kiln_store::config::Def {
@@ -561,6 +609,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Bool,
         default: "false",
+        machine_default: None,
         help: "emit Guix '@ build-…' trace lines",
     },
     kiln_store::config::Def {
@@ -568,6 +617,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Bool,
         default: "false",
+        machine_default: None,
         help: "with print-build-trace, also Guix's '@ download-…' lines of substitutions (a Guix client asks for them)",
     },
     kiln_store::config::Def {
@@ -575,6 +625,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Bool,
         default: "false",
+        machine_default: None,
         help: "prefix build output with '@ build-log PID LEN'",
     },
     kiln_store::config::Def {
@@ -582,6 +633,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::List,
         default: "",
+        machine_default: None,
         help: "keys to sign locally built paths with",
     },
     kiln_store::config::Def {
@@ -589,6 +641,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::List,
         default: "",
+        machine_default: None,
         help: "NAME=VALUE pairs given to fixed-output builds that list NAME in impureEnvVars (experimental configurable-impure-env)",
     },
     kiln_store::config::Def {
@@ -596,6 +649,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::List,
         default: "",
+        machine_default: None,
         help: "mirrors builtin:fetchurl tries first for fixed-output downloads (URL/ALGO/HASH)",
     },
     kiln_store::config::Def {
@@ -603,6 +657,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Int,
         default: "0",
+        machine_default: None,
         help: "while building, collect garbage when fewer bytes than this are free on the store's file system (0: never)",
     },
     kiln_store::config::Def {
@@ -610,6 +665,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Int,
         default: "18446744073709551615",
+        machine_default: None,
         help: "an automatic collection (min-free) stops once this many bytes are free",
     },
     kiln_store::config::Def {
@@ -617,6 +673,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Int,
         default: "5",
+        machine_default: None,
         help: "seconds between looks at the free space while building (min-free)",
     },
     kiln_store::config::Def {
@@ -624,6 +681,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::List,
         default: "",
+        machine_default: None,
         help: "Nix's experimental features the build engine honours: recursive-nix and ca-derivations (each also a system feature then), configurable-impure-env",
     },
     kiln_store::config::Def {
@@ -631,6 +689,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Str,
         default: "auto",
+        machine_default: None,
         help: "the certificate authorities fixed-output builds see at /etc/ssl/certs/ca-certificates.crt in the sandbox, as Nix's; empty: none. auto: $NIX_SSL_CERT_FILE, else /etc/ssl/certs/ca-certificates.crt if it exists (none with the guix layout, as guix-daemon gives none)",
     },
     kiln_store::config::Def {
@@ -638,6 +697,7 @@ pub const SETTINGS: &[kiln_store::config::Def] = &[
         aliases: &[],
         kind: kiln_store::config::Kind::Str,
         default: "",
+        machine_default: None,
         help: "a program run before each build with the derivation's path (and the sandbox's root): the paths it prints after `extra-sandbox-paths` are added to that build's sandbox, as Nix's hook",
     },
 ];

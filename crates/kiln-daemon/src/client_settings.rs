@@ -113,9 +113,17 @@ pub fn apply(base: &Settings, o: &ClientOptions, trust: Trust, guix: bool) -> Ap
         if trusted && DAEMON_WIDE.contains(&canonical) {
             // A client sends what its own nix.conf says, often the daemon's file too: only
             // a value that would change something is worth a warning.
+            // Compared as sets of words: `system-features` is a list whose order means
+            // nothing, and the others hold one word each.
+            let words = |v: &str| {
+                let mut w: Vec<String> = v.split_whitespace().map(str::to_string).collect();
+                w.sort_unstable();
+                w.dedup();
+                w
+            };
             let mut probe = base.clone();
-            let same =
-                probe.set(name, value).is_ok() && probe.get(canonical) == base.get(canonical);
+            let same = probe.set(name, value).is_ok()
+                && words(probe.get(canonical)) == words(base.get(canonical));
             if !same {
                 warnings.push(format!(
                     "'{name}' is the daemon's own setting: a client's value has no effect"
@@ -318,6 +326,22 @@ mod tests {
         );
         assert_eq!(f.build.system_features, base_features(&base));
         assert_eq!(f.warnings.len(), 1, "{:?}", f.warnings);
+        // The daemon's own features in another order, with one repeated, change nothing.
+        let mut own: Vec<String> = base
+            .get("system-features")
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        assert!(own.len() > 1, "{own:?}");
+        own.reverse();
+        own.push(own[0].clone());
+        let reordered = apply(
+            &base,
+            &opts(&[("system-features", &own.join(" "))]),
+            Trust::Trusted,
+            false,
+        );
+        assert!(reordered.warnings.is_empty(), "{:?}", reordered.warnings);
         // Nix clients are told, in 2.34's words, what an untrusted client may not set.
         assert!(a.warnings.iter().any(|w| w
             == "ignoring the client-specified setting 'sandbox', because it is a restricted setting and you are not a trusted user"));

@@ -13,6 +13,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::List,
         default: "root",
+        machine_default: None,
         help: "users (and @groups) with full daemon rights",
     },
     Def {
@@ -20,6 +21,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::List,
         default: "*",
+        machine_default: None,
         help: "users (and @groups) allowed to connect",
     },
     Def {
@@ -27,6 +29,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Str,
         default: "",
+        machine_default: None,
         help: "a file (appended to) or a listening Unix socket to which the daemon writes every build's events as JSON lines (docs/build-events.md); read at the daemon's start",
     },
     Def {
@@ -34,6 +37,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Str,
         default: "",
+        machine_default: None,
         help: "a file the daemon writes a timeline of every build to (a Chrome trace, replaced at each start; `kiln timeline summary` reads it)",
     },
     Def {
@@ -41,6 +45,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Bool,
         default: "true",
+        machine_default: None,
         help: "(evaluator setting; accepted)",
     },
 ];

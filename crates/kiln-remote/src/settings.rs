@@ -10,6 +10,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Bool,
         default: "false",
+        machine_default: None,
         help: "let build machines substitute the inputs they lack before kiln copies them",
     },
     Def {
@@ -17,6 +18,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Str,
         default: "1",
+        machine_default: None,
         help: "this machine's speed factor against the build machines' (kiln)",
     },
 ];

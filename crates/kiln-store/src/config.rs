@@ -260,6 +260,10 @@ pub struct Def {
     pub aliases: &'static [&'static str],
     pub kind: Kind,
     pub default: &'static str,
+    /// This machine's default, where it depends on the machine (computed from `default`
+    /// when settings are made): kiln-build's `system-features` adds `kvm` where
+    /// `/dev/kvm` can be used.
+    pub machine_default: Option<fn(&'static str) -> String>,
     pub help: &'static str,
 }
 
@@ -273,6 +277,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &["auto-optimize-store"],
         kind: Kind::Bool,
         default: "false",
+        machine_default: None,
         help: "deduplicate files by hard links as they are added",
     },
     Def {
@@ -280,6 +285,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Bool,
         default: "true",
+        machine_default: None,
         help: "sync contents to disk before a path becomes valid",
     },
     Def {
@@ -287,6 +293,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &["gc-keep-outputs"],
         kind: Kind::Bool,
         default: "false",
+        machine_default: None,
         help: "GC keeps the outputs of live derivations",
     },
     Def {
@@ -294,6 +301,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &["gc-keep-derivations"],
         kind: Kind::Bool,
         default: "true",
+        machine_default: None,
         help: "GC keeps the derivations of live outputs",
     },
     Def {
@@ -301,6 +309,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Bool,
         default: "true",
+        machine_default: None,
         help: "GC treats paths used by running processes (/proc) as roots",
     },
     Def {
@@ -308,6 +317,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Bool,
         default: "false",
+        machine_default: None,
         help: "open the store read-only",
     },
 ];
@@ -343,18 +353,16 @@ pub struct Settings {
 impl Settings {
     /// The defaults of every setting `catalog` knows.
     pub fn new(catalog: Catalog) -> Self {
-        let mut values: BTreeMap<&'static str, String> = catalog
+        let values: BTreeMap<&'static str, String> = catalog
             .defs()
-            .map(|d| (d.name, d.default.to_string()))
+            .map(|d| {
+                let v = match d.machine_default {
+                    Some(f) => f(d.default),
+                    None => d.default.to_string(),
+                };
+                (d.name, v)
+            })
             .collect();
-        // As Nix: a machine whose /dev/kvm this process may use offers the `kvm` feature.
-        let kvm = rustix::fs::access(
-            "/dev/kvm",
-            rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK,
-        );
-        if let (Ok(()), Some(v)) = (kvm, values.get_mut("system-features")) {
-            v.push_str(" kvm");
-        }
         Settings { values, catalog }
     }
 }

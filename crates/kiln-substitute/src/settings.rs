@@ -10,6 +10,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &["binary-caches", "substitute-urls"],
         kind: Kind::List,
         default: "",
+        machine_default: None,
         help: "binary caches to substitute from",
     },
     Def {
@@ -17,6 +18,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &["trusted-binary-caches"],
         kind: Kind::List,
         default: "",
+        machine_default: None,
         help: "caches untrusted users may use",
     },
     Def {
@@ -24,6 +26,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &["binary-cache-public-keys"],
         kind: Kind::List,
         default: "",
+        machine_default: None,
         help: "keys whose signatures are trusted",
     },
     Def {
@@ -31,6 +34,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Bool,
         default: "true",
+        machine_default: None,
         help: "refuse unsigned substitutes",
     },
     Def {
@@ -38,6 +42,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &["use-substitutes", "build-use-substitutes"],
         kind: Kind::Bool,
         default: "true",
+        machine_default: None,
         help: "use substitutes",
     },
     Def {
@@ -45,6 +50,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Int,
         default: "3600",
+        machine_default: None,
         help: "seconds a missing narinfo is remembered",
     },
     Def {
@@ -52,6 +58,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Int,
         default: "2592000",
+        machine_default: None,
         help: "seconds a narinfo is remembered",
     },
     Def {
@@ -59,6 +66,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Str,
         default: "",
+        machine_default: None,
         help: "substitute through an external agent: PROGRAM is run as `PROGRAM substitute --query` and `--substitute` (guix-daemon's protocol; e.g. the `guix` program), with `substituters` as its substitute-urls",
     },
     Def {
@@ -66,6 +74,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Str,
         default: "",
+        machine_default: None,
         help: "a .netrc file with credentials for HTTP binary caches (the nix layout's default: $NIX_CONF_DIR/netrc)",
     },
     Def {
@@ -73,6 +82,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Int,
         default: "0",
+        machine_default: None,
         help: "seconds to wait for a connection (0: default)",
     },
     Def {
@@ -80,6 +90,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Int,
         default: "300",
+        machine_default: None,
         help: "seconds a download may receive nothing before it fails",
     },
     Def {
@@ -87,6 +98,7 @@ pub const SETTINGS: &[Def] = &[
         aliases: &[],
         kind: Kind::Int,
         default: "5",
+        machine_default: None,
         help: "attempts of a request to a binary cache that failed transiently",
     },
 ];
