@@ -113,9 +113,16 @@ pub fn apply(base: &Settings, o: &ClientOptions, trust: Trust, guix: bool) -> Ap
         if trusted && DAEMON_WIDE.contains(&canonical) {
             // A client sends what its own nix.conf says, often the daemon's file too: only
             // a value that would change something is worth a warning.
-            // Compared as sets of words: `system-features` is a list whose order means
-            // nothing, and the others hold one word each.
+            // A list (`system-features`) is compared as a set of words, its order meaning
+            // nothing; other values (paths may hold spaces) as they are.
+            let list = matches!(
+                crate::CATALOG.find(canonical).map(|d| &d.kind),
+                Some(kiln_store::config::Kind::List)
+            );
             let words = |v: &str| {
+                if !list {
+                    return vec![v.to_string()];
+                }
                 let mut w: Vec<String> = v.split_whitespace().map(str::to_string).collect();
                 w.sort_unstable();
                 w.dedup();

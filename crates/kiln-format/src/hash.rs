@@ -412,7 +412,7 @@ pub struct HashModuloSink {
 }
 
 impl HashModuloSink {
-    /// `modulus` must not be empty.
+    /// An empty `modulus` hashes modulo nothing: the plain hash of the stream.
     pub fn new(algo: HashAlgo, modulus: &str) -> Self {
         HashModuloSink {
             hasher: Hasher::new(algo),

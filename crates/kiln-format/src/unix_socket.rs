@@ -55,35 +55,75 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 /// `bind` creates the file before `listen` makes it accept connections, so a client that
 /// waits for the file to appear (a service script, a test, a process looking for the
 /// collector's socket) can connect in between and be refused, and a Nix client fails its
-/// whole command on that. Here the socket is made under a temporary name beside `path`,
-/// set listening and given its mode, then renamed over `path` in one step: the path names
-/// either the old socket or a listening new one, never one that refuses.
+/// whole command on that. Here the socket is made in a new private directory beside
+/// `path` (mode 0700, a name no other process can have taken: `mkdir` refuses an existing
+/// one), set listening and given its mode there, then renamed over `path` in one step: the
+/// path names either the old socket or a listening new one, never one that refuses. The
+/// private directory also keeps another local user from swapping the socket for a symlink
+/// between `bind` and `chmod` (which would have the daemon change the mode of the file it
+/// points to) in a directory others may write to.
 pub fn bind_in_place(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
+    let step = |what: &str, e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("{what} '{}': {e}", path.display()))
+    };
     let name = path.file_name().ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!("{} names no file", path.display()),
         )
     })?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".{}.new", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    // A leftover of an earlier process with the same pid.
-    match std::fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let l = bind(&tmp)?;
-    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = placed {
+    let dir = private_dir_beside(path).map_err(|e| step("making a directory beside", e))?;
+    let tmp = dir.join(name);
+    let made = bind(&tmp)
+        .map_err(|e| step("binding a socket for", e))
+        .and_then(|l| {
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| step("setting the mode of the socket for", e))?;
+            std::fs::rename(&tmp, path).map_err(|e| step("putting in place", e))?;
+            Ok(l)
+        });
+    if made.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e);
     }
-    Ok(l)
+    let _ = std::fs::remove_dir(&dir);
+    made
+}
+
+/// Which file `path` names now (device and inode, not following a symlink).
+pub fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Removes the socket at `path` if it is still the file `id` (from [`identity`]): a
+/// daemon that stops must not remove the socket of another one that took the path over.
+pub fn remove_if_same(path: &Path, id: Option<(u64, u64)>) {
+    if id.is_some() && identity(path) == id {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// A new directory (mode 0700) beside `path`, named after it.
+fn private_dir_beside(path: &Path) -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let mut last = None;
+    for _ in 0..16 {
+        let dir = path.with_file_name(format!(
+            ".{name}.{}.{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free name")))
 }
 
 /// Connects to the socket at `path`.
@@ -174,13 +214,11 @@ mod in_place {
                 connected
             })
         };
+        // Every listener stays open, so a client that reached an old one (preempted
+        // between finding the path and connecting) is not refused either.
         let mut held = Vec::new();
         for _ in 0..300 {
-            // The old listener stays open, so a client that reached it is not refused.
             held.push(bind_in_place(&path, 0o666).unwrap());
-            if held.len() > 2 {
-                held.remove(0);
-            }
         }
         stop.store(true, Ordering::Relaxed);
         let connected = watcher.join().unwrap();

@@ -24,9 +24,6 @@ pub struct ContentHash {
     /// The same without the positions (Nix from 2.17 on). Equal to `hash` where nothing
     /// is hashed modulo (Git, an empty modulus or no occurrence).
     pub without_positions: Hash,
-    /// For flat ingestion, whether the file has its owner's execute bit (a build output
-    /// hashed flat must not; a path added flat may).
-    pub executable: bool,
 }
 
 /// Why a tree cannot be hashed flat.
@@ -34,28 +31,33 @@ pub struct ContentHash {
 pub enum NotFlat {
     Symlink,
     NotRegular,
+    /// Its owner's execute bit is set, and the caller refuses that (a build output hashed
+    /// flat must not be executable; a path added flat may be).
+    Executable,
 }
 
 /// Hashes the tree at `real` with `algo` as `method` ingests it, modulo `modulo` (a path's
-/// hash part; empty for none). A tree that flat ingestion cannot take is
-/// `Ok(Err(NotFlat))`, for the caller to word.
+/// hash part; empty for none). A tree that flat ingestion cannot take (an executable file
+/// too, unless `executable_ok`) is `Ok(Err(NotFlat))`, for the caller to word; it is
+/// refused before it is read.
 pub fn content_hash(
     real: &Path,
     method: FileIngestionMethod,
     algo: HashAlgo,
     modulo: &str,
+    executable_ok: bool,
 ) -> Result<std::result::Result<ContentHash, NotFlat>> {
-    let (hash, without_positions, executable) = match method {
+    let (hash, without_positions) = match method {
         FileIngestionMethod::Recursive => {
             let mut h = HashModuloSink::new(algo, modulo);
             kiln_format::nar::dump(real, &mut h)?;
             let (with, without, _) = h.finish_both();
-            (with, without, false)
+            (with, without)
         }
         // A Git object names no store path, its own included: nothing to hash modulo.
         FileIngestionMethod::Git => {
             let h = kiln_format::git::hash_path(real, algo)?;
-            (h, h, false)
+            (h, h)
         }
         FileIngestionMethod::Flat => {
             let fd = match openat(
@@ -73,17 +75,19 @@ pub fn content_hash(
             {
                 return Ok(Err(NotFlat::NotRegular));
             }
+            if st.st_mode & 0o100 != 0 && !executable_ok {
+                return Ok(Err(NotFlat::Executable));
+            }
             let mut f = std::fs::File::from(fd);
             let mut h = HashModuloSink::new(algo, modulo);
             std::io::copy(&mut f, &mut h).map_err(|e| Error::io(real, "read", e))?;
             let (with, without, _) = h.finish_both();
-            (with, without, st.st_mode & 0o100 != 0)
+            (with, without)
         }
     };
     Ok(Ok(ContentHash {
         hash,
         without_positions,
-        executable,
     }))
 }
 
@@ -96,20 +100,25 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let f = t.path().join("f");
         std::fs::write(&f, b"hello\n").unwrap();
-        let flat = content_hash(&f, FileIngestionMethod::Flat, HashAlgo::Sha256, "")
+        let flat = content_hash(&f, FileIngestionMethod::Flat, HashAlgo::Sha256, "", false)
             .unwrap()
             .unwrap();
         assert_eq!(flat.hash, Hash::of(HashAlgo::Sha256, b"hello\n"));
         assert_eq!(flat.without_positions, flat.hash);
-        assert!(!flat.executable);
-        let nar = content_hash(&f, FileIngestionMethod::Recursive, HashAlgo::Sha256, "")
-            .unwrap()
-            .unwrap();
+        let nar = content_hash(
+            &f,
+            FileIngestionMethod::Recursive,
+            HashAlgo::Sha256,
+            "",
+            true,
+        )
+        .unwrap()
+        .unwrap();
         let mut bytes = Vec::new();
         kiln_format::nar::dump(&f, &mut bytes).unwrap();
         assert_eq!(nar.hash, Hash::of(HashAlgo::Sha256, &bytes));
         // Git's blob hash of "hello\n" (`git hash-object`).
-        let git = content_hash(&f, FileIngestionMethod::Git, HashAlgo::Sha1, "")
+        let git = content_hash(&f, FileIngestionMethod::Git, HashAlgo::Sha1, "", true)
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -118,22 +127,34 @@ mod tests {
         );
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let exec = content_hash(&f, FileIngestionMethod::Flat, HashAlgo::Sha256, "")
+        assert_eq!(
+            content_hash(&f, FileIngestionMethod::Flat, HashAlgo::Sha256, "", false)
+                .unwrap()
+                .unwrap_err(),
+            NotFlat::Executable
+        );
+        let exec = content_hash(&f, FileIngestionMethod::Flat, HashAlgo::Sha256, "", true)
             .unwrap()
             .unwrap();
-        assert!(exec.executable);
+        assert_eq!(exec.hash, flat.hash);
         let l = t.path().join("l");
         std::os::unix::fs::symlink(&f, &l).unwrap();
         assert_eq!(
-            content_hash(&l, FileIngestionMethod::Flat, HashAlgo::Sha256, "")
+            content_hash(&l, FileIngestionMethod::Flat, HashAlgo::Sha256, "", true)
                 .unwrap()
                 .unwrap_err(),
             NotFlat::Symlink
         );
         assert_eq!(
-            content_hash(t.path(), FileIngestionMethod::Flat, HashAlgo::Sha256, "")
-                .unwrap()
-                .unwrap_err(),
+            content_hash(
+                t.path(),
+                FileIngestionMethod::Flat,
+                HashAlgo::Sha256,
+                "",
+                true
+            )
+            .unwrap()
+            .unwrap_err(),
             NotFlat::NotRegular
         );
     }
@@ -151,7 +172,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            content_hash(&p, FileIngestionMethod::Flat, HashAlgo::Sha256, "")
+            content_hash(&p, FileIngestionMethod::Flat, HashAlgo::Sha256, "", true)
                 .unwrap()
                 .unwrap_err(),
             NotFlat::NotRegular

@@ -175,7 +175,7 @@ impl DaemonProcess {
     pub fn start_then_connect(cmd: Command, socket: PathBuf) -> DaemonProcess {
         let mut d = DaemonProcess::start(cmd, socket);
         let start = std::time::Instant::now();
-        while let Err(e) = std::os::unix::net::UnixStream::connect(&d.socket) {
+        while let Err(e) = kiln_format::unix_socket::connect(&d.socket) {
             if let Ok(Some(st)) = d.child.try_wait() {
                 panic!("the daemon exited early: {st}");
             }

@@ -410,7 +410,7 @@ pub(super) fn output_hash(
     algo: HashAlgo,
     modulo: &str,
 ) -> Result<Option<kiln_format::hash::Hash>, Failure> {
-    let got = kiln_store::content_hash::content_hash(actual, method, algo, modulo).map_err(
+    let got = kiln_store::content_hash::content_hash(actual, method, algo, modulo, false).map_err(
         |e| match e {
             // A tree Git cannot hash is the output's fault; other errors are the daemon's.
             kiln_store::Error::Format(e) if method == FileIngestionMethod::Git => {
@@ -419,8 +419,5 @@ pub(super) fn output_hash(
             e => Failure::misc(e),
         },
     )?;
-    Ok(match got {
-        Ok(h) if !h.executable => Some(h.hash),
-        _ => None,
-    })
+    Ok(got.ok().map(|h| h.hash))
 }

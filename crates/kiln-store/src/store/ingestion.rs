@@ -228,6 +228,7 @@ impl LocalStore {
             method,
             want.algo(),
             modulo.unwrap_or_default(),
+            true,
         )?
         .map_err(|n| {
             Error::Invalid(match n {
@@ -235,7 +236,8 @@ impl LocalStore {
                     "'{}' claims a flat content address but is a symlink",
                     sd.display(&info.path)
                 ),
-                crate::content_hash::NotFlat::NotRegular => format!(
+                crate::content_hash::NotFlat::NotRegular
+                | crate::content_hash::NotFlat::Executable => format!(
                     "'{}' claims a flat content address but is not a regular file",
                     sd.display(&info.path)
                 ),

@@ -69,7 +69,11 @@ pub fn run(args: &StoreArgs, a: DaemonArgs) -> anyhow::Result<ExitCode> {
         }
     };
     // SIGTERM and SIGINT: kill running builders (they are in their own sessions and would
-    // outlive us), remove the socket, exit.
+    // outlive us), remove the socket unless another daemon has taken its path over since,
+    // exit.
+    let placed = socket
+        .as_deref()
+        .and_then(kiln_format::unix_socket::identity);
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -85,7 +89,7 @@ pub fn run(args: &StoreArgs, a: DaemonArgs) -> anyhow::Result<ExitCode> {
                     tracing::info!("signal {sig}: stopping");
                     daemon.stop();
                     if let Some(s) = socket {
-                        let _ = std::fs::remove_file(s);
+                        kiln_format::unix_socket::remove_if_same(&s, placed);
                     }
                     std::process::exit(0);
                 }
