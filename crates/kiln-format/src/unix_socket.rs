@@ -189,21 +189,27 @@ mod in_place {
     use std::sync::Arc;
 
     /// A client that connects as soon as the path exists is never refused, while the
-    /// socket is made again and again. (Made with remove, `bind` and `chmod` instead, as
-    /// before, this test failed on each of three runs: the watcher was refused.)
+    /// socket is made again and again. (Made with remove and `bind` instead, as before,
+    /// this test failed on each of six runs: the watcher was refused.)
     #[test]
     fn the_path_never_names_a_socket_that_refuses() {
+        use std::sync::atomic::AtomicU32;
         let t = tempfile::tempdir().unwrap();
         let path = t.path().join("socket");
         let stop = Arc::new(AtomicBool::new(false));
+        let connected = Arc::new(AtomicU32::new(0));
+        // At most this many connections, so that they never fill a listener's backlog
+        // (nothing accepts them; a full backlog would block the watcher for good).
+        const MOST: u32 = 100;
         let watcher = {
-            let (path, stop) = (path.clone(), stop.clone());
+            let (path, stop, connected) = (path.clone(), stop.clone(), connected.clone());
             std::thread::spawn(move || {
-                let mut connected = 0u32;
-                while !stop.load(Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) && connected.load(Ordering::Relaxed) < MOST {
                     if path.exists() {
                         match connect(&path) {
-                            Ok(_) => connected += 1,
+                            Ok(_) => {
+                                connected.fetch_add(1, Ordering::Relaxed);
+                            }
                             // Removed between the check and the connect: not a refusal by
                             // a socket that exists.
                             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -211,17 +217,25 @@ mod in_place {
                         }
                     }
                 }
-                connected
             })
         };
         // Every listener stays open, so a client that reached an old one (preempted
-        // between finding the path and connecting) is not refused either.
+        // between finding the path and connecting) is not refused either. Sockets are made
+        // until the watcher has connected 50 times while they were (it may start late on a
+        // busy machine), or 800 have been (descriptors are limited).
         let mut held = Vec::new();
-        for _ in 0..300 {
+        while held.len() < 800 && (held.len() < 300 || connected.load(Ordering::Relaxed) < 50) {
             held.push(bind_in_place(&path, 0o666).unwrap());
         }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while connected.load(Ordering::Relaxed) == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         stop.store(true, Ordering::Relaxed);
-        let connected = watcher.join().unwrap();
-        assert!(connected > 0, "the watcher never connected");
+        watcher.join().unwrap();
+        assert!(
+            connected.load(Ordering::Relaxed) > 0,
+            "the watcher never connected"
+        );
     }
 }
