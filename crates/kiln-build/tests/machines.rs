@@ -301,6 +301,13 @@ fn slots_are_counted_across_requests_and_a_goal_is_built_once() {
     let t3 = s
         .submit(request(&[&b], s.settings(1), msgs.clone()))
         .unwrap();
+    // Once one build holds the machine's slot, a while longer for a second to start (it
+    // must not).
+    let start = std::time::Instant::now();
+    while fake.running.load(Ordering::SeqCst) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         fake.running.load(Ordering::SeqCst),

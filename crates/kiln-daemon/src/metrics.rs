@@ -127,8 +127,10 @@ mod tests {
         drop(writer.join());
         // A client sending a byte now and then is cut at the deadline, not per read.
         let (mut c, s) = pair();
+        // (It trickles for 10 s; the deadline is 300 ms, and 5 s of slack for a busy
+        // machine still tells a whole-request deadline from one per read.)
         let trickle = std::thread::spawn(move || {
-            for _ in 0..20 {
+            for _ in 0..200 {
                 if c.write_all(b"G").is_err() {
                     break;
                 }
@@ -138,7 +140,7 @@ mod tests {
         let start = Instant::now();
         let e = read_head(&s, Instant::now() + Duration::from_millis(300)).unwrap_err();
         assert!(
-            start.elapsed() < Duration::from_millis(900),
+            start.elapsed() < Duration::from_secs(5),
             "{:?}",
             start.elapsed()
         );

@@ -295,13 +295,18 @@ impl Setup {
         }
     }
     fn copy_from(&self, k: &K, url: &str, extra: &[&str]) -> Output {
+        self.copy_from_stalling_after(k, url, extra, "10")
+    }
+    /// [`Self::copy_from`] giving a stalled download up after `stall` seconds (10 by
+    /// default: a busy machine can be slow to answer without being stalled).
+    fn copy_from_stalling_after(&self, k: &K, url: &str, extra: &[&str], stall: &str) -> Output {
         let mut args = vec![
             "--option",
             "trusted-public-keys",
             self.pk.as_str(),
             "--option",
             "stalled-download-timeout",
-            "1",
+            stall,
             "--option",
             "download-attempts",
             "1",
@@ -456,7 +461,9 @@ fn faulty_caches_fail_cleanly_and_fall_back() {
     for (i, (server, fault, want)) in cases.iter().enumerate() {
         server.set(*fault);
         let k = s.fresh(&format!("fault{i}"));
-        let o = s.copy_from(&k, &server.addr, &[]);
+        // The stalled server sleeps 4 s: given up after 1.
+        let stall = if *fault == Fault::Stall { "1" } else { "10" };
+        let o = s.copy_from_stalling_after(&k, &server.addr, &[], stall);
         let err = stderr(&o);
         assert!(!o.status.success(), "{fault:?} succeeded: {err}");
         assert!(
@@ -865,10 +872,13 @@ fn an_external_substitute_agent_is_used_and_checked() {
     std::fs::write(&outside, "secret\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // An agent (a Python program that starts, imports and decompresses) gets 10 s to
+    // answer, except the one that goes silent.
     let with_agent = |k: &K, fault: &str| {
+        let stall = if fault == "silent" { "2" } else { "10" };
         let mut c = k.kiln();
         c.args(["--option", "substitute-agent", AGENT])
-            .args(["--option", "stalled-download-timeout", "2"])
+            .args(["--option", "stalled-download-timeout", stall])
             .args(["copy", "--from", &cache, &s.top])
             .env("AGENT_FAULT", fault)
             .env("AGENT_LOG", &requests)
