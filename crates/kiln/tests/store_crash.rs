@@ -97,6 +97,20 @@ fn kill_after(mut c: Child, ms: u64) {
     let _ = c.wait();
 }
 
+/// Kills `c` as soon as `started()` holds (polled every millisecond, for at most 30 s), so
+/// that the kill lands in the work whatever the machine's speed.
+fn kill_when(mut c: Child, started: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !started() && std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
 fn entries(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -135,7 +149,16 @@ fn sigkill_at_any_point_leaves_a_consistent_store() {
         let delay = 5 + next() % 120;
         let importing = round % 3 != 2;
         let before = valid_count();
-        if importing {
+        if importing && round % 3 == 1 {
+            // Every third round kills an import once its first new path is in the store
+            // (a random delay alone can miss the work on a slower or busier machine).
+            let store = t.path().join("store");
+            let had = entries(&store).len();
+            kill_when(
+                spawn_with_input(&s, &["store", "import"], Some(stream.clone())),
+                || entries(&store).len() > had,
+            );
+        } else if importing {
             kill_after(
                 spawn_with_input(&s, &["store", "import"], Some(stream.clone())),
                 delay,
