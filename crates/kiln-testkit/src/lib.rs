@@ -209,6 +209,21 @@ pub fn scenario_steps(out: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A temporary directory no directory above which is writable by everyone, under
+/// `/var/lib/kiln-tests` (made 0755): builds that run as build users are refused in
+/// `/tmp`, by nix-daemon 2.34 and by kiln alike.
+pub fn tempdir_outside_tmp() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let base = Path::new("/var/lib/kiln-tests");
+    std::fs::create_dir_all(base).expect("make /var/lib/kiln-tests");
+    std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o755))
+        .expect("set the mode of /var/lib/kiln-tests");
+    tempfile::Builder::new()
+        .prefix("t")
+        .tempdir_in(base)
+        .expect("a temporary directory in /var/lib/kiln-tests")
+}
+
 /// Where the Debian sid root with today's Nix and Guix is (whether or not it exists):
 /// `$KILN_SID_ROOT`, default `/var/tmp/sid-root` (`.ci/sid-root.sh` makes it).
 pub fn sid_root() -> PathBuf {

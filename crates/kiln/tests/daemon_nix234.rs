@@ -250,6 +250,109 @@ fn nix_2_34_settings_do_what_they_do_with_nix_daemon() {
     assert_same_steps(&n, &k, "cases");
 }
 
+/// A group and its users made for one test (`groupadd`/`useradd`, once per machine; left
+/// in place, as a build users group is): false when the tools are missing.
+fn ensure_build_users(group: &str, users: &[&str]) -> bool {
+    let ok = |c: &mut Command| c.output().map(|o| o.status.success()).unwrap_or(false);
+    if !ok(Command::new("getent").args(["group", group]))
+        && !ok(Command::new("groupadd").args(["-f", "-r", group]))
+    {
+        return false;
+    }
+    for u in users {
+        if !ok(Command::new("id").arg(u))
+            && !ok(Command::new("useradd").args([
+                "-r",
+                "-M",
+                "-N",
+                "-g",
+                group,
+                "-G",
+                group,
+                "-d",
+                "/var/empty",
+                "-s",
+                "/usr/sbin/nologin",
+                u,
+            ]))
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// `build-users-group` (`daemon/build-users-2.34.sh`, sandbox off): the builder's user,
+/// groups, home and build directory, a user per concurrent build, the registered output's
+/// owner, and no process left behind by a build user, through nix-daemon 2.34 and through
+/// kiln, each with a group of two users made for this test.
+#[test]
+fn nix_2_34_build_users_are_used_as_nix_daemon_uses_them() {
+    let test = "nix_2_34_build_users_are_used_as_nix_daemon_uses_them";
+    let Some(sid) = SidNix::or_skip(test) else {
+        return;
+    };
+    let (group, users) = ("kilncmp", ["kilncmp1", "kilncmp2"]);
+    if !ensure_build_users(group, &users) {
+        assert!(
+            std::env::var_os("KILN_REQUIRE_NIX").is_none(),
+            "cannot make the build users"
+        );
+        eprintln!("{test}: skipped, cannot make the build users");
+        return;
+    }
+    let conf = format!(
+        "substituters =\nsandbox = false\nbuild-users-group = {group}\nmax-jobs = 2\nexperimental-features = nix-command\n"
+    );
+    // (Two slots in the daemon's own configuration: kiln's slots are the daemon's, shared
+    // by its clients, where each nix-daemon process takes its client's `-j`.)
+    let users_var = users.join(" ");
+    // Where no directory above is writable by everyone, and readable by the build users.
+    let dir = kiln_testkit::tempdir_outside_tmp();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let base = dir.path().join("users");
+    let (nix_out, kiln_out) = with_both_daemons_with(
+        &sid,
+        &base,
+        Some(&conf),
+        "daemon/build-users-2.34.sh",
+        &[("USERS", &users_var)],
+    );
+    let (n, k) = (scenario_steps(&nix_out), scenario_steps(&kiln_out));
+    assert_eq!(n.len(), 4, "the steps did not run: {nix_out}");
+    // nix-daemon runs the builder as the group's first free user, and two at once as two.
+    assert!(n[0].1.contains("user kilncmp1 group kilncmp"), "{nix_out}");
+    assert!(
+        n[1].1.contains("user kilncmp1") && n[1].1.contains("user kilncmp2"),
+        "{nix_out}"
+    );
+    assert_same_steps(&n, &k, "steps");
+    // Under /tmp (writable by everyone, sticky or not), both refuse to build as the users.
+    let base = std::env::temp_dir().join(format!("kiln-users-234-{}", std::process::id()));
+    let (nix_out, kiln_out) = with_both_daemons_with(
+        &sid,
+        &base,
+        Some(&conf),
+        "daemon/build-users-2.34.sh",
+        &[("USERS", &users_var)],
+    );
+    let (n, k) = (scenario_steps(&nix_out), scenario_steps(&kiln_out));
+    assert!(
+        n[0].1
+            .contains("Path \"/tmp\" is world-writable or a symlink."),
+        "{nix_out}"
+    );
+    // Two builds at once (the second step) both meet the refusal in kiln, whose builds
+    // start on their own threads, and kiln reports both; nix-daemon starts them one after
+    // the other and stops the second after the first failed. The single builds compare.
+    let singles = |v: &[(String, String)]| -> Vec<(String, String)> {
+        [0, 2, 3].iter().map(|&i| v[i].clone()).collect()
+    };
+    assert_same_steps(&singles(&n), &singles(&k), "steps under /tmp");
+    assert!(k[1].1.contains("failed"), "{kiln_out}");
+}
+
 /// The settings matrix for clients the daemon does not trust or let in (`trusted-users`,
 /// `trusted-substituters`, `allowed-users`; `daemon/settings-untrusted-2.34.sh` and
 /// `daemon/settings-refused-2.34.sh`), through nix-daemon 2.34 and through kiln.

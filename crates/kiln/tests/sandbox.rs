@@ -28,6 +28,13 @@ impl T {
             user: None,
         }
     }
+    /// For builds as build users, which are refused under a world-writable `/tmp`.
+    fn outside_tmp() -> Self {
+        T {
+            dir: kiln_testkit::tempdir_outside_tmp(),
+            user: None,
+        }
+    }
     /// kiln run as the ordinary user `(uid, gid)`, with a store of that user's.
     fn rootless(uid: u32, gid: u32) -> Self {
         let t = T {
@@ -1047,7 +1054,7 @@ fn processes_of(uid: u32) -> Vec<String> {
 fn unsandboxed_builds_run_as_build_users_whose_processes_are_killed() {
     use std::os::unix::process::CommandExt;
     let (_held, users) = build_users();
-    let t = T::new();
+    let t = T::outside_tmp();
     // The store must be reachable by the build users (a tempdir is 0700).
     std::fs::set_permissions(t.p(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     // Something already running as each build user, e.g. left by an earlier build.
@@ -1126,7 +1133,7 @@ fn unsandboxed_builds_run_as_build_users_whose_processes_are_killed() {
 fn build_users_cannot_pass_off_other_files_as_outputs_or_kept_files() {
     use std::os::unix::fs::PermissionsExt;
     let (_held, _) = build_users();
-    let t = T::new();
+    let t = T::outside_tmp();
     std::fs::set_permissions(t.p(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let victim = t.p().join("victim");
     std::fs::write(&victim, "root's\n").unwrap();
@@ -1294,7 +1301,7 @@ fn sandbox_check_reports_the_machine_and_the_settings() {
 fn sandboxed_builds_run_as_build_users() {
     use std::os::unix::fs::PermissionsExt;
     let (_held, users) = build_users();
-    let t = T::new();
+    let t = T::outside_tmp();
     std::fs::set_permissions(t.p(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let marker = format!("kiln-sandboxed-build-user-{}", std::process::id());
     let f = t.p().join("u.toml");

@@ -27,6 +27,9 @@ pub(super) fn make_build_dir(spec: &JobSpec, for_user: bool) -> Result<BuildDir,
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     let parent = builds_parent(spec);
     fsutil::ensure_dir(&parent, 0o700).map_err(Failure::misc)?;
+    if rustix::process::geteuid().is_root() && !spec.settings.build_users_group.is_empty() {
+        not_world_writable(&parent)?;
+    }
     let meta = std::fs::symlink_metadata(&parent)
         .map_err(|e| Failure::misc(format!("'{}': {e}", parent.display())))?;
     if !meta.is_dir() || meta.uid() != daemon_ids().0 || meta.mode() & 0o022 != 0 {
@@ -82,6 +85,26 @@ pub(super) fn make_build_dir(spec: &JobSpec, for_user: bool) -> Result<BuildDir,
             }
         }
     }
+}
+
+/// Refuses `dir` if it or a directory above it is writable by everyone or a symlink, as
+/// nix-daemon 2.34 does (in its words) when builds run as the build users: a build user
+/// who can rename a directory on the way could put a symlink in its place, and the daemon,
+/// which works in the build directory as root, would follow it (a sticky bit does not
+/// count: nix-daemon refuses `/tmp` too).
+pub(super) fn not_world_writable(dir: &Path) -> Result<(), Failure> {
+    use std::os::unix::fs::MetadataExt;
+    for d in dir.ancestors() {
+        let m = std::fs::symlink_metadata(d)
+            .map_err(|e| Failure::misc(format!("'{}': {e}", d.display())))?;
+        if m.mode() & 0o002 != 0 {
+            return Err(Failure::misc(format!(
+                "Path \"{}\" is world-writable or a symlink. That's not allowed for security.",
+                d.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Where build directories are made: `build-dir`, else `<state>/builds`.
