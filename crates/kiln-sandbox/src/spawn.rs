@@ -114,6 +114,7 @@ const STEPS: &[&str] = &[
     "scoping abstract sockets and signals (Landlock)",
     "joining the build's cgroup",
     "restoring the limit on open files",
+    "entering a cgroup namespace of its own",
 ];
 const ST_SYNC: usize = 13;
 const ST_PRIVATE: usize = 14;
@@ -130,6 +131,7 @@ const ST_SECCOMP: usize = 24;
 const ST_LANDLOCK: usize = 25;
 const ST_CGROUP: usize = 26;
 const ST_NOFILE: usize = 27;
+const ST_CGROUPNS: usize = 28;
 /// Error report: step (1 byte), errno (4), entry index (4).
 const REPORT: usize = 9;
 
@@ -249,6 +251,15 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                     continue;
                 }
                 child_fail(ef, ST_SYNC);
+            }
+        }
+        if d.sandbox.is_some() && spec.cgroup.is_some() {
+            // A sandboxed builder in a cgroup of its own sees that cgroup as the root
+            // (`/proc/self/cgroup` says `0::/`, as under nix-daemon with `use-cgroups`): it
+            // learns nothing of the host's cgroup tree, and the path, which names the
+            // daemon's service and the build, does not reach its output.
+            if libc::unshare(libc::CLONE_NEWCGROUP) < 0 {
+                child_fail(ef, ST_CGROUPNS);
             }
         }
         if libc::setsid() < 0 {

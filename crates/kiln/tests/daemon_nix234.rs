@@ -250,6 +250,39 @@ fn nix_2_34_settings_do_what_they_do_with_nix_daemon() {
     assert_same_steps(&n, &k, "cases");
 }
 
+/// `use-cgroups` with the sandbox on (`daemon/cgroups-2.34.sh`): a builder sees its own
+/// cgroup as the root of a cgroup namespace, and what it leaves running is killed with its
+/// cgroup, through nix-daemon 2.34 (with its `cgroups` experimental feature) and through
+/// kiln.
+#[test]
+fn nix_2_34_builds_in_cgroups_are_what_nix_daemon_makes_them() {
+    let test = "nix_2_34_builds_in_cgroups_are_what_nix_daemon_makes_them";
+    let Some(sid) = SidNix::or_skip(test) else {
+        return;
+    };
+    if let Err(e) = kiln_sandbox::supported() {
+        eprintln!("{test}: skipped, no sandbox here: {e}");
+        return;
+    }
+    let base = std::env::temp_dir().join(format!("kiln-cgroups-234-{}", std::process::id()));
+    let conf = "substituters =\nsandbox = true\nsandbox-paths = /bin /usr /lib /lib64 /etc/ld.so.cache?\nbuild-users-group =\nuse-cgroups = true\nexperimental-features = nix-command cgroups\n";
+    let (nix_out, kiln_out) = with_both_daemons(&sid, &base, Some(conf), "daemon/cgroups-2.34.sh");
+    let (n, k) = (scenario_steps(&nix_out), scenario_steps(&kiln_out));
+    assert_eq!(n.len(), 2, "the steps did not run: {nix_out}");
+    // Every hierarchy's path is the namespace's root (`0::/`, and `N:controllers:/` where
+    // cgroup v1 is mounted too).
+    assert!(n[0].1.contains("0::/\n"), "{nix_out}");
+    assert!(
+        n[0].1
+            .lines()
+            .filter(|l| !l.starts_with("exit="))
+            .all(|l| l.ends_with(":/")),
+        "{nix_out}"
+    );
+    assert!(n[1].1.contains("left: 0"), "{nix_out}");
+    assert_same_steps(&n, &k, "steps");
+}
+
 /// A group and its users made for one test (`groupadd`/`useradd`, once per machine; left
 /// in place, as a build users group is): false when the tools are missing.
 fn ensure_build_users(group: &str, users: &[&str]) -> bool {
