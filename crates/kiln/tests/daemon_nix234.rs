@@ -444,16 +444,25 @@ fn nix_2_34_http_cache_settings_do_what_they_do_with_nix_daemon() {
     let _server = kiln_testkit::ChildGuard(child);
     let url = format!("http://127.0.0.1:{port}");
     let root_s = root.display().to_string();
+    // Credentials for the cache's host, in the daemons' own configuration (`netrc-file`
+    // is the daemon's in kiln).
+    let netrc = root.with_extension("netrc");
+    std::fs::write(&netrc, "machine 127.0.0.1 login kiln password secret\n").unwrap();
+    let conf = format!(
+        "substituters =\nsandbox = false\nbuild-users-group =\nexperimental-features = nix-command\nnetrc-file = {}\n",
+        netrc.display()
+    );
     let (nix_out, kiln_out) = with_both_daemons_with(
         &sid,
         &base,
-        None,
+        Some(&conf),
         "daemon/settings-http-2.34.sh",
         &[("HTTP_URL", &url), ("HTTP_ROOT", &root_s)],
     );
     remove_tree(&root);
+    let _ = std::fs::remove_file(&netrc);
     let (n, k) = (scenario_steps(&nix_out), scenario_steps(&kiln_out));
-    assert_eq!(n.len(), 12, "the cases did not run: {nix_out}");
+    assert_eq!(n.len(), 16, "the cases did not run: {nix_out}");
     // The settings act (with nix-daemon, first): one attempt fails, five get through;
     assert!(
         n[1].1.starts_with("cached not valid") && n[3].1.starts_with("cached valid"),
@@ -461,6 +470,11 @@ fn nix_2_34_http_cache_settings_do_what_they_do_with_nix_daemon() {
     );
     // a stalled download is given up after the client's 2 s, not the default 300 s.
     assert!(n[4].1.starts_with("gave up within 30 s"), "{nix_out}");
+    // The netrc's credentials open the cache that wants them, not one that wants others.
+    assert!(
+        n[13].1.starts_with("signed valid") && n[15].1.starts_with("signed not valid"),
+        "{nix_out}"
+    );
     assert_same_steps(&n, &k, "cases");
 }
 
