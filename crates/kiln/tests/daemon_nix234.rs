@@ -898,6 +898,72 @@ fn nix_2_34_progress_is_what_nix_daemon_sends() {
     );
 }
 
+/// `json-log-path` (in the daemons' own configuration): the same `nix build` as above, and
+/// what each daemon wrote to the file (Nix's JSON log objects, a line each, without the
+/// `@nix ` prefix) shows the same activities and results as nix-daemon 2.34's.
+#[test]
+fn nix_2_34_json_log_path_gets_what_nix_daemon_writes() {
+    let Some(sid) = SidNix::or_skip("nix_2_34_json_log_path_gets_what_nix_daemon_writes") else {
+        return;
+    };
+    let base = std::env::temp_dir().join(format!("kiln-json-log-234-{}", std::process::id()));
+    let file = fixture("build.nix");
+    let run = |kiln: bool| {
+        let log = std::env::temp_dir().join(format!(
+            "kiln-json-log-234-{}-{kiln}.jsonl",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&log);
+        let env = NixEnv::at(&base);
+        std::fs::write(
+            env.nix_conf(),
+            format!(
+                "substituters =\nsandbox = false\nbuild-users-group =\nexperimental-features = nix-command\njson-log-path = {}\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        let d = either_daemon(&sid, &env, kiln);
+        nix_ok(
+            &sid,
+            &env,
+            &d,
+            &["build", "-f", file.to_str().unwrap(), "top", "--no-link"],
+        );
+        drop(d);
+        remove_tree(&base);
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        // Each line one object, as `--log-format internal-json` prints them after `@nix `.
+        // kiln also writes its own build events there (objects with an `event`, not an
+        // `action`: docs/build-events.md); they are left out of the comparison.
+        let prefixed: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .map(|v| v.get("action").is_some())
+                    .unwrap_or(true)
+            })
+            .map(|l| format!("@nix {l}\n"))
+            .collect();
+        progress_shape(&prefixed)
+    };
+    let nix = run(false);
+    let kiln = run(true);
+    assert!(nix.contains("start type 105"), "{nix}");
+    let strip = |s: &str| {
+        s.lines()
+            .filter(|l| !l.starts_with("last Builds progress"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        strip(&kiln),
+        strip(&nix),
+        "kiln:\n{kiln}\nnix-daemon 2.34:\n{nix}"
+    );
+}
+
 /// Substitution progress: the same `nix build` of paths that a `file://` cache has, through
 /// nix-daemon 2.34 and through kiln, shows the same activities (the cache's queries,
 /// substitute, copy path) and the same kinds of results.
