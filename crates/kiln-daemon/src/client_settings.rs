@@ -32,6 +32,9 @@ const DAEMON_WIDE: &[&str] = &[
     // What this machine can do is the daemon's to say (nix-daemon 2.34 takes the store's
     // value too, and silently drops a client's).
     "system-features",
+    // Substitution slots are the daemon's, shared by every client, as its build slots are
+    // (nix-daemon, a process per client, takes each client's value for that client).
+    "max-substitution-jobs",
 ];
 
 /// Settings an untrusted Nix client may still set (Nix 2.8's `ClientSettings::apply`).
@@ -320,6 +323,17 @@ mod tests {
             ["'min-free' is the daemon's own setting: a client's value has no effect"]
         );
         assert_eq!(m.settings.get("min-free"), "0");
+        // The daemon's substitution slots, likewise.
+        let m = apply(
+            &base,
+            &opts(&[("max-substitution-jobs", "1")]),
+            Trust::Trusted,
+            false,
+        );
+        assert_eq!(
+            m.warnings,
+            ["'max-substitution-jobs' is the daemon's own setting: a client's value has no effect"]
+        );
         // Unless it is the daemon's own value (a client sends what its nix.conf says,
         // often the daemon's file too).
         let same = apply(&base, &opts(&[("min-free", "0")]), Trust::Trusted, false);
