@@ -449,7 +449,7 @@ fn nix_2_34_http_cache_settings_do_what_they_do_with_nix_daemon() {
     let netrc = root.with_extension("netrc");
     std::fs::write(&netrc, "machine 127.0.0.1 login kiln password secret\n").unwrap();
     let conf = format!(
-        "substituters =\nsandbox = false\nbuild-users-group =\nexperimental-features = nix-command\nnetrc-file = {}\n",
+        "substituters =\nsandbox = false\nbuild-users-group =\nexperimental-features = nix-command\nnetrc-file = {}\nmax-substitution-jobs = 1\n",
         netrc.display()
     );
     let (nix_out, kiln_out) = with_both_daemons_with(
@@ -462,7 +462,7 @@ fn nix_2_34_http_cache_settings_do_what_they_do_with_nix_daemon() {
     remove_tree(&root);
     let _ = std::fs::remove_file(&netrc);
     let (n, k) = (scenario_steps(&nix_out), scenario_steps(&kiln_out));
-    assert_eq!(n.len(), 16, "the cases did not run: {nix_out}");
+    assert_eq!(n.len(), 18, "the cases did not run: {nix_out}");
     // The settings act (with nix-daemon, first): one attempt fails, five get through;
     assert!(
         n[1].1.starts_with("cached not valid") && n[3].1.starts_with("cached valid"),
@@ -475,6 +475,8 @@ fn nix_2_34_http_cache_settings_do_what_they_do_with_nix_daemon() {
         n[13].1.starts_with("signed valid") && n[15].1.starts_with("signed not valid"),
         "{nix_out}"
     );
+    // One substitution at a time, as the daemons' configuration says.
+    assert!(n[17].1.starts_with("1\n"), "{nix_out}");
     assert_same_steps(&n, &k, "cases");
 }
 
