@@ -256,18 +256,14 @@ fn nix_2_34_settings_do_what_they_do_with_nix_daemon() {
 /// kiln.
 #[test]
 fn nix_2_34_builds_in_cgroups_are_what_nix_daemon_makes_them() {
-    let test = "nix_2_34_builds_in_cgroups_are_what_nix_daemon_makes_them";
-    let Some(sid) = SidNix::or_skip(test) else {
+    let Some((n, k, nix_out, _)) = sandboxed_with_both(
+        "nix_2_34_builds_in_cgroups_are_what_nix_daemon_makes_them",
+        "cgroups",
+        "use-cgroups = true\nexperimental-features = nix-command cgroups\n",
+        "daemon/cgroups-2.34.sh",
+    ) else {
         return;
     };
-    if let Err(e) = kiln_sandbox::supported() {
-        eprintln!("{test}: skipped, no sandbox here: {e}");
-        return;
-    }
-    let base = std::env::temp_dir().join(format!("kiln-cgroups-234-{}", std::process::id()));
-    let conf = "substituters =\nsandbox = true\nsandbox-paths = /bin /usr /lib /lib64 /etc/ld.so.cache?\nbuild-users-group =\nuse-cgroups = true\nexperimental-features = nix-command cgroups\n";
-    let (nix_out, kiln_out) = with_both_daemons(&sid, &base, Some(conf), "daemon/cgroups-2.34.sh");
-    let (n, k) = (scenario_steps(&nix_out), scenario_steps(&kiln_out));
     assert_eq!(n.len(), 2, "the steps did not run: {nix_out}");
     // Every hierarchy's path is the namespace's root (`0::/`, and `N:controllers:/` where
     // cgroup v1 is mounted too).
@@ -480,6 +476,31 @@ fn nix_2_34_http_cache_settings_do_what_they_do_with_nix_daemon() {
     assert_same_steps(&n, &k, "cases");
 }
 
+/// The steps (and the whole outputs) of `script` run through nix-daemon 2.34 and through
+/// kiln with the sandbox on, the host's `/bin /usr /lib /lib64` as sandbox paths and
+/// `more` in nix.conf, on fresh stores under `/tmp/kiln-NAME-234-PID`; `None`, said, where
+/// there is no sid root or no sandbox.
+#[allow(clippy::type_complexity)]
+fn sandboxed_with_both(
+    test: &str,
+    name: &str,
+    more: &str,
+    script: &str,
+) -> Option<(Vec<(String, String)>, Vec<(String, String)>, String, String)> {
+    let sid = SidNix::or_skip(test)?;
+    if let Err(e) = kiln_sandbox::supported() {
+        eprintln!("{test}: skipped, no sandbox here: {e}");
+        return None;
+    }
+    let base = std::env::temp_dir().join(format!("kiln-{name}-234-{}", std::process::id()));
+    let conf = format!(
+        "substituters =\nsandbox = true\nsandbox-paths = /bin /usr /lib /lib64 /etc/ld.so.cache?\nbuild-users-group =\n{more}"
+    );
+    let (nix_out, kiln_out) = with_both_daemons(&sid, &base, Some(&conf), script);
+    let (n, k) = (scenario_steps(&nix_out), scenario_steps(&kiln_out));
+    Some((n, k, nix_out, kiln_out))
+}
+
 /// Sandboxed builds (`tests/fixtures/sandbox-probe.nix`, run by `daemon/sandbox-2.34.sh`)
 /// through nix-daemon 2.34 and through kiln, both with the sandbox on and the host's
 /// `/bin /usr /lib /lib64` as sandbox paths: what a builder sees (ids and their names,
@@ -487,18 +508,14 @@ fn nix_2_34_http_cache_settings_do_what_they_do_with_nix_daemon() {
 /// interfaces, limits), what a fixed-output build sees, and the refusals, compared.
 #[test]
 fn nix_2_34_sandboxed_builders_see_what_nix_daemon_shows_them() {
-    let test = "nix_2_34_sandboxed_builders_see_what_nix_daemon_shows_them";
-    let Some(sid) = SidNix::or_skip(test) else {
+    let Some((n, k, nix_out, kiln_out)) = sandboxed_with_both(
+        "nix_2_34_sandboxed_builders_see_what_nix_daemon_shows_them",
+        "sandbox",
+        "experimental-features = nix-command\n",
+        "daemon/sandbox-2.34.sh",
+    ) else {
         return;
     };
-    if let Err(e) = kiln_sandbox::supported() {
-        eprintln!("{test}: skipped, no sandbox here: {e}");
-        return;
-    }
-    let base = std::env::temp_dir().join(format!("kiln-sandbox-234-{}", std::process::id()));
-    let conf = "substituters =\nsandbox = true\nsandbox-paths = /bin /usr /lib /lib64 /etc/ld.so.cache?\nbuild-users-group =\nexperimental-features = nix-command\n";
-    let (nix_out, kiln_out) = with_both_daemons(&sid, &base, Some(conf), "daemon/sandbox-2.34.sh");
-    let (n, k) = (scenario_steps(&nix_out), scenario_steps(&kiln_out));
     assert_eq!(n.len(), 6, "the probes did not run: {nix_out}");
     assert_eq!(
         k.len(),
