@@ -14,13 +14,15 @@ use std::time::{Duration, Instant};
 
 use kiln_testkit::{nix_or_skip, NixEnv};
 
+/// Two builds of at least 2 s each, which go on only once `GO_FILE` (replaced by a path)
+/// exists: what is asserted while one runs and one waits cannot be outrun by the builds.
 const EXPR: &str = r#"
 let
   slow = name: derivation {
     inherit name;
     system = builtins.currentSystem;
     builder = "/bin/sh";
-    args = [ "-c" "PATH=/bin:/usr/bin; echo building ${name}; sleep 2; echo ${name} > $out" ];
+    args = [ "-c" "PATH=/bin:/usr/bin; echo building ${name}; sleep 2; while [ ! -e GO_FILE ]; do sleep 0.1; done; echo ${name} > $out" ];
   };
 in { first = slow "first"; second = slow "second"; }
 "#;
@@ -85,7 +87,12 @@ fn ps_metrics_json_log_and_timeline_follow_the_builds() {
         &["--metrics".into(), format!("127.0.0.1:{port}").into()],
     );
     let expr = dir.join("slow.nix");
-    std::fs::write(&expr, EXPR).unwrap();
+    let go = dir.join("go");
+    std::fs::write(
+        &expr,
+        EXPR.replace("GO_FILE", go.to_str().expect("a UTF-8 path")),
+    )
+    .unwrap();
     let build = env
         .cmd("nix-build")
         .env("NIX_REMOTE", format!("unix://{}", socket.display()))
@@ -149,6 +156,7 @@ fn ps_metrics_json_log_and_timeline_follow_the_builds() {
     assert_eq!(metric(&m, "kiln_builds_running"), Some(1.0), "{m}");
     assert_eq!(metric(&m, "kiln_builds_queued"), Some(1.0), "{m}");
     assert!(metric(&m, "kiln_clients_connected").unwrap() >= 1.0, "{m}");
+    std::fs::write(&go, "").unwrap();
     let out = build.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -220,7 +228,11 @@ fn cancelled_builds_leave_the_lists() {
         &["--metrics", &format!("127.0.0.1:{port}")],
     );
     let expr = dir.join("slow.nix");
-    std::fs::write(&expr, EXPR.replace("sleep 2", "sleep 30")).unwrap();
+    std::fs::write(
+        &expr,
+        EXPR.replace("sleep 2", "sleep 30").replace("GO_FILE", "/"),
+    )
+    .unwrap();
     let mut build = env
         .cmd("nix-build")
         .env("NIX_REMOTE", format!("unix://{}", socket.display()))
