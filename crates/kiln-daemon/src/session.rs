@@ -454,6 +454,27 @@ impl<'d> Session<'d> {
         // guix-daemon names what failed, in its own quotes; why is in the build traces and
         // the log it has sent already.
         if self.proto.is_guix() {
+            // Except a `--check` that found a difference: guix-daemon raises that as an
+            // error of the whole request (status 1), in its words, naming the kept copy.
+            let check = failed.iter().find_map(|(t, x)| match &x.detail {
+                Some(kiln_build::FailureDetail::NotDeterministic { output, kept }) => {
+                    Some((t, output, kept))
+                }
+                _ => None,
+            });
+            if let Some((t, output, kept)) = check {
+                let from = kept
+                    .as_ref()
+                    .map(|k| format!(" from `{k}'"))
+                    .unwrap_or_default();
+                return RemoteError {
+                    message: format!(
+                        "derivation `{}' may not be deterministic: output `{output}' differs{from}",
+                        sd.display(t.path())
+                    ),
+                    status: 1,
+                };
+            }
             let names: Vec<String> = failed
                 .iter()
                 .map(|(t, _)| format!("`{}'", sd.display(t.path())))

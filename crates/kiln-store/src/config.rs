@@ -22,17 +22,23 @@ pub struct Layout {
     pub real_store_dir: PathBuf,
     pub state_dir: PathBuf,
     pub log_dir: PathBuf,
+    /// The store stands in for guix-daemon's (the Guix preset, or a store at `/gnu/store`):
+    /// a new database gets Guix's schema, as guix-daemon would make it wherever its store is.
+    pub guix: bool,
 }
 
 impl Layout {
-    /// A layout whose directories are used as they are.
+    /// A layout whose directories are used as they are (Guix's if the store is at
+    /// `/gnu/store`).
     pub fn new(store_dir: StoreDir, state_dir: PathBuf, log_dir: PathBuf) -> Self {
         let real_store_dir = PathBuf::from(store_dir.as_str());
+        let guix = store_dir.as_str() == "/gnu/store";
         Layout {
             store_dir,
             real_store_dir,
             state_dir,
             log_dir,
+            guix,
         }
     }
 
@@ -200,8 +206,12 @@ impl LayoutSpec {
                 )));
             }
         }
+        let guix = preset == Preset::Guix || store_dir.as_str() == "/gnu/store";
         match &self.root {
-            None => Ok(Layout::new(store_dir, state, log)),
+            None => Ok(Layout {
+                guix,
+                ..Layout::new(store_dir, state, log)
+            }),
             Some(root) => {
                 if !root.is_absolute() {
                     return Err(Error::Config(format!(
@@ -215,6 +225,7 @@ impl LayoutSpec {
                     store_dir,
                     state_dir: under(&state),
                     log_dir: under(&log),
+                    guix,
                 })
             }
         }

@@ -271,6 +271,7 @@ fn export_import_both_ways() {
         real_store_dir: kdir.path().join("store"),
         state_dir: kdir.path().join("var"),
         log_dir: kdir.path().join("log"),
+        guix: false,
     };
     let store = LocalStore::open(layout, StoreOptions::default()).unwrap();
     let imported = export::import_paths(&store, &mut stream.stdout.as_slice()).unwrap();

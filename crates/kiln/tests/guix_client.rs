@@ -94,3 +94,69 @@ fn guix_1_5_client_adds_builds_queries_deletes_and_collects() {
     assert!(!Path::new(got["out"]).exists());
     assert_eq!(got["failed-paths"], "()");
 }
+
+/// `--check` through Guix 1.5's client against `kiln daemon --layout guix` (a Guix store at
+/// a path of its own, so guix-daemon's database): a build whose output differs each time
+/// fails the request as guix-daemon's `registerOutputs` words it (status 1, naming the copy
+/// kept at `<out>-check` with `keep-failed`), and the valid output stays as it was. (The
+/// oracle test cannot compare this: guix-daemon, run there without its chroot, overwrites
+/// the valid output in place and keeps no copy.)
+#[test]
+fn guix_1_5_check_finds_a_difference_as_guix_daemon_words_it() {
+    let Some(root) = sid_guix("guix_1_5_check_finds_a_difference_as_guix_daemon_words_it") else {
+        return;
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("kiln-guix-check-")
+        .tempdir()
+        .unwrap();
+    let d = dir.path();
+    let store = d.join("store");
+    let socket = d.join("socket");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.args(["--layout", "guix", "--store-dir"])
+        .arg(&store)
+        .arg("--state-dir")
+        .arg(d.join("state"))
+        .arg("--log-dir")
+        .arg(d.join("log"))
+        .args(["--option", "sandbox", "false"])
+        .args(["--option", "build-users-group", ""])
+        .args(["--option", "substitute", "false"])
+        .arg("daemon")
+        .arg("--socket")
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let _daemon = DaemonProcess::start(c, socket.clone());
+    std::fs::copy(fixture("guix/check.scm"), d.join("check.scm")).unwrap();
+    let _mount = BindMount::new(&root, d);
+    let out = Command::new("chroot")
+        .arg(&root)
+        .arg("env")
+        .arg(format!("NIX_STORE_DIR={}", store.display()))
+        .arg(format!("GUIX_DAEMON_SOCKET={}", socket.display()))
+        .arg("HOME=/tmp")
+        .args(["guix", "repl", "--"])
+        .arg(d.join("check.scm"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "guix repl failed:\n{text}\n{err}");
+    let got: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once(' ')).collect();
+    let (drv, o) = (got["drv"], got["out"]);
+    assert_eq!(
+        got.get("check-error").copied(),
+        Some(
+            format!("derivation `{drv}' may not be deterministic: output `{o}' differs from `{o}-check'")
+                .as_str()
+        ),
+        "{text}"
+    );
+    assert_eq!(got.get("check-status").copied(), Some("1"), "{text}");
+    assert_eq!(got["kept-dash"], "#t", "{text}");
+    assert_eq!(got["kept-dot"], "#f", "{text}");
+    assert_eq!(got["valid"], "#t", "{text}");
+    assert_eq!(got["untouched"], "#t", "{text}");
+}

@@ -80,6 +80,45 @@ fn normalize(text: &str) -> String {
 }
 
 /// A fresh directory at `base` with an empty store and the script.
+/// A database's tables (with their columns: name, type, not null, key) and indexes, one
+/// per line, sorted: what two daemons' schemas can be compared by.
+fn schema(db: &Path) -> String {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", db.display()));
+    let mut out = Vec::new();
+    let mut q = c
+        .prepare("select type, name, tbl_name from sqlite_master where name not like 'sqlite_%'")
+        .unwrap();
+    let items: Vec<(String, String, String)> = q
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for (kind, name, table) in items {
+        if kind == "table" {
+            let mut cols = c.prepare(&format!("pragma table_info('{name}')")).unwrap();
+            let cols: Vec<String> = cols
+                .query_map([], |r| {
+                    Ok(format!(
+                        "{} {} {} {}",
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?.to_lowercase(),
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, i64>(5)?
+                    ))
+                })
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            out.push(format!("table {name}: {}", cols.join(", ")));
+        } else {
+            out.push(format!("{kind} {name} on {table}"));
+        }
+    }
+    out.sort();
+    out.join("\n")
+}
+
 fn fresh(base: &Path) {
     if base.exists() {
         let _ = Command::new("chmod")
@@ -106,6 +145,7 @@ fn guix_clients_see_what_guix_daemon_1_5_would_say() {
     let guix = with_guix_daemon(&root, &base, &[], &["--no-substitutes".into()], |socket| {
         ask(&root, &base, socket)
     });
+    let guix_schema = schema(&base.join("var-guix/db/db.sqlite"));
     fresh(&base);
     let kiln = {
         let socket = base.join("socket");
@@ -130,7 +170,21 @@ fn guix_clients_see_what_guix_daemon_1_5_would_say() {
         drop(daemon);
         text
     };
+    let kiln_schema = schema(&base.join("state/db/db.sqlite"));
     let _ = std::fs::remove_dir_all(&base);
+    // A Guix store at a path of its own gets guix-daemon's database: the same tables,
+    // columns and indexes, besides kiln's own `Kiln…` tables (what is not yet synced to
+    // disk), which guix-daemon never reads.
+    assert!(guix_schema.contains("table ValidPaths"), "{guix_schema}");
+    let kiln_schema: String = kiln_schema
+        .lines()
+        .filter(|l| !l.starts_with("table Kiln"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(
+        kiln_schema, guix_schema,
+        "kiln's database:\n{kiln_schema}\nguix-daemon 1.5's:\n{guix_schema}"
+    );
     assert!(guix.contains("outside-error"), "{guix}");
     assert!(guix.contains("trace @ build-failed "), "{guix}");
     assert!(guix.contains("trace @ build-succeeded "), "{guix}");

@@ -67,7 +67,7 @@ impl StoreOptions {
     pub fn from_settings(s: &Settings, layout: &Layout) -> Self {
         StoreOptions {
             read_only: s.get_bool("read-only"),
-            new_schema: if layout.store_dir.as_str() == "/gnu/store" {
+            new_schema: if layout.guix {
                 NewSchema::Guix
             } else {
                 NewSchema::Nix
