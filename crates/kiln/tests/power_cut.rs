@@ -131,15 +131,17 @@ fn power_cut_round(
     run_ok(kiln_cmd().args(["copy", "--to", &cache]).args(&cached));
     run_ok(kiln_cmd().args(["store", "delete"]).args(&cached));
     // Adds one after the other, each acknowledged (outside the disk) once it and its
-    // root ended; substitutions from the cache; collections.
+    // root ended; substitutions from the cache; collections. (Between an add and its root
+    // nothing holds the path, and a collection may take it first, as with Nix: then its
+    // root fails and the add is not acknowledged. That once ended a round's adds.)
     let ack = d.join("acked");
     let script = format!(
-        "i=0; while :; do i=$((i+1)); head -c $((1000 + i * 97)) /dev/urandom > {src}/f$i; p=$(\"$@\" store add {src}/f$i) || exit 1; \"$@\" store add-root --link {roots}/r$i $p || exit 1; echo \"$p {src}/f$i\" >> {ack}; done",
+        "i=0; while :; do i=$((i+1)); head -c $((1000 + i * 97)) /dev/urandom > {src}/f$i; p=$(\"$@\" store add {src}/f$i) || exit 1; \"$@\" store add-root --link {roots}/r$i $p || continue; echo \"$p {src}/f$i\" >> {ack}; done",
         src = d.join("src").display(),
         roots = d.join("roots").display(),
         ack = ack.display()
     );
-    let background = |script: &str| {
+    let background = |script: &str, stderr: Stdio| {
         Command::new("sh")
             .arg("-c")
             .arg(script)
@@ -149,21 +151,29 @@ fn power_cut_round(
             .current_dir(d)
             .process_group(0)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap()
     };
-    let mut adds = background(&script);
-    let mut substitutions = background(&format!(
-        "while :; do \"$@\" copy --from {cache} --no-check-sigs {}; \"$@\" store delete {} 2>/dev/null; done",
-        cached.join(" "),
-        cached.join(" ")
-    ));
+    // What the adds said, for a round that needs them and got none.
+    let adds_said = d.join("adds.err");
+    let mut adds = background(&script, std::fs::File::create(&adds_said).unwrap().into());
+    let mut substitutions = background(
+        &format!(
+            "while :; do \"$@\" copy --from {cache} --no-check-sigs {}; \"$@\" store delete {} 2>/dev/null; done",
+            cached.join(" "),
+            cached.join(" ")
+        ),
+        Stdio::null(),
+    );
     let gc_log = d.join("gc.log");
-    let mut collections = background(&format!(
-        "while :; do \"$@\" store gc >/dev/null 2>> {}; sleep 0.2; done",
-        gc_log.display()
-    ));
+    let mut collections = background(
+        &format!(
+            "while :; do \"$@\" store gc >/dev/null 2>> {}; sleep 0.2; done",
+            gc_log.display()
+        ),
+        Stdio::null(),
+    );
     let mut build = kiln_cmd();
     build
         .args(["build", "-j", "2", "--no-out-link", "--no-live", "-Q"])
@@ -176,14 +186,29 @@ fn power_cut_round(
     // A round that needs acknowledged adds waits for them (on a busy machine the first
     // can take longer than any fixed delay).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while std::fs::read_to_string(&ack)
-        .map(|t| t.lines().count())
-        .unwrap_or(0)
-        < min_acked
-        && std::time::Instant::now() < deadline
-    {
+    let acked_now = || {
+        std::fs::read_to_string(&ack)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    while acked_now() < min_acked && std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = adds.try_wait() {
+            break;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Said after the cleanup, for a round that needs acknowledged adds and got too few.
+    let adds_note = (acked_now() < min_acked).then(|| {
+        format!(
+            "{} adds acknowledged ({}); the adds said: {}",
+            acked_now(),
+            match adds.try_wait() {
+                Ok(Some(st)) => format!("they stopped: {st}"),
+                _ => "still running".to_string(),
+            },
+            std::fs::read_to_string(&adds_said).unwrap_or_default()
+        )
+    });
     // The power goes, for the processes and the disk at once: every process is stopped
     // before the disk is cut, and killed after. (Cutting first let a command that ran on
     // in the moment before the kill finish against a disk that silently kept nothing, and
@@ -311,6 +336,9 @@ fn power_cut_round(
         acked.len(),
         problems.len()
     );
+    if let Some(note) = adds_note {
+        problems.push(note);
+    }
     (problems, acked.len())
 }
 
@@ -423,7 +451,7 @@ fn without_flushes_a_power_cut_loses_registered_contents() {
     }
     let (problems, acked) =
         power_cut_round(9, &["--option", "fsync-store-paths", "false"], 0, 600, 1);
-    assert!(acked > 0, "no add finished before the cut");
+    assert!(acked > 0, "no add finished before the cut: {problems:?}");
     assert!(
         problems
             .iter()
