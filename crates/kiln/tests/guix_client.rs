@@ -26,20 +26,23 @@ fn sid_guix(test: &str) -> Option<PathBuf> {
     None
 }
 
-#[test]
-fn guix_1_5_client_adds_builds_queries_deletes_and_collects() {
-    let Some(root) = sid_guix("guix_1_5_client_adds_builds_queries_deletes_and_collects") else {
-        return;
-    };
-    let dir = tempfile::Builder::new()
-        .prefix("kiln-guix-client-")
-        .tempdir()
-        .unwrap();
+/// The fixture `script` run by Guix 1.5's `guix repl` in the sid root against a `kiln
+/// daemon` (given `args` before its own, the sandbox off) on a fresh store in a new
+/// temporary directory named with `prefix`: the directory (the store is `store` in it) and
+/// what the script printed. Fails if the script does.
+fn against_kiln(
+    root: &Path,
+    prefix: &str,
+    args: &[&str],
+    script: &str,
+) -> (tempfile::TempDir, String) {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
     let d = dir.path();
     let store = d.join("store");
     let socket = d.join("socket");
     let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    c.arg("--store-dir")
+    c.args(args)
+        .arg("--store-dir")
         .arg(&store)
         .arg("--state-dir")
         .arg(d.join("state"))
@@ -52,21 +55,32 @@ fn guix_1_5_client_adds_builds_queries_deletes_and_collects() {
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     let _daemon = DaemonProcess::start(c, socket.clone());
-    std::fs::copy(fixture("guix/client.scm"), d.join("client.scm")).unwrap();
-    let _mount = BindMount::new(&root, d);
+    let name = Path::new(script).file_name().unwrap();
+    std::fs::copy(fixture(script), d.join(name)).unwrap();
+    let _mount = BindMount::new(root, d);
     let out = Command::new("chroot")
-        .arg(&root)
+        .arg(root)
         .arg("env")
         .arg(format!("NIX_STORE_DIR={}", store.display()))
         .arg(format!("GUIX_DAEMON_SOCKET={}", socket.display()))
         .arg("HOME=/tmp")
         .args(["guix", "repl", "--"])
-        .arg(d.join("client.scm"))
+        .arg(d.join(name))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "guix repl failed:\n{text}\n{err}");
+    (dir, text)
+}
+
+#[test]
+fn guix_1_5_client_adds_builds_queries_deletes_and_collects() {
+    let Some(root) = sid_guix("guix_1_5_client_adds_builds_queries_deletes_and_collects") else {
+        return;
+    };
+    let (dir, text) = against_kiln(&root, "kiln-guix-client-", &[], "guix/client.scm");
+    let store = dir.path().join("store");
     let got: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once(' ')).collect();
     // The text's path is the one kiln computes for it (and guix-daemon: its name and
     // contents alone decide it).
@@ -106,44 +120,21 @@ fn guix_1_5_check_finds_a_difference_as_guix_daemon_words_it() {
     let Some(root) = sid_guix("guix_1_5_check_finds_a_difference_as_guix_daemon_words_it") else {
         return;
     };
-    let dir = tempfile::Builder::new()
-        .prefix("kiln-guix-check-")
-        .tempdir()
-        .unwrap();
-    let d = dir.path();
-    let store = d.join("store");
-    let socket = d.join("socket");
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    c.args(["--layout", "guix", "--store-dir"])
-        .arg(&store)
-        .arg("--state-dir")
-        .arg(d.join("state"))
-        .arg("--log-dir")
-        .arg(d.join("log"))
-        .args(["--option", "sandbox", "false"])
-        .args(["--option", "build-users-group", ""])
-        .args(["--option", "substitute", "false"])
-        .arg("daemon")
-        .arg("--socket")
-        .arg(&socket)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    let _daemon = DaemonProcess::start(c, socket.clone());
-    std::fs::copy(fixture("guix/check.scm"), d.join("check.scm")).unwrap();
-    let _mount = BindMount::new(&root, d);
-    let out = Command::new("chroot")
-        .arg(&root)
-        .arg("env")
-        .arg(format!("NIX_STORE_DIR={}", store.display()))
-        .arg(format!("GUIX_DAEMON_SOCKET={}", socket.display()))
-        .arg("HOME=/tmp")
-        .args(["guix", "repl", "--"])
-        .arg(d.join("check.scm"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "guix repl failed:\n{text}\n{err}");
+    let (_dir, text) = against_kiln(
+        &root,
+        "kiln-guix-check-",
+        &[
+            "--layout",
+            "guix",
+            "--option",
+            "build-users-group",
+            "",
+            "--option",
+            "substitute",
+            "false",
+        ],
+        "guix/check.scm",
+    );
     let got: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once(' ')).collect();
     let (drv, o) = (got["drv"], got["out"]);
     assert_eq!(
