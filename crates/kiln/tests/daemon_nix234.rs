@@ -854,6 +854,22 @@ fn progress_shape(stderr: &str) -> String {
     )
 }
 
+/// Fails unless two [`progress_shape`]s agree, their last `Builds` progress aside (the
+/// callers compare or ignore the counters on their own).
+fn assert_same_shape_but_counts(kiln: &str, nix: &str) {
+    let strip = |s: &str| {
+        s.lines()
+            .filter(|l| !l.starts_with("last Builds progress"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        strip(kiln),
+        strip(nix),
+        "kiln:\n{kiln}\nnix-daemon 2.34:\n{nix}"
+    );
+}
+
 #[test]
 fn nix_2_34_progress_is_what_nix_daemon_sends() {
     let Some(sid) = SidNix::or_skip("nix_2_34_progress_is_what_nix_daemon_sends") else {
@@ -904,17 +920,7 @@ fn nix_2_34_progress_is_what_nix_daemon_sends() {
         "kiln:\n{kiln}\nnix-daemon 2.34:\n{nix}"
     );
     assert_eq!(done(&nix), Some((4, 0, 0)));
-    let strip = |s: &str| {
-        s.lines()
-            .filter(|l| !l.starts_with("last Builds progress"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    assert_eq!(
-        strip(&kiln),
-        strip(&nix),
-        "kiln:\n{kiln}\nnix-daemon 2.34:\n{nix}"
-    );
+    assert_same_shape_but_counts(&kiln, &nix);
 }
 
 /// `json-log-path` (in the daemons' own configuration): the same `nix build` as above, and
@@ -970,17 +976,7 @@ fn nix_2_34_json_log_path_gets_what_nix_daemon_writes() {
     let nix = run(false);
     let kiln = run(true);
     assert!(nix.contains("start type 105"), "{nix}");
-    let strip = |s: &str| {
-        s.lines()
-            .filter(|l| !l.starts_with("last Builds progress"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    assert_eq!(
-        strip(&kiln),
-        strip(&nix),
-        "kiln:\n{kiln}\nnix-daemon 2.34:\n{nix}"
-    );
+    assert_same_shape_but_counts(&kiln, &nix);
 }
 
 /// Substitution progress: the same `nix build` of paths that a `file://` cache has, through
